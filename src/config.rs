@@ -1,0 +1,374 @@
+//! One validated `Config`, built in layers: embedded defaults → TOML file → environment → flags.
+//!
+//! Every error names the key (or variable, or flag) and the problem, so `ringgate check-config`
+//! can tell an operator exactly what to fix. Unknown keys are errors, not silently ignored.
+
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Which I/O backend the shards run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, else epoll (the reason is logged).
+    Auto,
+    Uring,
+    Epoll,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "uring" | "io_uring" => Ok(IoMode::Uring),
+            "epoll" => Ok(IoMode::Epoll),
+            other => Err(format!("expected auto, uring or epoll, got {other:?}")),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The effective configuration. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on (`HOST`).
+    pub host: IpAddr,
+    /// Port to listen on (`PORT`); 0 picks a free port (tests).
+    pub port: u16,
+    /// Number of shards (threads); 0 = one per core available to the process.
+    pub shards: usize,
+    /// Pin each shard to its own core.
+    pub pin_shards: bool,
+    pub io: IoMode,
+    /// Listen backlog per shard listener.
+    pub backlog: u32,
+    /// Server ping period in seconds (`WS_HEARTBEAT_INTERVAL`); a connection that sends nothing
+    /// for two periods is closed. 0 disables heartbeats.
+    pub heartbeat_interval: f64,
+    /// Seconds a new connection has to send a complete request head (slowloris guard).
+    pub handshake_timeout: f64,
+    /// Seconds a graceful shutdown waits for connections to finish.
+    pub drain_timeout: f64,
+    /// Seconds to wait for the peer's close frame after sending ours.
+    pub close_timeout: f64,
+    /// Maximum concurrent WebSocket connections (`WS_MAX_CONNECTIONS`); 0 = unlimited.
+    pub max_connections: usize,
+    /// Largest message (after reassembly) a client may send, in bytes.
+    pub max_message_size: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (1013).
+    pub max_outbound_bytes: usize,
+    /// Allowed `Origin` values for WebSocket upgrades; empty = any origin.
+    pub allowed_origins: Vec<String>,
+    /// Serve `/ws/echo`.
+    pub echo: bool,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 8003,
+            shards: 0,
+            pin_shards: true,
+            io: IoMode::Auto,
+            backlog: 4096,
+            heartbeat_interval: 30.0,
+            handshake_timeout: 10.0,
+            drain_timeout: 30.0,
+            close_timeout: 3.0,
+            max_connections: 0,
+            max_message_size: 16 << 20,
+            max_outbound_bytes: 4 << 20,
+            allowed_origins: Vec::new(),
+            echo: true,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration problem, always naming where it came from.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Flag values; `None` leaves the lower layers' value in place.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub shards: Option<usize>,
+    pub io: Option<IoMode>,
+    pub heartbeat_interval: Option<f64>,
+    pub max_connections: Option<usize>,
+    pub drain_timeout: Option<f64>,
+    pub handshake_timeout: Option<f64>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Defaults, then the optional file, then `env`, then `flags`; validated.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.apply_flags(flags);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Config::from_toml(&text).map_err(|reason| ConfigError::Parse {
+            path: path.display().to_string(),
+            reason,
+        })
+    }
+
+    /// Parses TOML text over the defaults; the error text names the key and the line.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+                var: var.to_string(),
+                reason: format!("{value:?}: {e}"),
+            })
+        }
+        if let Some(v) = env("HOST") {
+            self.host = parse("HOST", &v)?;
+        }
+        if let Some(v) = env("PORT") {
+            self.port = parse("PORT", &v)?;
+        }
+        if let Some(v) = env("WS_HEARTBEAT_INTERVAL") {
+            self.heartbeat_interval = parse("WS_HEARTBEAT_INTERVAL", &v)?;
+        }
+        if let Some(v) = env("WS_MAX_CONNECTIONS") {
+            self.max_connections = parse("WS_MAX_CONNECTIONS", &v)?;
+        }
+        Ok(())
+    }
+
+    fn apply_flags(&mut self, f: &Overrides) {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = f.$field.clone() { self.$field = v; } )* };
+        }
+        take!(
+            host,
+            port,
+            shards,
+            io,
+            heartbeat_interval,
+            max_connections,
+            drain_timeout,
+            handshake_timeout,
+            log_format
+        );
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn seconds(key: &'static str, v: f64, allow_zero: bool) -> Result<(), ConfigError> {
+            if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) || v > 86_400.0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "{v} is not a duration in seconds ({}up to 86400)",
+                        if allow_zero { "0 " } else { "above 0 " }
+                    ),
+                });
+            }
+            Ok(())
+        }
+        seconds("heartbeat_interval", self.heartbeat_interval, true)?;
+        seconds("handshake_timeout", self.handshake_timeout, false)?;
+        seconds("drain_timeout", self.drain_timeout, true)?;
+        seconds("close_timeout", self.close_timeout, false)?;
+        if self.max_message_size < 125 {
+            return Err(ConfigError::Invalid {
+                key: "max_message_size",
+                reason: "must be at least 125 bytes".into(),
+            });
+        }
+        if self.max_outbound_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid {
+                key: "max_outbound_bytes",
+                reason: "must be at least 65536 bytes".into(),
+            });
+        }
+        if self.backlog == 0 {
+            return Err(ConfigError::Invalid {
+                key: "backlog",
+                reason: "must be above 0".into(),
+            });
+        }
+        if self.shards > 1024 {
+            return Err(ConfigError::Invalid {
+                key: "shards",
+                reason: format!("{} shards is more than 1024", self.shards),
+            });
+        }
+        for o in &self.allowed_origins {
+            if o.is_empty() || o.ends_with('/') {
+                return Err(ConfigError::Invalid {
+                    key: "allowed_origins",
+                    reason: format!("{o:?} is not an origin like \"https://example.com\""),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML (what `check-config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    pub fn heartbeat(&self) -> Option<Duration> {
+        (self.heartbeat_interval > 0.0).then(|| Duration::from_secs_f64(self.heartbeat_interval))
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.handshake_timeout)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_timeout)
+    }
+    pub fn close_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.close_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.port, 8003);
+        assert_eq!(c.host.to_string(), "0.0.0.0");
+        assert_eq!(c.heartbeat(), Some(Duration::from_secs(30)));
+        assert_eq!(c.max_message_size, 16 << 20);
+        assert_eq!(c.max_connections, 0);
+        assert!(c.echo);
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let file = Config::from_toml("port = 9000\nshards = 3\nheartbeat_interval = 5").unwrap();
+        let mut c = file;
+        c.apply_env(env(&[("PORT", "9100"), ("WS_MAX_CONNECTIONS", "7")]))
+            .unwrap();
+        assert_eq!((c.port, c.shards, c.max_connections), (9100, 3, 7));
+        c.apply_flags(&Overrides {
+            port: Some(9200),
+            ..Default::default()
+        });
+        assert_eq!(c.port, 9200);
+        assert_eq!(c.heartbeat_interval, 5.0);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("port = 1\nhaert_beat = 3\n").unwrap_err();
+        assert!(err.contains("haert_beat"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::from_toml("port = \"eighty\"").unwrap_err();
+        assert!(err.contains("port"), "{err}");
+        let err = Config::from_toml("io = \"kqueue\"").unwrap_err();
+        assert!(err.contains("kqueue"), "{err}");
+    }
+
+    #[test]
+    fn bad_env_names_the_variable() {
+        let err = Config::load(None, env(&[("PORT", "99999")]), &Overrides::default()).unwrap_err();
+        assert!(matches!(&err, ConfigError::Env { var, .. } if var == "PORT"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("WS_HEARTBEAT_INTERVAL", "soon")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("WS_HEARTBEAT_INTERVAL"));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config {
+            handshake_timeout: 0.0,
+            ..Config::default()
+        };
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid { key, .. }) if key == "handshake_timeout")
+        );
+        c.handshake_timeout = 1.0;
+        c.allowed_origins = vec!["https://a.example/".into()];
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid { key, .. }) if key == "allowed_origins")
+        );
+        c.allowed_origins.clear();
+        c.heartbeat_interval = f64::NAN;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn rendered_config_parses_back() {
+        let c = Config {
+            allowed_origins: vec!["https://a.example".into()],
+            ..Config::default()
+        };
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = Config::from_file(Path::new("/nonexistent/ringgate.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ringgate.toml"));
+    }
+}

@@ -1,0 +1,166 @@
+//! HTTP/1.1 on every connection (hyper), and the hand-over to a WebSocket session on upgrade.
+//!
+//! hyper's own upgrade machinery needs `Send` I/O, which io_uring sockets are not. Instead the
+//! router answers a valid upgrade with 101 and records what to run; once hyper has written the
+//! 101 and returned (`poll_without_shutdown`), we take the socket and any bytes already read
+//! back with `into_parts` and run the session on the same task.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+
+use crate::runtime::io::Conn;
+use crate::runtime::shard::{Shard, WsSlot};
+use crate::ws::handshake::{self, OriginPolicy};
+use crate::ws::{self, Endpoint};
+
+pub type Body = Full<Bytes>;
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>>>;
+
+/// An accepted upgrade waiting for hyper to finish writing the 101.
+struct Upgrade {
+    endpoint: Endpoint,
+    _slot: WsSlot,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr) {
+    let reg = shard.register(remote);
+    let upgrade = Rc::new(Cell::new(None));
+    let router = Router {
+        shard: shard.clone(),
+        upgrade: upgrade.clone(),
+    };
+    // Boxed so an upgraded connection's task does not keep hyper's state around.
+    let mut http = Box::new(
+        http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(shard.global.config.handshake_timeout())
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(conn), router),
+    );
+    let mut shutting_down = false;
+    let res = poll_fn(|cx| {
+        reg.entry.register_waker(cx.waker());
+        if !shutting_down && reg.entry.close_requested() {
+            shutting_down = true;
+            Pin::new(&mut *http).graceful_shutdown();
+        }
+        http.poll_without_shutdown(cx)
+    })
+    .await;
+    if let Err(e) = res {
+        tracing::debug!(%remote, error = %e, "http connection error");
+        return;
+    }
+    let parts = http.into_parts();
+    let mut io = parts.io.into_inner();
+    match upgrade.take() {
+        Some(up) => {
+            let Upgrade { endpoint, _slot } = up;
+            let summary = ws::serve(endpoint, io, parts.read_buf, &shard, &reg.entry).await;
+            tracing::debug!(%remote, ?endpoint, ?summary, "websocket closed");
+        }
+        None => {
+            let _ = io.shutdown().await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Router {
+    shard: Rc<Shard>,
+    upgrade: Rc<Cell<Option<Upgrade>>>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Router {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let resp = self.route(&req);
+        Box::pin(std::future::ready(Ok(resp)))
+    }
+}
+
+impl Router {
+    fn route(&self, req: &Request<Incoming>) -> Response<Body> {
+        let global = &self.shard.global;
+        match (req.method(), req.uri().path()) {
+            (_, "/ws/echo") if global.config.echo => self.upgrade(req, Endpoint::Echo),
+            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET | &Method::HEAD, "/readyz") => {
+                if global.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else {
+                    text(StatusCode::OK, "ready\n")
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn upgrade(&self, req: &Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+        let global = &self.shard.global;
+        let origins = OriginPolicy::new(&global.config.allowed_origins);
+        let accept = match handshake::accept(
+            req.method(),
+            req.version(),
+            req.headers(),
+            &origins,
+            endpoint.protocols(),
+        ) {
+            Ok(a) => a,
+            Err(r) => {
+                let mut resp = text(r.status, &format!("{}\n", r.reason));
+                resp.headers_mut()
+                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                return resp;
+            }
+        };
+        if global.is_draining() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "server is draining\n");
+        }
+        let Some(slot) = global.try_admit_ws() else {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+        };
+        let mut resp = Response::new(Body::default());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept.accept_key) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if let Some(p) = accept.protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
+        self.upgrade.set(Some(Upgrade {
+            endpoint,
+            _slot: slot,
+        }));
+        resp
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,152 @@
+//! The `ringgate` binary: `serve` (the default), `check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ringgate::config::{Config, IoMode, LogFormat, Overrides};
+use ringgate::runtime::{raise_nofile_limit, Server};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "ringgate", version, about = "Thread-per-core edge proxy for realtime traffic")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve (the default when no command is given).
+    Serve(ServeArgs),
+    /// Print the effective configuration of FILE (with environment applied), or what is wrong.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// TOML config file; without one the embedded defaults apply.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    host: Option<std::net::IpAddr>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// Number of shards (threads); default: one per available core.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// I/O backend: auto (io_uring, else epoll), uring, epoll.
+    #[arg(long)]
+    io: Option<IoMode>,
+    /// Seconds between server pings; 0 turns heartbeats off.
+    #[arg(long)]
+    heartbeat_interval: Option<f64>,
+    /// Maximum WebSocket connections (0 = unlimited).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a graceful shutdown waits for connections to close.
+    #[arg(long)]
+    drain_timeout: Option<f64>,
+    /// Seconds a new connection has to send its request head.
+    #[arg(long)]
+    handshake_timeout: Option<f64>,
+    #[arg(long, value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("expected text or json, got {s:?}")),
+    }
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            host: self.host,
+            port: self.port,
+            shards: self.shards,
+            io: self.io,
+            heartbeat_interval: self.heartbeat_interval,
+            max_connections: self.max_connections,
+            drain_timeout: self.drain_timeout,
+            handshake_timeout: self.handshake_timeout,
+            log_format: self.log_format,
+        }
+    }
+}
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::CheckConfig { file }) => {
+            match Config::load(Some(&file), env, &Overrides::default()) {
+                Ok(c) => {
+                    print!("{}", c.to_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Some(Cmd::Serve(args)) => serve(&args),
+        None => serve(&cli.serve),
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref(), env, &args.overrides()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ringgate::logging::init(config.log_format);
+    match raise_nofile_limit() {
+        Ok(n) => tracing::debug!(nofile = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sig = signals.forever().next().unwrap_or(SIGTERM);
+    tracing::info!(signal = sig, "draining");
+    // A second signal during the drain ends the process at once.
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            std::process::exit(1);
+        }
+    });
+    if !server.drain() {
+        tracing::warn!("drain timeout reached with connections still open");
+    }
+    ExitCode::SUCCESS
+}

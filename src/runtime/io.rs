@@ -1,0 +1,356 @@
+//! The I/O backends, and the one place they differ.
+//!
+//! A shard runs either a tokio-uring runtime (io_uring) or a plain tokio current-thread runtime
+//! (epoll). Everything above the socket sees [`Conn`] and [`Listener`], which implement tokio's
+//! `AsyncRead`/`AsyncWrite` for both, so hyper, the WebSocket session and rustls do not know which
+//! backend they run on.
+//!
+//! io_uring works on owned buffers, so [`UringStream`] adapts: reads complete into a buffer it
+//! owns and are copied out; writes are copied in and submitted at once ("write-behind", like a
+//! `BufWriter`), so all the writes a shard makes in one loop turn reach the kernel in one
+//! `io_uring_enter` when the runtime parks.
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_uring::buf::BoundedBuf;
+
+/// The backend a shard runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Uring,
+    Epoll,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Uring => "io_uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+}
+
+/// Submission queue size per shard. Ops in flight in the kernel do not hold SQ entries; this
+/// only bounds how many new ops one loop turn can queue before an early submit.
+const URING_ENTRIES: u32 = 4096;
+
+/// Checks that io_uring can be used here: the syscall is allowed (sysctl, seccomp, kernel
+/// version) and the opcodes we submit are supported. `Err` carries the reason, for the log.
+pub fn probe_uring() -> Result<(), String> {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        match v.trim() {
+            "0" | "" => {}
+            "1" => {} // allowed for the io_uring_group only; the syscall below decides
+            other => return Err(format!("kernel.io_uring_disabled = {other}")),
+        }
+    }
+    let ring = io_uring::IoUring::new(8).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSYS) => "io_uring_setup is not available (old kernel or seccomp)".into(),
+        Some(libc::EPERM) => "io_uring_setup was refused (seccomp or io_uring_disabled)".into(),
+        _ => format!("io_uring_setup failed: {e}"),
+    })?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring probe failed: {e}"))?;
+    use io_uring::opcode::*;
+    for (name, code) in [
+        ("accept", Accept::CODE),
+        ("recv", Read::CODE),
+        ("send", Write::CODE),
+        ("close", Close::CODE),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("io_uring lacks the {name} opcode"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` to completion on a new single-threaded runtime of the given backend. Tasks are
+/// spawned with `tokio::task::spawn_local` on either.
+pub fn block_on<F: Future>(backend: Backend, f: F) -> io::Result<F::Output> {
+    match backend {
+        Backend::Uring => {
+            let mut b = tokio_uring::builder();
+            b.entries(URING_ENTRIES);
+            let rt = tokio_uring::Runtime::new(&b)?;
+            Ok(rt.block_on(f))
+        }
+        Backend::Epoll => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(tokio::task::LocalSet::new().block_on(&rt, f))
+        }
+    }
+}
+
+/// A listening socket on one shard.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Uring(tokio_uring::net::TcpListener),
+}
+
+impl Listener {
+    /// Wraps a bound, listening, non-blocking std listener for the current shard's backend.
+    pub fn new(backend: Backend, l: std::net::TcpListener) -> io::Result<Listener> {
+        Ok(match backend {
+            Backend::Uring => Listener::Uring(tokio_uring::net::TcpListener::from_std(l)),
+            Backend::Epoll => Listener::Tcp(tokio::net::TcpListener::from_std(l)?),
+        })
+    }
+
+    pub async fn accept(&self) -> io::Result<(Conn, SocketAddr)> {
+        let (conn, addr) = match self {
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept().await?;
+                s.set_nodelay(true)?;
+                (Conn::Tcp(s), addr)
+            }
+            Listener::Uring(l) => {
+                let (s, addr) = l.accept().await?;
+                s.set_nodelay(true)?;
+                (Conn::Uring(UringStream::new(s)), addr)
+            }
+        };
+        Ok((conn, addr))
+    }
+
+    /// Stops the listener: a pending accept returns with an error, on either backend (an
+    /// io_uring accept in flight would otherwise keep the socket open until a client arrives).
+    pub fn shutdown(&self) {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Uring(l) => l.as_raw_fd(),
+        };
+        // SAFETY: `fd` is a listening socket owned by `self` and still open.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
+/// An accepted connection on either backend.
+pub enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Uring(UringStream),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Uring(s) => s.poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Uring(s) => s.poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Uring(s) => s.poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Uring(s) => s.poll_shutdown(cx),
+        }
+    }
+}
+
+type OpFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, Vec<u8>)>>>;
+
+/// Smallest and largest read buffer. A connection starts small (idle connections are cheap)
+/// and grows while reads fill the buffer, shrinking again when they don't.
+const READ_MIN: usize = 512;
+const READ_MAX: usize = 64 * 1024;
+/// Write buffers above this are not kept after their write completes.
+const WRITE_KEEP: usize = 16 * 1024;
+
+enum ReadState {
+    Idle(Vec<u8>),
+    InFlight(OpFuture),
+    /// Completed read whose bytes `[pos..]` have not been handed out yet.
+    Filled(Vec<u8>, usize),
+}
+
+enum WriteState {
+    Idle(Vec<u8>),
+    /// A write of `buf[from..]` in flight.
+    InFlight(OpFuture, usize),
+}
+
+/// A tokio-uring socket adapted to `AsyncRead`/`AsyncWrite` (see the module docs).
+pub struct UringStream {
+    sock: Rc<tokio_uring::net::TcpStream>,
+    read: ReadState,
+    read_size: usize,
+    write: WriteState,
+}
+
+impl UringStream {
+    fn new(sock: tokio_uring::net::TcpStream) -> UringStream {
+        UringStream {
+            sock: Rc::new(sock),
+            read: ReadState::Idle(Vec::new()),
+            read_size: READ_MIN,
+            write: WriteState::Idle(Vec::new()),
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.read {
+                ReadState::Filled(buf, pos) => {
+                    let n = (buf.len() - *pos).min(out.remaining());
+                    out.put_slice(&buf[*pos..*pos + n]);
+                    *pos += n;
+                    if *pos == buf.len() {
+                        let buf = std::mem::take(buf);
+                        self.read = ReadState::Idle(buf);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                ReadState::Idle(buf) => {
+                    let mut buf = std::mem::take(buf);
+                    buf.clear();
+                    if buf.capacity() < self.read_size || buf.capacity() > 2 * self.read_size {
+                        buf = Vec::with_capacity(self.read_size);
+                    }
+                    let sock = self.sock.clone();
+                    self.read = ReadState::InFlight(Box::pin(async move { sock.read(buf).await }));
+                }
+                ReadState::InFlight(op) => {
+                    let (res, buf) = ready!(op.as_mut().poll(cx));
+                    match res {
+                        Ok(n) if n > 0 => {
+                            if n == buf.capacity() {
+                                self.read_size = (self.read_size * 4).min(READ_MAX);
+                            } else if n < buf.capacity() / 8 {
+                                self.read_size = (self.read_size / 2).max(READ_MIN);
+                            }
+                            self.read = ReadState::Filled(buf, 0);
+                        }
+                        Ok(_) => {
+                            self.read = ReadState::Idle(buf);
+                            return Poll::Ready(Ok(())); // end of stream
+                        }
+                        Err(e) => {
+                            self.read = ReadState::Idle(buf);
+                            return Poll::Ready(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drives the write in flight, if any, to completion (resubmitting short writes).
+    fn poll_write_done(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let WriteState::InFlight(op, from) = &mut self.write {
+            let (res, mut buf) = ready!(op.as_mut().poll(cx));
+            let from = *from;
+            match res {
+                Ok(0) => {
+                    self.write = WriteState::Idle(Vec::new());
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Ok(n) if from + n < buf.len() => self.submit_write(buf, from + n),
+                Ok(_) => {
+                    if buf.capacity() > WRITE_KEEP {
+                        buf = Vec::new();
+                    }
+                    self.write = WriteState::Idle(buf);
+                }
+                Err(e) => {
+                    self.write = WriteState::Idle(Vec::new());
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn submit_write(&mut self, buf: Vec<u8>, from: usize) {
+        let sock = self.sock.clone();
+        let op = Box::pin(async move {
+            let (res, slice) = sock.write(buf.slice(from..)).submit().await;
+            (res, slice.into_inner())
+        });
+        self.write = WriteState::InFlight(op, from);
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_write_done(cx))?;
+        let WriteState::Idle(buf) = &mut self.write else {
+            unreachable!("poll_write_done leaves the writer idle")
+        };
+        let mut buf = std::mem::take(buf);
+        buf.clear();
+        for b in bufs {
+            buf.extend_from_slice(b);
+        }
+        let n = buf.len();
+        if n == 0 {
+            self.write = WriteState::Idle(buf);
+            return Poll::Ready(Ok(0));
+        }
+        self.submit_write(buf, 0);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write_done(cx)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_done(cx))?;
+        Poll::Ready(self.sock.shutdown(Shutdown::Write))
+    }
+}
+
+impl Drop for UringStream {
+    fn drop(&mut self) {
+        // A read in flight holds a reference to the socket in the kernel, so closing the fd
+        // would neither end it nor send FIN. Shutting the socket down completes it at once.
+        if matches!(self.read, ReadState::InFlight(_)) {
+            let _ = self.sock.shutdown(Shutdown::Both);
+        }
+    }
+}

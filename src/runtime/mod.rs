@@ -1,0 +1,149 @@
+//! Thread-per-core: one shard per core, each an OS thread pinned to its core with its own
+//! single-threaded runtime and its own SO_REUSEPORT listener. The main thread only starts the
+//! shards, waits for a signal and coordinates the drain.
+
+pub mod io;
+pub mod listen;
+pub mod shard;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, IoMode};
+use io::Backend;
+use shard::{Control, Global, Shard};
+
+/// A running server: its address and the handles to stop it.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub global: Arc<Global>,
+    controls: Vec<mpsc::UnboundedSender<Control>>,
+    done: std_mpsc::Receiver<usize>,
+    shards: usize,
+}
+
+/// Picks the backend for `mode`, saying why.
+pub fn choose_backend(mode: IoMode) -> anyhow::Result<(Backend, String)> {
+    match (mode, io::probe_uring()) {
+        (IoMode::Epoll, _) => Ok((Backend::Epoll, "asked for with --io epoll".into())),
+        (IoMode::Uring, Ok(())) => Ok((Backend::Uring, "asked for with --io uring".into())),
+        (IoMode::Uring, Err(why)) => bail!("--io uring: io_uring is not usable here: {why}"),
+        (IoMode::Auto, Ok(())) => Ok((Backend::Uring, "io_uring is available".into())),
+        (IoMode::Auto, Err(why)) => Ok((Backend::Epoll, format!("falling back: {why}"))),
+    }
+}
+
+/// The cores this process may run on (its affinity mask), in order.
+fn available_cores() -> Vec<core_affinity::CoreId> {
+    core_affinity::get_core_ids().unwrap_or_default()
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+impl Server {
+    /// Binds the listeners and starts the shards.
+    pub fn start(config: Config) -> anyhow::Result<Server> {
+        let (backend, why) = choose_backend(config.io)?;
+        let cores = available_cores();
+        let shards = match config.shards {
+            0 => cores.len().max(1),
+            n => n,
+        };
+        let addr = SocketAddr::new(config.host, config.port);
+        let listeners = listen::bind_reuseport(addr, shards, config.backlog)
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let addr = listeners[0].local_addr()?;
+        let pin = config.pin_shards && !cores.is_empty();
+        let global = Arc::new(Global::new(config, backend));
+        let (done_tx, done) = std_mpsc::channel();
+        let mut controls = Vec::with_capacity(shards);
+        for (id, listener) in listeners.into_iter().enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            controls.push(tx);
+            let global = global.clone();
+            let done_tx = done_tx.clone();
+            let core = pin.then(|| cores[id % cores.len()]);
+            std::thread::Builder::new()
+                .name(format!("shard-{id}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            tracing::warn!(shard = id, core = core.id, "could not pin shard");
+                        }
+                    }
+                    let shard = Shard::new(id, global);
+                    let run = async move {
+                        match io::Listener::new(backend, listener) {
+                            Ok(l) => shard.run(l, rx).await,
+                            Err(e) => tracing::error!(shard = id, error = %e, "listener setup failed"),
+                        }
+                    };
+                    if let Err(e) = io::block_on(backend, run) {
+                        tracing::error!(shard = id, error = %e, "shard runtime failed to start");
+                    }
+                    let _ = done_tx.send(id);
+                })
+                .context("cannot start shard thread")?;
+        }
+        tracing::info!(
+            %addr, shards, io = backend.name(), why = %why, pinned = pin,
+            "ringgate listening"
+        );
+        Ok(Server {
+            addr,
+            global,
+            controls,
+            done,
+            shards,
+        })
+    }
+
+    /// Drains: `/readyz` turns 503, shards stop accepting and close their connections with
+    /// 1001. Returns true when every shard finished before the drain timeout.
+    pub fn drain(self) -> bool {
+        let started = Instant::now();
+        self.global.draining.store(true, Ordering::Release);
+        for c in &self.controls {
+            let _ = c.send(Control::Drain);
+        }
+        let deadline = started + self.global.config.drain_timeout();
+        let mut left = self.shards;
+        while left > 0 {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match self.done.recv_timeout(wait) {
+                Ok(_) => left -= 1,
+                Err(_) => break,
+            }
+        }
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            shards_left = left,
+            "drain finished"
+        );
+        left == 0
+    }
+}

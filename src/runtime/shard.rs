@@ -1,0 +1,253 @@
+//! One shard: its listener, its connections, its drain. Everything here is owned by the shard's
+//! thread (`Rc`, `Cell`): no locks. The process-wide [`Global`] holds only what must be shared,
+//! touched once per connection, never per message.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::SystemTime;
+
+use slab::Slab;
+use tokio::sync::mpsc;
+
+use super::io::{Backend, Listener};
+use crate::config::Config;
+use crate::ws::close::CloseCode;
+use crate::ws::session::{Close, Settings};
+
+/// State shared by all shards.
+#[derive(Debug)]
+pub struct Global {
+    pub config: Config,
+    pub backend: Backend,
+    /// Set when a drain starts: `/readyz` answers 503 from then on.
+    pub draining: AtomicBool,
+    /// Open WebSocket connections, for `max_connections`.
+    pub ws_active: AtomicUsize,
+    pub ws_total: AtomicU64,
+}
+
+impl Global {
+    pub fn new(config: Config, backend: Backend) -> Global {
+        Global {
+            config,
+            backend,
+            draining: AtomicBool::new(false),
+            ws_active: AtomicUsize::new(0),
+            ws_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a WebSocket slot, or `None` when `max_connections` are open.
+    pub fn try_admit_ws(self: &Arc<Self>) -> Option<WsSlot> {
+        let max = self.config.max_connections;
+        let prev = self.ws_active.fetch_add(1, Ordering::AcqRel);
+        if max != 0 && prev >= max {
+            self.ws_active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.ws_total.fetch_add(1, Ordering::Relaxed);
+        Some(WsSlot(self.clone()))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// An admitted WebSocket connection; frees its slot when dropped.
+#[derive(Debug)]
+pub struct WsSlot(Arc<Global>);
+
+impl Drop for WsSlot {
+    fn drop(&mut self) {
+        self.0.ws_active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the main thread tells a shard.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop accepting, close every connection with 1001, finish when all are gone.
+    Drain,
+}
+
+/// A connection as the shard sees it: enough to ask it to close and to report on it.
+#[derive(Debug)]
+pub struct ConnEntry {
+    pub id: u64,
+    pub remote: SocketAddr,
+    pub connected_at: SystemTime,
+    messages: Cell<u64>,
+    close: Cell<Option<Close>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ConnEntry {
+    /// Remembers the waker of the task serving this connection (cheap when unchanged).
+    pub fn register_waker(&self, w: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        match slot.as_ref() {
+            Some(old) if old.will_wake(w) => {}
+            _ => *slot = Some(w.clone()),
+        }
+    }
+
+    /// Asks the connection to close; its task is woken to do it.
+    pub fn request_close(&self, close: Close) {
+        self.close.set(Some(close));
+        if let Some(w) = self.waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    pub fn take_close_request(&self) -> Option<Close> {
+        self.close.take()
+    }
+
+    pub fn close_requested(&self) -> bool {
+        let c = self.close.get();
+        c.is_some()
+    }
+
+    pub fn count_message(&self) {
+        self.messages.set(self.messages.get() + 1);
+    }
+
+    pub fn messages(&self) -> u64 {
+        self.messages.get()
+    }
+}
+
+/// A shard's own state.
+pub struct Shard {
+    pub id: usize,
+    pub global: Arc<Global>,
+    pub settings: Settings,
+    conns: RefCell<Slab<Rc<ConnEntry>>>,
+    draining: Cell<bool>,
+    /// Wakes the drain when the last connection leaves.
+    drained: RefCell<Option<Waker>>,
+    next_id: Cell<u64>,
+}
+
+impl Shard {
+    pub fn new(id: usize, global: Arc<Global>) -> Rc<Shard> {
+        let c = &global.config;
+        let settings = Settings {
+            max_message: c.max_message_size,
+            heartbeat: c.heartbeat(),
+            close_timeout: c.close_timeout(),
+        };
+        Rc::new(Shard {
+            id,
+            settings,
+            global,
+            conns: RefCell::new(Slab::new()),
+            draining: Cell::new(false),
+            drained: RefCell::new(None),
+            next_id: Cell::new(0),
+        })
+    }
+
+    /// Registers a new connection; it is removed when the returned guard drops.
+    pub fn register(self: &Rc<Self>, remote: SocketAddr) -> Registration {
+        let n = self.next_id.get();
+        self.next_id.set(n + 1);
+        let entry = Rc::new(ConnEntry {
+            id: (self.id as u64) << 48 | n,
+            remote,
+            connected_at: SystemTime::now(),
+            messages: Cell::new(0),
+            close: Cell::new(None),
+            waker: RefCell::new(None),
+        });
+        if self.draining.get() {
+            entry.request_close(GOING_AWAY);
+        }
+        let key = self.conns.borrow_mut().insert(entry.clone());
+        Registration {
+            shard: self.clone(),
+            key,
+            entry,
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    /// Serves until told to drain, then until every connection has closed.
+    pub async fn run(self: Rc<Self>, listener: Listener, mut control: mpsc::UnboundedReceiver<Control>) {
+        let listener = Rc::new(listener);
+        let accepting = tokio::task::spawn_local(accept_loop(self.clone(), listener.clone()));
+        // A closed control channel means the main thread is gone: drain too.
+        let _ = control.recv().await;
+        self.draining.set(true);
+        listener.shutdown();
+        let _ = accepting.await;
+        drop(listener);
+        let entries: Vec<_> = self.conns.borrow().iter().map(|(_, e)| e.clone()).collect();
+        for e in entries {
+            e.request_close(GOING_AWAY);
+        }
+        poll_fn(|cx| {
+            if self.conns.borrow().is_empty() {
+                return Poll::Ready(());
+            }
+            *self.drained.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        tracing::debug!(shard = self.id, "drained");
+    }
+}
+
+const GOING_AWAY: Close = Close {
+    code: CloseCode::GOING_AWAY,
+    reason: "server shutting down",
+};
+
+/// Keeps a connection in its shard's registry while alive.
+pub struct Registration {
+    shard: Rc<Shard>,
+    key: usize,
+    pub entry: Rc<ConnEntry>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut conns = self.shard.conns.borrow_mut();
+        conns.remove(self.key);
+        if conns.is_empty() {
+            if let Some(w) = self.shard.drained.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, remote)) => {
+                tokio::task::spawn_local(crate::http::serve(shard.clone(), conn, remote));
+            }
+            Err(_) if shard.draining.get() => return,
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; others are per-connection.
+                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}

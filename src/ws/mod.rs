@@ -1,0 +1,58 @@
+//! WebSocket: handshake, frames, messages, and the per-connection session.
+
+pub mod close;
+pub mod frame;
+pub mod handshake;
+pub mod outbox;
+pub mod reader;
+pub mod session;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::runtime::shard::{ConnEntry, Shard};
+use frame::OpCode;
+use outbox::Outbox;
+use session::{Close, Handler, Message, Summary};
+
+/// The WebSocket endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/ws/echo`: every message back as it came.
+    Echo,
+}
+
+impl Endpoint {
+    /// Subprotocols the endpoint speaks.
+    pub fn protocols(self) -> &'static [&'static str] {
+        match self {
+            Endpoint::Echo => &[],
+        }
+    }
+}
+
+/// Runs the session for `endpoint` on an upgraded connection.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    endpoint: Endpoint,
+    io: S,
+    early: Bytes,
+    shard: &Shard,
+    entry: &ConnEntry,
+) -> Summary {
+    match endpoint {
+        Endpoint::Echo => session::run(io, early, Echo, &shard.settings, entry).await,
+    }
+}
+
+/// Sends every message back with the same opcode.
+pub struct Echo;
+
+impl Handler for Echo {
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Outbox) -> Result<(), Close> {
+        match msg {
+            Message::Text(t) => out.frame(OpCode::Text, t),
+            Message::Binary(b) => out.frame(OpCode::Binary, b),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,153 @@
+//! A connection's outbound queue: frames waiting to be written, flushed as one vectored write.
+//!
+//! Frames this connection builds itself (echo replies, pongs, close) are appended to one
+//! growable tail buffer, so a burst of small replies becomes one contiguous write. Frames shared
+//! with other connections (broadcast) are queued as `Bytes` handles, never copied.
+
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use super::close::{write_close_body, CloseCode};
+use super::frame::{header_len, write_frame, write_header, OpCode};
+
+/// Vectored writes gather at most this many slices (Linux IOV_MAX is 1024).
+pub const MAX_IOVECS: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Queued chunks, in order; all of them go before `tail`.
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    queued: usize,
+}
+
+impl Outbox {
+    /// Bytes waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queued == 0
+    }
+
+    /// Appends a whole unfragmented frame built from `payload`.
+    pub fn frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let len = header_len(payload.len()) + payload.len();
+        self.tail.reserve(len);
+        write_frame(&mut self.tail, opcode, payload);
+        self.queued += len;
+    }
+
+    /// Appends a frame whose payload is written by `fill` (exactly `len` bytes).
+    pub fn frame_with(&mut self, opcode: OpCode, len: usize, fill: impl FnOnce(&mut BytesMut)) {
+        let total = header_len(len) + len;
+        self.tail.reserve(total);
+        let start = self.tail.len();
+        write_header(&mut self.tail, true, false, opcode, len);
+        fill(&mut self.tail);
+        debug_assert_eq!(self.tail.len() - start, total);
+        self.queued += self.tail.len() - start;
+    }
+
+    /// Appends a close frame with `code` and `reason`.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        let mut body = Vec::with_capacity(125);
+        write_close_body(&mut body, code, reason);
+        self.frame(OpCode::Close, &body);
+    }
+
+    /// Queues an already encoded frame shared with other connections.
+    pub fn shared(&mut self, frame: Bytes) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+        self.queued += frame.len();
+        self.chunks.push_back(frame);
+    }
+
+    /// Fills `out` with the slices to write next; returns how many.
+    pub fn slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        let parts = self.chunks.iter().map(|c| &c[..]);
+        for c in parts.chain(std::iter::once(&self.tail[..])) {
+            if n == out.len() {
+                break;
+            }
+            if !c.is_empty() {
+                out[n] = IoSlice::new(c);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn advance(&mut self, mut n: usize) {
+        self.queued -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                self.tail.advance(n);
+                break;
+            };
+            if n < front.len() {
+                front.advance(n);
+                break;
+            }
+            n -= front.len();
+            self.chunks.pop_front();
+        }
+        if self.queued == 0 {
+            self.tail.clear();
+        }
+    }
+
+    /// Frees buffer memory held while empty (called when a connection goes idle).
+    pub fn shrink(&mut self) {
+        if self.queued == 0 {
+            self.tail = BytesMut::new();
+            self.chunks = VecDeque::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(o: &Outbox) -> Vec<u8> {
+        let mut s = [IoSlice::new(&[]); MAX_IOVECS];
+        let n = o.slices(&mut s);
+        s[..n].iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    #[test]
+    fn keeps_order_across_local_and_shared_frames() {
+        let mut o = Outbox::default();
+        o.frame(OpCode::Text, b"a");
+        o.shared(Bytes::from_static(b"SHARED"));
+        o.frame(OpCode::Text, b"b");
+        assert_eq!(written(&o), b"\x81\x01aSHARED\x81\x01b");
+        assert_eq!(o.queued(), 12);
+        o.advance(5);
+        assert_eq!(written(&o), b"RED\x81\x01b");
+        o.advance(7);
+        assert!(o.is_empty());
+        assert!(written(&o).is_empty());
+    }
+
+    #[test]
+    fn frame_with_writes_in_place() {
+        let mut o = Outbox::default();
+        o.frame_with(OpCode::Binary, 3, |b| b.extend_from_slice(b"xyz"));
+        assert_eq!(written(&o), b"\x82\x03xyz");
+    }
+
+    #[test]
+    fn close_frame_body() {
+        let mut o = Outbox::default();
+        o.close(CloseCode::GOING_AWAY, "bye");
+        assert_eq!(written(&o), b"\x88\x05\x03\xe9bye");
+    }
+}

@@ -1,0 +1,430 @@
+//! Drives one WebSocket connection: reads into the shard's scratch buffer, parses frames in
+//! place, hands messages to a [`Handler`], and flushes everything queued as one vectored write
+//! per wake-up. Also heartbeats, the close handshake and lingering close.
+//!
+//! Memory: an idle connection holds no read buffer here (bytes are read into a per-shard
+//! scratch buffer and only an incomplete frame is copied out), and its outbound buffer is freed
+//! once it has been idle for a heartbeat period.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::close::CloseCode;
+use super::frame::OpCode;
+use super::outbox::{Outbox, MAX_IOVECS};
+use super::reader::{Event, Flow, ReadError, Reader};
+use crate::runtime::shard::ConnEntry;
+
+/// Size of the per-shard buffer every connection reads into.
+const SCRATCH: usize = 64 * 1024;
+/// Reads per wake-up before yielding to other connections (fairness).
+const READ_BUDGET: usize = 8;
+/// Stop reading from a client while this much output waits for it (echo backpressure).
+const HIGH_WATER: usize = 256 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// A complete data message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Valid UTF-8.
+    Text(&'a [u8]),
+    Binary(&'a [u8]),
+}
+
+/// A request to close the connection with this code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+/// What an endpoint does with a connection's messages.
+pub trait Handler {
+    /// A complete message arrived; replies go to `out`.
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Outbox) -> Result<(), Close>;
+}
+
+/// Settings a session needs, taken from the config once per shard.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_message: usize,
+    pub heartbeat: Option<Duration>,
+    pub close_timeout: Duration,
+}
+
+/// How a session ended, for logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// The close code we sent, if a close frame was sent.
+    pub close_code: Option<u16>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages_in: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// Our close frame is queued: flush it, then shut the write side down.
+    Closing,
+    /// Write side shut: read and discard until the peer closes or the deadline passes, so the
+    /// kernel does not answer unread data with a reset that could destroy our close frame.
+    Lingering,
+    Done,
+}
+
+struct Session<'a, S, H> {
+    io: S,
+    handler: H,
+    settings: &'a Settings,
+    entry: &'a ConnEntry,
+    reader: Reader,
+    /// An incomplete frame (or frames) carried over between reads.
+    pending: BytesMut,
+    /// Total size of the frame at the front of `pending`, when known.
+    pending_frame: usize,
+    out: Outbox,
+    /// A write may still be in flight in the backend (io_uring write-behind).
+    unflushed: bool,
+    phase: Phase,
+    timer: Option<Pin<Box<Sleep>>>,
+    heard: bool,
+    silent_ticks: u8,
+    summary: Summary,
+}
+
+/// Runs a WebSocket session to its end. `early` holds bytes that arrived with the handshake.
+pub async fn run<S, H>(
+    io: S,
+    early: Bytes,
+    handler: H,
+    settings: &Settings,
+    entry: &ConnEntry,
+) -> Summary
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    H: Handler,
+{
+    let mut s = Session {
+        io,
+        handler,
+        settings,
+        entry,
+        reader: Reader::new(settings.max_message),
+        pending: BytesMut::new(),
+        pending_frame: 0,
+        out: Outbox::default(),
+        unflushed: false,
+        phase: Phase::Open,
+        timer: settings
+            .heartbeat
+            .map(|d| Box::pin(tokio::time::sleep(d))),
+        heard: false,
+        silent_ticks: 0,
+        summary: Summary::default(),
+    };
+    if !early.is_empty() {
+        s.pending.extend_from_slice(&early);
+        s.summary.bytes_in += early.len() as u64;
+        drop(early);
+        s.process_pending();
+    }
+    poll_fn(|cx| s.poll(cx)).await;
+    s.summary
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.entry.register_waker(cx.waker());
+        if self.phase == Phase::Open {
+            if let Some(c) = self.entry.take_close_request() {
+                self.close(c.code, c.reason);
+            }
+        }
+        if self.phase == Phase::Open {
+            self.poll_read(cx);
+        }
+        if self.phase == Phase::Open {
+            self.poll_heartbeat(cx);
+        }
+        if let Err(e) = self.poll_flush(cx) {
+            tracing::debug!(error = %e, "write failed");
+            self.phase = Phase::Done;
+        }
+        if self.phase == Phase::Closing && self.out.is_empty() && !self.unflushed {
+            match Pin::new(&mut self.io).poll_shutdown(cx) {
+                Poll::Pending => {}
+                Poll::Ready(_) => self.phase = Phase::Lingering,
+            }
+        }
+        if self.phase == Phase::Lingering {
+            self.poll_linger(cx);
+        }
+        if matches!(self.phase, Phase::Closing | Phase::Lingering) {
+            if let Some(t) = self.timer.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    self.phase = Phase::Done;
+                }
+            }
+        }
+        if self.phase == Phase::Done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Queues a close frame and starts the closing handshake.
+    fn close(&mut self, code: CloseCode, reason: &str) {
+        self.out.close(code, reason);
+        self.begin_closing(code.0);
+    }
+
+    /// Stops reading; the queued output is flushed, then the write side shut, within
+    /// `close_timeout`.
+    fn begin_closing(&mut self, code: u16) {
+        self.summary.close_code = Some(code);
+        self.phase = Phase::Closing;
+        self.pending = BytesMut::new();
+        let deadline = Instant::now() + self.settings.close_timeout;
+        match self.timer.as_mut() {
+            Some(t) => t.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) {
+        for _ in 0..READ_BUDGET {
+            if self.phase != Phase::Open || self.out.queued() >= HIGH_WATER {
+                return;
+            }
+            let got = if self.pending.is_empty() {
+                self.read_scratch(cx)
+            } else {
+                self.read_pending(cx)
+            };
+            match got {
+                Poll::Pending => return,
+                Poll::Ready(Ok(0)) => {
+                    // The peer went away without a close frame.
+                    self.phase = Phase::Done;
+                    return;
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.summary.bytes_in += n as u64;
+                    self.heard = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "read failed");
+                    self.phase = Phase::Done;
+                    return;
+                }
+            }
+        }
+        // Budget used up with data still coming: come back after others had their turn.
+        cx.waker().wake_by_ref();
+    }
+
+    /// Reads into the shard's scratch buffer and processes whole frames straight from it;
+    /// only an incomplete tail is copied into `pending`.
+    fn read_scratch(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = rb.filled().len();
+            let buf = &mut scratch[..n];
+            let (consumed, next) = self.process(buf);
+            if self.phase == Phase::Open && consumed < n {
+                self.pending.reserve(next.max(n - consumed));
+                self.pending.extend_from_slice(&buf[consumed..]);
+                self.pending_frame = next;
+            }
+            Poll::Ready(Ok(n))
+        })
+    }
+
+    /// Reads more of an incomplete frame into `pending` (sized for the whole frame when its
+    /// header is known), then processes what is complete.
+    fn read_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let have = self.pending.len();
+        let want = self.pending_frame.saturating_sub(have).max(4096);
+        self.pending.resize(have + want, 0);
+        let mut rb = ReadBuf::new(&mut self.pending[have..]);
+        let res = Pin::new(&mut self.io).poll_read(cx, &mut rb);
+        let n = rb.filled().len();
+        self.pending.truncate(have + n);
+        match res {
+            Poll::Ready(Ok(())) if n > 0 => {
+                self.process_pending();
+                Poll::Ready(Ok(n))
+            }
+            other => other.map_ok(|()| 0),
+        }
+    }
+
+    fn process_pending(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending);
+        let (consumed, next) = self.process(&mut pending);
+        pending.advance(consumed);
+        if self.phase == Phase::Open && !pending.is_empty() {
+            self.pending = pending;
+            self.pending_frame = next;
+        }
+    }
+
+    /// Feeds bytes to the frame reader; returns (bytes consumed, size of the next frame if known).
+    fn process(&mut self, buf: &mut [u8]) -> (usize, usize) {
+        let Session {
+            reader,
+            out,
+            handler,
+            summary,
+            entry,
+            ..
+        } = self;
+        let mut close: Option<(CloseCode, &'static str)> = None;
+        let mut peer_close: Option<Option<u16>> = None;
+        let fed = reader.feed(buf, |ev| match ev {
+            Event::Text(t) | Event::Binary(t) => {
+                summary.messages_in += 1;
+                entry.count_message();
+                let msg = match ev {
+                    Event::Text(_) => Message::Text(t),
+                    _ => Message::Binary(t),
+                };
+                match handler.on_message(msg, out) {
+                    Ok(()) => Flow::Continue,
+                    Err(c) => {
+                        close = Some((c.code, c.reason));
+                        Flow::Stop
+                    }
+                }
+            }
+            Event::Ping(p) => {
+                out.frame(OpCode::Pong, p);
+                Flow::Continue
+            }
+            Event::Pong(_) => Flow::Continue,
+            Event::Close(c) => {
+                peer_close = Some(c.map(|(code, _)| code));
+                Flow::Stop
+            }
+        });
+        match fed {
+            Ok(fed) => {
+                if let Some((code, reason)) = close {
+                    self.close(code, reason);
+                } else if let Some(code) = peer_close {
+                    // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
+                    match code {
+                        Some(c) => self.close(CloseCode(c), ""),
+                        None => {
+                            self.out.frame(OpCode::Close, &[]);
+                            self.begin_closing(1005);
+                        }
+                    }
+                }
+                (fed.consumed, fed.next_frame_len)
+            }
+            Err(e) => {
+                self.fail(&e);
+                (buf.len(), 0)
+            }
+        }
+    }
+
+    fn fail(&mut self, e: &ReadError) {
+        tracing::debug!(error = %e, "failing connection");
+        let reason = match e {
+            ReadError::Protocol(r) => r,
+            ReadError::InvalidUtf8 => "invalid UTF-8",
+            ReadError::TooBig(_) => "message too big",
+        };
+        self.close(e.close_code(), reason);
+    }
+
+    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) {
+        let (Some(period), Some(t)) = (self.settings.heartbeat, self.timer.as_mut()) else {
+            return;
+        };
+        if t.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        t.as_mut().reset(Instant::now() + period);
+        // Re-register the timer's waker for the new deadline.
+        let _ = t.as_mut().poll(cx);
+        if std::mem::take(&mut self.heard) {
+            self.silent_ticks = 0;
+        } else {
+            self.silent_ticks += 1;
+            // Idle: give back buffer memory.
+            self.out.shrink();
+            if self.pending.is_empty() {
+                self.pending = BytesMut::new();
+            }
+        }
+        if self.silent_ticks >= 2 {
+            self.close(CloseCode::GOING_AWAY, "heartbeat timeout");
+        } else {
+            self.out.frame(OpCode::Ping, b"");
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let k = self.out.slices(&mut slices);
+            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..k]) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.out.advance(n);
+                    self.summary.bytes_out += n as u64;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+            }
+        }
+        if self.unflushed {
+            if let Poll::Ready(r) = Pin::new(&mut self.io).poll_flush(cx) {
+                self.unflushed = false;
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_linger(&mut self, cx: &mut Context<'_>) {
+        SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            for _ in 0..READ_BUDGET {
+                let mut rb = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                    Poll::Pending => return,
+                    Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
+                    Poll::Ready(_) => {
+                        self.phase = Phase::Done;
+                        return;
+                    }
+                }
+            }
+            cx.waker().wake_by_ref();
+        })
+    }
+}
