@@ -130,9 +130,9 @@ mod tests {
         o.frame(OpCode::Text, b"b");
         assert_eq!(written(&o), b"\x81\x01aSHARED\x81\x01b");
         assert_eq!(o.queued(), 12);
-        o.advance(5);
+        o.advance(6);
         assert_eq!(written(&o), b"RED\x81\x01b");
-        o.advance(7);
+        o.advance(6);
         assert!(o.is_empty());
         assert!(written(&o).is_empty());
     }
