@@ -1,6 +1,7 @@
 //! WebSocket: handshake, frames, messages, and the per-connection session.
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod outbox;

@@ -1,0 +1,5 @@
+//! permessage-deflate (RFC 7692).
+
+pub mod negotiate;
+
+pub use negotiate::{negotiate, Params, Policy};
