@@ -158,9 +158,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
         if self.phase == Phase::Open {
             self.poll_heartbeat(cx);
         }
+        // Reading stopped at the high-water mark, so no read interest is registered with the
+        // socket (epoll): once the flush takes the queue below it, poll again to resume reading.
+        let backpressured = self.phase == Phase::Open && self.out.queued() >= HIGH_WATER;
         if let Err(e) = self.poll_flush(cx) {
             tracing::debug!(error = %e, "write failed");
             self.phase = Phase::Done;
+        }
+        if backpressured && self.phase == Phase::Open && self.out.queued() < HIGH_WATER {
+            cx.waker().wake_by_ref();
         }
         if self.phase == Phase::Closing && self.out.is_empty() && !self.unflushed {
             match Pin::new(&mut self.io).poll_shutdown(cx) {
