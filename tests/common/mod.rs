@@ -1,0 +1,681 @@
+//! Integration-test harness: runs the real `ringgate` binary on 127.0.0.1 with an ephemeral port
+//! and talks to it over real sockets (tokio-tungstenite, or raw TCP for hand-made frames).
+//!
+//! Every test body is an `async fn(Backend)`; `both_backends!` turns it into one test per I/O
+//! backend, so a single `cargo nextest run` covers io_uring and epoll.
+
+// Each test file compiles this module separately and uses a different subset of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Generous bound for anything the server should do "promptly" (a noisy 2-core CI box).
+pub const PATIENCE: Duration = Duration::from_secs(10);
+/// Upper bound for a whole test body; a hang fails the test instead of stalling the run.
+pub const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+/// Generates `NAME::uring` and `NAME::epoll` tests from `async fn NAME(backend: Backend)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::common::{Backend, TEST_LIMIT};
+            async fn run(backend: Backend) {
+                tokio::time::timeout(TEST_LIMIT, super::$name(backend))
+                    .await
+                    .expect("test body timed out");
+            }
+            #[tokio::test]
+            async fn uring() {
+                run(Backend::Uring).await
+            }
+            #[tokio::test]
+            async fn epoll() {
+                run(Backend::Epoll).await
+            }
+        }
+    )*};
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Uring,
+    Epoll,
+}
+
+impl Backend {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Backend::Uring => "uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+
+    /// How the server's log names the backend.
+    pub fn log_name(self) -> &'static str {
+        match self {
+            Backend::Uring => "io_uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A running `ringgate`; killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    config: Option<TempFile>,
+}
+
+impl Server {
+    /// Starts the server on `backend` with `--shards 2` and the extra `args`.
+    pub fn start(backend: Backend, args: &[&str]) -> Server {
+        Server::launch(backend, None, args)
+    }
+
+    /// Like [`Server::start`], with `config_toml` written to a file and passed as `--config`.
+    pub fn start_with_config(backend: Backend, config_toml: &str, args: &[&str]) -> Server {
+        Server::launch(backend, Some(TempFile::new("toml", config_toml)), args)
+    }
+
+    fn launch(backend: Backend, config: Option<TempFile>, args: &[&str]) -> Server {
+        let mut cmd = ringgate_command();
+        cmd.args(["--host", "127.0.0.1", "--port", "0", "--shards", "2"])
+            .args(["--io", backend.flag()]);
+        if let Some(c) = &config {
+            cmd.arg("--config").arg(&c.path);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringgate");
+        let (log, listening_rx) = drain_stderr(child.stderr.take().expect("piped stderr"));
+        let listening = match listening_rx.recv_timeout(PATIENCE) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "ringgate ({backend:?}) did not report its address; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let server = Server {
+            child,
+            addr: field(&listening, "addr")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            log,
+            config,
+        };
+        assert_ne!(server.addr.port(), 0, "no addr in {listening:?}");
+        // The test must run on the backend it asked for, never on a fallback.
+        let io = field(&listening, "io").unwrap_or_default();
+        assert_eq!(io.trim_matches('"'), backend.log_name(), "{listening}");
+        server.wait_healthy();
+        server
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(r) = http_get_blocking(self.addr, "/healthz") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered 200; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Everything the server has logged so far (ANSI colours stripped).
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// A tokio-tungstenite client on `/ws/echo`.
+    pub async fn ws(&self) -> Ws {
+        let (ws, resp) = within(
+            "websocket connect",
+            tokio_tungstenite::connect_async(self.url("/ws/echo")),
+        )
+        .await
+        .expect("websocket handshake");
+        assert_eq!(resp.status(), 101);
+        ws
+    }
+
+    /// A raw TCP client that has completed the `/ws/echo` handshake.
+    pub async fn raw_ws(&self) -> RawWs {
+        RawWs::connect(self.addr).await
+    }
+
+    pub async fn tcp(&self) -> TcpStream {
+        within("tcp connect", TcpStream::connect(self.addr))
+            .await
+            .expect("tcp connect")
+    }
+
+    /// `GET path` on a fresh connection.
+    pub async fn get(&self, path: &str) -> HttpResponse {
+        self.request(&format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        ))
+        .await
+    }
+
+    /// Sends a hand-written request head on a fresh connection and reads the response.
+    pub async fn request(&self, raw: &str) -> HttpResponse {
+        let mut s = self.tcp().await;
+        s.write_all(raw.as_bytes()).await.expect("write request");
+        read_response(&mut s).await
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// Waits (polling, without blocking the async runtime) for the process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringgate still running after {limit:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `ringgate` binary with a hermetic environment (no inherited overrides, plain logs).
+pub fn ringgate_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringgate"));
+    for var in [
+        "HOST",
+        "PORT",
+        "WS_HEARTBEAT_INTERVAL",
+        "WS_MAX_CONNECTIONS",
+    ] {
+        cmd.env_remove(var);
+    }
+    // RINGGATE_TEST_LOG=debug gives more server detail in a failing test's output.
+    let level = std::env::var("RINGGATE_TEST_LOG").unwrap_or_else(|_| "info".into());
+    cmd.env("RUST_LOG", level).env("NO_COLOR", "1");
+    cmd
+}
+
+/// Runs `cmd` to completion (killing it after [`PATIENCE`], e.g. a server that should have
+/// refused to start), without blocking the async runtime.
+pub async fn run_to_exit(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringgate");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = child.wait_with_output().expect("collect output");
+    out.stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr)).into_bytes();
+    out
+}
+
+/// Reads the child's stderr on a thread (so the pipe never fills), keeping the lines and
+/// reporting the `ringgate listening addr=... io=...` line.
+fn drain_stderr(
+    stderr: std::process::ChildStderr,
+) -> (Arc<Mutex<Vec<String>>>, mpsc::Receiver<String>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            if line.contains("ringgate listening") {
+                let _ = tx.send(line.clone());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (log, rx)
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of `key=value` in a log line (the value ends at whitespace).
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    line[start..].split_whitespace().next()
+}
+
+/// A file in cargo's per-test-target temp dir, removed on drop.
+pub struct TempFile {
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    pub fn new(ext: &str, contents: &str) -> TempFile {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("ringgate-{}-{n}.{ext}", std::process::id()));
+        std::fs::write(&path, contents).expect("write temp file");
+        TempFile { path }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Awaits `f`, failing the test with `what` if it takes longer than [`PATIENCE`].
+pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(PATIENCE, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for: {what}"),
+    }
+}
+
+// ---- HTTP ----------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses a response head: (its length, the response without body); `None` until `buf` holds
+/// the whole head.
+fn parse_head(buf: &[u8]) -> Option<(usize, HttpResponse)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let resp = HttpResponse {
+        status,
+        headers,
+        body: String::new(),
+    };
+    Some((end, resp))
+}
+
+/// Reads one response: the head, then `Content-Length` bytes (or up to EOF without one).
+pub async fn read_response(s: &mut TcpStream) -> HttpResponse {
+    within("http response", async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((end, mut resp)) = parse_head(&buf) {
+                let want = resp.header("content-length").and_then(|v| v.parse().ok());
+                if let Some(body) = want.and_then(|n: usize| buf[end..].get(..n)) {
+                    resp.body = String::from_utf8_lossy(body).into();
+                    return resp;
+                }
+            }
+            let n = s.read(&mut chunk).await.expect("read response");
+            if n == 0 {
+                let (end, mut resp) =
+                    parse_head(&buf).expect("connection closed before a response head");
+                resp.body = String::from_utf8_lossy(&buf[end..]).into();
+                return resp;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+}
+
+/// A blocking `GET` (for start-up, outside any async context).
+pub fn http_get_blocking(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let (end, mut resp) = parse_head(&buf).ok_or(std::io::ErrorKind::InvalidData)?;
+    resp.body = String::from_utf8_lossy(&buf[end..]).into();
+    Ok(resp)
+}
+
+/// An upgrade request for `/ws/echo` with `extra` header lines (each ending in `\r\n`).
+pub fn upgrade_request(extra: &str) -> String {
+    format!(
+        "GET /ws/echo HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Reads until the peer closes the connection (EOF or reset), discarding the bytes.
+/// Returns false if it is still open after `limit`.
+pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let drain = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, drain).await.is_ok()
+}
+
+// ---- tungstenite client helpers ------------------------------------------------------------
+
+/// Sends `msg` and expects it back verbatim.
+pub async fn echo(ws: &mut Ws, msg: Message) {
+    within("send", ws.send(msg.clone())).await.expect("send");
+    let got = next_data(ws).await;
+    assert!(got == msg, "echo mismatch: sent {msg:?}, got {got:?}");
+}
+
+/// The next text/binary message (pings and pongs are skipped).
+pub async fn next_data(ws: &mut Ws) -> Message {
+    loop {
+        let m = within("message", ws.next())
+            .await
+            .expect("stream ended")
+            .expect("websocket error");
+        if matches!(m, Message::Text(_) | Message::Binary(_) | Message::Close(_)) {
+            return m;
+        }
+    }
+}
+
+/// Reads until a close frame arrives and returns its code.
+pub async fn expect_close(ws: &mut Ws) -> CloseCode {
+    loop {
+        match within("close frame", ws.next()).await {
+            Some(Ok(Message::Close(Some(f)))) => return f.code,
+            Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+// ---- raw WebSocket frames ------------------------------------------------------------------
+
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Encodes a client frame: `first_byte` is FIN/RSV/opcode as sent, the payload is masked
+/// unless `mask` is `None` (for protocol-violation tests).
+pub fn encode_frame(first_byte: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(m) => {
+            out.extend_from_slice(&m);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// A masked client frame.
+pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let fin = if fin { 0x80 } else { 0 };
+    encode_frame(fin | opcode, Some([0x37, 0xfa, 0x21, 0x3d]), payload)
+}
+
+/// A close frame body: code then reason.
+pub fn close_body(code: u16, reason: &str) -> Vec<u8> {
+    let mut b = code.to_be_bytes().to_vec();
+    b.extend_from_slice(reason.as_bytes());
+    b
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == OP_CLOSE && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+/// A WebSocket client over plain TCP, for frames tungstenite refuses to send.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    /// Connects and completes the `/ws/echo` handshake.
+    pub async fn connect(addr: SocketAddr) -> RawWs {
+        let mut stream = within("tcp connect", TcpStream::connect(addr))
+            .await
+            .expect("tcp connect");
+        stream
+            .write_all(upgrade_request("").as_bytes())
+            .await
+            .expect("write handshake");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let (end, head) = within("101 response", async {
+            loop {
+                if let Some(head) = parse_head(&buf) {
+                    return head;
+                }
+                let n = stream.read(&mut chunk).await.expect("read handshake");
+                assert!(n > 0, "closed during the handshake");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        assert_eq!(head.status, 101, "handshake refused: {head:?}");
+        buf.drain(..end);
+        RawWs { stream, buf }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        within("write", self.stream.write_all(bytes))
+            .await
+            .expect("write");
+    }
+
+    /// Reads one frame; `None` on EOF (or reset) at a frame boundary.
+    pub async fn read_frame(&mut self) -> Option<Frame> {
+        within("a frame", async {
+            loop {
+                if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                    self.buf.drain(..used);
+                    return Some(frame);
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => {
+                        assert!(self.buf.is_empty(), "stream ended inside a frame");
+                        return None;
+                    }
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads frames until a close frame (skipping pings); returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.read_frame().await {
+                Some(f) if f.opcode == OP_CLOSE => {
+                    return f.close_code().expect("close frame without a code")
+                }
+                Some(f) if f.opcode == OP_PING => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Expects the server to close the TCP connection.
+    pub async fn expect_eof(&mut self) {
+        assert!(
+            closed_within(&mut self.stream, PATIENCE).await,
+            "connection still open"
+        );
+    }
+
+    /// Expects close frame `code` and then the end of the connection.
+    pub async fn expect_closed_with(&mut self, code: u16) {
+        assert_eq!(self.expect_close().await, code);
+        self.expect_eof().await;
+    }
+}
+
+/// Parses one unmasked server frame from the front of `buf`: (frame, bytes used).
+fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
+    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+    assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
+    let (len, mut pos) = match b1 & 0x7F {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(pos..pos + len)?.to_vec();
+    pos += len;
+    let frame = Frame {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0F,
+        payload,
+    };
+    Some((frame, pos))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

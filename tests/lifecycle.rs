@@ -1,0 +1,149 @@
+//! Process and connection lifecycle: graceful drain on signals, heartbeats, config checking.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+both_backends!(
+    sigterm_drains_with_1001,
+    sigint_exits_cleanly,
+    heartbeat_pings_keep_a_live_client,
+    silent_client_is_closed_by_heartbeat,
+    check_config_prints_effective_toml,
+    check_config_names_unknown_key,
+);
+
+/// SIGTERM: every WebSocket gets close 1001, `/readyz` answers 503 while the drain waits for a
+/// client that ignores the close, and the process exits 0.
+async fn sigterm_drains_with_1001(backend: Backend) {
+    // close_timeout bounds how long the server waits for the stubborn client's close reply.
+    let mut server =
+        Server::start_with_config(backend, "close_timeout = 2.0\n", &["--drain-timeout", "20"]);
+    let mut polite = server.ws().await;
+    echo(&mut polite, Message::text("hi")).await;
+    let mut stubborn = server.raw_ws().await;
+    // A request head left incomplete until the drain has begun: an HTTP exchange in progress
+    // is finished during a drain, so this is how to observe /readyz from outside (the
+    // listeners stop accepting at once).
+    let mut probe = server.tcp().await;
+    probe
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    // Let the server read that much before the signal.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    server.signal(libc::SIGTERM);
+    assert_eq!(expect_close(&mut polite).await, CloseCode::Away);
+    assert_eq!(stubborn.expect_close().await, 1001);
+
+    probe.write_all(b"\r\n").await.unwrap();
+    let r = read_response(&mut probe).await;
+    assert_eq!((r.status, r.body.as_str()), (503, "draining\n"), "{r:?}");
+
+    // The polite client finishes the close handshake; the stubborn one never answers, so the
+    // server gives up on it after close_timeout and the drain completes.
+    while within("polite close", polite.next()).await.is_some() {}
+    stubborn.expect_eof().await;
+    let status = server.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    assert!(server.log().contains("draining"), "log:\n{}", server.log());
+}
+
+async fn sigint_exits_cleanly(backend: Backend) {
+    let mut server = Server::start(backend, &[]);
+    let mut ws = server.ws().await;
+    server.signal(libc::SIGINT);
+    assert_eq!(expect_close(&mut ws).await, CloseCode::Away);
+    drop(ws);
+    let status = server.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+}
+
+/// A client that answers pings (tungstenite does automatically) is pinged every interval and
+/// stays connected well past two intervals.
+async fn heartbeat_pings_keep_a_live_client(backend: Backend) {
+    let server = Server::start(backend, &["--heartbeat-interval", "1"]);
+    let mut ws = server.ws().await;
+    let mut pings = 0;
+    while pings < 4 {
+        match within("ping", ws.next()).await {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected only pings, got {other:?}"),
+        }
+    }
+    echo(&mut ws, Message::text("still open")).await;
+}
+
+/// A client that never sends anything is pinged, then closed with 1001 after two silent
+/// intervals, then disconnected.
+async fn silent_client_is_closed_by_heartbeat(backend: Backend) {
+    let server = Server::start(backend, &["--heartbeat-interval", "1"]);
+    let mut c = server.raw_ws().await;
+    let first = c.read_frame().await.expect("a ping");
+    assert_eq!(first.opcode, OP_PING, "{first:?}");
+    loop {
+        let f = c.read_frame().await.expect("ping or close");
+        match f.opcode {
+            OP_PING => {}
+            OP_CLOSE => {
+                assert_eq!(f.close_code(), Some(1001), "{f:?}");
+                break;
+            }
+            _ => panic!("unexpected frame {f:?}"),
+        }
+    }
+    c.expect_eof().await;
+}
+
+/// `check-config` prints the effective config (file values included) as TOML and exits 0.
+async fn check_config_prints_effective_toml(backend: Backend) {
+    let file = TempFile::new(
+        "toml",
+        &format!(
+            "io = \"{}\"\nmax_message_size = 1000\nallowed_origins = [\"https://good.example\"]\n",
+            backend.flag()
+        ),
+    );
+    let out = run_to_exit(ringgate_command().arg("check-config").arg(&file.path)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains(&format!("io = \"{}\"", backend.flag())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("max_message_size = 1000"), "{stdout}");
+    assert!(stdout.contains("https://good.example"), "{stdout}");
+    // Defaults are filled in.
+    assert!(stdout.contains("port = 8003"), "{stdout}");
+    assert!(stdout.contains("heartbeat_interval = 30"), "{stdout}");
+}
+
+/// An unknown key is an error naming the key, from `check-config` and when serving.
+async fn check_config_names_unknown_key(backend: Backend) {
+    let file = TempFile::new(
+        "toml",
+        &format!("io = \"{}\"\nhaert_beat = 3\n", backend.flag()),
+    );
+    let out = run_to_exit(ringgate_command().arg("check-config").arg(&file.path)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains("haert_beat"), "{stderr}");
+
+    let out = run_to_exit(
+        ringgate_command()
+            .args(["--host", "127.0.0.1", "--port", "0", "--config"])
+            .arg(&file.path),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains("haert_beat"), "{stderr}");
+    assert!(!stderr.contains("ringgate listening"), "{stderr}");
+}
