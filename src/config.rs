@@ -328,7 +328,10 @@ mod tests {
     #[test]
     fn bad_env_names_the_variable() {
         let err = Config::load(None, env(&[("PORT", "99999")]), &Overrides::default()).unwrap_err();
-        assert!(matches!(&err, ConfigError::Env { var, .. } if var == "PORT"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::Env { var, .. } if var == "PORT"),
+            "{err}"
+        );
         let err = Config::load(
             None,
             env(&[("WS_HEARTBEAT_INTERVAL", "soon")]),

@@ -13,7 +13,11 @@ use signal_hook::iterator::Signals;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "ringgate", version, about = "Thread-per-core edge proxy for realtime traffic")]
+#[command(
+    name = "ringgate",
+    version,
+    about = "Thread-per-core edge proxy for realtime traffic"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]

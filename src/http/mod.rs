@@ -125,8 +125,10 @@ impl Router {
             Ok(a) => a,
             Err(r) => {
                 let mut resp = text(r.status, &format!("{}\n", r.reason));
-                resp.headers_mut()
-                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
                 return resp;
             }
         };

@@ -7,7 +7,11 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 
 /// Binds `count` listeners on `addr`; when the port is 0 the first one's port is used by all.
-pub fn bind_reuseport(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<Vec<TcpListener>> {
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {

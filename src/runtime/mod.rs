@@ -99,7 +99,9 @@ impl Server {
                     let run = async move {
                         match io::Listener::new(backend, listener) {
                             Ok(l) => shard.run(l, rx).await,
-                            Err(e) => tracing::error!(shard = id, error = %e, "listener setup failed"),
+                            Err(e) => {
+                                tracing::error!(shard = id, error = %e, "listener setup failed")
+                            }
                         }
                     };
                     if let Err(e) = io::block_on(backend, run) {

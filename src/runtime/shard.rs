@@ -182,7 +182,11 @@ impl Shard {
     }
 
     /// Serves until told to drain, then until every connection has closed.
-    pub async fn run(self: Rc<Self>, listener: Listener, mut control: mpsc::UnboundedReceiver<Control>) {
+    pub async fn run(
+        self: Rc<Self>,
+        listener: Listener,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) {
         let listener = Rc::new(listener);
         let accepting = tokio::task::spawn_local(accept_loop(self.clone(), listener.clone()));
         // A closed control channel means the main thread is gone: drain too.

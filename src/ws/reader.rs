@@ -98,7 +98,8 @@ impl Reader {
         let mut pos = 0;
         loop {
             let rest = &mut buf[pos..];
-            let Some(h) = parse_header(rest).map_err(|_| ReadError::Protocol("bad frame header"))?
+            let Some(h) =
+                parse_header(rest).map_err(|_| ReadError::Protocol("bad frame header"))?
             else {
                 return Ok(Fed {
                     consumed: pos,

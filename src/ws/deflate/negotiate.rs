@@ -54,11 +54,14 @@ struct Offer {
 /// Picks the first acceptable permessage-deflate offer among the `Sec-WebSocket-Extensions`
 /// header values; `None` declines compression (the connection proceeds without it). Offers
 /// with unknown, repeated or invalid parameters are declined, as RFC 7692 §5 requires.
-pub fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>, policy: &Policy) -> Option<Params> {
+pub fn negotiate<'a>(
+    headers: impl IntoIterator<Item = &'a str>,
+    policy: &Policy,
+) -> Option<Params> {
     headers
         .into_iter()
         .flat_map(split_outside_quotes(','))
-        .filter_map(|ext| parse_offer(ext))
+        .filter_map(parse_offer)
         .find_map(|offer| accept(offer.ok()?, policy))
 }
 
@@ -184,10 +187,18 @@ impl Params {
             s.push_str("; client_no_context_takeover");
         }
         if self.announce_server_bits {
-            let _ = write!(s, "; server_max_window_bits={}", self.server_max_window_bits);
+            let _ = write!(
+                s,
+                "; server_max_window_bits={}",
+                self.server_max_window_bits
+            );
         }
         if self.announce_client_bits {
-            let _ = write!(s, "; client_max_window_bits={}", self.client_max_window_bits);
+            let _ = write!(
+                s,
+                "; client_max_window_bits={}",
+                self.client_max_window_bits
+            );
         }
         s
     }
@@ -265,13 +276,33 @@ mod tests {
                 Some("permessage-deflate; server_no_context_takeover"),
             ),
             // Declined: zlib cannot honour 8; bad values; unknown or repeated params.
-            ("permessage-deflate; server_max_window_bits=8", TAKEOVER, None),
+            (
+                "permessage-deflate; server_max_window_bits=8",
+                TAKEOVER,
+                None,
+            ),
             ("permessage-deflate; server_max_window_bits", TAKEOVER, None),
-            ("permessage-deflate; server_max_window_bits=16", TAKEOVER, None),
-            ("permessage-deflate; client_max_window_bits=7", TAKEOVER, None),
-            ("permessage-deflate; client_max_window_bits=0x9", TAKEOVER, None),
+            (
+                "permessage-deflate; server_max_window_bits=16",
+                TAKEOVER,
+                None,
+            ),
+            (
+                "permessage-deflate; client_max_window_bits=7",
+                TAKEOVER,
+                None,
+            ),
+            (
+                "permessage-deflate; client_max_window_bits=0x9",
+                TAKEOVER,
+                None,
+            ),
             ("permessage-deflate; foo", TAKEOVER, None),
-            ("permessage-deflate; server_no_context_takeover=1", TAKEOVER, None),
+            (
+                "permessage-deflate; server_no_context_takeover=1",
+                TAKEOVER,
+                None,
+            ),
             (
                 "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
                 TAKEOVER,
@@ -293,8 +324,14 @@ mod tests {
             Some("permessage-deflate; server_max_window_bits=10")
         );
         // Offers may also arrive in separate header lines.
-        let p = negotiate(["permessage-deflate; bogus", "permessage-deflate"], &TAKEOVER);
-        assert_eq!(p.map(|p| p.response()).as_deref(), Some("permessage-deflate"));
+        let p = negotiate(
+            ["permessage-deflate; bogus", "permessage-deflate"],
+            &TAKEOVER,
+        );
+        assert_eq!(
+            p.map(|p| p.response()).as_deref(),
+            Some("permessage-deflate")
+        );
     }
 
     #[test]
@@ -304,7 +341,10 @@ mod tests {
             &TAKEOVER,
         )
         .unwrap();
-        assert_eq!((p.server_max_window_bits, p.client_max_window_bits), (12, 10));
+        assert_eq!(
+            (p.server_max_window_bits, p.client_max_window_bits),
+            (12, 10)
+        );
         assert!(!p.server_no_context_takeover && !p.client_no_context_takeover);
     }
 }
