@@ -73,6 +73,42 @@ pub struct Config {
     /// Serve `/ws/echo`.
     pub echo: bool,
     pub log_format: LogFormat,
+    /// permessage-deflate (RFC 7692).
+    pub compression: Compression,
+}
+
+/// The `[compression]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Compression {
+    /// Negotiate permessage-deflate with clients that offer it.
+    pub enabled: bool,
+    /// zlib level, 0 (store) to 9 (smallest); realtime traffic wants the low end.
+    pub level: u32,
+    /// Messages shorter than this many bytes are sent uncompressed.
+    pub threshold: usize,
+    /// Largest window the server compresses with (9-15): memory per context vs ratio.
+    pub server_max_window_bits: u8,
+    /// Answer `server_no_context_takeover`: each message is compressed on its own, so a
+    /// broadcast is compressed once for all such connections, and no connection keeps a
+    /// compressor (~256 KiB each) between messages; messages compress less well.
+    pub broadcast_friendly: bool,
+    /// Ask clients for `client_no_context_takeover`, so the server keeps no inflate window
+    /// (~40 KiB) per connection; client-to-server messages compress less well.
+    pub client_no_context_takeover: bool,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            enabled: true,
+            level: 1,
+            threshold: 256,
+            server_max_window_bits: 15,
+            broadcast_friendly: false,
+            client_no_context_takeover: true,
+        }
+    }
 }
 
 impl Default for Config {
@@ -94,6 +130,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             echo: true,
             log_format: LogFormat::Text,
+            compression: Compression::default(),
         }
     }
 }
@@ -229,6 +266,21 @@ impl Config {
                 reason: "must be at least 65536 bytes".into(),
             });
         }
+        if self.compression.level > 9 {
+            return Err(ConfigError::Invalid {
+                key: "compression.level",
+                reason: format!("{} is not a zlib level (0-9)", self.compression.level),
+            });
+        }
+        if !(9..=15).contains(&self.compression.server_max_window_bits) {
+            return Err(ConfigError::Invalid {
+                key: "compression.server_max_window_bits",
+                reason: format!(
+                    "{} is outside 9-15 (zlib cannot compress raw deflate with 8)",
+                    self.compression.server_max_window_bits
+                ),
+            });
+        }
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
                 key: "backlog",
@@ -358,6 +410,19 @@ mod tests {
         c.allowed_origins.clear();
         c.heartbeat_interval = f64::NAN;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn compression_table() {
+        let c = Config::from_toml("[compression]\nlevel = 6\nbroadcast_friendly = true").unwrap();
+        assert!(c.compression.enabled && c.compression.broadcast_friendly);
+        assert_eq!(c.compression.level, 6);
+        let err = Config::from_toml("[compression]\nlevle = 6").unwrap_err();
+        assert!(err.contains("levle"), "{err}");
+        let c = Config::from_toml("[compression]\nserver_max_window_bits = 8").unwrap();
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid { key, .. }) if key == "compression.server_max_window_bits")
+        );
     }
 
     #[test]
