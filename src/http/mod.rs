@@ -64,12 +64,16 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr) {
         tracing::debug!(%remote, error = %e, "http connection error");
         return;
     }
-    let parts = http.into_parts();
-    let mut io = parts.io.into_inner();
-    match upgrade.take() {
+    // Keep only the socket and the bytes read past the request head; the router (and with it
+    // the upgrade cell) goes now rather than living as long as the WebSocket.
+    let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
+    let mut io = io.into_inner();
+    let up = upgrade.take();
+    drop(upgrade);
+    match up {
         Some(up) => {
             let Upgrade { endpoint, _slot } = up;
-            let summary = ws::serve(endpoint, io, parts.read_buf, &shard, &reg.entry).await;
+            let summary = ws::serve(endpoint, io, read_buf, &shard, &reg.entry).await;
             tracing::debug!(%remote, ?endpoint, ?summary, "websocket closed");
         }
         None => {

@@ -79,9 +79,21 @@ pub fn probe_uring() -> Result<(), String> {
 pub fn block_on<F: Future>(backend: Backend, f: F) -> io::Result<F::Output> {
     match backend {
         Backend::Uring => {
+            // COOP_TASKRUN + TASKRUN_FLAG (Linux 5.19+): completions are processed when the shard
+            // enters the kernel anyway, instead of by interrupting it with an IPI each time.
+            let mut coop = io_uring::IoUring::builder();
+            coop.setup_coop_taskrun().setup_taskrun_flag();
             let mut b = tokio_uring::builder();
-            b.entries(URING_ENTRIES);
-            let rt = tokio_uring::Runtime::new(&b)?;
+            b.entries(URING_ENTRIES).uring_builder(&coop);
+            let rt = match tokio_uring::Runtime::new(&b) {
+                Ok(rt) => rt,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let mut plain = tokio_uring::builder();
+                    plain.entries(URING_ENTRIES);
+                    tokio_uring::Runtime::new(&plain)?
+                }
+                Err(e) => return Err(e),
+            };
             Ok(rt.block_on(f))
         }
         Backend::Epoll => {

@@ -83,6 +83,7 @@ pub struct ConnEntry {
     pub remote: SocketAddr,
     pub connected_at: SystemTime,
     messages: Cell<u64>,
+    heartbeat_due: Cell<bool>,
     close: Cell<Option<Close>>,
     waker: RefCell<Option<Waker>>,
 }
@@ -100,6 +101,20 @@ impl ConnEntry {
     /// Asks the connection to close; its task is woken to do it.
     pub fn request_close(&self, close: Close) {
         self.close.set(Some(close));
+        self.wake();
+    }
+
+    /// Marks a heartbeat period as over; the connection pings or times out when it runs.
+    pub fn mark_heartbeat(&self) {
+        self.heartbeat_due.set(true);
+        self.wake();
+    }
+
+    pub fn take_heartbeat(&self) -> bool {
+        self.heartbeat_due.replace(false)
+    }
+
+    fn wake(&self) {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
         }
@@ -163,6 +178,7 @@ impl Shard {
             remote,
             connected_at: SystemTime::now(),
             messages: Cell::new(0),
+            heartbeat_due: Cell::new(false),
             close: Cell::new(None),
             waker: RefCell::new(None),
         });
@@ -189,6 +205,9 @@ impl Shard {
     ) {
         let listener = Rc::new(listener);
         let accepting = tokio::task::spawn_local(accept_loop(self.clone(), listener.clone()));
+        if let Some(period) = self.settings.heartbeat {
+            tokio::task::spawn_local(heartbeats(self.clone(), period));
+        }
         // A closed control channel means the main thread is gone: drain too.
         let _ = control.recv().await;
         self.draining.set(true);
@@ -231,6 +250,22 @@ impl Drop for Registration {
             if let Some(w) = self.shard.drained.borrow_mut().take() {
                 w.wake();
             }
+        }
+    }
+}
+
+/// One ticker per shard marks every connection once per heartbeat period, instead of a timer
+/// per connection: idle connections cost no timer memory and no wake-ups in between.
+async fn heartbeats(shard: Rc<Shard>, period: std::time::Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if shard.draining.get() {
+            return;
+        }
+        for (_, e) in shard.conns.borrow().iter() {
+            e.mark_heartbeat();
         }
     }
 }

@@ -98,6 +98,7 @@ struct Session<'a, S, H> {
     /// A write may still be in flight in the backend (io_uring write-behind).
     unflushed: bool,
     phase: Phase,
+    /// The closing deadline; heartbeats need no timer per connection (see `Shard::heartbeats`).
     timer: Option<Pin<Box<Sleep>>>,
     heard: bool,
     silent_ticks: u8,
@@ -127,15 +128,19 @@ where
         out: Outbox::default(),
         unflushed: false,
         phase: Phase::Open,
-        timer: settings.heartbeat.map(|d| Box::pin(tokio::time::sleep(d))),
+        timer: None,
         heard: false,
         silent_ticks: 0,
         summary: Summary::default(),
     };
-    if !early.is_empty() {
-        s.pending.extend_from_slice(&early);
-        s.summary.bytes_in += early.len() as u64;
-        drop(early);
+    entry.take_heartbeat(); // a tick from before the upgrade does not count
+                            // `early` is a slice of hyper's 8 KiB read buffer and keeps all of it alive, even when
+                            // empty: copy what it holds and let it go before the session starts waiting.
+    let had_early = !early.is_empty();
+    s.pending.extend_from_slice(&early);
+    s.summary.bytes_in += early.len() as u64;
+    drop(early);
+    if had_early {
         s.process_pending();
     }
     poll_fn(|cx| s.poll(cx)).await;
@@ -154,7 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
             self.poll_read(cx);
         }
         if self.phase == Phase::Open {
-            self.poll_heartbeat(cx);
+            self.heartbeat();
         }
         // Reading stopped at the high-water mark, so no read interest is registered with the
         // socket (epoll): once the flush takes the queue below it, poll again to resume reading.
@@ -377,16 +382,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
         self.close(e.close_code(), reason);
     }
 
-    fn poll_heartbeat(&mut self, cx: &mut Context<'_>) {
-        let (Some(period), Some(t)) = (self.settings.heartbeat, self.timer.as_mut()) else {
-            return;
-        };
-        if t.as_mut().poll(cx).is_pending() {
+    /// Runs when the shard's heartbeat ticker has marked this connection (once per interval).
+    fn heartbeat(&mut self) {
+        if !self.entry.take_heartbeat() {
             return;
         }
-        t.as_mut().reset(Instant::now() + period);
-        // Re-register the timer's waker for the new deadline.
-        let _ = t.as_mut().poll(cx);
         if std::mem::take(&mut self.heard) {
             self.silent_ticks = 0;
         } else {
@@ -397,7 +397,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
                 self.pending = BytesMut::new();
             }
         }
-        if self.silent_ticks >= 2 {
+        // Ticks are shared by the whole shard, so the first silent tick may come right after
+        // the last message: three silent ticks mean at least two full intervals of silence.
+        if self.silent_ticks >= 3 {
             self.close(CloseCode::GOING_AWAY, "heartbeat timeout");
         } else {
             self.out.frame(OpCode::Ping, b"");
