@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::runtime::io::Conn;
 use crate::runtime::shard::{Shard, WsSlot};
+use crate::ws::deflate;
 use crate::ws::handshake::{self, OriginPolicy};
 use crate::ws::{self, Endpoint};
 
@@ -31,6 +32,7 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infalli
 /// An accepted upgrade waiting for hyper to finish writing the 101.
 struct Upgrade {
     endpoint: Endpoint,
+    deflate: Option<deflate::Params>,
     _slot: WsSlot,
 }
 
@@ -72,8 +74,12 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr) {
     drop(upgrade);
     match up {
         Some(up) => {
-            let Upgrade { endpoint, _slot } = up;
-            let summary = ws::serve(endpoint, io, read_buf, &shard, &reg.entry).await;
+            let Upgrade {
+                endpoint,
+                deflate,
+                _slot,
+            } = up;
+            let summary = ws::serve(endpoint, io, read_buf, deflate, &shard, &reg.entry).await;
             tracing::debug!(%remote, ?endpoint, ?summary, "websocket closed");
         }
         None => {
@@ -153,11 +159,39 @@ impl Router {
         if let Some(p) = accept.protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
         }
+        let deflate = self.negotiate_deflate(req);
+        if let Some(p) = &deflate {
+            if let Ok(v) = HeaderValue::from_str(&p.response()) {
+                h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
+            }
+        }
         self.upgrade.set(Some(Upgrade {
             endpoint,
+            deflate,
             _slot: slot,
         }));
         resp
+    }
+}
+
+impl Router {
+    /// permessage-deflate parameters for this upgrade, when enabled and offered.
+    fn negotiate_deflate(&self, req: &Request<Incoming>) -> Option<deflate::Params> {
+        let c = &self.shard.global.config.compression;
+        if !c.enabled {
+            return None;
+        }
+        let policy = deflate::Policy {
+            server_max_window_bits: c.server_max_window_bits,
+            server_no_context_takeover: c.broadcast_friendly,
+            client_no_context_takeover: c.client_no_context_takeover,
+        };
+        let offers = req
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        deflate::negotiate(offers, &policy)
     }
 }
 

@@ -157,6 +157,10 @@ impl Shard {
             max_message: c.max_message_size,
             heartbeat: c.heartbeat(),
             close_timeout: c.close_timeout(),
+            compression: crate::ws::deflate::Tuning {
+                level: c.compression.level,
+                threshold: c.compression.threshold,
+            },
         };
         Rc::new(Shard {
             id,

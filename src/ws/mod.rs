@@ -12,9 +12,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::runtime::shard::{ConnEntry, Shard};
-use frame::OpCode;
-use outbox::Outbox;
-use session::{Close, Handler, Message, Summary};
+use deflate::Params;
+use session::{Close, Handler, Message, Sink, Summary};
 
 /// The WebSocket endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,16 +31,18 @@ impl Endpoint {
     }
 }
 
-/// Runs the session for `endpoint` on an upgraded connection.
+/// Runs the session for `endpoint` on an upgraded connection; `deflate` holds the
+/// permessage-deflate parameters when they were negotiated.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     endpoint: Endpoint,
     io: S,
     early: Bytes,
+    deflate: Option<Params>,
     shard: &Shard,
     entry: &ConnEntry,
 ) -> Summary {
     match endpoint {
-        Endpoint::Echo => session::run(io, early, Echo, &shard.settings, entry).await,
+        Endpoint::Echo => session::run(io, early, deflate, Echo, &shard.settings, entry).await,
     }
 }
 
@@ -49,10 +50,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 pub struct Echo;
 
 impl Handler for Echo {
-    fn on_message(&mut self, msg: Message<'_>, out: &mut Outbox) -> Result<(), Close> {
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
         match msg {
-            Message::Text(t) => out.frame(OpCode::Text, t),
-            Message::Binary(b) => out.frame(OpCode::Binary, b),
+            Message::Text(t) => out.text(t),
+            Message::Binary(b) => out.binary(b),
         }
         Ok(())
     }

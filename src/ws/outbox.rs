@@ -40,6 +40,15 @@ impl Outbox {
         self.queued += len;
     }
 
+    /// Appends a whole frame whose payload is permessage-deflate data (RSV1 set).
+    pub fn compressed_frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let len = header_len(payload.len()) + payload.len();
+        self.tail.reserve(len);
+        write_header(&mut self.tail, true, true, opcode, payload.len());
+        self.tail.extend_from_slice(payload);
+        self.queued += len;
+    }
+
     /// Appends a frame whose payload is written by `fill` (exactly `len` bytes).
     pub fn frame_with(&mut self, opcode: OpCode, len: usize, fill: impl FnOnce(&mut BytesMut)) {
         let total = header_len(len) + len;

@@ -1,6 +1,10 @@
 //! Turns client bytes into WebSocket messages, enforcing RFC 6455 strictly: masking, reserved
 //! bits, opcodes, control-frame rules, fragmentation order, UTF-8 (also across fragments) and the
 //! message size limit. Pure state machine: bytes in (unmasked in place), events out; no I/O.
+//!
+//! With permessage-deflate negotiated, RSV1 marks the first frame of a compressed message;
+//! such messages come out as [`Event::Compressed`] for the caller to inflate (and, for text,
+//! to validate after inflating).
 
 use super::close::CloseCode;
 use super::frame::{parse_header, unmask, Header, OpCode};
@@ -11,6 +15,11 @@ pub enum Event<'a> {
     /// A complete text message; the bytes are valid UTF-8.
     Text(&'a [u8]),
     Binary(&'a [u8]),
+    /// A complete permessage-deflate message, still compressed (without the sync-flush tail).
+    Compressed {
+        text: bool,
+        data: &'a [u8],
+    },
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// A close frame: the code and reason, or `None` when it carried no body.
@@ -59,6 +68,7 @@ pub enum Flow {
 #[derive(Debug)]
 struct Partial {
     text: bool,
+    compressed: bool,
     data: Vec<u8>,
     /// Prefix of `data` already known to be valid UTF-8 (text only).
     utf8_checked: usize,
@@ -67,6 +77,8 @@ struct Partial {
 #[derive(Debug)]
 pub struct Reader {
     max_message: usize,
+    /// permessage-deflate was negotiated: RSV1 may start a data message.
+    deflate: bool,
     partial: Option<Partial>,
 }
 
@@ -74,7 +86,16 @@ impl Reader {
     pub fn new(max_message: usize) -> Reader {
         Reader {
             max_message,
+            deflate: false,
             partial: None,
+        }
+    }
+
+    /// A reader for a connection with permessage-deflate negotiated.
+    pub fn with_deflate(max_message: usize) -> Reader {
+        Reader {
+            deflate: true,
+            ..Reader::new(max_message)
         }
     }
 
@@ -133,8 +154,19 @@ impl Reader {
         if h.mask.is_none() {
             return Err(ReadError::Protocol("client frame not masked"));
         }
-        if h.rsv != 0 {
+        if h.rsv & 0b011 != 0 {
             return Err(ReadError::Protocol("reserved bits set"));
+        }
+        if h.rsv & 0b100 != 0 {
+            // RSV1 is permessage-deflate's "compressed" bit: first frame of a data message only.
+            if !self.deflate {
+                return Err(ReadError::Protocol("reserved bits set"));
+            }
+            if !matches!(h.opcode, OpCode::Text | OpCode::Binary) {
+                return Err(ReadError::Protocol(
+                    "RSV1 on a control or continuation frame",
+                ));
+            }
         }
         if h.opcode.is_control() {
             if !h.fin {
@@ -171,6 +203,10 @@ impl Reader {
             OpCode::Ping => Ok(on(Event::Ping(payload))),
             OpCode::Pong => Ok(on(Event::Pong(payload))),
             OpCode::Close => Ok(on(Event::Close(parse_close(payload)?))),
+            OpCode::Text | OpCode::Binary if h.fin && h.rsv != 0 => Ok(on(Event::Compressed {
+                text: h.opcode == OpCode::Text,
+                data: payload,
+            })),
             OpCode::Text | OpCode::Binary if h.fin => {
                 let text = h.opcode == OpCode::Text;
                 if text && simdutf8::basic::from_utf8(payload).is_err() {
@@ -185,6 +221,7 @@ impl Reader {
             OpCode::Text | OpCode::Binary => {
                 let mut p = Partial {
                     text: h.opcode == OpCode::Text,
+                    compressed: h.rsv != 0,
                     data: payload.to_vec(),
                     utf8_checked: 0,
                 };
@@ -202,7 +239,12 @@ impl Reader {
                     return Ok(Flow::Continue);
                 }
                 let p = self.partial.take().expect("checked above");
-                Ok(on(if p.text {
+                Ok(on(if p.compressed {
+                    Event::Compressed {
+                        text: p.text,
+                        data: &p.data,
+                    }
+                } else if p.text {
                     Event::Text(&p.data)
                 } else {
                     Event::Binary(&p.data)
@@ -216,7 +258,7 @@ impl Partial {
     /// Validates the bytes added since the last check; an incomplete code point at the end is
     /// fine until the final fragment, an invalid one fails at once (fail fast, RFC 6455 §8.1).
     fn check_utf8(&mut self, last: bool) -> Result<(), ReadError> {
-        if !self.text {
+        if !self.text || self.compressed {
             return Ok(());
         }
         match simdutf8::compat::from_utf8(&self.data[self.utf8_checked..]) {
@@ -254,6 +296,7 @@ mod tests {
         Binary(Vec<u8>),
         Ping(Vec<u8>),
         Pong(Vec<u8>),
+        Compressed(bool, Vec<u8>),
         Close(Option<(u16, String)>),
     }
 
@@ -272,6 +315,7 @@ mod tests {
                 Event::Binary(b) => Owned::Binary(b.to_vec()),
                 Event::Ping(b) => Owned::Ping(b.to_vec()),
                 Event::Pong(b) => Owned::Pong(b.to_vec()),
+                Event::Compressed { text, data } => Owned::Compressed(text, data.to_vec()),
                 Event::Close(c) => Owned::Close(c.map(|(c, r)| (c, r.to_string()))),
             });
             Flow::Continue
@@ -413,6 +457,59 @@ mod tests {
         let mut b = frame(false, OpCode::Binary, &[0u8; 150]);
         b.extend(frame(true, OpCode::Continuation, &[0u8; 51]));
         assert_eq!(run(&mut r, &b).0, Err(ReadError::TooBig(200)));
+    }
+
+    fn rsv1(mut f: Vec<u8>) -> Vec<u8> {
+        f[0] |= 0x40;
+        f
+    }
+
+    #[test]
+    fn compressed_messages_with_deflate() {
+        let mut r = Reader::with_deflate(1 << 20);
+        // Compressed bytes need not be UTF-8: validation happens after inflating.
+        let mut b = rsv1(frame(true, OpCode::Text, &[0xFF, 0x00]));
+        b.extend(rsv1(frame(false, OpCode::Binary, b"ab")));
+        b.extend(frame(true, OpCode::Ping, b""));
+        b.extend(frame(true, OpCode::Continuation, &[0xC0]));
+        b.extend(frame(true, OpCode::Text, b"plain"));
+        let (res, got) = run(&mut r, &b);
+        res.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Owned::Compressed(true, vec![0xFF, 0x00]),
+                Owned::Ping(vec![]),
+                Owned::Compressed(false, vec![b'a', b'b', 0xC0]),
+                Owned::Text("plain".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn rsv1_misuse_is_a_protocol_error() {
+        for b in [
+            rsv1(frame(true, OpCode::Ping, b"")),
+            {
+                let mut b = frame(false, OpCode::Text, b"a");
+                b.extend(rsv1(frame(true, OpCode::Continuation, b"b")));
+                b
+            },
+            {
+                let mut f = frame(true, OpCode::Text, b"a");
+                f[0] |= 0x20; // RSV2 is never ours
+                f
+            },
+        ] {
+            let (res, _) = run(&mut Reader::with_deflate(1 << 20), &b);
+            assert_eq!(res.unwrap_err().close_code(), CloseCode::PROTOCOL);
+        }
+        // Without negotiation RSV1 is just a reserved bit.
+        let (res, _) = run(
+            &mut Reader::new(1 << 20),
+            &rsv1(frame(true, OpCode::Text, b"a")),
+        );
+        assert_eq!(res.unwrap_err().close_code(), CloseCode::PROTOCOL);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::close::CloseCode;
+use super::deflate::{ConnDeflate, InflateError, Params, Tuning};
 use super::frame::OpCode;
 use super::outbox::{Outbox, MAX_IOVECS};
 use super::reader::{Event, Flow, ReadError, Reader};
@@ -52,7 +53,28 @@ pub struct Close {
 /// What an endpoint does with a connection's messages.
 pub trait Handler {
     /// A complete message arrived; replies go to `out`.
-    fn on_message(&mut self, msg: Message<'_>, out: &mut Outbox) -> Result<(), Close>;
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close>;
+}
+
+/// Where a handler's messages go: the connection's outbox, compressed when negotiated.
+pub struct Sink<'a> {
+    out: &'a mut Outbox,
+    deflate: Option<&'a mut ConnDeflate>,
+}
+
+impl Sink<'_> {
+    pub fn text(&mut self, payload: &[u8]) {
+        self.send(OpCode::Text, payload)
+    }
+    pub fn binary(&mut self, payload: &[u8]) {
+        self.send(OpCode::Binary, payload)
+    }
+    fn send(&mut self, opcode: OpCode, payload: &[u8]) {
+        match self.deflate.as_deref_mut() {
+            Some(d) => d.frame(self.out, opcode, payload),
+            None => self.out.frame(opcode, payload),
+        }
+    }
 }
 
 /// Settings a session needs, taken from the config once per shard.
@@ -61,6 +83,7 @@ pub struct Settings {
     pub max_message: usize,
     pub heartbeat: Option<Duration>,
     pub close_timeout: Duration,
+    pub compression: Tuning,
 }
 
 /// How a session ended, for logs and metrics.
@@ -90,6 +113,7 @@ struct Session<'a, S, H> {
     settings: &'a Settings,
     entry: &'a ConnEntry,
     reader: Reader,
+    deflate: Option<ConnDeflate>,
     /// An incomplete frame (or frames) carried over between reads.
     pending: BytesMut,
     /// Total size of the frame at the front of `pending`, when known.
@@ -109,6 +133,7 @@ struct Session<'a, S, H> {
 pub async fn run<S, H>(
     io: S,
     early: Bytes,
+    deflate: Option<Params>,
     handler: H,
     settings: &Settings,
     entry: &ConnEntry,
@@ -122,7 +147,11 @@ where
         handler,
         settings,
         entry,
-        reader: Reader::new(settings.max_message),
+        reader: match deflate {
+            Some(_) => Reader::with_deflate(settings.max_message),
+            None => Reader::new(settings.max_message),
+        },
+        deflate: deflate.map(|p| ConnDeflate::new(p, settings.compression)),
         pending: BytesMut::new(),
         pending_frame: 0,
         out: Outbox::default(),
@@ -145,6 +174,39 @@ where
     }
     poll_fn(|cx| s.poll(cx)).await;
     s.summary
+}
+
+/// Inflates a compressed message; text must be UTF-8 once inflated.
+fn inflate(
+    deflate: &mut Option<ConnDeflate>,
+    data: &[u8],
+    text: bool,
+    limit: usize,
+) -> Result<super::deflate::Inflated, Close> {
+    // The reader only reports compressed messages when deflate was negotiated.
+    let Some(d) = deflate.as_mut() else {
+        return Err(Close {
+            code: CloseCode::PROTOCOL,
+            reason: "compressed message without permessage-deflate",
+        });
+    };
+    let plain = d.inflate(data, limit).map_err(|e| match e {
+        InflateError::TooBig(_) => Close {
+            code: CloseCode::TOO_BIG,
+            reason: "message too big",
+        },
+        InflateError::Corrupt => Close {
+            code: CloseCode::INVALID_DATA,
+            reason: "invalid compressed data",
+        },
+    })?;
+    if text && simdutf8::basic::from_utf8(&plain).is_err() {
+        return Err(Close {
+            code: CloseCode::INVALID_DATA,
+            reason: "invalid UTF-8",
+        });
+    }
+    Ok(plain)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
@@ -315,38 +377,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
     fn process(&mut self, buf: &mut [u8]) -> (usize, usize) {
         let Session {
             reader,
+            deflate,
             out,
             handler,
             summary,
             entry,
+            settings,
             ..
         } = self;
         let mut close: Option<(CloseCode, &'static str)> = None;
         let mut peer_close: Option<Option<u16>> = None;
-        let fed = reader.feed(buf, |ev| match ev {
-            Event::Text(t) | Event::Binary(t) => {
+        let mut deliver =
+            |msg: Message<'_>, out: &mut Outbox, deflate: &mut Option<ConnDeflate>| {
                 summary.messages_in += 1;
                 entry.count_message();
-                let msg = match ev {
-                    Event::Text(_) => Message::Text(t),
-                    _ => Message::Binary(t),
+                let mut sink = Sink {
+                    out,
+                    deflate: deflate.as_mut(),
                 };
-                match handler.on_message(msg, out) {
-                    Ok(()) => Flow::Continue,
-                    Err(c) => {
-                        close = Some((c.code, c.reason));
-                        Flow::Stop
+                handler.on_message(msg, &mut sink)
+            };
+        let fed = reader.feed(buf, |ev| {
+            let res = match ev {
+                Event::Text(t) => deliver(Message::Text(t), out, deflate),
+                Event::Binary(b) => deliver(Message::Binary(b), out, deflate),
+                Event::Compressed { text, data } => {
+                    match inflate(deflate, data, text, settings.max_message) {
+                        Ok(plain) if text => deliver(Message::Text(&plain), out, deflate),
+                        Ok(plain) => deliver(Message::Binary(&plain), out, deflate),
+                        Err(c) => Err(c),
                     }
                 }
-            }
-            Event::Ping(p) => {
-                out.frame(OpCode::Pong, p);
-                Flow::Continue
-            }
-            Event::Pong(_) => Flow::Continue,
-            Event::Close(c) => {
-                peer_close = Some(c.map(|(code, _)| code));
-                Flow::Stop
+                Event::Ping(p) => {
+                    out.frame(OpCode::Pong, p);
+                    Ok(())
+                }
+                Event::Pong(_) => Ok(()),
+                Event::Close(c) => {
+                    peer_close = Some(c.map(|(code, _)| code));
+                    return Flow::Stop;
+                }
+            };
+            match res {
+                Ok(()) => Flow::Continue,
+                Err(c) => {
+                    close = Some((c.code, c.reason));
+                    Flow::Stop
+                }
             }
         });
         match fed {
@@ -393,6 +470,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
             self.silent_ticks += 1;
             // Idle: give back buffer memory.
             self.out.shrink();
+            if let Some(d) = self.deflate.as_mut() {
+                d.shrink_idle();
+            }
             if self.pending.is_empty() {
                 self.pending = BytesMut::new();
             }
@@ -529,10 +609,15 @@ mod tests {
             max_message: 16 << 20,
             heartbeat: None,
             close_timeout: Duration::from_secs(1),
+            compression: Tuning {
+                level: 1,
+                threshold: 256,
+            },
         };
         let summary = run(
             &mut mock,
             Bytes::new(),
+            None,
             crate::ws::Echo,
             &settings,
             &reg.entry,
