@@ -66,6 +66,13 @@ impl Deflater {
         if out[start..].ends_with(&TAIL) {
             out.truncate(out.len() - TAIL.len());
         }
+        // A sync flush with no new input since the last one produces nothing (zlib's
+        // Z_BUF_ERROR): an empty message right after another message with takeover. An empty
+        // payload would leave the peer's inflater inside the stored block our tail starts, so
+        // send the empty stored block's header byte; with the tail it is a complete block.
+        if out.len() == start {
+            out.push(0x00);
+        }
         if !self.takeover {
             self.z.reset();
         }
@@ -208,6 +215,20 @@ mod tests {
             i.inflate(&c, 8 << 20, &mut back).unwrap();
             assert_eq!(back.len(), msg.len());
             assert!(back == msg);
+        }
+    }
+
+    #[test]
+    fn empty_messages_keep_a_takeover_stream_in_step() {
+        let mut d = Deflater::new(1, 15, true);
+        let mut i = Inflater::new(true);
+        for msg in [&b"hello hello hello"[..], b"", b"", b"hello again", b""] {
+            let mut c = Vec::new();
+            d.compress(msg, &mut c);
+            assert!(!c.is_empty(), "{msg:?}");
+            let mut back = Vec::new();
+            i.inflate(&c, 1000, &mut back).unwrap();
+            assert_eq!(back, msg);
         }
     }
 
