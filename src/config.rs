@@ -75,6 +75,20 @@ pub struct Config {
     pub log_format: LogFormat,
     /// permessage-deflate (RFC 7692).
     pub compression: Compression,
+    /// TLS on the listener (wss://, https://).
+    pub tls: Tls,
+}
+
+/// The `[tls]` table: a certificate from files, or one generated at start for development.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<std::path::PathBuf>,
+    /// Generate a localhost certificate in memory at start (development only).
+    pub self_signed: bool,
 }
 
 /// The `[compression]` table.
@@ -131,6 +145,7 @@ impl Default for Config {
             echo: true,
             log_format: LogFormat::Text,
             compression: Compression::default(),
+            tls: Tls::default(),
         }
     }
 }
@@ -160,6 +175,9 @@ pub struct Overrides {
     pub drain_timeout: Option<f64>,
     pub handshake_timeout: Option<f64>,
     pub log_format: Option<LogFormat>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    pub tls_self_signed: bool,
 }
 
 impl Config {
@@ -235,6 +253,27 @@ impl Config {
             handshake_timeout,
             log_format
         );
+        if f.tls_cert.is_some() {
+            self.tls.cert = f.tls_cert.clone();
+        }
+        if f.tls_key.is_some() {
+            self.tls.key = f.tls_key.clone();
+        }
+        if f.tls_self_signed {
+            self.tls.self_signed = true;
+        }
+    }
+
+    /// Where the TLS certificate comes from; `None` serves plain ws:// and http://.
+    pub fn tls_source(&self) -> Option<crate::tls::CertSource> {
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(key)) => Some(crate::tls::CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ if self.tls.self_signed => Some(crate::tls::CertSource::SelfSigned),
+            _ => None,
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -280,6 +319,21 @@ impl Config {
                     self.compression.server_max_window_bits
                 ),
             });
+        }
+        match (&self.tls.cert, &self.tls.key, self.tls.self_signed) {
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls",
+                    reason: "`cert` and `key` go together".into(),
+                })
+            }
+            (Some(_), Some(_), true) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls.self_signed",
+                    reason: "cannot be combined with `cert` and `key`".into(),
+                })
+            }
+            _ => {}
         }
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
@@ -423,6 +477,23 @@ mod tests {
         assert!(
             matches!(c.validate(), Err(ConfigError::Invalid { key, .. }) if key == "compression.server_max_window_bits")
         );
+    }
+
+    #[test]
+    fn tls_table() {
+        let c = Config::from_toml("[tls]\ncert = \"/a.pem\"\nkey = \"/k.pem\"").unwrap();
+        assert!(matches!(
+            c.tls_source(),
+            Some(crate::tls::CertSource::Files { .. })
+        ));
+        let c = Config::from_toml("[tls]\ncert = \"/a.pem\"").unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { key: "tls", .. })
+        ));
+        let c = Config::from_toml("[tls]\nself_signed = true").unwrap();
+        assert_eq!(c.tls_source(), Some(crate::tls::CertSource::SelfSigned));
+        assert_eq!(Config::default().tls_source(), None);
     }
 
     #[test]

@@ -9,4 +9,5 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod runtime;
+pub mod tls;
 pub mod ws;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use ringgate::config::{Config, IoMode, LogFormat, Overrides};
 use ringgate::runtime::{raise_nofile_limit, Server};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 #[global_allocator]
@@ -32,6 +32,12 @@ enum Cmd {
     Serve(ServeArgs),
     /// Print the effective configuration of FILE (with environment applied), or what is wrong.
     CheckConfig { file: PathBuf },
+    /// Write a development CA and a localhost certificate signed by it (ca.pem, cert.pem,
+    /// key.pem) into DIR; serve them with --tls-cert DIR/cert.pem --tls-key DIR/key.pem.
+    DevCert {
+        #[arg(default_value = "ringgate-dev-cert")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args, Default)]
@@ -63,6 +69,15 @@ struct ServeArgs {
     handshake_timeout: Option<f64>,
     #[arg(long, value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
+    /// Serve TLS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve TLS with a localhost certificate generated at start (development).
+    #[arg(long, conflicts_with = "tls_cert")]
+    tls_self_signed: bool,
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -85,6 +100,9 @@ impl ServeArgs {
             drain_timeout: self.drain_timeout,
             handshake_timeout: self.handshake_timeout,
             log_format: self.log_format,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_self_signed: self.tls_self_signed,
         }
     }
 }
@@ -108,9 +126,37 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Cmd::DevCert { dir }) => match write_dev_cert(&dir) {
+            Ok(()) => {
+                println!(
+                    "wrote {0}/ca.pem, {0}/cert.pem, {0}/key.pem\nserve: ringgate --tls-cert {0}/cert.pem --tls-key {0}/key.pem\ntrust {0}/ca.pem in the client",
+                    dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Cmd::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }
+}
+
+fn write_dev_cert(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let d = ringgate::tls::dev_cert()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, pem) in [
+        ("ca.pem", &d.ca_pem),
+        ("cert.pem", &d.cert_pem),
+        ("key.pem", &d.key_pem),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
@@ -126,7 +172,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(n) => tracing::debug!(nofile = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot install signal handlers: {e}");
@@ -140,11 +186,18 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sig = signals.forever().next().unwrap_or(SIGTERM);
+    // SIGHUP reloads the TLS certificate; SIGTERM or SIGINT drains.
+    let sig = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => server.reload_tls(),
+            Some(sig) => break sig,
+            None => break SIGTERM,
+        }
+    };
     tracing::info!(signal = sig, "draining");
     // A second signal during the drain ends the process at once.
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        if signals.forever().any(|s| s != SIGHUP) {
             tracing::warn!("second signal: exiting without waiting for the drain");
             std::process::exit(1);
         }

@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::runtime::io::Conn;
 use crate::runtime::shard::{Shard, WsSlot};
+use crate::tls::Stream;
 use crate::ws::deflate;
 use crate::ws::handshake::{self, OriginPolicy};
 use crate::ws::{self, Endpoint};
@@ -36,9 +37,28 @@ struct Upgrade {
     _slot: WsSlot,
 }
 
-/// Serves one accepted connection until it closes.
+/// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
+/// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
 pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr) {
     let reg = shard.register(remote);
+    let acceptor = shard.tls.borrow().clone();
+    let conn = match acceptor {
+        None => Stream::Plain(conn),
+        Some(acceptor) => {
+            let timeout = shard.global.config.handshake_timeout();
+            match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
+                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
     let upgrade = Rc::new(Cell::new(None));
     let router = Router {
         shard: shard.clone(),

@@ -78,6 +78,10 @@ impl Server {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let addr = listeners[0].local_addr()?;
         let pin = config.pin_shards && !cores.is_empty();
+        let tls = match config.tls_source() {
+            Some(source) => Some(crate::tls::acceptor(&source).context("TLS set-up failed")?),
+            None => None,
+        };
         let global = Arc::new(Global::new(config, backend));
         let (done_tx, done) = std_mpsc::channel();
         let mut controls = Vec::with_capacity(shards);
@@ -87,6 +91,7 @@ impl Server {
             let global = global.clone();
             let done_tx = done_tx.clone();
             let core = pin.then(|| cores[id % cores.len()]);
+            let tls = tls.clone();
             std::thread::Builder::new()
                 .name(format!("shard-{id}"))
                 .spawn(move || {
@@ -95,7 +100,7 @@ impl Server {
                             tracing::warn!(shard = id, core = core.id, "could not pin shard");
                         }
                     }
-                    let shard = Shard::new(id, global);
+                    let shard = Shard::new(id, global, tls);
                     let run = async move {
                         match io::Listener::new(backend, listener) {
                             Ok(l) => shard.run(l, rx).await,
@@ -113,7 +118,7 @@ impl Server {
         }
         tracing::info!(
             %addr, shards, io = backend.name(), why = %why, pinned = pin,
-            "ringgate listening"
+            tls = tls.is_some(), "ringgate listening"
         );
         Ok(Server {
             addr,
@@ -122,6 +127,25 @@ impl Server {
             done,
             shards,
         })
+    }
+
+    /// Rebuilds the TLS acceptor from the configured files and hands it to every shard. A broken
+    /// new certificate keeps the old one in service (the reason is logged).
+    pub fn reload_tls(&self) {
+        let Some(source) = self.global.config.tls_source() else {
+            tracing::info!("SIGHUP: no TLS configured, nothing to reload");
+            return;
+        };
+        match crate::tls::acceptor(&source) {
+            Ok(acceptor) => {
+                for c in &self.controls {
+                    let _ = c.send(Control::Tls(acceptor.clone()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
+            }
+        }
     }
 
     /// Drains: `/readyz` turns 503, shards stop accepting and close their connections with

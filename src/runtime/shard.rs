@@ -70,10 +70,11 @@ impl Drop for WsSlot {
 }
 
 /// What the main thread tells a shard.
-#[derive(Debug)]
 pub enum Control {
     /// Stop accepting, close every connection with 1001, finish when all are gone.
     Drain,
+    /// Use this TLS configuration for handshakes from now on.
+    Tls(tokio_rustls::TlsAcceptor),
 }
 
 /// A connection as the shard sees it: enough to ask it to close and to report on it.
@@ -143,6 +144,8 @@ pub struct Shard {
     pub id: usize,
     pub global: Arc<Global>,
     pub settings: Settings,
+    /// The TLS acceptor new connections use, when the listener is TLS.
+    pub tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
     conns: RefCell<Slab<Rc<ConnEntry>>>,
     draining: Cell<bool>,
     /// Wakes the drain when the last connection leaves.
@@ -151,7 +154,11 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(id: usize, global: Arc<Global>) -> Rc<Shard> {
+    pub fn new(
+        id: usize,
+        global: Arc<Global>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Rc<Shard> {
         let c = &global.config;
         let settings = Settings {
             max_message: c.max_message_size,
@@ -166,6 +173,7 @@ impl Shard {
             id,
             settings,
             global,
+            tls: RefCell::new(tls),
             conns: RefCell::new(Slab::new()),
             draining: Cell::new(false),
             drained: RefCell::new(None),
@@ -213,7 +221,10 @@ impl Shard {
             tokio::task::spawn_local(heartbeats(self.clone(), period));
         }
         // A closed control channel means the main thread is gone: drain too.
-        let _ = control.recv().await;
+        while let Some(Control::Tls(acceptor)) = control.recv().await {
+            *self.tls.borrow_mut() = Some(acceptor);
+            tracing::info!(shard = self.id, "TLS certificate reloaded");
+        }
         self.draining.set(true);
         listener.shutdown();
         let _ = accepting.await;

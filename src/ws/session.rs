@@ -603,7 +603,11 @@ mod tests {
             written: Vec::new(),
             offered_initialised: 0,
         };
-        let shard = Shard::new(0, Arc::new(Global::new(Config::default(), Backend::Epoll)));
+        let shard = Shard::new(
+            0,
+            Arc::new(Global::new(Config::default(), Backend::Epoll)),
+            None,
+        );
         let reg = shard.register("127.0.0.1:1".parse().unwrap());
         let settings = Settings {
             max_message: 16 << 20,

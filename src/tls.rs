@@ -1,0 +1,221 @@
+//! TLS termination with rustls (ring provider): certificates from PEM files or generated for
+//! development, the stream type the HTTP layer sees, and what a reload builds.
+//!
+//! Reload is message passing, not a lock: the main thread builds a new `TlsAcceptor` and sends
+//! it to every shard; handshakes started afterwards use it, established connections keep theirs.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsAcceptor;
+
+use crate::runtime::io::Conn;
+
+/// Where the server certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    /// PEM files: the chain (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1).
+    Files { cert: PathBuf, key: PathBuf },
+    /// A certificate for localhost generated in memory at start (development only).
+    SelfSigned,
+}
+
+/// Why no TLS configuration could be built; always names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("certificate and key do not fit together: {0}")]
+    Config(String),
+    #[error("cannot generate a certificate: {0}")]
+    Generate(String),
+}
+
+/// A development CA and a localhost certificate it signed, as PEM.
+pub struct DevCert {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Generates a CA and a certificate for `localhost`, `127.0.0.1` and `::1` signed by it.
+pub fn dev_cert() -> Result<DevCert, TlsError> {
+    let gen = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "ringgate development CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(gen)?).map_err(gen)?;
+    let key = KeyPair::generate().map_err(gen)?;
+    let mut leaf = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ])
+    .map_err(gen)?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = leaf.signed_by(&key, &ca).map_err(gen)?;
+    Ok(DevCert {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Builds the acceptor for `source` (ALPN `http/1.1`, TLS 1.2 and 1.3).
+pub fn acceptor(source: &CertSource) -> Result<TlsAcceptor, TlsError> {
+    let (chain, key) = match source {
+        CertSource::Files { cert, key } => (read_chain(cert)?, read_key(key)?),
+        CertSource::SelfSigned => {
+            let d = dev_cert()?;
+            let chain = CertificateDer::pem_slice_iter(d.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            let key = PrivateKeyDer::from_pem_slice(d.key_pem.as_bytes())
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            (chain, key)
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn file_error(path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if chain.is_empty() {
+        return Err(file_error(path, "no certificate found (expected PEM)"));
+    }
+    Ok(chain)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
+}
+
+/// A connection as the HTTP layer sees it: plain or TLS over either io backend.
+pub enum Stream {
+    Plain(Conn),
+    Tls(Box<tokio_rustls::server::TlsStream<Conn>>),
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => $e,
+            Stream::Tls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_cert_builds_an_acceptor_from_files() {
+        let d = dev_cert().unwrap();
+        let dir = std::env::temp_dir().join(format!("ringgate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, &d.cert_pem).unwrap();
+        std::fs::write(&key, &d.key_pem).unwrap();
+        assert!(acceptor(&CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone()
+        })
+        .is_ok());
+        // A key file that holds a certificate is named in the error.
+        let err = acceptor(&CertSource::Files {
+            cert: cert.clone(),
+            key: cert.clone(),
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("cert.pem"), "{err}");
+        let err = acceptor(&CertSource::Files {
+            cert: dir.join("missing.pem"),
+            key,
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn self_signed_works_in_memory() {
+        assert!(acceptor(&CertSource::SelfSigned).is_ok());
+    }
+}
