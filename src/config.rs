@@ -75,8 +75,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// permessage-deflate (RFC 7692).
     pub compression: Compression,
-    /// TLS on the listener (wss://, https://).
+    /// TLS certificates (wss://, https://).
     pub tls: Tls,
+    /// Listeners; when empty, one on `host:port`, with TLS when `[tls]` has a certificate.
+    pub listen: Vec<Listen>,
 }
 
 /// The `[tls]` table: a certificate from files, or one generated at start for development.
@@ -89,6 +91,29 @@ pub struct Tls {
     pub key: Option<std::path::PathBuf>,
     /// Generate a localhost certificate in memory at start (development only).
     pub self_signed: bool,
+    /// PEM bundle of CAs whose client certificates are required (mTLS); unset = no client auth.
+    pub client_ca: Option<std::path::PathBuf>,
+    /// Certificates chosen by server name (SNI); `cert`/`key` above serve every other name.
+    pub sni: Vec<SniCert>,
+}
+
+/// One `[[tls.sni]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    pub server_name: String,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// One `[[listen]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub addr: std::net::SocketAddr,
+    /// Serve TLS on this listener (needs a certificate in `[tls]`).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// The `[compression]` table.
@@ -146,6 +171,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             compression: Compression::default(),
             tls: Tls::default(),
+            listen: Vec::new(),
         }
     }
 }
@@ -264,16 +290,47 @@ impl Config {
         }
     }
 
-    /// Where the TLS certificate comes from; `None` serves plain ws:// and http://.
-    pub fn tls_source(&self) -> Option<crate::tls::CertSource> {
-        match (&self.tls.cert, &self.tls.key) {
-            (Some(cert), Some(key)) => Some(crate::tls::CertSource::Files {
+    /// What TLS listeners serve; `None` when no certificate is configured.
+    pub fn tls_settings(&self) -> Option<crate::tls::TlsSettings> {
+        use crate::tls::{CertSource, TlsSettings};
+        let default = match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(key)) => Some(CertSource::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             }),
-            _ if self.tls.self_signed => Some(crate::tls::CertSource::SelfSigned),
+            _ if self.tls.self_signed => Some(CertSource::SelfSigned),
             _ => None,
+        };
+        if default.is_none() && self.tls.sni.is_empty() {
+            return None;
         }
+        Some(TlsSettings {
+            default,
+            sni: self
+                .tls
+                .sni
+                .iter()
+                .map(|s| {
+                    let source = CertSource::Files {
+                        cert: s.cert.clone(),
+                        key: s.key.clone(),
+                    };
+                    (s.server_name.clone(), source)
+                })
+                .collect(),
+            client_ca: self.tls.client_ca.clone(),
+        })
+    }
+
+    /// The listeners to open: `[[listen]]`, or `host:port` (TLS when a certificate is set).
+    pub fn listeners(&self) -> Vec<Listen> {
+        if !self.listen.is_empty() {
+            return self.listen.clone();
+        }
+        vec![Listen {
+            addr: std::net::SocketAddr::new(self.host, self.port),
+            tls: self.tls_settings().is_some(),
+        }]
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -334,6 +391,18 @@ impl Config {
                 })
             }
             _ => {}
+        }
+        if self.listen.iter().any(|l| l.tls) && self.tls_settings().is_none() {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                reason: "a listener has `tls = true` but [tls] has no certificate".into(),
+            });
+        }
+        if self.tls.client_ca.is_some() && self.tls_settings().is_none() {
+            return Err(ConfigError::Invalid {
+                key: "tls.client_ca",
+                reason: "client authentication needs a server certificate".into(),
+            });
         }
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
@@ -482,18 +551,55 @@ mod tests {
     #[test]
     fn tls_table() {
         let c = Config::from_toml("[tls]\ncert = \"/a.pem\"\nkey = \"/k.pem\"").unwrap();
+        let t = c.tls_settings().unwrap();
         assert!(matches!(
-            c.tls_source(),
+            t.default,
             Some(crate::tls::CertSource::Files { .. })
         ));
+        assert!(c.listeners()[0].tls);
         let c = Config::from_toml("[tls]\ncert = \"/a.pem\"").unwrap();
         assert!(matches!(
             c.validate(),
             Err(ConfigError::Invalid { key: "tls", .. })
         ));
         let c = Config::from_toml("[tls]\nself_signed = true").unwrap();
-        assert_eq!(c.tls_source(), Some(crate::tls::CertSource::SelfSigned));
-        assert_eq!(Config::default().tls_source(), None);
+        assert_eq!(
+            c.tls_settings().unwrap().default,
+            Some(crate::tls::CertSource::SelfSigned)
+        );
+        assert_eq!(Config::default().tls_settings(), None);
+        assert!(!Config::default().listeners()[0].tls);
+    }
+
+    #[test]
+    fn listeners_and_sni() {
+        let c = Config::from_toml(
+            r#"
+            [[listen]]
+            addr = "127.0.0.1:8080"
+            [[listen]]
+            addr = "127.0.0.1:8443"
+            tls = true
+            [tls]
+            client_ca = "/ca.pem"
+            [[tls.sni]]
+            server_name = "api.example"
+            cert = "/api.pem"
+            key = "/api.key"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let l = c.listeners();
+        assert_eq!((l.len(), l[0].tls, l[1].tls), (2, false, true));
+        let t = c.tls_settings().unwrap();
+        assert_eq!(t.default, None);
+        assert_eq!(t.sni[0].0, "api.example");
+        let c = Config::from_toml("[[listen]]\naddr = \"127.0.0.1:1\"\ntls = true").unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { key: "listen", .. })
+        ));
     }
 
     #[test]

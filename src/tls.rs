@@ -15,7 +15,10 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
@@ -78,10 +81,68 @@ pub fn dev_cert() -> Result<DevCert, TlsError> {
     })
 }
 
-/// Builds the acceptor for `source` (ALPN `http/1.1`, TLS 1.2 and 1.3).
-pub fn acceptor(source: &CertSource) -> Result<TlsAcceptor, TlsError> {
-    let (chain, key) = match source {
-        CertSource::Files { cert, key } => (read_chain(cert)?, read_key(key)?),
+/// Everything a TLS listener serves: certificates by server name, and client authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate for clients that send no server name or one without its own entry;
+    /// `None` refuses such clients.
+    pub default: Option<CertSource>,
+    /// Certificates chosen by the server name the client asks for (SNI).
+    pub sni: Vec<(String, CertSource)>,
+    /// Require client certificates signed by a CA in this PEM bundle (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Builds the acceptor (ALPN `http/1.1`, TLS 1.2 and 1.3) from the files named in `settings`.
+pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let load = |source: &CertSource| -> Result<Arc<CertifiedKey>, TlsError> {
+        let (chain, key) = load_source(source)?;
+        let signer = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let certified = CertifiedKey::new(chain, signer);
+        certified
+            .keys_match()
+            .map_err(|e| TlsError::Config(format!("{source:?}: {e}")))?;
+        Ok(Arc::new(certified))
+    };
+    let mut resolver = SniResolver {
+        default: settings.default.as_ref().map(&load).transpose()?,
+        by_name: HashMap::new(),
+    };
+    for (name, source) in &settings.sni {
+        resolver
+            .by_name
+            .insert(name.to_ascii_lowercase(), load(source)?);
+    }
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &settings.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_chain(ca)? {
+                roots.add(cert).map_err(|e| file_error(ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| file_error(ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn load_source(
+    source: &CertSource,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    match source {
+        CertSource::Files { cert, key } => Ok((read_chain(cert)?, read_key(key)?)),
         CertSource::SelfSigned => {
             let d = dev_cert()?;
             let chain = CertificateDer::pem_slice_iter(d.cert_pem.as_bytes())
@@ -89,18 +150,26 @@ pub fn acceptor(source: &CertSource) -> Result<TlsAcceptor, TlsError> {
                 .map_err(|e| TlsError::Generate(e.to_string()))?;
             let key = PrivateKeyDer::from_pem_slice(d.key_pem.as_bytes())
                 .map_err(|e| TlsError::Generate(e.to_string()))?;
-            (chain, key)
+            Ok((chain, key))
         }
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// Picks the certificate by SNI name, falling back to the default (if any).
+#[derive(Debug)]
+struct SniResolver {
+    default: Option<Arc<CertifiedKey>>,
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        hello
+            .server_name()
+            .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()))
+            .or(self.default.as_ref())
+            .cloned()
+    }
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> TlsError {
@@ -191,23 +260,28 @@ mod tests {
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, &d.cert_pem).unwrap();
         std::fs::write(&key, &d.key_pem).unwrap();
-        assert!(acceptor(&CertSource::Files {
+        let single = |source| TlsSettings {
+            default: Some(source),
+            sni: vec![],
+            client_ca: None,
+        };
+        assert!(acceptor(&single(CertSource::Files {
             cert: cert.clone(),
             key: key.clone()
-        })
+        }))
         .is_ok());
         // A key file that holds a certificate is named in the error.
-        let err = acceptor(&CertSource::Files {
+        let err = acceptor(&single(CertSource::Files {
             cert: cert.clone(),
             key: cert.clone(),
-        })
+        }))
         .err()
         .unwrap();
         assert!(err.to_string().contains("cert.pem"), "{err}");
-        let err = acceptor(&CertSource::Files {
+        let err = acceptor(&single(CertSource::Files {
             cert: dir.join("missing.pem"),
             key,
-        })
+        }))
         .err()
         .unwrap();
         assert!(err.to_string().contains("missing.pem"), "{err}");
@@ -216,6 +290,11 @@ mod tests {
 
     #[test]
     fn self_signed_works_in_memory() {
-        assert!(acceptor(&CertSource::SelfSigned).is_ok());
+        let settings = TlsSettings {
+            default: Some(CertSource::SelfSigned),
+            sni: vec![],
+            client_ca: None,
+        };
+        assert!(acceptor(&settings).is_ok());
     }
 }

@@ -18,6 +18,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 both_backends!(
+    sni_picks_the_certificate,
+    client_certificates_are_required_with_client_ca,
+    plain_and_tls_listeners_at_once,
     wss_echo_and_https,
     plaintext_to_tls_port_is_dropped,
     stalled_handshake_is_dropped,
@@ -70,24 +73,204 @@ async fn tls_connect(
     server: &Server,
     ca: &Path,
 ) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
+    tls_connect_to(server.addr, "localhost", ca, None).await
+}
+
+/// A TLS connection to `addr` asking for `sni`, trusting only `ca`, optionally presenting a
+/// client certificate (PEM chain and key files).
+async fn tls_connect_to(
+    addr: std::net::SocketAddr,
+    sni: &str,
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
         roots.add(cert.expect("CA cert")).expect("add CA");
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = server.tcp().await;
-    let name = ServerName::try_from("localhost").expect("server name");
+    .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .expect("client cert")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client cert");
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).expect("client key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client auth")
+        }
+    };
+    let tcp = within("tcp connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("tcp connect");
+    let name = ServerName::try_from(sni.to_string()).expect("server name");
     within(
         "tls handshake",
         TlsConnector::from(Arc::new(config)).connect(name, tcp),
     )
     .await
+}
+
+/// A CA of our own (rcgen) that issues certificates into a directory.
+struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap();
+        Ca { issuer }
+    }
+
+    /// Writes `<stem>.pem`, `<stem>.key` for `names` and `<stem>-ca.pem` into `dir`.
+    fn issue(&self, dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let paths = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+            dir.join(format!("{stem}-ca.pem")),
+        );
+        std::fs::write(&paths.0, cert.pem()).unwrap();
+        std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+        std::fs::write(&paths.2, self.issuer.pem()).unwrap();
+        paths
+    }
+}
+
+async fn wss_on(
+    addr: std::net::SocketAddr,
+    tls: TlsStream<tokio::net::TcpStream>,
+) -> WebSocketStream<TlsStream<tokio::net::TcpStream>> {
+    let (ws, resp) = within(
+        "wss upgrade",
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws/echo", addr.port()), tls),
+    )
+    .await
+    .expect("wss upgrade");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+async fn sni_picks_the_certificate(backend: Backend) {
+    let certs = CertDir::new().await; // default: localhost, dev CA
+    let (api_cert, api_key, api_ca) = Ca::new("api CA").issue(&certs.0, "api", &["api.test"]);
+    let config = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n[[tls.sni]]\nserver_name = \"api.test\"\ncert = {:?}\nkey = {:?}\n",
+        certs.file("cert.pem"),
+        certs.file("key.pem"),
+        api_cert,
+        api_key
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    let dev_ca = certs.file("ca.pem");
+    // The name decides the certificate: each verifies only against its own CA.
+    assert!(tls_connect_to(server.addr, "api.test", &api_ca, None)
+        .await
+        .is_ok());
+    assert!(tls_connect_to(server.addr, "API.test", &api_ca, None)
+        .await
+        .is_ok());
+    assert!(tls_connect_to(server.addr, "api.test", &dev_ca, None)
+        .await
+        .is_err());
+    assert!(tls_connect_to(server.addr, "localhost", &dev_ca, None)
+        .await
+        .is_ok());
+    // Unknown names get the default certificate (which then fails the client's name check).
+    assert!(tls_connect_to(server.addr, "other.test", &api_ca, None)
+        .await
+        .is_err());
+    let mut ws = wss(&server, &dev_ca).await;
+    echo_ok(&mut ws, "default certificate").await;
+}
+
+async fn client_certificates_are_required_with_client_ca(backend: Backend) {
+    let certs = CertDir::new().await;
+    let (client_cert, client_key, client_ca) =
+        Ca::new("client CA").issue(&certs.0, "client", &["client-1"]);
+    let (rogue_cert, rogue_key, _) = Ca::new("rogue CA").issue(&certs.0, "rogue", &["client-2"]);
+    let config = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        certs.file("cert.pem"),
+        certs.file("key.pem"),
+        client_ca
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    let ca = certs.file("ca.pem");
+    let good = tls_connect_to(
+        server.addr,
+        "localhost",
+        &ca,
+        Some((&client_cert, &client_key)),
+    )
+    .await
+    .expect("client certificate accepted");
+    let mut ws = wss_on(server.addr, good).await;
+    echo_ok(&mut ws, "mutual TLS").await;
+    // Without a certificate, or with one from another CA, nothing gets through. (In TLS 1.3
+    // the client may finish its side first; the refusal then surfaces on the first read.)
+    for client in [None, Some((rogue_cert.as_path(), rogue_key.as_path()))] {
+        if let Ok(tls) = tls_connect_to(server.addr, "localhost", &ca, client).await {
+            let upgrade = within(
+                "refused upgrade",
+                tokio_tungstenite::client_async("wss://localhost/ws/echo", tls),
+            )
+            .await;
+            assert!(
+                upgrade.is_err(),
+                "served without a valid client certificate"
+            );
+        }
+    }
+}
+
+async fn plain_and_tls_listeners_at_once(backend: Backend) {
+    let certs = CertDir::new().await;
+    let config = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        certs.file("cert.pem"),
+        certs.file("key.pem"),
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    // The first listener is plain: the harness's plain client works on it.
+    let mut plain = server.ws().await;
+    echo(&mut plain, Message::text("plain")).await;
+    // The second one, from the log, is TLS.
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("also listening"))
+        .expect("second listener logged");
+    let addr: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.parse().ok())
+        .expect("second listener address");
+    let tls = tls_connect_to(addr, "localhost", &certs.file("ca.pem"), None)
+        .await
+        .expect("TLS on the second listener");
+    let mut ws = wss_on(addr, tls).await;
+    echo_ok(&mut ws, "tls").await;
 }
 
 async fn wss(server: &Server, ca: &Path) -> WebSocketStream<TlsStream<tokio::net::TcpStream>> {

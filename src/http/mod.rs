@@ -39,9 +39,13 @@ struct Upgrade {
 
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
-pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr) {
+pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) {
     let reg = shard.register(remote);
-    let acceptor = shard.tls.borrow().clone();
+    let acceptor = if tls {
+        shard.tls.borrow().clone()
+    } else {
+        None
+    };
     let conn = match acceptor {
         None => Stream::Plain(conn),
         Some(acceptor) => {

@@ -73,19 +73,29 @@ impl Server {
             0 => cores.len().max(1),
             n => n,
         };
-        let addr = SocketAddr::new(config.host, config.port);
-        let listeners = listen::bind_reuseport(addr, shards, config.backlog)
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let addr = listeners[0].local_addr()?;
-        let pin = config.pin_shards && !cores.is_empty();
-        let tls = match config.tls_source() {
-            Some(source) => Some(crate::tls::acceptor(&source).context("TLS set-up failed")?),
+        let tls = match config.tls_settings() {
+            Some(t) => Some(crate::tls::acceptor(&t).context("TLS set-up failed")?),
             None => None,
         };
+        // Every listener is bound once per shard; shard i gets the i-th socket of each.
+        let specs = config.listeners();
+        let mut per_shard: Vec<Vec<(std::net::TcpListener, bool)>> =
+            (0..shards).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let bound = listen::bind_reuseport(spec.addr, shards, config.backlog)
+                .with_context(|| format!("cannot listen on {}", spec.addr))?;
+            addrs.push((bound[0].local_addr()?, spec.tls));
+            for (i, l) in bound.into_iter().enumerate() {
+                per_shard[i].push((l, spec.tls));
+            }
+        }
+        let (addr, first_tls) = addrs[0];
+        let pin = config.pin_shards && !cores.is_empty();
         let global = Arc::new(Global::new(config, backend));
         let (done_tx, done) = std_mpsc::channel();
         let mut controls = Vec::with_capacity(shards);
-        for (id, listener) in listeners.into_iter().enumerate() {
+        for (id, listeners) in per_shard.into_iter().enumerate() {
             let (tx, rx) = mpsc::unbounded_channel();
             controls.push(tx);
             let global = global.clone();
@@ -102,7 +112,11 @@ impl Server {
                     }
                     let shard = Shard::new(id, global, tls);
                     let run = async move {
-                        match io::Listener::new(backend, listener) {
+                        let listeners: std::io::Result<Vec<_>> = listeners
+                            .into_iter()
+                            .map(|(l, tls)| Ok((io::Listener::new(backend, l)?, tls)))
+                            .collect();
+                        match listeners {
                             Ok(l) => shard.run(l, rx).await,
                             Err(e) => {
                                 tracing::error!(shard = id, error = %e, "listener setup failed")
@@ -116,9 +130,12 @@ impl Server {
                 })
                 .context("cannot start shard thread")?;
         }
+        for (a, t) in &addrs[1..] {
+            tracing::info!(addr = %a, tls = t, "also listening");
+        }
         tracing::info!(
-            %addr, shards, io = backend.name(), why = %why, pinned = pin,
-            tls = tls.is_some(), "ringgate listening"
+            %addr, tls = first_tls, shards, io = backend.name(), why = %why, pinned = pin,
+            "ringgate listening"
         );
         Ok(Server {
             addr,
@@ -132,11 +149,11 @@ impl Server {
     /// Rebuilds the TLS acceptor from the configured files and hands it to every shard. A broken
     /// new certificate keeps the old one in service (the reason is logged).
     pub fn reload_tls(&self) {
-        let Some(source) = self.global.config.tls_source() else {
+        let Some(settings) = self.global.config.tls_settings() else {
             tracing::info!("SIGHUP: no TLS configured, nothing to reload");
             return;
         };
-        match crate::tls::acceptor(&source) {
+        match crate::tls::acceptor(&settings) {
             Ok(acceptor) => {
                 for c in &self.controls {
                     let _ = c.send(Control::Tls(acceptor.clone()));

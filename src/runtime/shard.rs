@@ -212,11 +212,22 @@ impl Shard {
     /// Serves until told to drain, then until every connection has closed.
     pub async fn run(
         self: Rc<Self>,
-        listener: Listener,
+        listeners: Vec<(Listener, bool)>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
-        let listener = Rc::new(listener);
-        let accepting = tokio::task::spawn_local(accept_loop(self.clone(), listener.clone()));
+        let mut accepting = Vec::new();
+        let listeners: Vec<_> = listeners
+            .into_iter()
+            .map(|(l, tls)| {
+                let l = Rc::new(l);
+                accepting.push(tokio::task::spawn_local(accept_loop(
+                    self.clone(),
+                    l.clone(),
+                    tls,
+                )));
+                l
+            })
+            .collect();
         if let Some(period) = self.settings.heartbeat {
             tokio::task::spawn_local(heartbeats(self.clone(), period));
         }
@@ -226,9 +237,13 @@ impl Shard {
             tracing::info!(shard = self.id, "TLS certificate reloaded");
         }
         self.draining.set(true);
-        listener.shutdown();
-        let _ = accepting.await;
-        drop(listener);
+        for l in &listeners {
+            l.shutdown();
+        }
+        for a in accepting {
+            let _ = a.await;
+        }
+        drop(listeners);
         let entries: Vec<_> = self.conns.borrow().iter().map(|(_, e)| e.clone()).collect();
         for e in entries {
             e.request_close(GOING_AWAY);
@@ -285,11 +300,11 @@ async fn heartbeats(shard: Rc<Shard>, period: std::time::Duration) {
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>) {
+async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, tls: bool) {
     loop {
         match listener.accept().await {
             Ok((conn, remote)) => {
-                tokio::task::spawn_local(crate::http::serve(shard.clone(), conn, remote));
+                tokio::task::spawn_local(crate::http::serve(shard.clone(), conn, remote, tls));
             }
             Err(_) if shard.draining.get() => return,
             Err(e) => {
