@@ -297,6 +297,18 @@ where
     assert_eq!(got, Message::text(text));
 }
 
+/// `GET path` over TLS; the whole response as text.
+async fn https_get(server: &Server, ca: &Path, path: &str) -> String {
+    let mut tls = tls_connect(server, ca).await.expect("TLS");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut resp = String::new();
+    within("https response", tls.read_to_string(&mut resp))
+        .await
+        .ok();
+    resp
+}
+
 async fn wss_echo_and_https(backend: Backend) {
     let certs = CertDir::new().await;
     let server = start_tls(backend, &certs.0, &[]);
@@ -402,6 +414,16 @@ async fn broken_certificate_keeps_the_old_one(backend: Backend) {
     assert!(server.log().contains("cert.pem"), "reason names the file");
     let mut ws = wss(&server, &ca).await;
     echo_ok(&mut ws, "old cert still served").await;
+    // The failure is counted, and so are the handshakes.
+    let metrics = https_get(&server, &ca, "/metrics").await;
+    assert!(
+        metrics.contains("ringgate_tls_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringgate_tls_handshakes_total{result=\"ok\"}"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

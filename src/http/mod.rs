@@ -20,12 +20,14 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
+use crate::metrics;
 use crate::runtime::io::Conn;
 use crate::runtime::shard::{Shard, WsSlot};
 use crate::tls::Stream;
 use crate::ws::deflate;
 use crate::ws::handshake::{self, OriginPolicy};
 use crate::ws::{self, Endpoint};
+use ::metrics::{counter, gauge};
 
 pub type Body = Full<Bytes>;
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>>>;
@@ -50,16 +52,22 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
         None => Stream::Plain(conn),
         Some(acceptor) => {
             let timeout = shard.global.config.handshake_timeout();
-            match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
-                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+            let (stream, result) = match tokio::time::timeout(timeout, acceptor.accept(conn)).await
+            {
+                Ok(Ok(tls)) => (Some(Stream::Tls(Box::new(tls))), "ok"),
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                    return;
+                    (None, "error")
                 }
                 Err(_) => {
                     tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
+                    (None, "timeout")
                 }
+            };
+            counter!(metrics::TLS_HANDSHAKES, "result" => result).increment(1);
+            match stream {
+                Some(s) => s,
+                None => return,
             }
         }
     };
@@ -103,7 +111,13 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
                 deflate,
                 _slot,
             } = up;
+            let name = endpoint.name();
+            counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
+            gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
             let summary = ws::serve(endpoint, io, read_buf, deflate, &shard, &reg.entry).await;
+            gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
+            let code = summary.close_code.map_or("none".into(), |c| c.to_string());
+            counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
             tracing::debug!(%remote, ?endpoint, ?summary, "websocket closed");
         }
         None => {
@@ -125,6 +139,10 @@ impl hyper::service::Service<Request<Incoming>> for Router {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let resp = self.route(&req);
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                .increment(1);
+        }
         Box::pin(std::future::ready(Ok(resp)))
     }
 }
@@ -135,6 +153,17 @@ impl Router {
         match (req.method(), req.uri().path()) {
             (_, "/ws/echo") if global.config.echo => self.upgrade(req, Endpoint::Echo),
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/metrics") => match &global.metrics {
+                Some(h) => {
+                    let mut resp = Response::new(Full::new(Bytes::from(h.render())));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    resp
+                }
+                None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+            },
             (&Method::GET | &Method::HEAD, "/readyz") => {
                 if global.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -158,6 +187,12 @@ impl Router {
         ) {
             Ok(a) => a,
             Err(r) => {
+                let reason = if r.status == StatusCode::FORBIDDEN {
+                    "origin"
+                } else {
+                    "bad_request"
+                };
+                counter!(metrics::HANDSHAKES_FAILED, "reason" => reason).increment(1);
                 let mut resp = text(r.status, &format!("{}\n", r.reason));
                 resp.headers_mut().insert(
                     header::SEC_WEBSOCKET_VERSION,
@@ -167,9 +202,11 @@ impl Router {
             }
         };
         if global.is_draining() {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
             return text(StatusCode::SERVICE_UNAVAILABLE, "server is draining\n");
         }
         let Some(slot) = global.try_admit_ws() else {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => "capacity").increment(1);
             return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
         };
         let mut resp = Response::new(Body::default());

@@ -92,7 +92,10 @@ impl Server {
         }
         let (addr, first_tls) = addrs[0];
         let pin = config.pin_shards && !cores.is_empty();
-        let global = Arc::new(Global::new(config, backend));
+        let mut global = Global::new(config, backend);
+        global.metrics = crate::metrics::install();
+        crate::metrics::record_info(backend.name(), shards);
+        let global = Arc::new(global);
         let (done_tx, done) = std_mpsc::channel();
         let mut controls = Vec::with_capacity(shards);
         for (id, listeners) in per_shard.into_iter().enumerate() {
@@ -155,11 +158,13 @@ impl Server {
         };
         match crate::tls::acceptor(&settings) {
             Ok(acceptor) => {
+                metrics::counter!(crate::metrics::TLS_RELOADS, "result" => "ok").increment(1);
                 for c in &self.controls {
                     let _ = c.send(Control::Tls(acceptor.clone()));
                 }
             }
             Err(e) => {
+                metrics::counter!(crate::metrics::TLS_RELOADS, "result" => "error").increment(1);
                 tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
             }
         }

@@ -16,8 +16,10 @@ use tokio::sync::mpsc;
 
 use super::io::{Backend, Listener};
 use crate::config::Config;
+use crate::metrics::Traffic;
 use crate::ws::close::CloseCode;
 use crate::ws::session::{Close, Settings};
+use crate::ws::Endpoint;
 
 /// State shared by all shards.
 #[derive(Debug)]
@@ -29,6 +31,8 @@ pub struct Global {
     /// Open WebSocket connections, for `max_connections`.
     pub ws_active: AtomicUsize,
     pub ws_total: AtomicU64,
+    /// Renders `/metrics`; `None` when another recorder was installed first (embedding).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl Global {
@@ -36,6 +40,7 @@ impl Global {
         Global {
             config,
             backend,
+            metrics: None,
             draining: AtomicBool::new(false),
             ws_active: AtomicUsize::new(0),
             ws_total: AtomicU64::new(0),
@@ -144,6 +149,8 @@ pub struct Shard {
     pub id: usize,
     pub global: Arc<Global>,
     pub settings: Settings,
+    /// Message and byte counts per endpoint (`Endpoint as usize`), published once a second.
+    traffic: [Traffic; Endpoint::ALL.len()],
     /// The TLS acceptor new connections use, when the listener is TLS.
     pub tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
     conns: RefCell<Slab<Rc<ConnEntry>>>,
@@ -174,6 +181,7 @@ impl Shard {
             settings,
             global,
             tls: RefCell::new(tls),
+            traffic: Default::default(),
             conns: RefCell::new(Slab::new()),
             draining: Cell::new(false),
             drained: RefCell::new(None),
@@ -205,6 +213,16 @@ impl Shard {
         }
     }
 
+    pub fn traffic(&self, endpoint: Endpoint) -> &Traffic {
+        &self.traffic[endpoint as usize]
+    }
+
+    fn publish_metrics(&self) {
+        for e in Endpoint::ALL {
+            self.traffic(e).publish(e.name());
+        }
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.borrow().len()
     }
@@ -228,6 +246,7 @@ impl Shard {
                 l
             })
             .collect();
+        tokio::task::spawn_local(publish_metrics(self.clone()));
         if let Some(period) = self.settings.heartbeat {
             tokio::task::spawn_local(heartbeats(self.clone(), period));
         }
@@ -256,6 +275,7 @@ impl Shard {
             Poll::Pending
         })
         .await;
+        self.publish_metrics();
         tracing::debug!(shard = self.id, "drained");
     }
 }
@@ -281,6 +301,16 @@ impl Drop for Registration {
                 w.wake();
             }
         }
+    }
+}
+
+/// Publishes the shard's counters once a second (see `crate::metrics`).
+async fn publish_metrics(shard: Rc<Shard>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !shard.draining.get() {
+        tick.tick().await;
+        shard.publish_metrics();
     }
 }
 

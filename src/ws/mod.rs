@@ -23,6 +23,16 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every endpoint, for per-endpoint tables.
+    pub const ALL: [Endpoint; 1] = [Endpoint::Echo];
+
+    /// The `endpoint` label in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Echo => "echo",
+        }
+    }
+
     /// Subprotocols the endpoint speaks.
     pub fn protocols(self) -> &'static [&'static str] {
         match self {
@@ -42,7 +52,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     entry: &ConnEntry,
 ) -> Summary {
     match endpoint {
-        Endpoint::Echo => session::run(io, early, deflate, Echo, &shard.settings, entry).await,
+        Endpoint::Echo => {
+            let traffic = shard.traffic(endpoint);
+            session::run(io, early, deflate, Echo, &shard.settings, entry, traffic).await
+        }
     }
 }
 

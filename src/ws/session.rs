@@ -22,6 +22,7 @@ use super::deflate::{ConnDeflate, InflateError, Params, Tuning};
 use super::frame::OpCode;
 use super::outbox::{Outbox, MAX_IOVECS};
 use super::reader::{Event, Flow, ReadError, Reader};
+use crate::metrics::Traffic;
 use crate::runtime::shard::ConnEntry;
 
 /// Size of the per-shard buffer every connection reads into.
@@ -60,6 +61,7 @@ pub trait Handler {
 pub struct Sink<'a> {
     out: &'a mut Outbox,
     deflate: Option<&'a mut ConnDeflate>,
+    traffic: &'a Traffic,
 }
 
 impl Sink<'_> {
@@ -70,6 +72,7 @@ impl Sink<'_> {
         self.send(OpCode::Binary, payload)
     }
     fn send(&mut self, opcode: OpCode, payload: &[u8]) {
+        Traffic::add(&self.traffic.messages_out, 1);
         match self.deflate.as_deref_mut() {
             Some(d) => d.frame(self.out, opcode, payload),
             None => self.out.frame(opcode, payload),
@@ -112,6 +115,7 @@ struct Session<'a, S, H> {
     handler: H,
     settings: &'a Settings,
     entry: &'a ConnEntry,
+    traffic: &'a Traffic,
     reader: Reader,
     deflate: Option<ConnDeflate>,
     /// An incomplete frame (or frames) carried over between reads.
@@ -137,6 +141,7 @@ pub async fn run<S, H>(
     handler: H,
     settings: &Settings,
     entry: &ConnEntry,
+    traffic: &Traffic,
 ) -> Summary
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -147,6 +152,7 @@ where
         handler,
         settings,
         entry,
+        traffic,
         reader: match deflate {
             Some(_) => Reader::with_deflate(settings.max_message),
             None => Reader::new(settings.max_message),
@@ -168,6 +174,7 @@ where
     let had_early = !early.is_empty();
     s.pending.extend_from_slice(&early);
     s.summary.bytes_in += early.len() as u64;
+    Traffic::add(&traffic.bytes_in, early.len() as u64);
     drop(early);
     if had_early {
         s.process_pending();
@@ -294,6 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
                 }
                 Poll::Ready(Ok(n)) => {
                     self.summary.bytes_in += n as u64;
+                    Traffic::add(&self.traffic.bytes_in, n as u64);
                     self.heard = true;
                 }
                 Poll::Ready(Err(e)) => {
@@ -383,6 +391,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
             summary,
             entry,
             settings,
+            traffic,
             ..
         } = self;
         let mut close: Option<(CloseCode, &'static str)> = None;
@@ -391,9 +400,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
             |msg: Message<'_>, out: &mut Outbox, deflate: &mut Option<ConnDeflate>| {
                 summary.messages_in += 1;
                 entry.count_message();
+                Traffic::add(&traffic.messages_in, 1);
                 let mut sink = Sink {
                     out,
                     deflate: deflate.as_mut(),
+                    traffic,
                 };
                 handler.on_message(msg, &mut sink)
             };
@@ -496,6 +507,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
                 Poll::Ready(Ok(n)) => {
                     self.out.advance(n);
                     self.summary.bytes_out += n as u64;
+                    Traffic::add(&self.traffic.bytes_out, n as u64);
                     self.unflushed = true;
                 }
                 Poll::Ready(Err(e)) => return Err(e),
@@ -625,6 +637,7 @@ mod tests {
             crate::ws::Echo,
             &settings,
             &reg.entry,
+            &Traffic::default(),
         )
         .await;
 

@@ -1,0 +1,107 @@
+//! Every metric name and its help text, in one place, and how they are recorded.
+//!
+//! Per-message counts never touch a shared cache line: a shard counts in plain `Cell`s
+//! ([`Traffic`]) and publishes the deltas to the recorder once a second. Per-connection events
+//! (open, close, handshake failures) go to the recorder directly; they are rare next to messages.
+
+use std::cell::Cell;
+
+use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_ACTIVE: &str = "ringgate_connections_active";
+pub const CONNECTIONS_OPENED: &str = "ringgate_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "ringgate_connections_closed_total";
+pub const HANDSHAKES_FAILED: &str = "ringgate_handshakes_failed_total";
+pub const MESSAGES_IN: &str = "ringgate_messages_in_total";
+pub const MESSAGES_OUT: &str = "ringgate_messages_out_total";
+pub const BYTES_IN: &str = "ringgate_bytes_in_total";
+pub const BYTES_OUT: &str = "ringgate_bytes_out_total";
+pub const TLS_HANDSHAKES: &str = "ringgate_tls_handshakes_total";
+pub const TLS_RELOADS: &str = "ringgate_tls_reloads_total";
+pub const HTTP_REQUESTS: &str = "ringgate_http_requests_total";
+pub const INFO: &str = "ringgate_info";
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+pub fn install() -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new().install_recorder().ok()?;
+    describe_gauge!(
+        CONNECTIONS_ACTIVE,
+        "Open WebSocket connections, by endpoint."
+    );
+    describe_counter!(
+        CONNECTIONS_OPENED,
+        "WebSocket connections accepted, by endpoint."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "WebSocket connections closed, by endpoint and the close code sent (none: the peer vanished)."
+    );
+    describe_counter!(
+        HANDSHAKES_FAILED,
+        "Refused WebSocket upgrades, by reason (bad_request, origin, capacity, draining)."
+    );
+    describe_counter!(MESSAGES_IN, "Data messages received, by endpoint.");
+    describe_counter!(MESSAGES_OUT, "Data messages sent, by endpoint.");
+    describe_counter!(
+        BYTES_IN,
+        Unit::Bytes,
+        "Bytes read from WebSocket clients, by endpoint."
+    );
+    describe_counter!(
+        BYTES_OUT,
+        Unit::Bytes,
+        "Bytes written to WebSocket clients, by endpoint."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "TLS handshakes, by result (ok, error, timeout)."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "TLS certificate reloads, by result (ok, error)."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Plain HTTP requests answered, by status code."
+    );
+    describe_gauge!(INFO, "Build and runtime information (always 1).");
+    Some(handle)
+}
+
+/// Records the static information gauge.
+pub fn record_info(io: &'static str, shards: usize) {
+    gauge!(INFO, "version" => env!("CARGO_PKG_VERSION"), "io" => io, "shards" => shards.to_string())
+        .set(1.0);
+}
+
+/// A shard's message and byte counts for one endpoint, published by [`Traffic::publish`].
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub messages_in: Cell<u64>,
+    pub messages_out: Cell<u64>,
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+}
+
+impl Traffic {
+    #[inline]
+    pub fn add(cell: &Cell<u64>, n: u64) {
+        cell.set(cell.get() + n);
+    }
+
+    /// Moves the counts gathered since the last call to the recorder.
+    pub fn publish(&self, endpoint: &'static str) {
+        for (name, cell) in [
+            (MESSAGES_IN, &self.messages_in),
+            (MESSAGES_OUT, &self.messages_out),
+            (BYTES_IN, &self.bytes_in),
+            (BYTES_OUT, &self.bytes_out),
+        ] {
+            let n = cell.take();
+            if n > 0 {
+                counter!(name, "endpoint" => endpoint).increment(n);
+            }
+        }
+    }
+}

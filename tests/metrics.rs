@@ -1,0 +1,118 @@
+//! `/metrics`: parsed with a Prometheus text-format parser; the key series move as traffic flows.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+both_backends!(series_follow_traffic);
+
+/// Scrapes and parses `/metrics`.
+async fn scrape(server: &Server) -> prometheus_parse::Scrape {
+    let resp = server.get("/metrics").await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.header("content-type")
+            .unwrap_or("")
+            .starts_with("text/plain"),
+        "content type"
+    );
+    let lines = resp.body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format")
+}
+
+/// The value of `name` whose labels include all of `labels`, summed over the other labels.
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|m| m.metric == name)
+        .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(*v)))
+        .map(|m| match m.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Scrapes until `ok` holds (shards publish message counts once a second).
+async fn eventually(server: &Server, ok: impl Fn(&prometheus_parse::Scrape) -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let s = scrape(server).await;
+        if ok(&s) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never reached the expected values:\n{}",
+            server.get("/metrics").await.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn series_follow_traffic(backend: Backend) {
+    let server = Server::start(backend, &[]);
+    let before = scrape(&server).await;
+    assert_eq!(
+        value(&before, "ringgate_info", &[("io", backend.log_name())]),
+        1.0,
+        "info gauge names the io backend"
+    );
+    assert_eq!(value(&before, "ringgate_messages_in_total", &[]), 0.0);
+
+    let mut ws = server.ws().await;
+    for i in 0..50 {
+        echo(&mut ws, Message::text(format!("message {i}"))).await;
+    }
+    eventually(&server, |s| {
+        value(s, "ringgate_connections_active", &[("endpoint", "echo")]) == 1.0
+            && value(s, "ringgate_messages_in_total", &[("endpoint", "echo")]) >= 50.0
+            && value(s, "ringgate_messages_out_total", &[("endpoint", "echo")]) >= 50.0
+            && value(s, "ringgate_bytes_in_total", &[("endpoint", "echo")]) > 500.0
+    })
+    .await;
+
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    })))
+    .await
+    .expect("close");
+    let _ = expect_close(&mut ws).await;
+    // A refused handshake and a 404 are counted too.
+    let bad = server
+        .request(
+            "GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(server.get("/nope").await.status, 404);
+    eventually(&server, |s| {
+        value(s, "ringgate_connections_active", &[("endpoint", "echo")]) == 0.0
+            && value(
+                s,
+                "ringgate_connections_closed_total",
+                &[("endpoint", "echo"), ("code", "1000")],
+            ) == 1.0
+            && value(
+                s,
+                "ringgate_connections_opened_total",
+                &[("endpoint", "echo")],
+            ) == 1.0
+            && value(
+                s,
+                "ringgate_handshakes_failed_total",
+                &[("reason", "bad_request")],
+            ) == 1.0
+            && value(s, "ringgate_http_requests_total", &[("status", "404")]) == 1.0
+    })
+    .await;
+}
