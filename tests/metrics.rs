@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-both_backends!(series_follow_traffic);
+both_backends!(series_follow_traffic, statistics_match_open_connections);
 
 /// Scrapes and parses `/metrics`.
 async fn scrape(server: &Server) -> prometheus_parse::Scrape {
@@ -115,4 +115,63 @@ async fn series_follow_traffic(backend: Backend) {
             && value(s, "ringgate_http_requests_total", &[("status", "404")]) == 1.0
     })
     .await;
+}
+
+async fn statistics(server: &Server) -> serde_json::Value {
+    let resp = server.get("/ws/statistics").await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    serde_json::from_str(&resp.body).expect("statistics are JSON")
+}
+
+async fn statistics_match_open_connections(backend: Backend) {
+    let server = Server::start(backend, &[]);
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut ws = server.ws().await;
+        for i in 0..3 {
+            echo(&mut ws, Message::text(format!("m{i}"))).await;
+        }
+        clients.push(ws);
+    }
+    let s = statistics(&server).await;
+    assert_eq!(s["active_connections"], 5, "{s}");
+    assert_eq!(s["total_connections"], 5, "{s}");
+    assert_eq!(s["total_messages"], 15, "{s}");
+    let list = s["connections"].as_array().expect("connections list");
+    assert_eq!(list.len(), 5, "{s}");
+    for c in list {
+        assert_eq!(c["endpoint"], "echo");
+        assert_eq!(c["message_count"], 3);
+        assert!(c["remote"].as_str().unwrap_or("").starts_with("127.0.0.1:"));
+        assert!(c["uptime"].as_f64().unwrap_or(-1.0) >= 0.0);
+        assert!(c["connected_at"].as_f64().unwrap_or(0.0) > 1.7e9);
+    }
+    assert!(s.get("truncated").is_none());
+
+    // Closed connections leave the list but their messages still count.
+    for mut ws in clients.drain(..2) {
+        ws.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await
+        .expect("close");
+        assert_eq!(expect_close(&mut ws).await, CloseCode::Normal);
+    }
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let s = statistics(&server).await;
+        if s["active_connections"] == 3 {
+            assert_eq!(s["total_connections"], 5, "{s}");
+            assert_eq!(s["total_messages"], 15, "{s}");
+            assert_eq!(s["connections"].as_array().map(Vec::len), Some(3));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed connections still listed: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::metrics;
 use crate::runtime::io::Conn;
-use crate::runtime::shard::{Shard, WsSlot};
+use crate::runtime::shard::{Control, Shard, WsSlot};
 use crate::tls::Stream;
 use crate::ws::deflate;
 use crate::ws::handshake::{self, OriginPolicy};
@@ -112,6 +112,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
                 _slot,
             } = up;
             let name = endpoint.name();
+            reg.entry.set_endpoint(endpoint);
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
             let summary = ws::serve(endpoint, io, read_buf, deflate, &shard, &reg.entry).await;
@@ -138,6 +139,9 @@ impl hyper::service::Service<Request<Incoming>> for Router {
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if req.method() == Method::GET && req.uri().path() == "/ws/statistics" {
+            return Box::pin(statistics(self.shard.global.clone()));
+        }
         let resp = self.route(&req);
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
@@ -254,6 +258,47 @@ impl Router {
             .filter_map(|v| v.to_str().ok());
         deflate::negotiate(offers, &policy)
     }
+}
+
+/// `GET /ws/statistics`: every shard reports its connections by message; the answer is their
+/// sum (PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
+async fn statistics(
+    global: std::sync::Arc<crate::runtime::shard::Global>,
+) -> Result<Response<Body>, Infallible> {
+    let mut replies = Vec::new();
+    for shard in global.shards.get().into_iter().flatten() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if shard.send(Control::Stats(tx)).is_ok() {
+            replies.push(rx);
+        }
+    }
+    let (mut active, mut messages, mut truncated) = (0, 0, false);
+    let mut connections = Vec::new();
+    for rx in replies {
+        // A shard that is gone (draining) simply does not count.
+        if let Ok(s) = rx.await {
+            active += s.active;
+            messages += s.messages;
+            truncated |= s.truncated;
+            connections.extend(s.connections);
+        }
+    }
+    let mut body = serde_json::json!({
+        "active_connections": active,
+        "total_connections": global.ws_total.load(std::sync::atomic::Ordering::Relaxed),
+        "total_messages": messages,
+        "connections": connections,
+    });
+    if truncated {
+        body["truncated"] = serde_json::Value::Bool(true);
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    counter!(metrics::HTTP_REQUESTS, "status" => "200").increment(1);
+    Ok(resp)
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {

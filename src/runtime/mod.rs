@@ -97,10 +97,10 @@ impl Server {
         crate::metrics::record_info(backend.name(), shards);
         let global = Arc::new(global);
         let (done_tx, done) = std_mpsc::channel();
-        let mut controls = Vec::with_capacity(shards);
-        for (id, listeners) in per_shard.into_iter().enumerate() {
-            let (tx, rx) = mpsc::unbounded_channel();
-            controls.push(tx);
+        let (controls, receivers): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
+        let _ = global.shards.set(controls.clone());
+        for (id, (listeners, rx)) in per_shard.into_iter().zip(receivers).enumerate() {
             let global = global.clone();
             let done_tx = done_tx.clone();
             let core = pin.then(|| cores[id % cores.len()]);

@@ -31,6 +31,8 @@ pub struct Global {
     /// Open WebSocket connections, for `max_connections`.
     pub ws_active: AtomicUsize,
     pub ws_total: AtomicU64,
+    /// Every shard's control channel, for gathering from all of them (statistics).
+    pub shards: std::sync::OnceLock<Vec<mpsc::UnboundedSender<Control>>>,
     /// Renders `/metrics`; `None` when another recorder was installed first (embedding).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -41,6 +43,7 @@ impl Global {
             config,
             backend,
             metrics: None,
+            shards: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             ws_active: AtomicUsize::new(0),
             ws_total: AtomicU64::new(0),
@@ -80,6 +83,34 @@ pub enum Control {
     Drain,
     /// Use this TLS configuration for handshakes from now on.
     Tls(tokio_rustls::TlsAcceptor),
+    /// Report this shard's connections (for `/ws/statistics`).
+    Stats(tokio::sync::oneshot::Sender<ShardStats>),
+}
+
+/// One shard's part of `/ws/statistics`.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub active: usize,
+    /// Messages received since start, including on closed connections.
+    pub messages: u64,
+    /// At most [`STATS_LIST_LIMIT`] WebSocket connections.
+    pub connections: Vec<ConnInfo>,
+    pub truncated: bool,
+}
+
+/// How many connections one shard lists in `/ws/statistics`.
+pub const STATS_LIST_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnInfo {
+    pub id: String,
+    /// Seconds since the Unix epoch.
+    pub connected_at: f64,
+    pub message_count: u64,
+    /// Seconds.
+    pub uptime: f64,
+    pub endpoint: &'static str,
+    pub remote: String,
 }
 
 /// A connection as the shard sees it: enough to ask it to close and to report on it.
@@ -89,6 +120,8 @@ pub struct ConnEntry {
     pub remote: SocketAddr,
     pub connected_at: SystemTime,
     messages: Cell<u64>,
+    /// Set when the connection became a WebSocket.
+    endpoint: Cell<Option<Endpoint>>,
     heartbeat_due: Cell<bool>,
     close: Cell<Option<Close>>,
     waker: RefCell<Option<Waker>>,
@@ -142,6 +175,26 @@ impl ConnEntry {
     pub fn messages(&self) -> u64 {
         self.messages.get()
     }
+
+    pub fn set_endpoint(&self, e: Endpoint) {
+        self.endpoint.set(Some(e));
+    }
+
+    fn info(&self, now: SystemTime) -> Option<ConnInfo> {
+        let endpoint = self.endpoint.get()?;
+        let since = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Some(ConnInfo {
+            id: format!("{:x}", self.id),
+            connected_at: (since(self.connected_at).as_millis() as f64) / 1000.0,
+            message_count: self.messages.get(),
+            uptime: now
+                .duration_since(self.connected_at)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            endpoint: endpoint.name(),
+            remote: self.remote.to_string(),
+        })
+    }
 }
 
 /// A shard's own state.
@@ -157,6 +210,8 @@ pub struct Shard {
     draining: Cell<bool>,
     /// Wakes the drain when the last connection leaves.
     drained: RefCell<Option<Waker>>,
+    /// Messages received on connections that have closed.
+    closed_messages: Cell<u64>,
     next_id: Cell<u64>,
 }
 
@@ -185,6 +240,7 @@ impl Shard {
             conns: RefCell::new(Slab::new()),
             draining: Cell::new(false),
             drained: RefCell::new(None),
+            closed_messages: Cell::new(0),
             next_id: Cell::new(0),
         })
     }
@@ -198,6 +254,7 @@ impl Shard {
             remote,
             connected_at: SystemTime::now(),
             messages: Cell::new(0),
+            endpoint: Cell::new(None),
             heartbeat_due: Cell::new(false),
             close: Cell::new(None),
             waker: RefCell::new(None),
@@ -221,6 +278,27 @@ impl Shard {
         for e in Endpoint::ALL {
             self.traffic(e).publish(e.name());
         }
+    }
+
+    /// This shard's part of `/ws/statistics`.
+    pub fn stats(&self) -> ShardStats {
+        let now = SystemTime::now();
+        let conns = self.conns.borrow();
+        let mut s = ShardStats {
+            messages: self.closed_messages.get(),
+            ..ShardStats::default()
+        };
+        for (_, e) in conns.iter() {
+            s.messages += e.messages();
+            let Some(info) = e.info(now) else { continue };
+            s.active += 1;
+            if s.connections.len() < STATS_LIST_LIMIT {
+                s.connections.push(info);
+            } else {
+                s.truncated = true;
+            }
+        }
+        s
     }
 
     pub fn connection_count(&self) -> usize {
@@ -251,9 +329,17 @@ impl Shard {
             tokio::task::spawn_local(heartbeats(self.clone(), period));
         }
         // A closed control channel means the main thread is gone: drain too.
-        while let Some(Control::Tls(acceptor)) = control.recv().await {
-            *self.tls.borrow_mut() = Some(acceptor);
-            tracing::info!(shard = self.id, "TLS certificate reloaded");
+        loop {
+            match control.recv().await {
+                Some(Control::Tls(acceptor)) => {
+                    *self.tls.borrow_mut() = Some(acceptor);
+                    tracing::info!(shard = self.id, "TLS certificate reloaded");
+                }
+                Some(Control::Stats(reply)) => {
+                    let _ = reply.send(self.stats());
+                }
+                Some(Control::Drain) | None => break,
+            }
         }
         self.draining.set(true);
         for l in &listeners {
@@ -296,6 +382,8 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut conns = self.shard.conns.borrow_mut();
         conns.remove(self.key);
+        let closed = &self.shard.closed_messages;
+        closed.set(closed.get() + self.entry.messages());
         if conns.is_empty() {
             if let Some(w) = self.shard.drained.borrow_mut().take() {
                 w.wake();
