@@ -84,6 +84,11 @@ impl ConnDeflate {
 
     /// Inflates one compressed message, refusing to produce more than `limit` bytes.
     pub fn inflate(&mut self, data: &[u8], limit: usize) -> Result<Inflated, InflateError> {
+        if data.is_empty() {
+            // Nothing to inflate: feeding only the sync-flush tail would leave the context in
+            // the middle of a stored block and break the next message under takeover.
+            return Ok(Inflated(Vec::new()));
+        }
         SHARED.with(|s| {
             let mut s = s.borrow_mut();
             let mut out = std::mem::take(&mut s.inflated);
@@ -252,6 +257,11 @@ mod tests {
         );
         assert_eq!(&*c.inflate(&a, 1000).unwrap(), b"repeat repeat repeat");
         assert_eq!(&*c.inflate(&b, 1000).unwrap(), b"repeat repeat repeat");
+        // An empty payload is an empty message and leaves the context intact.
+        assert!(c.inflate(&[], 1000).unwrap().is_empty());
+        let mut again = Vec::new();
+        d.compress(b"repeat repeat repeat", &mut again);
+        assert_eq!(&*c.inflate(&again, 1000).unwrap(), b"repeat repeat repeat");
         assert_eq!(c.inflate(&a, 5).err(), Some(InflateError::TooBig(5)));
     }
 }
