@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 both_backends!(
+    key_types_and_versions_with_openssl,
+    unknown_names_are_refused_without_a_default,
     sni_picks_the_certificate,
     client_certificates_are_required_with_client_ca,
     plain_and_tls_listeners_at_once,
@@ -440,4 +442,113 @@ async fn bad_certificate_file_fails_at_start() {
     assert!(!out.status.success());
     let err = strip_ansi(&String::from_utf8_lossy(&out.stderr));
     assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+}
+
+/// Runs a shell command line (openssl) and returns its output; panics when it cannot start.
+async fn sh(script: &str) -> std::process::Output {
+    let script = script.to_string();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run sh")
+    })
+    .await
+    .expect("join")
+}
+
+/// RSA (PKCS#1), ECDSA (SEC1) and Ed25519 (PKCS#8) keys made by OpenSSL all serve, and OpenSSL's
+/// own client completes TLS 1.2 and 1.3 handshakes against them (a second TLS implementation).
+async fn key_types_and_versions_with_openssl(backend: Backend) {
+    let certs = CertDir::new().await;
+    let dir = certs.0.display().to_string();
+    for (name, genkey, expect) in [
+        (
+            "rsa",
+            "openssl genrsa -traditional -out rsa.key 2048",
+            "BEGIN RSA PRIVATE KEY",
+        ),
+        (
+            "ec",
+            "openssl ecparam -name prime256v1 -genkey -noout -out ec.key",
+            "BEGIN EC PRIVATE KEY",
+        ),
+        (
+            "ed25519",
+            "openssl genpkey -algorithm ed25519 -out ed25519.key",
+            "BEGIN PRIVATE KEY",
+        ),
+    ] {
+        let make = format!(
+            "cd {dir} && {genkey} 2>/dev/null && openssl req -x509 -new -key {name}.key \
+             -subj /CN=localhost -addext subjectAltName=DNS:localhost -days 2 \
+             -out {name}.pem 2>/dev/null"
+        );
+        let out = sh(&make).await;
+        assert!(out.status.success(), "{name}: openssl failed: {out:?}");
+        let key = std::fs::read_to_string(certs.file(&format!("{name}.key"))).expect("key");
+        assert!(
+            key.contains(expect),
+            "{name}: key is not in the expected format"
+        );
+        let server = Server::start(
+            backend,
+            &[
+                "--tls-cert",
+                &certs.file(&format!("{name}.pem")).display().to_string(),
+                "--tls-key",
+                &certs.file(&format!("{name}.key")).display().to_string(),
+            ],
+        );
+        for version in ["-tls1_2", "-tls1_3"] {
+            // Ed25519 certificates are TLS 1.3 only in OpenSSL's client defaults as well.
+            if name == "ed25519" && version == "-tls1_2" {
+                continue;
+            }
+            let out = sh(&format!(
+                "echo 'GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' | \
+                 timeout 10 openssl s_client -connect {} -servername localhost {version} \
+                 -alpn http/1.1 -ign_eof 2>&1",
+                server.addr
+            ))
+            .await;
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("HTTP/1.1 200"),
+                "{name} {version}: no HTTP answer over TLS:\n{text}"
+            );
+            assert!(
+                text.contains("ALPN protocol: http/1.1"),
+                "{name} {version}: {text}"
+            );
+            let proto = if version == "-tls1_2" {
+                "TLSv1.2"
+            } else {
+                "TLSv1.3"
+            };
+            assert!(text.contains(proto), "{name} {version}: {text}");
+        }
+    }
+}
+
+async fn unknown_names_are_refused_without_a_default(backend: Backend) {
+    let certs = CertDir::new().await;
+    let (api_cert, api_key, api_ca) = Ca::new("api CA").issue(&certs.0, "api", &["api.test"]);
+    let config = format!(
+        "[tls]\n[[tls.sni]]\nserver_name = \"api.test\"\ncert = {api_cert:?}\nkey = {api_key:?}\n"
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    assert!(tls_connect_to(server.addr, "api.test", &api_ca, None)
+        .await
+        .is_ok());
+    assert!(tls_connect_to(server.addr, "other.test", &api_ca, None)
+        .await
+        .is_err());
+    // The refused handshake touched nobody else.
+    let tls = tls_connect_to(server.addr, "api.test", &api_ca, None)
+        .await
+        .expect("TLS");
+    let mut ws = wss_on(server.addr, tls).await;
+    echo_ok(&mut ws, "still serving").await;
 }
