@@ -10,7 +10,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-both_backends!(series_follow_traffic, statistics_match_open_connections);
+both_backends!(
+    series_follow_traffic,
+    statistics_match_open_connections,
+    access_log_line_per_closed_connection
+);
 
 /// Scrapes and parses `/metrics`.
 async fn scrape(server: &Server) -> prometheus_parse::Scrape {
@@ -171,6 +175,47 @@ async fn statistics_match_open_connections(backend: Backend) {
         assert!(
             std::time::Instant::now() < deadline,
             "closed connections still listed: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn access_log_line_per_closed_connection(backend: Backend) {
+    let server = Server::start(backend, &[]);
+    let mut ws = server.ws().await;
+    echo(&mut ws, Message::text("hello")).await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: "leaving".into(),
+    })))
+    .await
+    .expect("close");
+    assert_eq!(expect_close(&mut ws).await, CloseCode::Away);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let log = server.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("access") && l.contains("websocket closed"))
+        {
+            for field in [
+                "endpoint=\"echo\"",
+                "close_code=1001",
+                "messages_in=1",
+                "remote=127.0.0.1:",
+                "duration_ms=",
+            ] {
+                assert!(line.contains(field), "{field} missing in {line}");
+            }
+            assert!(
+                !line.contains('\u{1b}'),
+                "no colour codes off a terminal: {line}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access log line:\n{log}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

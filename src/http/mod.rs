@@ -118,8 +118,21 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
             let summary = ws::serve(endpoint, io, read_buf, deflate, &shard, &reg.entry).await;
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
             let code = summary.close_code.map_or("none".into(), |c| c.to_string());
+            // The access log: one line per closed WebSocket (target `access`, filterable with
+            // RUST_LOG=access=off).
+            let duration = reg.entry.connected_at.elapsed().unwrap_or_default();
+            tracing::info!(
+                target: "access",
+                %remote,
+                endpoint = name,
+                duration_ms = duration.as_millis() as u64,
+                bytes_in = summary.bytes_in,
+                bytes_out = summary.bytes_out,
+                messages_in = summary.messages_in,
+                close_code = %code,
+                "websocket closed"
+            );
             counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
-            tracing::debug!(%remote, ?endpoint, ?summary, "websocket closed");
         }
         None => {
             let _ = io.shutdown().await;
