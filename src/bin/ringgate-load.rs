@@ -6,6 +6,19 @@
 //!   percentiles and, with `--server-pid`, the server's CPU time per message.
 //! * `idle`: opens N connections, holds them, and prints the server's RSS growth per connection.
 //!
+//! Payloads: `--payload pattern` (default) repeats one byte pattern; `--payload json` cycles
+//! through 256 different realistic JSON messages of exactly `--size` bytes (chat lines, stats
+//! updates, presence snapshots: repeated keys, varying values), sent as text.
+//!
+//! `--deflate` offers `permessage-deflate; client_max_window_bits`, as browsers do, and then
+//! behaves like a browser: every message is compressed (RSV1) with the agreed parameters and
+//! `--deflate-level` (default 6, zlib's default, which Chrome uses), with context takeover when
+//! the server allows it; compressed replies are inflated and checked against what was sent.
+//! When the server asked for `client_no_context_takeover` each message is compressed on its
+//! own, so the 256 compressed bodies are computed once and shared by all connections (the tool
+//! then only masks); otherwise each connection compresses with its own context as it sends
+//! (`--deflate-independent` compresses each message on its own there too).
+//!
 //! One tokio current-thread runtime; the upgrade is done by hand over a raw `TcpStream`; frames
 //! are written with `ringgate::ws::frame::write_masked_frame` (built once per connection and
 //! reused) and replies parsed in place with `parse_header`. Only 127.0.0.1 is ever a target, and
@@ -21,7 +34,8 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use hdrhistogram::Histogram;
 use ringgate::ws::frame::{parse_header, write_masked_frame, OpCode};
 use ringgate::ws::handshake::accept_key;
@@ -43,6 +57,13 @@ const MAX_SECONDS: f64 = 3600.0;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP response head accepted during the upgrade.
 const MAX_HEAD: usize = 16 * 1024;
+/// Distinct messages in a `--payload json` pool: 256 × 512 B is four times a 32 KiB deflate
+/// window, so a context-takeover compressor never finds a whole earlier message to copy.
+const JSON_POOL: usize = 256;
+/// The tail a sync flush ends with, stripped from and re-appended to message bodies (RFC 7692).
+const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+/// The offer browsers send.
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 #[derive(Parser)]
 #[command(
@@ -85,12 +106,41 @@ struct EchoArgs {
     /// Messages echoed before measuring starts (not counted, not timed).
     #[arg(long, default_value_t = 0)]
     warmup: u64,
-    /// Send text frames (ASCII) instead of binary ones.
+    /// Send text frames (ASCII) instead of binary ones (`--payload json` is always text).
     #[arg(long)]
     text: bool,
+    #[command(flatten)]
+    msg: MsgArgs,
     /// Server process to measure: CPU time (utime+stime from /proc/PID/stat) over the run.
     #[arg(long)]
     server_pid: Option<u32>,
+}
+
+/// What is sent, and whether it is compressed.
+#[derive(Args, Clone, Copy)]
+struct MsgArgs {
+    /// `pattern`: one repeated byte pattern; `json`: 256 different realistic JSON messages of
+    /// exactly `--size` bytes, sent in turn as text.
+    #[arg(long, value_enum, default_value_t = PayloadKind::Pattern)]
+    payload: PayloadKind,
+    /// Offer permessage-deflate (`permessage-deflate; client_max_window_bits`, like browsers);
+    /// fail if the server declines. Messages are then compressed, replies inflated and checked.
+    #[arg(long)]
+    deflate: bool,
+    /// zlib level the client compresses with (6, zlib's default, is what Chrome uses).
+    #[arg(long, default_value_t = 6)]
+    deflate_level: u32,
+    /// Compress every message on its own even when the server allows client context takeover
+    /// (RFC 7692 lets a client always do so; the server still keeps its inflate context). All
+    /// servers then inflate the same bytes, and the client's bodies are computed only once.
+    #[arg(long)]
+    deflate_independent: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PayloadKind {
+    Pattern,
+    Json,
 }
 
 #[derive(Args)]
@@ -109,9 +159,14 @@ struct IdleArgs {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
-    /// Echo one small message on each connection after the upgrade (a "used" idle connection).
+    /// Echo one message on each connection after the upgrade (a "used" idle connection).
     #[arg(long)]
     touch: bool,
+    /// Bytes of the `--touch` message (text).
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    #[command(flatten)]
+    msg: MsgArgs,
     /// Stop connecting after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     duration_limit: f64,
@@ -208,9 +263,74 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Connects and performs the opening handshake; returns the stream and any bytes that came
-/// after the 101 response head.
-async fn connect(t: &Target, rng_seed: u64) -> Result<(TcpStream, Vec<u8>)> {
+/// permessage-deflate parameters a server accepted (RFC 7692 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pmd {
+    server_no_context_takeover: bool,
+    client_no_context_takeover: bool,
+    server_max_window_bits: u8,
+    /// The window the client must stay within (15 when the server did not say).
+    client_max_window_bits: u8,
+}
+
+/// Parses the server's `Sec-WebSocket-Extensions` response to our offer.
+fn parse_pmd(v: &str) -> Result<Pmd> {
+    ensure!(
+        !v.contains(','),
+        "server accepted more than one extension: {v:?}"
+    );
+    let mut parts = v.split(';').map(str::trim);
+    let name = parts.next().unwrap_or_default();
+    ensure!(
+        name.eq_ignore_ascii_case("permessage-deflate"),
+        "server answered with extension {name:?}"
+    );
+    let mut p = Pmd {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: 15,
+        client_max_window_bits: 15,
+    };
+    let bits = |v: Option<&str>| -> Result<u8> {
+        let v = v.map(|v| v.trim().trim_matches('"')).unwrap_or_default();
+        let b: u8 = v
+            .parse()
+            .with_context(|| format!("bad window bits {v:?}"))?;
+        ensure!((8..=15).contains(&b), "window bits {b} out of range");
+        Ok(b)
+    };
+    for param in parts.filter(|p| !p.is_empty()) {
+        let (k, v) = match param.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v)),
+            None => (param, None),
+        };
+        match k.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" => p.server_no_context_takeover = true,
+            "client_no_context_takeover" => p.client_no_context_takeover = true,
+            "server_max_window_bits" => p.server_max_window_bits = bits(v)?,
+            "client_max_window_bits" => p.client_max_window_bits = bits(v)?,
+            other => bail!("unknown permessage-deflate parameter {other:?}"),
+        }
+    }
+    // zlib cannot compress raw deflate with an 8-bit window.
+    ensure!(
+        p.client_max_window_bits >= 9,
+        "server limits the client to an 8-bit window, which zlib cannot produce"
+    );
+    Ok(p)
+}
+
+/// A connection right after its upgrade.
+struct Upgraded {
+    s: TcpStream,
+    /// Bytes that came after the 101 response head.
+    early: Vec<u8>,
+    /// The agreed permessage-deflate parameters, if any.
+    pmd: Option<Pmd>,
+}
+
+/// Connects and performs the opening handshake, offering permessage-deflate when `deflate`.
+async fn connect(t: &Target, rng_seed: u64, deflate: bool) -> Result<Upgraded> {
     let mut s = TcpStream::connect(t.addr)
         .await
         .with_context(|| format!("connect {}", t.addr))?;
@@ -220,9 +340,14 @@ async fn connect(t: &Target, rng_seed: u64) -> Result<(TcpStream, Vec<u8>)> {
     raw[..8].copy_from_slice(&rng.next().to_le_bytes());
     raw[8..].copy_from_slice(&rng.next().to_le_bytes());
     let key = B64.encode(raw);
+    let ext = if deflate {
+        format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
+    } else {
+        String::new()
+    };
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n",
         t.path, t.host
     );
     s.write_all(req.as_bytes()).await?;
@@ -245,23 +370,38 @@ async fn connect(t: &Target, rng_seed: u64) -> Result<(TcpStream, Vec<u8>)> {
         status.starts_with("HTTP/1.1 101"),
         "upgrade refused: {status:?}"
     );
-    let accept = lines.find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("sec-websocket-accept")
-            .then(|| v.trim())
-    });
+    let (mut accept, mut pmd) = (None, None);
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        let k = k.trim();
+        if k.eq_ignore_ascii_case("sec-websocket-accept") {
+            accept = Some(v.trim());
+        } else if k.eq_ignore_ascii_case("sec-websocket-extensions") {
+            ensure!(deflate, "server answered an extension we did not offer");
+            ensure!(pmd.is_none(), "more than one Sec-WebSocket-Extensions line");
+            pmd = Some(parse_pmd(v.trim())?);
+        }
+    }
     let want = accept_key(key.as_bytes());
     ensure!(
         accept == Some(want.as_str()),
         "bad Sec-WebSocket-Accept {accept:?}"
     );
-    let rest = buf[end + 4..].to_vec();
-    Ok((s, rest))
+    ensure!(
+        !deflate || pmd.is_some(),
+        "server declined permessage-deflate"
+    );
+    Ok(Upgraded {
+        s,
+        early: buf[end + 4..].to_vec(),
+        pmd,
+    })
 }
 
-async fn connect_timeout(t: &Target, rng_seed: u64) -> Result<(TcpStream, Vec<u8>)> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(t, rng_seed))
+async fn connect_timeout(t: &Target, rng_seed: u64, deflate: bool) -> Result<Upgraded> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(t, rng_seed, deflate))
         .await
         .context("handshake timed out")?
 }
@@ -273,7 +413,8 @@ async fn open_all<T: 'static>(
     n: usize,
     concurrency: usize,
     deadline: Instant,
-    then: impl Fn(usize, TcpStream, Vec<u8>) -> T + 'static,
+    deflate: bool,
+    then: impl Fn(usize, Upgraded) -> T + 'static,
 ) -> (Vec<T>, usize, Option<anyhow::Error>) {
     let then = Rc::new(then);
     let base = seed();
@@ -285,8 +426,8 @@ async fn open_all<T: 'static>(
         while next < n && set.len() < concurrency.max(1) {
             let (t, then, i) = (t.clone(), then.clone(), next);
             set.spawn_local(async move {
-                let r = connect_timeout(&t, base ^ (i as u64) << 20).await;
-                r.map(|(s, rest)| then(i, s, rest))
+                let r = connect_timeout(&t, base ^ (i as u64) << 20, deflate).await;
+                r.map(|u| then(i, u))
             });
             next += 1;
         }
@@ -438,16 +579,276 @@ impl ServerCpu {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Payloads
+
+/// One realistic JSON message of exactly `size` bytes (at least a few dozen), different for
+/// every `seq`: a chat line below 300 bytes, a stats update (per-host metrics) below 4 KiB, a
+/// presence snapshot above. Keys repeat, values vary, as in real realtime traffic.
+fn json_message(seq: u64, size: usize) -> Vec<u8> {
+    const WORDS: [&str; 24] = [
+        "ok", "see", "you", "at", "the", "standup", "deploy", "is", "green", "again", "can",
+        "someone", "check", "latency", "on", "edge", "nodes", "thanks", "looks", "good", "to",
+        "me", "merging", "now",
+    ];
+    const REGIONS: [&str; 4] = ["eu-west-1", "us-east-1", "ap-south-1", "sa-east-1"];
+    const STATUS: [&str; 3] = ["online", "away", "busy"];
+    const DEVICES: [&str; 3] = ["web", "ios", "android"];
+    let mut r = Rng::new(seq.wrapping_add(0x5eed));
+    let ts = 1_763_772_000_000 + seq * 37 + r.next() % 997;
+    let mut m = String::with_capacity(size + 160);
+    if size < 300 {
+        let _ = write!(
+            m,
+            r#"{{"type":"chat","room":"lobby-{}","user":"user_{}","id":{},"ts":{ts},"text":""#,
+            r.next() % 16,
+            r.next() % 10_000,
+            100_000 + seq
+        );
+        let room = size.saturating_sub(m.len() + 2);
+        let mut text = String::with_capacity(room + 16);
+        while text.len() < room {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(WORDS[(r.next() % WORDS.len() as u64) as usize]);
+        }
+        text.truncate(room);
+        m.push_str(&text);
+        m.push_str("\"}");
+    } else {
+        let snapshot = size >= 4096;
+        let _ = write!(
+            m,
+            r#"{{"type":"{}","seq":{seq},"ts":{ts},"items":["#,
+            if snapshot { "presence" } else { "stats" }
+        );
+        let mut item = String::with_capacity(160);
+        let mut first = true;
+        loop {
+            item.clear();
+            let v = r.next();
+            if snapshot {
+                let id = 10_000 + v % 90_000;
+                let _ = write!(
+                    item,
+                    r#"{{"id":{id},"name":"user_{id}","status":"{}","since":{},"device":"{}"}}"#,
+                    STATUS[(v >> 20) as usize % 3],
+                    ts / 1000 - (v >> 24) % 86_400,
+                    DEVICES[(v >> 40) as usize % 3]
+                );
+            } else {
+                let _ = write!(
+                    item,
+                    r#"{{"host":"edge-{:02}","region":"{}","cpu":{}.{:02},"mem":{}.{:02},"conns":{},"rps":{}.{},"p99_ms":{}.{:02},"errors":{}}}"#,
+                    v % 64,
+                    REGIONS[(v >> 6) as usize % 4],
+                    (v >> 8) % 100,
+                    (v >> 15) % 100,
+                    (v >> 22) % 100,
+                    (v >> 29) % 100,
+                    (v >> 36) % 50_000,
+                    (v >> 20) % 5_000,
+                    (v >> 44) % 10,
+                    (v >> 48) % 40,
+                    (v >> 54) % 100,
+                    u64::from((v >> 60) & 7 == 0) * ((v >> 12) % 9)
+                );
+            }
+            let sep = usize::from(!first);
+            if m.len() + sep + item.len() + 2 > size {
+                break;
+            }
+            if !first {
+                m.push(',');
+            }
+            m.push_str(&item);
+            first = false;
+        }
+        m.push(']');
+        // Whitespace is valid JSON: pad to the exact size (less than one item).
+        while m.len() + 1 < size {
+            m.push(' ');
+        }
+        m.push('}');
+    }
+    m.into_bytes()
+}
+
+/// Compressed message bodies, one per pool message.
+type Bodies = Rc<[Vec<u8>]>;
+
+/// The messages the connections send, in turn.
+struct Pool {
+    msgs: Vec<Vec<u8>>,
+    opcode: OpCode,
+    level: u32,
+    /// Compress messages on their own even where context takeover is allowed.
+    independent: bool,
+    /// Bodies compressed on their own (no context takeover), per client window bits; computed
+    /// once and shared by every connection that may not use context takeover.
+    compressed: RefCell<Vec<(u8, Bodies)>>,
+}
+
+impl Pool {
+    fn new(kind: PayloadKind, size: usize, text: bool, m: &MsgArgs) -> Pool {
+        let (msgs, text) = match kind {
+            PayloadKind::Json => (
+                (0..JSON_POOL as u64)
+                    .map(|i| json_message(i, size))
+                    .collect(),
+                true,
+            ),
+            PayloadKind::Pattern => {
+                let one = (0..size)
+                    .map(|i| {
+                        if text {
+                            b'a' + (i % 26) as u8
+                        } else {
+                            (i * 31 + 7) as u8
+                        }
+                    })
+                    .collect();
+                (vec![one], text)
+            }
+        };
+        Pool {
+            msgs,
+            opcode: if text { OpCode::Text } else { OpCode::Binary },
+            level: m.deflate_level.min(9),
+            independent: m.deflate_independent,
+            compressed: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn compressed(&self, bits: u8) -> Bodies {
+        let mut c = self.compressed.borrow_mut();
+        if let Some((_, v)) = c.iter().find(|(b, _)| *b == bits) {
+            return v.clone();
+        }
+        let mut z = Compress::new_with_window_bits(Compression::new(self.level), false, bits);
+        let v: Bodies = self
+            .msgs
+            .iter()
+            .map(|m| {
+                let mut out = Vec::new();
+                deflate_message(&mut z, m, &mut out);
+                z.reset();
+                out
+            })
+            .collect();
+        c.push((bits, v.clone()));
+        v
+    }
+}
+
+/// Compresses one message body (sync flush, tail stripped) into `out`, replacing its contents.
+fn deflate_message(z: &mut Compress, input: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(input.len() + 64);
+    let base = z.total_in();
+    loop {
+        let done = (z.total_in() - base) as usize;
+        z.compress_vec(&input[done..], out, FlushCompress::Sync)
+            .expect("deflate stream state");
+        let done = (z.total_in() - base) as usize;
+        if done == input.len() && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(out.capacity().max(64));
+    }
+    if out.ends_with(&DEFLATE_TAIL) {
+        out.truncate(out.len() - DEFLATE_TAIL.len());
+    }
+}
+
+/// Inflates one compressed message body into `out` (replacing its contents), refusing more
+/// than `limit` bytes.
+fn inflate_message(
+    z: &mut Decompress,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<()> {
+    out.clear();
+    for chunk in [input, &DEFLATE_TAIL[..]] {
+        let base = z.total_in();
+        loop {
+            if out.len() == out.capacity() {
+                ensure!(out.len() <= limit, "inflated reply over {limit} bytes");
+                out.reserve(out.capacity().max(4096));
+            }
+            let done = (z.total_in() - base) as usize;
+            let before = (z.total_in(), z.total_out());
+            let st = z
+                .decompress_vec(&chunk[done..], out, FlushDecompress::Sync)
+                .map_err(|e| anyhow::anyhow!("corrupt compressed reply: {e}"))?;
+            ensure!(out.len() <= limit, "inflated reply over {limit} bytes");
+            if st == Status::StreamEnd {
+                // A final block: the server may end its stream; start a fresh one.
+                z.reset(false);
+                return Ok(());
+            }
+            let done = (z.total_in() - base) as usize;
+            if done == chunk.len() && out.len() < out.capacity() {
+                break;
+            }
+            ensure!(
+                before != (z.total_in(), z.total_out()) || out.len() == out.capacity(),
+                "inflate made no progress"
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // echo
+
+/// permessage-deflate state of one load connection.
+struct ConnPmd {
+    pmd: Pmd,
+    /// Bodies compressed on their own, shared (the server forbade client context takeover).
+    shared: Option<Bodies>,
+    /// Our own compressor (context takeover), when `shared` is `None`.
+    deflater: Option<Compress>,
+    inflater: Decompress,
+    /// Scratch for a compressed message body and an inflated reply.
+    body: Vec<u8>,
+    inflated: Vec<u8>,
+}
+
+/// Payload bytes sent and received, before and after compression.
+#[derive(Default, Clone, Copy)]
+struct Wire {
+    sent_plain: u64,
+    sent_wire: u64,
+    recv_plain: u64,
+    recv_wire: u64,
+    recv_compressed: u64,
+    recv_msgs: u64,
+}
+
+impl Wire {
+    fn add(&mut self, o: &Wire) {
+        self.sent_plain += o.sent_plain;
+        self.sent_wire += o.sent_wire;
+        self.recv_plain += o.recv_plain;
+        self.recv_wire += o.recv_wire;
+        self.recv_compressed += o.recv_compressed;
+        self.recv_msgs += o.recv_msgs;
+    }
+}
 
 /// One connection's state for the echo load; every buffer is allocated once.
 struct EchoConn {
     s: TcpStream,
-    /// `pipeline` identical masked frames, ready to write (a prefix is written for fewer).
-    frames: Vec<u8>,
-    frame_len: usize,
-    /// The payload the echoes must carry.
-    payload: Rc<[u8]>,
+    pool: Rc<Pool>,
+    /// Index (into the pool) of the next message to send, and of the next echo expected.
+    next_send: usize,
+    next_echo: usize,
+    /// Frames of the current round.
+    wbuf: Vec<u8>,
+    deflate: Option<ConnPmd>,
     /// Receive buffer: bytes `[start..end]` are unparsed.
     rbuf: Vec<u8>,
     start: usize,
@@ -455,6 +856,7 @@ struct EchoConn {
     /// Pongs (answers to server pings) waiting to be written.
     ctl: Vec<u8>,
     mask: [u8; 4],
+    wire: Wire,
 }
 
 /// What one phase of the run shares between its connections.
@@ -467,45 +869,116 @@ struct Phase {
 }
 
 impl EchoConn {
-    fn new(
-        s: TcpStream,
-        early: Vec<u8>,
-        payload: Rc<[u8]>,
-        text: bool,
-        p: usize,
-        rng_seed: u64,
-    ) -> Self {
+    fn new(u: Upgraded, pool: Rc<Pool>, p: usize, rng_seed: u64, first: usize) -> Self {
         let mut rng = Rng::new(rng_seed);
         let mask = (rng.next() as u32).to_le_bytes();
-        let op = if text { OpCode::Text } else { OpCode::Binary };
-        let mut frames = Vec::new();
-        write_masked_frame(&mut frames, true, op, mask, &payload);
-        let frame_len = frames.len();
-        for _ in 1..p {
-            frames.extend_from_within(..frame_len);
-        }
+        let largest = pool.msgs.iter().map(Vec::len).max().unwrap_or(0);
+        let deflate = u.pmd.map(|pmd| {
+            let bits = pmd.client_max_window_bits;
+            let (shared, deflater) = if pmd.client_no_context_takeover || pool.independent {
+                (Some(pool.compressed(bits)), None)
+            } else {
+                let level = Compression::new(pool.level);
+                (
+                    None,
+                    Some(Compress::new_with_window_bits(level, false, bits)),
+                )
+            };
+            ConnPmd {
+                pmd,
+                shared,
+                deflater,
+                inflater: Decompress::new_with_window_bits(false, 15),
+                body: Vec::new(),
+                inflated: Vec::with_capacity(largest + 1),
+            }
+        });
         // Room for a whole pipeline of echoes, and at least 64 KiB for small messages.
-        let cap = (p * (payload.len() + 14)).max(64 * 1024).max(early.len());
+        let cap = (p * (largest + 14)).max(64 * 1024).max(u.early.len());
         let mut rbuf = vec![0u8; cap];
-        rbuf[..early.len()].copy_from_slice(&early);
+        rbuf[..u.early.len()].copy_from_slice(&u.early);
+        let first = first % pool.msgs.len();
         EchoConn {
-            s,
-            frames,
-            frame_len,
-            payload,
-            end: early.len(),
+            s: u.s,
+            pool,
+            next_send: first,
+            next_echo: first,
+            wbuf: Vec::with_capacity(p * (largest + 14)),
+            deflate,
+            end: u.early.len(),
             rbuf,
             start: 0,
             ctl: Vec::new(),
             mask,
+            wire: Wire::default(),
         }
+    }
+
+    /// Appends the next message's masked frame to `wbuf`.
+    fn push_next(&mut self) {
+        let i = self.next_send;
+        self.next_send = (i + 1) % self.pool.msgs.len();
+        let msg = &self.pool.msgs[i];
+        let start = self.wbuf.len();
+        let compressed = self.deflate.is_some();
+        let body: &[u8] = match self.deflate.as_mut() {
+            None => msg,
+            Some(d) => match (&d.shared, d.deflater.as_mut()) {
+                (Some(shared), _) => &shared[i],
+                (None, Some(z)) => {
+                    deflate_message(z, msg, &mut d.body);
+                    &d.body
+                }
+                (None, None) => unreachable!("a compressed connection has a compressor"),
+            },
+        };
+        write_masked_frame(&mut self.wbuf, true, self.pool.opcode, self.mask, body);
+        self.wire.sent_plain += msg.len() as u64;
+        self.wire.sent_wire += body.len() as u64;
+        if compressed {
+            self.wbuf[start] |= 0x40; // RSV1: compressed
+        }
+    }
+
+    /// Checks one data message from the server against the next echo expected.
+    fn check_echo(&mut self, rsv: u8, body_at: usize, len: usize) -> Result<()> {
+        let body = &self.rbuf[body_at..body_at + len];
+        let want = &self.pool.msgs[self.next_echo];
+        self.next_echo = (self.next_echo + 1) % self.pool.msgs.len();
+        self.wire.recv_msgs += 1;
+        self.wire.recv_wire += len as u64;
+        self.wire.recv_plain += want.len() as u64;
+        if rsv & 0b100 == 0 {
+            ensure!(rsv == 0, "reserved bits {rsv:#b} set");
+            ensure!(*body == **want, "echo differs from what was sent");
+            return Ok(());
+        }
+        ensure!(rsv == 0b100, "reserved bits {rsv:#b} set");
+        let d = self
+            .deflate
+            .as_mut()
+            .context("compressed frame without permessage-deflate")?;
+        inflate_message(&mut d.inflater, body, &mut d.inflated, MAX_SIZE)?;
+        if d.pmd.server_no_context_takeover {
+            d.inflater.reset(false);
+        }
+        ensure!(
+            d.inflated == *want,
+            "inflated echo differs from what was sent"
+        );
+        self.wire.recv_compressed += 1;
+        Ok(())
     }
 
     /// Sends `k` messages in one write and waits for their `k` echoes, reporting each echo's
     /// latency (from just before the write to the read that completed it) to `record`.
     async fn round(&mut self, k: usize, mut record: impl FnMut(Duration)) -> Result<()> {
+        self.wbuf.clear();
+        for _ in 0..k {
+            self.push_next();
+        }
         let sent = Instant::now();
-        self.s.write_all(&self.frames[..k * self.frame_len]).await?;
+        self.s.write_all(&self.wbuf).await?;
         let (mut got, mut recorded) = (0, 0);
         loop {
             // Parse every complete frame in the buffer.
@@ -524,15 +997,16 @@ impl EchoConn {
                     }
                     break;
                 }
-                let body = &self.rbuf[self.start + h.header_len..self.start + total];
+                let (body_at, len) = (self.start + h.header_len, h.payload_len as usize);
                 ensure!(h.mask.is_none(), "server frame is masked");
                 match h.opcode {
                     OpCode::Text | OpCode::Binary if h.fin => {
                         ensure!(got < k, "more echoes than messages sent");
-                        ensure!(*body == *self.payload, "echo differs from what was sent");
+                        self.check_echo(h.rsv, body_at, len)?;
                         got += 1;
                     }
                     OpCode::Ping => {
+                        let body = &self.rbuf[body_at..body_at + len];
                         write_masked_frame(&mut self.ctl, true, OpCode::Pong, self.mask, body)
                     }
                     OpCode::Pong => {}
@@ -672,29 +1146,22 @@ async fn echo(a: EchoArgs) -> Result<()> {
         "open-file limit {nofile} is too low for {} connections",
         a.connections
     );
+    check_msg_args(&a.msg, a.size)?;
     let started = Instant::now();
     let limit = Duration::from_secs_f64(a.duration_limit);
-    let payload: Rc<[u8]> = (0..a.size)
-        .map(|i| {
-            if a.text {
-                b'a' + (i % 26) as u8
-            } else {
-                (i * 31 + 7) as u8
-            }
-        })
-        .collect::<Vec<u8>>()
-        .into();
+    let pool = Rc::new(Pool::new(a.msg.payload, a.size, a.text, &a.msg));
 
     // Connect.
-    let (text, p) = (a.text, a.pipeline);
-    let pl = payload.clone();
+    let p = a.pipeline;
+    let pl = pool.clone();
     let base = seed();
     let (conns, failed, err) = open_all(
         &t,
         a.connections,
         256,
         started + limit,
-        move |i, s, rest| EchoConn::new(s, rest, pl.clone(), text, p, base.wrapping_add(i as u64)),
+        a.msg.deflate,
+        move |i, u| EchoConn::new(u, pl.clone(), p, base.wrapping_add(i as u64), i * 37),
     )
     .await;
     if let Some(e) = err {
@@ -710,6 +1177,18 @@ async fn echo(a: EchoArgs) -> Result<()> {
         t.addr,
         t.path
     );
+    if let Some(d) = conns[0].deflate.as_ref() {
+        println!(
+            "permessage-deflate: {:?}; client level {}, {}",
+            d.pmd,
+            pool.level,
+            if d.shared.is_some() {
+                "each message compressed on its own"
+            } else {
+                "client context takeover"
+            }
+        );
+    }
 
     // Warm-up.
     let mut conns = conns;
@@ -729,6 +1208,9 @@ async fn echo(a: EchoArgs) -> Result<()> {
         conns = alive;
         ensure!(!conns.is_empty(), "every connection failed in the warm-up");
         println!("warm-up: {} messages", phase.done.get());
+        for c in &mut conns {
+            c.wire = Wire::default();
+        }
     }
 
     // Measured run.
@@ -763,6 +1245,10 @@ async fn echo(a: EchoArgs) -> Result<()> {
         eprintln!("warning: {f} connection(s) failed during the run; first: {e:#}");
     }
     failed_total += f;
+    let mut wire = Wire::default();
+    for c in &alive {
+        wire.add(&c.wire);
+    }
 
     // Close politely (best effort, bounded).
     let mut closing = JoinSet::new();
@@ -787,14 +1273,19 @@ async fn echo(a: EchoArgs) -> Result<()> {
         .borrow();
     let rate = done as f64 / elapsed;
     let mbps = rate * a.size as f64 / 1e6;
+    let kind = match (a.msg.payload, pool.opcode) {
+        (PayloadKind::Json, _) => "json",
+        (_, OpCode::Text) => "text",
+        _ => "binary",
+    };
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "messages: {done} of {} in {elapsed:.3}s over {n_conns} connections (pipeline {p}, {} B {})",
+        "messages: {done} of {} in {elapsed:.3}s over {n_conns} connections (pipeline {p}, {} B {kind}{})",
         a.messages,
         a.size,
-        if a.text { "text" } else { "binary" }
+        if a.msg.deflate { ", permessage-deflate" } else { "" }
     );
     if done < a.messages {
         let _ = writeln!(out, "note: stopped early (time limit or failures)");
@@ -842,6 +1333,25 @@ async fn echo(a: EchoArgs) -> Result<()> {
             let _ = write!(kv, " server_sched_us_per_msg={per_s:.3}");
         }
     }
+    if a.msg.deflate {
+        let pct = |w: u64, p: u64| 100.0 * w as f64 / p.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "deflate (measured phase, connections still open): sent {:.1}% of plain bytes; \
+             received {:.1}%, {} of {} replies compressed",
+            pct(wire.sent_wire, wire.sent_plain),
+            pct(wire.recv_wire, wire.recv_plain),
+            wire.recv_compressed,
+            wire.recv_msgs
+        );
+        let _ = write!(
+            kv,
+            " deflate=1 sent_ratio={:.4} recv_ratio={:.4} recv_compressed={}",
+            wire.sent_wire as f64 / wire.sent_plain.max(1) as f64,
+            wire.recv_wire as f64 / wire.recv_plain.max(1) as f64,
+            wire.recv_compressed
+        );
+    }
     if let Some(m) = machine_cpu {
         let server_s = server.map_or(0.0, |(s, _)| s);
         let others = (m - server_s - client_cpu).max(0.0);
@@ -856,6 +1366,15 @@ async fn echo(a: EchoArgs) -> Result<()> {
     print!("{out}");
     println!("{kv}");
     ensure!(done > 0, "no message was echoed");
+    Ok(())
+}
+
+fn check_msg_args(m: &MsgArgs, size: usize) -> Result<()> {
+    ensure!(size <= MAX_SIZE, "--size must be at most {MAX_SIZE}");
+    ensure!(m.deflate_level <= 9, "--deflate-level must be 0..=9");
+    if m.payload == PayloadKind::Json {
+        ensure!(size >= 64, "--payload json needs --size of at least 64");
+    }
     Ok(())
 }
 
@@ -884,6 +1403,7 @@ async fn idle(a: IdleArgs) -> Result<()> {
         "open-file limit {nofile} is too low for {} connections",
         a.connections
     );
+    check_msg_args(&a.msg, a.size)?;
     let rss = |pid: Option<u32>| pid.map(proc_rss).transpose();
     let before = rss(a.server_pid)?;
     let started = Instant::now();
@@ -894,15 +1414,18 @@ async fn idle(a: IdleArgs) -> Result<()> {
         a.connections,
         a.concurrency,
         started + Duration::from_secs_f64(a.duration_limit),
-        move |i, s, rest| (s, rest, base.wrapping_add(i as u64)),
+        a.msg.deflate,
+        move |i, u| (u, base.wrapping_add(i as u64), i),
     )
     .await;
     if let Some(e) = err {
         eprintln!("warning: {failed} connection(s) failed; first: {e:#}");
     }
+    let negotiated = streams.iter().filter(|(u, _, _)| u.pmd.is_some()).count();
+    let mut compressed_echoes = 0;
     let streams: Vec<TcpStream> = if touch {
-        // One 32-byte echo on each connection, a few hundred at a time.
-        let payload: Rc<[u8]> = vec![b'x'; 32].into();
+        // One echo on each connection, a few hundred at a time.
+        let pool = Rc::new(Pool::new(a.msg.payload, a.size, true, &a.msg));
         let mut kept = Vec::with_capacity(streams.len());
         let mut it = streams.into_iter();
         let deadline = Instant::now() + Duration::from_secs_f64(a.duration_limit);
@@ -912,31 +1435,33 @@ async fn idle(a: IdleArgs) -> Result<()> {
                 break;
             }
             let mut set = JoinSet::new();
-            for (s, rest, sd) in batch {
-                let payload = payload.clone();
+            for (u, sd, i) in batch {
+                let pool = pool.clone();
                 set.spawn_local(async move {
-                    let mut c = EchoConn::new(s, rest, payload, true, 1, sd);
+                    let mut c = EchoConn::new(u, pool, 1, sd, i);
                     let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, c.round(1, |_| {})).await;
                     match r {
-                        Ok(Ok(())) => Some(c.s),
+                        Ok(Ok(())) => Some((c.s, c.wire.recv_compressed)),
                         _ => None,
                     }
                 });
             }
             while let Some(r) = set.join_next().await {
-                if let Ok(Some(s)) = r {
+                if let Ok(Some((s, z))) = r {
                     kept.push(s);
+                    compressed_echoes += z;
                 }
             }
         }
         kept
     } else {
-        streams.into_iter().map(|(s, _, _)| s).collect()
+        streams.into_iter().map(|(u, _, _)| u.s).collect()
     };
     let connect_secs = started.elapsed().as_secs_f64();
     let n = streams.len();
     println!(
-        "open: {n} of {} connections in {connect_secs:.2}s ({} touched)",
+        "open: {n} of {} connections in {connect_secs:.2}s ({} touched, {negotiated} with \
+         permessage-deflate, {compressed_echoes} compressed echoes)",
         a.connections,
         if touch { n } else { 0 }
     );
@@ -966,10 +1491,14 @@ async fn idle(a: IdleArgs) -> Result<()> {
         println!("per connection: {per:.0} bytes");
         println!(
             "RESULT conns={n} rss_before={b} rss_after={af} rss_end={e} bytes_per_conn={per:.0} \
-             closed_by_server={closed} failed={failed}"
+             closed_by_server={closed} failed={failed} deflate={negotiated} \
+             compressed_echoes={compressed_echoes}"
         );
     } else {
-        println!("RESULT conns={n} closed_by_server={closed} failed={failed}");
+        println!(
+            "RESULT conns={n} closed_by_server={closed} failed={failed} deflate={negotiated} \
+             compressed_echoes={compressed_echoes}"
+        );
     }
     Ok(())
 }
