@@ -52,8 +52,10 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
         None => Stream::Plain(conn),
         Some(acceptor) => {
             let timeout = shard.global.config.handshake_timeout();
-            let (stream, result) = match tokio::time::timeout(timeout, acceptor.accept(conn)).await
-            {
+            // Boxed: the handshake and its timer are large and would otherwise size every
+            // connection's task, plain ones included, for its whole life.
+            let handshake = Box::pin(tokio::time::timeout(timeout, acceptor.accept(conn)));
+            let (stream, result) = match handshake.await {
                 Ok(Ok(tls)) => (Some(Stream::Tls(Box::new(tls))), "ok"),
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");

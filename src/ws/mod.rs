@@ -43,18 +43,19 @@ impl Endpoint {
 
 /// Runs the session for `endpoint` on an upgraded connection; `deflate` holds the
 /// permessage-deflate parameters when they were negotiated.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     endpoint: Endpoint,
     io: S,
     early: Bytes,
     deflate: Option<Params>,
-    shard: &Shard,
-    entry: &ConnEntry,
-) -> Summary {
+    shard: &'a Shard,
+    entry: &'a ConnEntry,
+) -> impl std::future::Future<Output = Summary> + 'a {
+    // A plain function (see `session::run`): the future holds the session only once.
     match endpoint {
         Endpoint::Echo => {
             let traffic = shard.traffic(endpoint);
-            session::run(io, early, deflate, Echo, &shard.settings, entry, traffic).await
+            session::run(io, early, deflate, Echo, &shard.settings, entry, traffic)
         }
     }
 }

@@ -134,18 +134,22 @@ struct Session<'a, S, H> {
 }
 
 /// Runs a WebSocket session to its end. `early` holds bytes that arrived with the handshake.
-pub async fn run<S, H>(
+///
+/// A plain function returning the future, not an `async fn`: the future then holds the session
+/// once, instead of the session plus the moved-from arguments (which would make every idle
+/// connection's task a few hundred bytes larger).
+pub fn run<'a, S, H>(
     io: S,
     early: Bytes,
     deflate: Option<Params>,
     handler: H,
-    settings: &Settings,
-    entry: &ConnEntry,
-    traffic: &Traffic,
-) -> Summary
+    settings: &'a Settings,
+    entry: &'a ConnEntry,
+    traffic: &'a Traffic,
+) -> impl Future<Output = Summary> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin,
-    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin + 'a,
+    H: Handler + 'a,
 {
     let mut s = Session {
         io,
@@ -168,9 +172,10 @@ where
         silent_ticks: 0,
         summary: Summary::default(),
     };
-    entry.take_heartbeat(); // a tick from before the upgrade does not count
-                            // `early` is a slice of hyper's 8 KiB read buffer and keeps all of it alive, even when
-                            // empty: copy what it holds and let it go before the session starts waiting.
+    // A tick from before the upgrade does not count.
+    entry.take_heartbeat();
+    // `early` is a slice of hyper's 8 KiB read buffer and keeps all of it alive, even when
+    // empty: copy what it holds and let it go before the session starts waiting.
     let had_early = !early.is_empty();
     s.pending.extend_from_slice(&early);
     s.summary.bytes_in += early.len() as u64;
@@ -179,8 +184,10 @@ where
     if had_early {
         s.process_pending();
     }
-    poll_fn(|cx| s.poll(cx)).await;
-    s.summary
+    async move {
+        poll_fn(|cx| s.poll(cx)).await;
+        s.summary
+    }
 }
 
 /// Inflates a compressed message; text must be UTF-8 once inflated.
