@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod payload;
 pub mod runtime;
 pub mod tls;
 pub mod ws;

@@ -37,6 +37,7 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use hdrhistogram::Histogram;
+use ringgate::payload::{json_message, Rng};
 use ringgate::ws::frame::{parse_header, write_masked_frame, OpCode};
 use ringgate::ws::handshake::accept_key;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -238,21 +239,6 @@ fn parse_url(url: &str) -> Result<Target> {
     })
 }
 
-/// xorshift64*: keys and masks need to vary, not to be secret.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 fn seed() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -337,8 +323,8 @@ async fn connect(t: &Target, rng_seed: u64, deflate: bool) -> Result<Upgraded> {
     s.set_nodelay(true)?;
     let mut rng = Rng::new(rng_seed);
     let mut raw = [0u8; 16];
-    raw[..8].copy_from_slice(&rng.next().to_le_bytes());
-    raw[8..].copy_from_slice(&rng.next().to_le_bytes());
+    raw[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+    raw[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
     let key = B64.encode(raw);
     let ext = if deflate {
         format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
@@ -581,99 +567,6 @@ impl ServerCpu {
 // ---------------------------------------------------------------------------------------------
 // Payloads
 
-/// One realistic JSON message of exactly `size` bytes (at least a few dozen), different for
-/// every `seq`: a chat line below 300 bytes, a stats update (per-host metrics) below 4 KiB, a
-/// presence snapshot above. Keys repeat, values vary, as in real realtime traffic.
-fn json_message(seq: u64, size: usize) -> Vec<u8> {
-    const WORDS: [&str; 24] = [
-        "ok", "see", "you", "at", "the", "standup", "deploy", "is", "green", "again", "can",
-        "someone", "check", "latency", "on", "edge", "nodes", "thanks", "looks", "good", "to",
-        "me", "merging", "now",
-    ];
-    const REGIONS: [&str; 4] = ["eu-west-1", "us-east-1", "ap-south-1", "sa-east-1"];
-    const STATUS: [&str; 3] = ["online", "away", "busy"];
-    const DEVICES: [&str; 3] = ["web", "ios", "android"];
-    let mut r = Rng::new(seq.wrapping_add(0x5eed));
-    let ts = 1_763_772_000_000 + seq * 37 + r.next() % 997;
-    let mut m = String::with_capacity(size + 160);
-    if size < 300 {
-        let _ = write!(
-            m,
-            r#"{{"type":"chat","room":"lobby-{}","user":"user_{}","id":{},"ts":{ts},"text":""#,
-            r.next() % 16,
-            r.next() % 10_000,
-            100_000 + seq
-        );
-        let room = size.saturating_sub(m.len() + 2);
-        let mut text = String::with_capacity(room + 16);
-        while text.len() < room {
-            if !text.is_empty() {
-                text.push(' ');
-            }
-            text.push_str(WORDS[(r.next() % WORDS.len() as u64) as usize]);
-        }
-        text.truncate(room);
-        m.push_str(&text);
-        m.push_str("\"}");
-    } else {
-        let snapshot = size >= 4096;
-        let _ = write!(
-            m,
-            r#"{{"type":"{}","seq":{seq},"ts":{ts},"items":["#,
-            if snapshot { "presence" } else { "stats" }
-        );
-        let mut item = String::with_capacity(160);
-        let mut first = true;
-        loop {
-            item.clear();
-            let v = r.next();
-            if snapshot {
-                let id = 10_000 + v % 90_000;
-                let _ = write!(
-                    item,
-                    r#"{{"id":{id},"name":"user_{id}","status":"{}","since":{},"device":"{}"}}"#,
-                    STATUS[(v >> 20) as usize % 3],
-                    ts / 1000 - (v >> 24) % 86_400,
-                    DEVICES[(v >> 40) as usize % 3]
-                );
-            } else {
-                let _ = write!(
-                    item,
-                    r#"{{"host":"edge-{:02}","region":"{}","cpu":{}.{:02},"mem":{}.{:02},"conns":{},"rps":{}.{},"p99_ms":{}.{:02},"errors":{}}}"#,
-                    v % 64,
-                    REGIONS[(v >> 6) as usize % 4],
-                    (v >> 8) % 100,
-                    (v >> 15) % 100,
-                    (v >> 22) % 100,
-                    (v >> 29) % 100,
-                    (v >> 36) % 50_000,
-                    (v >> 20) % 5_000,
-                    (v >> 44) % 10,
-                    (v >> 48) % 40,
-                    (v >> 54) % 100,
-                    u64::from((v >> 60) & 7 == 0) * ((v >> 12) % 9)
-                );
-            }
-            let sep = usize::from(!first);
-            if m.len() + sep + item.len() + 2 > size {
-                break;
-            }
-            if !first {
-                m.push(',');
-            }
-            m.push_str(&item);
-            first = false;
-        }
-        m.push(']');
-        // Whitespace is valid JSON: pad to the exact size (less than one item).
-        while m.len() + 1 < size {
-            m.push(' ');
-        }
-        m.push('}');
-    }
-    m.into_bytes()
-}
-
 /// Compressed message bodies, one per pool message.
 type Bodies = Rc<[Vec<u8>]>;
 
@@ -871,7 +764,7 @@ struct Phase {
 impl EchoConn {
     fn new(u: Upgraded, pool: Rc<Pool>, p: usize, rng_seed: u64, first: usize) -> Self {
         let mut rng = Rng::new(rng_seed);
-        let mask = (rng.next() as u32).to_le_bytes();
+        let mask = (rng.next_u64() as u32).to_le_bytes();
         let largest = pool.msgs.iter().map(Vec::len).max().unwrap_or(0);
         let deflate = u.pmd.map(|pmd| {
             let bits = pmd.client_max_window_bits;
