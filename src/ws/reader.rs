@@ -238,7 +238,9 @@ impl Reader {
                 if !h.fin {
                     return Ok(Flow::Continue);
                 }
-                let p = self.partial.take().expect("checked above");
+                let Some(p) = self.partial.take() else {
+                    return Err(ReadError::Protocol("continuation without a message"));
+                };
                 Ok(on(if p.compressed {
                     Event::Compressed {
                         text: p.text,
