@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 
-use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS_ACTIVE: &str = "ringgate_connections_active";
@@ -21,6 +21,14 @@ pub const TLS_HANDSHAKES: &str = "ringgate_tls_handshakes_total";
 pub const TLS_RELOADS: &str = "ringgate_tls_reloads_total";
 pub const HTTP_REQUESTS: &str = "ringgate_http_requests_total";
 pub const INFO: &str = "ringgate_info";
+pub const SLOW_CONSUMERS: &str = "ringgate_slow_consumer_closes_total";
+pub const ROOMS: &str = "ringgate_rooms";
+pub const SUBSCRIPTIONS: &str = "ringgate_subscriptions";
+pub const PUBLISHED: &str = "ringgate_room_messages_published_total";
+pub const FANOUT: &str = "ringgate_fanout_size";
+pub const PUBLISH_LATENCY: &str = "ringgate_publish_to_queue_seconds";
+pub const OUTBOUND_BYTES: &str = "ringgate_outbound_queue_bytes";
+pub const HISTORY_BYTES: &str = "ringgate_history_bytes";
 
 /// Installs the Prometheus recorder (once per process) and describes every metric.
 pub fn install() -> Option<PrometheusHandle> {
@@ -66,6 +74,35 @@ pub fn install() -> Option<PrometheusHandle> {
         "Plain HTTP requests answered, by status code."
     );
     describe_gauge!(INFO, "Build and runtime information (always 1).");
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Connections closed with 1013 because their outbound queue went over max_outbound_bytes."
+    );
+    describe_gauge!(ROOMS, "Rooms (topics) with state, by home shard.");
+    describe_gauge!(
+        SUBSCRIPTIONS,
+        "Topic subscriptions of this shard's connections, by shard."
+    );
+    describe_counter!(PUBLISHED, "Room messages published (seq assigned).");
+    describe_histogram!(
+        FANOUT,
+        "Subscribers one room message was queued for, per shard and message."
+    );
+    describe_histogram!(
+        PUBLISH_LATENCY,
+        Unit::Seconds,
+        "From a publish reaching the room's home shard to the message sitting in every subscriber queue of a shard."
+    );
+    describe_gauge!(
+        OUTBOUND_BYTES,
+        Unit::Bytes,
+        "Bytes queued for WebSocket clients and not yet written, sampled per shard once a second."
+    );
+    describe_gauge!(
+        HISTORY_BYTES,
+        Unit::Bytes,
+        "Bytes of room history held, by home shard."
+    );
     Some(handle)
 }
 

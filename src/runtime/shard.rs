@@ -18,6 +18,7 @@ use super::io::{Backend, Listener};
 use crate::config::Config;
 use crate::metrics::Traffic;
 use crate::ws::close::CloseCode;
+use crate::ws::mailbox::{Broadcast, Full, Mailbox, Outgoing};
 use crate::ws::session::{Close, Settings};
 use crate::ws::Endpoint;
 
@@ -125,6 +126,8 @@ pub struct ConnEntry {
     heartbeat_due: Cell<bool>,
     close: Cell<Option<Close>>,
     waker: RefCell<Option<Waker>>,
+    /// What other parts of the shard send this connection.
+    pub mailbox: Mailbox,
 }
 
 impl ConnEntry {
@@ -147,6 +150,33 @@ impl ConnEntry {
     pub fn mark_heartbeat(&self) {
         self.heartbeat_due.set(true);
         self.wake();
+    }
+
+    /// Queues `item` and wakes the connection; a connection over `max_outbound_bytes` is
+    /// closed with 1013 instead (a slow consumer never holds up the sender).
+    pub fn send(&self, item: Outgoing, limit: usize) -> bool {
+        self.deliver(|m| m.push(item, limit))
+    }
+
+    /// [`send`](Self::send) for a broadcast, in the form this connection takes.
+    pub fn send_broadcast(&self, b: &Broadcast, limit: usize) -> bool {
+        self.deliver(|m| m.push_broadcast(b, limit))
+    }
+
+    fn deliver(&self, push: impl FnOnce(&Mailbox) -> Result<(), Full>) -> bool {
+        match push(&self.mailbox) {
+            Ok(()) => {
+                self.wake();
+                true
+            }
+            Err(Full) => {
+                if self.close.get().is_none() {
+                    metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
+                    self.request_close(SLOW_CONSUMER);
+                }
+                false
+            }
+        }
     }
 
     pub fn take_heartbeat(&self) -> bool {
@@ -258,6 +288,7 @@ impl Shard {
             heartbeat_due: Cell::new(false),
             close: Cell::new(None),
             waker: RefCell::new(None),
+            mailbox: Mailbox::default(),
         });
         if self.draining.get() {
             entry.request_close(GOING_AWAY);
@@ -365,6 +396,12 @@ impl Shard {
         tracing::debug!(shard = self.id, "drained");
     }
 }
+
+/// The close for a connection whose outbound queue went over its limit.
+pub const SLOW_CONSUMER: Close = Close {
+    code: CloseCode::TRY_AGAIN_LATER,
+    reason: "slow consumer: outbound queue full",
+};
 
 const GOING_AWAY: Close = Close {
     code: CloseCode::GOING_AWAY,

@@ -130,6 +130,16 @@ pub fn header_len(len: usize) -> usize {
     }
 }
 
+/// Where the payload starts in an unmasked server frame built by [`write_frame`].
+pub fn payload_offset(frame: &[u8]) -> usize {
+    match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => frame.len(),
+    }
+}
+
 /// Writes an unmasked server frame header. `rsv1` marks a compressed first frame (RFC 7692).
 #[inline]
 pub fn write_header(out: &mut impl BufMut, fin: bool, rsv1: bool, opcode: OpCode, len: usize) {

@@ -4,9 +4,14 @@ pub mod close;
 pub mod deflate;
 pub mod frame;
 pub mod handshake;
+pub mod mailbox;
 pub mod outbox;
 pub mod reader;
 pub mod session;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -43,20 +48,23 @@ impl Endpoint {
 
 /// Runs the session for `endpoint` on an upgraded connection; `deflate` holds the
 /// permessage-deflate parameters when they were negotiated.
+///
+/// Each endpoint's session is a different type, so the future is boxed: one allocation per
+/// connection, and the connection's task stays small whichever endpoint it serves.
 pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     endpoint: Endpoint,
     io: S,
     early: Bytes,
     deflate: Option<Params>,
-    shard: &'a Shard,
-    entry: &'a ConnEntry,
-) -> impl std::future::Future<Output = Summary> + 'a {
-    // A plain function (see `session::run`): the future holds the session only once.
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnEntry>,
+) -> Pin<Box<dyn Future<Output = Summary> + 'a>> {
+    let traffic = shard.traffic(endpoint);
+    let settings = &shard.settings;
     match endpoint {
-        Endpoint::Echo => {
-            let traffic = shard.traffic(endpoint);
-            session::run(io, early, deflate, Echo, &shard.settings, entry, traffic)
-        }
+        Endpoint::Echo => Box::pin(session::run(
+            io, early, deflate, Echo, settings, entry, traffic,
+        )),
     }
 }
 

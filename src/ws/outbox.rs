@@ -20,6 +20,8 @@ pub struct Outbox {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
     queued: usize,
+    /// Bytes of the front chunk (or of `tail` when there are no chunks) already written.
+    front_written: usize,
 }
 
 impl Outbox {
@@ -102,14 +104,39 @@ impl Outbox {
             };
             if n < front.len() {
                 front.advance(n);
+                self.front_written += n;
                 break;
             }
             n -= front.len();
             self.chunks.pop_front();
+            self.front_written = 0;
+        }
+        if self.chunks.is_empty() {
+            self.front_written += n;
         }
         if self.queued == 0 {
             self.tail.clear();
+            self.front_written = 0;
         }
+    }
+
+    /// Drops every frame not yet started, keeping the rest of a partly written one so the
+    /// stream stays well-formed (a slow consumer's backlog before its close frame).
+    pub fn discard_unsent(&mut self) {
+        if self.front_written == 0 {
+            self.chunks.clear();
+            self.tail.clear();
+            self.queued = 0;
+            return;
+        }
+        if self.chunks.is_empty() {
+            // A partly written tail may hold several frames; their boundaries are not kept,
+            // so all of it goes (it is small: replies this connection built itself).
+            return;
+        }
+        self.chunks.truncate(1);
+        self.tail.clear();
+        self.queued = self.chunks[0].len();
     }
 
     /// Frees buffer memory held while empty (called when a connection goes idle).
@@ -144,6 +171,26 @@ mod tests {
         o.advance(6);
         assert!(o.is_empty());
         assert!(written(&o).is_empty());
+    }
+
+    #[test]
+    fn discarding_keeps_a_partly_written_frame_whole() {
+        let mut o = Outbox::default();
+        o.shared(Bytes::from_static(b"FIRST"));
+        o.shared(Bytes::from_static(b"SECOND"));
+        o.frame(OpCode::Text, b"c");
+        o.advance(2);
+        o.discard_unsent();
+        assert_eq!(written(&o), b"RST");
+        o.close(CloseCode::TRY_AGAIN_LATER, "");
+        assert_eq!(written(&o), b"RST\x88\x02\x03\xf3");
+
+        let mut o = Outbox::default();
+        o.shared(Bytes::from_static(b"FIRST"));
+        o.advance(5);
+        o.shared(Bytes::from_static(b"SECOND"));
+        o.discard_unsent();
+        assert!(o.is_empty());
     }
 
     #[test]

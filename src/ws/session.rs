@@ -20,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 use super::close::CloseCode;
 use super::deflate::{ConnDeflate, InflateError, Params, Tuning};
 use super::frame::OpCode;
+use super::mailbox::{Mailbox, Outgoing, Takes};
 use super::outbox::{Outbox, MAX_IOVECS};
 use super::reader::{Event, Flow, ReadError, Reader};
 use crate::metrics::Traffic;
@@ -53,6 +54,9 @@ pub struct Close {
 
 /// What an endpoint does with a connection's messages.
 pub trait Handler {
+    /// The session starts; a greeting goes to `out`.
+    fn on_open(&mut self, _out: &mut Sink<'_>) {}
+
     /// A complete message arrived; replies go to `out`.
     fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close>;
 }
@@ -65,6 +69,17 @@ pub struct Sink<'a> {
 }
 
 impl Sink<'_> {
+    /// Moves what the connection's mailbox holds into the outbox, in order.
+    fn take_mail(&mut self, mailbox: &Mailbox) {
+        mailbox.drain(|item| match item {
+            Outgoing::Frame(f) => {
+                Traffic::add(&self.traffic.messages_out, 1);
+                self.out.shared(f);
+            }
+            Outgoing::Text(t) => self.text(&t),
+        });
+    }
+
     pub fn text(&mut self, payload: &[u8]) {
         self.send(OpCode::Text, payload)
     }
@@ -174,8 +189,20 @@ where
     };
     // A tick from before the upgrade does not count.
     entry.take_heartbeat();
+    entry.mailbox.set_takes(match &deflate {
+        None => Takes::Plain,
+        Some(p) if p.server_no_context_takeover && p.server_max_window_bits == 15 => {
+            Takes::SharedDeflate
+        }
+        Some(_) => Takes::OwnDeflate,
+    });
     // `early` is a slice of hyper's 8 KiB read buffer and keeps all of it alive, even when
     // empty: copy what it holds and let it go before the session starts waiting.
+    s.handler.on_open(&mut Sink {
+        out: &mut s.out,
+        deflate: s.deflate.as_mut(),
+        traffic,
+    });
     let had_early = !early.is_empty();
     s.pending.extend_from_slice(&early);
     s.summary.bytes_in += early.len() as u64;
@@ -228,10 +255,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
         self.entry.register_waker(cx.waker());
         if self.phase == Phase::Open {
             if let Some(c) = self.entry.take_close_request() {
+                if c.code == CloseCode::TRY_AGAIN_LATER {
+                    // A slow consumer: what it has not started to receive is dropped.
+                    self.out.discard_unsent();
+                    self.entry.mailbox.clear();
+                }
                 self.close(c.code, c.reason);
             }
         }
         if self.phase == Phase::Open {
+            self.take_mail();
             self.poll_read(cx);
         }
         if self.phase == Phase::Open {
@@ -247,6 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
         if backpressured && self.phase == Phase::Open && self.out.queued() < HIGH_WATER {
             cx.waker().wake_by_ref();
         }
+        self.entry.mailbox.set_unwritten(self.out.queued());
         if self.phase == Phase::Closing && self.out.is_empty() && !self.unflushed {
             match Pin::new(&mut self.io).poll_shutdown(cx) {
                 Poll::Pending => {}
@@ -268,6 +302,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
         } else {
             Poll::Pending
         }
+    }
+
+    fn take_mail(&mut self) {
+        if self.entry.mailbox.is_empty() {
+            return;
+        }
+        Sink {
+            out: &mut self.out,
+            deflate: self.deflate.as_mut(),
+            traffic: self.traffic,
+        }
+        .take_mail(&self.entry.mailbox);
     }
 
     /// Queues a close frame and starts the closing handshake.
@@ -413,7 +459,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
                     deflate: deflate.as_mut(),
                     traffic,
                 };
-                handler.on_message(msg, &mut sink)
+                let res = handler.on_message(msg, &mut sink);
+                // What the handler sent through the shard (e.g. a reply from a room homed
+                // here) goes out in order with what it wrote directly.
+                if !entry.mailbox.is_empty() {
+                    sink.take_mail(&entry.mailbox);
+                }
+                res
             };
         let fed = reader.feed(buf, |ev| {
             let res = match ev {
@@ -488,6 +540,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
             self.silent_ticks += 1;
             // Idle: give back buffer memory.
             self.out.shrink();
+            self.entry.mailbox.shrink();
             if let Some(d) = self.deflate.as_mut() {
                 d.shrink_idle();
             }

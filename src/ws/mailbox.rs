@@ -1,0 +1,205 @@
+//! What other parts of the shard send a connection: room messages, replies that arrive from
+//! another shard, agent chunks. The connection's session moves them into its outbox on its next
+//! turn, so a broadcast to 10,000 connections is 10,000 cheap queue pushes and wake-ups, and
+//! each connection still writes everything queued for it with one vectored write.
+//!
+//! The queue is bounded in bytes (together with what the session has not written yet): a
+//! connection over the limit is a slow consumer and is closed with 1013; it never makes the
+//! sender wait or other connections miss a message.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::frame::payload_offset;
+
+/// One item for a connection.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// A complete frame, ready to write (shared with other connections).
+    Frame(Bytes),
+    /// A text message the session frames itself, compressing it with the connection's own
+    /// permessage-deflate context when one was negotiated.
+    Text(Bytes),
+}
+
+impl Outgoing {
+    fn len(&self) -> usize {
+        match self {
+            Outgoing::Frame(b) | Outgoing::Text(b) => b.len(),
+        }
+    }
+}
+
+/// A broadcast message encoded once for all its receivers.
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    /// The whole uncompressed text frame.
+    pub frame: Bytes,
+    /// The whole frame compressed without context takeover (15-bit window), when made.
+    pub deflated: Option<Bytes>,
+}
+
+impl Broadcast {
+    /// The message itself (the frame without its header).
+    pub fn payload(&self) -> Bytes {
+        self.frame.slice(payload_offset(&self.frame)..)
+    }
+}
+
+/// How a connection takes broadcasts, fixed when its session starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Takes {
+    /// Uncompressed frames (no permessage-deflate).
+    #[default]
+    Plain,
+    /// permessage-deflate without server context takeover and a 15-bit window: the shared
+    /// compressed frame fits as it is.
+    SharedDeflate,
+    /// Any other permessage-deflate: the session compresses with its own context.
+    OwnDeflate,
+}
+
+/// The queue was over its limit; the item was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    items: RefCell<VecDeque<Outgoing>>,
+    /// Bytes in `items`.
+    bytes: Cell<usize>,
+    /// Bytes the session holds but has not written (its outbox), as of its last turn.
+    unwritten: Cell<usize>,
+    takes: Cell<Takes>,
+    /// Set once the limit was hit: everything after is dropped.
+    overflowed: Cell<bool>,
+}
+
+impl Mailbox {
+    pub fn set_takes(&self, t: Takes) {
+        self.takes.set(t);
+    }
+
+    pub fn takes(&self) -> Takes {
+        self.takes.get()
+    }
+
+    /// Bytes waiting for this connection, queued here or in its session.
+    pub fn backlog(&self) -> usize {
+        self.bytes.get() + self.unwritten.get()
+    }
+
+    pub fn set_unwritten(&self, n: usize) {
+        self.unwritten.set(n);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.borrow().is_empty()
+    }
+
+    /// Queues `item` unless that would take the backlog over `limit`.
+    pub fn push(&self, item: Outgoing, limit: usize) -> Result<(), Full> {
+        let len = item.len();
+        if self.overflowed.get() || self.backlog() + len > limit {
+            self.overflowed.set(true);
+            self.items.borrow_mut().clear();
+            self.bytes.set(0);
+            return Err(Full);
+        }
+        self.bytes.set(self.bytes.get() + len);
+        self.items.borrow_mut().push_back(item);
+        Ok(())
+    }
+
+    /// Queues a broadcast in the form this connection takes.
+    pub fn push_broadcast(&self, b: &Broadcast, limit: usize) -> Result<(), Full> {
+        let item = match (self.takes.get(), &b.deflated) {
+            (Takes::Plain, _) | (Takes::SharedDeflate, None) => Outgoing::Frame(b.frame.clone()),
+            (Takes::SharedDeflate, Some(d)) => Outgoing::Frame(d.clone()),
+            (Takes::OwnDeflate, _) => Outgoing::Text(b.payload()),
+        };
+        self.push(item, limit)
+    }
+
+    /// Hands every queued item to `f`, in order.
+    pub fn drain(&self, mut f: impl FnMut(Outgoing)) {
+        let mut items = self.items.borrow_mut();
+        self.bytes.set(0);
+        for item in items.drain(..) {
+            f(item);
+        }
+    }
+
+    /// Frees the queue's memory once it is empty (idle connections).
+    pub fn shrink(&self) {
+        let mut items = self.items.borrow_mut();
+        if items.is_empty() {
+            *items = VecDeque::new();
+        }
+    }
+
+    /// Drops everything queued (the connection is closing).
+    pub fn clear(&self) {
+        self.items.borrow_mut().clear();
+        self.bytes.set(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::{write_frame, OpCode};
+
+    fn broadcast(payload: &[u8]) -> Broadcast {
+        let mut f = Vec::new();
+        write_frame(&mut f, OpCode::Text, payload);
+        Broadcast {
+            frame: Bytes::from(f),
+            deflated: Some(Bytes::from_static(b"DEFLATED")),
+        }
+    }
+
+    fn drained(m: &Mailbox) -> Vec<Outgoing> {
+        let mut v = Vec::new();
+        m.drain(|o| v.push(o));
+        v
+    }
+
+    #[test]
+    fn each_connection_gets_the_form_it_takes() {
+        let b = broadcast(b"hello");
+        let m = Mailbox::default();
+        m.push_broadcast(&b, 1000).unwrap();
+        m.set_takes(Takes::SharedDeflate);
+        m.push_broadcast(&b, 1000).unwrap();
+        m.set_takes(Takes::OwnDeflate);
+        m.push_broadcast(&b, 1000).unwrap();
+        let got = drained(&m);
+        assert!(matches!(&got[0], Outgoing::Frame(f) if f[..] == b"\x81\x05hello"[..]));
+        assert!(matches!(&got[1], Outgoing::Frame(f) if &f[..] == b"DEFLATED"));
+        assert!(matches!(&got[2], Outgoing::Text(t) if &t[..] == b"hello"));
+        assert_eq!(m.backlog(), 0);
+    }
+
+    #[test]
+    fn over_the_limit_drops_everything_from_then_on() {
+        let m = Mailbox::default();
+        m.push(Outgoing::Text(Bytes::from_static(b"0123456789")), 25)
+            .unwrap();
+        m.set_unwritten(10);
+        assert_eq!(m.backlog(), 20);
+        assert_eq!(
+            m.push(Outgoing::Text(Bytes::from_static(b"0123456789")), 25),
+            Err(Full)
+        );
+        // Overflow is sticky: a slow consumer gets nothing more, even when it catches up.
+        m.set_unwritten(0);
+        assert_eq!(
+            m.push(Outgoing::Text(Bytes::from_static(b"x")), 25),
+            Err(Full)
+        );
+        assert!(drained(&m).is_empty());
+    }
+}
