@@ -183,7 +183,7 @@ mod tests {
         o.discard_unsent();
         assert_eq!(written(&o), b"RST");
         o.close(CloseCode::TRY_AGAIN_LATER, "");
-        assert_eq!(written(&o), b"RST\x88\x02\x03\xf3");
+        assert_eq!(written(&o), b"RST\x88\x02\x03\xf5");
 
         let mut o = Outbox::default();
         o.shared(Bytes::from_static(b"FIRST"));
