@@ -79,6 +79,8 @@ pub struct Config {
     pub tls: Tls,
     /// Listeners; when empty, one on `host:port`, with TLS when `[tls]` has a certificate.
     pub listen: Vec<Listen>,
+    /// Rooms: `/ws`, `/api/publish`, `/api/presence`, `/api/history`.
+    pub rooms: crate::hub::config::Rooms,
 }
 
 /// The `[tls]` table: a certificate from files, or one generated at start for development.
@@ -170,6 +172,7 @@ impl Default for Config {
             echo: true,
             log_format: LogFormat::Text,
             compression: Compression::default(),
+            rooms: crate::hub::config::Rooms::default(),
             tls: Tls::default(),
             listen: Vec::new(),
         }
@@ -404,6 +407,7 @@ impl Config {
                 reason: "client authentication needs a server certificate".into(),
             });
         }
+        self.rooms.validate()?;
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
                 key: "backlog",

@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod http;
+pub mod hub;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod payload;

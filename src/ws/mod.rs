@@ -25,23 +25,26 @@ use session::{Close, Handler, Message, Sink, Summary};
 pub enum Endpoint {
     /// `/ws/echo`: every message back as it came.
     Echo,
+    /// `/ws`: rooms (PROTOCOL.md).
+    Rooms,
 }
 
 impl Endpoint {
     /// Every endpoint, for per-endpoint tables.
-    pub const ALL: [Endpoint; 1] = [Endpoint::Echo];
+    pub const ALL: [Endpoint; 2] = [Endpoint::Echo, Endpoint::Rooms];
 
     /// The `endpoint` label in metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
             Endpoint::Echo => "echo",
+            Endpoint::Rooms => "rooms",
         }
     }
 
     /// Subprotocols the endpoint speaks.
     pub fn protocols(self) -> &'static [&'static str] {
         match self {
-            Endpoint::Echo => &[],
+            Endpoint::Echo | Endpoint::Rooms => &[],
         }
     }
 }
@@ -65,6 +68,12 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
         Endpoint::Echo => Box::pin(session::run(
             io, early, deflate, Echo, settings, entry, traffic,
         )),
+        Endpoint::Rooms => {
+            let rooms = crate::hub::conn::Rooms::new(shard.clone(), entry.clone(), None);
+            Box::pin(session::run(
+                io, early, deflate, rooms, settings, entry, traffic,
+            ))
+        }
     }
 }
 
