@@ -20,6 +20,8 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
+mod api;
+
 use crate::metrics;
 use crate::runtime::io::Conn;
 use crate::runtime::shard::{Control, Shard, WsSlot};
@@ -156,6 +158,15 @@ impl hyper::service::Service<Request<Incoming>> for Router {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" {
             return Box::pin(statistics(self.shard.global.clone()));
+        }
+        if req.uri().path().starts_with("/api/") && self.shard.global.config.rooms.enabled {
+            let shard = self.shard.clone();
+            return Box::pin(async move {
+                let resp = api::serve(shard, req).await;
+                counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                    .increment(1);
+                Ok(resp)
+            });
         }
         let resp = self.route(&req);
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
