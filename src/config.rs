@@ -81,6 +81,8 @@ pub struct Config {
     pub listen: Vec<Listen>,
     /// Rooms: `/ws`, `/api/publish`, `/api/presence`, `/api/history`.
     pub rooms: crate::hub::config::Rooms,
+    /// JWT authentication of `/ws` (and `/ws/agent`) clients.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The `[tls]` table: a certificate from files, or one generated at start for development.
@@ -173,6 +175,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             compression: Compression::default(),
             rooms: crate::hub::config::Rooms::default(),
+            auth: crate::auth::AuthConfig::default(),
             tls: Tls::default(),
             listen: Vec::new(),
         }
@@ -408,6 +411,7 @@ impl Config {
             });
         }
         self.rooms.validate()?;
+        self.auth.validate()?;
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
                 key: "backlog",

@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 mod api;
 
+use crate::auth::{self, AuthError, Identity};
 use crate::metrics;
 use crate::runtime::io::Conn;
 use crate::runtime::shard::{Control, Shard, WsSlot};
@@ -38,6 +39,7 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infalli
 struct Upgrade {
     endpoint: Endpoint,
     deflate: Option<deflate::Params>,
+    identity: Option<Identity>,
     _slot: WsSlot,
 }
 
@@ -113,13 +115,17 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
             let Upgrade {
                 endpoint,
                 deflate,
+                identity,
                 _slot,
             } = up;
             let name = endpoint.name();
             reg.entry.set_endpoint(endpoint);
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-            let summary = ws::serve(endpoint, io, read_buf, deflate, &shard, &reg.entry).await;
+            let summary = ws::serve(
+                endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
+            )
+            .await;
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
             let code = summary.close_code.map_or("none".into(), |c| c.to_string());
             // The access log: one line per closed WebSocket (target `access`, filterable with
@@ -232,6 +238,16 @@ impl Router {
                 return resp;
             }
         };
+        let (identity, token_protocol) = match self.authenticate(req, endpoint) {
+            Ok(found) => found,
+            Err(e) => {
+                counter!(metrics::HANDSHAKES_FAILED, "reason" => "auth").increment(1);
+                let mut resp = text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return resp;
+            }
+        };
         if global.is_draining() {
             counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
             return text(StatusCode::SERVICE_UNAVAILABLE, "server is draining\n");
@@ -248,7 +264,10 @@ impl Router {
         if let Ok(v) = HeaderValue::from_str(&accept.accept_key) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
         }
-        if let Some(p) = accept.protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        // A token sent as the `bearer.<token>` subprotocol is echoed: browsers fail the
+        // connection when none of the subprotocols they offered comes back.
+        let protocol = accept.protocol.or(token_protocol);
+        if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
         }
         let deflate = self.negotiate_deflate(req);
@@ -260,6 +279,7 @@ impl Router {
         self.upgrade.set(Some(Upgrade {
             endpoint,
             deflate,
+            identity,
             _slot: slot,
         }));
         resp
@@ -267,6 +287,23 @@ impl Router {
 }
 
 impl Router {
+    /// The client's identity when `[auth]` applies, and the subprotocol that carried its token.
+    fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        endpoint: Endpoint,
+    ) -> Result<(Option<Identity>, Option<String>), AuthError> {
+        let Some(verifier) = self.shard.global.auth.as_ref() else {
+            return Ok((None, None));
+        };
+        if !endpoint.authenticated() {
+            return Ok((None, None));
+        }
+        let found = auth::find_token(req.uri(), req.headers());
+        let identity = verifier.identify(found.as_ref())?;
+        Ok((identity, found.and_then(|f| f.protocol)))
+    }
+
     /// permessage-deflate parameters for this upgrade, when enabled and offered.
     fn negotiate_deflate(&self, req: &Request<Incoming>) -> Option<deflate::Params> {
         let c = &self.shard.global.config.compression;

@@ -11,6 +11,7 @@ use std::time::Instant;
 use super::proto::{self, ClientError, Code, Request};
 use super::room::Member;
 use super::{ConnRef, HubMsg, Reply};
+use crate::auth::Identity;
 use crate::limits::TokenBucket;
 use crate::runtime::shard::{ConnEntry, Shard};
 use crate::ws::mailbox::Takes;
@@ -69,15 +70,19 @@ pub struct Rooms {
     shard: Rc<Shard>,
     conn: Rc<RoomConn>,
     publishes: TokenBucket,
+    /// Permissions from the token; `None` for anonymous clients (no restriction).
+    identity: Option<Identity>,
 }
 
 impl Rooms {
-    pub fn new(shard: Rc<Shard>, entry: Rc<ConnEntry>, user: Option<Arc<str>>) -> Rooms {
+    pub fn new(shard: Rc<Shard>, entry: Rc<ConnEntry>, identity: Option<Identity>) -> Rooms {
         let cfg = &shard.global.config.rooms;
         let publishes = TokenBucket::new(cfg.publish_rate, cfg.publish_burst, Instant::now());
         let conn = Rc::new(RoomConn {
             client_id: format!("{:x}", entry.id).into(),
-            user: user.unwrap_or_else(|| ANONYMOUS.into()),
+            user: identity
+                .as_ref()
+                .map_or_else(|| ANONYMOUS.into(), |i| i.user.clone()),
             entry,
             topics: RefCell::new(HashMap::new()),
         });
@@ -85,6 +90,7 @@ impl Rooms {
             shard,
             conn,
             publishes,
+            identity,
         }
     }
 
@@ -117,6 +123,13 @@ impl Rooms {
                 since,
                 epoch,
             } => {
+                if self
+                    .identity
+                    .as_ref()
+                    .is_some_and(|i| !i.may_subscribe(topic))
+                {
+                    return Err(forbidden("subscribe to", topic));
+                }
                 let topics = self.conn.topics.borrow().len();
                 if topics >= cfg.max_topics_per_connection && !self.subscribed(topic) {
                     return Err(ClientError::new(
@@ -141,6 +154,13 @@ impl Rooms {
                 }
             }
             Request::Publish { topic, kind, data } => {
+                if self
+                    .identity
+                    .as_ref()
+                    .is_some_and(|i| !i.may_publish(topic))
+                {
+                    return Err(forbidden("publish to", topic));
+                }
                 if data.len() > cfg.max_data_size {
                     return Err(ClientError::new(
                         Code::TooLarge,
@@ -193,6 +213,16 @@ impl Rooms {
     fn subscribed(&self, topic: &str) -> bool {
         self.conn.topics.borrow().contains_key(topic)
     }
+}
+
+fn forbidden(what: &str, topic: &str) -> ClientError {
+    ClientError::new(
+        Code::Forbidden,
+        format!(
+            "the token does not allow to {what} {}",
+            proto::json_str(topic)
+        ),
+    )
 }
 
 impl Handler for Rooms {

@@ -36,6 +36,8 @@ pub struct Global {
     pub shards: std::sync::OnceLock<Vec<mpsc::UnboundedSender<Control>>>,
     /// Renders `/metrics`; `None` when another recorder was installed first (embedding).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Verifies client tokens; `None` when `[auth]` is off.
+    pub auth: Option<crate::auth::Verifier>,
 }
 
 impl Global {
@@ -44,6 +46,7 @@ impl Global {
             config,
             backend,
             metrics: None,
+            auth: None,
             shards: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             ws_active: AtomicUsize::new(0),

@@ -16,6 +16,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::auth::Identity;
 use crate::runtime::shard::{ConnEntry, Shard};
 use deflate::Params;
 use session::{Close, Handler, Message, Sink, Summary};
@@ -41,6 +42,11 @@ impl Endpoint {
         }
     }
 
+    /// Whether `[auth]` applies to the endpoint.
+    pub fn authenticated(self) -> bool {
+        matches!(self, Endpoint::Rooms)
+    }
+
     /// Subprotocols the endpoint speaks.
     pub fn protocols(self) -> &'static [&'static str] {
         match self {
@@ -61,6 +67,7 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     deflate: Option<Params>,
     shard: &'a Rc<Shard>,
     entry: &'a Rc<ConnEntry>,
+    identity: Option<Identity>,
 ) -> Pin<Box<dyn Future<Output = Summary> + 'a>> {
     let traffic = shard.traffic(endpoint);
     let settings = &shard.settings;
@@ -69,7 +76,7 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
             io, early, deflate, Echo, settings, entry, traffic,
         )),
         Endpoint::Rooms => {
-            let rooms = crate::hub::conn::Rooms::new(shard.clone(), entry.clone(), None);
+            let rooms = crate::hub::conn::Rooms::new(shard.clone(), entry.clone(), identity);
             Box::pin(session::run(
                 io, early, deflate, rooms, settings, entry, traffic,
             ))
