@@ -25,7 +25,10 @@ start() { # NAME
     case $1 in
     node) (ulimit -n 20000; NODE_PATH=$NODE_MODULES exec taskset -c 0 node examples/node_ws_broadcast.js --port 8006) >/tmp/bench-fanout-server.log 2>&1 & PORT=8006 ;;
     tungstenite) (ulimit -n 20000; exec taskset -c 0 "$BIN/examples/tungstenite_broadcast" --port 8007) >/tmp/bench-fanout-server.log 2>&1 & PORT=8007 ;;
-    ringgate) taskset -c 0 "$BIN/ringgate" --host 127.0.0.1 --shards 1 --port 8003 --io "$IO" >/tmp/bench-fanout-server.log 2>&1 & PORT=8003 ;;
+    ringgate)
+        # The load tool's publishers go faster than the default per-connection publish limit.
+        printf '[rooms]\npublish_rate = 0\n' >/tmp/bench-fanout-ringgate.toml
+        (ulimit -n 20000; exec taskset -c 0 "$BIN/ringgate" --config /tmp/bench-fanout-ringgate.toml --host 127.0.0.1 --shards 1 --port 8003 --io "$IO") >/tmp/bench-fanout-server.log 2>&1 & PORT=8003 ;;
     esac
     PID=$!
     for _ in $(seq 50); do

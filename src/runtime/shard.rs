@@ -324,6 +324,14 @@ impl Shard {
         for e in Endpoint::ALL {
             self.traffic(e).publish(e.name());
         }
+        let queued: usize = self
+            .conns
+            .borrow()
+            .iter()
+            .map(|(_, e)| e.mailbox.backlog())
+            .sum();
+        metrics::gauge!(crate::metrics::OUTBOUND_BYTES, "shard" => self.id.to_string())
+            .set(queued as f64);
     }
 
     /// This shard's part of `/ws/statistics`.

@@ -94,6 +94,20 @@ impl Outbox {
         n
     }
 
+    /// Calls `f` with the slices to write next. Most flushes have a chunk or two: they get a
+    /// small array instead of initialising `MAX_IOVECS` slices each time.
+    pub fn with_slices<R>(&self, f: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+        if self.chunks.len() < 4 {
+            let mut s = [IoSlice::new(&[]); 4];
+            let k = self.slices(&mut s);
+            f(&s[..k])
+        } else {
+            let mut s = [IoSlice::new(&[]); MAX_IOVECS];
+            let k = self.slices(&mut s);
+            f(&s[..k])
+        }
+    }
+
     /// Drops `n` written bytes from the front.
     pub fn advance(&mut self, mut n: usize) {
         self.queued -= n;

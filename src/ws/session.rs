@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use super::close::CloseCode;
 use super::deflate::{ConnDeflate, InflateError, Params, Tuning};
 use super::frame::OpCode;
 use super::mailbox::{Mailbox, Outgoing, Takes};
-use super::outbox::{Outbox, MAX_IOVECS};
+use super::outbox::Outbox;
 use super::reader::{Event, Flow, ReadError, Reader};
 use crate::metrics::Traffic;
 use crate::runtime::shard::ConnEntry;
@@ -559,9 +559,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while !self.out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let k = self.out.slices(&mut slices);
-            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..k]) {
+            let io = &mut self.io;
+            let res = self
+                .out
+                .with_slices(|slices| Pin::new(io).poll_write_vectored(cx, slices));
+            match res {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
