@@ -79,6 +79,11 @@ pub struct Config {
     pub tls: Tls,
     /// Listeners; when empty, one on `host:port`, with TLS when `[tls]` has a certificate.
     pub listen: Vec<Listen>,
+    /// A plain listener for operations only (`/metrics`, `/ws/statistics`, health), so the
+    /// public port can hide them; e.g. `127.0.0.1:9090`.
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// Record and serve Prometheus metrics.
+    pub metrics: bool,
     /// Rooms: `/ws`, `/api/publish`, `/api/presence`, `/api/history`.
     pub rooms: crate::hub::config::Rooms,
     /// JWT authentication of `/ws` (and `/ws/agent`) clients.
@@ -111,13 +116,17 @@ pub struct SniCert {
 }
 
 /// One `[[listen]]` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub addr: std::net::SocketAddr,
     /// Serve TLS on this listener (needs a certificate in `[tls]`).
     #[serde(default)]
     pub tls: bool,
+    /// An operations listener: only `/metrics`, `/ws/statistics`, `/healthz`, `/readyz`; while
+    /// one exists, the other listeners do not serve `/metrics` and `/ws/statistics`.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// The `[compression]` table.
@@ -174,6 +183,8 @@ impl Default for Config {
             echo: true,
             log_format: LogFormat::Text,
             compression: Compression::default(),
+            admin_listen: None,
+            metrics: true,
             rooms: crate::hub::config::Rooms::default(),
             auth: crate::auth::AuthConfig::default(),
             tls: Tls::default(),
@@ -330,13 +341,28 @@ impl Config {
 
     /// The listeners to open: `[[listen]]`, or `host:port` (TLS when a certificate is set).
     pub fn listeners(&self) -> Vec<Listen> {
-        if !self.listen.is_empty() {
-            return self.listen.clone();
+        let mut all = if self.listen.is_empty() {
+            vec![Listen {
+                addr: std::net::SocketAddr::new(self.host, self.port),
+                tls: self.tls_settings().is_some(),
+                admin: false,
+            }]
+        } else {
+            self.listen.clone()
+        };
+        if let Some(addr) = self.admin_listen {
+            all.push(Listen {
+                addr,
+                tls: false,
+                admin: true,
+            });
         }
-        vec![Listen {
-            addr: std::net::SocketAddr::new(self.host, self.port),
-            tls: self.tls_settings().is_some(),
-        }]
+        all
+    }
+
+    /// Whether `/metrics` and `/ws/statistics` are kept to admin listeners.
+    pub fn has_admin_listener(&self) -> bool {
+        self.admin_listen.is_some() || self.listen.iter().any(|l| l.admin)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -408,6 +434,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "tls.client_ca",
                 reason: "client authentication needs a server certificate".into(),
+            });
+        }
+        if self.listen.iter().all(|l| l.admin) && !self.listen.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                reason: "every listener is an admin listener: nothing would serve clients".into(),
             });
         }
         self.rooms.validate()?;

@@ -13,7 +13,9 @@ use tokio_tungstenite::tungstenite::Message;
 both_backends!(
     series_follow_traffic,
     statistics_match_open_connections,
-    access_log_line_per_closed_connection
+    access_log_line_per_closed_connection,
+    admin_listener_keeps_operations_off_the_public_port,
+    metrics_can_be_turned_off
 );
 
 /// Scrapes and parses `/metrics`.
@@ -215,4 +217,57 @@ async fn access_log_line_per_closed_connection(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The address of the admin listener, from the start log.
+fn admin_addr(server: &Server) -> std::net::SocketAddr {
+    let log = strip_ansi(&server.log());
+    let line = log
+        .lines()
+        .find(|l| l.contains("also listening") && l.contains("admin=true"))
+        .unwrap_or_else(|| panic!("no admin listener in the log:\n{log}"));
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("addr field");
+    addr.parse().expect("socket address")
+}
+
+async fn admin_listener_keeps_operations_off_the_public_port(backend: Backend) {
+    let server = Server::start_with_config(backend, "admin_listen = \"127.0.0.1:0\"\n", &[]);
+    let admin = admin_addr(&server);
+    assert_ne!(admin, server.addr);
+    // Public: no metrics, no statistics; health and WebSockets as usual.
+    assert_eq!(server.get("/metrics").await.status, 404);
+    assert_eq!(server.get("/ws/statistics").await.status, 404);
+    assert_eq!(server.get("/healthz").await.status, 200);
+    let mut ws = server.ws().await;
+    echo(&mut ws, Message::Text("still here".into())).await;
+    // Admin: operations only.
+    let get = |path: &'static str| {
+        tokio::task::spawn_blocking(move || http_get_blocking(admin, path).expect("admin GET"))
+    };
+    let m = get("/metrics").await.unwrap();
+    assert_eq!(m.status, 200);
+    assert!(
+        m.body.contains("ringgate_connections_opened_total"),
+        "{}",
+        m.body
+    );
+    let st = get("/ws/statistics").await.unwrap();
+    assert_eq!(st.status, 200);
+    let v: serde_json::Value = serde_json::from_str(&st.body).expect("JSON statistics");
+    assert_eq!(v["active_connections"], 1);
+    assert_eq!(get("/readyz").await.unwrap().status, 200);
+    assert_eq!(get("/ws/echo").await.unwrap().status, 404);
+    assert_eq!(get("/api/history?topic=x").await.unwrap().status, 404);
+}
+
+async fn metrics_can_be_turned_off(backend: Backend) {
+    let server = Server::start_with_config(backend, "metrics = false\n", &[]);
+    let resp = server.get("/metrics").await;
+    assert_eq!(resp.status, 404);
+    assert!(resp.body.contains("not enabled"), "{}", resp.body);
+    let mut ws = server.ws().await;
+    echo(&mut ws, Message::Text("works without metrics".into())).await;
 }

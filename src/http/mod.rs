@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 mod api;
 
 use crate::auth::{self, AuthError, Identity};
+use crate::config::Listen;
 use crate::metrics;
 use crate::runtime::io::Conn;
 use crate::runtime::shard::{Control, Shard, WsSlot};
@@ -45,9 +46,9 @@ struct Upgrade {
 
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
-pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) {
+pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Listen) {
     let reg = shard.register(remote);
-    let acceptor = if tls {
+    let acceptor = if listen.tls {
         shard.tls.borrow().clone()
     } else {
         None
@@ -81,6 +82,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
     let router = Router {
         shard: shard.clone(),
         upgrade: upgrade.clone(),
+        admin: listen.admin,
     };
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -154,6 +156,8 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
 struct Router {
     shard: Rc<Shard>,
     upgrade: Rc<Cell<Option<Upgrade>>>,
+    /// Serving an admin listener: operations endpoints only.
+    admin: bool,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Router {
@@ -162,8 +166,15 @@ impl hyper::service::Service<Request<Incoming>> for Router {
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        if req.method() == Method::GET && req.uri().path() == "/ws/statistics" {
+        let ops = self.serves_ops();
+        if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && ops {
             return Box::pin(statistics(self.shard.global.clone()));
+        }
+        if self.admin {
+            let resp = self.route_admin(&req);
+            counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                .increment(1);
+            return Box::pin(std::future::ready(Ok(resp)));
         }
         if req.uri().path().starts_with("/api/") && self.shard.global.config.rooms.enabled {
             let shard = self.shard.clone();
@@ -189,26 +200,47 @@ impl Router {
         match (req.method(), req.uri().path()) {
             (_, "/ws/echo") if global.config.echo => self.upgrade(req, Endpoint::Echo),
             (_, "/ws") if global.config.rooms.enabled => self.upgrade(req, Endpoint::Rooms),
-            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/metrics") => match &global.metrics {
-                Some(h) => {
-                    let mut resp = Response::new(Full::new(Bytes::from(h.render())));
-                    resp.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
-                    resp
-                }
-                None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
-            },
-            (&Method::GET | &Method::HEAD, "/readyz") => {
-                if global.is_draining() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else {
-                    text(StatusCode::OK, "ready\n")
-                }
-            }
+            (&Method::GET | &Method::HEAD, "/healthz")
+            | (&Method::GET | &Method::HEAD, "/readyz") => self.health(req),
+            (&Method::GET, "/metrics") if self.serves_ops() => self.metrics(),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    /// Whether this listener serves `/metrics` and `/ws/statistics`.
+    fn serves_ops(&self) -> bool {
+        self.admin || !self.shard.global.config.has_admin_listener()
+    }
+
+    fn route_admin(&self, req: &Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/healthz" | "/readyz") => self.health(req),
+            (&Method::GET, "/metrics") => self.metrics(),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn health(&self, req: &Request<Incoming>) -> Response<Body> {
+        if req.uri().path() == "/readyz" && self.shard.global.is_draining() {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if req.uri().path() == "/readyz" {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::OK, "ok\n")
+        }
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        match &self.shard.global.metrics {
+            Some(h) => {
+                let mut resp = Response::new(Full::new(Bytes::from(h.render())));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, IoMode};
+use crate::config::{Config, IoMode, Listen};
 use io::Backend;
 use shard::{Control, Global, Shard};
 
@@ -79,23 +79,26 @@ impl Server {
         };
         // Every listener is bound once per shard; shard i gets the i-th socket of each.
         let specs = config.listeners();
-        let mut per_shard: Vec<Vec<(std::net::TcpListener, bool)>> =
+        let mut per_shard: Vec<Vec<(std::net::TcpListener, Listen)>> =
             (0..shards).map(|_| Vec::new()).collect();
         let mut addrs = Vec::with_capacity(specs.len());
         for spec in &specs {
             let bound = listen::bind_reuseport(spec.addr, shards, config.backlog)
                 .with_context(|| format!("cannot listen on {}", spec.addr))?;
-            addrs.push((bound[0].local_addr()?, spec.tls));
+            addrs.push((bound[0].local_addr()?, *spec));
             for (i, l) in bound.into_iter().enumerate() {
-                per_shard[i].push((l, spec.tls));
+                per_shard[i].push((l, *spec));
             }
         }
-        let (addr, first_tls) = addrs[0];
+        let (addr, first) = addrs[0];
+        let first_tls = first.tls;
         let pin = config.pin_shards && !cores.is_empty();
         let auth = crate::auth::Verifier::from_config(&config.auth)?;
         let mut global = Global::new(config, backend);
         global.auth = auth;
-        global.metrics = crate::metrics::install();
+        if global.config.metrics {
+            global.metrics = crate::metrics::install();
+        }
         crate::metrics::record_info(backend.name(), shards);
         let global = Arc::new(global);
         let (done_tx, done) = std_mpsc::channel();
@@ -119,7 +122,7 @@ impl Server {
                     let run = async move {
                         let listeners: std::io::Result<Vec<_>> = listeners
                             .into_iter()
-                            .map(|(l, tls)| Ok((io::Listener::new(backend, l)?, tls)))
+                            .map(|(l, spec)| Ok((io::Listener::new(backend, l)?, spec)))
                             .collect();
                         match listeners {
                             Ok(l) => shard.run(l, rx).await,
@@ -135,8 +138,8 @@ impl Server {
                 })
                 .context("cannot start shard thread")?;
         }
-        for (a, t) in &addrs[1..] {
-            tracing::info!(addr = %a, tls = t, "also listening");
+        for (a, spec) in &addrs[1..] {
+            tracing::info!(addr = %a, tls = spec.tls, admin = spec.admin, "also listening");
         }
         tracing::info!(
             %addr, tls = first_tls, shards, io = backend.name(), why = %why, pinned = pin,

@@ -362,18 +362,18 @@ impl Shard {
     /// Serves until told to drain, then until every connection has closed.
     pub async fn run(
         self: Rc<Self>,
-        listeners: Vec<(Listener, bool)>,
+        listeners: Vec<(Listener, crate::config::Listen)>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         let mut accepting = Vec::new();
         let listeners: Vec<_> = listeners
             .into_iter()
-            .map(|(l, tls)| {
+            .map(|(l, spec)| {
                 let l = Rc::new(l);
                 accepting.push(tokio::task::spawn_local(accept_loop(
                     self.clone(),
                     l.clone(),
-                    tls,
+                    spec,
                 )));
                 l
             })
@@ -483,11 +483,11 @@ async fn heartbeats(shard: Rc<Shard>, period: std::time::Duration) {
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, tls: bool) {
+async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, spec: crate::config::Listen) {
     loop {
         match listener.accept().await {
             Ok((conn, remote)) => {
-                tokio::task::spawn_local(crate::http::serve(shard.clone(), conn, remote, tls));
+                tokio::task::spawn_local(crate::http::serve(shard.clone(), conn, remote, spec));
             }
             Err(_) if shard.draining.get() => return,
             Err(e) => {
