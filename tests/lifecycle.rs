@@ -17,6 +17,7 @@ both_backends!(
     silent_client_is_closed_by_heartbeat,
     check_config_prints_effective_toml,
     check_config_names_unknown_key,
+    restart_under_load_loses_no_connection,
 );
 
 /// SIGTERM: every WebSocket gets close 1001, `/readyz` answers 503 while the drain waits for a
@@ -146,4 +147,95 @@ async fn check_config_names_unknown_key(backend: Backend) {
     assert!(!out.status.success(), "{out:?}");
     assert!(stderr.contains("haert_beat"), "{stderr}");
     assert!(!stderr.contains("ringgate listening"), "{stderr}");
+}
+
+/// One `GET /healthz` on a fresh connection; true when it was answered 200.
+async fn health_check(addr: std::net::SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf)
+            .await
+            .ok()?;
+        Some(buf.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// A restart under load: a new process starts on the same port (SO_REUSEPORT), the old one
+/// drains on SIGTERM, and clients connecting all along see no failed request. The connections
+/// still queued on the old process's listeners when it closes them move to the new one when
+/// the kernel allows it (`net.ipv4.tcp_migrate_req = 1`, which .ci/run sets); without it they
+/// are reset, and the test then only checks that the new process took over.
+async fn restart_under_load_loses_no_connection(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .is_ok_and(|v| v.trim() == "1");
+    let mut old = Server::start(backend, &["--drain-timeout", "10"]);
+    let addr = old.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                // Bounded: at most 5,000 requests per client.
+                for _ in 0..5_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if health_check(addr).await {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let reach = |n: usize| {
+        let ok = ok.clone();
+        async move {
+            while ok.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    within("requests before the restart", reach(200)).await;
+
+    let new = Server::start_with_config(backend, &format!("[[listen]]\naddr = \"{addr}\"\n"), &[]);
+    assert_eq!(new.addr, addr);
+    old.signal(libc::SIGTERM);
+    let status = old.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "old process log:\n{}", old.log());
+    let after_exit = ok.load(Ordering::Relaxed);
+    within("requests after the restart", reach(after_exit + 300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    if migrate {
+        assert_eq!(
+            failed,
+            0,
+            "{failed} of {} requests failed across the restart",
+            ok + failed
+        );
+    } else {
+        eprintln!(
+            "net.ipv4.tcp_migrate_req is 0 here: {failed} of {} requests failed across the \
+             restart (queued connections are reset without it)",
+            ok + failed
+        );
+    }
 }

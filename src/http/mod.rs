@@ -79,10 +79,12 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         }
     };
     let upgrade = Rc::new(Cell::new(None));
+    let served = Rc::new(Cell::new(false));
     let router = Router {
         shard: shard.clone(),
         upgrade: upgrade.clone(),
         admin: listen.admin,
+        served: served.clone(),
     };
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -95,7 +97,10 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
     let mut shutting_down = false;
     let res = poll_fn(|cx| {
         reg.entry.register_waker(cx.waker());
-        if !shutting_down && reg.entry.close_requested() {
+        // A drain closes idle keep-alive connections, but a connection accepted just before it
+        // gets its first request answered (bounded by the header timeout): its client already
+        // sent or is sending it, and a restart must not turn that into a failed request.
+        if !shutting_down && reg.entry.close_requested() && served.get() {
             shutting_down = true;
             Pin::new(&mut *http).graceful_shutdown();
         }
@@ -141,6 +146,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
                 bytes_in = summary.bytes_in,
                 bytes_out = summary.bytes_out,
                 messages_in = summary.messages_in,
+                messages_out = summary.messages_out,
                 close_code = %code,
                 "websocket closed"
             );
@@ -158,6 +164,8 @@ struct Router {
     upgrade: Rc<Cell<Option<Upgrade>>>,
     /// Serving an admin listener: operations endpoints only.
     admin: bool,
+    /// A request has been received on this connection.
+    served: Rc<Cell<bool>>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Router {
@@ -166,6 +174,7 @@ impl hyper::service::Service<Request<Incoming>> for Router {
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.served.set(true);
         let ops = self.serves_ops();
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && ops {
             return Box::pin(statistics(self.shard.global.clone()));

@@ -180,6 +180,18 @@ impl Server {
     pub fn drain(self) -> bool {
         let started = Instant::now();
         self.global.draining.store(true, Ordering::Release);
+        // Closing a SO_REUSEPORT listener resets the connections in its accept queue unless
+        // the kernel may move them to another listener of the group (a new ringgate started
+        // on the same port for a restart).
+        if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .is_ok_and(|v| v.trim() == "0")
+        {
+            tracing::info!(
+                "net.ipv4.tcp_migrate_req is 0: connections still queued on this process's \
+                 listeners are reset rather than handed to a new process on the same port \
+                 (set it to 1 for restarts without loss, see tuning/sysctl.conf)"
+            );
+        }
         for c in &self.controls {
             let _ = c.send(Control::Drain);
         }

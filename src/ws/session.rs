@@ -66,6 +66,8 @@ pub struct Sink<'a> {
     out: &'a mut Outbox,
     deflate: Option<&'a mut ConnDeflate>,
     traffic: &'a Traffic,
+    /// The session's count of data messages sent.
+    sent: &'a mut u64,
 }
 
 impl Sink<'_> {
@@ -74,6 +76,7 @@ impl Sink<'_> {
         mailbox.drain(|item| match item {
             Outgoing::Frame(f) => {
                 Traffic::add(&self.traffic.messages_out, 1);
+                *self.sent += 1;
                 self.out.shared(f);
             }
             Outgoing::Text(t) => self.text(&t),
@@ -88,6 +91,7 @@ impl Sink<'_> {
     }
     fn send(&mut self, opcode: OpCode, payload: &[u8]) {
         Traffic::add(&self.traffic.messages_out, 1);
+        *self.sent += 1;
         match self.deflate.as_deref_mut() {
             Some(d) => d.frame(self.out, opcode, payload),
             None => self.out.frame(opcode, payload),
@@ -112,6 +116,7 @@ pub struct Summary {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub messages_in: u64,
+    pub messages_out: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +150,9 @@ struct Session<'a, S, H> {
     timer: Option<Pin<Box<Sleep>>>,
     heard: bool,
     silent_ticks: u8,
+    /// Data messages in and out as of the last heartbeat tick: memory is given back after a
+    /// tick without data (pings and pongs do not count, or no live client would ever be idle).
+    data_at_tick: u64,
     summary: Summary,
 }
 
@@ -185,6 +193,7 @@ where
         timer: None,
         heard: false,
         silent_ticks: 0,
+        data_at_tick: 0,
         summary: Summary::default(),
     };
     // A tick from before the upgrade does not count.
@@ -202,6 +211,7 @@ where
         out: &mut s.out,
         deflate: s.deflate.as_mut(),
         traffic,
+        sent: &mut s.summary.messages_out,
     });
     let had_early = !early.is_empty();
     s.pending.extend_from_slice(&early);
@@ -312,6 +322,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
             out: &mut self.out,
             deflate: self.deflate.as_mut(),
             traffic: self.traffic,
+            sent: &mut self.summary.messages_out,
         }
         .take_mail(&self.entry.mailbox);
     }
@@ -458,6 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
                     out,
                     deflate: deflate.as_mut(),
                     traffic,
+                    sent: &mut summary.messages_out,
                 };
                 let res = handler.on_message(msg, &mut sink);
                 // What the handler sent through the shard (e.g. a reply from a room homed
@@ -538,7 +550,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
             self.silent_ticks = 0;
         } else {
             self.silent_ticks += 1;
-            // Idle: give back buffer memory.
+        }
+        let data = self.summary.messages_in + self.summary.messages_out;
+        if std::mem::replace(&mut self.data_at_tick, data) == data {
+            // No data since the last tick: give back buffer and compressor memory.
             self.out.shrink();
             self.entry.mailbox.shrink();
             if let Some(d) = self.deflate.as_mut() {
