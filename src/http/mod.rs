@@ -171,6 +171,7 @@ impl Router {
         let global = &self.shard.global;
         match (req.method(), req.uri().path()) {
             (_, "/ws/echo") if global.config.echo => self.upgrade(req, Endpoint::Echo),
+            (_, "/ws/agent") => self.upgrade(req, Endpoint::Agent),
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/metrics") => match &global.metrics {
                 Some(h) => {

@@ -25,23 +25,26 @@ use session::{Close, Handler, Message, Sink, Summary};
 pub enum Endpoint {
     /// `/ws/echo`: every message back as it came.
     Echo,
+    /// `/ws/agent`: the agent gateway (src/agent).
+    Agent,
 }
 
 impl Endpoint {
     /// Every endpoint, for per-endpoint tables.
-    pub const ALL: [Endpoint; 1] = [Endpoint::Echo];
+    pub const ALL: [Endpoint; 2] = [Endpoint::Echo, Endpoint::Agent];
 
     /// The `endpoint` label in metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
             Endpoint::Echo => "echo",
+            Endpoint::Agent => "agent",
         }
     }
 
     /// Subprotocols the endpoint speaks.
     pub fn protocols(self) -> &'static [&'static str] {
         match self {
-            Endpoint::Echo => &[],
+            Endpoint::Echo | Endpoint::Agent => &[],
         }
     }
 }
@@ -64,6 +67,15 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     match endpoint {
         Endpoint::Echo => Box::pin(session::run(
             io, early, deflate, Echo, settings, entry, traffic,
+        )),
+        Endpoint::Agent => Box::pin(session::run(
+            io,
+            early,
+            deflate,
+            crate::agent::Agent::new(shard, entry),
+            settings,
+            entry,
+            traffic,
         )),
     }
 }
