@@ -94,8 +94,30 @@ impl Server {
         Server::launch(backend, Some(TempFile::new("toml", config_toml)), args)
     }
 
+    /// Like [`Server::start_with_config`] (no file when `config_toml` is empty), with extra
+    /// environment variables for the server process.
+    pub fn start_with_env(
+        backend: Backend,
+        config_toml: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Server {
+        let config = (!config_toml.is_empty()).then(|| TempFile::new("toml", config_toml));
+        Server::launch_env(backend, config, env, args)
+    }
+
     fn launch(backend: Backend, config: Option<TempFile>, args: &[&str]) -> Server {
+        Server::launch_env(backend, config, &[], args)
+    }
+
+    fn launch_env(
+        backend: Backend,
+        config: Option<TempFile>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Server {
         let mut cmd = ringgate_command();
+        cmd.envs(env.iter().copied());
         cmd.args(["--host", "127.0.0.1", "--port", "0", "--shards", "2"])
             .args(["--io", backend.flag()]);
         if let Some(c) = &config {
@@ -245,6 +267,7 @@ pub fn ringgate_command() -> Command {
         "PORT",
         "WS_HEARTBEAT_INTERVAL",
         "WS_MAX_CONNECTIONS",
+        "AGENT_UPSTREAM",
     ] {
         cmd.env_remove(var);
     }
