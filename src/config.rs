@@ -639,15 +639,25 @@ mod tests {
         let mut c = Config::from_toml("[agent]\nupstreams = [\"http://file:1\"]").unwrap();
         c.apply_env(env(&[("AGENT_UPSTREAM", "http://env:1,http://env:2")]))
             .unwrap();
-        let urls = |c: &Config| c.agent.upstreams.iter().map(|u| u.url().to_string()).collect::<Vec<_>>();
+        let urls = |c: &Config| {
+            c.agent
+                .upstreams
+                .iter()
+                .map(|u| u.url().to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(urls(&c), ["http://env:1", "http://env:2"]);
         c.apply_flags(&Overrides {
             agent_upstreams: vec!["http://flag:1".into()],
             ..Default::default()
         });
         assert_eq!(urls(&c), ["http://flag:1"]);
-        let err = Config::load(None, env(&[("AGENT_UPSTREAM", "nope")]), &Overrides::default())
-            .unwrap_err();
+        let err = Config::load(
+            None,
+            env(&[("AGENT_UPSTREAM", "nope")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("agent.upstreams"), "{err}");
     }
 

@@ -151,7 +151,8 @@ pub fn agent_latency(target: &str, kind: &'static str, d: std::time::Duration) {
 }
 
 pub fn agent_timeout(target: &str, phase: &'static str) {
-    counter!(AGENT_UPSTREAM_TIMEOUTS, "target" => target.to_string(), "phase" => phase).increment(1);
+    counter!(AGENT_UPSTREAM_TIMEOUTS, "target" => target.to_string(), "phase" => phase)
+        .increment(1);
 }
 
 pub fn agent_breaker(target: &str, shard: usize, state: f64) {

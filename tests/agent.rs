@@ -82,7 +82,9 @@ struct Upstream {
 impl Upstream {
     async fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Upstream {
         let script: Script = Arc::new(script);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let u = Upstream {
             addr,
@@ -150,7 +152,11 @@ async fn serve(
     sent: Arc<AtomicUsize>,
 ) -> http::Response<RespBody> {
     let (parts, body) = req.into_parts();
-    let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let s = Seen {
         path: parts.uri.path().to_string(),
         version: parts.version,
@@ -251,7 +257,12 @@ fn endless_sse(delay: u64) -> Reply {
     Reply::Stream {
         content_type: "text/event-stream",
         parts: (0..10_000)
-            .map(|i| (delay, format!("data: {{\"content\":\"c{i}\"}}\n\n").into_bytes()))
+            .map(|i| {
+                (
+                    delay,
+                    format!("data: {{\"content\":\"c{i}\"}}\n\n").into_bytes(),
+                )
+            })
             .collect(),
         hang: true,
     }
@@ -270,7 +281,9 @@ async fn agent_ws(server: &Server) -> Ws {
     let hello = recv(&mut ws).await;
     assert_eq!(hello["type"], "connected", "{hello}");
     assert_eq!(hello["message"], "Connected to Agent WebSocket");
-    assert!(hello["connection_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(hello["connection_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
     ws
 }
 
@@ -322,7 +335,11 @@ fn start(backend: Backend, urls: &[&str]) -> Server {
 }
 
 async fn stream_query(ws: &mut Ws, id: &str) -> Vec<Value> {
-    send(ws, json!({"type": "streaming_query", "query": "q", "id": id})).await;
+    send(
+        ws,
+        json!({"type": "streaming_query", "query": "q", "id": id}),
+    )
+    .await;
     let msgs = recv_until(ws, "stream_end", &json!(id)).await;
     assert_eq!(msgs[0]["type"], "stream_start", "{msgs:?}");
     assert_eq!(msgs[0]["id"], id);
@@ -333,7 +350,10 @@ async fn stream_query(ws: &mut Ws, id: &str) -> Vec<Value> {
 
 async fn agent_query_json(backend: Backend) {
     let up = Upstream::start(|_| {
-        Reply::Json(200, r#"{"content":"hello from upstream","vendor":"test-llm"}"#.into())
+        Reply::Json(
+            200,
+            r#"{"content":"hello from upstream","vendor":"test-llm"}"#.into(),
+        )
     })
     .await;
     let server = Server::start_with_env(
@@ -350,7 +370,11 @@ async fn agent_query_json(backend: Backend) {
     .await;
     let status = recv(&mut ws).await;
     assert_eq!(
-        (status["type"].as_str(), status["status"].as_str(), status["id"].as_str()),
+        (
+            status["type"].as_str(),
+            status["status"].as_str(),
+            status["id"].as_str()
+        ),
         (Some("status"), Some("processing"), Some("q1"))
     );
     assert!(status["timestamp"].as_f64().is_some());
@@ -360,7 +384,11 @@ async fn agent_query_json(backend: Backend) {
     assert_eq!(r["vendor"], "test-llm");
     assert_eq!(r["id"], "q1");
     // A numeric id comes back as a number.
-    send(&mut ws, json!({"type": "agent_query", "query": "again", "id": 42})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "again", "id": 42}),
+    )
+    .await;
     let msgs = recv_until(&mut ws, "agent_response", &json!(42)).await;
     assert_eq!(msgs.len(), 2);
 
@@ -371,12 +399,17 @@ async fn agent_query_json(backend: Backend) {
     assert_eq!(s.body["query"], "who are you");
     assert_eq!(s.body["id"], "q1");
     assert_eq!(s.body["session_id"], "sess-9");
-    assert!(s.body["connection_id"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(s.body["connection_id"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
     assert_eq!(seen[1].body["id"], 42);
     assert_eq!(s.headers["authorization"], "Bearer s3cret-key");
     assert_eq!(s.headers["x-tenant"], "acme");
     let rid0 = s.headers["x-request-id"].to_str().unwrap().to_string();
-    let rid1 = seen[1].headers["x-request-id"].to_str().unwrap().to_string();
+    let rid1 = seen[1].headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(!rid0.is_empty() && rid0 != rid1, "{rid0} {rid1}");
     // The secret never reaches the log.
     assert!(!server.log().contains("s3cret-key"));
@@ -495,19 +528,32 @@ async fn upstream_500(backend: Backend) {
     let up = Upstream::start(|_| Reply::Json(500, r#"{"error":"boom"}"#.into())).await;
     let server = start(backend, &[&up.url()]);
     let mut ws = agent_ws(&server).await;
-    send(&mut ws, json!({"type": "agent_query", "query": "x", "id": "e1"})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": "e1"}),
+    )
+    .await;
     let msgs = recv_until(&mut ws, "error", &json!("e1")).await;
     let e = msgs.last().unwrap();
     assert_eq!(e["code"], "upstream_error", "{e}");
     assert_eq!(e["status"], 500);
-    send(&mut ws, json!({"type": "streaming_query", "query": "x", "id": "e2"})).await;
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "x", "id": "e2"}),
+    )
+    .await;
     let e = recv(&mut ws).await;
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("upstream_error")));
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("upstream_error"))
+    );
     assert_eq!(e["id"], "e2");
     let metrics = server.get("/metrics").await.body;
     assert!(
-        metrics.lines().any(|l| l.starts_with("ringgate_agent_upstream_requests_total")
-            && l.contains("status=\"500\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ringgate_agent_upstream_requests_total")
+                && l.contains("status=\"500\"")),
         "{metrics}"
     );
 }
@@ -536,10 +582,18 @@ async fn upstream_hang_times_out(backend: Backend) {
         &[],
     );
     let mut ws = agent_ws(&server).await;
-    send(&mut ws, json!({"type": "agent_query", "query": "x", "id": "h1"})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": "h1"}),
+    )
+    .await;
     let msgs = recv_until(&mut ws, "error", &json!("h1")).await;
     assert_eq!(msgs.last().unwrap()["code"], "upstream_timeout");
-    send(&mut ws, json!({"type": "streaming_query", "query": "x", "id": "h2"})).await;
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "x", "id": "h2"}),
+    )
+    .await;
     let msgs = recv_until(&mut ws, "error", &json!("h2")).await;
     assert_eq!(chunks(&msgs, &json!("h2")), ["first"]);
     assert_eq!(msgs.last().unwrap()["code"], "upstream_timeout");
@@ -549,8 +603,10 @@ async fn upstream_hang_times_out(backend: Backend) {
     let metrics = server.get("/metrics").await.body;
     for phase in ["first_byte", "idle"] {
         assert!(
-            metrics.lines().any(|l| l.starts_with("ringgate_agent_upstream_timeouts_total")
-                && l.contains(&format!("phase=\"{phase}\""))),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("ringgate_agent_upstream_timeouts_total")
+                    && l.contains(&format!("phase=\"{phase}\""))),
             "{phase}: {metrics}"
         );
     }
@@ -580,7 +636,11 @@ async fn target_down_opens_breaker(backend: Backend) {
     let mut errors = Vec::new();
     for i in 0..4 {
         let id = json!(i);
-        send(&mut ws, json!({"type": "agent_query", "query": "x", "id": i})).await;
+        send(
+            &mut ws,
+            json!({"type": "agent_query", "query": "x", "id": i}),
+        )
+        .await;
         let msgs = recv_until(&mut ws, "error", &id).await;
         errors.push(msgs.last().unwrap().clone());
     }
@@ -593,14 +653,20 @@ async fn target_down_opens_breaker(backend: Backend) {
     }
     let metrics = server.get("/metrics").await.body;
     assert!(
-        metrics.lines().any(|l| l.starts_with("ringgate_agent_breaker_state")
-            && l.contains(&addr.to_string())
-            && l.ends_with(" 2")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ringgate_agent_breaker_state")
+                && l.contains(&addr.to_string())
+                && l.ends_with(" 2")),
         "{metrics}"
     );
     // Half-open after open_seconds: one probe reaches the target (and fails again).
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    send(&mut ws, json!({"type": "agent_query", "query": "x", "id": "probe"})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": "probe"}),
+    )
+    .await;
     recv_until(&mut ws, "error", &json!("probe")).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 
@@ -610,7 +676,11 @@ async fn target_down_opens_breaker(backend: Backend) {
     drop(closed);
     let server = start(backend, &[&format!("http://{dead}")]);
     let mut ws = agent_ws(&server).await;
-    send(&mut ws, json!({"type": "streaming_query", "query": "x", "id": "d"})).await;
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "x", "id": "d"}),
+    )
+    .await;
     let e = recv(&mut ws).await;
     assert_eq!(e["code"], "upstream_error", "{e}");
     assert!(e["error"].as_str().unwrap().contains("cannot reach"), "{e}");
@@ -620,7 +690,11 @@ async fn cancel_mid_stream(backend: Backend) {
     let up = Upstream::start(|_| endless_sse(30)).await;
     let server = start(backend, &[&up.url()]);
     let mut ws = agent_ws(&server).await;
-    send(&mut ws, json!({"type": "streaming_query", "query": "q", "id": "c1"})).await;
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "q", "id": "c1"}),
+    )
+    .await;
     let start = recv(&mut ws).await;
     assert_eq!(start["type"], "stream_start");
     for _ in 0..2 {
@@ -638,7 +712,11 @@ async fn cancel_mid_stream(backend: Backend) {
 
     // cancel without id ends every request of the connection.
     for id in ["a", "b"] {
-        send(&mut ws, json!({"type": "streaming_query", "query": "q", "id": id})).await;
+        send(
+            &mut ws,
+            json!({"type": "streaming_query", "query": "q", "id": id}),
+        )
+        .await;
     }
     let mut started = 0;
     while started < 2 {
@@ -660,7 +738,11 @@ async fn client_disconnect_aborts_upstream(backend: Backend) {
     let server = start(backend, &[&up.url()]);
     let mut ws = agent_ws(&server).await;
     for id in ["x", "y"] {
-        send(&mut ws, json!({"type": "streaming_query", "query": "q", "id": id})).await;
+        send(
+            &mut ws,
+            json!({"type": "streaming_query", "query": "q", "id": id}),
+        )
+        .await;
     }
     let mut chunks = 0;
     while chunks < 4 {
@@ -679,12 +761,24 @@ async fn two_targets_balanced(backend: Backend) {
     let mut ws = agent_ws(&server).await;
     let mut answers = Vec::new();
     for i in 0..6 {
-        send(&mut ws, json!({"type": "agent_query", "query": "x", "id": i})).await;
+        send(
+            &mut ws,
+            json!({"type": "agent_query", "query": "x", "id": i}),
+        )
+        .await;
         let msgs = recv_until(&mut ws, "agent_response", &json!(i)).await;
-        answers.push(msgs.last().unwrap()["content"].as_str().unwrap().to_string());
+        answers.push(
+            msgs.last().unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!((a.seen().len(), b.seen().len()), (3, 3), "{answers:?}");
-    assert_ne!(answers[0], answers[1], "round robin alternates: {answers:?}");
+    assert_ne!(
+        answers[0], answers[1],
+        "round robin alternates: {answers:?}"
+    );
     // Sequential requests reuse pooled connections.
     assert!(a.connections.load(Ordering::SeqCst) <= 2);
 
@@ -703,7 +797,11 @@ async fn two_targets_balanced(backend: Backend) {
     );
     let mut ws = agent_ws(&server).await;
     for i in 0..4 {
-        send(&mut ws, json!({"type": "agent_query", "query": "x", "id": i})).await;
+        send(
+            &mut ws,
+            json!({"type": "agent_query", "query": "x", "id": i}),
+        )
+        .await;
         let msgs = recv_until(&mut ws, "agent_response", &json!(i)).await;
         assert_eq!(msgs.last().unwrap()["content"], "a");
     }
@@ -717,7 +815,13 @@ async fn no_upstream_configured(backend: Backend) {
         let msgs = recv_until(&mut ws, "error", &json!(ty)).await;
         let e = msgs.last().unwrap();
         assert_eq!(e["code"], "upstream_error");
-        assert!(e["error"].as_str().unwrap().contains("no agent upstream is configured"), "{e}");
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .contains("no agent upstream is configured"),
+            "{e}"
+        );
     }
 }
 
@@ -740,9 +844,17 @@ async fn several_requests_in_flight(backend: Backend) {
     let server = start(backend, &[&up.url()]);
     let mut ws = agent_ws(&server).await;
     for id in ["s1", "s2", "s3"] {
-        send(&mut ws, json!({"type": "streaming_query", "query": id, "id": id})).await;
+        send(
+            &mut ws,
+            json!({"type": "streaming_query", "query": id, "id": id}),
+        )
+        .await;
     }
-    send(&mut ws, json!({"type": "agent_query", "query": "q", "id": "q"})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "q", "id": "q"}),
+    )
+    .await;
     let mut msgs = Vec::new();
     let mut ended = 0;
     let mut answered = false;
@@ -757,7 +869,10 @@ async fn several_requests_in_flight(backend: Backend) {
         assert_eq!(chunks(&msgs, &json!(id)), want);
     }
     let r = msgs.iter().find(|m| m["type"] == "agent_response").unwrap();
-    assert_eq!((r["id"].as_str(), r["content"].as_str()), (Some("q"), Some("answer q")));
+    assert_eq!(
+        (r["id"].as_str(), r["content"].as_str()),
+        (Some("q"), Some("answer q"))
+    );
     // The streams interleaved rather than running one after another.
     let order: Vec<&str> = msgs
         .iter()
@@ -771,10 +886,26 @@ async fn bad_input_errors(backend: Backend) {
     let server = Server::start(backend, &["--agent-upstream", "http://127.0.0.1:9"]);
     let mut ws = agent_ws(&server).await;
     let cases = [
-        (r#"{"type":"agent_query","id":"m"}"#, "missing_field", json!("m")),
-        (r#"{"type":"streaming_query","query":"","id":1}"#, "missing_field", json!(1)),
-        (r#"{"type":"tool_call","id":"t"}"#, "missing_field", json!("t")),
-        (r#"{"type":"teleport","id":"u"}"#, "unknown_action", json!("u")),
+        (
+            r#"{"type":"agent_query","id":"m"}"#,
+            "missing_field",
+            json!("m"),
+        ),
+        (
+            r#"{"type":"streaming_query","query":"","id":1}"#,
+            "missing_field",
+            json!(1),
+        ),
+        (
+            r#"{"type":"tool_call","id":"t"}"#,
+            "missing_field",
+            json!("t"),
+        ),
+        (
+            r#"{"type":"teleport","id":"u"}"#,
+            "unknown_action",
+            json!("u"),
+        ),
         (r#"{"query":"no type"}"#, "missing_field", Value::Null),
         (r#"{not json"#, "bad_json", Value::Null),
         (r#"[1,2]"#, "bad_json", Value::Null),
@@ -787,17 +918,25 @@ async fn bad_input_errors(backend: Backend) {
         assert_eq!(e["id"], id, "{text}: {e}");
     }
     let e = {
-        within("send", ws.send(Message::text(r#"{"type":"agent_query","id":"m"}"#)))
-            .await
-            .unwrap();
+        within(
+            "send",
+            ws.send(Message::text(r#"{"type":"agent_query","id":"m"}"#)),
+        )
+        .await
+        .unwrap();
         recv(&mut ws).await
     };
     assert_eq!(e["error"], "Query is required");
-    within("send", ws.send(Message::binary(vec![1, 2, 3]))).await.unwrap();
+    within("send", ws.send(Message::binary(vec![1, 2, 3])))
+        .await
+        .unwrap();
     assert_eq!(recv(&mut ws).await["code"], "bad_json");
     send(&mut ws, json!({"type": "ping", "id": "p"})).await;
     let p = recv(&mut ws).await;
-    assert_eq!((p["type"].as_str(), p["id"].as_str()), (Some("pong"), Some("p")));
+    assert_eq!(
+        (p["type"].as_str(), p["id"].as_str()),
+        (Some("pong"), Some("p"))
+    );
     assert!(p["timestamp"].as_f64().is_some());
     // The connection is still open and well after all that.
     send(&mut ws, json!({"type": "cancel", "id": "nothing"})).await;
@@ -822,18 +961,30 @@ async fn h2c_prior_knowledge(backend: Backend) {
         &[],
     );
     let mut ws = agent_ws(&server).await;
-    send(&mut ws, json!({"type": "agent_query", "query": "x", "id": 1})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": 1}),
+    )
+    .await;
     let msgs = recv_until(&mut ws, "agent_response", &json!(1)).await;
     assert_eq!(msgs.last().unwrap()["content"], "over h2");
     assert_eq!(up.seen()[0].version, http::Version::HTTP_2);
     // Cancel resets only the stream; the shared connection keeps serving.
-    send(&mut ws, json!({"type": "streaming_query", "query": "x", "id": "s"})).await;
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "x", "id": "s"}),
+    )
+    .await;
     assert_eq!(recv(&mut ws).await["type"], "stream_start");
     assert_eq!(recv(&mut ws).await["type"], "stream_chunk");
     send(&mut ws, json!({"type": "cancel", "id": "s"})).await;
     recv_until(&mut ws, "cancelled", &json!("s")).await;
     up.wait_aborted(1).await;
-    send(&mut ws, json!({"type": "agent_query", "query": "x", "id": 2})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": 2}),
+    )
+    .await;
     recv_until(&mut ws, "agent_response", &json!(2)).await;
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 }
@@ -842,7 +993,7 @@ async fn h2c_prior_knowledge(backend: Backend) {
 /// the client drains, so the connection is not closed as a slow consumer (1013) and every byte
 /// arrives once the client reads.
 async fn backpressure_holds_the_upstream(backend: Backend) {
-    const PARTS: usize = 4000;
+    const PARTS: usize = 2000;
     let piece = "x".repeat(16 * 1024);
     let up = Upstream::start(move |_| Reply::Stream {
         content_type: "application/x-ndjson",
@@ -852,10 +1003,22 @@ async fn backpressure_holds_the_upstream(backend: Backend) {
         hang: false,
     })
     .await;
-    let server = start(backend, &[&up.url()]);
+    // The smallest outbound limit: without backpressure a few chunks would overflow it.
+    let server = Server::start_with_config(
+        backend,
+        &format!(
+            "max_outbound_bytes = 65536\n[agent]\nupstreams = [\"{}\"]\n",
+            up.url()
+        ),
+        &[],
+    );
     let mut ws = agent_ws(&server).await;
-    send(&mut ws, json!({"type": "streaming_query", "query": "big", "id": "b"})).await;
-    // Not reading: the upstream must stall well before it has sent all 64 MiB.
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "big", "id": "b"}),
+    )
+    .await;
+    // Not reading: the upstream must stall well before it has sent all 32 MiB.
     let stalled = AtomicBool::new(false);
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -866,7 +1029,10 @@ async fn backpressure_holds_the_upstream(backend: Backend) {
             break;
         }
     }
-    assert!(stalled.load(Ordering::SeqCst), "the upstream was never held back");
+    assert!(
+        stalled.load(Ordering::SeqCst),
+        "the upstream was never held back"
+    );
     let mut n = 0;
     loop {
         let m = recv(&mut ws).await;
@@ -897,7 +1063,8 @@ async fn python_websockets_client(backend: Backend) {
     })
     .await;
     let server = start(backend, &[&up.url()]);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/agent_client.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/agent_client.py");
     let mut cmd = python_command();
     cmd.arg(script).arg(server.url("/ws/agent"));
     let out = run_to_exit(&mut cmd).await;
@@ -929,7 +1096,8 @@ fn python_command() -> std::process::Command {
     let deps = target.join("pydeps");
     let python = std::env::var_os("RINGGATE_PYTHON").unwrap_or_else(|| "python3".into());
     let mut cmd = std::process::Command::new(&python);
-    cmd.env("PYTHONPATH", &deps).env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd.env("PYTHONPATH", &deps)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
     let has = std::process::Command::new(&python)
         .env("PYTHONPATH", &deps)
         .args(["-c", "import websockets.asyncio.client"])
@@ -937,7 +1105,14 @@ fn python_command() -> std::process::Command {
         .is_ok_and(|o| o.status.success());
     if !has {
         let _ = std::process::Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
             .arg(&deps)
             .arg("websockets==17.4")
             .status();

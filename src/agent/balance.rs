@@ -27,14 +27,14 @@ impl Picker {
             return None;
         }
         let start = self.next % n;
-        let order = (0..n).map(|k| (start + k) % n);
+        let mut order = (0..n).map(|k| (start + k) % n);
         let usable = |i: &usize| targets[*i].available && !targets[*i].tried;
         let chosen = match policy {
-            Balance::RoundRobin => order.filter(usable).next(),
+            Balance::RoundRobin => order.find(usable),
             // `min_by_key` keeps the first of equals: ties go in turn.
-            Balance::LeastOutstanding => order
-                .filter(usable)
-                .min_by_key(|&i| targets[i].outstanding),
+            Balance::LeastOutstanding => {
+                order.filter(usable).min_by_key(|&i| targets[i].outstanding)
+            }
         }?;
         self.next = chosen + 1;
         Some(chosen)
@@ -57,10 +57,14 @@ mod tests {
     fn round_robin_skips_unavailable() {
         let mut p = Picker::default();
         let mut t = [c(0), c(0), c(0)];
-        let picks: Vec<_> = (0..4).map(|_| p.pick(Balance::RoundRobin, &t).unwrap()).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| p.pick(Balance::RoundRobin, &t).unwrap())
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0]);
         t[2].available = false;
-        let picks: Vec<_> = (0..3).map(|_| p.pick(Balance::RoundRobin, &t).unwrap()).collect();
+        let picks: Vec<_> = (0..3)
+            .map(|_| p.pick(Balance::RoundRobin, &t).unwrap())
+            .collect();
         assert_eq!(picks, [1, 0, 1]);
         t[0].tried = true;
         t[1].available = false;
@@ -71,7 +75,10 @@ mod tests {
     #[test]
     fn least_outstanding_prefers_idle_targets_and_rotates_ties() {
         let mut p = Picker::default();
-        assert_eq!(p.pick(Balance::LeastOutstanding, &[c(3), c(1), c(2)]), Some(1));
+        assert_eq!(
+            p.pick(Balance::LeastOutstanding, &[c(3), c(1), c(2)]),
+            Some(1)
+        );
         let ties = [c(0), c(0), c(5)];
         let picks: Vec<_> = (0..4)
             .map(|_| p.pick(Balance::LeastOutstanding, &ties).unwrap())

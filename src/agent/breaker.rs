@@ -178,7 +178,12 @@ mod tests {
             assert_eq!(b.admit(now), Admit::Probe);
             b.failure(now);
             let expect = 10 * S * (1 << shift.min(MAX_BACKOFF_SHIFT));
-            assert_eq!(b.state(now), State::Open { until: now + expect });
+            assert_eq!(
+                b.state(now),
+                State::Open {
+                    until: now + expect
+                }
+            );
         }
     }
 

@@ -113,7 +113,10 @@ impl Utf8Carry {
                 // Invalid in the middle: check only the tail for an incomplete character.
                 let tail_start = buf.len().saturating_sub(3);
                 (tail_start..buf.len())
-                    .find(|&i| std::str::from_utf8(&buf[i..]).is_err_and(|e| e.error_len().is_none() && e.valid_up_to() == 0))
+                    .find(|&i| {
+                        std::str::from_utf8(&buf[i..])
+                            .is_err_and(|e| e.error_len().is_none() && e.valid_up_to() == 0)
+                    })
                     .map_or(0, |i| buf.len() - i)
             }
         };
@@ -136,15 +139,29 @@ mod tests {
 
     #[test]
     fn content_rules() {
-        assert_eq!(content(r#"{"content":"def quick_sort("}"#), t("def quick_sort("));
+        assert_eq!(
+            content(r#"{"content":"def quick_sort("}"#),
+            t("def quick_sort(")
+        );
         assert_eq!(content(r#"{"content":"a\nb"}"#), t("a\nb"));
         assert_eq!(
-            content(r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#),
+            content(
+                r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#
+            ),
             t("Hel")
         );
-        assert_eq!(content(r#"{"choices":[{"delta":{"role":"assistant"}}]}"#), Content::Nothing);
-        assert_eq!(content(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#), Content::Nothing);
-        assert_eq!(content(r#"{"choices":[{"message":{"content":"whole"}}]}"#), t("whole"));
+        assert_eq!(
+            content(r#"{"choices":[{"delta":{"role":"assistant"}}]}"#),
+            Content::Nothing
+        );
+        assert_eq!(
+            content(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#),
+            Content::Nothing
+        );
+        assert_eq!(
+            content(r#"{"choices":[{"message":{"content":"whole"}}]}"#),
+            t("whole")
+        );
         assert_eq!(content(r#"{"content":""}"#), Content::Nothing);
         assert_eq!(content("plain words"), t("plain words"));
         assert_eq!(content(r#""quoted""#), t("quoted"));

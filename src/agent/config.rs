@@ -178,7 +178,9 @@ impl BaseUrl {
             .authority()
             .ok_or_else(|| format!("{s:?} has no host"))?;
         if auth.as_str().contains('@') {
-            return Err(format!("{s:?}: credentials in the URL are not supported (use headers)"));
+            return Err(format!(
+                "{s:?}: credentials in the URL are not supported (use headers)"
+            ));
         }
         if uri.query().is_some() {
             return Err(format!("{s:?}: a base URL cannot have a query"));
@@ -307,7 +309,13 @@ mod tests {
         assert_eq!(b.origin(), "http://127.0.0.1:9000");
         let b = BaseUrl::parse("http://[::1]:9000").unwrap();
         assert_eq!(b.host, "::1");
-        for bad in ["ftp://x", "localhost:80", "http://u:p@x", "http://x/?a=1", "/path"] {
+        for bad in [
+            "ftp://x",
+            "localhost:80",
+            "http://u:p@x",
+            "http://x/?a=1",
+            "/path",
+        ] {
             assert!(BaseUrl::parse(bad).is_err(), "{bad}");
         }
     }
@@ -329,7 +337,9 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.agent.balance, Balance::LeastOutstanding);
         assert_eq!(c.agent.upstreams.len(), 2);
-        assert!(matches!(&c.agent.upstreams[1], UpstreamEntry::Table(t) if t.http2 == Some(Http2::PriorKnowledge)));
+        assert!(
+            matches!(&c.agent.upstreams[1], UpstreamEntry::Table(t) if t.http2 == Some(Http2::PriorKnowledge))
+        );
         assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
     }
 
@@ -338,7 +348,10 @@ mod tests {
         for (toml, key) in [
             ("[agent]\nupstreams = [\"ftp://x\"]", "agent.upstreams"),
             ("[agent]\nidle_timeout = 0", "agent.idle_timeout"),
-            ("[agent]\nheaders = { \"bad name\" = \"x\" }", "agent.headers"),
+            (
+                "[agent]\nheaders = { \"bad name\" = \"x\" }",
+                "agent.headers",
+            ),
             ("[agent]\ntool_path = \"tools\"", "agent.tool_path"),
         ] {
             let c = Config::from_toml(toml).unwrap();

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::runtime::shard::{ConnEntry, Global, Shard};
+use crate::runtime::shard::{ConnEntry, Shard};
 use crate::ws::mailbox::Outgoing;
 use crate::ws::session::{Close, Handler, Message, Sink};
 use protocol::{Code, Id, Query, Request};
@@ -44,7 +44,7 @@ thread_local! {
 
 /// This shard's gateway.
 fn gateway(shard: &Shard) -> Rc<Gateway> {
-    let key = Arc::as_ptr(&shard.global) as *const Global as usize;
+    let key = Arc::as_ptr(&shard.global) as usize;
     GATEWAY.with(|g| {
         let mut g = g.borrow_mut();
         match g.as_ref() {
@@ -80,7 +80,8 @@ struct Conn {
 impl Conn {
     /// Queues a reply; `false` once the connection is closing as a slow consumer.
     fn send(&self, text: String) -> bool {
-        self.entry.send(Outgoing::Text(Bytes::from(text)), self.limit)
+        self.entry
+            .send(Outgoing::Text(Bytes::from(text)), self.limit)
     }
 
     fn finished(&self, seq: u64) {
@@ -208,7 +209,9 @@ impl Handler for Agent {
             }
         };
         match req {
-            Request::Ping { id } => out.text(protocol::pong(id.as_ref(), protocol::now()).as_bytes()),
+            Request::Ping { id } => {
+                out.text(protocol::pong(id.as_ref(), protocol::now()).as_bytes())
+            }
             Request::Cancel { id } => {
                 let n = self.cancel(id.as_ref());
                 if n > 0 {
@@ -286,7 +289,14 @@ async fn run(
         Ok(mut resp) => match &work {
             Work::Query(_) => answer(&mut resp, &conn, id.as_ref(), cfg.max_response_bytes).await,
             Work::Tool { tool_name, .. } => {
-                tool_result(&mut resp, &conn, id.as_ref(), tool_name, cfg.max_response_bytes).await
+                tool_result(
+                    &mut resp,
+                    &conn,
+                    id.as_ref(),
+                    tool_name,
+                    cfg.max_response_bytes,
+                )
+                .await
             }
             Work::Stream(_) => stream(&mut resp, &conn, id.as_ref(), cfg.max_response_bytes).await,
         },
@@ -360,7 +370,12 @@ async fn tool_result(
             ))
         }
     };
-    conn.send(protocol::tool_result(tool_name, &result, id, protocol::now()));
+    conn.send(protocol::tool_result(
+        tool_name,
+        &result,
+        id,
+        protocol::now(),
+    ));
     Ok(())
 }
 
@@ -497,10 +512,10 @@ mod tests {
 
     #[test]
     fn upstream_query_body_carries_identity() {
-        let Request::AgentQuery(q) = protocol::parse(
-            br#"{"type":"agent_query","query":"hi","id":7,"session_id":"s1"}"#,
-        )
-        .unwrap() else {
+        let Request::AgentQuery(q) =
+            protocol::parse(br#"{"type":"agent_query","query":"hi","id":7,"session_id":"s1"}"#)
+                .unwrap()
+        else {
             panic!()
         };
         let v: serde_json::Value = serde_json::from_slice(&query_body(&q, "c1")).unwrap();

@@ -61,7 +61,8 @@ impl NdjsonDecoder {
 mod tests {
     use super::*;
 
-    const INPUT: &[u8] = b"{\"content\":\"a\"}\n\r\n\n{\"content\":\"b\\n\"}\r\n  \n{\"content\":\"\xc3\xa9\"}";
+    const INPUT: &[u8] =
+        b"{\"content\":\"a\"}\n\r\n\n{\"content\":\"b\\n\"}\r\n  \n{\"content\":\"\xc3\xa9\"}";
 
     #[test]
     fn every_split_gives_the_same_lines() {

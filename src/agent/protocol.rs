@@ -101,7 +101,11 @@ pub fn parse(text: &[u8]) -> Result<Request, Rejected> {
         id: None,
     })?;
     let Value::Object(mut m) = v else {
-        return Err(reject(Code::BadJson, "a message must be a JSON object", &None));
+        return Err(reject(
+            Code::BadJson,
+            "a message must be a JSON object",
+            &None,
+        ));
     };
     let id = match m.get("id") {
         None | Some(Value::Null) => None,
@@ -133,9 +137,7 @@ pub fn parse(text: &[u8]) -> Result<Request, Rejected> {
             let session_id = match m.get_mut("session_id") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(std::mem::take(s)),
-                Some(_) => {
-                    return Err(reject(Code::BadJson, "session_id must be a string", &id))
-                }
+                Some(_) => return Err(reject(Code::BadJson, "session_id must be a string", &id)),
             };
             let q = Query {
                 id,
@@ -350,7 +352,10 @@ mod tests {
         let e = parse(br#"[1]"#).unwrap_err();
         assert_eq!(e.code, Code::BadJson);
         let e = parse(br#"{"type":"agent_query","id":"a"}"#).unwrap_err();
-        assert_eq!((e.code, e.error.as_str()), (Code::MissingField, "Query is required"));
+        assert_eq!(
+            (e.code, e.error.as_str()),
+            (Code::MissingField, "Query is required")
+        );
         assert_eq!(e.id.unwrap().json(), "\"a\"");
         let e = parse(br#"{"type":"agent_query","query":"  "}"#).unwrap_err();
         assert_eq!(e.code, Code::MissingField);
@@ -383,18 +388,32 @@ mod tests {
                 r#"{"type":"stream_chunk","content":"def quick_sort(\n","id":"q\"1","timestamp":1730000000.123}"#
             )
         );
-        let e = error(Code::UpstreamError, "upstream answered 500", None, Some(500), 1.0);
+        let e = error(
+            Code::UpstreamError,
+            "upstream answered 500",
+            None,
+            Some(500),
+            1.0,
+        );
         assert_eq!(
             json(&e),
-            json(r#"{"type":"error","error":"upstream answered 500","code":"upstream_error","status":500,"timestamp":1.0}"#)
+            json(
+                r#"{"type":"error","error":"upstream answered 500","code":"upstream_error","status":500,"timestamp":1.0}"#
+            )
         );
         assert_eq!(
             json(&tool_result("calc", "579", None, 2.5))["result"],
             json("579")
         );
-        assert_eq!(json(&connected("ab"))["message"], "Connected to Agent WebSocket");
+        assert_eq!(
+            json(&connected("ab"))["message"],
+            "Connected to Agent WebSocket"
+        );
         assert_eq!(json(&processing(None, 1.0))["status"], "processing");
         let r = json(&agent_response("hi", Some("openai"), None, 1.0));
-        assert_eq!((r["content"].as_str(), r["vendor"].as_str()), (Some("hi"), Some("openai")));
+        assert_eq!(
+            (r["content"].as_str(), r["vendor"].as_str()),
+            (Some("hi"), Some("openai"))
+        );
     }
 }

@@ -176,7 +176,13 @@ mod tests {
         let whole = decode_in_pieces(STREAM, STREAM.len());
         assert_eq!(
             data(&whole),
-            ["{\"content\":\"def \"}", "line one\nline two", "", "cr only", "[DONE]"]
+            [
+                "{\"content\":\"def \"}",
+                "line one\nline two",
+                "",
+                "cr only",
+                "[DONE]"
+            ]
         );
         assert_eq!(whole[1].event, "delta");
         assert_eq!(whole[0].event, "");
@@ -199,12 +205,21 @@ mod tests {
     #[test]
     fn event_without_data_is_not_dispatched_and_resets_the_name() {
         let out = decode_in_pieces(b"event: ping\n\ndata: x\n\n", 3);
-        assert_eq!(out, [Event { event: String::new(), data: "x".into() }]);
+        assert_eq!(
+            out,
+            [Event {
+                event: String::new(),
+                data: "x".into()
+            }]
+        );
     }
 
     #[test]
     fn final_event_without_blank_line() {
-        assert_eq!(data(&decode_in_pieces(b"data: a\n\ndata: last\n", 4)), ["a", "last"]);
+        assert_eq!(
+            data(&decode_in_pieces(b"data: a\n\ndata: last\n", 4)),
+            ["a", "last"]
+        );
         // A partial last line (no line end at all) still counts at the end of the stream.
         assert_eq!(data(&decode_in_pieces(b"data: tail", 4)), ["tail"]);
     }
@@ -213,7 +228,10 @@ mod tests {
     fn limits() {
         let mut d = SseDecoder::new(8);
         let mut out = Vec::new();
-        assert_eq!(d.feed(b"data: 0123456789", &mut out), Err(SseError::TooLarge));
+        assert_eq!(
+            d.feed(b"data: 0123456789", &mut out),
+            Err(SseError::TooLarge)
+        );
         // Each line fits; the event's joined data does not.
         let mut d = SseDecoder::new(12);
         d.feed(b"data: 123456\n", &mut out).unwrap();

@@ -214,11 +214,7 @@ impl Gateway {
             }
         }
         if matches!(last, UpstreamError::Unavailable) {
-            metrics::agent_request(
-                "none",
-                req.kind.name(),
-                "circuit_open",
-            );
+            metrics::agent_request("none", req.kind.name(), "circuit_open");
         }
         Err(last)
     }
@@ -408,10 +404,7 @@ impl Gateway {
             UpstreamError::Connect(e.to_string())
         })?;
         let (io, h2) = match &t.tls {
-            None => (
-                UpIo::Plain(conn),
-                matches!(t.http2, Http2::PriorKnowledge),
-            ),
+            None => (UpIo::Plain(conn), matches!(t.http2, Http2::PriorKnowledge)),
             Some(cfg) => {
                 let name = rustls::pki_types::ServerName::try_from(t.base.host.clone())
                     .map_err(|e| UpstreamError::Connect(format!("bad server name: {e}")))?;
@@ -521,7 +514,9 @@ impl Target {
                     headers.insert(n, v);
                 }
                 (_, None) => {}
-                _ => tracing::warn!(header = %name, "agent upstream header not sent: invalid value"),
+                _ => {
+                    tracing::warn!(header = %name, "agent upstream header not sent: invalid value")
+                }
             }
         }
         let label = format!("{}{}", base.origin(), base.path);
