@@ -39,6 +39,7 @@ both_backends!(
     several_requests_in_flight,
     bad_input_errors,
     h2c_prior_knowledge,
+    https_upstream_h2_by_alpn,
     backpressure_holds_the_upstream,
     python_websockets_client,
 );
@@ -81,6 +82,14 @@ struct Upstream {
 
 impl Upstream {
     async fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Upstream {
+        Upstream::start_tls(None, script).await
+    }
+
+    /// An `https://` upstream (ALPN h2 and http/1.1) when `tls` is given.
+    async fn start_tls(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Upstream {
         let script: Script = Arc::new(script);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -105,19 +114,37 @@ impl Upstream {
                     return;
                 };
                 conns.fetch_add(1, Ordering::SeqCst);
-                let (script, seen, aborted, sent) =
-                    (script.clone(), seen.clone(), aborted.clone(), sent.clone());
+                let (script, seen, aborted, sent, tls) = (
+                    script.clone(),
+                    seen.clone(),
+                    aborted.clone(),
+                    sent.clone(),
+                    tls.clone(),
+                );
                 let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     let (script, seen, aborted, sent) =
                         (script.clone(), seen.clone(), aborted.clone(), sent.clone());
                     async move { Ok::<_, Infallible>(serve(req, script, seen, aborted, sent).await) }
                 });
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(
+                    let builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                    .await;
+                    );
+                    let _ = match tls {
+                        None => {
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                                .await
+                        }
+                        Some(acceptor) => {
+                            let Ok(s) = acceptor.accept(sock).await else {
+                                return;
+                            };
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -987,6 +1014,77 @@ async fn h2c_prior_knowledge(backend: Backend) {
     .await;
     recv_until(&mut ws, "agent_response", &json!(2)).await;
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
+/// `https://` upstreams: the CA from `agent.ca_file`; h2 when the server picks it by ALPN,
+/// HTTP/1.1 over TLS with `http2 = "never"`; an untrusted certificate is an upstream_error.
+async fn https_upstream_h2_by_alpn(backend: Backend) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dev = ringgate::tls::dev_cert().expect("dev cert");
+    let chain: Vec<CertificateDer> = CertificateDer::pem_slice_iter(dev.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(dev.key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let up = Upstream::start_tls(Some(acceptor), |_| {
+        Reply::Json(200, r#"{"content":"over tls"}"#.into())
+    })
+    .await;
+    let ca = TempFile::new("pem", &dev.ca_pem);
+    let url = format!("https://127.0.0.1:{}", up.addr.port());
+    let server = Server::start_with_config(
+        backend,
+        &format!(
+            "[agent]\nca_file = \"{}\"\nupstreams = [\"{url}\", {{ url = \"{url}/h1\", http2 = \"never\" }}]\n",
+            ca.path.display()
+        ),
+        &[],
+    );
+    let mut ws = agent_ws(&server).await;
+    for i in 0..2 {
+        send(
+            &mut ws,
+            json!({"type": "agent_query", "query": "x", "id": i}),
+        )
+        .await;
+        let msgs = recv_until(&mut ws, "agent_response", &json!(i)).await;
+        assert_eq!(msgs.last().unwrap()["content"], "over tls");
+    }
+    let mut seen: Vec<(String, http::Version)> =
+        up.seen().into_iter().map(|s| (s.path, s.version)).collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("/agent/query".to_string(), http::Version::HTTP_2),
+            ("/h1/agent/query".to_string(), http::Version::HTTP_11),
+        ]
+    );
+
+    // Without the CA the certificate is not trusted.
+    let server = start(backend, &[&url]);
+    let mut ws = agent_ws(&server).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": "u"}),
+    )
+    .await;
+    let e = recv_until(&mut ws, "error", &json!("u"))
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(e["code"], "upstream_error");
+    assert!(e["error"].as_str().unwrap().contains("TLS"), "{e}");
 }
 
 /// A fast upstream and a client that does not read: the upstream body is read only as fast as

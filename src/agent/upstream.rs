@@ -128,7 +128,7 @@ struct Target {
     label: String,
     http2: Http2,
     headers: HeaderMap,
-    addr: RefCell<Option<SocketAddr>>,
+    addr: RefCell<Option<Vec<SocketAddr>>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     breaker: RefCell<Breaker>,
     outstanding: Cell<usize>,
@@ -397,11 +397,20 @@ impl Gateway {
     }
 
     async fn open(&self, t: &Target) -> Result<Held, UpstreamError> {
-        let addr = self.resolve(t).await?;
-        let conn = Conn::connect(self.backend, addr).await.map_err(|e| {
+        // Every address of the name in turn (e.g. ::1 then 127.0.0.1 for localhost).
+        let mut conn = Err(UpstreamError::Connect("no address".into()));
+        for addr in self.resolve(t).await? {
+            match Conn::connect(self.backend, addr).await {
+                Ok(c) => {
+                    conn = Ok(c);
+                    break;
+                }
+                Err(e) => conn = Err(UpstreamError::Connect(e.to_string())),
+            }
+        }
+        let conn = conn.inspect_err(|_| {
             // Resolve again next time (the name may point elsewhere now).
             t.addr.borrow_mut().take();
-            UpstreamError::Connect(e.to_string())
         })?;
         let (io, h2) = match &t.tls {
             None => (UpIo::Plain(conn), matches!(t.http2, Http2::PriorKnowledge)),
@@ -454,19 +463,24 @@ impl Gateway {
         }
     }
 
-    async fn resolve(&self, t: &Target) -> Result<SocketAddr, UpstreamError> {
-        if let Some(a) = *t.addr.borrow() {
-            return Ok(a);
+    async fn resolve(&self, t: &Target) -> Result<Vec<SocketAddr>, UpstreamError> {
+        if let Some(a) = t.addr.borrow().as_ref() {
+            return Ok(a.clone());
         }
-        let a = match t.base.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, t.base.port),
+        let a: Vec<SocketAddr> = match t.base.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, t.base.port)],
             Err(_) => tokio::net::lookup_host((t.base.host.as_str(), t.base.port))
                 .await
                 .map_err(|e| UpstreamError::Connect(format!("{}: {e}", t.base.host)))?
-                .next()
-                .ok_or_else(|| UpstreamError::Connect(format!("{}: no address", t.base.host)))?,
+                .collect(),
         };
-        *t.addr.borrow_mut() = Some(a);
+        if a.is_empty() {
+            return Err(UpstreamError::Connect(format!(
+                "{}: no address",
+                t.base.host
+            )));
+        }
+        *t.addr.borrow_mut() = Some(a.clone());
         Ok(a)
     }
 
