@@ -42,7 +42,10 @@ for rep in $(seq "$REPS"); do
         RG=$!
         wait_port "$RG_PORT"
         echo -n "ringgate-$io rep=$rep "
-        taskset -c 0 "$BIN/examples/agent_bench" client --url "ws://127.0.0.1:$RG_PORT/ws/agent" --streams "$STREAMS"
+        taskset -c 0 "$BIN/examples/agent_bench" client --url "ws://127.0.0.1:$RG_PORT/ws/agent" --streams "$STREAMS" | tr -d '\n'
+        # ringgate's CPU time for the whole run (utime + stime, in clock ticks).
+        read -r -a st < "/proc/$RG/stat"
+        echo " ringgate_cpu_s=$(( (st[13] + st[14]) * 100 / $(getconf CLK_TCK) ))e-2"
         kill "$RG"
         wait "$RG" 2>/dev/null
     done

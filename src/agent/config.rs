@@ -365,6 +365,19 @@ mod tests {
     }
 
     #[test]
+    fn readme_example_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n[agent]\n")
+            .expect("README has an [agent] example")
+            + 8;
+        let end = start + readme[start..].find("```").expect("closed block");
+        let c = Config::from_toml(&readme[start..end]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.agent.upstreams.len(), 2);
+    }
+
+    #[test]
     fn env_list() {
         let l = parse_upstream_list(" http://a:1 , http://b:2,,");
         assert_eq!(l.len(), 2);

@@ -62,6 +62,23 @@ fn gateway(shard: &Shard) -> Rc<Gateway> {
     })
 }
 
+/// A random number fixed at start, so request ids differ across restarts (connection ids start
+/// over).
+fn boot_id() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    static BOOT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        h.finish() as u32
+    })
+}
+
 /// A request in flight on a connection.
 struct InFlight {
     seq: u64,
@@ -133,7 +150,7 @@ impl Agent {
         }
         let seq = self.next_seq.get();
         self.next_seq.set(seq + 1);
-        let request_id = format!("{}-{}", self.conn.connection_id, seq);
+        let request_id = format!("{:08x}-{}-{}", boot_id(), self.conn.connection_id, seq);
         let task = tokio::task::spawn_local(run(
             self.gw.clone(),
             self.conn.clone(),

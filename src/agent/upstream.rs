@@ -359,7 +359,9 @@ impl Gateway {
         let t = &self.targets[i];
         let h2 = t.h2.borrow().clone();
         if let Some((mut s, driver)) = h2 {
-            if !s.is_closed() && s.ready().await.is_ok() {
+            // Ready unless the connection is gone or at its stream limit; a new one then.
+            let ready = tokio::time::timeout(self.cfg.connect_timeout(), s.ready()).await;
+            if !s.is_closed() && matches!(ready, Ok(Ok(()))) {
                 return Ok((
                     Held {
                         sender: Sender::H2(s),
@@ -667,8 +669,10 @@ impl Lease {
         metrics::agent_request(&self.target().label, self.kind.name(), status.as_str());
     }
 
-    /// Counts a failure against the target (also after the head: an idle timeout mid-stream).
+    /// Counts a failure against the target (also after the head: an idle timeout mid-stream;
+    /// the request itself was then already counted with its status).
     pub fn failed(&mut self, e: &UpstreamError) {
+        let first_verdict = !self.verdict;
         self.verdict = true;
         let label = self.target().label.clone();
         let outcome = match e {
@@ -679,9 +683,16 @@ impl Lease {
             }
             _ => "error".into(),
         };
-        self.target().breaker.borrow_mut().failure(Instant::now());
+        let now = Instant::now();
+        let was_open = self.target().breaker.borrow_mut().gauge(now) == 2.0;
+        self.target().breaker.borrow_mut().failure(now);
+        if !was_open && self.target().breaker.borrow_mut().gauge(now) == 2.0 {
+            tracing::warn!(target_url = %label, shard = self.gw.shard, error = %e.message(), "agent upstream marked down (circuit open)");
+        }
         self.gw.publish_breaker(self.target);
-        metrics::agent_request(&label, self.kind.name(), &outcome);
+        if first_verdict {
+            metrics::agent_request(&label, self.kind.name(), &outcome);
+        }
         tracing::debug!(target_url = %label, kind = self.kind.name(), error = %e.message(), "agent upstream request failed");
     }
 
