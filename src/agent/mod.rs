@@ -20,7 +20,6 @@ pub mod upstream;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -34,8 +33,6 @@ use upstream::{Gateway, Kind, Outbound, Response, UpstreamError};
 /// a quarter of `max_outbound_bytes`), so a slow client slows the upstream instead of growing
 /// memory or being cut off as a slow consumer.
 const BACKPRESSURE_BYTES: usize = 256 * 1024;
-/// How often a paused stream checks whether the client has drained its queue.
-const BACKPRESSURE_POLL: Duration = Duration::from_millis(2);
 
 thread_local! {
     /// The shard's gateway (a shard is a thread), made on first use, for the process's config.
@@ -105,12 +102,11 @@ impl Conn {
         self.in_flight.borrow_mut().retain(|f| f.seq != seq);
     }
 
-    /// Waits while the client's queue is over the backpressure mark.
+    /// Waits while the client's queue is over the backpressure mark (woken by the session as
+    /// it writes, see `Mailbox::wait_below`).
     async fn drained(&self) {
         let mark = BACKPRESSURE_BYTES.min(self.limit / 4);
-        while self.entry.mailbox.backlog() > mark {
-            tokio::time::sleep(BACKPRESSURE_POLL).await;
-        }
+        self.entry.mailbox.wait_below(mark).await;
     }
 }
 
