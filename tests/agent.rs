@@ -534,6 +534,10 @@ async fn openai_stream(backend: Backend) {
     let mut ws = agent_ws(&server).await;
     let msgs = stream_query(&mut ws, "o1").await;
     assert_eq!(chunks(&msgs, &json!("o1")), ["Hel", "lo"]);
+    // The body's end after [DONE] is read too, so the connection is reused.
+    let msgs = stream_query(&mut ws, "o2").await;
+    assert_eq!(chunks(&msgs, &json!("o2")), ["Hel", "lo"]);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 }
 
 /// A body that is neither SSE nor NDJSON is passed through as text, even when a read splits a

@@ -311,7 +311,13 @@ async fn run(
                 )
                 .await
             }
-            Work::Stream(_) => stream(&mut resp, &conn, id.as_ref(), cfg.max_response_bytes).await,
+            Work::Stream(_) => {
+                let r = stream(&mut resp, &conn, id.as_ref(), cfg.max_response_bytes).await;
+                if r.is_ok() {
+                    resp.drain().await;
+                }
+                r
+            }
         },
         Err(e) => Err(e),
     };

@@ -772,6 +772,22 @@ impl Response {
         }
     }
 
+    /// Reads what is left of a body whose content has ended (`[DONE]`) for a short while, so
+    /// the HTTP/1.1 connection can go back to the pool; no verdict on the target either way.
+    pub async fn drain(&mut self) {
+        let rest = async {
+            let mut n = 0usize;
+            while let Some(Ok(f)) = self.body.frame().await {
+                n += f.data_ref().map_or(0, Bytes::len);
+                if n > 64 * 1024 {
+                    return;
+                }
+            }
+            self.lease.body_done = true;
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(100), rest).await;
+    }
+
     /// The whole body, at most `limit` bytes.
     pub async fn collect(&mut self, limit: usize) -> Result<Bytes, UpstreamError> {
         let mut buf = Vec::new();
