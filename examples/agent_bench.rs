@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Each chunk carries the upstream's send time (µs since the Unix epoch, same host clock); the
-//! client records receive time minus send time for every chunk. All streams start together.
+//! client records receive time minus send time for every chunk. All streams start together;
+//! with a pause between chunks, each stream's first chunk waits a different part of the pause,
+//! so chunks arrive spread out rather than in bursts of one per stream.
 
 use std::convert::Infallible;
 use std::rc::Rc;
@@ -76,12 +78,20 @@ fn main() -> anyhow::Result<()> {
 async fn upstream(port: u16, chunks: usize, interval_ms: u64) -> anyhow::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     eprintln!("upstream on 127.0.0.1:{port}: {chunks} chunks every {interval_ms} ms");
+    let mut n = 0u64;
     loop {
         let (sock, _) = listener.accept().await?;
         sock.set_nodelay(true)?;
+        // Streams start at spread-out phases of the interval, as independent answers would,
+        // instead of all emitting their chunks in the same instant.
+        n += 1;
+        let phase = Duration::from_micros((n * 7919 * 1000) % (interval_ms * 1000).max(1));
         tokio::task::spawn_local(async move {
             let svc = hyper::service::service_fn(move |_req| async move {
                 let body = futures_util::stream::unfold(0usize, move |i| async move {
+                    if i == 0 && interval_ms > 0 {
+                        tokio::time::sleep(phase).await;
+                    }
                     if i > chunks {
                         return None;
                     }
