@@ -82,6 +82,10 @@ pub struct Config {
     // ---- agent gateway (`[agent]`, src/agent/config.rs) ----
     /// `/ws/agent` upstreams, timeouts and balancing.
     pub agent: crate::agent::config::AgentConfig,
+    /// Rooms: `/ws`, `/api/publish`, `/api/presence`, `/api/history`.
+    pub rooms: crate::hub::config::Rooms,
+    /// JWT authentication of `/ws` (and `/ws/agent`) clients.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The `[tls]` table: a certificate from files, or one generated at start for development.
@@ -173,6 +177,8 @@ impl Default for Config {
             echo: true,
             log_format: LogFormat::Text,
             compression: Compression::default(),
+            rooms: crate::hub::config::Rooms::default(),
+            auth: crate::auth::AuthConfig::default(),
             tls: Tls::default(),
             listen: Vec::new(),
             // ---- agent gateway ----
@@ -424,6 +430,8 @@ impl Config {
                 reason: "client authentication needs a server certificate".into(),
             });
         }
+        self.rooms.validate()?;
+        self.auth.validate()?;
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
                 key: "backlog",

@@ -6,8 +6,11 @@
 //! and no sockets; the I/O modules stay thin.
 
 pub mod agent;
+pub mod auth;
 pub mod config;
 pub mod http;
+pub mod hub;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod payload;

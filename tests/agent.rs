@@ -42,6 +42,7 @@ both_backends!(
     https_upstream_h2_by_alpn,
     backpressure_holds_the_upstream,
     python_websockets_client,
+    authenticated_user_reaches_upstream,
 );
 
 // ---- a scriptable upstream ---------------------------------------------------------------
@@ -1220,4 +1221,45 @@ fn python_command() -> std::process::Command {
             .status();
     }
     cmd
+}
+
+/// With `[auth]`, `/ws/agent` takes a JWT like `/ws`; the token's `sub` goes upstream as `user`.
+async fn authenticated_user_reaches_upstream(backend: Backend) {
+    let up = Upstream::start(|_| Reply::Json(200, r#"{"content":"ok"}"#.into())).await;
+    let server = Server::start_with_config(
+        backend,
+        &format!(
+            "[auth]\njwt_secret = \"agent-test-secret\"\nrequired = true\n[agent]\nupstreams = [\"{}\"]\n",
+            up.url()
+        ),
+        &[],
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "user-7", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"agent-test-secret"),
+    )
+    .unwrap();
+    // Without a token the upgrade is refused.
+    let refused = server.request(&upgrade_request_for("/ws/agent", "")).await;
+    assert_eq!(refused.status, 401);
+    let (mut ws, _) = within(
+        "websocket connect",
+        tokio_tungstenite::connect_async(server.url(&format!("/ws/agent?token={token}"))),
+    )
+    .await
+    .expect("handshake with a token");
+    assert_eq!(recv(&mut ws).await["type"], "connected");
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": 1}),
+    )
+    .await;
+    recv_until(&mut ws, "agent_response", &json!(1)).await;
+    assert_eq!(up.seen()[0].body["user"], "user-7");
 }

@@ -88,6 +88,8 @@ struct Conn {
     entry: Rc<ConnEntry>,
     limit: usize,
     connection_id: String,
+    /// The authenticated user (`sub`), when `[auth]` is configured and a token was given.
+    user: Option<Arc<str>>,
     in_flight: RefCell<Vec<InFlight>>,
 }
 
@@ -118,13 +120,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(shard: &Rc<Shard>, entry: &Rc<ConnEntry>) -> Agent {
+    pub fn new(shard: &Rc<Shard>, entry: &Rc<ConnEntry>, user: Option<Arc<str>>) -> Agent {
         Agent {
             gw: gateway(shard),
             conn: Rc::new(Conn {
                 entry: entry.clone(),
                 limit: shard.global.config.max_outbound_bytes,
                 connection_id: format!("{:x}", entry.id),
+                user,
                 in_flight: RefCell::new(Vec::new()),
             }),
             next_seq: Cell::new(0),
@@ -245,7 +248,7 @@ impl Handler for Agent {
 }
 
 /// The upstream body of a query: `{"query", "id", "connection_id", "session_id"?, "user"?}`.
-fn query_body(q: &Query, connection_id: &str) -> Bytes {
+fn query_body(q: &Query, connection_id: &str, user: Option<&str>) -> Bytes {
     let mut m = serde_json::Map::new();
     m.insert("query".into(), q.query.clone().into());
     if let Some(id) = &q.id {
@@ -257,7 +260,9 @@ fn query_body(q: &Query, connection_id: &str) -> Bytes {
     if let Some(s) = &q.session_id {
         m.insert("session_id".into(), s.clone().into());
     }
-    // `user` joins once authentication lands (PROTOCOL.md: when auth is on).
+    if let Some(u) = user {
+        m.insert("user".into(), u.into());
+    }
     Bytes::from(serde_json::Value::Object(m).to_string())
 }
 
@@ -274,13 +279,13 @@ async fn run(
         Work::Query(q) => (
             Kind::Query,
             cfg.query_path.clone(),
-            query_body(q, &conn.connection_id),
+            query_body(q, &conn.connection_id, conn.user.as_deref()),
             q.session_id.clone(),
         ),
         Work::Stream(q) => (
             Kind::Stream,
             cfg.stream_path.clone(),
-            query_body(q, &conn.connection_id),
+            query_body(q, &conn.connection_id, conn.user.as_deref()),
             q.session_id.clone(),
         ),
         Work::Tool { tool_name, params } => (
@@ -537,10 +542,13 @@ mod tests {
         else {
             panic!()
         };
-        let v: serde_json::Value = serde_json::from_slice(&query_body(&q, "c1")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&query_body(&q, "c1", None)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"query": "hi", "id": 7, "connection_id": "c1", "session_id": "s1"})
         );
+        let v: serde_json::Value =
+            serde_json::from_slice(&query_body(&q, "c1", Some("user-7"))).unwrap();
+        assert_eq!(v["user"], "user-7");
     }
 }

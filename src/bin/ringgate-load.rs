@@ -5,6 +5,16 @@
 //!   repeat until the message budget (or the time limit) is spent; prints msgs/s, MB/s, latency
 //!   percentiles and, with `--server-pid`, the server's CPU time per message.
 //! * `idle`: opens N connections, holds them, and prints the server's RSS growth per connection.
+//! * `handshakes`: opens and closes N connections (TCP, TLS for `wss://`, upgrade, close
+//!   handshake), C at a time; prints handshakes/s and the server's CPU time per handshake.
+//! * `fanout`: the rooms protocol (`/ws`): S subscribers on K topics, P publishers at a total
+//!   rate; checks every delivery's per-topic `seq` (gaps, duplicates, reordering fail the run)
+//!   and prints delivered msgs/s, latency from publish to delivery and server CPU per delivery.
+//!
+//! `wss://` URLs go through rustls (ring provider) with `--ca FILE` (the CA to trust, e.g. the
+//! `ca.pem` of `ringgate dev-cert DIR`) or `--insecure` (any certificate; handshake signatures
+//! are still verified, so the client does the same crypto work). Without `--tls-resume` every
+//! connection does a full handshake.
 //!
 //! Payloads: `--payload pattern` (default) repeats one byte pattern; `--payload json` cycles
 //! through 256 different realistic JSON messages of exactly `--size` bytes (chat lines, stats
@@ -19,16 +29,23 @@
 //! then only masks); otherwise each connection compresses with its own context as it sends
 //! (`--deflate-independent` compresses each message on its own there too).
 //!
-//! One tokio current-thread runtime; the upgrade is done by hand over a raw `TcpStream`; frames
+//! One tokio current-thread runtime; the upgrade is done by hand over a `TcpStream` (or a rustls
+//! stream over one); frames
 //! are written with `ringgate::ws::frame::write_masked_frame` (built once per connection and
 //! reused) and replies parsed in place with `parse_header`. Only 127.0.0.1 is ever a target, and
 //! every loop is bounded in count and in time.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -40,7 +57,12 @@ use hdrhistogram::Histogram;
 use ringgate::payload::{json_message, Rng};
 use ringgate::ws::frame::{parse_header, write_masked_frame, OpCode};
 use ringgate::ws::handshake::accept_key;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -83,6 +105,25 @@ enum Cmd {
     Echo(EchoArgs),
     /// Open many idle connections and measure the server's memory per connection.
     Idle(IdleArgs),
+    /// Open and close connections (TCP, TLS, upgrade, close) and measure handshakes/s.
+    Handshakes(HandshakesArgs),
+    /// Rooms fan-out (`/ws`): subscribers, publishers at a rate, seq checks, latency.
+    Fanout(FanoutArgs),
+}
+
+/// How `wss://` connections are made.
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// wss://: PEM file with the CA certificate(s) to trust (`ringgate dev-cert DIR` writes
+    /// DIR/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// wss://: accept any server certificate (handshake signatures are still verified).
+    #[arg(long)]
+    insecure: bool,
+    /// wss://: resume TLS sessions from earlier connections (default: every handshake is full).
+    #[arg(long)]
+    tls_resume: bool,
 }
 
 #[derive(Args)]
@@ -112,6 +153,8 @@ struct EchoArgs {
     text: bool,
     #[command(flatten)]
     msg: MsgArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Server process to measure: CPU time (utime+stime from /proc/PID/stat) over the run.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -171,7 +214,74 @@ struct IdleArgs {
     /// Stop connecting after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     duration_limit: f64,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Server process whose VmRSS (/proc/PID/status) is sampled.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Args)]
+struct HandshakesArgs {
+    /// ws:// or wss://127.0.0.1:PORT/PATH (only 127.0.0.1 / localhost).
+    #[arg(long)]
+    url: String,
+    /// Connections opened and closed in the measured phase.
+    #[arg(long, default_value_t = 5000)]
+    connections: usize,
+    /// Connections in flight at once.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Connections opened and closed before measuring starts.
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    /// Stop after this many seconds even if connections are left.
+    #[arg(long, default_value_t = 60.0)]
+    duration_limit: f64,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Server process to measure: CPU time over the measured phase.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Args)]
+struct FanoutArgs {
+    /// ws:// or wss://127.0.0.1:PORT/ws (only 127.0.0.1 / localhost).
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Messages published per second, over all publishers.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Bytes of each message's `data` object as JSON (`{"ts":…,"pad":"…"}`, at least ~30).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages to publish, over all publishers.
+    #[arg(long, default_value_t = 1000)]
+    messages: u64,
+    /// Topic name (letters, digits, `-_.:`).
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Topics: with K > 1 they are T-0 … T-(K-1); subscriber i joins topic i mod K and
+    /// message n goes to topic n mod K.
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
+    /// Seconds to wait for outstanding deliveries after the last publish.
+    #[arg(long, default_value_t = 10.0)]
+    drain: f64,
+    /// The whole run (connecting, publishing, draining) stops after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    duration_limit: f64,
+    /// Handshakes (and subscribes) in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Server process to measure: CPU time from the first publish to the last delivery.
     #[arg(long)]
     server_pid: Option<u32>,
 }
@@ -193,6 +303,8 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Echo(a) => echo(a).await,
             Cmd::Idle(a) => idle(a).await,
+            Cmd::Handshakes(a) => handshakes(a).await,
+            Cmd::Fanout(a) => fanout(a).await,
         }
     });
     match res {
@@ -207,36 +319,214 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------------------------
 // Target, handshake
 
-/// A parsed `ws://` URL pointing at this machine.
-#[derive(Debug, Clone)]
+/// A parsed `ws://` or `wss://` URL pointing at this machine.
+#[derive(Clone)]
 struct Target {
     addr: SocketAddr,
     host: String,
     path: String,
+    tls: Option<TlsTarget>,
 }
 
-fn parse_url(url: &str) -> Result<Target> {
-    let rest = url
-        .strip_prefix("ws://")
-        .context("only ws:// URLs are supported")?;
+/// How to make the TLS connection for a `wss://` target.
+#[derive(Clone)]
+struct TlsTarget {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+}
+
+fn parse_url(url: &str, tls: &TlsArgs) -> Result<Target> {
+    let (secure, rest) = if let Some(r) = url.strip_prefix("wss://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("ws://") {
+        (false, r)
+    } else {
+        bail!("only ws:// and wss:// URLs are supported")
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) => (h, p.parse::<u16>().context("bad port")?),
-        None => (authority, 80),
+        None => (authority, if secure { 443 } else { 80 }),
     };
-    match host {
-        "127.0.0.1" | "localhost" => {}
+    let name = match host {
+        "127.0.0.1" => ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()),
+        "localhost" => ServerName::try_from("localhost")?,
         other => bail!("refusing target {other:?}: only 127.0.0.1 / localhost may be loaded"),
-    }
+    };
     ensure!(port != 0, "port 0 is not a target");
+    let tls = if secure {
+        Some(TlsTarget {
+            connector: tls_connector(tls)?,
+            name,
+        })
+    } else {
+        ensure!(
+            tls.ca.is_none() && !tls.insecure && !tls.tls_resume,
+            "--ca, --insecure and --tls-resume need a wss:// URL"
+        );
+        None
+    };
     Ok(Target {
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        host: format!("127.0.0.1:{port}"),
+        host: format!("{host}:{port}"),
         path: path.to_string(),
+        tls,
     })
+}
+
+/// The rustls client (ring provider, TLS 1.2 and 1.3, ALPN `http/1.1` like browsers).
+impl Target {
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        }
+    }
+}
+
+fn tls_connector(a: &TlsArgs) -> Result<tokio_rustls::TlsConnector> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut cfg = match (&a.ca, a.insecure) {
+        (_, true) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+            .with_no_client_auth(),
+        (Some(path), false) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("read {}", path.display()))?
+            {
+                let c = c.with_context(|| format!("{}: bad PEM", path.display()))?;
+                roots
+                    .add(c)
+                    .with_context(|| format!("{}: unusable CA certificate", path.display()))?;
+            }
+            ensure!(
+                !roots.is_empty(),
+                "{}: no certificate found",
+                path.display()
+            );
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        (None, false) => bail!("wss:// needs --ca FILE (the CA to trust) or --insecure"),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !a.tls_resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// `--insecure`: any certificate chain is accepted, but handshake signatures are verified as
+/// usual, so the client's CPU work per handshake stays close to the verifying one.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client connection: plain TCP or TLS over TCP.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Writes all of `b` and flushes (rustls may hold records back until flushed).
+    async fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.write_all(b).await?;
+        self.flush().await
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 fn seed() -> u64 {
@@ -308,7 +598,7 @@ fn parse_pmd(v: &str) -> Result<Pmd> {
 
 /// A connection right after its upgrade.
 struct Upgraded {
-    s: TcpStream,
+    s: Stream,
     /// Bytes that came after the 101 response head.
     early: Vec<u8>,
     /// The agreed permessage-deflate parameters, if any.
@@ -317,10 +607,19 @@ struct Upgraded {
 
 /// Connects and performs the opening handshake, offering permessage-deflate when `deflate`.
 async fn connect(t: &Target, rng_seed: u64, deflate: bool) -> Result<Upgraded> {
-    let mut s = TcpStream::connect(t.addr)
+    let tcp = TcpStream::connect(t.addr)
         .await
         .with_context(|| format!("connect {}", t.addr))?;
-    s.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut s = match &t.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => Stream::Tls(Box::new(
+            tls.connector
+                .connect(tls.name.clone(), tcp)
+                .await
+                .context("TLS handshake")?,
+        )),
+    };
     let mut rng = Rng::new(rng_seed);
     let mut raw = [0u8; 16];
     raw[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
@@ -336,7 +635,7 @@ async fn connect(t: &Target, rng_seed: u64, deflate: bool) -> Result<Upgraded> {
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n",
         t.path, t.host
     );
-    s.write_all(req.as_bytes()).await?;
+    s.send(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(512);
     let mut tmp = [0u8; 1024];
     let end = loop {
@@ -734,7 +1033,7 @@ impl Wire {
 
 /// One connection's state for the echo load; every buffer is allocated once.
 struct EchoConn {
-    s: TcpStream,
+    s: Stream,
     pool: Rc<Pool>,
     /// Index (into the pool) of the next message to send, and of the next echo expected.
     next_send: usize,
@@ -871,7 +1170,7 @@ impl EchoConn {
             self.push_next();
         }
         let sent = Instant::now();
-        self.s.write_all(&self.wbuf).await?;
+        self.s.send(&self.wbuf).await?;
         let (mut got, mut recorded) = (0, 0);
         loop {
             // Parse every complete frame in the buffer.
@@ -935,7 +1234,7 @@ impl EchoConn {
             self.end += n;
         }
         if !self.ctl.is_empty() {
-            self.s.write_all(&self.ctl).await?;
+            self.s.send(&self.ctl).await?;
             self.ctl.clear();
         }
         Ok(())
@@ -1015,7 +1314,7 @@ async fn run_phase(
 }
 
 async fn echo(a: EchoArgs) -> Result<()> {
-    let t = parse_url(&a.url)?;
+    let t = parse_url(&a.url, &a.tls)?;
     ensure!(
         (1..=MAX_CONNECTIONS).contains(&a.connections),
         "--connections must be 1..={MAX_CONNECTIONS}"
@@ -1063,10 +1362,11 @@ async fn echo(a: EchoArgs) -> Result<()> {
     ensure!(!conns.is_empty(), "no connection could be opened");
     let connect_time = started.elapsed();
     println!(
-        "connected {} of {} in {:.2}s to {}{}",
+        "connected {} of {} in {:.2}s to {}://{}{}",
         conns.len(),
         a.connections,
         connect_time.as_secs_f64(),
+        t.scheme(),
         t.addr,
         t.path
     );
@@ -1149,7 +1449,7 @@ async fn echo(a: EchoArgs) -> Result<()> {
         closing.spawn_local(async move {
             let mut f = Vec::with_capacity(8);
             write_masked_frame(&mut f, true, OpCode::Close, c.mask, &1000u16.to_be_bytes());
-            let _ = tokio::time::timeout(Duration::from_millis(500), c.s.write_all(&f)).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), c.s.send(&f)).await;
         });
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -1204,10 +1504,12 @@ async fn echo(a: EchoArgs) -> Result<()> {
     );
     let mut kv = format!(
         "RESULT msgs={done} secs={elapsed:.3} msgs_per_s={rate:.0} mb_per_s={mbps:.3} \
-         p50_us={:.1} p99_us={:.1} p999_us={:.1} client_cpu_s={client_cpu:.3} failed={failed_total}",
+         p50_us={:.1} p99_us={:.1} p999_us={:.1} client_cpu_s={client_cpu:.3} failed={failed_total} \
+         tls={}",
         us(0.5),
         us(0.99),
-        us(0.999)
+        us(0.999),
+        u8::from(t.tls.is_some())
     );
     if let (Some((secs, sched)), Some(pid)) = (server, a.server_pid) {
         let per = 1e6 * secs / done.max(1) as f64;
@@ -1275,7 +1577,7 @@ fn check_msg_args(m: &MsgArgs, size: usize) -> Result<()> {
 // idle
 
 async fn idle(a: IdleArgs) -> Result<()> {
-    let t = parse_url(&a.url)?;
+    let t = parse_url(&a.url, &a.tls)?;
     ensure!(
         (1..=MAX_CONNECTIONS).contains(&a.connections),
         "--connections must be 1..={MAX_CONNECTIONS}"
@@ -1316,7 +1618,7 @@ async fn idle(a: IdleArgs) -> Result<()> {
     }
     let negotiated = streams.iter().filter(|(u, _, _)| u.pmd.is_some()).count();
     let mut compressed_echoes = 0;
-    let streams: Vec<TcpStream> = if touch {
+    let streams: Vec<Stream> = if touch {
         // One echo on each connection, a few hundred at a time.
         let pool = Rc::new(Pool::new(a.msg.payload, a.size, true, &a.msg));
         let mut kept = Vec::with_capacity(streams.len());
@@ -1367,7 +1669,7 @@ async fn idle(a: IdleArgs) -> Result<()> {
     let mut closed = 0;
     let mut probe = [0u8; 256];
     for s in &streams {
-        if matches!(s.try_read(&mut probe), Ok(0)) {
+        if matches!(s.tcp().try_read(&mut probe), Ok(0)) {
             closed += 1;
         }
     }
@@ -1393,5 +1695,1007 @@ async fn idle(a: IdleArgs) -> Result<()> {
              compressed_echoes={compressed_echoes}"
         );
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames from the server (handshakes, fanout)
+
+/// A receive buffer that yields whole server frames; grows only for frames that do not fit.
+struct FrameBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameBuf {
+    fn new(early: &[u8], cap: usize) -> FrameBuf {
+        let mut buf = vec![0u8; cap.max(early.len()).max(64)];
+        buf[..early.len()].copy_from_slice(early);
+        FrameBuf {
+            buf,
+            start: 0,
+            end: early.len(),
+        }
+    }
+
+    /// Calls `f(opcode, fin, rsv, payload)` for every complete frame buffered, in order, until
+    /// `f` returns `false`; an incomplete frame stays for the next `fill`.
+    fn each(&mut self, mut f: impl FnMut(OpCode, bool, u8, &[u8]) -> Result<bool>) -> Result<bool> {
+        loop {
+            let Some(h) = parse_header(&self.buf[self.start..self.end])
+                .map_err(|e| anyhow::anyhow!("bad frame from server: {e}"))?
+            else {
+                break;
+            };
+            ensure!(h.mask.is_none(), "server frame is masked");
+            ensure!(
+                h.payload_len <= MAX_SIZE as u64,
+                "server frame of {} bytes",
+                h.payload_len
+            );
+            let total = h.header_len + h.payload_len as usize;
+            if self.end - self.start < total {
+                if self.start + total > self.buf.len() {
+                    self.buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                    if self.buf.len() < total {
+                        self.buf.resize(total, 0);
+                    }
+                }
+                break;
+            }
+            let body = self.start + h.header_len..self.start + total;
+            self.start += total;
+            if !f(h.opcode, h.fin, h.rsv, &self.buf[body])? {
+                return Ok(false);
+            }
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Ok(true)
+    }
+
+    /// Reads more bytes from `s`; a closed connection is an error.
+    async fn fill(&mut self, s: &mut Stream) -> Result<()> {
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                let n = self.buf.len() * 2;
+                self.buf.resize(n, 0);
+            }
+        }
+        let n = s.read(&mut self.buf[self.end..]).await?;
+        ensure!(n > 0, "server closed the connection");
+        self.end += n;
+        Ok(())
+    }
+}
+
+fn mask_from(seed: u64) -> [u8; 4] {
+    (Rng::new(seed).next_u64() as u32).to_le_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// handshakes
+
+/// One connection's life: connect (TCP, TLS, upgrade), then the close handshake (our close,
+/// the server's close, then TLS close_notify and FIN). Returns the time to the 101.
+async fn open_close(t: &Target, seed: u64) -> Result<Duration> {
+    let t0 = Instant::now();
+    let u = connect_timeout(t, seed, false).await?;
+    let opened = t0.elapsed();
+    let Upgraded { mut s, early, .. } = u;
+    let mut f = Vec::with_capacity(8);
+    write_masked_frame(
+        &mut f,
+        true,
+        OpCode::Close,
+        mask_from(seed),
+        &1000u16.to_be_bytes(),
+    );
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        s.send(&f).await?;
+        let mut fb = FrameBuf::new(&early, 256);
+        loop {
+            let more = fb.each(|op, _, _, _| Ok(op != OpCode::Close))?;
+            if !more {
+                break;
+            }
+            ensure!(fb.buf.len() <= 64 * 1024, "no close frame in 64 KiB");
+            fb.fill(&mut s).await?;
+        }
+        let _ = s.shutdown().await;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .context("close handshake timed out")??;
+    Ok(opened)
+}
+
+/// Runs `n` open/close cycles, `c` at a time, until `deadline`; returns (ok, failed, first error).
+async fn cycles(
+    t: &Target,
+    n: usize,
+    c: usize,
+    deadline: Instant,
+    hist: Option<&RefCell<Histogram<u64>>>,
+) -> (u64, u64, Option<anyhow::Error>) {
+    let base = seed();
+    let mut set = JoinSet::new();
+    let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
+    let mut next = 0usize;
+    while (next < n || !set.is_empty()) && Instant::now() < deadline {
+        while next < n && set.len() < c.max(1) {
+            let t = t.clone();
+            let sd = base ^ ((next as u64) << 20);
+            set.spawn_local(async move { open_close(&t, sd).await });
+            next += 1;
+        }
+        match tokio::time::timeout_at(deadline, set.join_next()).await {
+            Ok(Some(Ok(Ok(lat)))) => {
+                ok += 1;
+                if let Some(h) = hist {
+                    h.borrow_mut()
+                        .saturating_record(lat.as_nanos().max(1) as u64);
+                }
+            }
+            Ok(Some(Ok(Err(e)))) => {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+            Ok(Some(Err(e))) => {
+                failed += 1;
+                first.get_or_insert(anyhow::anyhow!("task failed: {e}"));
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    set.abort_all();
+    (ok, failed, first)
+}
+
+async fn handshakes(a: HandshakesArgs) -> Result<()> {
+    let t = parse_url(&a.url, &a.tls)?;
+    ensure!(
+        (1..=200_000).contains(&a.connections) && a.warmup <= 200_000,
+        "--connections must be 1..=200000 (and --warmup at most that)"
+    );
+    ensure!(
+        (1..=MAX_CONNECTIONS).contains(&a.concurrency),
+        "--concurrency must be 1..={MAX_CONNECTIONS}"
+    );
+    ensure!(
+        a.duration_limit > 0.0 && a.duration_limit <= MAX_SECONDS,
+        "--duration-limit must be in (0, {MAX_SECONDS}]"
+    );
+    let nofile = raise_nofile();
+    ensure!(
+        (a.concurrency as u64) + 64 <= nofile,
+        "open-file limit {nofile} is too low for {} concurrent connections",
+        a.concurrency
+    );
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(a.duration_limit);
+    if a.warmup > 0 {
+        let (ok, failed, e) = cycles(&t, a.warmup, a.concurrency, deadline, None).await;
+        if let Some(e) = e {
+            eprintln!("warning: {failed} warm-up connection(s) failed; first: {e:#}");
+        }
+        println!("warm-up: {ok} connections");
+    }
+    let hist = RefCell::new(
+        Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds"),
+    );
+    let server_before = a.server_pid.map(ServerCpu::sample).transpose()?;
+    let client_before = self_cpu();
+    let machine_before = machine_busy_ticks();
+    let t0 = Instant::now();
+    let (ok, failed, e) = cycles(&t, a.connections, a.concurrency, deadline, Some(&hist)).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let client_cpu = (self_cpu() - client_before).as_secs_f64();
+    let server = match &server_before {
+        Some(b) => Some(b.since()?),
+        None => None,
+    };
+    let machine_cpu = match (machine_before, machine_busy_ticks()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / clock_ticks_per_sec()),
+        _ => None,
+    };
+    if let Some(e) = &e {
+        eprintln!("warning: {failed} connection(s) failed; first: {e:#}");
+    }
+    let hist = hist.borrow();
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let rate = ok as f64 / elapsed;
+    println!(
+        "handshakes ({}://, {}): {ok} of {} in {elapsed:.3}s, {failed} failed, {} at a time",
+        t.scheme(),
+        if t.tls.is_some() && a.tls.tls_resume {
+            "resumption allowed"
+        } else if t.tls.is_some() {
+            "full TLS handshakes"
+        } else {
+            "plain"
+        },
+        a.connections,
+        a.concurrency
+    );
+    println!("rate: {rate:.0} connections/s (open + upgrade + close)");
+    println!(
+        "time to 101 (us): p50 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        hist.max() as f64 / 1000.0
+    );
+    println!(
+        "client cpu: {client_cpu:.3}s ({:.0}% of one core), {:.1} us/handshake",
+        100.0 * client_cpu / elapsed,
+        1e6 * client_cpu / ok.max(1) as f64
+    );
+    let mut kv = format!(
+        "RESULT handshakes={ok} failed={failed} secs={elapsed:.3} per_s={rate:.0} tls={} \
+         p50_us={:.0} p99_us={:.0} client_us_per_hs={:.1}",
+        u8::from(t.tls.is_some()),
+        us(0.5),
+        us(0.99),
+        1e6 * client_cpu / ok.max(1) as f64
+    );
+    if let (Some((secs, sched)), Some(pid)) = (server, a.server_pid) {
+        let per = 1e6 * secs / ok.max(1) as f64;
+        println!(
+            "server cpu (pid {pid}): {secs:.3}s ({:.0}% of one core), {per:.1} us/handshake \
+             ({:.0} handshakes/s per core)",
+            100.0 * secs / elapsed,
+            1e6 / per.max(1e-9)
+        );
+        let _ = write!(kv, " server_cpu_s={secs:.3} server_us_per_hs={per:.2}");
+        if let Some(sched) = sched {
+            let _ = write!(
+                kv,
+                " server_sched_us_per_hs={:.2}",
+                1e6 * sched / ok.max(1) as f64
+            );
+        }
+    }
+    if let Some(m) = machine_cpu {
+        let server_s = server.map_or(0.0, |(s, _)| s);
+        let others = (m - server_s - client_cpu).max(0.0);
+        let _ = write!(kv, " other_cores={:.2}", others / elapsed);
+    }
+    println!("{kv}");
+    ensure!(ok > 0, "no connection completed");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// fanout
+
+/// A server message as far as the fan-out check needs it.
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Cow<'a, str>,
+    #[serde(default, borrow)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    data: Option<Payload>,
+    #[serde(default, borrow)]
+    error: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    code: Option<Cow<'a, str>>,
+}
+
+/// The `data` the publishers send: `{"ts": nanos since the run's start, "pad": "…"}`.
+#[derive(Deserialize)]
+struct Payload {
+    #[serde(default)]
+    ts: Option<u64>,
+}
+
+fn parse_incoming(body: &[u8]) -> Result<Incoming<'_>> {
+    serde_json::from_slice(body).map_err(|e| {
+        let shown = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        anyhow::anyhow!("server sent a message that is not the expected JSON ({e}): {shown:?}")
+    })
+}
+
+/// Counters every subscriber and publisher adds to.
+struct FanStats {
+    delivered: Cell<u64>,
+    delivered_bytes: Cell<u64>,
+    /// Seqs skipped and not (yet) delivered late, over all subscribers.
+    gaps: Cell<u64>,
+    /// Gaps too large to track seq by seq (counted, not resolvable as reordering).
+    gaps_untracked: Cell<u64>,
+    dups: Cell<u64>,
+    reordered: Cell<u64>,
+    wrong_topic: Cell<u64>,
+    server_errors: Cell<u64>,
+    first_server_error: RefCell<Option<String>>,
+    /// Nanoseconds since the run's start of the latest delivery.
+    last_ns: Cell<u64>,
+    hist: RefCell<Histogram<u64>>,
+}
+
+/// Most missing seqs one subscriber tracks individually.
+const MAX_MISSING: usize = 1 << 16;
+
+struct Subscriber {
+    s: Stream,
+    fb: FrameBuf,
+    mask: [u8; 4],
+    topic: usize,
+    /// The next seq expected (None: the `subscribed` reply carried no seq; the first message
+    /// sets it).
+    next: Option<u64>,
+    missing: BTreeSet<u64>,
+}
+
+/// Builds the masked text frame of one JSON message.
+fn text_frame(out: &mut Vec<u8>, mask: [u8; 4], json: &str) {
+    write_masked_frame(out, true, OpCode::Text, mask, json.as_bytes());
+}
+
+/// Checks a server message that is not a room message: an `error` is recorded loudly.
+fn other_message(m: &Incoming<'_>, st: &FanStats) {
+    if m.ty == "error" {
+        st.server_errors.set(st.server_errors.get() + 1);
+        let mut first = st.first_server_error.borrow_mut();
+        if first.is_none() {
+            *first = Some(format!(
+                "{} ({})",
+                m.error.as_deref().unwrap_or("?"),
+                m.code.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+}
+
+/// Connects, subscribes to `topics[topic]` and waits for the `subscribed` reply.
+async fn subscribe(t: &Target, sd: u64, topics: &[String], topic: usize) -> Result<Subscriber> {
+    let u = connect_timeout(t, sd, false).await?;
+    let mask = mask_from(sd);
+    let mut sub = Subscriber {
+        s: u.s,
+        fb: FrameBuf::new(&u.early, 4096),
+        mask,
+        topic,
+        next: None,
+        missing: BTreeSet::new(),
+    };
+    let name = &topics[topic];
+    let mut f = Vec::new();
+    text_frame(
+        &mut f,
+        mask,
+        &format!(r#"{{"action":"subscribe","topic":"{name}","id":"s{sd}"}}"#),
+    );
+    let sub = tokio::time::timeout(HANDSHAKE_TIMEOUT, async move {
+        sub.s.send(&f).await?;
+        let mut pong = Vec::new();
+        loop {
+            let mut base = None;
+            let mut err = None;
+            sub.fb.each(|op, fin, _, body| {
+                match op {
+                    OpCode::Text if fin => {
+                        let m = parse_incoming(body)?;
+                        match m.ty.as_ref() {
+                            "subscribed" if m.topic.as_deref() == Some(name.as_str()) => {
+                                base = Some(m.seq);
+                                return Ok(false);
+                            }
+                            "error" => {
+                                err = Some(format!(
+                                    "subscribe refused: {} ({})",
+                                    m.error.as_deref().unwrap_or("?"),
+                                    m.code.as_deref().unwrap_or("?")
+                                ));
+                                return Ok(false);
+                            }
+                            "message" => bail!("room message before the subscribe was confirmed"),
+                            _ => {}
+                        }
+                    }
+                    OpCode::Ping => write_masked_frame(&mut pong, true, OpCode::Pong, mask, body),
+                    OpCode::Pong => {}
+                    OpCode::Close => bail!("server closed during subscribe"),
+                    op => bail!("unexpected {op:?} frame (fin={fin}) during subscribe"),
+                }
+                Ok(true)
+            })?;
+            if let Some(e) = err {
+                bail!(e);
+            }
+            if !pong.is_empty() {
+                sub.s.send(&pong).await?;
+                pong.clear();
+            }
+            if let Some(base) = base {
+                sub.next = base.map(|b| b + 1);
+                return Ok(sub);
+            }
+            sub.fb.fill(&mut sub.s).await?;
+        }
+    })
+    .await
+    .context("subscribe timed out")??;
+    Ok(sub)
+}
+
+impl Subscriber {
+    /// Reads and checks deliveries until `stop` changes.
+    async fn run(
+        mut self,
+        st: Rc<FanStats>,
+        epoch: Instant,
+        topics: Rc<[String]>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut pong = Vec::new();
+        loop {
+            let now_ns = epoch.elapsed().as_nanos() as u64;
+            let topic = topics[self.topic].as_str();
+            let (next, missing) = (&mut self.next, &mut self.missing);
+            let mask = self.mask;
+            self.fb.each(|op, fin, rsv, body| {
+                match op {
+                    OpCode::Text | OpCode::Binary if fin => {
+                        ensure!(
+                            rsv == 0,
+                            "reserved bits {rsv:#b} set (no extension offered)"
+                        );
+                        let m = parse_incoming(body)?;
+                        if m.ty != "message" {
+                            other_message(&m, &st);
+                            return Ok(true);
+                        }
+                        if m.topic.as_deref() != Some(topic) {
+                            st.wrong_topic.set(st.wrong_topic.get() + 1);
+                            return Ok(true);
+                        }
+                        let seq = m.seq.context("room message without seq")?;
+                        let ts = m
+                            .data
+                            .and_then(|d| d.ts)
+                            .context("room message without data.ts")?;
+                        let fresh = match *next {
+                            None => {
+                                *next = Some(seq + 1);
+                                true
+                            }
+                            Some(n) if seq == n => {
+                                *next = Some(n + 1);
+                                true
+                            }
+                            Some(n) if seq > n => {
+                                let skipped = seq - n;
+                                st.gaps.set(st.gaps.get() + skipped);
+                                for s in n..seq {
+                                    if missing.len() >= MAX_MISSING {
+                                        st.gaps_untracked.set(st.gaps_untracked.get() + 1);
+                                        continue;
+                                    }
+                                    missing.insert(s);
+                                }
+                                *next = Some(seq + 1);
+                                true
+                            }
+                            Some(_) => {
+                                if missing.remove(&seq) {
+                                    st.reordered.set(st.reordered.get() + 1);
+                                    st.gaps.set(st.gaps.get() - 1);
+                                    true
+                                } else {
+                                    st.dups.set(st.dups.get() + 1);
+                                    false
+                                }
+                            }
+                        };
+                        if fresh {
+                            st.delivered.set(st.delivered.get() + 1);
+                            st.delivered_bytes
+                                .set(st.delivered_bytes.get() + body.len() as u64);
+                            st.hist
+                                .borrow_mut()
+                                .saturating_record(now_ns.saturating_sub(ts).max(1));
+                        }
+                        st.last_ns.set(now_ns);
+                    }
+                    OpCode::Ping => write_masked_frame(&mut pong, true, OpCode::Pong, mask, body),
+                    OpCode::Pong => {}
+                    OpCode::Close => bail!("server closed the subscriber: {}", close_text(body)),
+                    op => bail!("unexpected {op:?} frame (fin={fin}); fragments are not supported"),
+                }
+                Ok(true)
+            })?;
+            if !pong.is_empty() {
+                self.s.send(&pong).await?;
+                pong.clear();
+            }
+            tokio::select! {
+                r = self.fb.fill(&mut self.s) => r?,
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+fn close_text(body: &[u8]) -> String {
+    match body {
+        [a, b, reason @ ..] => format!(
+            "code {} {:?}",
+            u16::from_be_bytes([*a, *b]),
+            String::from_utf8_lossy(reason)
+        ),
+        _ => "no code".to_string(),
+    }
+}
+
+/// One publisher's share of the run.
+struct Publisher {
+    s: Stream,
+    fb: FrameBuf,
+    mask: [u8; 4],
+    /// This publisher's index, and how many there are: its k-th message is message
+    /// `k * count + index` of the run.
+    index: u64,
+    count: u64,
+    quota: u64,
+}
+
+/// What every publisher shares.
+struct PubPlan {
+    topics: Rc<[String]>,
+    /// Messages sent per topic.
+    sent: Rc<[Cell<u64>]>,
+    size: usize,
+    /// Messages per second for one publisher.
+    rate: f64,
+    /// Timestamps are nanoseconds since this instant.
+    epoch: Instant,
+    t0: Instant,
+    deadline: Instant,
+}
+
+/// The JSON of one publish; `data` is padded to `size` bytes when the timestamp leaves room.
+fn publish_json(out: &mut String, topic: &str, ts: u64, size: usize) {
+    out.clear();
+    let _ = write!(
+        out,
+        r#"{{"action":"publish","topic":"{topic}","data":{{"ts":{ts},"pad":""#
+    );
+    // `{"ts":` + digits + `,"pad":"` + pad + `"}`
+    let digits = ts.checked_ilog10().unwrap_or(0) as usize + 1;
+    let fixed = 6 + digits + 8 + 2;
+    for _ in 0..size.saturating_sub(fixed) {
+        out.push('x');
+    }
+    out.push_str("\"}}");
+}
+
+impl Publisher {
+    async fn run(mut self, st: Rc<FanStats>, plan: Rc<PubPlan>) -> Result<u64> {
+        let (mut sent, mut wbuf, mut json, mut pong) =
+            (0u64, Vec::new(), String::new(), Vec::new());
+        while sent < self.quota {
+            let now = Instant::now();
+            if now >= plan.deadline {
+                break;
+            }
+            let due = (((now - plan.t0).as_secs_f64() * plan.rate) as u64 + 1).min(self.quota);
+            if due > sent {
+                wbuf.clear();
+                let ts = plan.epoch.elapsed().as_nanos() as u64;
+                for k in sent..due {
+                    let n = k * self.count + self.index;
+                    let topic = (n % plan.topics.len() as u64) as usize;
+                    publish_json(&mut json, &plan.topics[topic], ts, plan.size);
+                    text_frame(&mut wbuf, self.mask, &json);
+                    let c = &plan.sent[topic];
+                    c.set(c.get() + 1);
+                }
+                tokio::time::timeout_at(plan.deadline + Duration::from_secs(1), self.s.send(&wbuf))
+                    .await
+                    .context("publish write blocked past the time limit")??;
+                sent = due;
+                continue;
+            }
+            let at = plan.t0 + Duration::from_secs_f64(sent as f64 / plan.rate);
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.min(plan.deadline)) => {}
+                r = self.fb.fill(&mut self.s) => {
+                    r?;
+                    let mask = self.mask;
+                    self.fb.each(|op, fin, _, body| {
+                        match op {
+                            OpCode::Text if fin => other_message(&parse_incoming(body)?, &st),
+                            OpCode::Ping => write_masked_frame(&mut pong, true, OpCode::Pong, mask, body),
+                            OpCode::Pong => {}
+                            OpCode::Close => bail!("server closed the publisher: {}", close_text(body)),
+                            op => bail!("unexpected {op:?} frame (fin={fin}) to a publisher"),
+                        }
+                        Ok(true)
+                    })?;
+                    if !pong.is_empty() {
+                        self.s.send(&pong).await?;
+                        pong.clear();
+                    }
+                }
+            }
+        }
+        Ok(sent)
+    }
+}
+
+async fn fanout(a: FanoutArgs) -> Result<()> {
+    let t = parse_url(&a.url, &a.tls)?;
+    ensure!(
+        a.subscribers >= 1 && a.publishers >= 1,
+        "--subscribers and --publishers must be at least 1"
+    );
+    ensure!(
+        a.subscribers + a.publishers <= MAX_CONNECTIONS,
+        "at most {MAX_CONNECTIONS} connections in all"
+    );
+    ensure!(
+        (1..=a.subscribers).contains(&a.topics),
+        "--topics must be 1..=--subscribers"
+    );
+    ensure!(
+        !a.topic.is_empty()
+            && a.topic.len() <= 100
+            && a.topic
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)),
+        "--topic: 1-100 letters, digits or -_.:"
+    );
+    ensure!(
+        a.rate > 0.0 && a.rate <= 10_000_000.0,
+        "--rate must be in (0, 10000000]"
+    );
+    ensure!(a.size <= 1 << 20, "--size must be at most 1 MiB");
+    ensure!(
+        (1..=MAX_MESSAGES).contains(&a.messages),
+        "--messages must be 1..={MAX_MESSAGES}"
+    );
+    for (name, v) in [("--drain", a.drain), ("--duration-limit", a.duration_limit)] {
+        ensure!(
+            v > 0.0 && v <= MAX_SECONDS,
+            "{name} must be in (0, {MAX_SECONDS}]"
+        );
+    }
+    let nofile = raise_nofile();
+    let conns = a.subscribers + a.publishers;
+    ensure!(
+        (conns as u64) + 64 <= nofile,
+        "open-file limit {nofile} is too low for {conns} connections"
+    );
+    let topics: Rc<[String]> = if a.topics == 1 {
+        vec![a.topic.clone()].into()
+    } else {
+        (0..a.topics).map(|k| format!("{}-{k}", a.topic)).collect()
+    };
+    let epoch = Instant::now();
+    let deadline = epoch + Duration::from_secs_f64(a.duration_limit);
+
+    // Subscribers: connect and subscribe, `concurrency` at a time.
+    let base = seed();
+    let mut subs = Vec::with_capacity(a.subscribers);
+    let mut subs_per_topic = vec![0u64; a.topics];
+    {
+        let mut set = JoinSet::new();
+        let (mut next, mut failed, mut first) = (0usize, 0usize, None);
+        while (next < a.subscribers || !set.is_empty()) && Instant::now() < deadline {
+            while next < a.subscribers && set.len() < a.concurrency.max(1) {
+                let (t, topics, i) = (t.clone(), topics.clone(), next);
+                let sd = base ^ ((i as u64) << 20);
+                set.spawn_local(async move { subscribe(&t, sd, &topics, i % topics.len()).await });
+                next += 1;
+            }
+            match tokio::time::timeout_at(deadline, set.join_next()).await {
+                Ok(Some(Ok(Ok(s)))) => {
+                    subs_per_topic[s.topic] += 1;
+                    subs.push(s);
+                }
+                Ok(Some(Ok(Err(e)))) => {
+                    failed += 1;
+                    first.get_or_insert(e);
+                }
+                Ok(Some(Err(e))) => {
+                    failed += 1;
+                    first.get_or_insert(anyhow::anyhow!("task failed: {e}"));
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        set.abort_all();
+        if let Some(e) = first {
+            bail!("{failed} subscriber(s) could not subscribe; first: {e:#}");
+        }
+        ensure!(
+            subs.len() == a.subscribers,
+            "only {} of {} subscribers were up before the time limit",
+            subs.len(),
+            a.subscribers
+        );
+    }
+    // Publishers.
+    let mut pubs = Vec::with_capacity(a.publishers);
+    let p = a.publishers as u64;
+    for j in 0..p {
+        let sd = base ^ ((a.subscribers as u64 + j) << 20) ^ 1;
+        let u = connect_timeout(&t, sd, false)
+            .await
+            .with_context(|| format!("publisher {j}"))?;
+        pubs.push(Publisher {
+            s: u.s,
+            fb: FrameBuf::new(&u.early, 4096),
+            mask: mask_from(sd),
+            index: j,
+            count: p,
+            quota: a.messages / p + u64::from(j < a.messages % p),
+        });
+    }
+    println!(
+        "up: {} subscribers on {} topic(s), {} publisher(s) in {:.2}s ({}://{}{})",
+        subs.len(),
+        a.topics,
+        pubs.len(),
+        epoch.elapsed().as_secs_f64(),
+        t.scheme(),
+        t.addr,
+        t.path
+    );
+
+    let st = Rc::new(FanStats {
+        delivered: Cell::new(0),
+        delivered_bytes: Cell::new(0),
+        gaps: Cell::new(0),
+        gaps_untracked: Cell::new(0),
+        dups: Cell::new(0),
+        reordered: Cell::new(0),
+        wrong_topic: Cell::new(0),
+        server_errors: Cell::new(0),
+        first_server_error: RefCell::new(None),
+        last_ns: Cell::new(0),
+        hist: RefCell::new(
+            Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds"),
+        ),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut sub_tasks = JoinSet::new();
+    for s in subs {
+        sub_tasks.spawn_local(s.run(st.clone(), epoch, topics.clone(), stop_rx.clone()));
+    }
+    // Let the subscriber tasks start reading before the first publish.
+    tokio::task::yield_now().await;
+
+    let server_before = a.server_pid.map(ServerCpu::sample).transpose()?;
+    let client_before = self_cpu();
+    let machine_before = machine_busy_ticks();
+    let t0 = Instant::now();
+    let t0_ns = (t0 - epoch).as_nanos() as u64;
+    let plan = Rc::new(PubPlan {
+        topics: topics.clone(),
+        sent: (0..a.topics).map(|_| Cell::new(0)).collect(),
+        size: a.size,
+        rate: a.rate / p as f64,
+        epoch,
+        t0,
+        deadline,
+    });
+    let mut pub_tasks = JoinSet::new();
+    for pb in pubs {
+        pub_tasks.spawn_local(pb.run(st.clone(), plan.clone()));
+    }
+    let (mut published, mut conn_failures, mut first_err) = (0u64, 0usize, None::<anyhow::Error>);
+    // Subscribers that fail while publishers run are noticed here too.
+    loop {
+        tokio::select! {
+            r = pub_tasks.join_next() => match r {
+                None => break,
+                Some(Ok(Ok(n))) => published += n,
+                Some(Ok(Err(e))) => {
+                    conn_failures += 1;
+                    first_err.get_or_insert(e.context("publisher"));
+                }
+                Some(Err(e)) => {
+                    conn_failures += 1;
+                    first_err.get_or_insert(anyhow::anyhow!("publisher task failed: {e}"));
+                }
+            },
+            Some(r) = sub_tasks.join_next() => {
+                conn_failures += 1;
+                let e = match r {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => anyhow::anyhow!("subscriber stopped early"),
+                    Err(e) => anyhow::anyhow!("subscriber task failed: {e}"),
+                };
+                first_err.get_or_insert(e.context("subscriber"));
+            }
+        }
+    }
+    let publish_secs = t0.elapsed().as_secs_f64();
+    let expected: u64 = plan
+        .sent
+        .iter()
+        .zip(&subs_per_topic)
+        .map(|(c, n)| c.get() * n)
+        .sum();
+    // Drain: wait for every expected delivery, bounded by --drain and the time limit.
+    let drain_until = (Instant::now() + Duration::from_secs_f64(a.drain)).min(deadline);
+    while st.delivered.get() < expected && Instant::now() < drain_until {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            Some(r) = sub_tasks.join_next() => {
+                conn_failures += 1;
+                let e = match r {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => anyhow::anyhow!("subscriber stopped early"),
+                    Err(e) => anyhow::anyhow!("subscriber task failed: {e}"),
+                };
+                first_err.get_or_insert(e.context("subscriber"));
+            }
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let client_cpu = (self_cpu() - client_before).as_secs_f64();
+    let server = match &server_before {
+        Some(b) => Some(b.since()?),
+        None => None,
+    };
+    let machine_cpu = match (machine_before, machine_busy_ticks()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / clock_ticks_per_sec()),
+        _ => None,
+    };
+    let _ = stop_tx.send(true);
+    while let Ok(Some(r)) =
+        tokio::time::timeout(Duration::from_secs(5), sub_tasks.join_next()).await
+    {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                conn_failures += 1;
+                first_err.get_or_insert(e.context("subscriber"));
+            }
+            Err(e) => {
+                conn_failures += 1;
+                first_err.get_or_insert(anyhow::anyhow!("subscriber task failed: {e}"));
+            }
+        }
+    }
+    sub_tasks.abort_all();
+
+    // Report.
+    let delivered = st.delivered.get();
+    let span = (st.last_ns.get().saturating_sub(t0_ns) as f64 / 1e9).max(1e-9);
+    let rate = delivered as f64 / span;
+    let hist = st.hist.borrow();
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "published: {published} of {} in {publish_secs:.3}s ({:.0}/s asked, {:.0}/s achieved), \
+         data {} B",
+        a.messages,
+        a.rate,
+        published as f64 / publish_secs.max(1e-9),
+        a.size
+    );
+    println!(
+        "delivered (each once): {delivered} of {expected} expected in {span:.3}s: {rate:.0} msgs/s \
+         (avg frame payload {:.0} B)",
+        st.delivered_bytes.get() as f64 / delivered.max(1) as f64
+    );
+    println!(
+        "latency publish->delivery (us): p50 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        hist.max() as f64 / 1000.0
+    );
+    println!(
+        "client cpu: {client_cpu:.3}s ({:.0}% of one core over {elapsed:.2}s)",
+        100.0 * client_cpu / elapsed
+    );
+    let mut kv = format!(
+        "RESULT subscribers={} topics={} publishers={} published={published} \
+         expected={expected} delivered={delivered} secs={span:.3} delivered_per_s={rate:.0} \
+         p50_us={:.0} p99_us={:.0} p999_us={:.0} gaps={} dups={} reordered={} wrong_topic={} \
+         server_errors={} failed_conns={conn_failures}",
+        a.subscribers,
+        a.topics,
+        a.publishers,
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        st.gaps.get(),
+        st.dups.get(),
+        st.reordered.get(),
+        st.wrong_topic.get(),
+        st.server_errors.get()
+    );
+    if let (Some((secs, _)), Some(pid)) = (server, a.server_pid) {
+        let per = 1e6 * secs / delivered.max(1) as f64;
+        println!(
+            "server cpu (pid {pid}): {secs:.3}s ({:.0}% of one core), {per:.3} us/delivered msg",
+            100.0 * secs / elapsed
+        );
+        let _ = write!(
+            kv,
+            " server_cpu_s={secs:.3} server_us_per_delivery={per:.4}"
+        );
+    }
+    if let Some(m) = machine_cpu {
+        let server_s = server.map_or(0.0, |(s, _)| s);
+        let _ = write!(
+            kv,
+            " other_cores={:.2}",
+            (m - server_s - client_cpu).max(0.0) / elapsed
+        );
+    }
+    println!("{kv}");
+
+    // Correctness: loud, and the exit status says it.
+    let mut problems = Vec::new();
+    if let Some(e) = &first_err {
+        problems.push(format!(
+            "{conn_failures} connection(s) failed; first: {e:#}"
+        ));
+    }
+    if st.gaps.get() > 0 {
+        problems.push(format!(
+            "{} seq gap(s) (messages skipped, {} beyond tracking)",
+            st.gaps.get(),
+            st.gaps_untracked.get()
+        ));
+    }
+    if st.dups.get() > 0 {
+        problems.push(format!("{} duplicate deliveries", st.dups.get()));
+    }
+    if st.reordered.get() > 0 {
+        problems.push(format!("{} deliveries out of order", st.reordered.get()));
+    }
+    if st.wrong_topic.get() > 0 {
+        problems.push(format!(
+            "{} deliveries for a topic not subscribed",
+            st.wrong_topic.get()
+        ));
+    }
+    if st.server_errors.get() > 0 {
+        problems.push(format!(
+            "{} error message(s) from the server; first: {}",
+            st.server_errors.get(),
+            st.first_server_error.borrow().as_deref().unwrap_or("?")
+        ));
+    }
+    if delivered < expected {
+        problems.push(format!(
+            "{} of {expected} expected deliveries missing after the drain",
+            expected - delivered
+        ));
+    }
+    if published < a.messages {
+        problems.push(format!(
+            "only {published} of {} messages published before the time limit",
+            a.messages
+        ));
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("FAIL: {p}");
+        }
+        bail!("fan-out check failed ({} problem(s))", problems.len());
+    }
+    println!("OK: every subscriber got every message of its topic once, in seq order");
     Ok(())
 }

@@ -20,6 +20,9 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
+mod api;
+
+use crate::auth::{self, AuthError, Identity};
 use crate::metrics;
 use crate::runtime::io::Conn;
 use crate::runtime::shard::{Control, Shard, WsSlot};
@@ -36,6 +39,7 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infalli
 struct Upgrade {
     endpoint: Endpoint,
     deflate: Option<deflate::Params>,
+    identity: Option<Identity>,
     _slot: WsSlot,
 }
 
@@ -111,13 +115,17 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, tls: bool) 
             let Upgrade {
                 endpoint,
                 deflate,
+                identity,
                 _slot,
             } = up;
             let name = endpoint.name();
             reg.entry.set_endpoint(endpoint);
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-            let summary = ws::serve(endpoint, io, read_buf, deflate, &shard, &reg.entry).await;
+            let summary = ws::serve(
+                endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
+            )
+            .await;
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
             let code = summary.close_code.map_or("none".into(), |c| c.to_string());
             // The access log: one line per closed WebSocket (target `access`, filterable with
@@ -157,6 +165,15 @@ impl hyper::service::Service<Request<Incoming>> for Router {
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" {
             return Box::pin(statistics(self.shard.global.clone()));
         }
+        if req.uri().path().starts_with("/api/") && self.shard.global.config.rooms.enabled {
+            let shard = self.shard.clone();
+            return Box::pin(async move {
+                let resp = api::serve(shard, req).await;
+                counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                    .increment(1);
+                Ok(resp)
+            });
+        }
         let resp = self.route(&req);
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
@@ -172,6 +189,7 @@ impl Router {
         match (req.method(), req.uri().path()) {
             (_, "/ws/echo") if global.config.echo => self.upgrade(req, Endpoint::Echo),
             (_, "/ws/agent") => self.upgrade(req, Endpoint::Agent),
+            (_, "/ws") if global.config.rooms.enabled => self.upgrade(req, Endpoint::Rooms),
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/metrics") => match &global.metrics {
                 Some(h) => {
@@ -221,6 +239,16 @@ impl Router {
                 return resp;
             }
         };
+        let (identity, token_protocol) = match self.authenticate(req, endpoint) {
+            Ok(found) => found,
+            Err(e) => {
+                counter!(metrics::HANDSHAKES_FAILED, "reason" => "auth").increment(1);
+                let mut resp = text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return resp;
+            }
+        };
         if global.is_draining() {
             counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
             return text(StatusCode::SERVICE_UNAVAILABLE, "server is draining\n");
@@ -237,7 +265,10 @@ impl Router {
         if let Ok(v) = HeaderValue::from_str(&accept.accept_key) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
         }
-        if let Some(p) = accept.protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        // A token sent as the `bearer.<token>` subprotocol is echoed: browsers fail the
+        // connection when none of the subprotocols they offered comes back.
+        let protocol = accept.protocol.or(token_protocol);
+        if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
         }
         let deflate = self.negotiate_deflate(req);
@@ -249,6 +280,7 @@ impl Router {
         self.upgrade.set(Some(Upgrade {
             endpoint,
             deflate,
+            identity,
             _slot: slot,
         }));
         resp
@@ -256,6 +288,23 @@ impl Router {
 }
 
 impl Router {
+    /// The client's identity when `[auth]` applies, and the subprotocol that carried its token.
+    fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        endpoint: Endpoint,
+    ) -> Result<(Option<Identity>, Option<String>), AuthError> {
+        let Some(verifier) = self.shard.global.auth.as_ref() else {
+            return Ok((None, None));
+        };
+        if !endpoint.authenticated() {
+            return Ok((None, None));
+        }
+        let found = auth::find_token(req.uri(), req.headers());
+        let identity = verifier.identify(found.as_ref())?;
+        Ok((identity, found.and_then(|f| f.protocol)))
+    }
+
     /// permessage-deflate parameters for this upgrade, when enabled and offered.
     fn negotiate_deflate(&self, req: &Request<Incoming>) -> Option<deflate::Params> {
         let c = &self.shard.global.config.compression;

@@ -92,7 +92,9 @@ impl Server {
         }
         let (addr, first_tls) = addrs[0];
         let pin = config.pin_shards && !cores.is_empty();
+        let auth = crate::auth::Verifier::from_config(&config.auth)?;
         let mut global = Global::new(config, backend);
+        global.auth = auth;
         global.metrics = crate::metrics::install();
         crate::metrics::record_info(backend.name(), shards);
         let global = Arc::new(global);

@@ -36,6 +36,8 @@ pub struct Global {
     pub shards: std::sync::OnceLock<Vec<mpsc::UnboundedSender<Control>>>,
     /// Renders `/metrics`; `None` when another recorder was installed first (embedding).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Verifies client tokens; `None` when `[auth]` is off.
+    pub auth: Option<crate::auth::Verifier>,
 }
 
 impl Global {
@@ -44,6 +46,7 @@ impl Global {
             config,
             backend,
             metrics: None,
+            auth: None,
             shards: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             ws_active: AtomicUsize::new(0),
@@ -86,6 +89,8 @@ pub enum Control {
     Tls(tokio_rustls::TlsAcceptor),
     /// Report this shard's connections (for `/ws/statistics`).
     Stats(tokio::sync::oneshot::Sender<ShardStats>),
+    /// Rooms traffic from another shard.
+    Hub(crate::hub::HubMsg),
 }
 
 /// One shard's part of `/ws/statistics`.
@@ -243,6 +248,8 @@ pub struct Shard {
     /// Messages received on connections that have closed.
     closed_messages: Cell<u64>,
     next_id: Cell<u64>,
+    /// Rooms homed here and this shard's subscribers.
+    pub hub: RefCell<crate::hub::Hub>,
 }
 
 impl Shard {
@@ -261,8 +268,16 @@ impl Shard {
                 threshold: c.compression.threshold,
             },
         };
+        let hub = crate::hub::Hub::new(
+            id,
+            global.shards.get().map_or(1, |s| s.len()),
+            c.rooms.clone(),
+            settings.compression,
+            c.max_outbound_bytes,
+        );
         Rc::new(Shard {
             id,
+            hub: RefCell::new(hub),
             settings,
             global,
             tls: RefCell::new(tls),
@@ -355,6 +370,9 @@ impl Shard {
                 l
             })
             .collect();
+        if let Some(senders) = self.global.shards.get() {
+            self.hub.borrow_mut().set_senders(senders.clone());
+        }
         tokio::task::spawn_local(publish_metrics(self.clone()));
         if let Some(period) = self.settings.heartbeat {
             tokio::task::spawn_local(heartbeats(self.clone(), period));
@@ -369,6 +387,7 @@ impl Shard {
                 Some(Control::Stats(reply)) => {
                     let _ = reply.send(self.stats());
                 }
+                Some(Control::Hub(msg)) => self.hub.borrow_mut().handle(msg),
                 Some(Control::Drain) | None => break,
             }
         }
@@ -436,6 +455,7 @@ async fn publish_metrics(shard: Rc<Shard>) {
     while !shard.draining.get() {
         tick.tick().await;
         shard.publish_metrics();
+        shard.hub.borrow_mut().sweep(std::time::Instant::now());
     }
 }
 

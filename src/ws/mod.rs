@@ -16,6 +16,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::auth::Identity;
 use crate::runtime::shard::{ConnEntry, Shard};
 use deflate::Params;
 use session::{Close, Handler, Message, Sink, Summary};
@@ -27,24 +28,32 @@ pub enum Endpoint {
     Echo,
     /// `/ws/agent`: the agent gateway (src/agent).
     Agent,
+    /// `/ws`: rooms (PROTOCOL.md).
+    Rooms,
 }
 
 impl Endpoint {
     /// Every endpoint, for per-endpoint tables.
-    pub const ALL: [Endpoint; 2] = [Endpoint::Echo, Endpoint::Agent];
+    pub const ALL: [Endpoint; 3] = [Endpoint::Echo, Endpoint::Agent, Endpoint::Rooms];
 
     /// The `endpoint` label in metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
             Endpoint::Echo => "echo",
             Endpoint::Agent => "agent",
+            Endpoint::Rooms => "rooms",
         }
+    }
+
+    /// Whether `[auth]` applies to the endpoint.
+    pub fn authenticated(self) -> bool {
+        matches!(self, Endpoint::Rooms | Endpoint::Agent)
     }
 
     /// Subprotocols the endpoint speaks.
     pub fn protocols(self) -> &'static [&'static str] {
         match self {
-            Endpoint::Echo | Endpoint::Agent => &[],
+            Endpoint::Echo | Endpoint::Agent | Endpoint::Rooms => &[],
         }
     }
 }
@@ -61,6 +70,7 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     deflate: Option<Params>,
     shard: &'a Rc<Shard>,
     entry: &'a Rc<ConnEntry>,
+    identity: Option<Identity>,
 ) -> Pin<Box<dyn Future<Output = Summary> + 'a>> {
     let traffic = shard.traffic(endpoint);
     let settings = &shard.settings;
@@ -72,11 +82,17 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
             io,
             early,
             deflate,
-            crate::agent::Agent::new(shard, entry),
+            crate::agent::Agent::new(shard, entry, identity.map(|i| i.user)),
             settings,
             entry,
             traffic,
         )),
+        Endpoint::Rooms => {
+            let rooms = crate::hub::conn::Rooms::new(shard.clone(), entry.clone(), identity);
+            Box::pin(session::run(
+                io, early, deflate, rooms, settings, entry, traffic,
+            ))
+        }
     }
 }
 

@@ -86,12 +86,23 @@ pub struct Server {
 impl Server {
     /// Starts the server on `backend` with `--shards 2` and the extra `args`.
     pub fn start(backend: Backend, args: &[&str]) -> Server {
-        Server::launch(backend, None, args)
+        Server::launch(backend, None, 2, args)
     }
 
     /// Like [`Server::start`], with `config_toml` written to a file and passed as `--config`.
     pub fn start_with_config(backend: Backend, config_toml: &str, args: &[&str]) -> Server {
-        Server::launch(backend, Some(TempFile::new("toml", config_toml)), args)
+        Server::launch(backend, Some(TempFile::new("toml", config_toml)), 2, args)
+    }
+
+    /// Like [`Server::start_with_config`] with `shards` shards instead of 2.
+    pub fn start_sharded(
+        backend: Backend,
+        shards: usize,
+        config_toml: &str,
+        args: &[&str],
+    ) -> Server {
+        let config = TempFile::new("toml", config_toml);
+        Server::launch(backend, Some(config), shards, args)
     }
 
     /// Like [`Server::start_with_config`] (no file when `config_toml` is empty), with extra
@@ -103,22 +114,24 @@ impl Server {
         args: &[&str],
     ) -> Server {
         let config = (!config_toml.is_empty()).then(|| TempFile::new("toml", config_toml));
-        Server::launch_env(backend, config, env, args)
+        Server::launch_env(backend, config, 2, env, args)
     }
 
-    fn launch(backend: Backend, config: Option<TempFile>, args: &[&str]) -> Server {
-        Server::launch_env(backend, config, &[], args)
+    fn launch(backend: Backend, config: Option<TempFile>, shards: usize, args: &[&str]) -> Server {
+        Server::launch_env(backend, config, shards, &[], args)
     }
 
     fn launch_env(
         backend: Backend,
         config: Option<TempFile>,
+        shards: usize,
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Server {
         let mut cmd = ringgate_command();
         cmd.envs(env.iter().copied());
-        cmd.args(["--host", "127.0.0.1", "--port", "0", "--shards", "2"])
+        let shards = shards.to_string();
+        cmd.args(["--host", "127.0.0.1", "--port", "0", "--shards", &shards])
             .args(["--io", backend.flag()]);
         if let Some(c) = &config {
             cmd.arg("--config").arg(&c.path);
@@ -704,4 +717,66 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+// ---- additions for the rooms tests (`/ws`, `/api/*`) -----------------------------------------
+
+impl Server {
+    /// A tokio-tungstenite client on `path` (e.g. `/ws`).
+    pub async fn ws_path(&self, path: &str) -> Ws {
+        let (ws, resp) = within(
+            "websocket connect",
+            tokio_tungstenite::connect_async(self.url(path)),
+        )
+        .await
+        .expect("websocket handshake");
+        assert_eq!(resp.status(), 101);
+        ws
+    }
+
+    /// `POST path` with a JSON `body` and `extra` header lines (each ending in `\r\n`) on a
+    /// fresh connection.
+    pub async fn post(&self, path: &str, extra: &str, body: &str) -> HttpResponse {
+        self.request(&format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+            body.len()
+        ))
+        .await
+    }
+}
+
+/// An upgrade request for `path` with `extra` header lines (each ending in `\r\n`).
+pub fn upgrade_request_for(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+impl RawWs {
+    /// Completes the handshake for `path` on an already connected `stream` (e.g. one with a
+    /// small receive buffer).
+    pub async fn handshake(mut stream: TcpStream, path: &str) -> RawWs {
+        stream
+            .write_all(upgrade_request_for(path, "").as_bytes())
+            .await
+            .expect("write handshake");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let (end, head) = within("101 response", async {
+            loop {
+                if let Some(head) = parse_head(&buf) {
+                    return head;
+                }
+                let n = stream.read(&mut chunk).await.expect("read handshake");
+                assert!(n > 0, "closed during the handshake");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        assert_eq!(head.status, 101, "handshake refused: {head:?}");
+        buf.drain(..end);
+        RawWs { stream, buf }
+    }
 }

@@ -13,7 +13,7 @@ use std::ops::Deref;
 
 use super::codec::{Deflater, InflateError, Inflater};
 use super::negotiate::Params;
-use crate::ws::frame::OpCode;
+use crate::ws::frame::{header_len, write_header, OpCode};
 use crate::ws::outbox::Outbox;
 
 /// Output buffers above this size are not kept for reuse.
@@ -148,6 +148,35 @@ impl ConnDeflate {
     pub fn shrink_idle(&mut self) {
         self.deflater = None;
     }
+}
+
+/// Compresses a broadcast message once for every connection that takes shared frames
+/// (no server context takeover, 15-bit window): the whole text frame with RSV1, or `None` when
+/// the message is under `threshold` or would not shrink.
+pub fn shared_frame(payload: &[u8], tuning: Tuning) -> Option<bytes::Bytes> {
+    if payload.len() < tuning.threshold {
+        return None;
+    }
+    SHARED.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = &mut *s;
+        if s.deflater_level != tuning.level {
+            s.deflaters = Default::default();
+            s.deflater_level = tuning.level;
+        }
+        s.compressed.clear();
+        s.deflaters[15 - 9]
+            .get_or_insert_with(|| Deflater::new(tuning.level, 15, false))
+            .compress(payload, &mut s.compressed);
+        if s.compressed.len() >= payload.len() {
+            return None;
+        }
+        let mut frame =
+            bytes::BytesMut::with_capacity(header_len(s.compressed.len()) + s.compressed.len());
+        write_header(&mut frame, true, true, OpCode::Text, s.compressed.len());
+        frame.extend_from_slice(&s.compressed);
+        Some(frame.freeze())
+    })
 }
 
 #[cfg(test)]

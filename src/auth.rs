@@ -1,0 +1,383 @@
+//! Client authentication: a JWT (PROTOCOL.md) in `?token=`, in `Authorization: Bearer`, or as
+//! the subprotocol `bearer.<token>`. Claims: `sub` (the user), `exp`, optional `channels`
+//! (topic patterns the user may subscribe to) and `publish` (patterns it may publish to); a
+//! pattern is a topic name, or a prefix ending in `*`. A missing list means no restriction.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use http::{header, HeaderMap, Uri};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Shared secret for HS256/HS384/HS512 tokens.
+    pub jwt_secret: Option<String>,
+    /// PEM public key for RS*/PS*/ES*/EdDSA tokens.
+    pub jwt_public_key: Option<PathBuf>,
+    /// `HS256`, `HS384`, `HS512`, `RS256`, `ES256`, `EdDSA`, …
+    pub jwt_algorithm: String,
+    /// Refuse WebSocket upgrades without a token (401). When false, clients without a token
+    /// are `anonymous`; a token that is present must still be valid.
+    pub required: bool,
+    /// Expected `aud`, when set.
+    pub audience: Option<String>,
+    /// Expected `iss`, when set.
+    pub issuer: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_algorithm: "HS256".into(),
+            required: false,
+            audience: None,
+            issuer: None,
+        }
+    }
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            return invalid(
+                "auth",
+                "set `jwt_secret` or `jwt_public_key`, not both".into(),
+            );
+        }
+        let alg: Algorithm = match self.jwt_algorithm.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                return invalid(
+                    "auth.jwt_algorithm",
+                    format!("{:?} is not a JWT algorithm", self.jwt_algorithm),
+                )
+            }
+        };
+        let hmac = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        if self.jwt_secret.is_some() && !hmac {
+            return invalid(
+                "auth.jwt_algorithm",
+                format!("{alg:?} needs `jwt_public_key`, not a secret"),
+            );
+        }
+        if self.jwt_public_key.is_some() && hmac {
+            return invalid(
+                "auth.jwt_algorithm",
+                format!("{alg:?} needs `jwt_secret`, not a public key"),
+            );
+        }
+        if self.jwt_secret.as_deref() == Some("") {
+            return invalid("auth.jwt_secret", "must not be empty".into());
+        }
+        if self.required && !self.enabled() {
+            return invalid(
+                "auth.required",
+                "needs `jwt_secret` or `jwt_public_key`".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Who a connection is and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: Arc<str>,
+    channels: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+}
+
+impl Identity {
+    pub fn may_subscribe(&self, topic: &str) -> bool {
+        allowed(self.channels.as_deref(), topic)
+    }
+
+    pub fn may_publish(&self, topic: &str) -> bool {
+        allowed(self.publish.as_deref(), topic)
+    }
+}
+
+fn allowed(patterns: Option<&[String]>, topic: &str) -> bool {
+    let Some(patterns) = patterns else {
+        return true;
+    };
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => topic.starts_with(prefix),
+        None => p == topic,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    publish: Option<Vec<String>>,
+}
+
+/// Why an upgrade was refused (401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// A token found in a request, and the subprotocol that carried it (to be echoed back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub token: String,
+    pub protocol: Option<String>,
+}
+
+/// Finds the token: `?token=`, then `Authorization: Bearer`, then a `bearer.<token>`
+/// subprotocol.
+pub fn find_token(uri: &Uri, headers: &HeaderMap) -> Option<Found> {
+    if let Some(q) = uri.query() {
+        if let Some((_, t)) = form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token") {
+            return Some(Found {
+                token: t.into_owned(),
+                protocol: None,
+            });
+        }
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(t) = bearer {
+        return Some(Found {
+            token: t.trim().to_owned(),
+            protocol: None,
+        });
+    }
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| {
+            p.strip_prefix("bearer.").map(|t| Found {
+                token: t.to_owned(),
+                protocol: Some(p.to_owned()),
+            })
+        })
+}
+
+/// Verifies tokens with the configured key.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    required: bool,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .field("required", &self.required)
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// `None` when authentication is off.
+    pub fn from_config(c: &AuthConfig) -> anyhow::Result<Option<Verifier>> {
+        if !c.enabled() {
+            return Ok(None);
+        }
+        let alg: Algorithm = c
+            .jwt_algorithm
+            .parse()
+            .map_err(|_| anyhow::anyhow!("auth.jwt_algorithm: unknown {:?}", c.jwt_algorithm))?;
+        let key = match (&c.jwt_secret, &c.jwt_public_key) {
+            (Some(s), _) => DecodingKey::from_secret(s.as_bytes()),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).with_context(|| {
+                    format!("auth.jwt_public_key: cannot read {}", path.display())
+                })?;
+                let key = match alg {
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+                    _ => DecodingKey::from_rsa_pem(&pem),
+                };
+                key.with_context(|| {
+                    format!(
+                        "auth.jwt_public_key: {} is not a {alg:?} public key",
+                        path.display()
+                    )
+                })?
+            }
+            (None, None) => return Ok(None),
+        };
+        let mut validation = Validation::new(alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &c.audience {
+            Some(a) => validation.set_audience(&[a]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(i) = &c.issuer {
+            validation.set_issuer(&[i]);
+        }
+        Ok(Some(Verifier {
+            key,
+            validation,
+            required: c.required,
+        }))
+    }
+
+    /// The identity for a request: `Ok(None)` for an anonymous client where that is allowed.
+    pub fn identify(&self, found: Option<&Found>) -> Result<Option<Identity>, AuthError> {
+        let Some(found) = found else {
+            return if self.required {
+                Err(AuthError::Missing)
+            } else {
+                Ok(None)
+            };
+        };
+        let data = jsonwebtoken::decode::<Claims>(&found.token, &self.key, &self.validation)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let c = data.claims;
+        Ok(Some(Identity {
+            user: c.sub.into(),
+            channels: c.channels,
+            publish: c.publish,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn verifier(required: bool) -> Verifier {
+        let c = AuthConfig {
+            jwt_secret: Some("s3cret".into()),
+            required,
+            ..AuthConfig::default()
+        };
+        Verifier::from_config(&c).unwrap().unwrap()
+    }
+
+    fn exp() -> u64 {
+        jsonwebtoken::get_current_timestamp() + 600
+    }
+
+    fn found(t: String) -> Found {
+        Found {
+            token: t,
+            protocol: None,
+        }
+    }
+
+    #[test]
+    fn valid_tokens_give_an_identity_with_its_permissions() {
+        let v = verifier(false);
+        let t = token(
+            "s3cret",
+            serde_json::json!({"sub": "user-7", "exp": exp(), "channels": ["news.*", "chat"], "publish": ["chat"]}),
+        );
+        let id = v.identify(Some(&found(t))).unwrap().unwrap();
+        assert_eq!(&*id.user, "user-7");
+        assert!(id.may_subscribe("news.eu") && id.may_subscribe("chat"));
+        assert!(!id.may_subscribe("chatter") && !id.may_subscribe("sports"));
+        assert!(id.may_publish("chat") && !id.may_publish("news.eu"));
+        let open = token("s3cret", serde_json::json!({"sub": "u", "exp": exp()}));
+        let id = v.identify(Some(&found(open))).unwrap().unwrap();
+        assert!(id.may_subscribe("anything") && id.may_publish("anything"));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        let v = verifier(false);
+        let wrong_key = token("other", serde_json::json!({"sub": "u", "exp": exp()}));
+        assert!(matches!(
+            v.identify(Some(&found(wrong_key))),
+            Err(AuthError::Invalid(_))
+        ));
+        let expired = token("s3cret", serde_json::json!({"sub": "u", "exp": 1000}));
+        assert!(matches!(
+            v.identify(Some(&found(expired))),
+            Err(AuthError::Invalid(_))
+        ));
+        let no_sub = token("s3cret", serde_json::json!({"exp": exp()}));
+        assert!(matches!(
+            v.identify(Some(&found(no_sub))),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            v.identify(Some(&found("garbage".into()))),
+            Err(AuthError::Invalid(_))
+        ));
+        assert_eq!(v.identify(None), Ok(None));
+        assert_eq!(verifier(true).identify(None), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let uri: Uri = "/ws?a=1&token=abc".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
+        assert_eq!(find_token(&uri, &h).unwrap().token, "abc");
+        let plain: Uri = "/ws".parse().unwrap();
+        assert_eq!(find_token(&plain, &h).unwrap().token, "xyz");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            "chat, bearer.tok.en.x".parse().unwrap(),
+        );
+        let f = find_token(&plain, &h).unwrap();
+        assert_eq!(f.token, "tok.en.x");
+        assert_eq!(f.protocol.as_deref(), Some("bearer.tok.en.x"));
+        assert_eq!(find_token(&plain, &HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(AuthConfig::default().validate().is_ok());
+        let both = AuthConfig {
+            jwt_secret: Some("a".into()),
+            jwt_public_key: Some("k.pem".into()),
+            ..AuthConfig::default()
+        };
+        assert!(both.validate().is_err());
+        let mismatch = AuthConfig {
+            jwt_secret: Some("a".into()),
+            jwt_algorithm: "RS256".into(),
+            ..AuthConfig::default()
+        };
+        assert!(mismatch.validate().is_err());
+        let required_without_key = AuthConfig {
+            required: true,
+            ..AuthConfig::default()
+        };
+        assert!(required_without_key.validate().is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! The rooms HTTP API for backends (PROTOCOL.md): `POST /api/publish`, `GET /api/presence`,
+//! `GET /api/history`. Requests are checked here and answered by the topic's home shard.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+
+use super::Body;
+use crate::hub::proto::json_str;
+use crate::hub::{ApiAnswer, HubMsg, Reply};
+use crate::runtime::shard::Shard;
+
+/// A refused request: status, machine-readable code, text.
+struct ApiError(StatusCode, &'static str, String);
+
+type ApiResult = Result<Response<Body>, ApiError>;
+
+/// Answers one `/api/*` request.
+pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
+    let res = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/api/publish") => publish(&shard, req).await,
+        (&Method::GET, "/api/presence") => presence(&shard, &req).await,
+        (&Method::GET, "/api/history") => history(&shard, &req).await,
+        (_, "/api/publish" | "/api/presence" | "/api/history") => Err(ApiError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} is not allowed here", req.method()),
+        )),
+        _ => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such API".into(),
+        )),
+    };
+    res.unwrap_or_else(|ApiError(status, code, text)| {
+        json(
+            status,
+            format!("{{\"error\":{},\"code\":\"{code}\"}}", json_str(&text)),
+        )
+    })
+}
+
+fn bad(code: &'static str, text: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, code, text.into())
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Compares without stopping at the first difference (no timing hint about the key).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(shard: &Shard, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(key) = shard.global.config.rooms.api_key.as_deref() else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same_secret(g.trim().as_bytes(), key.as_bytes()) => Ok(()),
+        _ => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "forbidden",
+            "a valid `Authorization: Bearer KEY` is required".into(),
+        )),
+    }
+}
+
+fn check_topic<'a>(shard: &Shard, topic: Option<&'a str>) -> Result<&'a str, ApiError> {
+    let max = shard.global.config.rooms.max_topic_length;
+    match topic {
+        None | Some("") => Err(bad("missing_field", "topic is required")),
+        Some(t) if t.len() > max => Err(bad(
+            "too_large",
+            format!("topic is longer than {max} bytes"),
+        )),
+        Some(t) => Ok(t),
+    }
+}
+
+/// Sends `msg` to the topic's home shard and waits for its answer.
+async fn ask(
+    shard: &Shard,
+    topic: &str,
+    make: impl FnOnce(Reply) -> HubMsg,
+) -> Result<ApiAnswer, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    shard.hub.borrow_mut().route(topic, make(Reply::Http(tx)));
+    rx.await.map_err(|_| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "the topic's shard is not available".into(),
+        )
+    })
+}
+
+async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+    authorize(shard, &req)?;
+    let cfg = &shard.global.config.rooms;
+    // Room for the envelope around the largest allowed `data`.
+    let limit = cfg.max_data_size + cfg.max_topic_length + 4096;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body is larger than {limit} bytes"),
+            ))
+        }
+        Err(_) => return Err(bad("bad_json", "could not read the body")),
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
+    let serde_json::Value::Object(obj) = v else {
+        return Err(bad("bad_json", "body must be a JSON object"));
+    };
+    let topic = match obj.get("topic") {
+        None => None,
+        Some(t) => Some(
+            t.as_str()
+                .ok_or_else(|| bad("missing_field", "topic must be a string"))?,
+        ),
+    };
+    let topic = check_topic(shard, topic)?;
+    let kind = match obj.get("type") {
+        None | Some(serde_json::Value::Null) => "message",
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s,
+        Some(_) => return Err(bad("missing_field", "type must be a non-empty string")),
+    };
+    let data = obj
+        .get("data")
+        .ok_or_else(|| bad("missing_field", "data is required"))?
+        .to_string();
+    if data.len() > cfg.max_data_size {
+        return Err(bad(
+            "too_large",
+            format!("data is larger than {} bytes", cfg.max_data_size),
+        ));
+    }
+    let answer = ask(shard, topic, |reply| HubMsg::Publish {
+        topic: topic.into(),
+        kind: kind.into(),
+        data: data.into(),
+        from: None,
+        reply,
+    })
+    .await?;
+    match answer {
+        ApiAnswer::Published { seq } => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
+        ApiAnswer::Json(_) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected answer".into(),
+        )),
+    }
+}
+
+/// The query parameters of `req`, decoded.
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn number(q: &[(String, String)], key: &str) -> Result<Option<u64>, ApiError> {
+    param(q, key)
+        .map(|v| {
+            v.parse().map_err(|_| {
+                bad(
+                    "missing_field",
+                    format!("{key} must be a non-negative integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+async fn presence(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
+    let q = query(req);
+    let topic = check_topic(shard, param(&q, "topic"))?;
+    match ask(shard, topic, |reply| HubMsg::Presence {
+        topic: topic.into(),
+        reply,
+    })
+    .await?
+    {
+        ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
+        ApiAnswer::Published { .. } => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected answer".into(),
+        )),
+    }
+}
+
+async fn history(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
+    let q = query(req);
+    let topic = check_topic(shard, param(&q, "topic"))?;
+    let since = number(&q, "since")?.unwrap_or(0);
+    let max = shard.global.config.rooms.history_size;
+    let limit = number(&q, "limit")?.map_or(max, |l| (l as usize).min(max));
+    match ask(shard, topic, |reply| HubMsg::History {
+        topic: topic.into(),
+        since,
+        limit,
+        reply,
+    })
+    .await?
+    {
+        ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
+        ApiAnswer::Published { .. } => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected answer".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secret_comparison() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+        assert!(!same_secret(b"", b"a"));
+    }
+}

@@ -1,0 +1,140 @@
+//! The `[rooms]` table: history, presence, limits, the publish API key.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rooms {
+    /// Serve `/ws` and the `/api/*` endpoints.
+    pub enabled: bool,
+    /// Messages kept per topic for `history` and recovery; 0 keeps none.
+    pub history_size: usize,
+    /// Seconds a message stays in history.
+    pub history_ttl: f64,
+    /// Bytes of history all topics together may hold (split evenly over the shards); the
+    /// oldest messages go first when it is full.
+    pub history_max_bytes: usize,
+    /// Send `join`/`leave` events to subscribers.
+    pub presence_events: bool,
+    /// Topics starting with one of these never emit `join`/`leave`.
+    pub presence_events_off: Vec<String>,
+    /// Rooms with more members than this stop emitting `join`/`leave` (they would dwarf the
+    /// room's own traffic); presence queries still work.
+    pub presence_events_max_members: usize,
+    /// Topics one connection may subscribe to at once.
+    pub max_topics_per_connection: usize,
+    /// Longest topic name, in bytes.
+    pub max_topic_length: usize,
+    /// Largest `data` of a publish, in bytes of JSON.
+    pub max_data_size: usize,
+    /// Publishes per second one connection may make (token bucket refill rate); 0 = no limit.
+    pub publish_rate: f64,
+    /// Publishes one connection may make in a burst (bucket size).
+    pub publish_burst: f64,
+    /// Bearer key `POST /api/publish` needs; unset = no key (bind to a private address then).
+    pub api_key: Option<String>,
+}
+
+impl Default for Rooms {
+    fn default() -> Self {
+        Rooms {
+            enabled: true,
+            history_size: 100,
+            history_ttl: 300.0,
+            history_max_bytes: 64 << 20,
+            presence_events: true,
+            presence_events_off: Vec::new(),
+            presence_events_max_members: 1000,
+            max_topics_per_connection: 100,
+            max_topic_length: 128,
+            max_data_size: 64 * 1024,
+            publish_rate: 50.0,
+            publish_burst: 100.0,
+            api_key: None,
+        }
+    }
+}
+
+impl Rooms {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        if !self.history_ttl.is_finite() || self.history_ttl <= 0.0 {
+            return invalid(
+                "rooms.history_ttl",
+                format!("{} is not a positive number of seconds", self.history_ttl),
+            );
+        }
+        if !self.publish_rate.is_finite() || self.publish_rate < 0.0 {
+            return invalid(
+                "rooms.publish_rate",
+                format!("{} is not a rate (0 = unlimited)", self.publish_rate),
+            );
+        }
+        if self.publish_rate > 0.0 && !(self.publish_burst >= 1.0 && self.publish_burst.is_finite())
+        {
+            return invalid(
+                "rooms.publish_burst",
+                format!("{} must be at least 1", self.publish_burst),
+            );
+        }
+        if self.max_topic_length == 0 || self.max_topics_per_connection == 0 {
+            return invalid(
+                "rooms.max_topic_length",
+                "topic limits must be above 0".into(),
+            );
+        }
+        if self.api_key.as_deref() == Some("") {
+            return invalid("rooms.api_key", "must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `topic` emits `join`/`leave` with `members` members.
+    pub fn presence_events_for(&self, topic: &str, members: usize) -> bool {
+        self.presence_events
+            && members <= self.presence_events_max_members
+            && !self
+                .presence_events_off
+                .iter()
+                .any(|p| topic.starts_with(p.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_event_switches() {
+        let r = Rooms {
+            presence_events_off: vec!["ticker.".into()],
+            presence_events_max_members: 2,
+            ..Rooms::default()
+        };
+        assert!(r.presence_events_for("chat", 2));
+        assert!(!r.presence_events_for("chat", 3));
+        assert!(!r.presence_events_for("ticker.btc", 1));
+        let off = Rooms {
+            presence_events: false,
+            ..Rooms::default()
+        };
+        assert!(!off.presence_events_for("chat", 1));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(Rooms::default().validate().is_ok());
+        let bad = Rooms {
+            history_ttl: 0.0,
+            ..Rooms::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = Rooms {
+            publish_burst: 0.5,
+            ..Rooms::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

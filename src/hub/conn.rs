@@ -1,0 +1,280 @@
+//! A `/ws` connection: parses client requests, enforces the per-connection limits, and turns
+//! requests into hub calls. Replies to client errors go straight to the connection; everything
+//! the home shard answers arrives through the connection's mailbox.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::proto::{self, ClientError, Code, Request};
+use super::room::Member;
+use super::{ConnRef, HubMsg, Reply};
+use crate::auth::Identity;
+use crate::limits::TokenBucket;
+use crate::runtime::shard::{ConnEntry, Shard};
+use crate::ws::mailbox::Takes;
+use crate::ws::session::{Close, Handler, Message, Sink};
+
+/// A subscription's state on the subscriber's shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sub {
+    /// Asked the home shard; not on the delivery list yet.
+    Pending,
+    /// On the delivery list under this key.
+    Active(usize),
+}
+
+/// What the hub knows of a `/ws` connection.
+pub struct RoomConn {
+    pub entry: Rc<ConnEntry>,
+    pub client_id: Arc<str>,
+    pub user: Arc<str>,
+    pub topics: RefCell<HashMap<Arc<str>, Sub>>,
+}
+
+impl RoomConn {
+    pub fn member(&self) -> Member {
+        Member {
+            client_id: self.client_id.clone(),
+            user: self.user.clone(),
+            joined_at: proto::now(),
+        }
+    }
+
+    pub fn shared_deflate(&self) -> bool {
+        self.entry.mailbox.takes() == Takes::SharedDeflate
+    }
+
+    /// Who published: the user when authenticated, else the connection.
+    fn from(&self) -> Arc<str> {
+        if &*self.user == ANONYMOUS {
+            self.client_id.clone()
+        } else {
+            self.user.clone()
+        }
+    }
+}
+
+/// The `user` of a connection without authentication.
+pub const ANONYMOUS: &str = "anonymous";
+
+thread_local! {
+    /// simd-json parses in place: requests are copied here first.
+    static PARSE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The `/ws` endpoint's session handler.
+pub struct Rooms {
+    shard: Rc<Shard>,
+    conn: Rc<RoomConn>,
+    publishes: TokenBucket,
+    /// Permissions from the token; `None` for anonymous clients (no restriction).
+    identity: Option<Identity>,
+}
+
+impl Rooms {
+    pub fn new(shard: Rc<Shard>, entry: Rc<ConnEntry>, identity: Option<Identity>) -> Rooms {
+        let cfg = &shard.global.config.rooms;
+        let publishes = TokenBucket::new(cfg.publish_rate, cfg.publish_burst, Instant::now());
+        let conn = Rc::new(RoomConn {
+            client_id: format!("{:x}", entry.id).into(),
+            user: identity
+                .as_ref()
+                .map_or_else(|| ANONYMOUS.into(), |i| i.user.clone()),
+            entry,
+            topics: RefCell::new(HashMap::new()),
+        });
+        Rooms {
+            shard,
+            conn,
+            publishes,
+            identity,
+        }
+    }
+
+    fn me(&self) -> ConnRef {
+        ConnRef {
+            shard: self.shard.id,
+            conn: self.conn.entry.id,
+        }
+    }
+
+    fn request(
+        &mut self,
+        id: Option<String>,
+        req: Request<'_>,
+        out: &mut Sink<'_>,
+    ) -> Result<(), ClientError> {
+        let cfg = &self.shard.global.config.rooms;
+        if let Some(topic) = req.topic() {
+            if topic.len() > cfg.max_topic_length {
+                return Err(ClientError::new(
+                    Code::TooLarge,
+                    format!("topic is longer than {} bytes", cfg.max_topic_length),
+                ));
+            }
+        }
+        let mut hub = self.shard.hub.borrow_mut();
+        match req {
+            Request::Subscribe {
+                topic,
+                since,
+                epoch,
+            } => {
+                if self
+                    .identity
+                    .as_ref()
+                    .is_some_and(|i| !i.may_subscribe(topic))
+                {
+                    return Err(forbidden("subscribe to", topic));
+                }
+                let topics = self.conn.topics.borrow().len();
+                if topics >= cfg.max_topics_per_connection && !self.subscribed(topic) {
+                    return Err(ClientError::new(
+                        Code::TooLarge,
+                        format!(
+                            "a connection may subscribe to at most {} topics",
+                            cfg.max_topics_per_connection
+                        ),
+                    ));
+                }
+                hub.subscribe(&self.conn, topic, since, epoch, id);
+            }
+            Request::Unsubscribe { topic } => {
+                if !hub.unsubscribe(&self.conn, topic) {
+                    return Err(ClientError::new(
+                        Code::NotSubscribed,
+                        format!("not subscribed to {}", proto::json_str(topic)),
+                    ));
+                }
+                if id.is_some() {
+                    out.text(proto::unsubscribed(topic, id.as_deref()).as_bytes());
+                }
+            }
+            Request::Publish { topic, kind, data } => {
+                if self
+                    .identity
+                    .as_ref()
+                    .is_some_and(|i| !i.may_publish(topic))
+                {
+                    return Err(forbidden("publish to", topic));
+                }
+                if data.len() > cfg.max_data_size {
+                    return Err(ClientError::new(
+                        Code::TooLarge,
+                        format!("data is larger than {} bytes", cfg.max_data_size),
+                    ));
+                }
+                if !self.publishes.try_take(Instant::now()) {
+                    return Err(ClientError::new(
+                        Code::RateLimited,
+                        format!("more than {} publishes per second", cfg.publish_rate),
+                    ));
+                }
+                let reply = Reply::Conn { to: self.me(), id };
+                let msg = HubMsg::Publish {
+                    topic: topic.into(),
+                    kind: kind.into(),
+                    data: data.into(),
+                    from: Some(self.conn.from()),
+                    reply,
+                };
+                hub.route(topic, msg);
+            }
+            Request::Presence { topic } => {
+                let msg = HubMsg::Presence {
+                    topic: topic.into(),
+                    reply: Reply::Conn { to: self.me(), id },
+                };
+                hub.route(topic, msg);
+            }
+            Request::History {
+                topic,
+                since,
+                limit,
+            } => {
+                let max = cfg.history_size;
+                let limit = limit.map_or(max, |l| (l as usize).min(max));
+                let msg = HubMsg::History {
+                    topic: topic.into(),
+                    since: since.unwrap_or(0),
+                    limit,
+                    reply: Reply::Conn { to: self.me(), id },
+                };
+                hub.route(topic, msg);
+            }
+            Request::Ping => out.text(proto::pong(id.as_deref()).as_bytes()),
+        }
+        Ok(())
+    }
+
+    fn subscribed(&self, topic: &str) -> bool {
+        self.conn.topics.borrow().contains_key(topic)
+    }
+}
+
+fn forbidden(what: &str, topic: &str) -> ClientError {
+    ClientError::new(
+        Code::Forbidden,
+        format!(
+            "the token does not allow to {what} {}",
+            proto::json_str(topic)
+        ),
+    )
+}
+
+impl Handler for Rooms {
+    fn on_open(&mut self, out: &mut Sink<'_>) {
+        out.text(proto::connected(&self.conn.client_id).as_bytes());
+        self.shard.hub.borrow_mut().attach(self.conn.clone());
+    }
+
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+        let Message::Text(text) = msg else {
+            let e = ClientError::new(Code::BadJson, "messages are JSON text frames");
+            out.text(proto::error(&e, None).as_bytes());
+            return Ok(());
+        };
+        PARSE_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            buf.extend_from_slice(text);
+            proto::parse(&mut buf, |id, req| {
+                let res = req.and_then(|r| self.request(id.clone(), r, out));
+                if let Err(e) = res {
+                    out.text(proto::error(&e, id.as_deref()).as_bytes());
+                }
+            });
+            if buf.capacity() > 1 << 20 {
+                *buf = Vec::new();
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Drop for Rooms {
+    fn drop(&mut self) {
+        // The connection is gone, cleanly or not: leave every topic exactly once.
+        match self.shard.hub.try_borrow_mut() {
+            Ok(mut hub) => hub.detach(self.conn.entry.id),
+            Err(_) => tracing::error!("rooms connection dropped while the hub was busy"),
+        }
+    }
+}
+
+impl Request<'_> {
+    /// The topic the request names, if any.
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Request::Subscribe { topic, .. }
+            | Request::Unsubscribe { topic }
+            | Request::Publish { topic, .. }
+            | Request::Presence { topic }
+            | Request::History { topic, .. } => Some(topic),
+            Request::Ping => None,
+        }
+    }
+}

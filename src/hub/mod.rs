@@ -1,0 +1,693 @@
+//! Rooms: topics with ordered delivery, presence and history (PROTOCOL.md `/ws`, `/api/*`).
+//!
+//! Every topic has a home shard (a hash of its name). The home shard alone assigns `seq`, keeps
+//! history and presence, so ordering needs no lock. A publish on any shard goes to the home
+//! shard, which encodes the frame once (and a compressed variant once, when some subscriber
+//! takes it) and sends the shared bytes to each shard with subscribers; each of those queues it
+//! for its own subscribers. Shards talk over their control channels ([`HubMsg`]); a message for
+//! the shard itself is handled in place.
+//!
+//! Subscribing is atomic with respect to live messages without any lock: the subscriber's shard
+//! asks the home shard, which answers with the `subscribed` reply and the replayed history; the
+//! subscriber joins its shard's delivery list only when that answer arrives. Deliveries travel
+//! the same FIFO channel as the answer, so everything before it was covered by the replay and
+//! everything after it is live: no gap, no duplicate.
+
+pub mod config;
+pub mod conn;
+pub mod proto;
+pub mod room;
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use slab::Slab;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics as m;
+use crate::runtime::shard::{ConnEntry, Control};
+use crate::ws::deflate::{self, Tuning};
+use crate::ws::frame::{header_len, write_frame, OpCode};
+use crate::ws::mailbox::{Broadcast, Outgoing};
+use conn::RoomConn;
+use room::{Member, Recovery, Room, Stored};
+
+/// Which shard is home to `topic` (the same answer on every shard).
+pub fn home_of(topic: &str, shards: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    topic.hash(&mut h);
+    (h.finish() % shards.max(1) as u64) as usize
+}
+
+/// Where a connection lives: its shard and its connection id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    pub shard: usize,
+    pub conn: u64,
+}
+
+/// Who gets the answer to a request handled on the home shard.
+#[derive(Debug)]
+pub enum Reply {
+    /// Nobody (a publish without `id`).
+    None,
+    /// A WebSocket client; `id` is echoed (JSON text).
+    Conn { to: ConnRef, id: Option<String> },
+    /// An HTTP request of `/api/*`.
+    Http(oneshot::Sender<ApiAnswer>),
+}
+
+/// The home shard's answer to an `/api/*` request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ApiAnswer {
+    Published {
+        seq: u64,
+    },
+    /// A JSON document.
+    Json(String),
+}
+
+/// Messages between shards about rooms.
+#[derive(Debug)]
+pub enum HubMsg {
+    // To a topic's home shard.
+    Subscribe {
+        topic: Arc<str>,
+        from: ConnRef,
+        member: Member,
+        since: Option<u64>,
+        epoch: Option<String>,
+        id: Option<String>,
+        shared_deflate: bool,
+    },
+    Unsubscribe {
+        topic: Arc<str>,
+        from: ConnRef,
+        shared_deflate: bool,
+    },
+    Publish {
+        topic: Arc<str>,
+        kind: Box<str>,
+        /// JSON text.
+        data: Box<str>,
+        from: Option<Arc<str>>,
+        reply: Reply,
+    },
+    Presence {
+        topic: Arc<str>,
+        reply: Reply,
+    },
+    History {
+        topic: Arc<str>,
+        since: u64,
+        limit: usize,
+        reply: Reply,
+    },
+    // To a subscriber's shard.
+    /// The answer to `Subscribe`: the reply, then the replay, then live messages.
+    Subscribed {
+        topic: Arc<str>,
+        conn: u64,
+        reply: Bytes,
+        replay: Vec<Broadcast>,
+    },
+    /// A message for every subscriber of `topic` on the receiving shard.
+    Deliver {
+        topic: Arc<str>,
+        msg: Broadcast,
+        /// When the home shard took the publish (publish-to-queue latency).
+        at: Instant,
+    },
+    /// A reply for one connection (JSON text).
+    Reply {
+        conn: u64,
+        text: Bytes,
+    },
+}
+
+/// One shard's part of the rooms: the rooms homed here, and this shard's subscribers.
+pub struct Hub {
+    shard: usize,
+    shards: usize,
+    cfg: config::Rooms,
+    tuning: Tuning,
+    /// `max_outbound_bytes`.
+    limit: usize,
+    senders: Vec<mpsc::UnboundedSender<Control>>,
+    // Home side.
+    rooms: HashMap<Arc<str>, Room>,
+    /// History in the order it was recorded, over all rooms homed here, for the byte budget and
+    /// TTL. Entries a room already dropped (its count cap) are skipped when met.
+    recorded: VecDeque<(Arc<str>, u64)>,
+    history_bytes: usize,
+    history_budget: usize,
+    epochs: u64,
+    // Subscriber side.
+    /// This shard's subscribers per topic.
+    local: HashMap<Arc<str>, Slab<Rc<ConnEntry>>>,
+    /// This shard's `/ws` connections, for replies by id.
+    conns: HashMap<u64, Rc<RoomConn>>,
+    subscriptions: usize,
+}
+
+impl Hub {
+    pub fn new(
+        shard: usize,
+        shards: usize,
+        cfg: config::Rooms,
+        tuning: Tuning,
+        limit: usize,
+    ) -> Hub {
+        let history_budget = cfg.history_max_bytes / shards.max(1);
+        Hub {
+            shard,
+            shards: shards.max(1),
+            cfg,
+            tuning,
+            limit,
+            senders: Vec::new(),
+            rooms: HashMap::new(),
+            recorded: VecDeque::new(),
+            history_bytes: 0,
+            history_budget,
+            epochs: 0,
+            local: HashMap::new(),
+            conns: HashMap::new(),
+            subscriptions: 0,
+        }
+    }
+
+    /// The channels to every shard (set once all shards exist).
+    pub fn set_senders(&mut self, senders: Vec<mpsc::UnboundedSender<Control>>) {
+        self.senders = senders;
+    }
+
+    pub fn config(&self) -> &config::Rooms {
+        &self.cfg
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    pub fn home_of(&self, topic: &str) -> usize {
+        home_of(topic, self.shards)
+    }
+
+    /// Sends `msg` to shard `to`; a message for this shard is handled right away.
+    pub fn send(&mut self, to: usize, msg: HubMsg) {
+        if to == self.shard {
+            return self.handle(msg);
+        }
+        match self.senders.get(to) {
+            Some(tx) => {
+                if tx.send(Control::Hub(msg)).is_err() {
+                    tracing::debug!(shard = to, "hub message to a stopped shard dropped");
+                }
+            }
+            None => tracing::error!(shard = to, "hub message to an unknown shard"),
+        }
+    }
+
+    /// Sends `msg` to the home shard of its topic.
+    pub fn route(&mut self, topic: &str, msg: HubMsg) {
+        let home = self.home_of(topic);
+        self.send(home, msg)
+    }
+
+    pub fn handle(&mut self, msg: HubMsg) {
+        match msg {
+            HubMsg::Subscribe {
+                topic,
+                from,
+                member,
+                since,
+                epoch,
+                id,
+                shared_deflate,
+            } => self.home_subscribe(topic, from, member, since, epoch, id, shared_deflate),
+            HubMsg::Unsubscribe {
+                topic,
+                from,
+                shared_deflate,
+            } => self.home_unsubscribe(topic, from, shared_deflate),
+            HubMsg::Publish {
+                topic,
+                kind,
+                data,
+                from,
+                reply,
+            } => self.home_publish(topic, &kind, &data, from.as_deref(), reply),
+            HubMsg::Presence { topic, reply } => self.home_presence(topic, reply),
+            HubMsg::History {
+                topic,
+                since,
+                limit,
+                reply,
+            } => self.home_history(topic, since, limit, reply),
+            HubMsg::Subscribed {
+                topic,
+                conn,
+                reply,
+                replay,
+            } => self.local_subscribed(topic, conn, reply, replay),
+            HubMsg::Deliver { topic, msg, at } => self.local_deliver(&topic, &msg, at),
+            HubMsg::Reply { conn, text } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    c.entry.send(Outgoing::Text(text), self.limit);
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, reply: Reply, text: String, api: ApiAnswer) {
+        match reply {
+            Reply::None => {}
+            Reply::Conn { to, .. } => self.send(
+                to.shard,
+                HubMsg::Reply {
+                    conn: to.conn,
+                    text: Bytes::from(text),
+                },
+            ),
+            Reply::Http(tx) => {
+                let _ = tx.send(api);
+            }
+        }
+    }
+
+    /// The room of `topic`, created (with a new epoch) when it has no state.
+    fn room(&mut self, topic: &Arc<str>) -> &mut Room {
+        let (epochs, shard, shards) = (&mut self.epochs, self.shard, self.shards);
+        self.rooms.entry(topic.clone()).or_insert_with(|| {
+            // An epoch names one lifetime of a topic's history: unique per process run too.
+            *epochs += 1;
+            let h = std::collections::hash_map::RandomState::new().hash_one((
+                shard,
+                *epochs,
+                std::time::SystemTime::now(),
+            ));
+            Room::new(format!("{h:016x}").into(), shards)
+        })
+    }
+
+    /// Broadcasts a presence event to the room's subscribers, when the room emits them.
+    fn presence_event(&mut self, topic: &Arc<str>, kind: &str, member: &Member) {
+        let Some(room) = self.rooms.get(topic) else {
+            return;
+        };
+        if !self.cfg.presence_events_for(topic, room.member_count()) {
+            return;
+        }
+        let text = proto::presence_event(kind, topic, &member.client_id, &member.user);
+        let msg = Broadcast {
+            frame: text_frame(text.as_bytes()),
+            deflated: None,
+        };
+        let shards: Vec<usize> = room.subscriber_shards().collect();
+        self.fan_out(topic, &shards, msg);
+    }
+
+    fn fan_out(&mut self, topic: &Arc<str>, shards: &[usize], msg: Broadcast) {
+        let at = Instant::now();
+        for &s in shards {
+            self.send(
+                s,
+                HubMsg::Deliver {
+                    topic: topic.clone(),
+                    msg: msg.clone(),
+                    at,
+                },
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn home_subscribe(
+        &mut self,
+        topic: Arc<str>,
+        from: ConnRef,
+        member: Member,
+        since: Option<u64>,
+        epoch: Option<String>,
+        id: Option<String>,
+        shared_deflate: bool,
+    ) {
+        let joined = self
+            .room(&topic)
+            .join(from.shard, from.conn, member.clone(), shared_deflate);
+        // Others hear of the join before the new member is on any delivery list.
+        if joined {
+            self.presence_event(&topic, "join", &member);
+        }
+        let room = self.room(&topic);
+        let recovery = room.recover(since, epoch.as_deref());
+        let recovered = match &recovery {
+            Recovery::NotAsked => None,
+            Recovery::Replay(_) => Some(true),
+            Recovery::Lost => Some(false),
+        };
+        let replay = match recovery {
+            Recovery::Replay(seqs) => seqs
+                .iter()
+                .filter_map(|s| room.stored(*s).map(|e| e.msg.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let reply = proto::subscribed(&topic, room.seq, &room.epoch, recovered, id.as_deref());
+        self.send(
+            from.shard,
+            HubMsg::Subscribed {
+                topic,
+                conn: from.conn,
+                reply: Bytes::from(reply),
+                replay,
+            },
+        );
+    }
+
+    fn home_unsubscribe(&mut self, topic: Arc<str>, from: ConnRef, shared_deflate: bool) {
+        let Some(room) = self.rooms.get_mut(&topic) else {
+            return;
+        };
+        if let Some(member) = room.leave(from.shard, from.conn, shared_deflate) {
+            self.presence_event(&topic, "leave", &member);
+        }
+        self.free_if_idle(&topic);
+    }
+
+    fn free_if_idle(&mut self, topic: &Arc<str>) {
+        if self.rooms.get(topic).is_some_and(|r| r.is_idle()) {
+            self.rooms.remove(topic);
+        }
+    }
+
+    fn home_publish(
+        &mut self,
+        topic: Arc<str>,
+        kind: &str,
+        data: &str,
+        from: Option<&str>,
+        reply: Reply,
+    ) {
+        let at = Instant::now();
+        let (tuning, cap) = (self.tuning, self.cfg.history_size);
+        let room = self.room(&topic);
+        let seq = room.next_seq();
+        let text = proto::room_message(kind, &topic, seq, data, from);
+        let payload = text.as_bytes();
+        let msg = Broadcast {
+            frame: text_frame(payload),
+            deflated: if room.shared_deflate > 0 {
+                deflate::conn::shared_frame(payload, tuning)
+            } else {
+                None
+            },
+        };
+        let shards: Vec<usize> = room.subscriber_shards().collect();
+        if cap > 0 {
+            let stored = Stored {
+                seq,
+                at,
+                msg: msg.clone(),
+            };
+            let added = stored.size();
+            let freed = room.record(stored, cap);
+            self.history_bytes = self.history_bytes + added - freed;
+            self.recorded.push_back((topic.clone(), seq));
+            self.enforce_budget();
+        }
+        ::metrics::counter!(m::PUBLISHED).increment(1);
+        self.fan_out(&topic, &shards, msg);
+        // No history kept and nobody listening: nothing to remember.
+        self.free_if_idle(&topic);
+        let ack = match &reply {
+            Reply::Conn { id: Some(id), .. } => proto::ack(id, seq),
+            Reply::Conn { id: None, .. } => return,
+            _ => String::new(),
+        };
+        self.answer(reply, ack, ApiAnswer::Published { seq });
+    }
+
+    /// Drops the oldest history over all rooms until the shard is within its byte budget.
+    fn enforce_budget(&mut self) {
+        while self.history_bytes > self.history_budget {
+            let Some((topic, seq)) = self.recorded.pop_front() else {
+                break;
+            };
+            self.drop_recorded(&topic, seq);
+        }
+        // Entries a room dropped by its count cap are stale here: compact now and then so the
+        // queue stays proportional to what is held.
+        if self.recorded.len() > 1024 && self.recorded.len() > 2 * self.history_entries() {
+            let rooms = &self.rooms;
+            self.recorded.retain(|(t, s)| {
+                rooms
+                    .get(t)
+                    .and_then(|r| r.oldest())
+                    .is_some_and(|o| o.seq <= *s)
+            });
+        }
+    }
+
+    fn history_entries(&self) -> usize {
+        // Counted lazily: only when the recorded queue looks too long.
+        self.rooms
+            .values()
+            .map(|r| r.oldest().map_or(0, |o| (r.seq - o.seq + 1) as usize))
+            .sum()
+    }
+
+    /// Drops history entry `seq` of `topic` if it is still the room's oldest.
+    fn drop_recorded(&mut self, topic: &Arc<str>, seq: u64) {
+        let Some(room) = self.rooms.get_mut(topic) else {
+            return;
+        };
+        if room.oldest().is_some_and(|o| o.seq == seq) {
+            if let Some(freed) = room.pop_oldest() {
+                self.history_bytes -= freed;
+            }
+        }
+        self.free_if_idle(topic);
+    }
+
+    fn home_presence(&mut self, topic: Arc<str>, reply: Reply) {
+        let members = match self.rooms.get(&topic) {
+            Some(room) => {
+                let list: Vec<String> = room
+                    .members()
+                    .map(|m| proto::member(&m.client_id, &m.user, m.joined_at))
+                    .collect();
+                format!("[{}]", list.join(","))
+            }
+            None => "[]".into(),
+        };
+        let (ws, api) = match &reply {
+            Reply::Conn { id, .. } => (proto::presence(&topic, &members, id.as_deref()), None),
+            _ => (
+                String::new(),
+                Some(format!(
+                    "{{\"topic\":{},\"members\":{members}}}",
+                    proto::json_str(&topic)
+                )),
+            ),
+        };
+        self.answer(reply, ws, ApiAnswer::Json(api.unwrap_or_default()));
+    }
+
+    fn home_history(&mut self, topic: Arc<str>, since: u64, limit: usize, reply: Reply) {
+        let (epoch, messages) = match self.rooms.get(&topic) {
+            Some(room) => {
+                let list: Vec<&[u8]> = room
+                    .history_after(since, limit)
+                    .map(|e| &e.msg.frame[crate::ws::frame::payload_offset(&e.msg.frame)..])
+                    .collect();
+                let mut s = String::from("[");
+                for (i, p) in list.iter().enumerate() {
+                    if i > 0 {
+                        s.push(',');
+                    }
+                    s.push_str(std::str::from_utf8(p).unwrap_or("null"));
+                }
+                s.push(']');
+                (room.epoch.to_string(), s)
+            }
+            // A topic never published to has no epoch yet: say so with an empty one.
+            None => (String::new(), "[]".into()),
+        };
+        let (ws, api) = match &reply {
+            Reply::Conn { id, .. } => (
+                proto::history(&topic, &epoch, &messages, id.as_deref()),
+                String::new(),
+            ),
+            _ => (
+                String::new(),
+                format!(
+                    "{{\"topic\":{},\"epoch\":{},\"messages\":{messages}}}",
+                    proto::json_str(&topic),
+                    proto::json_str(&epoch)
+                ),
+            ),
+        };
+        self.answer(reply, ws, ApiAnswer::Json(api));
+    }
+
+    // ---- Subscriber side ------------------------------------------------------------------
+
+    /// A `/ws` connection opened on this shard.
+    pub fn attach(&mut self, conn: Rc<RoomConn>) {
+        self.conns.insert(conn.entry.id, conn);
+    }
+
+    /// A `/ws` connection closed: it leaves every topic (each `leave` is emitted once).
+    pub fn detach(&mut self, conn_id: u64) {
+        let Some(conn) = self.conns.remove(&conn_id) else {
+            return;
+        };
+        let topics: Vec<Arc<str>> = conn.topics.borrow().keys().cloned().collect();
+        for t in topics {
+            self.unsubscribe(&conn, &t);
+        }
+    }
+
+    /// Starts a subscription: the connection is pending until the home shard answers.
+    pub fn subscribe(
+        &mut self,
+        conn: &RoomConn,
+        topic: &str,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        id: Option<String>,
+    ) {
+        let topic: Arc<str> = topic.into();
+        // A repeated subscribe keeps the subscription as it is; the home shard answers again.
+        conn.topics
+            .borrow_mut()
+            .entry(topic.clone())
+            .or_insert(conn::Sub::Pending);
+        let msg = HubMsg::Subscribe {
+            topic: topic.clone(),
+            from: ConnRef {
+                shard: self.shard,
+                conn: conn.entry.id,
+            },
+            member: conn.member(),
+            since,
+            epoch: epoch.map(str::to_owned),
+            id,
+            shared_deflate: conn.shared_deflate(),
+        };
+        self.route(&topic, msg);
+    }
+
+    /// Ends a subscription; false when the connection was not subscribed.
+    pub fn unsubscribe(&mut self, conn: &RoomConn, topic: &str) -> bool {
+        let Some((topic, sub)) = conn.topics.borrow_mut().remove_entry(topic) else {
+            return false;
+        };
+        if let conn::Sub::Active(key) = sub {
+            if let Some(list) = self.local.get_mut(&topic) {
+                list.try_remove(key);
+                self.subscriptions -= 1;
+                if list.is_empty() {
+                    self.local.remove(&topic);
+                }
+            }
+        }
+        let msg = HubMsg::Unsubscribe {
+            topic: topic.clone(),
+            from: ConnRef {
+                shard: self.shard,
+                conn: conn.entry.id,
+            },
+            shared_deflate: conn.shared_deflate(),
+        };
+        self.route(&topic, msg);
+        true
+    }
+
+    fn local_subscribed(
+        &mut self,
+        topic: Arc<str>,
+        conn: u64,
+        reply: Bytes,
+        replay: Vec<Broadcast>,
+    ) {
+        let Some(c) = self.conns.get(&conn) else {
+            return; // gone meanwhile; its Unsubscribe is on the way to the home shard
+        };
+        let mut topics = c.topics.borrow_mut();
+        let Some(sub) = topics.get_mut(&topic) else {
+            return; // unsubscribed meanwhile
+        };
+        if let conn::Sub::Active(_) = sub {
+            // A repeated subscribe: answer, but the connection is on the list already.
+            c.entry.send(Outgoing::Text(reply), self.limit);
+            return;
+        }
+        let entry = &c.entry;
+        entry.send(Outgoing::Text(reply), self.limit);
+        for msg in &replay {
+            entry.send_broadcast(msg, self.limit);
+        }
+        let key = self.local.entry(topic).or_default().insert(entry.clone());
+        *sub = conn::Sub::Active(key);
+        self.subscriptions += 1;
+    }
+
+    fn local_deliver(&mut self, topic: &str, msg: &Broadcast, at: Instant) {
+        let Some(list) = self.local.get(topic) else {
+            return;
+        };
+        for (_, entry) in list.iter() {
+            entry.send_broadcast(msg, self.limit);
+        }
+        ::metrics::histogram!(m::FANOUT).record(list.len() as f64);
+        ::metrics::histogram!(m::PUBLISH_LATENCY).record(at.elapsed().as_secs_f64());
+    }
+
+    /// Once a second: expire history, free idle rooms, publish gauges.
+    pub fn sweep(&mut self, now: Instant) {
+        let ttl = std::time::Duration::from_secs_f64(self.cfg.history_ttl);
+        let cutoff = room::cutoff(now, ttl);
+        let mut freed = 0;
+        let mut emptied = Vec::new();
+        for (topic, room) in self.rooms.iter_mut() {
+            freed += room.expire(cutoff);
+            if room.is_idle() {
+                emptied.push(topic.clone());
+            }
+        }
+        self.history_bytes -= freed;
+        for t in emptied {
+            self.rooms.remove(&t);
+        }
+        if self.rooms.is_empty() {
+            self.recorded = VecDeque::new();
+        } else {
+            self.enforce_budget();
+        }
+        let shard = self.shard.to_string();
+        ::metrics::gauge!(m::ROOMS, "shard" => shard.clone()).set(self.rooms.len() as f64);
+        ::metrics::gauge!(m::SUBSCRIPTIONS, "shard" => shard.clone())
+            .set(self.subscriptions as f64);
+        ::metrics::gauge!(m::HISTORY_BYTES, "shard" => shard).set(self.history_bytes as f64);
+    }
+
+    /// Rooms homed here and this shard's subscriptions (tests, statistics).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.rooms.len(), self.subscriptions)
+    }
+}
+
+/// An unmasked text frame holding `payload`, as shareable bytes.
+fn text_frame(payload: &[u8]) -> Bytes {
+    let mut f = Vec::with_capacity(header_len(payload.len()) + payload.len());
+    write_frame(&mut f, OpCode::Text, payload);
+    Bytes::from(f)
+}

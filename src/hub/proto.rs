@@ -1,0 +1,469 @@
+//! The `/ws` rooms protocol (PROTOCOL.md): client requests parsed with simd-json into plain
+//! values, and the server's messages encoded as JSON text. No I/O here.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+/// Error codes of PROTOCOL.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    BadJson,
+    UnknownAction,
+    MissingField,
+    Forbidden,
+    RateLimited,
+    TooLarge,
+    NotSubscribed,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::BadJson => "bad_json",
+            Code::UnknownAction => "unknown_action",
+            Code::MissingField => "missing_field",
+            Code::Forbidden => "forbidden",
+            Code::RateLimited => "rate_limited",
+            Code::TooLarge => "too_large",
+            Code::NotSubscribed => "not_subscribed",
+            Code::Internal => "internal",
+        }
+    }
+}
+
+/// A client error: the connection stays open and gets an `error` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub code: Code,
+    pub text: String,
+}
+
+impl ClientError {
+    pub fn new(code: Code, text: impl Into<String>) -> ClientError {
+        ClientError {
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+/// One parsed client request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request<'a> {
+    Subscribe {
+        topic: &'a str,
+        since: Option<u64>,
+        epoch: Option<&'a str>,
+    },
+    Unsubscribe {
+        topic: &'a str,
+    },
+    Publish {
+        topic: &'a str,
+        kind: &'a str,
+        /// `data` re-encoded as compact JSON.
+        data: String,
+    },
+    Presence {
+        topic: &'a str,
+    },
+    History {
+        topic: &'a str,
+        since: Option<u64>,
+        limit: Option<u64>,
+    },
+    Ping,
+}
+
+/// Parses one client message in place (simd-json rewrites `buf`) and hands `f` its `id` (as
+/// JSON text, to be echoed verbatim) and the request, or why it was refused. A callback, because
+/// the request borrows from the parsed document.
+pub fn parse<R>(
+    buf: &mut [u8],
+    f: impl FnOnce(Option<String>, Result<Request<'_>, ClientError>) -> R,
+) -> R {
+    let value = match simd_json::to_borrowed_value(buf) {
+        Ok(v) => v,
+        Err(_) => {
+            return f(
+                None,
+                Err(ClientError::new(Code::BadJson, "message is not valid JSON")),
+            )
+        }
+    };
+    if !value.is_object() {
+        return f(
+            None,
+            Err(ClientError::new(
+                Code::BadJson,
+                "message must be a JSON object",
+            )),
+        );
+    }
+    // Only a string or a number is an id (PROTOCOL.md); anything else is not echoed.
+    let id = value
+        .get("id")
+        .filter(|v| v.is_str() || v.is_number())
+        .map(|v| v.encode());
+    f(id, request(&value))
+}
+
+fn request<'v>(v: &'v BorrowedValue<'v>) -> Result<Request<'v>, ClientError> {
+    let action = match v.get("action") {
+        None => return Err(ClientError::new(Code::MissingField, "action is required")),
+        Some(a) => a
+            .as_str()
+            .ok_or_else(|| ClientError::new(Code::MissingField, "action must be a string"))?,
+    };
+    let topic = || topic(v);
+    Ok(match action {
+        "subscribe" => Request::Subscribe {
+            topic: topic()?,
+            since: opt_u64(v, "since")?,
+            epoch: opt_str(v, "epoch")?,
+        },
+        "unsubscribe" => Request::Unsubscribe { topic: topic()? },
+        "publish" => {
+            let topic = topic()?;
+            let kind = opt_str(v, "type")?.unwrap_or("message");
+            if kind.is_empty() {
+                return Err(ClientError::new(
+                    Code::MissingField,
+                    "type must be a non-empty string",
+                ));
+            }
+            let data = v
+                .get("data")
+                .ok_or_else(|| ClientError::new(Code::MissingField, "data is required"))?;
+            Request::Publish {
+                topic,
+                kind,
+                data: data.encode(),
+            }
+        }
+        "presence" => Request::Presence { topic: topic()? },
+        "history" => Request::History {
+            topic: topic()?,
+            since: opt_u64(v, "since")?,
+            limit: opt_u64(v, "limit")?,
+        },
+        "ping" => Request::Ping,
+        other => {
+            return Err(ClientError::new(
+                Code::UnknownAction,
+                format!("unknown action {}", json_str(other)),
+            ))
+        }
+    })
+}
+
+fn topic<'v>(v: &'v BorrowedValue<'v>) -> Result<&'v str, ClientError> {
+    match v.get("topic") {
+        None => Err(ClientError::new(Code::MissingField, "topic is required")),
+        Some(t) => match t.as_str() {
+            Some(s) if !s.is_empty() => Ok(s),
+            _ => Err(ClientError::new(
+                Code::MissingField,
+                "topic must be a non-empty string",
+            )),
+        },
+    }
+}
+
+fn opt_str<'v>(v: &'v BorrowedValue<'v>, key: &str) -> Result<Option<&'v str>, ClientError> {
+    match v.get(key) {
+        None => Ok(None),
+        Some(x) if x.is_null() => Ok(None),
+        Some(x) => x
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| ClientError::new(Code::MissingField, format!("{key} must be a string"))),
+    }
+}
+
+fn opt_u64(v: &BorrowedValue<'_>, key: &str) -> Result<Option<u64>, ClientError> {
+    match v.get(key) {
+        None => Ok(None),
+        Some(x) if x.is_null() => Ok(None),
+        Some(x) => x.as_u64().map(Some).ok_or_else(|| {
+            ClientError::new(
+                Code::MissingField,
+                format!("{key} must be a non-negative integer"),
+            )
+        }),
+    }
+}
+
+/// Seconds since the Unix epoch with millisecond precision, as PROTOCOL.md writes timestamps.
+pub fn now() -> f64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_millis() as f64 / 1000.0
+}
+
+/// `s` as a JSON string literal.
+pub fn json_str(s: &str) -> String {
+    // Serialising a str cannot fail.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// Builds one JSON object field by field, in order.
+struct Obj(String);
+
+impl Obj {
+    fn new(kind: &str) -> Obj {
+        let mut s = String::with_capacity(96);
+        s.push_str("{\"type\":");
+        s.push_str(&json_str(kind));
+        Obj(s)
+    }
+    fn raw(mut self, key: &str, json: &str) -> Obj {
+        let _ = write!(self.0, ",\"{key}\":{json}");
+        self
+    }
+    fn str(self, key: &str, v: &str) -> Obj {
+        let j = json_str(v);
+        self.raw(key, &j)
+    }
+    fn num(self, key: &str, v: u64) -> Obj {
+        self.raw(key, &v.to_string())
+    }
+    fn time(self, key: &str, t: f64) -> Obj {
+        self.raw(key, &format!("{t:.3}"))
+    }
+    fn id(self, id: Option<&str>) -> Obj {
+        match id {
+            Some(id) => self.raw("id", id),
+            None => self,
+        }
+    }
+    fn done(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+pub fn connected(connection_id: &str) -> String {
+    Obj::new("connected")
+        .str("connection_id", connection_id)
+        .time("timestamp", now())
+        .done()
+}
+
+pub fn subscribed(
+    topic: &str,
+    seq: u64,
+    epoch: &str,
+    recovered: Option<bool>,
+    id: Option<&str>,
+) -> String {
+    let o = Obj::new("subscribed")
+        .str("topic", topic)
+        .num("seq", seq)
+        .str("epoch", epoch);
+    let o = match recovered {
+        Some(r) => o.raw("recovered", if r { "true" } else { "false" }),
+        None => o,
+    };
+    o.id(id).done()
+}
+
+pub fn unsubscribed(topic: &str, id: Option<&str>) -> String {
+    Obj::new("unsubscribed").str("topic", topic).id(id).done()
+}
+
+/// A room message as delivered; `data` is JSON text.
+pub fn room_message(kind: &str, topic: &str, seq: u64, data: &str, from: Option<&str>) -> String {
+    let o = Obj::new(kind)
+        .str("topic", topic)
+        .num("seq", seq)
+        .raw("data", data);
+    let o = match from {
+        Some(f) => o.str("from", f),
+        None => o,
+    };
+    o.time("timestamp", now()).done()
+}
+
+pub fn ack(id: &str, seq: u64) -> String {
+    Obj::new("ack").raw("id", id).num("seq", seq).done()
+}
+
+/// `join` or `leave`.
+pub fn presence_event(kind: &str, topic: &str, client_id: &str, user: &str) -> String {
+    Obj::new(kind)
+        .str("topic", topic)
+        .str("client_id", client_id)
+        .str("user", user)
+        .done()
+}
+
+/// One presence member as JSON.
+pub fn member(client_id: &str, user: &str, joined_at: f64) -> String {
+    format!(
+        "{{\"client_id\":{},\"user\":{},\"joined_at\":{joined_at:.3}}}",
+        json_str(client_id),
+        json_str(user)
+    )
+}
+
+/// `members` is a JSON array.
+pub fn presence(topic: &str, members: &str, id: Option<&str>) -> String {
+    Obj::new("presence")
+        .str("topic", topic)
+        .raw("members", members)
+        .id(id)
+        .done()
+}
+
+/// `messages` is a JSON array of room messages.
+pub fn history(topic: &str, epoch: &str, messages: &str, id: Option<&str>) -> String {
+    Obj::new("history")
+        .str("topic", topic)
+        .str("epoch", epoch)
+        .raw("messages", messages)
+        .id(id)
+        .done()
+}
+
+pub fn pong(id: Option<&str>) -> String {
+    Obj::new("pong").time("timestamp", now()).id(id).done()
+}
+
+pub fn error(e: &ClientError, id: Option<&str>) -> String {
+    Obj::new("error")
+        .str("error", &e.text)
+        .str("code", e.code.as_str())
+        .id(id)
+        .done()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> (Option<String>, Result<String, (Code, String)>) {
+        let mut buf = s.as_bytes().to_vec();
+        parse(&mut buf, |id, r| {
+            (
+                id,
+                r.map(|r| format!("{r:?}")).map_err(|e| (e.code, e.text)),
+            )
+        })
+    }
+
+    fn code(s: &str) -> Code {
+        parse_str(s).1.expect_err(s).0
+    }
+
+    #[test]
+    fn parses_every_action() {
+        let (id, r) =
+            parse_str(r#"{"action":"subscribe","topic":"stats","since":42,"epoch":"e1","id":1}"#);
+        assert_eq!(id.as_deref(), Some("1"));
+        assert_eq!(
+            r.unwrap(),
+            r#"Subscribe { topic: "stats", since: Some(42), epoch: Some("e1") }"#
+        );
+        let (id, r) = parse_str(
+            r#"{"action":"publish","topic":"t","type":"stats_update","data":{"cpu": 45.2, "s":"a\"b"},"id":"x"}"#,
+        );
+        assert_eq!(id.as_deref(), Some(r#""x""#));
+        let r = r.unwrap();
+        assert!(r.contains(r#"kind: "stats_update""#), "{r}");
+        assert!(
+            r.contains(r#"data: "{\"cpu\":45.2,\"s\":\"a\\\"b\"}""#),
+            "{r}"
+        );
+        assert!(parse_str(r#"{"action":"publish","topic":"t","data":1}"#)
+            .1
+            .unwrap()
+            .contains(r#"kind: "message""#));
+        assert!(parse_str(r#"{"action":"unsubscribe","topic":"t"}"#)
+            .1
+            .is_ok());
+        assert!(parse_str(r#"{"action":"presence","topic":"t"}"#).1.is_ok());
+        assert_eq!(
+            parse_str(r#"{"action":"history","topic":"t","since":40,"limit":100}"#)
+                .1
+                .unwrap(),
+            r#"History { topic: "t", since: Some(40), limit: Some(100) }"#
+        );
+        assert_eq!(parse_str(r#"{"action":"ping"}"#).1.unwrap(), "Ping");
+    }
+
+    #[test]
+    fn every_malformed_input_gets_its_code() {
+        assert_eq!(code("not json"), Code::BadJson);
+        assert_eq!(code("[1,2]"), Code::BadJson);
+        assert_eq!(code("\"x\""), Code::BadJson);
+        assert_eq!(code(r#"{"topic":"t"}"#), Code::MissingField);
+        assert_eq!(code(r#"{"action":5}"#), Code::MissingField);
+        assert_eq!(code(r#"{"action":"dance"}"#), Code::UnknownAction);
+        assert_eq!(code(r#"{"action":"subscribe"}"#), Code::MissingField);
+        assert_eq!(
+            code(r#"{"action":"subscribe","topic":""}"#),
+            Code::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"subscribe","topic":7}"#),
+            Code::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"subscribe","topic":"t","since":-1}"#),
+            Code::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"subscribe","topic":"t","since":"3"}"#),
+            Code::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"publish","topic":"t"}"#),
+            Code::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"publish","topic":"t","type":3,"data":1}"#),
+            Code::MissingField
+        );
+    }
+
+    #[test]
+    fn id_is_echoed_even_when_the_request_is_refused() {
+        let (id, r) = parse_str(r#"{"action":"nope","id":"abc"}"#);
+        assert_eq!(id.as_deref(), Some(r#""abc""#));
+        assert!(r.is_err());
+        // Objects are not ids.
+        assert_eq!(parse_str(r#"{"action":"ping","id":{"a":1}}"#).0, None);
+    }
+
+    #[test]
+    fn server_messages_are_valid_json() {
+        let msgs = [
+            connected("c1"),
+            subscribed("t\"x", 5, "e1", Some(true), Some("1")),
+            subscribed("t", 5, "e1", None, None),
+            room_message("stats_update", "t", 58, r#"{"cpu":45.2}"#, Some("user-7")),
+            ack("\"a\"", 3),
+            presence_event("join", "t", "c1", "u"),
+            presence("t", &format!("[{}]", member("c1", "u", 1.5)), None),
+            history("t", "e1", "[]", Some("2")),
+            pong(None),
+            error(&ClientError::new(Code::BadJson, "bad \"thing\""), Some("3")),
+        ];
+        for m in msgs {
+            let v: serde_json::Value = serde_json::from_str(&m).expect(&m);
+            assert!(v["type"].is_string(), "{m}");
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&room_message("m", "t", 58, r#"{"cpu":45.2}"#, None)).unwrap();
+        assert_eq!(v["seq"], 58);
+        assert_eq!(v["data"]["cpu"], 45.2);
+        assert!(v.get("from").is_none());
+        assert!(v["timestamp"].as_f64().unwrap() > 1.7e9);
+    }
+}

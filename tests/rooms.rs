@@ -1,0 +1,1794 @@
+//! Rooms (`/ws`) and the backend API (`/api/*`) of PROTOCOL.md, over real sockets against the
+//! real binary with several shards, so topics are homed on other shards than their publishers
+//! and subscribers: protocol basics, ordering under concurrent publishers, recovery, presence,
+//! slow consumers, fan-out, every client error, and rooms freed after use.
+
+mod common;
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::MaybeTlsStream;
+
+both_backends!(
+    protocol_basics,
+    ordering_concurrent_publishers,
+    recovery_replays_exactly_the_missed_messages,
+    recovery_lost_after_history_overflow_or_wrong_epoch,
+    recovery_after_history_expired_gets_a_new_epoch,
+    resubscribe_with_since_while_a_subscribe_is_in_flight,
+    ids_and_json_escaping_round_trip,
+    presence_join_leave_and_query,
+    presence_events_off_by_prefix_and_member_cap,
+    slow_consumer_closed_1013_others_get_everything,
+    fanout_2000_subscribers_exact_counts,
+    every_client_error_keeps_the_connection_open,
+    publish_rate_limited,
+    subscribe_unsubscribe_cycles_leave_no_rooms,
+    api_publish_presence_history,
+    api_publish_without_key_configured,
+);
+
+/// Three shards even on a 2-core box: most topics live on another shard than most clients.
+const SHARDS: u64 = 3;
+
+fn start(backend: Backend, config: &str) -> Server {
+    Server::start_sharded(backend, SHARDS as usize, config, &[])
+}
+
+// ---- a `/ws` client --------------------------------------------------------------------------
+
+/// A `/ws` client speaking JSON. Replies are awaited by `id` (or by a predicate); whatever
+/// arrives meanwhile is kept, in order, in `stash`.
+struct Client {
+    ws: Ws,
+    /// `connection_id` of the `connected` message.
+    id: String,
+    stash: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects to `/ws` and checks the `connected` greeting.
+    async fn connect(server: &Server) -> Client {
+        let mut ws = server.ws_path("/ws").await;
+        let first = read_json(&mut ws, "connected").await;
+        assert_eq!(first["type"], "connected", "first message: {first}");
+        let id = first["connection_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("connection_id is not a string: {first}"))
+            .to_string();
+        assert!(!id.is_empty(), "{first}");
+        assert_timestamp(&first["timestamp"], &first);
+        Client {
+            ws,
+            id,
+            stash: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
+    /// The shard the connection landed on, from its id (`shard << 48 | n` in hex). Only used
+    /// to spread clients over the shards; `None` if the id has another shape.
+    fn shard(&self) -> Option<u64> {
+        u64::from_str_radix(&self.id, 16).ok().map(|n| n >> 48)
+    }
+
+    async fn send(&mut self, v: Value) {
+        self.send_text(v.to_string()).await
+    }
+
+    async fn send_text(&mut self, text: String) {
+        within("send", self.ws.send(Message::text(text)))
+            .await
+            .expect("send");
+    }
+
+    /// Queues without flushing (see [`Client::flush`]).
+    async fn feed(&mut self, v: Value) {
+        within("feed", self.ws.feed(Message::text(v.to_string())))
+            .await
+            .expect("feed");
+    }
+
+    async fn flush(&mut self) {
+        within("flush", self.ws.flush()).await.expect("flush");
+    }
+
+    /// The next message (stashed ones first).
+    async fn next(&mut self) -> Value {
+        match self.stash.pop_front() {
+            Some(v) => v,
+            None => read_json(&mut self.ws, "a message").await,
+        }
+    }
+
+    /// The first message (stashed or new) `pred` accepts; the others stay stashed in order.
+    async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.stash.iter().position(&pred) {
+            return self.stash.remove(i).expect("stashed");
+        }
+        loop {
+            let v = read_json(&mut self.ws, what).await;
+            if pred(&v) {
+                return v;
+            }
+            self.stash.push_back(v);
+        }
+    }
+
+    /// Sends `req` with `"id": id`; returns the reply carrying that id.
+    async fn call(&mut self, mut req: Value, id: Value) -> Value {
+        req["id"] = id.clone();
+        self.send(req).await;
+        self.until(&format!("the reply to id {id}"), |m| {
+            m.get("id") == Some(&id)
+        })
+        .await
+    }
+
+    fn fresh_id(&mut self) -> Value {
+        self.next_id += 1;
+        json!(format!("{}-{}", self.id, self.next_id))
+    }
+
+    /// Subscribes; returns the `subscribed` reply.
+    async fn subscribe(&mut self, topic: &str) -> Value {
+        self.subscribe_with(json!({"action": "subscribe", "topic": topic}))
+            .await
+    }
+
+    async fn subscribe_with(&mut self, req: Value) -> Value {
+        let id = self.fresh_id();
+        let topic = req["topic"].clone();
+        let r = self.call(req, id).await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        assert_eq!(r["topic"], topic, "{r}");
+        assert!(r["seq"].is_u64(), "seq: {r}");
+        assert!(
+            r["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+            "epoch: {r}"
+        );
+        r
+    }
+
+    /// Publishes with an id; returns the acknowledged seq.
+    async fn publish(&mut self, topic: &str, data: Value) -> u64 {
+        let id = self.fresh_id();
+        let r = self
+            .call(
+                json!({"action": "publish", "topic": topic, "data": data}),
+                id,
+            )
+            .await;
+        assert_eq!(r["type"], "ack", "{r}");
+        r["seq"].as_u64().unwrap_or_else(|| panic!("ack seq: {r}"))
+    }
+
+    /// A `ping` round trip: proves the connection is open and everything sent before it was
+    /// read by the server.
+    async fn ping(&mut self) {
+        let id = self.fresh_id();
+        let r = self.call(json!({"action": "ping"}), id.clone()).await;
+        assert_eq!(r["type"], "pong", "{r}");
+        assert_eq!(r["id"], id, "{r}");
+        assert_timestamp(&r["timestamp"], &r);
+    }
+
+    /// The next room message of `topic`.
+    async fn room_message(&mut self, topic: &str) -> Value {
+        self.until(&format!("a message of {topic}"), |m| {
+            is_room_message(m, topic)
+        })
+        .await
+    }
+
+    /// Takes the stashed messages matching `pred`, leaving the others.
+    fn take_stashed(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let (hit, rest): (Vec<Value>, Vec<Value>) = std::mem::take(&mut self.stash)
+            .into_iter()
+            .partition(|m| pred(m));
+        self.stash = rest.into();
+        hit
+    }
+
+    /// Resets the TCP connection (no close frame, no FIN: an abrupt disconnect).
+    fn reset(self) {
+        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            // A zero linger time: close sends RST and never blocks.
+            socket2::SockRef::from(s)
+                .set_linger(Some(Duration::ZERO))
+                .expect("SO_LINGER");
+        }
+        drop(self);
+    }
+}
+
+async fn read_json(ws: &mut Ws, what: &str) -> Value {
+    let m = loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(m))) => break m,
+            Ok(other) => panic!("waiting for {what}: stream ended or failed: {other:?}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    };
+    match m {
+        Message::Text(t) => serde_json::from_str(&t)
+            .unwrap_or_else(|e| panic!("server sent invalid JSON ({e}): {t}")),
+        other => panic!("waiting for {what}: expected a JSON text message, got {other:?}"),
+    }
+}
+
+fn assert_timestamp(t: &Value, msg: &Value) {
+    let t = t.as_f64().unwrap_or_else(|| panic!("timestamp: {msg}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (t - now).abs() < 60.0,
+        "timestamp {t} is not now ({now}): {msg}"
+    );
+}
+
+/// A room message (not a reply or a presence event) of `topic`.
+fn is_room_message(m: &Value, topic: &str) -> bool {
+    m["topic"] == topic && m["seq"].is_u64() && m["type"] != "subscribed"
+}
+
+fn is_presence_event(m: &Value, topic: &str) -> bool {
+    m["topic"] == topic && (m["type"] == "join" || m["type"] == "leave")
+}
+
+fn seqs(messages: &Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .unwrap_or_else(|| panic!("messages: {messages}"))
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+fn member_ids(members: &Value) -> BTreeSet<String> {
+    members
+        .as_array()
+        .unwrap_or_else(|| panic!("members: {members}"))
+        .iter()
+        .map(|m| {
+            assert_eq!(m["user"], "anonymous", "{m}");
+            assert_timestamp(&m["joined_at"], m);
+            m["client_id"].as_str().expect("client_id").to_string()
+        })
+        .collect()
+}
+
+fn ids<const N: usize>(clients: [&Client; N]) -> BTreeSet<String> {
+    clients.iter().map(|c| c.id.clone()).collect()
+}
+
+/// Connects until there are `per_shard` clients on every shard (the kernel spreads connections
+/// over the shards' listeners); the extra connections are closed.
+async fn clients_on_every_shard(server: &Server, per_shard: usize) -> Vec<Client> {
+    let mut by_shard: HashMap<u64, Vec<Client>> = HashMap::new();
+    let mut spare = Vec::new();
+    for _ in 0..400 {
+        if (0..SHARDS).all(|s| by_shard.get(&s).is_some_and(|v| v.len() >= per_shard)) {
+            break;
+        }
+        let c = Client::connect(server).await;
+        match c.shard() {
+            Some(s) => {
+                let list = by_shard.entry(s).or_default();
+                if list.len() < per_shard {
+                    list.push(c);
+                }
+            }
+            None => spare.push(c),
+        }
+        if spare.len() >= per_shard * SHARDS as usize {
+            return spare; // ids without a shard: take what we have
+        }
+    }
+    let mut out: Vec<Client> = by_shard.into_values().flatten().collect();
+    assert_eq!(
+        out.len(),
+        per_shard * SHARDS as usize,
+        "could not get {per_shard} connection(s) on each of {SHARDS} shards"
+    );
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// The shard `ringgate` homes `topic` on (a std `DefaultHasher` of the name, as src/hub does);
+/// only used to pick topics that cover every shard.
+fn home_of(topic: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    topic.hash(&mut h);
+    h.finish() % SHARDS
+}
+
+/// `per_shard` topic names homed on each shard.
+fn topics_on_every_shard(prefix: &str, per_shard: usize) -> Vec<String> {
+    let mut count = vec![0; SHARDS as usize];
+    let mut out = Vec::new();
+    for i in 0.. {
+        if count.iter().all(|&n| n >= per_shard) {
+            break;
+        }
+        let t = format!("{prefix}{i}");
+        let h = home_of(&t) as usize;
+        if count[h] < per_shard {
+            count[h] += 1;
+            out.push(t);
+        }
+    }
+    out
+}
+
+// ---- HTTP API helpers ------------------------------------------------------------------------
+
+async fn api_publish(server: &Server, auth: &str, body: &Value) -> HttpResponse {
+    server.post("/api/publish", auth, &body.to_string()).await
+}
+
+fn json_body(r: &HttpResponse) -> Value {
+    serde_json::from_str(&r.body)
+        .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {r:?}"))
+}
+
+/// `GET path` with extra header lines.
+async fn get_with(server: &Server, path: &str, extra: &str) -> HttpResponse {
+    server
+        .request(&format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n"
+        ))
+        .await
+}
+
+// ---- metrics -------------------------------------------------------------------------------
+
+/// The samples of `name`: (their `shard` label, value).
+async fn samples(server: &Server, name: &str) -> Vec<(String, f64)> {
+    let resp = server.get("/metrics").await;
+    assert_eq!(resp.status, 200);
+    let lines = resp.body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| {
+            let v = match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            };
+            (s.labels.get("shard").unwrap_or("").to_string(), v)
+        })
+        .collect()
+}
+
+/// Per-shard values of gauge `name` (label `shard`).
+async fn gauge_by_shard(server: &Server, name: &str) -> HashMap<String, f64> {
+    samples(server, name).await.into_iter().collect()
+}
+
+/// The sum of every sample of `name`.
+async fn metric_sum(server: &Server, name: &str) -> f64 {
+    samples(server, name).await.iter().map(|(_, v)| v).sum()
+}
+
+/// Waits (the gauges are published once a second) until the sums of the rooms and
+/// subscriptions gauges over every shard are `rooms` and `subs`.
+async fn wait_for_room_gauges(server: &Server, rooms: f64, subs: f64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let r = gauge_by_shard(server, "ringgate_rooms").await;
+        let s = gauge_by_shard(server, "ringgate_subscriptions").await;
+        let every_shard = r.len() == SHARDS as usize && s.len() == SHARDS as usize;
+        if every_shard && r.values().sum::<f64>() == rooms && s.values().sum::<f64>() == subs {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected ringgate_rooms = {rooms} and ringgate_subscriptions = {subs} summed \
+             over {SHARDS} shards; have rooms {r:?}, subscriptions {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---- 1. protocol basics --------------------------------------------------------------------
+
+async fn protocol_basics(backend: Backend) {
+    let server = start(backend, "");
+    let mut a = Client::connect(&server).await;
+    let mut b = Client::connect(&server).await;
+    assert_ne!(a.id, b.id, "connection ids are unique");
+    let topic = "basics";
+
+    // Subscribe: numeric id echoed as a number, string id as a string.
+    let s = a
+        .call(json!({"action": "subscribe", "topic": topic}), json!(1))
+        .await;
+    assert_eq!(s["type"], "subscribed", "{s}");
+    assert_eq!(s["topic"], topic, "{s}");
+    assert_eq!(s["seq"], 0, "a new topic has seq 0: {s}");
+    assert_eq!(s["id"], json!(1), "{s}");
+    let epoch = s["epoch"].as_str().expect("epoch").to_string();
+    assert!(!epoch.is_empty());
+    let s = b
+        .call(
+            json!({"action": "subscribe", "topic": topic}),
+            json!("sub-b"),
+        )
+        .await;
+    assert_eq!(
+        (&s["type"], &s["seq"], &s["epoch"], &s["id"]),
+        (
+            &json!("subscribed"),
+            &json!(0),
+            &json!(epoch),
+            &json!("sub-b")
+        ),
+        "{s}"
+    );
+
+    // Publish with id: ack with the seq; every subscriber gets the message.
+    let ack = b
+        .call(
+            json!({"action": "publish", "topic": topic, "type": "stats_update",
+                   "data": {"cpu": 45.2}}),
+            json!("p1"),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["id"], "p1", "{ack}");
+    assert_eq!(ack["seq"], 1, "{ack}");
+    for c in [&mut a, &mut b] {
+        let m = c.room_message(topic).await;
+        assert_eq!(m["type"], "stats_update", "{m}");
+        assert_eq!(m["seq"], 1, "{m}");
+        assert_eq!(m["data"], json!({"cpu": 45.2}), "{m}");
+        assert!(
+            m["from"].as_str().is_some_and(|f| !f.is_empty()),
+            "from: {m}"
+        );
+        assert_timestamp(&m["timestamp"], &m);
+    }
+
+    // Publish without id: no ack. The ack of the next publish (same connection, same topic)
+    // comes after anything the first could have caused.
+    b.send(json!({"action": "publish", "topic": topic, "data": "two"}))
+        .await;
+    let ack = b
+        .call(
+            json!({"action": "publish", "topic": topic, "data": [3]}),
+            json!(3),
+        )
+        .await;
+    assert_eq!(
+        (&ack["type"], &ack["seq"]),
+        (&json!("ack"), &json!(3)),
+        "{ack}"
+    );
+    let stray = b.take_stashed(|m| m["type"] == "ack");
+    assert!(
+        stray.is_empty(),
+        "a publish without id was acked: {stray:?}"
+    );
+    for c in [&mut a, &mut b] {
+        let m = c.room_message(topic).await;
+        assert_eq!(m["seq"], 2, "{m}");
+        assert_eq!(m["type"], "message", "default type: {m}");
+        assert_eq!(m["data"], "two", "{m}");
+        let m = c.room_message(topic).await;
+        assert_eq!((&m["seq"], &m["data"]), (&json!(3), &json!([3])), "{m}");
+    }
+
+    // Ping with and without id.
+    let p = a.call(json!({"action": "ping"}), json!(7)).await;
+    assert_eq!(p["type"], "pong", "{p}");
+    assert_timestamp(&p["timestamp"], &p);
+    a.send(json!({"action": "ping"})).await;
+    let p = a.until("pong", |m| m["type"] == "pong").await;
+    assert!(p.get("id").is_none(), "pong without id got one: {p}");
+
+    // Presence and history, with ids.
+    let pr = a
+        .call(json!({"action": "presence", "topic": topic}), json!("pr"))
+        .await;
+    assert_eq!(
+        (&pr["type"], &pr["topic"]),
+        (&json!("presence"), &json!(topic)),
+        "{pr}"
+    );
+    assert_eq!(member_ids(&pr["members"]), ids([&a, &b]), "{pr}");
+    let h = a
+        .call(json!({"action": "history", "topic": topic}), json!("h"))
+        .await;
+    assert_eq!(
+        (&h["type"], &h["topic"]),
+        (&json!("history"), &json!(topic)),
+        "{h}"
+    );
+    assert_eq!(h["epoch"], epoch.as_str(), "{h}");
+    assert_eq!(seqs(&h["messages"]), vec![1, 2, 3], "{h}");
+    let first = &h["messages"][0];
+    assert_eq!(
+        (&first["type"], &first["topic"], &first["data"]),
+        (&json!("stats_update"), &json!(topic), &json!({"cpu": 45.2})),
+        "history holds messages as delivered: {h}"
+    );
+    let h = a
+        .call(
+            json!({"action": "history", "topic": topic, "since": 1}),
+            json!(8),
+        )
+        .await;
+    assert_eq!(seqs(&h["messages"]), vec![2, 3], "since=1: {h}");
+    let h = a
+        .call(
+            json!({"action": "history", "topic": topic, "since": 0, "limit": 2}),
+            json!(9),
+        )
+        .await;
+    let got = seqs(&h["messages"]);
+    assert!(
+        got == vec![1, 2] || got == vec![2, 3],
+        "limit=2 gives two consecutive messages: {h}"
+    );
+
+    // Unsubscribe: no more messages, and presence without a.
+    a.send(json!({"action": "unsubscribe", "topic": topic}))
+        .await;
+    a.ping().await; // the server has read the unsubscribe
+    a.stash.clear();
+    assert_eq!(b.publish(topic, json!(4)).await, 4);
+    assert_eq!(b.room_message(topic).await["seq"], 4);
+    // The presence reply travels from the home shard after the publish's delivery would have.
+    let pr = a
+        .call(json!({"action": "presence", "topic": topic}), json!("pr2"))
+        .await;
+    assert_eq!(member_ids(&pr["members"]), ids([&b]), "{pr}");
+    let late = a.take_stashed(|m| is_room_message(m, topic));
+    assert!(late.is_empty(), "messages after unsubscribe: {late:?}");
+}
+
+// ---- 2. ordering ---------------------------------------------------------------------------
+
+/// Publishers on every shard and the HTTP API publish to topics homed on every shard at the
+/// same time; every subscriber gets each topic's messages in seq order, with no gap and no
+/// duplicate, and each seq carries the publish that was acknowledged with it.
+async fn ordering_concurrent_publishers(backend: Backend) {
+    const PER_PUBLISHER: usize = 300;
+    const HTTP: usize = 60;
+    let server = start(backend, "[rooms]\npublish_rate = 0\n");
+    let topics = topics_on_every_shard("ord.", 2);
+    let n_topics = topics.len();
+
+    let mut subscribers = clients_on_every_shard(&server, 2).await;
+    for s in subscribers.iter_mut() {
+        for t in &topics {
+            let r = s.subscribe(t).await;
+            assert_eq!(r["seq"], 0, "{r}");
+        }
+    }
+    let publishers = clients_on_every_shard(&server, 2).await;
+    let n_pub = publishers.len();
+
+    // Expected count per topic, and the final fence seq.
+    let mut expected = vec![0u64; n_topics];
+    for p in 0..n_pub {
+        for i in 0..PER_PUBLISHER {
+            expected[(p + i) % n_topics] += 1;
+        }
+    }
+    for i in 0..HTTP {
+        expected[i % n_topics] += 1;
+    }
+
+    // Subscribers read until the fence (seq expected+1) of every topic.
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut s| {
+            let topics = topics.clone();
+            let expected = expected.clone();
+            tokio::spawn(async move {
+                let mut last = vec![0u64; topics.len()];
+                let mut got: Vec<Vec<Value>> = vec![Vec::new(); topics.len()];
+                while (0..topics.len()).any(|k| last[k] <= expected[k]) {
+                    let m = s.next().await;
+                    let Some(k) = topics.iter().position(|t| is_room_message(&m, t)) else {
+                        continue; // join events of the other subscribers
+                    };
+                    let seq = m["seq"].as_u64().expect("seq");
+                    assert_eq!(
+                        seq,
+                        last[k] + 1,
+                        "subscriber {}: {} out of order / gap / duplicate: {m}",
+                        s.id,
+                        topics[k]
+                    );
+                    last[k] = seq;
+                    got[k].push(m);
+                }
+                (s.id.clone(), got)
+            })
+        })
+        .collect();
+
+    // WebSocket publishers: every publish has an id; the acks give each one's seq.
+    let pubs: Vec<_> = publishers
+        .into_iter()
+        .enumerate()
+        .map(|(p, mut c)| {
+            let topics = topics.clone();
+            tokio::spawn(async move {
+                let mut sent = HashMap::new();
+                for i in 0..PER_PUBLISHER {
+                    let t = &topics[(p + i) % topics.len()];
+                    let id = format!("{p}-{i}");
+                    c.feed(json!({"action": "publish", "topic": t, "id": id,
+                                  "data": {"p": p, "i": i}}))
+                        .await;
+                    sent.insert(id, (t.clone(), json!({"p": p, "i": i})));
+                    if i % 16 == 15 {
+                        c.flush().await;
+                        tokio::task::yield_now().await;
+                    }
+                }
+                c.flush().await;
+                let mut acked = Vec::new();
+                while acked.len() < PER_PUBLISHER {
+                    let m = c.next().await;
+                    assert_eq!(m["type"], "ack", "publisher {p}: {m}");
+                    let id = m["id"].as_str().expect("ack id");
+                    let (t, data) = sent.remove(id).expect("ack for an unknown id");
+                    acked.push((t, m["seq"].as_u64().expect("ack seq"), data));
+                }
+                (c, acked)
+            })
+        })
+        .collect();
+
+    // HTTP publishes at the same time.
+    let mut acked = Vec::new();
+    for i in 0..HTTP {
+        let t = &topics[i % n_topics];
+        let data = json!({"p": "http", "i": i});
+        let r = api_publish(&server, "", &json!({"topic": t, "data": data})).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let seq = json_body(&r)["seq"].as_u64().expect("seq");
+        acked.push((t.clone(), seq, data));
+    }
+    let mut fencer = None;
+    for p in pubs {
+        let (c, a) = within("publisher", p).await.expect("publisher task");
+        acked.extend(a);
+        fencer = Some(c);
+    }
+    let mut fencer = fencer.expect("a publisher");
+    for t in &topics {
+        fencer.publish(t, json!("fence")).await;
+    }
+
+    // Each seq of each topic was acknowledged exactly once.
+    let mut by_seq: HashMap<(String, u64), Value> = HashMap::new();
+    for (t, seq, data) in acked {
+        let k = (t.clone(), seq);
+        assert!(
+            !by_seq.contains_key(&k),
+            "seq {seq} of {t} acknowledged twice"
+        );
+        by_seq.insert(k, data);
+    }
+    for (k, t) in topics.iter().enumerate() {
+        for seq in 1..=expected[k] {
+            assert!(
+                by_seq.contains_key(&(t.clone(), seq)),
+                "seq {seq} of {t} never acked"
+            );
+        }
+    }
+
+    // Every subscriber got exactly the acknowledged message at each seq.
+    for r in readers {
+        let (id, got) = within("subscriber", r).await.expect("subscriber task");
+        for (k, t) in topics.iter().enumerate() {
+            assert_eq!(got[k].len() as u64, expected[k] + 1, "{id}: count of {t}");
+            let mut last_i: HashMap<String, i64> = HashMap::new();
+            for m in &got[k][..expected[k] as usize] {
+                let seq = m["seq"].as_u64().unwrap();
+                assert_eq!(
+                    Some(&m["data"]),
+                    by_seq.get(&(t.clone(), seq)),
+                    "{id}: seq {seq} of {t} carries another publish"
+                );
+                // One publisher's messages keep their order.
+                let p = m["data"]["p"].to_string();
+                let i = m["data"]["i"].as_i64().unwrap();
+                let prev = last_i.insert(p.clone(), i).unwrap_or(-1);
+                assert!(
+                    i > prev,
+                    "{id}: publisher {p} reordered on {t}: {i} after {prev}"
+                );
+            }
+        }
+    }
+}
+
+// ---- 3. recovery ---------------------------------------------------------------------------
+
+/// A subscriber that reconnects with `since` + `epoch` while a publisher keeps publishing gets
+/// exactly the messages it missed, then the live ones: no gap, no duplicate.
+async fn recovery_replays_exactly_the_missed_messages(backend: Backend) {
+    const TOTAL: u64 = 400;
+    let server = start(backend, "[rooms]\npublish_rate = 0\nhistory_size = 1000\n");
+    let topic = "rec";
+    let mut publisher = Client::connect(&server).await;
+    let mut sub = Client::connect(&server).await;
+    let epoch = sub.subscribe(topic).await["epoch"].clone();
+    for i in 1..=10u64 {
+        assert_eq!(publisher.publish(topic, json!(i)).await, i);
+    }
+    for i in 1..=10u64 {
+        let m = sub.room_message(topic).await;
+        assert_eq!((&m["seq"], &m["data"]), (&json!(i), &json!(i)), "{m}");
+    }
+    drop(sub); // gone without a goodbye
+    for i in 11..=20u64 {
+        assert_eq!(publisher.publish(topic, json!(i)).await, i);
+    }
+
+    // Keep publishing while the subscriber comes back.
+    let publishing = tokio::spawn(async move {
+        for i in 21..=TOTAL {
+            publisher
+                .send(json!({"action": "publish", "topic": topic, "data": i, "id": i}))
+                .await;
+            if i % 8 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for _ in 21..=TOTAL {
+            let m = publisher.next().await;
+            assert_eq!(m["type"], "ack", "{m}");
+            assert_eq!(m["seq"], m["id"], "seq follows the publish order: {m}");
+        }
+    });
+    let mut sub = Client::connect(&server).await;
+    let r = sub
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 10,
+                               "epoch": epoch}))
+        .await;
+    assert_eq!(r["recovered"], true, "{r}");
+    assert_eq!(r["epoch"], epoch, "{r}");
+    let at = r["seq"].as_u64().unwrap();
+    assert!((20..=TOTAL).contains(&at), "{r}");
+    let early = sub.take_stashed(|m| is_room_message(m, topic));
+    assert!(
+        early.is_empty(),
+        "messages before the subscribed reply: {early:?}"
+    );
+    for i in 11..=TOTAL {
+        let m = sub.room_message(topic).await;
+        assert_eq!(
+            (&m["seq"], &m["data"]),
+            (&json!(i), &json!(i)),
+            "replay ({}..={at}) then live: expected seq {i}, got {m}",
+            11
+        );
+    }
+    within("publisher", publishing).await.expect("publisher");
+    // Nothing doubled after the last one.
+    sub.ping().await;
+    let extra = sub.take_stashed(|m| is_room_message(m, topic));
+    assert!(extra.is_empty(), "extra messages: {extra:?}");
+}
+
+/// With `history_size = 5`: recovery exactly at the edge of history works, one message beyond
+/// it gives `recovered: false` (and no replay); a wrong epoch or a future `since` too.
+async fn recovery_lost_after_history_overflow_or_wrong_epoch(backend: Backend) {
+    let server = start(backend, "[rooms]\npublish_rate = 0\nhistory_size = 5\n");
+    let topic = "ovf";
+    let mut publisher = Client::connect(&server).await;
+    let mut sub = Client::connect(&server).await;
+    let epoch = sub.subscribe(topic).await["epoch"].clone();
+    for i in 1..=2u64 {
+        assert_eq!(publisher.publish(topic, json!(i)).await, i);
+        assert_eq!(sub.room_message(topic).await["seq"], i);
+    }
+    drop(sub);
+    for i in 3..=12u64 {
+        assert_eq!(publisher.publish(topic, json!(i)).await, i);
+    }
+    // History holds 8..=12 now.
+
+    // `since` beyond history: not recovered, nothing replayed, live messages follow.
+    let mut lost = Client::connect(&server).await;
+    let r = lost
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 2,
+                               "epoch": epoch}))
+        .await;
+    assert_eq!(
+        r["recovered"], false,
+        "history of 5 cannot cover since=2: {r}"
+    );
+    assert_eq!(r["seq"], 12, "{r}");
+    let r = lost
+        .subscribe_with(
+            json!({"action": "subscribe", "topic": "ovf.other", "since": 0,
+                               "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(r["recovered"], false, "another topic's epoch: {r}");
+
+    let mut edge = Client::connect(&server).await;
+    let r = edge
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 7,
+                               "epoch": epoch}))
+        .await;
+    assert_eq!(r["recovered"], true, "history 8..=12 covers since=7: {r}");
+    let mut beyond = Client::connect(&server).await;
+    let r = beyond
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 6,
+                               "epoch": epoch}))
+        .await;
+    assert_eq!(r["recovered"], false, "history 8..=12 misses 7: {r}");
+    let mut current = Client::connect(&server).await;
+    let r = current
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 12,
+                               "epoch": epoch}))
+        .await;
+    assert_eq!(r["recovered"], true, "nothing missed: {r}");
+    let mut wrong_epoch = Client::connect(&server).await;
+    let r = wrong_epoch
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 10,
+                               "epoch": "not-the-epoch"}))
+        .await;
+    assert_eq!(r["recovered"], false, "wrong epoch: {r}");
+    let mut future = Client::connect(&server).await;
+    let r = future
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 1000,
+                               "epoch": epoch}))
+        .await;
+    assert_eq!(r["recovered"], false, "since from the future: {r}");
+
+    assert_eq!(publisher.publish(topic, json!(13)).await, 13);
+    let expect = |from: u64| (from..=13).collect::<Vec<u64>>();
+    for (name, c, want) in [
+        ("lost", &mut lost, expect(13)),
+        ("edge", &mut edge, expect(8)),
+        ("beyond", &mut beyond, expect(13)),
+        ("current", &mut current, expect(13)),
+        ("wrong epoch", &mut wrong_epoch, expect(13)),
+        ("future", &mut future, expect(13)),
+    ] {
+        let mut got = Vec::new();
+        while got.last() != Some(&13) {
+            got.push(c.room_message(topic).await["seq"].as_u64().unwrap());
+        }
+        assert_eq!(got, want, "{name}: replay then live");
+    }
+}
+
+/// History older than `history_ttl` is gone: a room with no subscriber and no history is
+/// freed, and its next lifetime has a new epoch, so `since` from the old one is not recovered.
+async fn recovery_after_history_expired_gets_a_new_epoch(backend: Backend) {
+    let server = start(backend, "[rooms]\nhistory_ttl = 1\n");
+    let topic = "ttl";
+    let mut c = Client::connect(&server).await;
+    let epoch = c.subscribe(topic).await["epoch"].clone();
+    for i in 1..=3u64 {
+        assert_eq!(c.publish(topic, json!(i)).await, i);
+    }
+    c.send(json!({"action": "unsubscribe", "topic": topic}))
+        .await;
+    c.ping().await;
+    // Poll the history until it is empty (expiry runs once a second).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let id = c.fresh_id();
+        let h = c
+            .call(json!({"action": "history", "topic": topic}), id)
+            .await;
+        if h["messages"].as_array().is_some_and(|m| m.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "history never expired: {h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = c
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 3,
+                               "epoch": epoch}))
+        .await;
+    assert_eq!(r["recovered"], false, "history expired: {r}");
+    assert_ne!(
+        r["epoch"], epoch,
+        "a new lifetime of the topic's history: {r}"
+    );
+}
+
+/// subscribe, unsubscribe, subscribe-with-since sent back to back (the first answer still on
+/// its way from the home shard): the last subscribe decides, so its replay must arrive.
+async fn resubscribe_with_since_while_a_subscribe_is_in_flight(backend: Backend) {
+    let server = start(backend, "[rooms]\npublish_rate = 0\n");
+    let mut publisher = Client::connect(&server).await;
+    for round in 0..20 {
+        let topic = format!("inflight.{round}");
+        let epoch = publisher.subscribe(&topic).await["epoch"].clone();
+        for i in 1..=10u64 {
+            assert_eq!(publisher.publish(&topic, json!(i)).await, i);
+        }
+        let mut c = Client::connect(&server).await;
+        c.feed(json!({"action": "subscribe", "topic": topic, "id": "first"}))
+            .await;
+        c.feed(json!({"action": "unsubscribe", "topic": topic}))
+            .await;
+        let r = c
+            .call(
+                json!({"action": "subscribe", "topic": topic, "since": 5, "epoch": epoch}),
+                json!("second"),
+            )
+            .await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        assert_eq!(r["recovered"], true, "{r}");
+        assert_eq!(publisher.publish(&topic, json!(11)).await, 11);
+        let mut got = Vec::new();
+        while got.last() != Some(&11) {
+            got.push(c.room_message(&topic).await["seq"].as_u64().unwrap());
+        }
+        assert_eq!(
+            got,
+            (6..=11).collect::<Vec<u64>>(),
+            "round {round}: after subscribe, unsubscribe, subscribe since=5: replay 6..=10, \
+             then live 11 (stash: {:?})",
+            c.stash
+        );
+    }
+}
+
+/// Ids of every JSON kind come back as sent; topics, types and data with escapes and
+/// non-ASCII text survive the server's re-encoding.
+async fn ids_and_json_escaping_round_trip(backend: Backend) {
+    let server = start(backend, "");
+    let mut c = Client::connect(&server).await;
+    for id in [
+        json!(""),
+        json!("with \"quotes\" and \\ and \u{1} and ünïcödé 𝄞"),
+        json!(0),
+        json!(-3),
+        json!(1.5),
+        json!(u64::MAX),
+    ] {
+        let r = c.call(json!({"action": "ping"}), id.clone()).await;
+        assert_eq!(r["type"], "pong", "{r}");
+        let e = c.call(json!({"action": "nope"}), id.clone()).await;
+        assert_eq!(e["code"], "unknown_action", "{e}");
+    }
+    // Not a string or a number: no id on the reply.
+    c.send(json!({"action": "ping", "id": {"a": 1}})).await;
+    let p = c.until("pong", |m| m["type"] == "pong").await;
+    assert!(p.get("id").is_none(), "{p}");
+
+    let topic = "t \"q\" \\ / \n € 𝄞";
+    let data = json!({"s": "a\"b\\c\u{0}\u{1f}\u{2028}é𝄞", "n": -1.5e-7, "big": u64::MAX,
+                      "neg": i64::MIN, "arr": [null, true, false, {}, []], "nested": {"x": {"y": [1]}}});
+    c.subscribe(topic).await;
+    let ack = c
+        .call(
+            json!({"action": "publish", "topic": topic, "type": "ty\"pe é", "data": data}),
+            json!(1),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let m = c.room_message(topic).await;
+    assert_eq!(m["type"], "ty\"pe é", "{m}");
+    assert_eq!(m["data"], data, "data round trip");
+    let h = c
+        .call(json!({"action": "history", "topic": topic}), json!(2))
+        .await;
+    assert_eq!(h["topic"], topic, "{h}");
+    assert_eq!(h["messages"][0]["data"], data, "{h}");
+}
+
+// ---- 4. presence ---------------------------------------------------------------------------
+
+async fn presence_join_leave_and_query(backend: Backend) {
+    let server = start(backend, "");
+    let topic = "lobby";
+    let mut a = Client::connect(&server).await;
+    a.subscribe(topic).await;
+    let mut b = Client::connect(&server).await;
+    b.subscribe(topic).await;
+
+    let join = a.until("join of b", |m| is_presence_event(m, topic)).await;
+    assert_eq!(
+        join,
+        json!({"type": "join", "topic": topic, "client_id": b.id, "user": "anonymous"}),
+        "the join's client_id is the connection_id of `connected`"
+    );
+    let pr = a
+        .call(json!({"action": "presence", "topic": topic}), json!("q"))
+        .await;
+    assert_eq!(member_ids(&pr["members"]), ids([&a, &b]), "{pr}");
+    let api = get_with(&server, &format!("/api/presence?topic={topic}"), "").await;
+    assert_eq!(api.status, 200, "{api:?}");
+    let body = json_body(&api);
+    assert_eq!(body["topic"], topic, "{body}");
+    assert_eq!(member_ids(&body["members"]), ids([&a, &b]), "{body}");
+
+    // Unsubscribe, clean close, close without close frame (FIN), reset (RST): one leave each.
+    b.send(json!({"action": "unsubscribe", "topic": topic}))
+        .await;
+    let leave = a.until("leave of b", |m| is_presence_event(m, topic)).await;
+    assert_eq!(
+        leave,
+        json!({"type": "leave", "topic": topic, "client_id": b.id, "user": "anonymous"})
+    );
+    let mut events = Vec::new();
+    for how in ["close frame", "fin", "reset"] {
+        let mut c = Client::connect(&server).await;
+        c.subscribe(topic).await;
+        let id = c.id.clone();
+        let join = a.until("join", |m| is_presence_event(m, topic)).await;
+        assert_eq!(
+            (&join["type"], &join["client_id"]),
+            (&json!("join"), &json!(id))
+        );
+        match how {
+            "close frame" => {
+                let close = CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "bye".into(),
+                };
+                within("close", c.ws.close(Some(close)))
+                    .await
+                    .expect("close");
+                drop(c);
+            }
+            "fin" => drop(c),
+            _ => c.reset(),
+        }
+        let leave = a.until("leave", |m| is_presence_event(m, topic)).await;
+        assert_eq!(
+            (&leave["type"], &leave["client_id"]),
+            (&json!("leave"), &json!(id)),
+            "{how}"
+        );
+        events.push(id);
+    }
+    // A fence through the same home shard: no second leave came before it.
+    let seq = a.publish(topic, json!("fence")).await;
+    loop {
+        let m = a.room_message(topic).await;
+        if m["seq"] == seq {
+            break;
+        }
+    }
+    let extra = a.take_stashed(|m| is_presence_event(m, topic));
+    assert!(
+        extra.is_empty(),
+        "more presence events than one leave each: {extra:?}"
+    );
+    let pr = a
+        .call(json!({"action": "presence", "topic": topic}), json!("q2"))
+        .await;
+    assert_eq!(member_ids(&pr["members"]), ids([&a]), "{pr}");
+    let body = json_body(&get_with(&server, &format!("/api/presence?topic={topic}"), "").await);
+    assert_eq!(member_ids(&body["members"]), ids([&a]), "{body}");
+}
+
+async fn presence_events_off_by_prefix_and_member_cap(backend: Backend) {
+    let server = start(
+        backend,
+        "[rooms]\npresence_events_off = [\"quiet.\"]\npresence_events_max_members = 3\n",
+    );
+    let (quiet, loud) = ("quiet.room", "loud.room");
+    let mut a = Client::connect(&server).await;
+    a.subscribe(quiet).await;
+    a.subscribe(loud).await;
+    let mut b = Client::connect(&server).await;
+    b.subscribe(quiet).await;
+    b.subscribe(loud).await;
+    let pr = a
+        .call(json!({"action": "presence", "topic": quiet}), json!(1))
+        .await;
+    assert_eq!(
+        member_ids(&pr["members"]),
+        ids([&a, &b]),
+        "presence queries work without events: {pr}"
+    );
+    // With 3 members the loud room still emits; a 4th member is over the cap.
+    let mut c = Client::connect(&server).await;
+    c.subscribe(loud).await;
+    let mut d = Client::connect(&server).await;
+    d.subscribe(loud).await;
+    b.send(json!({"action": "unsubscribe", "topic": quiet}))
+        .await;
+    b.send(json!({"action": "unsubscribe", "topic": loud}))
+        .await;
+    b.ping().await;
+    // Fences through the same home shards.
+    for t in [quiet, loud] {
+        let seq = a.publish(t, json!("fence")).await;
+        while a.room_message(t).await["seq"] != seq {}
+    }
+    let q = a.take_stashed(|m| is_presence_event(m, quiet));
+    assert!(q.is_empty(), "{quiet} is off by prefix: {q:?}");
+    let l: Vec<(Value, Value)> = a
+        .take_stashed(|m| is_presence_event(m, loud))
+        .into_iter()
+        .map(|m| (m["type"].clone(), m["client_id"].clone()))
+        .collect();
+    assert!(
+        l.starts_with(&[(json!("join"), json!(b.id)), (json!("join"), json!(c.id))]),
+        "{loud}: joins of b and c (3 members at most): {l:?}"
+    );
+    assert!(
+        !l.contains(&(json!("join"), json!(d.id))),
+        "{loud}: d is the 4th member, over presence_events_max_members = 3: {l:?}"
+    );
+}
+
+// ---- 5. slow consumer ----------------------------------------------------------------------
+
+/// A subscriber that stops reading is closed with 1013 once its queue is over
+/// `max_outbound_bytes`, while every other subscriber gets every message.
+async fn slow_consumer_closed_1013_others_get_everything(backend: Backend) {
+    // Bursts of 8 x 4 KiB stay well under the 64 KiB limit for a subscriber that reads. How
+    // much the slow one's socket buffers absorb depends on the kernel (loopback send buffers
+    // grow to MBs), so publishing goes on until the server reports the slow consumer closed
+    // (at most MAX messages), then a few more batches.
+    const BATCH: u64 = 8;
+    const MAX: u64 = 8000;
+    let server = start(
+        backend,
+        "max_outbound_bytes = 65536\n[rooms]\npublish_rate = 0\n",
+    );
+    let topic = "firehose";
+    // The slow one: a small receive buffer, subscribed, then never reads.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = within("connect", sock.connect(server.addr))
+        .await
+        .expect("connect");
+    let mut slow = RawWs::handshake(stream, "/ws").await;
+    let hello = slow.read_frame().await.expect("connected");
+    assert_eq!(hello.opcode, OP_TEXT);
+    let hello: Value = serde_json::from_slice(&hello.payload).expect("JSON");
+    let slow_id = hello["connection_id"].clone();
+    let sub = json!({"action": "subscribe", "topic": topic, "id": "s"}).to_string();
+    slow.send(&frame(true, OP_TEXT, sub.as_bytes())).await;
+    loop {
+        let f = slow.read_frame().await.expect("subscribed");
+        let v: Value = serde_json::from_slice(&f.payload).expect("JSON");
+        if v["type"] == "subscribed" {
+            break;
+        }
+    }
+
+    let mut fast = clients_on_every_shard(&server, 1).await;
+    for c in fast.iter_mut() {
+        c.subscribe(topic).await;
+    }
+    let mut publisher = Client::connect(&server).await;
+    let pad = "x".repeat(4 * 1024);
+    let mut next = vec![1u64; fast.len()];
+    let mut end = 0;
+    let mut closed_at = None;
+    while closed_at.is_none_or(|at| end < at + 4 * BATCH) {
+        assert!(
+            end < MAX,
+            "{end} messages of 4 KiB and the subscriber that never reads is still not \
+             closed as a slow consumer (max_outbound_bytes = 65536)"
+        );
+        for i in end + 1..=end + BATCH {
+            publisher
+                .feed(json!({"action": "publish", "topic": topic,
+                             "data": {"i": i, "pad": pad}}))
+                .await;
+        }
+        publisher.flush().await;
+        end += BATCH;
+        // Every fast subscriber keeps up with each batch, whatever the slow one does.
+        for (k, c) in fast.iter_mut().enumerate() {
+            while next[k] <= end {
+                let m = c.room_message(topic).await;
+                assert_eq!(m["seq"], next[k], "fast subscriber {k}: {m}");
+                assert_eq!(m["data"]["i"], next[k], "{m}");
+                next[k] += 1;
+            }
+        }
+        if closed_at.is_none()
+            && end % (4 * BATCH) == 0
+            && metric_sum(&server, "ringgate_slow_consumer_closes_total").await >= 1.0
+        {
+            closed_at = Some(end);
+        }
+    }
+    let n = end;
+    let errors = publisher.take_stashed(|m| m["type"] == "error");
+    assert!(errors.is_empty(), "publishes refused: {errors:?}");
+    for c in fast.iter_mut() {
+        c.ping().await;
+        let extra = c.take_stashed(|m| is_room_message(m, topic));
+        assert!(extra.is_empty(), "more than {n} messages: {}", extra.len());
+    }
+
+    // The slow one: a prefix of the messages, in order, then 1013.
+    let mut seen = 0u64;
+    let code = loop {
+        match slow.read_frame().await {
+            Some(f) if f.opcode == OP_TEXT => {
+                let v: Value = serde_json::from_slice(&f.payload).expect("JSON");
+                if is_room_message(&v, topic) {
+                    seen += 1;
+                    assert_eq!(v["seq"], seen, "the slow consumer's prefix is in order");
+                }
+            }
+            Some(f) if f.opcode == OP_CLOSE => break f.close_code(),
+            Some(f) if f.opcode == OP_PING => {}
+            other => panic!("slow consumer: expected messages then a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1013), "slow consumer close code");
+    assert!(
+        seen < n,
+        "the slow consumer cannot have taken all {n} messages"
+    );
+    slow.expect_eof().await;
+
+    // The others hear it leave, once.
+    let seq = publisher.publish(topic, json!("fence")).await;
+    for c in fast.iter_mut() {
+        let leave = c
+            .until("leave of the slow consumer", |m| {
+                m["type"] == "leave" && m["client_id"] == slow_id
+            })
+            .await;
+        assert_eq!(leave["topic"], topic, "{leave}");
+        while c.room_message(topic).await["seq"] != seq {}
+        let again = c.take_stashed(|m| m["type"] == "leave" && m["client_id"] == slow_id);
+        assert!(again.is_empty(), "a second leave: {again:?}");
+    }
+}
+
+// ---- 6. fan-out ----------------------------------------------------------------------------
+
+async fn fanout_2000_subscribers_exact_counts(backend: Backend) {
+    const SUBSCRIBERS: usize = 2000;
+    const N: u64 = 40;
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\npresence_events = false\n",
+    );
+    let topic = "fan";
+    let mut subs = Vec::with_capacity(SUBSCRIBERS);
+    while subs.len() < SUBSCRIBERS {
+        let batch = futures_util::future::join_all((0..100).map(|_| async {
+            let mut c = Client::connect(&server).await;
+            c.send(json!({"action": "subscribe", "topic": topic, "id": "s"}))
+                .await;
+            c
+        }))
+        .await;
+        subs.extend(batch);
+    }
+    let shards: BTreeSet<Option<u64>> = subs.iter().map(|c| c.shard()).collect();
+    assert!(
+        shards.len() > 1,
+        "subscribers on one shard only: {shards:?}"
+    );
+    let readers: Vec<_> = subs
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let r = c.until("subscribed", |m| m["id"] == "s").await;
+                assert_eq!(
+                    (&r["type"], &r["seq"]),
+                    (&json!("subscribed"), &json!(0)),
+                    "{r}"
+                );
+                let mut n = 0u64;
+                loop {
+                    let m = c.room_message(topic).await;
+                    assert_eq!(m["seq"], n + 1, "{}: gap or duplicate: {m}", c.id);
+                    if m["data"] == "end" {
+                        break;
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    // Every subscription is active before the first publish: presence lists them all.
+    let mut publisher = Client::connect(&server).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let pr = publisher
+            .call(json!({"action": "presence", "topic": topic}), json!("p"))
+            .await;
+        let n = pr["members"].as_array().map_or(0, |m| m.len());
+        if n == SUBSCRIBERS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {n} members");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 1..=N {
+        publisher
+            .feed(json!({"action": "publish", "topic": topic, "data": {"i": i, "pad": "0123456789abcdef0123456789abcdef"}}))
+            .await;
+    }
+    publisher.flush().await;
+    assert_eq!(publisher.publish(topic, json!("end")).await, N + 1);
+    let mut delivered = 0;
+    for r in readers {
+        let n = within("subscriber", r).await.expect("subscriber task");
+        assert_eq!(n, N, "every subscriber gets exactly {N} messages");
+        delivered += n;
+    }
+    assert_eq!(delivered, N * SUBSCRIBERS as u64);
+}
+
+// ---- 7. client errors ----------------------------------------------------------------------
+
+/// Sends `text` and expects an `error` with `code` (and `id` echoed when the request had one);
+/// then proves the connection is still open.
+async fn expect_error(c: &mut Client, text: &str, code: &str, id: Option<Value>) {
+    c.send_text(text.to_string()).await;
+    expect_error_reply(c, text, code, id).await;
+}
+
+async fn expect_error_reply(c: &mut Client, sent: &str, code: &str, id: Option<Value>) {
+    let e = c.until("an error", |m| m["type"] == "error").await;
+    assert_eq!(e["code"], code, "sent {sent:.200}, got {e}");
+    assert!(
+        e["error"].as_str().is_some_and(|t| !t.is_empty()),
+        "human readable error text: {e}"
+    );
+    match id {
+        Some(id) => assert_eq!(e["id"], id, "id echoed on the error to {sent:.200}: {e}"),
+        None => assert!(e.get("id").is_none(), "{e}"),
+    }
+    c.ping().await;
+    let stray = c.take_stashed(|m| m.get("id").is_some() || m["type"] == "error");
+    assert!(
+        stray.is_empty(),
+        "unexpected replies after {sent:.200}: {stray:?}"
+    );
+}
+
+async fn every_client_error_keeps_the_connection_open(backend: Backend) {
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\nmax_topics_per_connection = 3\n",
+    );
+    let mut c = Client::connect(&server).await;
+
+    // bad_json: garbage, not an object, a binary frame.
+    for text in [
+        "garbage{",
+        "",
+        "[1,2,3]",
+        "\"subscribe\"",
+        "42",
+        "null",
+        "{\"action\":",
+    ] {
+        expect_error(&mut c, text, "bad_json", None).await;
+    }
+    within(
+        "send binary",
+        c.ws.send(Message::binary(br#"{"action":"ping","id":1}"#.to_vec())),
+    )
+    .await
+    .expect("send");
+    expect_error_reply(&mut c, "a binary frame", "bad_json", None).await;
+
+    // unknown_action.
+    expect_error(
+        &mut c,
+        r#"{"action":"dance","id":"u1"}"#,
+        "unknown_action",
+        Some(json!("u1")),
+    )
+    .await;
+    expect_error(
+        &mut c,
+        r#"{"action":"SUBSCRIBE","topic":"t","id":2}"#,
+        "unknown_action",
+        Some(json!(2)),
+    )
+    .await;
+
+    // missing_field: absent fields and wrong types.
+    for (text, id) in [
+        (r#"{"id":"m1"}"#, json!("m1")),
+        (r#"{"action":5,"id":"m2"}"#, json!("m2")),
+        (r#"{"action":"subscribe","id":"m3"}"#, json!("m3")),
+        (r#"{"action":"subscribe","topic":7,"id":"m4"}"#, json!("m4")),
+        (
+            r#"{"action":"subscribe","topic":"","id":"m5"}"#,
+            json!("m5"),
+        ),
+        (
+            r#"{"action":"subscribe","topic":"t","since":"3","id":"m6"}"#,
+            json!("m6"),
+        ),
+        (
+            r#"{"action":"subscribe","topic":"t","since":-1,"id":"m7"}"#,
+            json!("m7"),
+        ),
+        (
+            r#"{"action":"subscribe","topic":"t","epoch":5,"id":"m8"}"#,
+            json!("m8"),
+        ),
+        (r#"{"action":"unsubscribe","id":"m9"}"#, json!("m9")),
+        (
+            r#"{"action":"publish","topic":"t","id":"m10"}"#,
+            json!("m10"),
+        ),
+        (r#"{"action":"publish","data":1,"id":"m11"}"#, json!("m11")),
+        (
+            r#"{"action":"publish","topic":"t","type":3,"data":1,"id":"m12"}"#,
+            json!("m12"),
+        ),
+        (r#"{"action":"presence","id":"m13"}"#, json!("m13")),
+        (r#"{"action":"history","id":"m14"}"#, json!("m14")),
+        (
+            r#"{"action":"history","topic":"t","limit":"x","id":"m15"}"#,
+            json!("m15"),
+        ),
+        (
+            r#"{"action":"history","topic":"t","since":1.5,"id":"m16"}"#,
+            json!("m16"),
+        ),
+        (
+            r#"{"action":"publish","topic":["t"],"data":1,"id":17}"#,
+            json!(17),
+        ),
+    ] {
+        expect_error(&mut c, text, "missing_field", Some(id)).await;
+    }
+
+    // too_large: topic length (128 is the limit), data size (65536 bytes of JSON), topics.
+    let t128 = "t".repeat(128);
+    let t129 = "t".repeat(129);
+    assert_eq!(
+        c.publish(&t128, json!(1)).await,
+        1,
+        "a 128-byte topic is fine"
+    );
+    for action in ["subscribe", "publish", "presence", "history"] {
+        let req = json!({"action": action, "topic": t129, "data": 1, "id": action});
+        expect_error(&mut c, &req.to_string(), "too_large", Some(json!(action))).await;
+    }
+    let fits = "d".repeat(65536 - 2); // a JSON string: two quotes
+    assert_eq!(
+        c.publish("data", json!(fits)).await,
+        1,
+        "65536 bytes of data fit"
+    );
+    let over = "d".repeat(65536 - 1);
+    let req = json!({"action": "publish", "topic": "data", "data": over, "id": "big"});
+    expect_error(&mut c, &req.to_string(), "too_large", Some(json!("big"))).await;
+    for t in ["t1", "t2", "t3"] {
+        c.subscribe(t).await;
+    }
+    let req = json!({"action": "subscribe", "topic": "t4", "id": "many"});
+    expect_error(&mut c, &req.to_string(), "too_large", Some(json!("many"))).await;
+    c.subscribe("t1").await; // again: not a new topic
+    c.send(json!({"action": "unsubscribe", "topic": "t1"}))
+        .await;
+    c.subscribe("t4").await; // room again after an unsubscribe
+
+    // not_subscribed.
+    let req = json!({"action": "unsubscribe", "topic": "never", "id": "ns"});
+    expect_error(
+        &mut c,
+        &req.to_string(),
+        "not_subscribed",
+        Some(json!("ns")),
+    )
+    .await;
+    let req = json!({"action": "unsubscribe", "topic": "t1", "id": "ns2"});
+    expect_error(
+        &mut c,
+        &req.to_string(),
+        "not_subscribed",
+        Some(json!("ns2")),
+    )
+    .await;
+
+    // After all that the connection still works end to end.
+    let seq = c.publish("t4", json!("still here")).await;
+    assert_eq!(c.room_message("t4").await["seq"], seq);
+}
+
+async fn publish_rate_limited(backend: Backend) {
+    let server = start(backend, "[rooms]\npublish_rate = 1\npublish_burst = 2\n");
+    let mut c = Client::connect(&server).await;
+    let topic = "rl";
+    c.subscribe(topic).await;
+    assert_eq!(c.publish(topic, json!(1)).await, 1);
+    assert_eq!(c.publish(topic, json!(2)).await, 2);
+    let req = json!({"action": "publish", "topic": topic, "data": 3, "id": "third"});
+    expect_error(
+        &mut c,
+        &req.to_string(),
+        "rate_limited",
+        Some(json!("third")),
+    )
+    .await;
+    // Other requests are not rate limited.
+    for _ in 0..5 {
+        c.ping().await;
+    }
+    // The bucket is per connection.
+    let mut other = Client::connect(&server).await;
+    assert_eq!(other.publish(topic, json!("other")).await, 3);
+    // It refills at publish_rate (one per second): testing the clock itself.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(c.publish(topic, json!(4)).await, 4);
+    let got: Vec<Value> = {
+        let mut v = Vec::new();
+        while v.len() < 4 {
+            v.push(c.room_message(topic).await["data"].clone());
+        }
+        v
+    };
+    assert_eq!(
+        got,
+        vec![json!(1), json!(2), json!("other"), json!(4)],
+        "refused publish was not delivered"
+    );
+}
+
+// ---- 8. no rooms left behind ---------------------------------------------------------------
+
+/// Many subscribe/unsubscribe cycles (awaited, and racing the home shard's answer), publishes,
+/// and abrupt disconnects: afterwards no room and no subscription is left on any shard.
+async fn subscribe_unsubscribe_cycles_leave_no_rooms(backend: Backend) {
+    const CLIENTS: usize = 4;
+    const ROUNDS: usize = 25;
+    const BATCH: usize = 200; // 4 * 25 * 200 = 20,000 cycles
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\nmax_topics_per_connection = 1000\nhistory_ttl = 1\n",
+    );
+    wait_for_room_gauges(&server, 0.0, 0.0).await;
+
+    // While held, the gauges count the rooms and subscriptions (so they can show a leak).
+    let mut holder = Client::connect(&server).await;
+    for k in 0..300 {
+        holder
+            .feed(json!({"action": "subscribe", "topic": format!("hold.{k}")}))
+            .await;
+    }
+    holder.flush().await;
+    let mut other = Client::connect(&server).await;
+    for k in 0..100 {
+        other
+            .feed(json!({"action": "subscribe", "topic": format!("hold.{k}")}))
+            .await;
+    }
+    other.flush().await;
+    wait_for_room_gauges(&server, 300.0, 400.0).await;
+    other.reset(); // an abrupt disconnect frees its subscriptions
+    wait_for_room_gauges(&server, 300.0, 300.0).await;
+
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            let c = Client::connect(&server);
+            async move {
+                let mut c = c.await;
+                for round in 0..ROUNDS {
+                    // Half the topics are shared by all workers, half are the worker's own.
+                    let topic = |k: usize| {
+                        if k.is_multiple_of(2) {
+                            format!("cyc.{round}.{k}")
+                        } else {
+                            format!("cyc.{w}.{round}.{k}")
+                        }
+                    };
+                    if round % 2 == 0 {
+                        // Awaited: subscribe, get every reply, publish to some, unsubscribe.
+                        for k in 0..BATCH {
+                            c.feed(json!({"action": "subscribe", "topic": topic(k), "id": k}))
+                                .await;
+                        }
+                        c.flush().await;
+                        for k in 0..BATCH {
+                            let r = c.until("subscribed", |m| m["id"] == k).await;
+                            assert_eq!(r["type"], "subscribed", "{r}");
+                        }
+                        for k in (0..BATCH).step_by(20) {
+                            c.publish(&topic(k), json!(k)).await;
+                        }
+                    } else {
+                        // Racing: unsubscribe before the home shard has answered.
+                        for k in 0..BATCH {
+                            c.feed(json!({"action": "subscribe", "topic": topic(k)}))
+                                .await;
+                        }
+                    }
+                    for k in 0..BATCH {
+                        c.feed(json!({"action": "unsubscribe", "topic": topic(k)}))
+                            .await;
+                    }
+                    c.flush().await;
+                    c.ping().await;
+                    c.stash.retain(|m| m["type"] == "error");
+                    assert!(c.stash.is_empty(), "worker {w}: {:?}", c.stash);
+                }
+                c
+            }
+        })
+        .collect();
+    let workers = futures_util::future::join_all(workers).await;
+    drop(workers); // closed without unsubscribing anything left (nothing should be)
+    holder.reset();
+    // History entries live for history_ttl (1 s); then nothing may be left anywhere.
+    wait_for_room_gauges(&server, 0.0, 0.0).await;
+}
+
+// ---- HTTP API ------------------------------------------------------------------------------
+
+async fn api_publish_presence_history(backend: Backend) {
+    let server = start(backend, "[rooms]\napi_key = \"s3cret\"\n");
+    let key = "Authorization: Bearer s3cret\r\n";
+    let topic = "api.t";
+    let mut sub = Client::connect(&server).await;
+    let epoch = sub.subscribe(topic).await["epoch"].clone();
+
+    // The key is required.
+    let body = json!({"topic": topic, "data": {"x": 0}});
+    for auth in [
+        "",
+        "Authorization: Bearer wrong\r\n",
+        "Authorization: s3cret\r\n",
+        "Authorization: Basic czNjcmV0\r\n",
+    ] {
+        let r = api_publish(&server, auth, &body).await;
+        assert!(
+            r.status == 401 || r.status == 403,
+            "publish with {auth:?}: {r:?}"
+        );
+    }
+
+    let r = api_publish(
+        &server,
+        key,
+        &json!({"topic": topic, "type": "backend", "data": {"x": 1}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(json_body(&r)["seq"], 1, "{r:?}");
+    let m = sub.room_message(topic).await;
+    assert_eq!(
+        (&m["type"], &m["seq"], &m["data"]),
+        (&json!("backend"), &json!(1), &json!({"x": 1})),
+        "{m}"
+    );
+    assert_timestamp(&m["timestamp"], &m);
+    let r = api_publish(&server, key, &json!({"topic": topic, "data": [2]})).await;
+    assert_eq!(json_body(&r)["seq"], 2, "{r:?}");
+    let m = sub.room_message(topic).await;
+    assert_eq!(
+        (&m["type"], &m["seq"]),
+        (&json!("message"), &json!(2)),
+        "{m}"
+    );
+
+    // Bad input: a clear 4xx, and nothing published.
+    for bad in [
+        "not json".to_string(),
+        "[1]".to_string(),
+        json!({"data": 1}).to_string(),
+        json!({"topic": "", "data": 1}).to_string(),
+        json!({"topic": 5, "data": 1}).to_string(),
+        json!({"topic": topic}).to_string(),
+        json!({"topic": topic, "type": 3, "data": 1}).to_string(),
+        json!({"topic": "t".repeat(129), "data": 1}).to_string(),
+        json!({"topic": topic, "data": "d".repeat(65536)}).to_string(),
+    ] {
+        let r = server.post("/api/publish", key, &bad).await;
+        assert!(
+            (400..500).contains(&r.status),
+            "POST /api/publish {bad:.100}: {r:?}"
+        );
+        let e = json_body(&r);
+        assert!(e["error"].is_string(), "error text: {e}");
+    }
+    let r = api_publish(&server, key, &json!({"topic": topic, "data": 3})).await;
+    assert_eq!(
+        json_body(&r)["seq"],
+        3,
+        "refused publishes took no seq: {r:?}"
+    );
+    assert_eq!(sub.room_message(topic).await["seq"], 3);
+
+    // Presence.
+    let r = get_with(&server, &format!("/api/presence?topic={topic}"), key).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("application/json"),
+        "{r:?}"
+    );
+    let p = json_body(&r);
+    assert_eq!(p["topic"], topic, "{p}");
+    assert_eq!(member_ids(&p["members"]), ids([&sub]), "{p}");
+    let r = get_with(&server, "/api/presence?topic=nobody.here", key).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(json_body(&r)["members"], json!([]));
+    let r = get_with(&server, "/api/presence", key).await;
+    assert_eq!(r.status, 400, "no topic: {r:?}");
+    // Query-string decoding.
+    let mut odd = Client::connect(&server).await;
+    odd.subscribe("a b/c&d").await;
+    let r = get_with(&server, "/api/presence?topic=a%20b%2Fc%26d", key).await;
+    assert_eq!(member_ids(&json_body(&r)["members"]), ids([&odd]), "{r:?}");
+
+    // History.
+    let r = get_with(&server, &format!("/api/history?topic={topic}"), key).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let h = json_body(&r);
+    assert_eq!((&h["topic"], &h["epoch"]), (&json!(topic), &epoch), "{h}");
+    assert_eq!(seqs(&h["messages"]), vec![1, 2, 3], "{h}");
+    assert_eq!(h["messages"][0]["data"], json!({"x": 1}), "{h}");
+    assert_eq!(h["messages"][0]["type"], "backend", "{h}");
+    let h =
+        json_body(&get_with(&server, &format!("/api/history?topic={topic}&since=1"), key).await);
+    assert_eq!(seqs(&h["messages"]), vec![2, 3], "{h}");
+    let h = json_body(
+        &get_with(
+            &server,
+            &format!("/api/history?topic={topic}&since=0&limit=1"),
+            key,
+        )
+        .await,
+    );
+    assert_eq!(seqs(&h["messages"]).len(), 1, "{h}");
+    for bad in [
+        "/api/history".to_string(),
+        format!("/api/history?topic={topic}&since=abc"),
+        format!("/api/history?topic={topic}&since=-1"),
+        format!("/api/history?topic={topic}&limit=x"),
+    ] {
+        let r = get_with(&server, &bad, key).await;
+        assert_eq!(r.status, 400, "GET {bad}: {r:?}");
+    }
+    // A backend publish and the ws history agree.
+    let wh = sub
+        .call(json!({"action": "history", "topic": topic}), json!("h"))
+        .await;
+    assert_eq!(seqs(&wh["messages"]), vec![1, 2, 3], "{wh}");
+    assert_eq!(wh["epoch"], epoch, "{wh}");
+}
+
+async fn api_publish_without_key_configured(backend: Backend) {
+    let server = start(backend, "");
+    let mut sub = Client::connect(&server).await;
+    sub.subscribe("open").await;
+    let r = api_publish(&server, "", &json!({"topic": "open", "data": "hi"})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(json_body(&r)["seq"], 1, "{r:?}");
+    let m = sub.room_message("open").await;
+    assert_eq!((&m["seq"], &m["data"]), (&json!(1), &json!("hi")), "{m}");
+}
