@@ -76,7 +76,7 @@ fn authorize(shard: &Shard, req: &Request<Incoming>) -> Result<(), ApiError> {
         Some(g) if same_secret(g.trim().as_bytes(), key.as_bytes()) => Ok(()),
         _ => Err(ApiError(
             StatusCode::UNAUTHORIZED,
-            "forbidden",
+            "unauthorized",
             "a valid `Authorization: Bearer KEY` is required".into(),
         )),
     }

@@ -20,8 +20,10 @@ use crate::ws::session::{Close, Handler, Message, Sink};
 /// A subscription's state on the subscriber's shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sub {
-    /// Asked the home shard; not on the delivery list yet.
-    Pending,
+    /// Asked the home shard (request number `n`); not on the delivery list yet. Only the
+    /// answer to that request activates it: an answer to an earlier subscribe, given up with
+    /// an unsubscribe since, must not (its replay would be the wrong one).
+    Pending(u64),
     /// On the delivery list under this key.
     Active(usize),
 }

@@ -84,6 +84,8 @@ pub enum HubMsg {
         epoch: Option<String>,
         id: Option<String>,
         shared_deflate: bool,
+        /// Which subscribe of this connection this is (see [`conn::Sub::Pending`]).
+        request: u64,
     },
     Unsubscribe {
         topic: Arc<str>,
@@ -115,6 +117,7 @@ pub enum HubMsg {
         conn: u64,
         reply: Bytes,
         replay: Vec<Broadcast>,
+        request: u64,
     },
     /// A message for every subscriber of `topic` on the receiving shard.
     Deliver {
@@ -145,6 +148,8 @@ pub struct Hub {
     /// TTL. Entries a room already dropped (its count cap) are skipped when met.
     recorded: VecDeque<(Arc<str>, u64)>,
     history_bytes: usize,
+    /// Messages in history over all rooms homed here.
+    history_len: usize,
     history_budget: usize,
     epochs: u64,
     // Subscriber side.
@@ -153,6 +158,8 @@ pub struct Hub {
     /// This shard's `/ws` connections, for replies by id.
     conns: HashMap<u64, Rc<RoomConn>>,
     subscriptions: usize,
+    /// Numbers this shard's subscribe requests.
+    requests: u64,
 }
 
 impl Hub {
@@ -174,11 +181,13 @@ impl Hub {
             rooms: HashMap::new(),
             recorded: VecDeque::new(),
             history_bytes: 0,
+            history_len: 0,
             history_budget,
             epochs: 0,
             local: HashMap::new(),
             conns: HashMap::new(),
             subscriptions: 0,
+            requests: 0,
         }
     }
 
@@ -230,7 +239,22 @@ impl Hub {
                 epoch,
                 id,
                 shared_deflate,
-            } => self.home_subscribe(topic, from, member, since, epoch, id, shared_deflate),
+                request,
+            } => {
+                let answer =
+                    self.home_subscribe(&topic, from, member, since, epoch, id, shared_deflate);
+                let (reply, replay) = answer;
+                self.send(
+                    from.shard,
+                    HubMsg::Subscribed {
+                        topic,
+                        conn: from.conn,
+                        reply,
+                        replay,
+                        request,
+                    },
+                );
+            }
             HubMsg::Unsubscribe {
                 topic,
                 from,
@@ -255,7 +279,8 @@ impl Hub {
                 conn,
                 reply,
                 replay,
-            } => self.local_subscribed(topic, conn, reply, replay),
+                request,
+            } => self.local_subscribed(topic, conn, reply, replay, request),
             HubMsg::Deliver { topic, msg, at } => self.local_deliver(&topic, &msg, at),
             HubMsg::Reply { conn, text } => {
                 if let Some(c) = self.conns.get(&conn) {
@@ -327,25 +352,26 @@ impl Hub {
         }
     }
 
+    /// Adds the subscriber; returns the `subscribed` reply and the replay.
     #[allow(clippy::too_many_arguments)]
     fn home_subscribe(
         &mut self,
-        topic: Arc<str>,
+        topic: &Arc<str>,
         from: ConnRef,
         member: Member,
         since: Option<u64>,
         epoch: Option<String>,
         id: Option<String>,
         shared_deflate: bool,
-    ) {
+    ) -> (Bytes, Vec<Broadcast>) {
         let joined = self
-            .room(&topic)
+            .room(topic)
             .join(from.shard, from.conn, member.clone(), shared_deflate);
         // Others hear of the join before the new member is on any delivery list.
         if joined {
-            self.presence_event(&topic, "join", &member);
+            self.presence_event(topic, "join", &member);
         }
-        let room = self.room(&topic);
+        let room = self.room(topic);
         let recovery = room.recover(since, epoch.as_deref());
         let recovered = match &recovery {
             Recovery::NotAsked => None,
@@ -359,16 +385,8 @@ impl Hub {
                 .collect(),
             _ => Vec::new(),
         };
-        let reply = proto::subscribed(&topic, room.seq, &room.epoch, recovered, id.as_deref());
-        self.send(
-            from.shard,
-            HubMsg::Subscribed {
-                topic,
-                conn: from.conn,
-                reply: Bytes::from(reply),
-                replay,
-            },
-        );
+        let reply = proto::subscribed(topic, room.seq, &room.epoch, recovered, id.as_deref());
+        (Bytes::from(reply), replay)
     }
 
     fn home_unsubscribe(&mut self, topic: Arc<str>, from: ConnRef, shared_deflate: bool) {
@@ -417,7 +435,10 @@ impl Hub {
                 msg: msg.clone(),
             };
             let added = stored.size();
+            let len = room.history_len();
             let freed = room.record(stored, cap);
+            let grown = room.history_len() - len;
+            self.history_len += grown;
             self.history_bytes = self.history_bytes + added - freed;
             self.recorded.push_back((topic.clone(), seq));
             self.enforce_budget();
@@ -444,7 +465,7 @@ impl Hub {
         }
         // Entries a room dropped by its count cap are stale here: compact now and then so the
         // queue stays proportional to what is held.
-        if self.recorded.len() > 1024 && self.recorded.len() > 2 * self.history_entries() {
+        if self.recorded.len() > 1024 && self.recorded.len() > 2 * self.history_len {
             let rooms = &self.rooms;
             self.recorded.retain(|(t, s)| {
                 rooms
@@ -455,14 +476,6 @@ impl Hub {
         }
     }
 
-    fn history_entries(&self) -> usize {
-        // Counted lazily: only when the recorded queue looks too long.
-        self.rooms
-            .values()
-            .map(|r| r.oldest().map_or(0, |o| (r.seq - o.seq + 1) as usize))
-            .sum()
-    }
-
     /// Drops history entry `seq` of `topic` if it is still the room's oldest.
     fn drop_recorded(&mut self, topic: &Arc<str>, seq: u64) {
         let Some(room) = self.rooms.get_mut(topic) else {
@@ -471,6 +484,7 @@ impl Hub {
         if room.oldest().is_some_and(|o| o.seq == seq) {
             if let Some(freed) = room.pop_oldest() {
                 self.history_bytes -= freed;
+                self.history_len -= 1;
             }
         }
         self.free_if_idle(topic);
@@ -566,10 +580,17 @@ impl Hub {
     ) {
         let topic: Arc<str> = topic.into();
         // A repeated subscribe keeps the subscription as it is; the home shard answers again.
-        conn.topics
+        self.requests += 1;
+        let fresh = self.requests;
+        let request = match *conn
+            .topics
             .borrow_mut()
             .entry(topic.clone())
-            .or_insert(conn::Sub::Pending);
+            .or_insert(conn::Sub::Pending(fresh))
+        {
+            conn::Sub::Pending(n) => n,
+            conn::Sub::Active(_) => 0,
+        };
         let msg = HubMsg::Subscribe {
             topic: topic.clone(),
             from: ConnRef {
@@ -581,6 +602,7 @@ impl Hub {
             epoch: epoch.map(str::to_owned),
             id,
             shared_deflate: conn.shared_deflate(),
+            request,
         };
         self.route(&topic, msg);
     }
@@ -617,19 +639,21 @@ impl Hub {
         conn: u64,
         reply: Bytes,
         replay: Vec<Broadcast>,
+        request: u64,
     ) {
         let Some(c) = self.conns.get(&conn) else {
             return; // gone meanwhile; its Unsubscribe is on the way to the home shard
         };
         let mut topics = c.topics.borrow_mut();
-        let Some(sub) = topics.get_mut(&topic) else {
-            return; // unsubscribed meanwhile
+        let sub = match topics.get_mut(&topic) {
+            Some(sub @ conn::Sub::Pending(_)) if *sub == conn::Sub::Pending(request) => sub,
+            _ => {
+                // A repeated subscribe (already on the list), or the answer to a subscribe
+                // given up since: the request gets its reply, nothing else changes.
+                c.entry.send(Outgoing::Text(reply), self.limit);
+                return;
+            }
         };
-        if let conn::Sub::Active(_) = sub {
-            // A repeated subscribe: answer, but the connection is on the list already.
-            c.entry.send(Outgoing::Text(reply), self.limit);
-            return;
-        }
         let entry = &c.entry;
         entry.send(Outgoing::Text(reply), self.limit);
         for msg in &replay {
@@ -657,13 +681,17 @@ impl Hub {
         let cutoff = room::cutoff(now, ttl);
         let mut freed = 0;
         let mut emptied = Vec::new();
+        let mut expired = 0;
         for (topic, room) in self.rooms.iter_mut() {
+            let len = room.history_len();
             freed += room.expire(cutoff);
+            expired += len - room.history_len();
             if room.is_idle() {
                 emptied.push(topic.clone());
             }
         }
         self.history_bytes -= freed;
+        self.history_len -= expired;
         for t in emptied {
             self.rooms.remove(&t);
         }

@@ -112,6 +112,11 @@ impl Room {
         freed
     }
 
+    /// Messages in history.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
     pub fn history_bytes(&self) -> usize {
         self.history_bytes
     }

@@ -1,0 +1,122 @@
+//! No leak in the rooms: a million subscribe/unsubscribe cycles (each on a fresh topic, with a
+//! publish in between so history and presence are used) leave the heap where it was. Measured
+//! with a counting allocator around the system one, in process, without sockets: the hub's
+//! state is plain data driven by its public API, as the shards drive it.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+
+use ringgate::config::Config;
+use ringgate::hub::conn::RoomConn;
+use ringgate::hub::{HubMsg, Reply};
+use ringgate::runtime::io::Backend;
+use ringgate::runtime::shard::{Global, Shard};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged and only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        System.realloc(p, l, new)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// A million in release (`cargo test --release --test hub_memory`, which CI runs); a tenth of
+/// it in the debug suite, where a cycle is ten times slower.
+const CYCLES: usize = if cfg!(debug_assertions) {
+    100_000
+} else {
+    1_000_000
+};
+
+#[test]
+fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
+    let mut config = Config::default();
+    // History is kept (so the room outlives its last subscriber until the TTL sweep).
+    config.rooms.history_size = 4;
+    let shard = Shard::new(0, Arc::new(Global::new(config, Backend::Epoll)), None);
+    let reg = shard.register("127.0.0.1:9".parse().unwrap());
+    let conn = Rc::new(RoomConn {
+        entry: reg.entry.clone(),
+        client_id: "c".into(),
+        user: "anonymous".into(),
+        topics: Default::default(),
+    });
+    shard.hub.borrow_mut().attach(conn.clone());
+
+    let cycle = |i: usize| {
+        let topic = format!("topic-{}", i % 50_000);
+        let mut hub = shard.hub.borrow_mut();
+        hub.subscribe(&conn, &topic, None, None, Some(i.to_string()));
+        hub.handle(HubMsg::Publish {
+            topic: topic.as_str().into(),
+            kind: "message".into(),
+            data: "{\"n\":1}".into(),
+            from: None,
+            reply: Reply::None,
+        });
+        assert!(hub.unsubscribe(&conn, &topic));
+        drop(hub);
+        conn.entry.mailbox.drain(drop);
+        // Now and then the shard's once-a-second sweep runs; here it runs with a clock far
+        // enough ahead that all history has expired.
+        if i % 10_000 == 9_999 {
+            let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+            shard.hub.borrow_mut().sweep(later);
+        }
+    };
+
+    // Warm up: let maps and queues reach their working size (hash tables settle on their
+    // capacity within a few passes over the 50,000 topics).
+    for i in 0..CYCLES.min(200_000) {
+        cycle(i);
+    }
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    shard.hub.borrow_mut().sweep(later);
+    conn.entry.mailbox.shrink();
+    let before = LIVE.load(Ordering::Relaxed);
+
+    for i in 0..CYCLES {
+        cycle(i);
+        if i % 200_000 == 199_999 {
+            println!(
+                "after {} cycles: {} B",
+                i + 1,
+                LIVE.load(Ordering::Relaxed) - before
+            );
+        }
+    }
+    shard.hub.borrow_mut().sweep(later);
+    conn.entry.mailbox.shrink();
+    let after = LIVE.load(Ordering::Relaxed);
+
+    assert_eq!(
+        shard.hub.borrow().counts(),
+        (0, 0),
+        "rooms or subscriptions left"
+    );
+    assert!(conn.topics.borrow().is_empty());
+    let grown = after - before;
+    // Hash maps keep their capacity; anything per cycle would be megabytes by now.
+    assert!(
+        grown < 64 * 1024,
+        "heap grew by {grown} bytes over {CYCLES} cycles"
+    );
+    println!("heap before {before} B, after {after} B, grown {grown} B over {CYCLES} cycles");
+}
