@@ -84,6 +84,9 @@ pub struct Config {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// Record and serve Prometheus metrics.
     pub metrics: bool,
+    // ---- agent gateway (`[agent]`, src/agent/config.rs) ----
+    /// `/ws/agent` upstreams, timeouts and balancing.
+    pub agent: crate::agent::config::AgentConfig,
     /// Rooms: `/ws`, `/api/publish`, `/api/presence`, `/api/history`.
     pub rooms: crate::hub::config::Rooms,
     /// JWT authentication of `/ws` (and `/ws/agent`) clients.
@@ -189,6 +192,8 @@ impl Default for Config {
             auth: crate::auth::AuthConfig::default(),
             tls: Tls::default(),
             listen: Vec::new(),
+            // ---- agent gateway ----
+            agent: Default::default(),
         }
     }
 }
@@ -221,6 +226,9 @@ pub struct Overrides {
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
     pub tls_self_signed: bool,
+    // ---- agent gateway ----
+    /// `--agent-upstream URL` (repeatable); replaces the lower layers' list when given.
+    pub agent_upstreams: Vec<String>,
 }
 
 impl Config {
@@ -278,6 +286,10 @@ impl Config {
         if let Some(v) = env("WS_MAX_CONNECTIONS") {
             self.max_connections = parse("WS_MAX_CONNECTIONS", &v)?;
         }
+        // ---- agent gateway ----
+        if let Some(v) = env("AGENT_UPSTREAM") {
+            self.agent.upstreams = crate::agent::config::parse_upstream_list(&v);
+        }
         Ok(())
     }
 
@@ -304,6 +316,14 @@ impl Config {
         }
         if f.tls_self_signed {
             self.tls.self_signed = true;
+        }
+        // ---- agent gateway ----
+        if !f.agent_upstreams.is_empty() {
+            self.agent.upstreams = f
+                .agent_upstreams
+                .iter()
+                .map(|u| crate::agent::config::UpstreamEntry::Url(u.clone()))
+                .collect();
         }
     }
 
@@ -464,6 +484,8 @@ impl Config {
                 });
             }
         }
+        // ---- agent gateway ----
+        self.agent.validate()?;
         Ok(())
     }
 
@@ -649,6 +671,34 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    // ---- agent gateway ----
+    #[test]
+    fn agent_upstreams_layer_file_env_flags() {
+        let mut c = Config::from_toml("[agent]\nupstreams = [\"http://file:1\"]").unwrap();
+        c.apply_env(env(&[("AGENT_UPSTREAM", "http://env:1,http://env:2")]))
+            .unwrap();
+        let urls = |c: &Config| {
+            c.agent
+                .upstreams
+                .iter()
+                .map(|u| u.url().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(urls(&c), ["http://env:1", "http://env:2"]);
+        c.apply_flags(&Overrides {
+            agent_upstreams: vec!["http://flag:1".into()],
+            ..Default::default()
+        });
+        assert_eq!(urls(&c), ["http://flag:1"]);
+        let err = Config::load(
+            None,
+            env(&[("AGENT_UPSTREAM", "nope")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("agent.upstreams"), "{err}");
     }
 
     #[test]

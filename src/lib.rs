@@ -5,6 +5,7 @@
 //! lives in plain types (`ws::frame`, `ws::reader`, `ws::handshake`, `config`) with unit tests
 //! and no sockets; the I/O modules stay thin.
 
+pub mod agent;
 pub mod auth;
 pub mod config;
 pub mod http;

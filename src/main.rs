@@ -78,6 +78,10 @@ struct ServeArgs {
     /// Serve TLS with a localhost certificate generated at start (development).
     #[arg(long, conflicts_with = "tls_cert")]
     tls_self_signed: bool,
+    /// Agent gateway upstream base URL (repeatable; replaces [agent] upstreams and
+    /// AGENT_UPSTREAM).
+    #[arg(long = "agent-upstream", value_name = "URL")]
+    agent_upstream: Vec<String>,
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -103,6 +107,7 @@ impl ServeArgs {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             tls_self_signed: self.tls_self_signed,
+            agent_upstreams: self.agent_upstream.clone(),
         }
     }
 }

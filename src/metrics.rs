@@ -29,6 +29,13 @@ pub const FANOUT: &str = "ringgate_fanout_size";
 pub const PUBLISH_LATENCY: &str = "ringgate_publish_to_queue_seconds";
 pub const OUTBOUND_BYTES: &str = "ringgate_outbound_queue_bytes";
 pub const HISTORY_BYTES: &str = "ringgate_history_bytes";
+// ---- agent gateway ----
+pub const AGENT_UPSTREAM_REQUESTS: &str = "ringgate_agent_upstream_requests_total";
+pub const AGENT_UPSTREAM_LATENCY: &str = "ringgate_agent_upstream_latency_seconds";
+pub const AGENT_UPSTREAM_TIMEOUTS: &str = "ringgate_agent_upstream_timeouts_total";
+pub const AGENT_BREAKER_STATE: &str = "ringgate_agent_breaker_state";
+pub const AGENT_IN_FLIGHT: &str = "ringgate_agent_requests_in_flight";
+pub const AGENT_CANCELLED: &str = "ringgate_agent_requests_cancelled_total";
 
 /// Installs the Prometheus recorder (once per process) and describes every metric.
 pub fn install() -> Option<PrometheusHandle> {
@@ -103,7 +110,62 @@ pub fn install() -> Option<PrometheusHandle> {
         Unit::Bytes,
         "Bytes of room history held, by home shard."
     );
+    // ---- agent gateway ----
+    describe_counter!(
+        AGENT_UPSTREAM_REQUESTS,
+        "Agent gateway upstream requests, by target, kind (agent_query, streaming_query, tool_call) and status (the HTTP status, error, timeout, circuit_open)."
+    );
+    describe_histogram!(
+        AGENT_UPSTREAM_LATENCY,
+        Unit::Seconds,
+        "Agent gateway: from sending an upstream request to its response head, by target and kind."
+    );
+    describe_counter!(
+        AGENT_UPSTREAM_TIMEOUTS,
+        "Agent gateway upstream timeouts, by target and phase (connect, first_byte, idle)."
+    );
+    describe_gauge!(
+        AGENT_BREAKER_STATE,
+        "Agent gateway circuit breaker per target and shard, as of its last request: 0 closed, 1 half-open, 2 open."
+    );
+    describe_gauge!(
+        AGENT_IN_FLIGHT,
+        "Agent gateway upstream requests in flight."
+    );
+    describe_counter!(
+        AGENT_CANCELLED,
+        "Agent gateway requests cancelled, by reason (client: a cancel message, disconnect)."
+    );
     Some(handle)
+}
+
+// ---- agent gateway ----
+pub fn agent_request(target: &str, kind: &'static str, status: &str) {
+    counter!(AGENT_UPSTREAM_REQUESTS, "target" => target.to_string(), "kind" => kind, "status" => status.to_string())
+        .increment(1);
+}
+
+pub fn agent_latency(target: &str, kind: &'static str, d: std::time::Duration) {
+    metrics::histogram!(AGENT_UPSTREAM_LATENCY, "target" => target.to_string(), "kind" => kind)
+        .record(d.as_secs_f64());
+}
+
+pub fn agent_timeout(target: &str, phase: &'static str) {
+    counter!(AGENT_UPSTREAM_TIMEOUTS, "target" => target.to_string(), "phase" => phase)
+        .increment(1);
+}
+
+pub fn agent_breaker(target: &str, shard: usize, state: f64) {
+    gauge!(AGENT_BREAKER_STATE, "target" => target.to_string(), "shard" => shard.to_string())
+        .set(state);
+}
+
+pub fn agent_in_flight(delta: f64) {
+    gauge!(AGENT_IN_FLIGHT).increment(delta);
+}
+
+pub fn agent_cancelled(reason: &'static str, n: usize) {
+    counter!(AGENT_CANCELLED, "reason" => reason).increment(n as u64);
 }
 
 /// Records the static information gauge.

@@ -208,6 +208,7 @@ impl Router {
         let global = &self.shard.global;
         match (req.method(), req.uri().path()) {
             (_, "/ws/echo") if global.config.echo => self.upgrade(req, Endpoint::Echo),
+            (_, "/ws/agent") => self.upgrade(req, Endpoint::Agent),
             (_, "/ws") if global.config.rooms.enabled => self.upgrade(req, Endpoint::Rooms),
             (&Method::GET | &Method::HEAD, "/healthz")
             | (&Method::GET | &Method::HEAD, "/readyz") => self.health(req),

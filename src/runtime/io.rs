@@ -154,6 +154,25 @@ pub enum Conn {
     Uring(UringStream),
 }
 
+impl Conn {
+    /// Opens an outgoing TCP connection on the current shard's backend (upstream requests),
+    /// with `TCP_NODELAY`.
+    pub async fn connect(backend: Backend, addr: SocketAddr) -> io::Result<Conn> {
+        Ok(match backend {
+            Backend::Epoll => {
+                let s = tokio::net::TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+            Backend::Uring => {
+                let s = tokio_uring::net::TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                Conn::Uring(UringStream::new(s))
+            }
+        })
+    }
+}
+
 impl AsyncRead for Conn {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -9,6 +9,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
 
@@ -75,6 +77,9 @@ pub struct Mailbox {
     takes: Cell<Takes>,
     /// Set once the limit was hit: everything after is dropped.
     overflowed: Cell<bool>,
+    /// Tasks waiting for the backlog to shrink (agent streams under backpressure): woken each
+    /// time the session reports what it has not written, so they never poll on a timer.
+    drain_waiters: RefCell<Vec<Waker>>,
 }
 
 impl Mailbox {
@@ -93,6 +98,27 @@ impl Mailbox {
 
     pub fn set_unwritten(&self, n: usize) {
         self.unwritten.set(n);
+        if !self.drain_waiters.borrow().is_empty() {
+            let waiters = std::mem::take(&mut *self.drain_waiters.borrow_mut());
+            for w in waiters {
+                w.wake();
+            }
+        }
+    }
+
+    /// Resolves once the backlog is at most `mark` bytes (or the queue overflowed: the
+    /// connection is closing). The session wakes waiters after each turn.
+    pub fn wait_below(&self, mark: usize) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.backlog() <= mark || self.overflowed.get() {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.drain_waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -181,6 +207,33 @@ mod tests {
         assert!(matches!(&got[1], Outgoing::Frame(f) if &f[..] == b"DEFLATED"));
         assert!(matches!(&got[2], Outgoing::Text(t) if &t[..] == b"hello"));
         assert_eq!(m.backlog(), 0);
+    }
+
+    #[test]
+    fn waiters_wake_when_the_session_reports_progress() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use std::task::{Context, Wake};
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let m = Mailbox::default();
+        m.set_unwritten(100);
+        let mut wait = std::pin::pin!(m.wait_below(50));
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        m.set_unwritten(80); // progress, still above: woken once, waits again
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        m.set_unwritten(10);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]

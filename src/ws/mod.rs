@@ -26,31 +26,34 @@ use session::{Close, Handler, Message, Sink, Summary};
 pub enum Endpoint {
     /// `/ws/echo`: every message back as it came.
     Echo,
+    /// `/ws/agent`: the agent gateway (src/agent).
+    Agent,
     /// `/ws`: rooms (PROTOCOL.md).
     Rooms,
 }
 
 impl Endpoint {
     /// Every endpoint, for per-endpoint tables.
-    pub const ALL: [Endpoint; 2] = [Endpoint::Echo, Endpoint::Rooms];
+    pub const ALL: [Endpoint; 3] = [Endpoint::Echo, Endpoint::Agent, Endpoint::Rooms];
 
     /// The `endpoint` label in metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
             Endpoint::Echo => "echo",
+            Endpoint::Agent => "agent",
             Endpoint::Rooms => "rooms",
         }
     }
 
     /// Whether `[auth]` applies to the endpoint.
     pub fn authenticated(self) -> bool {
-        matches!(self, Endpoint::Rooms)
+        matches!(self, Endpoint::Rooms | Endpoint::Agent)
     }
 
     /// Subprotocols the endpoint speaks.
     pub fn protocols(self) -> &'static [&'static str] {
         match self {
-            Endpoint::Echo | Endpoint::Rooms => &[],
+            Endpoint::Echo | Endpoint::Agent | Endpoint::Rooms => &[],
         }
     }
 }
@@ -74,6 +77,15 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     match endpoint {
         Endpoint::Echo => Box::pin(session::run(
             io, early, deflate, Echo, settings, entry, traffic,
+        )),
+        Endpoint::Agent => Box::pin(session::run(
+            io,
+            early,
+            deflate,
+            crate::agent::Agent::new(shard, entry, identity.map(|i| i.user)),
+            settings,
+            entry,
+            traffic,
         )),
         Endpoint::Rooms => {
             let rooms = crate::hub::conn::Rooms::new(shard.clone(), entry.clone(), identity);

@@ -105,8 +105,31 @@ impl Server {
         Server::launch(backend, Some(config), shards, args)
     }
 
+    /// Like [`Server::start_with_config`] (no file when `config_toml` is empty), with extra
+    /// environment variables for the server process.
+    pub fn start_with_env(
+        backend: Backend,
+        config_toml: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Server {
+        let config = (!config_toml.is_empty()).then(|| TempFile::new("toml", config_toml));
+        Server::launch_env(backend, config, 2, env, args)
+    }
+
     fn launch(backend: Backend, config: Option<TempFile>, shards: usize, args: &[&str]) -> Server {
+        Server::launch_env(backend, config, shards, &[], args)
+    }
+
+    fn launch_env(
+        backend: Backend,
+        config: Option<TempFile>,
+        shards: usize,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Server {
         let mut cmd = ringgate_command();
+        cmd.envs(env.iter().copied());
         let shards = shards.to_string();
         cmd.args(["--host", "127.0.0.1", "--port", "0", "--shards", &shards])
             .args(["--io", backend.flag()]);
@@ -257,6 +280,7 @@ pub fn ringgate_command() -> Command {
         "PORT",
         "WS_HEARTBEAT_INTERVAL",
         "WS_MAX_CONNECTIONS",
+        "AGENT_UPSTREAM",
     ] {
         cmd.env_remove(var);
     }

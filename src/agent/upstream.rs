@@ -1,0 +1,873 @@
+//! The upstream HTTP client of one shard: hyper 1.x connections over the shard's own sockets
+//! (io_uring or epoll), HTTP/1.1 (pooled, one request per connection at a time) and HTTP/2
+//! (one shared connection per target; h2 by ALPN over TLS, or prior knowledge for `h2c`),
+//! balancing, breakers and timeouts. Everything is per shard (`Rc`, `Cell`): no locks, and each
+//! shard learns a target's health on its own.
+//!
+//! Cancel: dropping a [`Response`] before its body ended closes an HTTP/1.1 connection (its
+//! driver task is aborted, so the upstream sees the socket close) and resets an HTTP/2 stream
+//! (`RST_STREAM`); either way the upstream sees the request go away.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::task::AbortHandle;
+
+use super::balance::{Candidate, Picker};
+use super::breaker::{Admit, Breaker};
+use super::config::{AgentConfig, BaseUrl, HeaderValueSource, Http2, UpstreamEntry};
+use crate::metrics;
+use crate::runtime::io::{Backend, Conn};
+
+type Body = Full<Bytes>;
+
+/// Which protocol operation a request is (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Query,
+    Stream,
+    Tool,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Query => "agent_query",
+            Kind::Stream => "streaming_query",
+            Kind::Tool => "tool_call",
+        }
+    }
+}
+
+/// Where a request failed; says what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// No upstream is configured.
+    NotConfigured,
+    /// Every target's breaker is open.
+    Unavailable,
+    Connect(String),
+    /// `phase`: connect, first_byte or idle.
+    Timeout(&'static str),
+    /// The upstream answered with an error status.
+    Status(u16),
+    /// The connection broke, or the answer was malformed or too large.
+    Protocol(String),
+}
+
+impl UpstreamError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Timeout(_))
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            UpstreamError::Status(s) => Some(*s),
+            _ => None,
+        }
+    }
+
+    /// The text the client gets (no upstream internals beyond the status).
+    pub fn message(&self) -> String {
+        match self {
+            UpstreamError::NotConfigured => {
+                "no agent upstream is configured (set [agent] upstreams, AGENT_UPSTREAM or --agent-upstream)".into()
+            }
+            UpstreamError::Unavailable => {
+                "every agent upstream is unavailable (circuit open)".into()
+            }
+            UpstreamError::Connect(e) => format!("cannot reach the agent upstream: {e}"),
+            UpstreamError::Timeout("connect") => "timed out connecting to the agent upstream".into(),
+            UpstreamError::Timeout("first_byte") => "the agent upstream did not answer in time".into(),
+            UpstreamError::Timeout(_) => "the agent upstream stopped sending".into(),
+            UpstreamError::Status(s) => format!("the agent upstream answered {s}"),
+            UpstreamError::Protocol(e) => format!("agent upstream error: {e}"),
+        }
+    }
+}
+
+/// One request to make.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub kind: Kind,
+    /// Path after the base URL's own path, starting with `/`.
+    pub path: String,
+    pub body: Bytes,
+    pub request_id: String,
+    pub connection_id: String,
+    pub session_id: Option<String>,
+}
+
+/// The sending half of a connection.
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// A connection the request holds: the sender and the task that drives the connection.
+struct Held {
+    sender: Sender,
+    driver: AbortHandle,
+}
+
+struct Target {
+    base: BaseUrl,
+    /// `scheme://authority/path`, the label in metrics and logs.
+    label: String,
+    http2: Http2,
+    headers: HeaderMap,
+    addr: RefCell<Option<Vec<SocketAddr>>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    breaker: RefCell<Breaker>,
+    outstanding: Cell<usize>,
+    idle_h1: RefCell<Vec<Held>>,
+    h2: RefCell<Option<(http2::SendRequest<Body>, AbortHandle)>>,
+}
+
+/// A shard's upstream client for `/ws/agent`.
+pub struct Gateway {
+    pub cfg: AgentConfig,
+    backend: Backend,
+    shard: usize,
+    targets: Vec<Target>,
+    picker: RefCell<Picker>,
+}
+
+impl Gateway {
+    pub fn new(cfg: &AgentConfig, backend: Backend, shard: usize) -> Gateway {
+        let tls = TlsSetup::new(cfg);
+        let targets = cfg
+            .upstreams
+            .iter()
+            .filter_map(|u| match BaseUrl::parse(u.url()) {
+                Ok(base) => Some(Target::new(cfg, u, base, &tls)),
+                // Validated at start; never here.
+                Err(e) => {
+                    tracing::error!(error = %e, "agent upstream skipped");
+                    None
+                }
+            })
+            .collect();
+        Gateway {
+            cfg: cfg.clone(),
+            backend,
+            shard,
+            targets,
+            picker: RefCell::new(Picker::default()),
+        }
+    }
+
+    pub fn has_targets(&self) -> bool {
+        !self.targets.is_empty()
+    }
+
+    /// Sends `req` to a target and waits for the response head (bounded by the connect and
+    /// first-byte timeouts). A target that cannot be connected to is skipped for the next one
+    /// (nothing was sent); once the request went out it is not retried elsewhere.
+    pub async fn send(self: &Rc<Self>, req: &Outbound) -> Result<Response, UpstreamError> {
+        if self.targets.is_empty() {
+            return Err(UpstreamError::NotConfigured);
+        }
+        let mut tried = vec![false; self.targets.len()];
+        let mut last = UpstreamError::Unavailable;
+        for _ in 0..self.targets.len().min(3) {
+            let now = Instant::now();
+            let candidates: Vec<Candidate> = self
+                .targets
+                .iter()
+                .zip(&tried)
+                .map(|(t, &tried)| Candidate {
+                    available: t.breaker.borrow_mut().available(now),
+                    outstanding: t.outstanding.get(),
+                    tried,
+                })
+                .collect();
+            let Some(i) = self.picker.borrow_mut().pick(self.cfg.balance, &candidates) else {
+                break;
+            };
+            tried[i] = true;
+            let admit = self.targets[i].breaker.borrow_mut().admit(now);
+            if admit == Admit::No {
+                continue;
+            }
+            let lease = Lease::new(self.clone(), i, admit == Admit::Probe, req.kind);
+            match self.attempt(lease, req).await {
+                Ok(r) => return Ok(r),
+                Err((e, retry)) => {
+                    if !retry {
+                        return Err(e);
+                    }
+                    last = e;
+                }
+            }
+        }
+        if matches!(last, UpstreamError::Unavailable) {
+            metrics::agent_request("none", req.kind.name(), "circuit_open");
+        }
+        Err(last)
+    }
+
+    /// One try on the lease's target; `Err((e, true))`: nothing was sent, another target may be
+    /// tried.
+    async fn attempt(
+        self: &Rc<Self>,
+        mut lease: Lease,
+        req: &Outbound,
+    ) -> Result<Response, (UpstreamError, bool)> {
+        let t = &self.targets[lease.target];
+        let started = Instant::now();
+        // A pooled HTTP/1.1 connection may have been closed by the upstream meanwhile: then
+        // the request was not sent, and one fresh connection is tried.
+        let mut fresh_tries = 0;
+        let resp = loop {
+            let (held, reused) = match self.connection(lease.target).await {
+                Ok(c) => c,
+                Err(e) => {
+                    lease.failed(&e);
+                    return Err((e, true));
+                }
+            };
+            let request = self.build(t, req, matches!(held.sender, Sender::H2(_)));
+            let Held { sender, driver } = held;
+            let first_byte = self.cfg.first_byte_timeout();
+            let result = match sender {
+                Sender::H1(mut s) => {
+                    let r = tokio::time::timeout(first_byte, s.try_send_request(request)).await;
+                    lease.h1 = Some(Held {
+                        sender: Sender::H1(s),
+                        driver,
+                    });
+                    r.map(|r| r.map_err(|e| (e.message().is_some(), e.into_error())))
+                }
+                Sender::H2(mut s) => {
+                    lease.h2_driver = Some(driver);
+                    tokio::time::timeout(first_byte, s.send_request(request))
+                        .await
+                        .map(|r| r.map_err(|e| (false, e)))
+                }
+            };
+            match result {
+                Ok(Ok(resp)) => break resp,
+                Ok(Err((unsent, e))) => {
+                    lease.abort_connection();
+                    if unsent && reused && fresh_tries == 0 {
+                        fresh_tries += 1;
+                        continue;
+                    }
+                    let e = UpstreamError::Protocol(describe(&e));
+                    lease.failed(&e);
+                    return Err((e, false));
+                }
+                Err(_) => {
+                    lease.abort_connection();
+                    let e = UpstreamError::Timeout("first_byte");
+                    lease.failed(&e);
+                    return Err((e, false));
+                }
+            }
+        };
+        let status = resp.status();
+        metrics::agent_latency(&t.label, req.kind.name(), started.elapsed());
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if status.is_server_error() {
+            lease.failed(&UpstreamError::Status(status.as_u16()));
+        } else {
+            lease.succeeded(status);
+        }
+        Ok(Response {
+            status,
+            content_type,
+            body: resp.into_body(),
+            lease,
+        })
+    }
+
+    fn build(&self, t: &Target, req: &Outbound, h2: bool) -> Request<Body> {
+        let path = format!("{}{}", t.base.path, req.path);
+        let uri = if h2 {
+            format!(
+                "{}://{}{}",
+                if t.base.tls { "https" } else { "http" },
+                t.base.authority,
+                path
+            )
+        } else {
+            path
+        };
+        let mut r = Request::new(Full::new(req.body.clone()));
+        *r.method_mut() = Method::POST;
+        *r.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+        if h2 {
+            *r.version_mut() = http::Version::HTTP_2;
+        }
+        let h = r.headers_mut();
+        if !h2 {
+            if let Ok(v) = HeaderValue::from_str(&t.base.authority) {
+                h.insert(header::HOST, v);
+            }
+        }
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(match req.kind {
+                Kind::Stream => "text/event-stream, application/x-ndjson",
+                _ => "application/json",
+            }),
+        );
+        h.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!("ringgate/", env!("CARGO_PKG_VERSION"))),
+        );
+        for (name, value) in [
+            ("x-request-id", Some(&req.request_id)),
+            ("x-connection-id", Some(&req.connection_id)),
+            ("x-session-id", req.session_id.as_ref()),
+        ] {
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        }
+        for (name, value) in &t.headers {
+            h.insert(name.clone(), value.clone());
+        }
+        r
+    }
+
+    /// A connection to target `i`: the shared HTTP/2 one, an idle pooled HTTP/1.1 one, or a new
+    /// one (bounded by the connect timeout). `true` when it was reused.
+    async fn connection(&self, i: usize) -> Result<(Held, bool), UpstreamError> {
+        let t = &self.targets[i];
+        let h2 = t.h2.borrow().clone();
+        if let Some((mut s, driver)) = h2 {
+            // Ready unless the connection is gone or at its stream limit; a new one then.
+            let ready = tokio::time::timeout(self.cfg.connect_timeout(), s.ready()).await;
+            if !s.is_closed() && matches!(ready, Ok(Ok(()))) {
+                return Ok((
+                    Held {
+                        sender: Sender::H2(s),
+                        driver,
+                    },
+                    true,
+                ));
+            }
+            t.h2.borrow_mut().take();
+        }
+        loop {
+            let Some(mut held) = t.idle_h1.borrow_mut().pop() else {
+                break;
+            };
+            let Sender::H1(s) = &mut held.sender else {
+                continue;
+            };
+            if s.is_closed() {
+                held.driver.abort();
+                continue;
+            }
+            // A connection whose last body just ended may not be marked ready yet.
+            let ready = tokio::time::timeout(Duration::from_millis(50), s.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                return Ok((held, true));
+            }
+            held.driver.abort();
+        }
+        let connect = self.cfg.connect_timeout();
+        match tokio::time::timeout(connect, self.open(t)).await {
+            Ok(Ok(held)) => Ok((held, false)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(UpstreamError::Timeout("connect")),
+        }
+    }
+
+    async fn open(&self, t: &Target) -> Result<Held, UpstreamError> {
+        // Every address of the name in turn (e.g. ::1 then 127.0.0.1 for localhost).
+        let mut conn = Err(UpstreamError::Connect("no address".into()));
+        for addr in self.resolve(t).await? {
+            match Conn::connect(self.backend, addr).await {
+                Ok(c) => {
+                    conn = Ok(c);
+                    break;
+                }
+                Err(e) => conn = Err(UpstreamError::Connect(e.to_string())),
+            }
+        }
+        let conn = conn.inspect_err(|_| {
+            // Resolve again next time (the name may point elsewhere now).
+            t.addr.borrow_mut().take();
+        })?;
+        let (io, h2) = match &t.tls {
+            None => (UpIo::Plain(conn), matches!(t.http2, Http2::PriorKnowledge)),
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from(t.base.host.clone())
+                    .map_err(|e| UpstreamError::Connect(format!("bad server name: {e}")))?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, conn)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(format!("TLS: {e}")))?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                (UpIo::Tls(Box::new(tls)), h2)
+            }
+        };
+        let io = TokioIo::new(io);
+        let connect_err = |e: hyper::Error| UpstreamError::Connect(describe(&e));
+        if h2 {
+            let (sender, conn) = http2::Builder::new(LocalExec)
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(io)
+                .await
+                .map_err(connect_err)?;
+            let driver = tokio::task::spawn_local(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "agent upstream h2 connection ended");
+                }
+            })
+            .abort_handle();
+            *t.h2.borrow_mut() = Some((sender.clone(), driver.clone()));
+            Ok(Held {
+                sender: Sender::H2(sender),
+                driver,
+            })
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(connect_err)?;
+            let driver = tokio::task::spawn_local(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "agent upstream connection ended");
+                }
+            })
+            .abort_handle();
+            Ok(Held {
+                sender: Sender::H1(sender),
+                driver,
+            })
+        }
+    }
+
+    async fn resolve(&self, t: &Target) -> Result<Vec<SocketAddr>, UpstreamError> {
+        if let Some(a) = t.addr.borrow().as_ref() {
+            return Ok(a.clone());
+        }
+        let a: Vec<SocketAddr> = match t.base.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, t.base.port)],
+            Err(_) => tokio::net::lookup_host((t.base.host.as_str(), t.base.port))
+                .await
+                .map_err(|e| UpstreamError::Connect(format!("{}: {e}", t.base.host)))?
+                .collect(),
+        };
+        if a.is_empty() {
+            return Err(UpstreamError::Connect(format!(
+                "{}: no address",
+                t.base.host
+            )));
+        }
+        *t.addr.borrow_mut() = Some(a.clone());
+        Ok(a)
+    }
+
+    fn publish_breaker(&self, i: usize) {
+        let t = &self.targets[i];
+        let v = t.breaker.borrow_mut().gauge(Instant::now());
+        metrics::agent_breaker(&t.label, self.shard, v);
+    }
+}
+
+fn describe(e: &hyper::Error) -> String {
+    use std::error::Error as _;
+    match e.source() {
+        Some(s) => format!("{e}: {s}"),
+        None => e.to_string(),
+    }
+}
+
+impl Target {
+    fn new(cfg: &AgentConfig, entry: &UpstreamEntry, base: BaseUrl, tls: &TlsSetup) -> Target {
+        let (http2, own_headers) = match entry {
+            UpstreamEntry::Url(_) => (cfg.http2, None),
+            UpstreamEntry::Table(t) => (t.http2.unwrap_or(cfg.http2), Some(&t.headers)),
+        };
+        let mut headers = HeaderMap::new();
+        for (name, src) in cfg.headers.iter().chain(own_headers.into_iter().flatten()) {
+            let value = match src {
+                HeaderValueSource::Literal(v) => Some(v.clone()),
+                HeaderValueSource::Env { env, prefix } => match std::env::var(env) {
+                    Ok(v) => Some(format!("{prefix}{v}")),
+                    Err(_) => {
+                        // The variable's name only: its value is a secret.
+                        tracing::warn!(header = %name, variable = %env, "agent upstream header not sent: environment variable not set");
+                        None
+                    }
+                },
+            };
+            let parsed = (
+                HeaderName::from_bytes(name.as_bytes()),
+                value.map(|v| HeaderValue::from_str(&v)),
+            );
+            match parsed {
+                (Ok(n), Some(Ok(mut v))) => {
+                    v.set_sensitive(true);
+                    headers.insert(n, v);
+                }
+                (_, None) => {}
+                _ => {
+                    tracing::warn!(header = %name, "agent upstream header not sent: invalid value")
+                }
+            }
+        }
+        let label = format!("{}{}", base.origin(), base.path);
+        let tls = base.tls.then(|| tls.config(http2));
+        Target {
+            label,
+            http2,
+            headers,
+            addr: RefCell::new(None),
+            tls,
+            breaker: RefCell::new(Breaker::new(cfg.failure_threshold, cfg.open_duration())),
+            outstanding: Cell::new(0),
+            idle_h1: RefCell::new(Vec::new()),
+            h2: RefCell::new(None),
+            base,
+        }
+    }
+}
+
+/// The root store for `https://` upstreams: webpki roots plus `agent.ca_file`.
+struct TlsSetup {
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl TlsSetup {
+    fn new(cfg: &AgentConfig) -> TlsSetup {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &cfg.ca_file {
+            match rustls::pki_types::CertificateDer::pem_file_iter(path) {
+                Ok(certs) => {
+                    for c in certs {
+                        match c {
+                            Ok(c) => {
+                                if let Err(e) = roots.add(c) {
+                                    tracing::error!(file = %path.display(), error = %e, "agent.ca_file: certificate skipped");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(file = %path.display(), error = %e, "agent.ca_file: cannot read")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "agent.ca_file: cannot read")
+                }
+            }
+        }
+        TlsSetup {
+            roots: Arc::new(roots),
+        }
+    }
+
+    fn config(&self, http2: Http2) -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut c = match rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+        {
+            Ok(b) => b
+                .with_root_certificates(self.roots.clone())
+                .with_no_client_auth(),
+            // The ring provider supports the default versions; unreachable in practice.
+            Err(e) => {
+                tracing::error!(error = %e, "agent TLS setup failed");
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(self.roots.clone())
+                    .with_no_client_auth()
+            }
+        };
+        c.alpn_protocols = match http2 {
+            Http2::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            Http2::PriorKnowledge => vec![b"h2".to_vec()],
+            Http2::Never => vec![b"http/1.1".to_vec()],
+        };
+        Arc::new(c)
+    }
+}
+
+/// Spawns HTTP/2 stream tasks on the shard (they need not be `Send`).
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// A request's claim on its target: counts it as outstanding, holds its HTTP/1.1 connection,
+/// and reports the outcome to the breaker. Dropped before the body ended (cancel, error), it
+/// closes the connection.
+pub struct Lease {
+    gw: Rc<Gateway>,
+    target: usize,
+    probe: bool,
+    kind: Kind,
+    verdict: bool,
+    h1: Option<Held>,
+    h2_driver: Option<AbortHandle>,
+    body_done: bool,
+}
+
+impl Lease {
+    fn new(gw: Rc<Gateway>, target: usize, probe: bool, kind: Kind) -> Lease {
+        let t = &gw.targets[target];
+        t.outstanding.set(t.outstanding.get() + 1);
+        metrics::agent_in_flight(1.0);
+        Lease {
+            gw,
+            target,
+            probe,
+            kind,
+            verdict: false,
+            h1: None,
+            h2_driver: None,
+            body_done: false,
+        }
+    }
+
+    fn target(&self) -> &Target {
+        &self.gw.targets[self.target]
+    }
+
+    pub fn label(&self) -> &str {
+        &self.target().label
+    }
+
+    fn succeeded(&mut self, status: StatusCode) {
+        self.verdict = true;
+        self.target().breaker.borrow_mut().success();
+        self.gw.publish_breaker(self.target);
+        metrics::agent_request(&self.target().label, self.kind.name(), status.as_str());
+    }
+
+    /// Counts a failure against the target (also after the head: an idle timeout mid-stream;
+    /// the request itself was then already counted with its status).
+    pub fn failed(&mut self, e: &UpstreamError) {
+        let first_verdict = !self.verdict;
+        self.verdict = true;
+        let label = self.target().label.clone();
+        let outcome = match e {
+            UpstreamError::Status(s) => s.to_string(),
+            UpstreamError::Timeout(phase) => {
+                metrics::agent_timeout(&label, phase);
+                "timeout".into()
+            }
+            _ => "error".into(),
+        };
+        let now = Instant::now();
+        let was_open = self.target().breaker.borrow_mut().gauge(now) == 2.0;
+        self.target().breaker.borrow_mut().failure(now);
+        if !was_open && self.target().breaker.borrow_mut().gauge(now) == 2.0 {
+            tracing::warn!(target_url = %label, shard = self.gw.shard, error = %e.message(), "agent upstream marked down (circuit open)");
+        }
+        self.gw.publish_breaker(self.target);
+        if first_verdict {
+            metrics::agent_request(&label, self.kind.name(), &outcome);
+        }
+        tracing::debug!(target_url = %label, kind = self.kind.name(), error = %e.message(), "agent upstream request failed");
+    }
+
+    fn abort_connection(&mut self) {
+        if let Some(h) = self.h1.take() {
+            h.driver.abort();
+        }
+        if let Some(d) = self.h2_driver.take() {
+            // An HTTP/2 connection is shared: only a broken one is closed here.
+            let t = self.target();
+            let broken = t.h2.borrow().as_ref().is_some_and(|(s, _)| s.is_closed());
+            if broken {
+                d.abort();
+                t.h2.borrow_mut().take();
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let t = &self.gw.targets[self.target];
+        t.outstanding.set(t.outstanding.get().saturating_sub(1));
+        metrics::agent_in_flight(-1.0);
+        if self.probe && !self.verdict {
+            t.breaker.borrow_mut().probe_abandoned();
+        }
+        if let Some(h) = self.h1.take() {
+            let mut idle = t.idle_h1.borrow_mut();
+            if self.body_done && idle.len() < self.gw.cfg.max_idle_per_target {
+                idle.push(h);
+            } else {
+                // Mid-body (cancel, error) or pool full: close it, so the upstream sees the
+                // request end.
+                h.driver.abort();
+            }
+        }
+    }
+}
+
+/// A response whose head has arrived; read the body with [`Response::next`].
+pub struct Response {
+    pub status: StatusCode,
+    /// Lowercased `Content-Type`, "" when absent.
+    pub content_type: String,
+    body: Incoming,
+    pub lease: Lease,
+}
+
+impl Response {
+    /// The next piece of the body, `None` at its end; each wait is bounded by the idle timeout.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        let idle = self.lease.gw.cfg.idle_timeout();
+        loop {
+            let frame = match tokio::time::timeout(idle, self.body.frame()).await {
+                Err(_) => {
+                    let e = UpstreamError::Timeout("idle");
+                    self.lease.failed(&e);
+                    return Err(e);
+                }
+                Ok(None) => {
+                    self.lease.body_done = true;
+                    return Ok(None);
+                }
+                Ok(Some(Err(e))) => {
+                    let e = UpstreamError::Protocol(describe(&e));
+                    self.lease.failed(&e);
+                    return Err(e);
+                }
+                Ok(Some(Ok(f))) => f,
+            };
+            if let Ok(data) = frame.into_data() {
+                if !data.is_empty() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+
+    /// Reads what is left of a body whose content has ended (`[DONE]`) for a short while, so
+    /// the HTTP/1.1 connection can go back to the pool; no verdict on the target either way.
+    pub async fn drain(&mut self) {
+        let rest = async {
+            let mut n = 0usize;
+            while let Some(Ok(f)) = self.body.frame().await {
+                n += f.data_ref().map_or(0, Bytes::len);
+                if n > 64 * 1024 {
+                    return;
+                }
+            }
+            self.lease.body_done = true;
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(100), rest).await;
+    }
+
+    /// The whole body, at most `limit` bytes.
+    pub async fn collect(&mut self, limit: usize) -> Result<Bytes, UpstreamError> {
+        let mut buf = Vec::new();
+        while let Some(b) = self.next().await? {
+            if buf.len() + b.len() > limit {
+                return Err(UpstreamError::Protocol(format!(
+                    "the answer is larger than {limit} bytes"
+                )));
+            }
+            buf.extend_from_slice(&b);
+        }
+        Ok(Bytes::from(buf))
+    }
+}
+
+impl Drop for Response {
+    fn drop(&mut self) {
+        // A body read to its end (e.g. past `[DONE]`) leaves the connection reusable.
+        if hyper::body::Body::is_end_stream(&self.body) {
+            self.lease.body_done = true;
+        }
+    }
+}
+
+/// An upstream socket, plain or TLS.
+enum UpIo {
+    Plain(Conn),
+    Tls(Box<tokio_rustls::client::TlsStream<Conn>>),
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpIo::Plain(c) => c.is_write_vectored(),
+            UpIo::Tls(t) => t.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(c) => Pin::new(c).poll_flush(cx),
+            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
