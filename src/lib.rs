@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod codes;
 pub mod config;
 pub mod http;
 pub mod hub;

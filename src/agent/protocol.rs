@@ -17,32 +17,7 @@ impl Id {
     }
 }
 
-/// Error codes (PROTOCOL.md, shared with the rooms endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    BadJson,
-    /// An unknown `type` (the rooms endpoint says "action").
-    UnknownAction,
-    MissingField,
-    RateLimited,
-    UpstreamError,
-    UpstreamTimeout,
-    Internal,
-}
-
-impl Code {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::BadJson => "bad_json",
-            Code::UnknownAction => "unknown_action",
-            Code::MissingField => "missing_field",
-            Code::RateLimited => "rate_limited",
-            Code::UpstreamError => "upstream_error",
-            Code::UpstreamTimeout => "upstream_timeout",
-            Code::Internal => "internal",
-        }
-    }
-}
+pub use crate::codes::Code;
 
 /// A request from the client.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,33 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
-/// Error codes of PROTOCOL.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    BadJson,
-    UnknownAction,
-    MissingField,
-    Forbidden,
-    RateLimited,
-    TooLarge,
-    NotSubscribed,
-    Internal,
-}
-
-impl Code {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::BadJson => "bad_json",
-            Code::UnknownAction => "unknown_action",
-            Code::MissingField => "missing_field",
-            Code::Forbidden => "forbidden",
-            Code::RateLimited => "rate_limited",
-            Code::TooLarge => "too_large",
-            Code::NotSubscribed => "not_subscribed",
-            Code::Internal => "internal",
-        }
-    }
-}
+pub use crate::codes::Code;
 
 /// A client error: the connection stays open and gets an `error` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
