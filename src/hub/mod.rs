@@ -133,6 +133,13 @@ pub enum HubMsg {
     },
 }
 
+/// One history entry in the shard's recording order (the byte budget's queue).
+struct Recorded {
+    topic: Arc<str>,
+    life: u64,
+    seq: u64,
+}
+
 /// One shard's part of the rooms: the rooms homed here, and this shard's subscribers.
 pub struct Hub {
     shard: usize,
@@ -146,7 +153,7 @@ pub struct Hub {
     rooms: HashMap<Arc<str>, Room>,
     /// History in the order it was recorded, over all rooms homed here, for the byte budget and
     /// TTL. Entries a room already dropped (its count cap) are skipped when met.
-    recorded: VecDeque<(Arc<str>, u64)>,
+    recorded: VecDeque<Recorded>,
     history_bytes: usize,
     /// Messages in history over all rooms homed here.
     history_len: usize,
@@ -317,7 +324,7 @@ impl Hub {
                 *epochs,
                 std::time::SystemTime::now(),
             ));
-            Room::new(format!("{h:016x}").into(), shards)
+            Room::new(*epochs, format!("{h:016x}").into(), shards)
         })
     }
 
@@ -438,9 +445,14 @@ impl Hub {
             let len = room.history_len();
             let freed = room.record(stored, cap);
             let grown = room.history_len() - len;
+            let life = room.life;
             self.history_len += grown;
             self.history_bytes = self.history_bytes + added - freed;
-            self.recorded.push_back((topic.clone(), seq));
+            self.recorded.push_back(Recorded {
+                topic: topic.clone(),
+                life,
+                seq,
+            });
             self.enforce_budget();
         }
         ::metrics::counter!(m::PUBLISHED).increment(1);
@@ -458,36 +470,37 @@ impl Hub {
     /// Drops the oldest history over all rooms until the shard is within its byte budget.
     fn enforce_budget(&mut self) {
         while self.history_bytes > self.history_budget {
-            let Some((topic, seq)) = self.recorded.pop_front() else {
+            let Some(entry) = self.recorded.pop_front() else {
                 break;
             };
-            self.drop_recorded(&topic, seq);
+            self.drop_recorded(&entry);
         }
         // Entries a room dropped by its count cap are stale here: compact now and then so the
         // queue stays proportional to what is held.
         if self.recorded.len() > 1024 && self.recorded.len() > 2 * self.history_len {
             let rooms = &self.rooms;
-            self.recorded.retain(|(t, s)| {
+            self.recorded.retain(|e| {
                 rooms
-                    .get(t)
+                    .get(&e.topic)
+                    .filter(|r| r.life == e.life)
                     .and_then(|r| r.oldest())
-                    .is_some_and(|o| o.seq <= *s)
+                    .is_some_and(|o| o.seq <= e.seq)
             });
         }
     }
 
-    /// Drops history entry `seq` of `topic` if it is still the room's oldest.
-    fn drop_recorded(&mut self, topic: &Arc<str>, seq: u64) {
-        let Some(room) = self.rooms.get_mut(topic) else {
+    /// Drops the history entry `e` names if it is still its room's oldest.
+    fn drop_recorded(&mut self, e: &Recorded) {
+        let Some(room) = self.rooms.get_mut(&e.topic).filter(|r| r.life == e.life) else {
             return;
         };
-        if room.oldest().is_some_and(|o| o.seq == seq) {
+        if room.oldest().is_some_and(|o| o.seq == e.seq) {
             if let Some(freed) = room.pop_oldest() {
                 self.history_bytes -= freed;
                 self.history_len -= 1;
             }
         }
-        self.free_if_idle(topic);
+        self.free_if_idle(&e.topic);
     }
 
     fn home_presence(&mut self, topic: Arc<str>, reply: Reply) {
@@ -718,4 +731,78 @@ fn text_frame(payload: &[u8]) -> Bytes {
     let mut f = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_frame(&mut f, OpCode::Text, payload);
     Bytes::from(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(history_size: usize) -> Hub {
+        let cfg = config::Rooms {
+            history_size,
+            ..config::Rooms::default()
+        };
+        let tuning = Tuning {
+            level: 1,
+            threshold: 64,
+        };
+        Hub::new(0, 1, cfg, tuning, 1 << 20)
+    }
+
+    fn publish(hub: &mut Hub, topic: &str, data: &str) {
+        hub.handle(HubMsg::Publish {
+            topic: topic.into(),
+            kind: "message".into(),
+            data: data.into(),
+            from: None,
+            reply: Reply::None,
+        });
+    }
+
+    fn history(hub: &Hub, topic: &str) -> Vec<u64> {
+        let Some(room) = hub.rooms.get(topic) else {
+            return Vec::new();
+        };
+        room.history_after(0, usize::MAX).map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn byte_budget_drops_the_oldest_history_over_all_rooms() {
+        let mut hub = hub(100);
+        publish(&mut hub, "a", "1");
+        let size = hub.history_bytes;
+        hub.history_budget = 3 * size;
+        publish(&mut hub, "b", "1");
+        publish(&mut hub, "a", "2");
+        publish(&mut hub, "b", "2");
+        publish(&mut hub, "a", "3");
+        assert!(hub.history_bytes <= hub.history_budget);
+        assert_eq!(history(&hub, "a"), [2, 3]);
+        assert_eq!(history(&hub, "b"), [2]);
+        assert_eq!(hub.history_len, 3);
+    }
+
+    #[test]
+    fn a_recreated_topic_keeps_its_history_against_its_old_lifes_entries() {
+        // `a` records seq 1..5 but keeps 4 and 5 (count cap): 1..3 stay queued, stale.
+        let mut hub = hub(2);
+        for i in 0..5 {
+            publish(&mut hub, "a", &i.to_string());
+        }
+        let mid = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        publish(&mut hub, "b", "1");
+        let size = hub.history_bytes / 3;
+        // Expire what `a` holds: the room is freed, `b` lives on.
+        let ttl = std::time::Duration::from_secs_f64(hub.cfg.history_ttl);
+        hub.sweep(mid + ttl);
+        assert!(!hub.rooms.contains_key("a"));
+        assert_eq!(history(&hub, "b"), [1]);
+        // `a` again, seq from 1, one entry over budget: the oldest live entry (b's) goes, not
+        // the new `a` 1 that an entry of the old life also names.
+        hub.history_budget = size;
+        publish(&mut hub, "a", "x");
+        assert_eq!(history(&hub, "a"), [1]);
+        assert_eq!(history(&hub, "b"), Vec::<u64>::new());
+    }
 }

@@ -45,6 +45,9 @@ pub enum Recovery {
 #[derive(Debug)]
 pub struct Room {
     pub epoch: Arc<str>,
+    /// Which lifetime of its topic this room is, unique within the hub: the budget queue's
+    /// entries name it, so a freed and recreated topic never loses history to an older entry.
+    pub life: u64,
     /// The last assigned seq (0: none yet).
     pub seq: u64,
     history: VecDeque<Stored>,
@@ -58,8 +61,9 @@ pub struct Room {
 }
 
 impl Room {
-    pub fn new(epoch: Arc<str>, shards: usize) -> Room {
+    pub fn new(life: u64, epoch: Arc<str>, shards: usize) -> Room {
         Room {
+            life,
             epoch,
             seq: 0,
             history: VecDeque::new(),
@@ -231,7 +235,7 @@ mod tests {
     }
 
     fn room_with(n: u64, cap: usize, at: Instant) -> Room {
-        let mut r = Room::new("e1".into(), 2);
+        let mut r = Room::new(1, "e1".into(), 2);
         for _ in 0..n {
             let seq = r.next_seq();
             r.record(msg(seq, at), cap);
@@ -296,7 +300,7 @@ mod tests {
 
     #[test]
     fn presence_join_leave_once_and_shard_counts() {
-        let mut r = Room::new("e".into(), 2);
+        let mut r = Room::new(1, "e".into(), 2);
         let m = Member {
             client_id: "c1".into(),
             user: "u".into(),
