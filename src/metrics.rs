@@ -7,7 +7,7 @@
 use std::cell::Cell;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS_ACTIVE: &str = "ringgate_connections_active";
 pub const CONNECTIONS_OPENED: &str = "ringgate_connections_opened_total";
@@ -27,6 +27,7 @@ pub const SUBSCRIPTIONS: &str = "ringgate_subscriptions";
 pub const PUBLISHED: &str = "ringgate_room_messages_published_total";
 pub const FANOUT: &str = "ringgate_fanout_size";
 pub const PUBLISH_LATENCY: &str = "ringgate_publish_to_queue_seconds";
+pub const PUBLISH_TO_WRITE: &str = "ringgate_publish_to_write_seconds";
 pub const OUTBOUND_BYTES: &str = "ringgate_outbound_queue_bytes";
 pub const HISTORY_BYTES: &str = "ringgate_history_bytes";
 // ---- agent gateway ----
@@ -37,9 +38,29 @@ pub const AGENT_BREAKER_STATE: &str = "ringgate_agent_breaker_state";
 pub const AGENT_IN_FLIGHT: &str = "ringgate_agent_requests_in_flight";
 pub const AGENT_CANCELLED: &str = "ringgate_agent_requests_cancelled_total";
 
+/// Histograms are exported as Prometheus histograms (buckets add up across shards and hosts;
+/// the exporter's default summaries do not).
+fn buckets(b: PrometheusBuilder) -> Result<PrometheusBuilder, BuildError> {
+    const LATENCY: &[f64] = &[
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5, 5.0,
+    ];
+    const UPSTREAM: &[f64] = &[
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    const SUBSCRIBERS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0];
+    b.set_buckets_for_metric(Matcher::Full(PUBLISH_LATENCY.into()), LATENCY)?
+        .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_WRITE.into()), LATENCY)?
+        .set_buckets_for_metric(Matcher::Full(AGENT_UPSTREAM_LATENCY.into()), UPSTREAM)?
+        .set_buckets_for_metric(Matcher::Full(FANOUT.into()), SUBSCRIBERS)
+}
+
 /// Installs the Prometheus recorder (once per process) and describes every metric.
 pub fn install() -> Option<PrometheusHandle> {
-    let handle = PrometheusBuilder::new().install_recorder().ok()?;
+    let handle = buckets(PrometheusBuilder::new())
+        .ok()?
+        .install_recorder()
+        .ok()?;
     describe_gauge!(
         CONNECTIONS_ACTIVE,
         "Open WebSocket connections, by endpoint."
@@ -99,6 +120,11 @@ pub fn install() -> Option<PrometheusHandle> {
         PUBLISH_LATENCY,
         Unit::Seconds,
         "From a publish reaching the room's home shard to the message sitting in every subscriber queue of a shard."
+    );
+    describe_histogram!(
+        PUBLISH_TO_WRITE,
+        Unit::Seconds,
+        "From a publish reaching the room's home shard to a subscriber's socket write that cleared its backlog; one sample per cleared backlog, for its oldest message."
     );
     describe_gauge!(
         OUTBOUND_BYTES,

@@ -35,6 +35,7 @@ both_backends!(
     subscribe_unsubscribe_cycles_leave_no_rooms,
     api_publish_presence_history,
     api_publish_without_key_configured,
+    room_metrics_follow_traffic,
 );
 
 /// Three shards even on a 2-core box: most topics live on another shard than most clients.
@@ -1791,4 +1792,96 @@ async fn api_publish_without_key_configured(backend: Backend) {
     assert_eq!(json_body(&r)["seq"], 1, "{r:?}");
     let m = sub.room_message("open").await;
     assert_eq!((&m["seq"], &m["data"]), (&json!(1), &json!("hi")), "{m}");
+}
+
+/// Every sample of histogram `name` over all shards: (observations, sum, observations in the
+/// `+Inf` bucket), from the `_count`, `_sum` and `_bucket` lines.
+async fn histogram(server: &Server, name: &str) -> (f64, f64, f64) {
+    let resp = server.get("/metrics").await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.body.contains(&format!("# TYPE {name} histogram")),
+        "{name} is not a Prometheus histogram:\n{}",
+        resp.body
+    );
+    let lines = resp.body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let (mut count, mut sum, mut inf) = (0.0, 0.0, 0.0);
+    for s in &scrape.samples {
+        match &s.value {
+            prometheus_parse::Value::Histogram(buckets) if s.metric == name => {
+                inf += buckets
+                    .iter()
+                    .filter(|b| b.less_than.is_infinite())
+                    .map(|b| b.count)
+                    .sum::<f64>();
+            }
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => {
+                if s.metric == format!("{name}_count") {
+                    count += v;
+                } else if s.metric == format!("{name}_sum") {
+                    sum += v;
+                }
+            }
+            _ => {}
+        }
+    }
+    (count, sum, inf)
+}
+
+/// The rooms series of `/metrics` follow traffic: messages published, the fan-out size summed
+/// over the shards is the number of deliveries, and each delivery's shard records the
+/// publish-to-queue latency and, once its subscribers' backlogs are written, publish-to-write.
+async fn room_metrics_follow_traffic(backend: Backend) {
+    // No join events: only the published messages are fanned out.
+    let server = start(backend, "[rooms]\npresence_events = false\n");
+    let topic = "metered";
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::connect(&server).await;
+        c.subscribe(topic).await;
+        subs.push(c);
+    }
+    for i in 0..5 {
+        let r = api_publish(&server, "", &json!({"topic": topic, "data": {"i": i}})).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    for c in &mut subs {
+        for i in 0..5 {
+            let m = c.room_message(topic).await;
+            assert_eq!(m["data"]["i"], i, "{m}");
+        }
+    }
+    assert_eq!(
+        metric_sum(&server, "ringgate_room_messages_published_total").await,
+        5.0
+    );
+    let (count, sum, inf) = histogram(&server, "ringgate_fanout_size").await;
+    assert_eq!(sum, 20.0, "4 subscribers × 5 messages");
+    // One sample per message and shard holding subscribers of the topic.
+    assert!(
+        (5.0..=5.0 * SHARDS as f64).contains(&count),
+        "count {count}"
+    );
+    assert_eq!(inf, count, "the +Inf bucket holds every observation");
+    let (queued, _, _) = histogram(&server, "ringgate_publish_to_queue_seconds").await;
+    assert_eq!(queued, count);
+    // Written backlogs: at least one per subscriber, at most one per delivery. The session
+    // samples after its write, which may be just after the client read the message.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (written, secs, _) = histogram(&server, "ringgate_publish_to_write_seconds").await;
+        if (4.0..=20.0).contains(&written) {
+            assert!(
+                secs >= 0.0 && secs < PATIENCE.as_secs_f64() * written,
+                "{secs}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "publish_to_write count {written}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -670,7 +670,7 @@ impl Hub {
         let entry = &c.entry;
         entry.send(Outgoing::Text(reply), self.limit);
         for msg in &replay {
-            entry.send_broadcast(msg, self.limit);
+            entry.send_broadcast(msg, None, self.limit);
         }
         let key = self.local.entry(topic).or_default().insert(entry.clone());
         *sub = conn::Sub::Active(key);
@@ -682,7 +682,7 @@ impl Hub {
             return;
         };
         for (_, entry) in list.iter() {
-            entry.send_broadcast(msg, self.limit);
+            entry.send_broadcast(msg, Some(at), self.limit);
         }
         ::metrics::histogram!(m::FANOUT).record(list.len() as f64);
         ::metrics::histogram!(m::PUBLISH_LATENCY).record(at.elapsed().as_secs_f64());

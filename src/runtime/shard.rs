@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use slab::Slab;
 use tokio::sync::mpsc;
@@ -164,8 +164,8 @@ impl ConnEntry {
     }
 
     /// [`send`](Self::send) for a broadcast, in the form this connection takes.
-    pub fn send_broadcast(&self, b: &Broadcast, limit: usize) -> bool {
-        self.deliver(|m| m.push_broadcast(b, limit))
+    pub fn send_broadcast(&self, b: &Broadcast, published: Option<Instant>, limit: usize) -> bool {
+        self.deliver(|m| m.push_broadcast(b, published, limit))
     }
 
     fn deliver(&self, push: impl FnOnce(&Mailbox) -> Result<(), Full>) -> bool {

@@ -11,6 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::task::{Poll, Waker};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -77,6 +78,9 @@ pub struct Mailbox {
     takes: Cell<Takes>,
     /// Set once the limit was hit: everything after is dropped.
     overflowed: Cell<bool>,
+    /// When the oldest broadcast not yet written was published: the publish-to-write latency
+    /// is sampled once the backlog is written out.
+    published: Cell<Option<Instant>>,
     /// Tasks waiting for the backlog to shrink (agent streams under backpressure): woken each
     /// time the session reports what it has not written, so they never poll on a timer.
     drain_waiters: RefCell<Vec<Waker>>,
@@ -98,6 +102,12 @@ impl Mailbox {
 
     pub fn set_unwritten(&self, n: usize) {
         self.unwritten.set(n);
+        if n == 0 && self.bytes.get() == 0 {
+            if let Some(at) = self.published.take() {
+                metrics::histogram!(crate::metrics::PUBLISH_TO_WRITE)
+                    .record(at.elapsed().as_secs_f64());
+            }
+        }
         if !self.drain_waiters.borrow().is_empty() {
             let waiters = std::mem::take(&mut *self.drain_waiters.borrow_mut());
             for w in waiters {
@@ -139,14 +149,24 @@ impl Mailbox {
         Ok(())
     }
 
-    /// Queues a broadcast in the form this connection takes.
-    pub fn push_broadcast(&self, b: &Broadcast, limit: usize) -> Result<(), Full> {
+    /// Queues a broadcast in the form this connection takes; `published` is when it was
+    /// published (none for a replay from history).
+    pub fn push_broadcast(
+        &self,
+        b: &Broadcast,
+        published: Option<Instant>,
+        limit: usize,
+    ) -> Result<(), Full> {
         let item = match (self.takes.get(), &b.deflated) {
             (Takes::Plain, _) | (Takes::SharedDeflate, None) => Outgoing::Frame(b.frame.clone()),
             (Takes::SharedDeflate, Some(d)) => Outgoing::Frame(d.clone()),
             (Takes::OwnDeflate, _) => Outgoing::Text(b.payload()),
         };
-        self.push(item, limit)
+        self.push(item, limit)?;
+        if self.published.get().is_none() {
+            self.published.set(published);
+        }
+        Ok(())
     }
 
     /// Hands every queued item to `f`, in order.
@@ -170,6 +190,7 @@ impl Mailbox {
     pub fn clear(&self) {
         self.items.borrow_mut().clear();
         self.bytes.set(0);
+        self.published.set(None);
     }
 }
 
@@ -197,11 +218,11 @@ mod tests {
     fn each_connection_gets_the_form_it_takes() {
         let b = broadcast(b"hello");
         let m = Mailbox::default();
-        m.push_broadcast(&b, 1000).unwrap();
+        m.push_broadcast(&b, None, 1000).unwrap();
         m.set_takes(Takes::SharedDeflate);
-        m.push_broadcast(&b, 1000).unwrap();
+        m.push_broadcast(&b, None, 1000).unwrap();
         m.set_takes(Takes::OwnDeflate);
-        m.push_broadcast(&b, 1000).unwrap();
+        m.push_broadcast(&b, None, 1000).unwrap();
         let got = drained(&m);
         assert!(matches!(&got[0], Outgoing::Frame(f) if f[..] == b"\x81\x05hello"[..]));
         assert!(matches!(&got[1], Outgoing::Frame(f) if &f[..] == b"DEFLATED"));
