@@ -829,15 +829,6 @@ fn vm_hwm(pid: i32) -> u64 {
 
 // ---- a raw client that sees RSV1 -------------------------------------------------------------
 
-/// A server frame, with its RSV1 bit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct DFrame {
-    fin: bool,
-    rsv1: bool,
-    opcode: u8,
-    payload: Vec<u8>,
-}
-
 /// A message the server sent, inflated if it was compressed.
 #[derive(Debug)]
 struct Msg {
@@ -928,10 +919,10 @@ impl Conn {
     }
 
     /// Reads one frame; `None` at EOF (or reset).
-    async fn read_frame(&mut self) -> Option<DFrame> {
+    async fn read_frame(&mut self) -> Option<Frame> {
         within("a frame", async {
             loop {
-                if let Some((f, used)) = parse_frame(&self.buf) {
+                if let Some((f, used)) = parse_server_frame(&self.buf) {
                     self.buf.drain(..used);
                     return Some(f);
                 }
@@ -1034,32 +1025,6 @@ impl Conn {
             "connection still open after close {code}"
         );
     }
-}
-
-/// Parses one unmasked server frame from the front of `buf`: (frame, bytes used).
-fn parse_frame(buf: &[u8]) -> Option<(DFrame, usize)> {
-    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
-    assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
-    assert_eq!(b0 & 0x30, 0, "RSV2/RSV3 set by the server");
-    let (len, pos) = match b1 & 0x7F {
-        126 => (
-            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    let payload = buf.get(pos..pos + len)?.to_vec();
-    let f = DFrame {
-        fin: b0 & 0x80 != 0,
-        rsv1: b0 & RSV1 != 0,
-        opcode: b0 & 0x0F,
-        payload,
-    };
-    Some((f, pos + len))
 }
 
 const OFFER: &str = "permessage-deflate; client_max_window_bits";

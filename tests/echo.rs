@@ -92,6 +92,7 @@ async fn echo_fragmented(backend: Backend) {
         msg,
         Frame {
             fin: true,
+            rsv1: false,
             opcode: OP_TEXT,
             payload: "Hello, wörld".into()
         }
@@ -136,6 +137,7 @@ async fn ping_pong(backend: Backend) {
         pong,
         Frame {
             fin: true,
+            rsv1: false,
             opcode: OP_PONG,
             payload: b"raw".to_vec()
         }

@@ -190,44 +190,6 @@ impl Inflate {
 
 // ---- a raw `/ws` client that sees RSV1 -------------------------------------------------------
 
-/// A server frame as it came on the wire.
-#[derive(Debug)]
-struct RawFrame {
-    fin: bool,
-    rsv1: bool,
-    opcode: u8,
-    payload: Vec<u8>,
-    /// The whole frame, header included.
-    bytes: Vec<u8>,
-}
-
-/// Parses one server frame from the front of `buf`: (frame, bytes used).
-fn parse_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
-    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
-    assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
-    assert_eq!(b0 & 0x30, 0, "RSV2/RSV3 set: {b0:#04x}");
-    let (len, pos) = match b1 & 0x7F {
-        126 => (
-            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    let payload = buf.get(pos..pos + len)?.to_vec();
-    let frame = RawFrame {
-        fin: b0 & 0x80 != 0,
-        rsv1: b0 & 0x40 != 0,
-        opcode: b0 & 0x0F,
-        payload,
-        bytes: buf[..pos + len].to_vec(),
-    };
-    Some((frame, pos + len))
-}
-
 /// A JSON message from the server.
 #[derive(Debug, Clone)]
 struct Got {
@@ -341,13 +303,14 @@ impl DClient {
             .expect("write");
     }
 
-    async fn read_frame(&mut self) -> RawFrame {
+    /// The next frame, and its bytes as sent (header included).
+    async fn read_frame(&mut self) -> (Frame, Vec<u8>) {
         let name = self.name.clone();
         within(&format!("{name}: a frame"), async {
             loop {
-                if let Some((f, used)) = parse_frame(&self.buf) {
-                    self.buf.drain(..used);
-                    return f;
+                if let Some((f, used)) = parse_server_frame(&self.buf) {
+                    let bytes = self.buf.drain(..used).collect();
+                    return (f, bytes);
                 }
                 let mut chunk = vec![0u8; 64 * 1024];
                 match self.stream.read(&mut chunk).await {
@@ -362,7 +325,7 @@ impl DClient {
     /// The next JSON message (pings answered), inflated if it came compressed.
     async fn read(&mut self) -> Got {
         loop {
-            let f = self.read_frame().await;
+            let (f, bytes) = self.read_frame().await;
             match f.opcode {
                 OP_PING if !self.answer_pings => {
                     self.pings += 1;
@@ -415,7 +378,7 @@ impl DClient {
                 json,
                 text,
                 compressed: f.rsv1,
-                frame: f.bytes,
+                frame: bytes,
             };
         }
     }
@@ -574,7 +537,7 @@ fn refer_back(got: &[Got]) -> usize {
     got.iter()
         .filter(|g| g.compressed)
         .filter(|g| {
-            let (f, _) = parse_frame(&g.frame).expect("a whole frame");
+            let (f, _) = parse_server_frame(&g.frame).expect("a whole frame");
             inflate_alone(&f.payload, 15).ok().as_deref() != Some(&g.text[..])
         })
         .count()

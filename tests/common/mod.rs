@@ -473,10 +473,7 @@ pub fn http_get_blocking(addr: SocketAddr, path: &str) -> std::io::Result<HttpRe
 
 /// An upgrade request for `/ws/echo` with `extra` header lines (each ending in `\r\n`).
 pub fn upgrade_request(extra: &str) -> String {
-    format!(
-        "GET /ws/echo HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    )
+    upgrade_request_for("/ws/echo", extra)
 }
 
 /// Reads until the peer closes the connection (EOF or reset), discarding the bytes.
@@ -580,6 +577,8 @@ pub fn close_body(code: u16, reason: &str) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// Compressed (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -601,29 +600,10 @@ pub struct RawWs {
 impl RawWs {
     /// Connects and completes the `/ws/echo` handshake.
     pub async fn connect(addr: SocketAddr) -> RawWs {
-        let mut stream = within("tcp connect", TcpStream::connect(addr))
+        let stream = within("tcp connect", TcpStream::connect(addr))
             .await
             .expect("tcp connect");
-        stream
-            .write_all(upgrade_request("").as_bytes())
-            .await
-            .expect("write handshake");
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        let (end, head) = within("101 response", async {
-            loop {
-                if let Some(head) = parse_head(&buf) {
-                    return head;
-                }
-                let n = stream.read(&mut chunk).await.expect("read handshake");
-                assert!(n > 0, "closed during the handshake");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await;
-        assert_eq!(head.status, 101, "handshake refused: {head:?}");
-        buf.drain(..end);
-        RawWs { stream, buf }
+        RawWs::handshake(stream, "/ws/echo").await
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -682,9 +662,10 @@ impl RawWs {
 }
 
 /// Parses one unmasked server frame from the front of `buf`: (frame, bytes used).
-fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
+pub fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     let (&b0, &b1) = (buf.first()?, buf.get(1)?);
     assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
+    assert_eq!(b0 & 0x30, 0, "RSV2/RSV3 set by the server: {b0:#04x}");
     let (len, mut pos) = match b1 & 0x7F {
         126 => (
             u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
@@ -700,6 +681,7 @@ fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     pos += len;
     let frame = Frame {
         fin: b0 & 0x80 != 0,
+        rsv1: b0 & 0x40 != 0,
         opcode: b0 & 0x0F,
         payload,
     };
