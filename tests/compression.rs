@@ -851,47 +851,20 @@ struct Conn {
 impl Conn {
     /// Connects to `/ws/echo`, offering `offer` as `Sec-WebSocket-Extensions` if given.
     async fn open(server: &Server, offer: Option<&str>) -> Conn {
-        let mut stream = server.tcp().await;
         let extra = offer
             .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
             .unwrap_or_default();
-        stream
-            .write_all(upgrade_request(&extra).as_bytes())
-            .await
-            .expect("write handshake");
-        let mut buf = Vec::new();
-        let end = within("101 response", async {
-            loop {
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    return end + 4;
-                }
-                let mut chunk = [0u8; 1024];
-                let n = stream.read(&mut chunk).await.expect("read handshake");
-                assert!(n > 0, "closed during the handshake");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await;
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        assert!(
-            head.starts_with("HTTP/1.1 101"),
-            "handshake refused: {head}"
-        );
-        let extensions = head
-            .split("\r\n")
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-extensions"))
-            .map(|(_, v)| v.trim().to_string());
+        let (ws, head) = RawWs::upgrade(server.tcp().await, "/ws/echo", &extra).await;
+        let extensions = head.header("sec-websocket-extensions").map(str::to_string);
         let ext = extensions.as_deref().unwrap_or_default();
         let server_takeover = !ext.contains("server_no_context_takeover");
         let window_bits = ext
             .split(';')
             .find_map(|p| p.trim().strip_prefix("server_max_window_bits="))
             .map_or(15, |v| v.parse().expect("server_max_window_bits"));
-        buf.drain(..end);
         Conn {
-            stream,
-            buf,
+            stream: ws.stream,
+            buf: ws.buf,
             extensions,
             inflater: ServerStream::new(window_bits, server_takeover),
         }

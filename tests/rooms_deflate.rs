@@ -230,39 +230,15 @@ struct DClient {
 impl DClient {
     /// Connects to `/ws` offering `offer` (if any) and reads the `connected` greeting.
     async fn open(server: &Server, name: &str, offer: Option<&str>) -> DClient {
-        let mut stream = server.tcp().await;
         let extra = offer
             .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
             .unwrap_or_default();
-        stream
-            .write_all(upgrade_request_for("/ws", &extra).as_bytes())
-            .await
-            .expect("write handshake");
-        let mut buf = Vec::new();
-        let end = within("101 response", async {
-            loop {
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    return end + 4;
-                }
-                let mut chunk = [0u8; 1024];
-                let n = stream.read(&mut chunk).await.expect("read handshake");
-                assert!(n > 0, "closed during the handshake");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await;
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "{name}: refused: {head}");
-        let extensions = head
-            .split("\r\n")
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-extensions"))
-            .map(|(_, v)| v.trim().to_string());
-        buf.drain(..end);
+        let (ws, head) = RawWs::upgrade(server.tcp().await, "/ws", &extra).await;
+        let extensions = head.header("sec-websocket-extensions").map(str::to_string);
         let mut c = DClient {
             name: name.to_string(),
-            stream,
-            buf,
+            stream: ws.stream,
+            buf: ws.buf,
             inflate: Inflate::for_extensions(extensions.as_deref()),
             extensions,
             id: String::new(),

@@ -594,7 +594,8 @@ impl Frame {
 /// A WebSocket client over plain TCP, for frames tungstenite refuses to send.
 pub struct RawWs {
     pub stream: TcpStream,
-    buf: Vec<u8>,
+    /// Bytes read past what was parsed so far.
+    pub buf: Vec<u8>,
 }
 
 impl RawWs {
@@ -739,9 +740,15 @@ pub fn upgrade_request_for(path: &str, extra: &str) -> String {
 impl RawWs {
     /// Completes the handshake for `path` on an already connected `stream` (e.g. one with a
     /// small receive buffer).
-    pub async fn handshake(mut stream: TcpStream, path: &str) -> RawWs {
+    pub async fn handshake(stream: TcpStream, path: &str) -> RawWs {
+        RawWs::upgrade(stream, path, "").await.0
+    }
+
+    /// Sends an upgrade for `path` with `extra` header lines (each ending in `\r\n`) on
+    /// `stream` and expects a 101: the connection and the 101's head.
+    pub async fn upgrade(mut stream: TcpStream, path: &str, extra: &str) -> (RawWs, HttpResponse) {
         stream
-            .write_all(upgrade_request_for(path, "").as_bytes())
+            .write_all(upgrade_request_for(path, extra).as_bytes())
             .await
             .expect("write handshake");
         let mut buf = Vec::new();
@@ -759,6 +766,6 @@ impl RawWs {
         .await;
         assert_eq!(head.status, 101, "handshake refused: {head:?}");
         buf.drain(..end);
-        RawWs { stream, buf }
+        (RawWs { stream, buf }, head)
     }
 }
