@@ -703,17 +703,34 @@ async fn open_all<T: 'static>(
 ) -> (Vec<T>, usize, Option<anyhow::Error>) {
     let then = Rc::new(then);
     let base = seed();
+    bounded(n, concurrency, deadline, |i| {
+        let (t, then) = (t.clone(), then.clone());
+        async move {
+            let u = connect_timeout(&t, base ^ (i as u64) << 20, deflate).await?;
+            Ok(then(i, u))
+        }
+    })
+    .await
+}
+
+/// Runs `task(0..n)`, at most `concurrency` at a time, until `deadline`: the results of the
+/// tasks that succeeded, how many failed, and the first error.
+async fn bounded<T: 'static, F>(
+    n: usize,
+    concurrency: usize,
+    deadline: Instant,
+    task: impl Fn(usize) -> F,
+) -> (Vec<T>, usize, Option<anyhow::Error>)
+where
+    F: std::future::Future<Output = Result<T>> + 'static,
+{
     let mut set = JoinSet::new();
     let mut out = Vec::with_capacity(n);
     let (mut failed, mut first_err) = (0usize, None);
     let mut next = 0usize;
     while (next < n || !set.is_empty()) && Instant::now() < deadline {
         while next < n && set.len() < concurrency.max(1) {
-            let (t, then, i) = (t.clone(), then.clone(), next);
-            set.spawn_local(async move {
-                let r = connect_timeout(&t, base ^ (i as u64) << 20, deflate).await;
-                r.map(|u| then(i, u))
-            });
+            set.spawn_local(task(next));
             next += 1;
         }
         match tokio::time::timeout_at(deadline, set.join_next()).await {
@@ -1828,37 +1845,18 @@ async fn cycles(
     hist: Option<&RefCell<Histogram<u64>>>,
 ) -> (u64, u64, Option<anyhow::Error>) {
     let base = seed();
-    let mut set = JoinSet::new();
-    let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
-    let mut next = 0usize;
-    while (next < n || !set.is_empty()) && Instant::now() < deadline {
-        while next < n && set.len() < c.max(1) {
-            let t = t.clone();
-            let sd = base ^ ((next as u64) << 20);
-            set.spawn_local(async move { open_close(&t, sd).await });
-            next += 1;
-        }
-        match tokio::time::timeout_at(deadline, set.join_next()).await {
-            Ok(Some(Ok(Ok(lat)))) => {
-                ok += 1;
-                if let Some(h) = hist {
-                    h.borrow_mut()
-                        .saturating_record(lat.as_nanos().max(1) as u64);
-                }
-            }
-            Ok(Some(Ok(Err(e)))) => {
-                failed += 1;
-                first.get_or_insert(e);
-            }
-            Ok(Some(Err(e))) => {
-                failed += 1;
-                first.get_or_insert(anyhow::anyhow!("task failed: {e}"));
-            }
-            Ok(None) | Err(_) => break,
+    let (lats, failed, first) = bounded(n, c, deadline, |i| {
+        let t = t.clone();
+        async move { open_close(&t, base ^ ((i as u64) << 20)).await }
+    })
+    .await;
+    if let Some(h) = hist {
+        let mut h = h.borrow_mut();
+        for lat in &lats {
+            h.saturating_record(lat.as_nanos().max(1) as u64);
         }
     }
-    set.abort_all();
-    (ok, failed, first)
+    (lats.len() as u64, failed as u64, first)
 }
 
 async fn handshakes(a: HandshakesArgs) -> Result<()> {
