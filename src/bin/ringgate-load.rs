@@ -2389,44 +2389,23 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
 
     // Subscribers: connect and subscribe, `concurrency` at a time.
     let base = seed();
-    let mut subs = Vec::with_capacity(a.subscribers);
+    let (subs, failed, first) = bounded(a.subscribers, a.concurrency, deadline, |i| {
+        let (t, topics) = (t.clone(), topics.clone());
+        async move { subscribe(&t, base ^ ((i as u64) << 20), &topics, i % topics.len()).await }
+    })
+    .await;
+    if let Some(e) = first {
+        bail!("{failed} subscriber(s) could not subscribe; first: {e:#}");
+    }
+    ensure!(
+        subs.len() == a.subscribers,
+        "only {} of {} subscribers were up before the time limit",
+        subs.len(),
+        a.subscribers
+    );
     let mut subs_per_topic = vec![0u64; a.topics];
-    {
-        let mut set = JoinSet::new();
-        let (mut next, mut failed, mut first) = (0usize, 0usize, None);
-        while (next < a.subscribers || !set.is_empty()) && Instant::now() < deadline {
-            while next < a.subscribers && set.len() < a.concurrency.max(1) {
-                let (t, topics, i) = (t.clone(), topics.clone(), next);
-                let sd = base ^ ((i as u64) << 20);
-                set.spawn_local(async move { subscribe(&t, sd, &topics, i % topics.len()).await });
-                next += 1;
-            }
-            match tokio::time::timeout_at(deadline, set.join_next()).await {
-                Ok(Some(Ok(Ok(s)))) => {
-                    subs_per_topic[s.topic] += 1;
-                    subs.push(s);
-                }
-                Ok(Some(Ok(Err(e)))) => {
-                    failed += 1;
-                    first.get_or_insert(e);
-                }
-                Ok(Some(Err(e))) => {
-                    failed += 1;
-                    first.get_or_insert(anyhow::anyhow!("task failed: {e}"));
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        set.abort_all();
-        if let Some(e) = first {
-            bail!("{failed} subscriber(s) could not subscribe; first: {e:#}");
-        }
-        ensure!(
-            subs.len() == a.subscribers,
-            "only {} of {} subscribers were up before the time limit",
-            subs.len(),
-            a.subscribers
-        );
+    for s in &subs {
+        subs_per_topic[s.topic] += 1;
     }
     // Publishers.
     let mut pubs = Vec::with_capacity(a.publishers);
