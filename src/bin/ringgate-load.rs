@@ -2336,6 +2336,16 @@ impl Publisher {
     }
 }
 
+/// Why a subscriber task ended: it should run until the end of the run.
+fn subscriber_ended(r: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    let e = match r {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => anyhow::anyhow!("subscriber stopped early"),
+        Err(e) => anyhow::anyhow!("subscriber task failed: {e}"),
+    };
+    e.context("subscriber")
+}
+
 async fn fanout(a: FanoutArgs) -> Result<()> {
     let t = parse_url(&a.url, &a.tls)?;
     ensure!(
@@ -2494,12 +2504,7 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
             },
             Some(r) = sub_tasks.join_next() => {
                 conn_failures += 1;
-                let e = match r {
-                    Ok(Err(e)) => e,
-                    Ok(Ok(())) => anyhow::anyhow!("subscriber stopped early"),
-                    Err(e) => anyhow::anyhow!("subscriber task failed: {e}"),
-                };
-                first_err.get_or_insert(e.context("subscriber"));
+                first_err.get_or_insert(subscriber_ended(r));
             }
         }
     }
@@ -2517,12 +2522,7 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             Some(r) = sub_tasks.join_next() => {
                 conn_failures += 1;
-                let e = match r {
-                    Ok(Err(e)) => e,
-                    Ok(Ok(())) => anyhow::anyhow!("subscriber stopped early"),
-                    Err(e) => anyhow::anyhow!("subscriber task failed: {e}"),
-                };
-                first_err.get_or_insert(e.context("subscriber"));
+                first_err.get_or_insert(subscriber_ended(r));
             }
         }
     }
