@@ -168,10 +168,12 @@ impl ConnEntry {
         self.deliver(|m| m.push_broadcast(b, published, limit))
     }
 
-    fn deliver(&self, push: impl FnOnce(&Mailbox) -> Result<(), Full>) -> bool {
+    fn deliver(&self, push: impl FnOnce(&Mailbox) -> Result<bool, Full>) -> bool {
         match push(&self.mailbox) {
-            Ok(()) => {
-                self.wake();
+            Ok(first) => {
+                if first {
+                    self.wake();
+                }
                 true
             }
             Err(Full) => {

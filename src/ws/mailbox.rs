@@ -135,8 +135,11 @@ impl Mailbox {
         self.items.borrow().is_empty()
     }
 
-    /// Queues `item` unless that would take the backlog over `limit`.
-    pub fn push(&self, item: Outgoing, limit: usize) -> Result<(), Full> {
+    /// Queues `item` unless that would take the backlog over `limit`. `Ok(true)`: the queue
+    /// was empty, so the session must be woken; otherwise a wake-up is already pending (the
+    /// session empties the whole queue each time it runs), and waking a task that is already
+    /// scheduled would only cost an atomic on its header per delivery.
+    pub fn push(&self, item: Outgoing, limit: usize) -> Result<bool, Full> {
         let len = item.len();
         if self.overflowed.get() || self.backlog() + len > limit {
             self.overflowed.set(true);
@@ -145,8 +148,9 @@ impl Mailbox {
             return Err(Full);
         }
         self.bytes.set(self.bytes.get() + len);
-        self.items.borrow_mut().push_back(item);
-        Ok(())
+        let mut items = self.items.borrow_mut();
+        items.push_back(item);
+        Ok(items.len() == 1)
     }
 
     /// Queues a broadcast in the form this connection takes; `published` is when it was
@@ -156,17 +160,17 @@ impl Mailbox {
         b: &Broadcast,
         published: Option<Instant>,
         limit: usize,
-    ) -> Result<(), Full> {
+    ) -> Result<bool, Full> {
         let item = match (self.takes.get(), &b.deflated) {
             (Takes::Plain, _) | (Takes::SharedDeflate, None) => Outgoing::Frame(b.frame.clone()),
             (Takes::SharedDeflate, Some(d)) => Outgoing::Frame(d.clone()),
             (Takes::OwnDeflate, _) => Outgoing::Text(b.payload()),
         };
-        self.push(item, limit)?;
+        let first = self.push(item, limit)?;
         if self.published.get().is_none() {
             self.published.set(published);
         }
-        Ok(())
+        Ok(first)
     }
 
     /// Hands every queued item to `f`, in order.
@@ -255,6 +259,19 @@ mod tests {
         m.set_unwritten(10);
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
         assert!(wait.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn only_the_first_item_since_the_session_emptied_the_queue_asks_for_a_wake_up() {
+        let m = Mailbox::default();
+        let text = || Outgoing::Text(Bytes::from_static(b"x"));
+        assert_eq!(m.push(text(), 100), Ok(true));
+        assert_eq!(m.push(text(), 100), Ok(false));
+        assert_eq!(m.push_broadcast(&broadcast(b"y"), None, 100), Ok(false));
+        assert_eq!(drained(&m).len(), 3);
+        assert_eq!(m.push_broadcast(&broadcast(b"y"), None, 100), Ok(true));
+        m.clear();
+        assert_eq!(m.push(text(), 100), Ok(true));
     }
 
     #[test]
