@@ -5,6 +5,7 @@
 //! (open, close, handshake failures) go to the recorder directly; they are rare next to messages.
 
 use std::cell::Cell;
+use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
@@ -55,11 +56,26 @@ fn buckets(b: PrometheusBuilder) -> Result<PrometheusBuilder, BuildError> {
         .set_buckets_for_metric(Matcher::Full(FANOUT.into()), SUBSCRIBERS)
 }
 
+/// How often histogram samples are folded into their buckets.
+pub const UPKEEP: Duration = Duration::from_secs(5);
+
 /// Installs the Prometheus recorder (once per process) and describes every metric.
-pub fn install() -> Option<PrometheusHandle> {
+///
+/// Histogram samples are queued until upkeep folds them into buckets; without it they would
+/// pile up for as long as nobody scrapes `/metrics` (a sample per write under fan-out). A
+/// small thread runs it every `upkeep`, off the shards.
+pub fn install(upkeep: Duration) -> Option<PrometheusHandle> {
     let handle = buckets(PrometheusBuilder::new())
         .ok()?
         .install_recorder()
+        .ok()?;
+    let h = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(upkeep);
+            h.run_upkeep();
+        })
         .ok()?;
     describe_gauge!(
         CONNECTIONS_ACTIVE,
