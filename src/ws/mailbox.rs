@@ -100,20 +100,22 @@ impl Mailbox {
         self.bytes.get() + self.unwritten.get()
     }
 
-    pub fn set_unwritten(&self, n: usize) {
+    /// Records what the session has not written yet. Returns when the oldest broadcast it
+    /// held was published, once everything queued is written (for the publish-to-write latency).
+    pub fn set_unwritten(&self, n: usize) -> Option<Instant> {
         self.unwritten.set(n);
-        if n == 0 && self.bytes.get() == 0 {
-            if let Some(at) = self.published.take() {
-                metrics::histogram!(crate::metrics::PUBLISH_TO_WRITE)
-                    .record(at.elapsed().as_secs_f64());
-            }
-        }
+        let cleared = if n == 0 && self.bytes.get() == 0 {
+            self.published.take()
+        } else {
+            None
+        };
         if !self.drain_waiters.borrow().is_empty() {
             let waiters = std::mem::take(&mut *self.drain_waiters.borrow_mut());
             for w in waiters {
                 w.wake();
             }
         }
+        cleared
     }
 
     /// Resolves once the backlog is at most `mark` bytes (or the queue overflowed: the

@@ -290,7 +290,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
         if backpressured && self.phase == Phase::Open && self.out.queued() < HIGH_WATER {
             cx.waker().wake_by_ref();
         }
-        self.entry.mailbox.set_unwritten(self.out.queued());
+        if let Some(published) = self.entry.mailbox.set_unwritten(self.out.queued()) {
+            self.traffic.written(published);
+        }
         if self.phase == Phase::Closing && self.out.is_empty() && !self.unflushed {
             match Pin::new(&mut self.io).poll_shutdown(cx) {
                 Poll::Pending => {}
