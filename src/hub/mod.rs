@@ -288,7 +288,7 @@ impl Hub {
                 replay,
                 request,
             } => self.local_subscribed(topic, conn, reply, replay, request),
-            HubMsg::Deliver { topic, msg, at } => self.local_deliver(&topic, &msg, at),
+            HubMsg::Deliver { topic, msg, at } => self.local_deliver(&topic, msg, at),
             HubMsg::Reply { conn, text } => {
                 if let Some(c) = self.conns.get(&conn) {
                     c.entry.send(Outgoing::Text(text), self.limit);
@@ -669,18 +669,19 @@ impl Hub {
         };
         let entry = &c.entry;
         entry.send(Outgoing::Text(reply), self.limit);
-        for msg in &replay {
-            entry.send_broadcast(msg, None, self.limit);
+        for msg in replay {
+            entry.send_broadcast(&Rc::new(msg), None, self.limit);
         }
         let key = self.local.entry(topic).or_default().insert(entry.clone());
         *sub = conn::Sub::Active(key);
         self.subscriptions += 1;
     }
 
-    fn local_deliver(&mut self, topic: &str, msg: &Broadcast, at: Instant) {
+    fn local_deliver(&mut self, topic: &str, msg: Broadcast, at: Instant) {
         let Some(list) = self.local.get(topic) else {
             return;
         };
+        let msg = &Rc::new(msg);
         for (_, entry) in list.iter() {
             entry.send_broadcast(msg, Some(at), self.limit);
         }

@@ -164,7 +164,12 @@ impl ConnEntry {
     }
 
     /// [`send`](Self::send) for a broadcast, in the form this connection takes.
-    pub fn send_broadcast(&self, b: &Broadcast, published: Option<Instant>, limit: usize) -> bool {
+    pub fn send_broadcast(
+        &self,
+        b: &Rc<Broadcast>,
+        published: Option<Instant>,
+        limit: usize,
+    ) -> bool {
         self.deliver(|m| m.push_broadcast(b, published, limit))
     }
 

@@ -10,6 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
@@ -20,19 +21,14 @@ use super::frame::payload_offset;
 /// One item for a connection.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
-    /// A complete frame, ready to write (shared with other connections).
-    Frame(Bytes),
+    /// A broadcast, written in the form the connection takes (see [`Takes`]). Shared with the
+    /// shard's other receivers through an `Rc`: queueing it for 10,000 connections is 10,000
+    /// plain increments, where cloning `Bytes` would be 10,000 atomic ones, each waiting for
+    /// the cache misses of the queue pushes before it.
+    Broadcast(Rc<Broadcast>),
     /// A text message the session frames itself, compressing it with the connection's own
     /// permessage-deflate context when one was negotiated.
     Text(Bytes),
-}
-
-impl Outgoing {
-    fn len(&self) -> usize {
-        match self {
-            Outgoing::Frame(b) | Outgoing::Text(b) => b.len(),
-        }
-    }
 }
 
 /// A broadcast message encoded once for all its receivers.
@@ -46,8 +42,17 @@ pub struct Broadcast {
 
 impl Broadcast {
     /// The message itself (the frame without its header).
-    pub fn payload(&self) -> Bytes {
-        self.frame.slice(payload_offset(&self.frame)..)
+    pub fn payload(&self) -> &[u8] {
+        &self.frame[payload_offset(&self.frame)..]
+    }
+
+    /// The frame a connection that takes `t` writes (`None`: it frames the payload itself).
+    pub fn frame_for(&self, t: Takes) -> Option<&Bytes> {
+        match (t, &self.deflated) {
+            (Takes::Plain, _) | (Takes::SharedDeflate, None) => Some(&self.frame),
+            (Takes::SharedDeflate, Some(d)) => Some(d),
+            (Takes::OwnDeflate, _) => None,
+        }
     }
 }
 
@@ -142,7 +147,10 @@ impl Mailbox {
     /// session empties the whole queue each time it runs), and waking a task that is already
     /// scheduled would only cost an atomic on its header per delivery.
     pub fn push(&self, item: Outgoing, limit: usize) -> Result<bool, Full> {
-        let len = item.len();
+        let len = match &item {
+            Outgoing::Broadcast(b) => b.frame_for(self.takes.get()).unwrap_or(&b.frame).len(),
+            Outgoing::Text(t) => t.len(),
+        };
         if self.overflowed.get() || self.backlog() + len > limit {
             self.overflowed.set(true);
             self.items.borrow_mut().clear();
@@ -155,20 +163,15 @@ impl Mailbox {
         Ok(items.len() == 1)
     }
 
-    /// Queues a broadcast in the form this connection takes; `published` is when it was
-    /// published (none for a replay from history).
+    /// Queues a broadcast (written in the form this connection takes); `published` is when it
+    /// was published (none for a replay from history).
     pub fn push_broadcast(
         &self,
-        b: &Broadcast,
+        b: &Rc<Broadcast>,
         published: Option<Instant>,
         limit: usize,
     ) -> Result<bool, Full> {
-        let item = match (self.takes.get(), &b.deflated) {
-            (Takes::Plain, _) | (Takes::SharedDeflate, None) => Outgoing::Frame(b.frame.clone()),
-            (Takes::SharedDeflate, Some(d)) => Outgoing::Frame(d.clone()),
-            (Takes::OwnDeflate, _) => Outgoing::Text(b.payload()),
-        };
-        let first = self.push(item, limit)?;
+        let first = self.push(Outgoing::Broadcast(b.clone()), limit)?;
         if self.published.get().is_none() {
             self.published.set(published);
         }
@@ -205,13 +208,13 @@ mod tests {
     use super::*;
     use crate::ws::frame::{write_frame, OpCode};
 
-    fn broadcast(payload: &[u8]) -> Broadcast {
+    fn broadcast(payload: &[u8]) -> Rc<Broadcast> {
         let mut f = Vec::new();
         write_frame(&mut f, OpCode::Text, payload);
-        Broadcast {
+        Rc::new(Broadcast {
             frame: Bytes::from(f),
             deflated: Some(Bytes::from_static(b"DEFLATED")),
-        }
+        })
     }
 
     fn drained(m: &Mailbox) -> Vec<Outgoing> {
@@ -223,16 +226,23 @@ mod tests {
     #[test]
     fn each_connection_gets_the_form_it_takes() {
         let b = broadcast(b"hello");
+        assert_eq!(
+            b.frame_for(Takes::Plain).map(|f| &f[..]),
+            Some(&b"\x81\x05hello"[..])
+        );
+        assert_eq!(
+            b.frame_for(Takes::SharedDeflate).map(|f| &f[..]),
+            Some(&b"DEFLATED"[..])
+        );
+        assert_eq!(b.frame_for(Takes::OwnDeflate), None);
+        assert_eq!(b.payload(), b"hello");
+        // The queue counts the bytes of the form the connection writes.
         let m = Mailbox::default();
-        m.push_broadcast(&b, None, 1000).unwrap();
         m.set_takes(Takes::SharedDeflate);
         m.push_broadcast(&b, None, 1000).unwrap();
-        m.set_takes(Takes::OwnDeflate);
-        m.push_broadcast(&b, None, 1000).unwrap();
+        assert_eq!(m.backlog(), 8);
         let got = drained(&m);
-        assert!(matches!(&got[0], Outgoing::Frame(f) if f[..] == b"\x81\x05hello"[..]));
-        assert!(matches!(&got[1], Outgoing::Frame(f) if &f[..] == b"DEFLATED"));
-        assert!(matches!(&got[2], Outgoing::Text(t) if &t[..] == b"hello"));
+        assert!(matches!(&got[0], Outgoing::Broadcast(x) if Rc::ptr_eq(x, &b)));
         assert_eq!(m.backlog(), 0);
     }
 

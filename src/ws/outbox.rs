@@ -2,11 +2,14 @@
 //!
 //! Frames this connection builds itself (echo replies, pongs, close) are appended to one
 //! growable tail buffer, so a burst of small replies becomes one contiguous write. Frames shared
-//! with other connections (broadcast) are queued as `Bytes` handles, never copied.
+//! with other connections (broadcast) are queued as handles, never copied.
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::rc::Rc;
+
+use super::mailbox::{Broadcast, Takes};
 
 use super::close::{write_close_body, CloseCode};
 use super::frame::{header_len, write_frame, write_header, OpCode};
@@ -14,10 +17,42 @@ use super::frame::{header_len, write_frame, write_header, OpCode};
 /// Vectored writes gather at most this many slices (Linux IOV_MAX is 1024).
 pub const MAX_IOVECS: usize = 64;
 
+/// A queued piece of the stream.
+#[derive(Debug)]
+enum Chunk {
+    /// Frames this connection built (a split-off part of the tail).
+    Own(Bytes),
+    /// A broadcast frame shared with the shard's other connections, in the form `takes`
+    /// selects, of which the first `at` bytes are written.
+    Shared {
+        b: Rc<Broadcast>,
+        takes: Takes,
+        at: usize,
+    },
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Own(b) => b,
+            Chunk::Shared { b, takes, at } => b
+                .frame_for(*takes)
+                .map_or(&[][..], |f| f.get(*at..).unwrap_or_default()),
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Chunk::Own(b) => b.advance(n),
+            Chunk::Shared { at, .. } => *at += n,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Outbox {
     /// Queued chunks, in order; all of them go before `tail`.
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
     tail: BytesMut,
     queued: usize,
     /// Bytes of the front chunk (or of `tail` when there are no chunks) already written.
@@ -69,19 +104,25 @@ impl Outbox {
         self.frame(OpCode::Close, &body);
     }
 
-    /// Queues an already encoded frame shared with other connections.
-    pub fn shared(&mut self, frame: Bytes) {
+    /// Queues a broadcast's frame in the form `takes` selects (which must be a whole frame:
+    /// not [`Takes::OwnDeflate`]), shared with other connections.
+    pub fn shared(&mut self, b: Rc<Broadcast>, takes: Takes) {
+        let Some(len) = b.frame_for(takes).map(Bytes::len) else {
+            debug_assert!(false, "{takes:?} frames the payload itself");
+            return;
+        };
         if !self.tail.is_empty() {
-            self.chunks.push_back(self.tail.split().freeze());
+            self.chunks
+                .push_back(Chunk::Own(self.tail.split().freeze()));
         }
-        self.queued += frame.len();
-        self.chunks.push_back(frame);
+        self.queued += len;
+        self.chunks.push_back(Chunk::Shared { b, takes, at: 0 });
     }
 
     /// Fills `out` with the slices to write next; returns how many.
     pub fn slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
-        let parts = self.chunks.iter().map(|c| &c[..]);
+        let parts = self.chunks.iter().map(Chunk::bytes);
         for c in parts.chain(std::iter::once(&self.tail[..])) {
             if n == out.len() {
                 break;
@@ -116,12 +157,13 @@ impl Outbox {
                 self.tail.advance(n);
                 break;
             };
-            if n < front.len() {
+            let len = front.bytes().len();
+            if n < len {
                 front.advance(n);
                 self.front_written += n;
                 break;
             }
-            n -= front.len();
+            n -= len;
             self.chunks.pop_front();
             self.front_written = 0;
         }
@@ -150,7 +192,7 @@ impl Outbox {
         }
         self.chunks.truncate(1);
         self.tail.clear();
-        self.queued = self.chunks[0].len();
+        self.queued = self.chunks[0].bytes().len();
     }
 
     /// Frees buffer memory held while empty (called when a connection goes idle).
@@ -166,6 +208,14 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    /// A broadcast whose plain frame is `f` (not a real frame: the outbox does not look).
+    fn shared(f: &'static [u8]) -> Rc<Broadcast> {
+        Rc::new(Broadcast {
+            frame: Bytes::from_static(f),
+            deflated: None,
+        })
+    }
+
     fn written(o: &Outbox) -> Vec<u8> {
         let mut s = [IoSlice::new(&[]); MAX_IOVECS];
         let n = o.slices(&mut s);
@@ -176,7 +226,7 @@ mod tests {
     fn keeps_order_across_local_and_shared_frames() {
         let mut o = Outbox::default();
         o.frame(OpCode::Text, b"a");
-        o.shared(Bytes::from_static(b"SHARED"));
+        o.shared(shared(b"SHARED"), Takes::Plain);
         o.frame(OpCode::Text, b"b");
         assert_eq!(written(&o), b"\x81\x01aSHARED\x81\x01b");
         assert_eq!(o.queued(), 12);
@@ -188,10 +238,30 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_frame_goes_out_in_the_form_the_connection_takes() {
+        let b = Rc::new(Broadcast {
+            frame: Bytes::from_static(b"PLAIN"),
+            deflated: Some(Bytes::from_static(b"DEFL")),
+        });
+        let mut o = Outbox::default();
+        o.shared(b.clone(), Takes::SharedDeflate);
+        o.shared(b.clone(), Takes::Plain);
+        assert_eq!(o.queued(), 9);
+        assert_eq!(written(&o), b"DEFLPLAIN");
+        o.advance(6);
+        assert_eq!(written(&o), b"AIN");
+        assert_eq!(
+            Rc::strong_count(&b),
+            2,
+            "the written chunk let go of the frame"
+        );
+    }
+
+    #[test]
     fn discarding_keeps_a_partly_written_frame_whole() {
         let mut o = Outbox::default();
-        o.shared(Bytes::from_static(b"FIRST"));
-        o.shared(Bytes::from_static(b"SECOND"));
+        o.shared(shared(b"FIRST"), Takes::Plain);
+        o.shared(shared(b"SECOND"), Takes::Plain);
         o.frame(OpCode::Text, b"c");
         o.advance(2);
         o.discard_unsent();
@@ -200,9 +270,9 @@ mod tests {
         assert_eq!(written(&o), b"RST\x88\x02\x03\xf5");
 
         let mut o = Outbox::default();
-        o.shared(Bytes::from_static(b"FIRST"));
+        o.shared(shared(b"FIRST"), Takes::Plain);
         o.advance(5);
-        o.shared(Bytes::from_static(b"SECOND"));
+        o.shared(shared(b"SECOND"), Takes::Plain);
         o.discard_unsent();
         assert!(o.is_empty());
     }

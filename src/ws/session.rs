@@ -73,11 +73,13 @@ pub struct Sink<'a> {
 impl Sink<'_> {
     /// Moves what the connection's mailbox holds into the outbox, in order.
     fn take_mail(&mut self, mailbox: &Mailbox) {
+        let takes = mailbox.takes();
         mailbox.drain(|item| match item {
-            Outgoing::Frame(f) => {
+            Outgoing::Broadcast(b) if takes == Takes::OwnDeflate => self.text(b.payload()),
+            Outgoing::Broadcast(b) => {
                 Traffic::add(&self.traffic.messages_out, 1);
                 *self.sent += 1;
-                self.out.shared(f);
+                self.out.shared(b, takes);
             }
             Outgoing::Text(t) => self.text(&t),
         });
