@@ -15,6 +15,7 @@
 # all), IDLE_CONNS (10000), IDLE_ONLY (regex: idle configurations to run), IDLE_HEARTBEAT (1: also
 # the after-heartbeat runs), CLIENT_ARGS (extra echo options, e.g. --deflate-independent).
 set -u
+. "$(dirname "$0")/lib.sh"
 MODE=${1:-echo}
 REPS=${2:-${REPS:-3}}
 BIN=${BIN:-target-bench/release}
@@ -51,20 +52,7 @@ start() { # CONFIG [extra ringgate flags...]
     *) echo "unknown config $cfg" >&2; return 1 ;;
     esac
     PID=$!
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "server $cfg did not come up" >&2
-    cat "$TMP/server.log" >&2
-    return 1
-}
-stop() {
-    kill "$PID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$PID" 2>/dev/null
-    wait "$PID" 2>/dev/null
-    PID=
+    up "$cfg" "$PORT" 100 || { cat "$TMP/server.log" >&2; return 1; }
 }
 trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; rm -rf "$TMP"' EXIT
 

@@ -23,6 +23,7 @@
 # STRACE=1: `strace -c -f -p PID` from the `up:` line until 2 s after the load tool exits
 # (slows the server a lot: use the counts, not the times; raise DRAIN); its table goes to the log.
 set -u
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release}
 REPS=${1:-${REPS:-3}}
 SERVERS=${SERVERS:-"node tungstenite"}
@@ -46,19 +47,7 @@ start() { # NAME
         (ulimit -n 20000; exec taskset -c 0 "$BIN/ringgate" --config /tmp/bench-fanout-ringgate.toml --host 127.0.0.1 --shards 1 --port 8003 --io "$io") >/tmp/bench-fanout-server.log 2>&1 & PORT=8003 ;;
     esac
     PID=$!
-    for _ in $(seq 50); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "server $1 did not come up" >&2
-    return 1
-}
-stop() {
-    kill "$PID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$PID" 2>/dev/null
-    wait "$PID" 2>/dev/null
-    PID=
+    up "$1" "$PORT"
 }
 trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null' EXIT
 

@@ -22,6 +22,7 @@
 # Env: BIN, REPS (1), N (10000), SERVERS ("ringgate-epoll ringgate-uring node"),
 # SCENARIOS ("idle shared own ten"; "tenown" as well for a sharper per-room figure), SETTLE (12), NODE_MODULES. Targets 127.0.0.1 only.
 set -u
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release}
 REPS=${1:-${REPS:-1}}
 N=${N:-10000}
@@ -80,19 +81,7 @@ start() { # NAME
         (ulimit -n 20000; exec taskset -c 0 "$BIN/ringgate" --config /tmp/bench-rooms-memory.toml --host 127.0.0.1 --shards 1 --port 8003 --io "${1#ringgate-}" --heartbeat-interval 5) >/tmp/bench-rooms-memory-server.log 2>&1 & PORT=8003 ;;
     esac
     PID=$!
-    for _ in $(seq 50); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "server $1 did not come up" >&2
-    return 1
-}
-stop() {
-    kill "$PID" 2>/dev/null
-    for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$PID" 2>/dev/null
-    wait "$PID" 2>/dev/null
-    PID=
+    up "$1" "$PORT"
 }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$PID/status"; }
 gauges() { # ringgate's own counts
@@ -124,7 +113,7 @@ for rep in $(seq "$REPS"); do
             done
             if [ -z "$ok" ]; then
                 echo "## driver failed: server=$srv scenario=$sc"; cat /tmp/bench-rooms-memory-driver.out
-                exec 4>&-; wait "$DPID"; stop; continue
+                exec 4>&-; wait "$DPID"; stop 100; continue
             fi
             sleep 1
             ready=$(rss)
@@ -133,7 +122,7 @@ for rep in $(seq "$REPS"); do
             echo "MEM server=$srv scenario=$sc rep=$rep n=$N $(grep '^READY' /tmp/bench-rooms-memory-driver.out | cut -d' ' -f2-) fresh_kib=$fresh ready_kib=$ready settled_kib=$settled $(gauges)loadavg=$(cut -d' ' -f1 /proc/loadavg)"
             exec 4>&-
             wait "$DPID"
-            stop
+            stop 100
         done
     done
 done

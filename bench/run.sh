@@ -9,6 +9,7 @@
 # Env: BIN (default target-bench/release), REPS (3), MESSAGES (200000), IDLE (1 = also run the
 # idle-memory part), IDLE_CONNS (10000), ECHO_ARGS (extra echo options, e.g. "--pipeline 8").
 set -u
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target-bench/release}
 REPS=${1:-${REPS:-3}}
 MESSAGES=${MESSAGES:-200000}
@@ -24,19 +25,7 @@ start() { # NAME
     tungstenite) taskset -c 0 "$BIN/examples/tungstenite_echo" --port 8004 >/tmp/bench-server.log 2>&1 & PORT=8004 ;;
     esac
     PID=$!
-    for _ in $(seq 50); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "server $1 did not come up" >&2
-    return 1
-}
-stop() {
-    kill "$PID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$PID" 2>/dev/null
-    wait "$PID" 2>/dev/null
-    PID=
+    up "$1" "$PORT"
 }
 trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null' EXIT
 

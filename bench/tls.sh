@@ -10,6 +10,7 @@
 # directory for `ringgate dev-cert`, default /tmp/ringgate-bench-certs), IDLE_CONNS (10000),
 # HS_CONNS (5000 connections per handshake run, 50 at a time).
 set -u
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release}
 REPS=${1:-${REPS:-3}}
 PARTS=${PARTS:-"echo handshakes idle"}
@@ -28,19 +29,7 @@ start() { # IO TLS(0|1)
     taskset -c 0 "$BIN/ringgate" --host 127.0.0.1 --shards 1 --port $PORT --io "$1" "${tls[@]}" \
         >/tmp/bench-tls-server.log 2>&1 &
     PID=$!
-    for _ in $(seq 50); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "server $1 tls=$2 did not come up" >&2
-    return 1
-}
-stop() {
-    kill "$PID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$PID" 2>/dev/null
-    wait "$PID" 2>/dev/null
-    PID=
+    up "$1" "$PORT" || { echo "(tls=$2)" >&2; return 1; }
 }
 trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null' EXIT
 url() { # TLS PATH

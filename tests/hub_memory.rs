@@ -3,9 +3,7 @@
 //! with a counting allocator around the system one, in process, without sockets: the hub's
 //! state is plain data driven by its public API, as the shards drive it.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 
 use ringgate::config::Config;
@@ -14,28 +12,7 @@ use ringgate::hub::{HubMsg, Reply};
 use ringgate::runtime::io::Backend;
 use ringgate::runtime::shard::{Global, Shard};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged and only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        System.realloc(p, l, new)
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+mod counting;
 
 /// A million in release (`cargo test --release --test hub_memory`, which CI runs); fewer in the
 /// debug suite, where a cycle is ten times slower.
@@ -90,21 +67,17 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
     let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
     shard.hub.borrow_mut().sweep(later);
     conn.entry.mailbox.shrink();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
 
     for i in 0..CYCLES {
         cycle(i);
         if i % 200_000 == 199_999 {
-            println!(
-                "after {} cycles: {} B",
-                i + 1,
-                LIVE.load(Ordering::Relaxed) - before
-            );
+            println!("after {} cycles: {} B", i + 1, counting::live() - before);
         }
     }
     shard.hub.borrow_mut().sweep(later);
     conn.entry.mailbox.shrink();
-    let after = LIVE.load(Ordering::Relaxed);
+    let after = counting::live();
 
     assert_eq!(
         shard.hub.borrow().counts(),

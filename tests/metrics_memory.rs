@@ -2,34 +2,11 @@
 //! sample until upkeep folds it into its buckets, and `metrics::install` must run upkeep on its
 //! own. Measured in process with a counting allocator around the system one.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ringgate::metrics::{install, PUBLISH_TO_WRITE};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged and only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        System.realloc(p, l, new)
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+mod counting;
 
 const SAMPLES: usize = 1_000_000;
 
@@ -40,12 +17,12 @@ fn histogram_samples_are_folded_without_a_scrape() {
     let h = metrics::histogram!(PUBLISH_TO_WRITE);
     h.record(0.001); // the series and its first queue block exist from here on
     std::thread::sleep(3 * upkeep);
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let mut peak = 0;
     for i in 0..SAMPLES {
         h.record(i as f64 * 1e-9);
         if i % 10_000 == 0 {
-            peak = peak.max(LIVE.load(Ordering::Relaxed) - before);
+            peak = peak.max(counting::live() - before);
         }
     }
     // Samples are queued (8 bytes each) between upkeeps: the queue is real, or this test
@@ -57,7 +34,7 @@ fn histogram_samples_are_folded_without_a_scrape() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut more = 0;
     loop {
-        let held = LIVE.load(Ordering::Relaxed) - before;
+        let held = counting::live() - before;
         if held < 64 * 1024 {
             break;
         }
