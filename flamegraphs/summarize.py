@@ -34,6 +34,11 @@ LEAF_CATS = [
     ("memcpy / memmove / memset", re.compile(r"(memcpy|memmove|memset)")),
     ("libc syscall wrappers (writev, recv, epoll_wait, syscall)",
      re.compile(r"^(__GI_|__libc_|__pthread|pthread|epoll_wait$|syscall$|__vdso)")),
+    # TLS (wss): ring's AES-GCM / GHASH (asm symbols ring_core_*), then rustls and tokio-rustls
+    # (record layer, buffers). Checked before ringgate/tokio: their frames name tokio traits.
+    ("TLS: ring (AES-GCM seal/open, GHASH)", re.compile(r"^(ring_core_|<?ring::)")),
+    ("TLS: rustls + tokio-rustls (record layer, buffers)", re.compile(r"^<?(rustls::|tokio_rustls::)")),
+    ("ringgate hub (rooms: routing, fan-out, delivery)", re.compile(r"^<?ringgate::hub::")),
     ("ringgate ws (session, reader, frame, outbox)", re.compile(r"ringgate::ws::")),
     ("ringgate runtime::io (UringStream / Conn adapter)", re.compile(r"ringgate::runtime")),
     ("ringgate http::serve (the session is inlined into it) / other", re.compile(r"ringgate::")),
@@ -67,6 +72,25 @@ INCLUSIVE_RE = [
     ("hyper (any frame)", re.compile(r"hyper::")),
     ("alloc::boxed::Box<T>::new", re.compile(r"^alloc::boxed::Box<T>::new$")),
     ("allocator (mimalloc, any frame)", re.compile(r"(MiMalloc|^_?mi_)")),
+]
+# Printed only when non-zero (rooms and TLS frames; not in every profile).
+INCLUSIVE_OPT = [
+    ("rooms: Hub::handle (a publish: route, fan-out to every local subscriber)", re.compile(r"^ringgate::hub::Hub::handle$")),
+    ("  ConnEntry::deliver (queue + wake, per subscriber)", re.compile(r"ConnEntry::deliver$")),
+    ("    Mailbox::push_broadcast", re.compile(r"Mailbox::push_broadcast$")),
+    ("    ConnEntry::wake (tokio task wake)", re.compile(r"ConnEntry::wake$")),
+    ("  Session::take_mail (mailbox -> outbox)", re.compile(r"Session<S,H>::take_mail$")),
+    ("  ConnEntry::register_waker", re.compile(r"ConnEntry::register_waker$")),
+    ("tokio task wake (waker::wake_by_ref, any)", re.compile(r"^tokio::runtime::task::waker::wake_by_ref$")),
+    ("tokio ScheduledIo::poll_readiness (readiness check, no syscall)", re.compile(r"ScheduledIo::poll_readiness$")),
+    ("metrics recording (ringgate::metrics, metrics / metrics_exporter_prometheus crates)", re.compile(r"^<?(metrics(_exporter_prometheus|_util)?|ringgate::metrics)::")),
+    ("ringgate Shard::publish_metrics (once a second)", re.compile(r"publish_metrics$")),
+    ("TLS read: tokio-rustls poll_fill_buf (recv + decrypt)", re.compile(r"^<tokio_rustls::server::TlsStream<IO> as tokio::io::async_buf_read::AsyncBufRead>::poll_fill_buf$")),
+    ("TLS write: tokio-rustls poll_write_vectored (encrypt + writev)", re.compile(r"^<tokio_rustls::(common::Stream<IO,C>|server::TlsStream<IO>) as tokio::io::async_write::AsyncWrite>::poll_write_vectored$")),
+    ("  rustls RecordLayer::decrypt_incoming", re.compile(r"RecordLayer::decrypt_incoming$")),
+    ("  rustls encrypt (CommonState::send_appdata_encrypt)", re.compile(r"send_appdata_encrypt$")),
+    ("  ring AES-GCM + GHASH (any ring frame)", re.compile(r"^(ring_core_|<?ring::)")),
+    ("  rustls ChunkVecBuffer::write_to (records -> writev)", re.compile(r"ChunkVecBuffer::write_to$")),
 ]
 
 
@@ -134,7 +158,7 @@ def main():
             if any(k in f for f in kernel):
                 incl[k] += n
         entries[entry(frames)] += n
-        for name, rx in INCLUSIVE_RE:
+        for name, rx in INCLUSIVE_RE + INCLUSIVE_OPT:
             if any(rx.search(f) for f in frames):
                 incl[name] += n
     pct = lambda c: 100.0 * c / (total or 1)
@@ -153,6 +177,9 @@ def main():
     print("\ninclusive (share of samples with this frame anywhere on the stack):")
     for name in INCLUSIVE + [n for n, _ in INCLUSIVE_RE]:
         print(f"  {pct(incl[name]):5.1f}%  {name}")
+    for name, _ in INCLUSIVE_OPT:
+        if incl[name]:
+            print(f"  {pct(incl[name]):5.1f}%  {name}")
 
 
 if __name__ == "__main__":
