@@ -17,6 +17,7 @@
 #      again; if busy, release it and start over, up to TRIES (5) times, then go ahead anyway
 #      (the load tool logs the other processes' CPU of every run as other_cores).
 set -u
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target-bench/release}
 REPS=${1:-${REPS:-5}}
 CASES=${CASES:-"echo-epoll fanout-epoll echo-uring"}
@@ -56,19 +57,7 @@ PID=
 start() { # IO METRICS
     (ulimit -n 20000; exec taskset -c 0 "$BIN/ringgate" --config "/tmp/bench-metrics-$2.toml" --host 127.0.0.1 --shards 1 --port 8003 --io "$1") >/tmp/bench-metrics-server.log 2>&1 &
     PID=$!
-    for _ in $(seq 50); do
-        (exec 3<>/dev/tcp/127.0.0.1/8003) 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "server did not come up" >&2
-    return 1
-}
-stop() {
-    kill "$PID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$PID" 2>/dev/null
-    wait "$PID" 2>/dev/null
-    PID=
+    up "ringgate --io $1 metrics=$2" 8003
 }
 trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null' EXIT
 
