@@ -12,7 +12,8 @@
 # started with --shards 1 --io $IO on port 8003), CASES ("SUBS:RATE:MESSAGES ...", default
 # "1000:20:200 10000:2:20": 20,000 deliveries/s for 10 s), SIZE (64), DRAIN (20 s), LIMIT (150 s, the load tool's --duration-limit).
 # SERVERS may also name "ringgate-epoll" and "ringgate-uring" (ringgate with that --io) to
-# interleave both backends in one session.
+# interleave both backends in one session; a suffix "-wdSECONDS" sets `[rooms] write_delay`
+# (e.g. "ringgate-epoll-wd0.2").
 #
 # PERF=1: count the server's syscalls (`perf stat -e raw_syscalls:sys_enter -p PID`, all
 # threads) twice per run: "whole" from just after the server is up until 2 s after the load tool
@@ -39,11 +40,12 @@ start() { # NAME
     case $1 in
     node) (ulimit -n 20000; NODE_PATH=$NODE_MODULES exec taskset -c 0 node examples/node_ws_broadcast.js --port 8006) >/tmp/bench-fanout-server.log 2>&1 & PORT=8006 ;;
     tungstenite) (ulimit -n 20000; exec taskset -c 0 "$BIN/examples/tungstenite_broadcast" --port 8007) >/tmp/bench-fanout-server.log 2>&1 & PORT=8007 ;;
-    ringgate | ringgate-epoll | ringgate-uring)
-        local io=$IO
-        case $1 in ringgate-epoll) io=epoll ;; ringgate-uring) io=uring ;; esac
+    ringgate*)
+        local io=$IO wd=0
+        case ${1%-wd*} in ringgate-epoll) io=epoll ;; ringgate-uring) io=uring ;; esac
+        case $1 in *-wd*) wd=${1##*-wd} ;; esac
         # The load tool's publishers go faster than the default per-connection publish limit.
-        printf '[rooms]\npublish_rate = 0\n' >/tmp/bench-fanout-ringgate.toml
+        printf '[rooms]\npublish_rate = 0\nwrite_delay = %s\n' "$wd" >/tmp/bench-fanout-ringgate.toml
         (ulimit -n 20000; exec taskset -c 0 "$BIN/ringgate" --config /tmp/bench-fanout-ringgate.toml --host 127.0.0.1 --shards 1 --port 8003 --io "$io") >/tmp/bench-fanout-server.log 2>&1 & PORT=8003 ;;
     esac
     PID=$!

@@ -30,6 +30,7 @@ both_backends!(
     presence_events_off_by_prefix_and_member_cap,
     slow_consumer_closed_1013_others_get_everything,
     fanout_2000_subscribers_exact_counts,
+    write_delay_holds_room_messages_not_replies,
     every_client_error_keeps_the_connection_open,
     publish_rate_limited,
     subscribe_unsubscribe_cycles_leave_no_rooms,
@@ -1343,6 +1344,50 @@ async fn fanout_2000_subscribers_exact_counts(backend: Backend) {
         delivered += n;
     }
     assert_eq!(delivered, N * SUBSCRIBERS as u64);
+}
+
+/// `[rooms] write_delay`: a room message waits that long before its subscribers' writes start
+/// (so one write carries the whole window), while replies such as acks are not held; nothing
+/// is lost or reordered. Only lower bounds on time are asserted: a slow machine only makes
+/// deliveries later.
+async fn write_delay_holds_room_messages_not_replies(backend: Backend) {
+    const DELAY: Duration = Duration::from_secs(1);
+    const N: u64 = 5;
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\npresence_events = false\nwrite_delay = 1.0\n",
+    );
+    let topic = "held";
+    let mut sub = Client::connect(&server).await;
+    sub.subscribe(topic).await;
+    let mut publisher = Client::connect(&server).await;
+    let first_publish = Instant::now();
+    for i in 1..=N {
+        assert_eq!(publisher.publish(topic, json!(i)).await, i);
+    }
+    let acked = first_publish.elapsed();
+    let m = sub.room_message(topic).await;
+    let held = first_publish.elapsed();
+    assert_eq!(m["seq"], 1, "{m}");
+    // Tokio's timer rounds up to whole milliseconds; allow for that and nothing more.
+    assert!(
+        held >= DELAY - Duration::from_millis(2),
+        "the first message arrived after {held:?}, before the write delay"
+    );
+    assert!(
+        acked < held,
+        "acks ({acked:?}) must not wait for the delay like room messages ({held:?})"
+    );
+    for i in 2..=N {
+        let m = sub.room_message(topic).await;
+        assert_eq!((&m["seq"], &m["data"]), (&json!(i), &json!(i)), "{m}");
+    }
+    // The delay holds each batch, not only the first: the next publish waits again.
+    let again = Instant::now();
+    publisher.publish(topic, json!("next")).await;
+    let m = sub.room_message(topic).await;
+    assert_eq!(m["seq"], N + 1, "{m}");
+    assert!(again.elapsed() >= DELAY - Duration::from_millis(2));
 }
 
 // ---- 7. client errors ----------------------------------------------------------------------

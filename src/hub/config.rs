@@ -35,6 +35,10 @@ pub struct Rooms {
     pub publish_burst: f64,
     /// Bearer key `POST /api/publish` needs; unset = no key (bind to a private address then).
     pub api_key: Option<String>,
+    /// Seconds a room message may wait before its subscribers' writes start, so that each write
+    /// carries the messages of that whole window (CPU for latency at high fan-out); 0 = write
+    /// on the next loop turn.
+    pub write_delay: f64,
 }
 
 impl Default for Rooms {
@@ -53,9 +57,13 @@ impl Default for Rooms {
             publish_rate: 50.0,
             publish_burst: 100.0,
             api_key: None,
+            write_delay: 0.0,
         }
     }
 }
+
+/// Longer than this is an outage, not a delay.
+const MAX_WRITE_DELAY: f64 = 1.0;
 
 impl Rooms {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -85,10 +93,21 @@ impl Rooms {
                 "topic limits must be above 0".into(),
             );
         }
+        if !(0.0..=MAX_WRITE_DELAY).contains(&self.write_delay) {
+            return invalid(
+                "rooms.write_delay",
+                format!("{} is not between 0 and {MAX_WRITE_DELAY} seconds", self.write_delay),
+            );
+        }
         if self.api_key.as_deref() == Some("") {
             return invalid("rooms.api_key", "must not be empty".into());
         }
         Ok(())
+    }
+
+    /// How long room messages wait for their writes, when they wait at all.
+    pub fn write_delay(&self) -> Option<std::time::Duration> {
+        (self.write_delay > 0.0).then(|| std::time::Duration::from_secs_f64(self.write_delay))
     }
 
     /// Whether `topic` emits `join`/`leave` with `members` members.
@@ -136,5 +155,19 @@ mod tests {
             ..Rooms::default()
         };
         assert!(bad.validate().is_err());
+        for wd in [-0.1, 1.5, f64::NAN] {
+            let bad = Rooms {
+                write_delay: wd,
+                ..Rooms::default()
+            };
+            assert!(bad.validate().is_err(), "{wd}");
+        }
+        let ok = Rooms {
+            write_delay: 0.2,
+            ..Rooms::default()
+        };
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.write_delay(), Some(std::time::Duration::from_millis(200)));
+        assert_eq!(Rooms::default().write_delay(), None);
     }
 }

@@ -23,6 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -167,6 +168,10 @@ pub struct Hub {
     subscriptions: usize,
     /// Numbers this shard's subscribe requests.
     requests: u64,
+    /// With `write_delay`: connections holding room messages not yet handed to their session.
+    delayed: Vec<Rc<ConnEntry>>,
+    /// The shard's write-delay task, waiting for `delayed` to fill.
+    delay_waiter: Option<Waker>,
 }
 
 impl Hub {
@@ -195,6 +200,8 @@ impl Hub {
             conns: HashMap::new(),
             subscriptions: 0,
             requests: 0,
+            delayed: Vec::new(),
+            delay_waiter: None,
         }
     }
 
@@ -682,11 +689,41 @@ impl Hub {
             return;
         };
         let msg = &Rc::new(msg);
-        for (_, entry) in list.iter() {
-            entry.send_broadcast(msg, Some(at), self.limit);
+        if self.cfg.write_delay > 0.0 {
+            let was_empty = self.delayed.is_empty();
+            for (_, entry) in list.iter() {
+                if entry.queue_broadcast(msg, Some(at), self.limit) {
+                    self.delayed.push(entry.clone());
+                }
+            }
+            if was_empty && !self.delayed.is_empty() {
+                if let Some(w) = self.delay_waiter.take() {
+                    w.wake();
+                }
+            }
+        } else {
+            for (_, entry) in list.iter() {
+                entry.send_broadcast(msg, Some(at), self.limit);
+            }
         }
         ::metrics::histogram!(m::FANOUT).record(list.len() as f64);
         ::metrics::histogram!(m::PUBLISH_LATENCY).record(at.elapsed().as_secs_f64());
+    }
+
+    /// Ready once a connection holds a delayed room message (`write_delay`).
+    pub fn poll_delayed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.delayed.is_empty() {
+            self.delay_waiter = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// The connections to wake now that their delay is over. A connection that ran meanwhile
+    /// (it wrote what it held) only gets a spare wake-up.
+    pub fn take_delayed(&mut self) -> Vec<Rc<ConnEntry>> {
+        std::mem::take(&mut self.delayed)
     }
 
     /// Once a second: expire history, free idle rooms, publish gauges.

@@ -173,6 +173,23 @@ impl ConnEntry {
         self.deliver(|m| m.push_broadcast(b, published, limit))
     }
 
+    /// [`send_broadcast`](Self::send_broadcast) without the wake-up (`[rooms] write_delay`):
+    /// `true` when the queue was empty, so the caller owes the connection a [`wake`](Self::wake).
+    pub fn queue_broadcast(
+        &self,
+        b: &Rc<Broadcast>,
+        published: Option<Instant>,
+        limit: usize,
+    ) -> bool {
+        match self.mailbox.push_broadcast(b, published, limit) {
+            Ok(first) => first,
+            Err(Full) => {
+                self.slow_consumer();
+                false
+            }
+        }
+    }
+
     fn deliver(&self, push: impl FnOnce(&Mailbox) -> Result<bool, Full>) -> bool {
         match push(&self.mailbox) {
             Ok(first) => {
@@ -182,12 +199,16 @@ impl ConnEntry {
                 true
             }
             Err(Full) => {
-                if self.close.get().is_none() {
-                    metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
-                    self.request_close(SLOW_CONSUMER);
-                }
+                self.slow_consumer();
                 false
             }
+        }
+    }
+
+    fn slow_consumer(&self) {
+        if self.close.get().is_none() {
+            metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
+            self.request_close(SLOW_CONSUMER);
         }
     }
 
@@ -195,7 +216,8 @@ impl ConnEntry {
         self.heartbeat_due.replace(false)
     }
 
-    fn wake(&self) {
+    /// Schedules the connection's task (it then writes what is queued).
+    pub fn wake(&self) {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
         }
@@ -392,6 +414,9 @@ impl Shard {
         if let Some(period) = self.settings.heartbeat {
             tokio::task::spawn_local(heartbeats(self.clone(), period));
         }
+        if let Some(delay) = self.global.config.rooms.write_delay() {
+            tokio::task::spawn_local(delayed_writes(self.clone(), delay));
+        }
         // A closed control channel means the main thread is gone: drain too.
         loop {
             match control.recv().await {
@@ -471,6 +496,19 @@ async fn publish_metrics(shard: Rc<Shard>) {
         tick.tick().await;
         shard.publish_metrics();
         shard.hub.borrow_mut().sweep(std::time::Instant::now());
+    }
+}
+
+/// `[rooms] write_delay`: once a room message is held for a connection, waits the delay, then
+/// wakes every connection holding one. One timer per shard, and none while nothing is held.
+async fn delayed_writes(shard: Rc<Shard>, delay: std::time::Duration) {
+    loop {
+        poll_fn(|cx| shard.hub.borrow_mut().poll_delayed(cx)).await;
+        tokio::time::sleep(delay).await;
+        let due = shard.hub.borrow_mut().take_delayed();
+        for entry in due {
+            entry.wake();
+        }
     }
 }
 
