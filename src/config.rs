@@ -82,6 +82,9 @@ pub struct Config {
     /// A plain listener for operations only (`/metrics`, `/ws/statistics`, health), so the
     /// public port can hide them; e.g. `127.0.0.1:9090`.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Unix socket path on which the running process hands its listening sockets to a new
+    /// one started with the same path (restart without a reset connection); unset = off.
+    pub handover_socket: Option<std::path::PathBuf>,
     /// Record and serve Prometheus metrics.
     pub metrics: bool,
     // ---- agent gateway (`[agent]`, src/agent/config.rs) ----
@@ -187,6 +190,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             compression: Compression::default(),
             admin_listen: None,
+            handover_socket: None,
             metrics: true,
             rooms: crate::hub::config::Rooms::default(),
             auth: crate::auth::AuthConfig::default(),
@@ -226,6 +230,7 @@ pub struct Overrides {
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
     pub tls_self_signed: bool,
+    pub handover_socket: Option<std::path::PathBuf>,
     // ---- agent gateway ----
     /// `--agent-upstream URL` (repeatable); replaces the lower layers' list when given.
     pub agent_upstreams: Vec<String>,
@@ -316,6 +321,9 @@ impl Config {
         }
         if f.tls_self_signed {
             self.tls.self_signed = true;
+        }
+        if f.handover_socket.is_some() {
+            self.handover_socket = f.handover_socket.clone();
         }
         // ---- agent gateway ----
         if !f.agent_upstreams.is_empty() {

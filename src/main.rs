@@ -78,6 +78,10 @@ struct ServeArgs {
     /// Serve TLS with a localhost certificate generated at start (development).
     #[arg(long, conflicts_with = "tls_cert")]
     tls_self_signed: bool,
+    /// Unix socket on which to take the listening sockets from a running ringgate, and then
+    /// offer them to the next one (restart without a reset connection).
+    #[arg(long, value_name = "PATH")]
+    handover_socket: Option<PathBuf>,
     /// Agent gateway upstream base URL (repeatable; replaces [agent] upstreams and
     /// AGENT_UPSTREAM).
     #[arg(long = "agent-upstream", value_name = "URL")]
@@ -105,6 +109,7 @@ impl ServeArgs {
             handshake_timeout: self.handshake_timeout,
             log_format: self.log_format,
             tls_cert: self.tls_cert.clone(),
+            handover_socket: self.handover_socket.clone(),
             tls_key: self.tls_key.clone(),
             tls_self_signed: self.tls_self_signed,
             agent_upstreams: self.agent_upstream.clone(),

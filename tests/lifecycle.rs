@@ -18,6 +18,7 @@ both_backends!(
     check_config_prints_effective_toml,
     check_config_names_unknown_key,
     restart_under_load_loses_no_connection,
+    restart_with_handover_keeps_the_listening_sockets,
 );
 
 /// SIGTERM: every WebSocket gets close 1001, `/readyz` answers 503 while the drain waits for a
@@ -168,62 +169,94 @@ async fn health_check(addr: std::net::SocketAddr) -> bool {
     )
 }
 
+/// Health checks from 4 clients in a loop (at most 5,000 each), counting the answered and the
+/// failed ones, while a test restarts the server under them.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let clients = (0..4)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    for _ in 0..5_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let counter = if health_check(addr).await {
+                            &ok
+                        } else {
+                            &failed
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            clients,
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` requests in all were answered.
+    async fn reach(&self, what: &str, n: usize) {
+        within(what, async {
+            while self.ok() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+
+    /// Stops the clients; returns (answered, failed).
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in self.clients {
+            c.await.expect("load client");
+        }
+        let ok = self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        (ok, self.failed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// A restart under load: a new process starts on the same port (SO_REUSEPORT), the old one
 /// drains on SIGTERM, and clients connecting all along see no failed request. The connections
 /// still queued on the old process's listeners when it closes them move to the new one when
 /// the kernel allows it (`net.ipv4.tcp_migrate_req = 1`, which .ci/run sets); without it they
-/// are reset, and the test then only checks that the new process took over.
+/// are reset, and the test then only checks that the new process took over (the handover test
+/// below needs no sysctl).
 async fn restart_under_load_loses_no_connection(backend: Backend) {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
     let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
         .is_ok_and(|v| v.trim() == "1");
     let mut old = Server::start(backend, &["--drain-timeout", "10"]);
     let addr = old.addr;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            tokio::spawn(async move {
-                // Bounded: at most 5,000 requests per client.
-                for _ in 0..5_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if health_check(addr).await {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    let reach = |n: usize| {
-        let ok = ok.clone();
-        async move {
-            while ok.load(Ordering::Relaxed) < n {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    within("requests before the restart", reach(200)).await;
+    let load = Load::start(addr);
+    load.reach("requests before the restart", 200).await;
 
     let new = Server::start_with_config(backend, &format!("[[listen]]\naddr = \"{addr}\"\n"), &[]);
     assert_eq!(new.addr, addr);
     old.signal(libc::SIGTERM);
     let status = old.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "old process log:\n{}", old.log());
-    let after_exit = ok.load(Ordering::Relaxed);
-    within("requests after the restart", reach(after_exit + 300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    load.reach("requests after the restart", load.ok() + 300)
+        .await;
+    let (ok, failed) = load.finish().await;
     if migrate {
         assert_eq!(
             failed,
@@ -238,4 +271,78 @@ async fn restart_under_load_loses_no_connection(backend: Backend) {
             ok + failed
         );
     }
+}
+
+/// The inodes of the sockets listening on `port` (this network namespace, IPv4 and IPv6).
+fn listening_sockets(port: u16) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // State 0A is LISTEN; field 9 is the inode.
+            if local_port == Some(port) && f.get(3) == Some(&"0A") {
+                if let Some(inode) = f.get(9).and_then(|i| i.parse().ok()) {
+                    out.insert(inode);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// With `handover_socket`, the new process takes the old one's listening sockets over, so the
+/// old one's drain closes nothing and no request fails, whatever the kernel's
+/// `tcp_migrate_req`: the sockets listening after the restart are the very same (same
+/// inodes), plus one more for the new process's third shard.
+async fn restart_with_handover_keeps_the_listening_sockets(backend: Backend) {
+    let path = std::env::temp_dir().join(format!(
+        "ringgate-handover-{}-{}.sock",
+        std::process::id(),
+        backend.log_name()
+    ));
+    let handover = format!("handover_socket = \"{}\"\n", path.display());
+    let mut old = Server::start_with_config(backend, &handover, &["--drain-timeout", "10"]);
+    let addr = old.addr;
+    let before = listening_sockets(addr.port());
+    assert_eq!(before.len(), 2, "one listener per shard: {before:?}");
+    let load = Load::start(addr);
+    load.reach("requests before the restart", 200).await;
+
+    let config = format!("{handover}[[listen]]\naddr = \"{addr}\"\n");
+    let new = Server::start_sharded(backend, 3, &config, &[]);
+    assert_eq!(new.addr, addr);
+    old.signal(libc::SIGTERM);
+    let status = old.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "old process log:\n{}", old.log());
+    load.reach("requests after the restart", load.ok() + 300)
+        .await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across the restart",
+        ok + failed
+    );
+    let after = listening_sockets(addr.port());
+    assert!(
+        before.is_subset(&after) && after.len() == 3,
+        "the old sockets plus one: before {before:?}, after {after:?}\nnew log:\n{}",
+        new.log()
+    );
+    assert!(
+        old.log().contains("handed the listening sockets"),
+        "{}",
+        old.log()
+    );
+    // The new process offers them on the same path for the next restart.
+    assert!(path.exists(), "the successor serves {}", path.display());
+    drop(new);
+    let _ = std::fs::remove_file(&path);
 }

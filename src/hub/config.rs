@@ -96,7 +96,10 @@ impl Rooms {
         if !(0.0..=MAX_WRITE_DELAY).contains(&self.write_delay) {
             return invalid(
                 "rooms.write_delay",
-                format!("{} is not between 0 and {MAX_WRITE_DELAY} seconds", self.write_delay),
+                format!(
+                    "{} is not between 0 and {MAX_WRITE_DELAY} seconds",
+                    self.write_delay
+                ),
             );
         }
         if self.api_key.as_deref() == Some("") {
@@ -167,7 +170,10 @@ mod tests {
             ..Rooms::default()
         };
         assert!(ok.validate().is_ok());
-        assert_eq!(ok.write_delay(), Some(std::time::Duration::from_millis(200)));
+        assert_eq!(
+            ok.write_delay(),
+            Some(std::time::Duration::from_millis(200))
+        );
         assert_eq!(Rooms::default().write_delay(), None);
     }
 }

@@ -13,7 +13,6 @@
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{ready, Context, Poll};
@@ -105,46 +104,47 @@ pub fn block_on<F: Future>(backend: Backend, f: F) -> io::Result<F::Output> {
     }
 }
 
-/// A listening socket on one shard.
-pub enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Uring(tokio_uring::net::TcpListener),
+/// A listening socket on one shard. Both backends accept on readiness (epoll) and wrap the new
+/// socket for their own I/O: accepts are per connection, not per message, and an io_uring
+/// accept in flight would keep the socket busy in the kernel after a drain (stealing a
+/// connection from a successor that took the socket over, see `handover`).
+pub struct Listener {
+    inner: tokio::io::unix::AsyncFd<std::net::TcpListener>,
+    backend: Backend,
 }
 
 impl Listener {
     /// Wraps a bound, listening, non-blocking std listener for the current shard's backend.
     pub fn new(backend: Backend, l: std::net::TcpListener) -> io::Result<Listener> {
-        Ok(match backend {
-            Backend::Uring => Listener::Uring(tokio_uring::net::TcpListener::from_std(l)),
-            Backend::Epoll => Listener::Tcp(tokio::net::TcpListener::from_std(l)?),
-        })
+        // SAFETY: the AsyncFd owns the listener, so its fd stays open and the same for the
+        // AsyncFd's whole life.
+        let inner = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(Listener { inner, backend })
     }
 
     pub async fn accept(&self) -> io::Result<(Conn, SocketAddr)> {
-        let (conn, addr) = match self {
-            Listener::Tcp(l) => {
-                let (s, addr) = l.accept().await?;
-                s.set_nodelay(true)?;
-                (Conn::Tcp(s), addr)
+        let (s, addr) = loop {
+            let mut ready = self.inner.readable().await?;
+            match ready.try_io(|l| l.get_ref().accept()) {
+                Ok(accepted) => break accepted?,
+                Err(_would_block) => continue,
             }
-            Listener::Uring(l) => {
-                let (s, addr) = l.accept().await?;
-                s.set_nodelay(true)?;
-                (Conn::Uring(UringStream::new(s)), addr)
+        };
+        s.set_nodelay(true)?;
+        let conn = match self.backend {
+            Backend::Epoll => {
+                s.set_nonblocking(true)?;
+                Conn::Tcp(tokio::net::TcpStream::from_std(s)?)
+            }
+            // io_uring needs no O_NONBLOCK: it polls a socket that is not ready itself.
+            Backend::Uring => {
+                Conn::Uring(UringStream::new(tokio_uring::net::TcpStream::from_std(s)))
             }
         };
         Ok((conn, addr))
-    }
-
-    /// Stops the listener: a pending accept returns with an error, on either backend (an
-    /// io_uring accept in flight would otherwise keep the socket open until a client arrives).
-    pub fn shutdown(&self) {
-        let fd = match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Uring(l) => l.as_raw_fd(),
-        };
-        // SAFETY: `fd` is a listening socket owned by `self` and still open.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
 }
 

@@ -2,6 +2,7 @@
 //! single-threaded runtime and its own SO_REUSEPORT listener. The main thread only starts the
 //! shards, waits for a signal and coordinates the drain.
 
+pub mod handover;
 pub mod io;
 pub mod listen;
 pub mod shard;
@@ -25,6 +26,8 @@ pub struct Server {
     controls: Vec<mpsc::UnboundedSender<Control>>,
     done: std_mpsc::Receiver<usize>,
     shards: usize,
+    /// Offers the listening sockets to a successor (`handover_socket`).
+    handover: Option<handover::Offer>,
 }
 
 /// Picks the backend for `mode`, saying why.
@@ -77,19 +80,53 @@ impl Server {
             Some(t) => Some(crate::tls::acceptor(&t).context("TLS set-up failed")?),
             None => None,
         };
-        // Every listener is bound once per shard; shard i gets the i-th socket of each.
+        // A running predecessor hands over its listening sockets (restart without loss).
+        let mut inherited = match &config.handover_socket {
+            Some(path) => handover::receive(path)
+                .with_context(|| format!("handover from {} failed", path.display()))?
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        // Every listener is bound once per shard; shard i gets the i-th socket of each (and
+        // inherited sockets beyond the shard count go round the shards).
         let specs = config.listeners();
         let mut per_shard: Vec<Vec<(std::net::TcpListener, Listen)>> =
             (0..shards).map(|_| Vec::new()).collect();
         let mut addrs = Vec::with_capacity(specs.len());
+        let mut offered = Vec::new();
         for spec in &specs {
-            let bound = listen::bind_reuseport(spec.addr, shards, config.backlog)
-                .with_context(|| format!("cannot listen on {}", spec.addr))?;
-            addrs.push((bound[0].local_addr()?, *spec));
-            for (i, l) in bound.into_iter().enumerate() {
-                per_shard[i].push((l, *spec));
+            let mut sockets = handover::take(&mut inherited, spec.addr);
+            if !sockets.is_empty() {
+                tracing::info!(addr = %spec.addr, sockets = sockets.len(), "took over listening sockets");
+            }
+            if sockets.len() < shards {
+                let addr = sockets.first().map_or(Ok(spec.addr), |l| l.local_addr())?;
+                let more = listen::bind_reuseport(addr, shards - sockets.len(), config.backlog)
+                    .with_context(|| format!("cannot listen on {}", spec.addr))?;
+                sockets.extend(more);
+            }
+            addrs.push((sockets[0].local_addr()?, *spec));
+            for (i, l) in sockets.into_iter().enumerate() {
+                if config.handover_socket.is_some() {
+                    offered.push(l.try_clone()?.into());
+                }
+                per_shard[i % shards].push((l, *spec));
             }
         }
+        for l in inherited {
+            tracing::warn!(
+                addr = ?l.local_addr().ok(),
+                "an inherited listening socket is not in this configuration: closed (connections \
+                 queued on it are reset)"
+            );
+        }
+        let handover = match &config.handover_socket {
+            Some(path) => Some(
+                handover::Offer::start(path, offered)
+                    .with_context(|| format!("cannot serve {}", path.display()))?,
+            ),
+            None => None,
+        };
         let (addr, first) = addrs[0];
         let first_tls = first.tls;
         let pin = config.pin_shards && !cores.is_empty();
@@ -151,6 +188,7 @@ impl Server {
             controls,
             done,
             shards,
+            handover,
         })
     }
 
@@ -180,11 +218,17 @@ impl Server {
     pub fn drain(self) -> bool {
         let started = Instant::now();
         self.global.draining.store(true, Ordering::Release);
+        // A successor that took the sockets keeps them open; without one, this copy must go
+        // for the listeners to close.
+        if let Some(h) = &self.handover {
+            h.withdraw();
+        }
         // Closing a SO_REUSEPORT listener resets the connections in its accept queue unless
         // the kernel may move them to another listener of the group (a new ringgate started
-        // on the same port for a restart).
-        if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
-            .is_ok_and(|v| v.trim() == "0")
+        // on the same port for a restart) or a successor took the sockets over.
+        if self.handover.is_none()
+            && std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+                .is_ok_and(|v| v.trim() == "0")
         {
             tracing::info!(
                 "net.ipv4.tcp_migrate_req is 0: connections still queued on this process's \

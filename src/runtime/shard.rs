@@ -432,10 +432,10 @@ impl Shard {
             }
         }
         self.draining.set(true);
-        for l in &listeners {
-            l.shutdown();
-        }
+        // Stop accepting and close this process's copy of the listeners. Never shutdown(2)
+        // them: a successor may accept on the same sockets (handover).
         for a in accepting {
+            a.abort();
             let _ = a.await;
         }
         drop(listeners);
