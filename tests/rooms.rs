@@ -1366,6 +1366,14 @@ async fn write_delay_holds_room_messages_not_replies(backend: Backend) {
         assert_eq!(publisher.publish(topic, json!(i)).await, i);
     }
     let acked = first_publish.elapsed();
+    // The subscriber's own traffic does not end the hold: its pong comes back at once, the
+    // room messages stay held (on io_uring the session also runs when a write completes).
+    sub.ping().await;
+    let early = sub.stash.iter().any(|m| is_room_message(m, topic));
+    assert!(
+        !early || first_publish.elapsed() >= DELAY,
+        "room messages arrived with the pong, before the write delay"
+    );
     let m = sub.room_message(topic).await;
     let held = first_publish.elapsed();
     assert_eq!(m["seq"], 1, "{m}");

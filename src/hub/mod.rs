@@ -720,8 +720,8 @@ impl Hub {
         }
     }
 
-    /// The connections to wake now that their delay is over. A connection that ran meanwhile
-    /// (it wrote what it held) only gets a spare wake-up.
+    /// The connections to release now that their delay is over. One whose hold a reply ended
+    /// meanwhile is skipped.
     pub fn take_delayed(&mut self) -> Vec<Rc<ConnEntry>> {
         std::mem::take(&mut self.delayed)
     }

@@ -173,8 +173,9 @@ impl ConnEntry {
         self.deliver(|m| m.push_broadcast(b, published, limit))
     }
 
-    /// [`send_broadcast`](Self::send_broadcast) without the wake-up (`[rooms] write_delay`):
-    /// `true` when the queue was empty, so the caller owes the connection a [`wake`](Self::wake).
+    /// [`send_broadcast`](Self::send_broadcast) for `[rooms] write_delay`: queued and held, no
+    /// wake-up. `true` when the queue was empty: the caller owes the connection a
+    /// [`release_held`](Self::release_held).
     pub fn queue_broadcast(
         &self,
         b: &Rc<Broadcast>,
@@ -182,7 +183,12 @@ impl ConnEntry {
         limit: usize,
     ) -> bool {
         match self.mailbox.push_broadcast(b, published, limit) {
-            Ok(first) => first,
+            Ok(first) => {
+                if first {
+                    self.mailbox.hold();
+                }
+                first
+            }
             Err(Full) => {
                 self.slow_consumer();
                 false
@@ -190,10 +196,19 @@ impl ConnEntry {
         }
     }
 
+    /// Ends a write-delay hold on what this connection has queued, and wakes it to write.
+    pub fn release_held(&self) {
+        if self.mailbox.release() {
+            self.wake();
+        }
+    }
+
     fn deliver(&self, push: impl FnOnce(&Mailbox) -> Result<bool, Full>) -> bool {
         match push(&self.mailbox) {
             Ok(first) => {
-                if first {
+                // Anything sent directly (a reply) goes out now, with what was held.
+                let held = self.mailbox.release();
+                if first || held {
                     self.wake();
                 }
                 true
@@ -216,8 +231,7 @@ impl ConnEntry {
         self.heartbeat_due.replace(false)
     }
 
-    /// Schedules the connection's task (it then writes what is queued).
-    pub fn wake(&self) {
+    fn wake(&self) {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
         }
@@ -500,14 +514,14 @@ async fn publish_metrics(shard: Rc<Shard>) {
 }
 
 /// `[rooms] write_delay`: once a room message is held for a connection, waits the delay, then
-/// wakes every connection holding one. One timer per shard, and none while nothing is held.
+/// releases every connection holding one. One timer per shard, and none while nothing is held.
 async fn delayed_writes(shard: Rc<Shard>, delay: std::time::Duration) {
     loop {
         poll_fn(|cx| shard.hub.borrow_mut().poll_delayed(cx)).await;
         tokio::time::sleep(delay).await;
         let due = shard.hub.borrow_mut().take_delayed();
         for entry in due {
-            entry.wake();
+            entry.release_held();
         }
     }
 }

@@ -86,6 +86,9 @@ pub struct Mailbox {
     /// When the oldest broadcast not yet written was published: the publish-to-write latency
     /// is sampled once the backlog is written out.
     published: Cell<Option<Instant>>,
+    /// Broadcasts wait here for the shard's write-delay tick (`[rooms] write_delay`): the
+    /// session leaves them, even when it runs for another reason, until released.
+    held: Cell<bool>,
     /// Tasks waiting for the backlog to shrink (agent streams under backpressure): woken each
     /// time the session reports what it has not written, so they never poll on a timer.
     drain_waiters: RefCell<Vec<Waker>>,
@@ -140,6 +143,21 @@ impl Mailbox {
 
     pub fn is_empty(&self) -> bool {
         self.items.borrow().is_empty()
+    }
+
+    /// Whether the session should take what is queued now (something is, and it is not held).
+    pub fn has_mail(&self) -> bool {
+        !self.held.get() && !self.is_empty()
+    }
+
+    /// Keeps what is queued from the session until [`release`](Self::release).
+    pub fn hold(&self) {
+        self.held.set(true);
+    }
+
+    /// Ends a hold; `true` if there was one (the session must then be woken).
+    pub fn release(&self) -> bool {
+        self.held.replace(false)
     }
 
     /// Queues `item` unless that would take the backlog over `limit`. `Ok(true)`: the queue
@@ -200,6 +218,7 @@ impl Mailbox {
         self.items.borrow_mut().clear();
         self.bytes.set(0);
         self.published.set(None);
+        self.held.set(false);
     }
 }
 
@@ -284,6 +303,24 @@ mod tests {
         assert_eq!(m.push_broadcast(&broadcast(b"y"), None, 100), Ok(true));
         m.clear();
         assert_eq!(m.push(text(), 100), Ok(true));
+    }
+
+    #[test]
+    fn held_mail_waits_for_its_release() {
+        let m = Mailbox::default();
+        assert!(!m.has_mail());
+        assert_eq!(m.push_broadcast(&broadcast(b"a"), None, 100), Ok(true));
+        m.hold();
+        assert!(!m.has_mail(), "held: the session leaves it");
+        assert_eq!(m.push_broadcast(&broadcast(b"b"), None, 100), Ok(false));
+        assert!(!m.has_mail());
+        assert!(m.release());
+        assert!(!m.release(), "released once");
+        assert!(m.has_mail());
+        assert_eq!(drained(&m).len(), 2);
+        m.hold();
+        m.clear();
+        assert!(!m.release(), "clear ends a hold");
     }
 
     #[test]

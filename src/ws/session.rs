@@ -319,7 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
     }
 
     fn take_mail(&mut self) {
-        if self.entry.mailbox.is_empty() {
+        if !self.entry.mailbox.has_mail() {
             return;
         }
         Sink {
@@ -478,7 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
                 let res = handler.on_message(msg, &mut sink);
                 // What the handler sent through the shard (e.g. a reply from a room homed
                 // here) goes out in order with what it wrote directly.
-                if !entry.mailbox.is_empty() {
+                if entry.mailbox.has_mail() {
                     sink.take_mail(&entry.mailbox);
                 }
                 res
