@@ -235,6 +235,23 @@ impl Load {
     }
 }
 
+/// Under `load`: starts the successor on the same address, SIGTERMs `old`, waits for it to exit
+/// 0 and for 300 more answered requests. Returns the successor and (answered, failed).
+async fn restart(
+    load: Load,
+    old: &mut Server,
+    start_new: impl FnOnce() -> Server,
+) -> (Server, (usize, usize)) {
+    let new = start_new();
+    assert_eq!(new.addr, old.addr);
+    old.signal(libc::SIGTERM);
+    let status = old.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "old process log:\n{}", old.log());
+    load.reach("requests after the restart", load.ok() + 300)
+        .await;
+    (new, load.finish().await)
+}
+
 /// A restart under load: a new process starts on the same port (SO_REUSEPORT), the old one
 /// drains on SIGTERM, and clients connecting all along see no failed request. The connections
 /// still queued on the old process's listeners when it closes them move to the new one when
@@ -249,14 +266,11 @@ async fn restart_under_load_loses_no_connection(backend: Backend) {
     let load = Load::start(addr);
     load.reach("requests before the restart", 200).await;
 
-    let new = Server::start_with_config(backend, &format!("[[listen]]\naddr = \"{addr}\"\n"), &[]);
-    assert_eq!(new.addr, addr);
-    old.signal(libc::SIGTERM);
-    let status = old.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(0), "old process log:\n{}", old.log());
-    load.reach("requests after the restart", load.ok() + 300)
-        .await;
-    let (ok, failed) = load.finish().await;
+    let config = format!("[[listen]]\naddr = \"{addr}\"\n");
+    let (_new, (ok, failed)) = restart(load, &mut old, || {
+        Server::start_with_config(backend, &config, &[])
+    })
+    .await;
     if migrate {
         assert_eq!(
             failed,
@@ -316,14 +330,10 @@ async fn restart_with_handover_keeps_the_listening_sockets(backend: Backend) {
     load.reach("requests before the restart", 200).await;
 
     let config = format!("{handover}[[listen]]\naddr = \"{addr}\"\n");
-    let new = Server::start_sharded(backend, 3, &config, &[]);
-    assert_eq!(new.addr, addr);
-    old.signal(libc::SIGTERM);
-    let status = old.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(0), "old process log:\n{}", old.log());
-    load.reach("requests after the restart", load.ok() + 300)
-        .await;
-    let (ok, failed) = load.finish().await;
+    let (new, (ok, failed)) = restart(load, &mut old, || {
+        Server::start_sharded(backend, 3, &config, &[])
+    })
+    .await;
     assert_eq!(
         failed,
         0,
