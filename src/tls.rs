@@ -248,6 +248,20 @@ impl AsyncWrite for Stream {
     }
 }
 
+impl crate::ws::outbox::WriteOutbox for Stream {
+    fn poll_write_outbox(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut crate::ws::outbox::Outbox,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Stream::Plain(s) => s.poll_write_outbox(cx, out),
+            // rustls copies into records anyway.
+            Stream::Tls(s) => crate::ws::outbox::write_slices(s, cx, out),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

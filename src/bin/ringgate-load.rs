@@ -284,6 +284,10 @@ struct FanoutArgs {
     /// Server process to measure: CPU time from the first publish to the last delivery.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// After the drain, keep every connection open this many seconds and report the server's
+    /// VmRSS before and after (needs --server-pid): what connections keep once traffic stops.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
 }
 
 fn main() -> ExitCode {
@@ -2383,6 +2387,14 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
             "{name} must be in (0, {MAX_SECONDS}]"
         );
     }
+    ensure!(
+        (0.0..=MAX_SECONDS).contains(&a.hold),
+        "--hold must be in [0, {MAX_SECONDS}]"
+    );
+    ensure!(
+        a.hold == 0.0 || a.server_pid.is_some(),
+        "--hold reports the server's memory: give --server-pid"
+    );
     let nofile = raise_nofile();
     let conns = a.subscribers + a.publishers;
     ensure!(
@@ -2536,6 +2548,14 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / clock_ticks_per_sec()),
         _ => None,
     };
+    let held = match a.server_pid {
+        Some(pid) if a.hold > 0.0 => {
+            let drained = proc_rss(pid)?;
+            tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+            Some((drained, proc_rss(pid)?))
+        }
+        _ => None,
+    };
     let _ = stop_tx.send(true);
     while let Ok(Some(r)) =
         tokio::time::timeout(Duration::from_secs(5), sub_tasks.join_next()).await
@@ -2619,6 +2639,14 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
             " other_cores={:.2}",
             (m - server_s - client_cpu).max(0.0) / elapsed
         );
+    }
+    if let Some((drained, end)) = held {
+        println!(
+            "server rss: {drained} B after the drain, {end} B after holding every connection \
+             open {:.0} s",
+            a.hold
+        );
+        let _ = write!(kv, " rss_drained={drained} rss_held={end}");
     }
     println!("{kv}");
 

@@ -17,8 +17,10 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_uring::buf::BoundedBuf;
+
+use crate::ws::outbox::{write_slices, Outbox, WriteOutbox, MAX_IOVECS};
 
 /// The backend a shard runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,13 +224,12 @@ impl AsyncWrite for Conn {
 }
 
 type OpFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, Vec<u8>)>>>;
+type WriteFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, Vec<Bytes>)>>>;
 
 /// Smallest and largest read buffer. A connection starts small (idle connections are cheap)
 /// and grows while reads fill the buffer, shrinking again when they don't.
 const READ_MIN: usize = 512;
 const READ_MAX: usize = 64 * 1024;
-/// Write buffers above this are not kept after their write completes.
-const WRITE_KEEP: usize = 16 * 1024;
 
 enum ReadState {
     Idle(Vec<u8>),
@@ -238,9 +239,10 @@ enum ReadState {
 }
 
 enum WriteState {
-    Idle(Vec<u8>),
-    /// A write of `buf[from..]` in flight.
-    InFlight(OpFuture, usize),
+    /// No write in flight; the (empty) list is reused for the next one.
+    Idle(Vec<Bytes>),
+    /// A `writev` of these chunks in flight: they are the write's buffers until it completes.
+    InFlight(WriteFuture),
 }
 
 /// A tokio-uring socket adapted to `AsyncRead`/`AsyncWrite` (see the module docs).
@@ -310,20 +312,20 @@ impl UringStream {
 
     /// Drives the write in flight, if any, to completion (resubmitting short writes).
     fn poll_write_done(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while let WriteState::InFlight(op, from) = &mut self.write {
-            let (res, mut buf) = ready!(op.as_mut().poll(cx));
-            let from = *from;
+        while let WriteState::InFlight(op) = &mut self.write {
+            let (res, mut chunks) = ready!(op.as_mut().poll(cx));
             match res {
                 Ok(0) => {
                     self.write = WriteState::Idle(Vec::new());
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                Ok(n) if from + n < buf.len() => self.submit_write(buf, from + n),
-                Ok(_) => {
-                    if buf.capacity() > WRITE_KEEP {
-                        buf = Vec::new();
+                Ok(n) => {
+                    consume(&mut chunks, n);
+                    if chunks.is_empty() {
+                        self.write = WriteState::Idle(chunks);
+                    } else {
+                        self.submit(chunks);
                     }
-                    self.write = WriteState::Idle(buf);
                 }
                 Err(e) => {
                     self.write = WriteState::Idle(Vec::new());
@@ -334,36 +336,61 @@ impl UringStream {
         Poll::Ready(Ok(()))
     }
 
-    fn submit_write(&mut self, buf: Vec<u8>, from: usize) {
+    fn submit(&mut self, chunks: Vec<Bytes>) {
         let sock = self.sock.clone();
-        let op = Box::pin(async move {
-            let (res, slice) = sock.write(buf.slice(from..)).submit().await;
-            (res, slice.into_inner())
-        });
-        self.write = WriteState::InFlight(op, from);
+        self.write = WriteState::InFlight(Box::pin(async move { sock.writev(chunks).await }));
     }
 
+    /// Once the previous write is done, submits the chunks `fill` adds (returning their
+    /// length) as one `writev`. The write completes later (write-behind): its bytes count as
+    /// written now, an error shows at the next write or flush.
+    fn start_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        fill: impl FnOnce(&mut Vec<Bytes>) -> usize,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_write_done(cx))?;
+        let WriteState::Idle(chunks) = &mut self.write else {
+            unreachable!("poll_write_done leaves the writer idle")
+        };
+        let mut chunks = std::mem::take(chunks);
+        chunks.clear();
+        let n = fill(&mut chunks);
+        if n == 0 {
+            self.write = WriteState::Idle(chunks);
+        } else {
+            self.submit(chunks);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Borrowed bytes (HTTP, TLS records) are copied: the kernel reads them after we return.
     fn poll_write_vectored(
         &mut self,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.poll_write_done(cx))?;
-        let WriteState::Idle(buf) = &mut self.write else {
-            unreachable!("poll_write_done leaves the writer idle")
-        };
-        let mut buf = std::mem::take(buf);
-        buf.clear();
-        for b in bufs {
-            buf.extend_from_slice(b);
-        }
-        let n = buf.len();
-        if n == 0 {
-            self.write = WriteState::Idle(buf);
-            return Poll::Ready(Ok(0));
-        }
-        self.submit_write(buf, 0);
-        Poll::Ready(Ok(n))
+        self.start_write(cx, |chunks| {
+            let n = bufs.iter().map(|b| b.len()).sum();
+            if n > 0 {
+                let mut copy = BytesMut::with_capacity(n);
+                for b in bufs {
+                    copy.extend_from_slice(b);
+                }
+                chunks.push(copy.freeze());
+            }
+            n
+        })
+    }
+
+    /// An outbox's chunks go to the kernel as they are: a broadcast frame shared by 10,000
+    /// connections is never copied per connection.
+    fn poll_write_outbox(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Outbox,
+    ) -> Poll<io::Result<usize>> {
+        self.start_write(cx, |chunks| out.take_chunks(chunks, MAX_IOVECS))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -376,6 +403,33 @@ impl UringStream {
     }
 }
 
+/// Drops the first `n` bytes of `chunks` (what a short write took).
+fn consume(chunks: &mut Vec<Bytes>, mut n: usize) {
+    let mut done = 0;
+    for c in chunks.iter_mut() {
+        if n < c.len() {
+            c.advance(n);
+            break;
+        }
+        n -= c.len();
+        done += 1;
+    }
+    chunks.drain(..done);
+}
+
+impl WriteOutbox for Conn {
+    fn poll_write_outbox(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Outbox,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Conn::Tcp(s) => write_slices(s, cx, out),
+            Conn::Uring(s) => s.poll_write_outbox(cx, out),
+        }
+    }
+}
+
 impl Drop for UringStream {
     fn drop(&mut self) {
         // A read in flight holds a reference to the socket in the kernel, so closing the fd
@@ -383,5 +437,25 @@ impl Drop for UringStream {
         if matches!(self.read, ReadState::InFlight(_)) {
             let _ = self.sock.shutdown(Shutdown::Both);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_write_leaves_the_rest_in_order() {
+        let mut chunks = vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"de"),
+            Bytes::from_static(b"fgh"),
+        ];
+        consume(&mut chunks, 4);
+        assert_eq!(chunks, [&b"e"[..], &b"fgh"[..]]);
+        consume(&mut chunks, 1);
+        assert_eq!(chunks, [&b"fgh"[..]]);
+        consume(&mut chunks, 3);
+        assert!(chunks.is_empty());
     }
 }

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 
 use crate::auth::Identity;
 use crate::runtime::shard::{ConnEntry, Shard};
@@ -63,7 +63,7 @@ impl Endpoint {
 ///
 /// Each endpoint's session is a different type, so the future is boxed: one allocation per
 /// connection, and the connection's task stays small whichever endpoint it serves.
-pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
+pub fn serve<'a, S: AsyncRead + outbox::WriteOutbox + 'a>(
     endpoint: Endpoint,
     io: S,
     early: Bytes,

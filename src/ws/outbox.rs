@@ -6,8 +6,12 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::AsyncWrite;
 
 use super::mailbox::{Broadcast, Takes};
 
@@ -176,6 +180,36 @@ impl Outbox {
         }
     }
 
+    /// Moves the chunks to write next (at most `max`, the tail last) into `into`, as if
+    /// written: an io_uring write takes them along instead of copying their bytes. Returns
+    /// their length.
+    pub fn take_chunks(&mut self, into: &mut Vec<Bytes>, max: usize) -> usize {
+        let mut n = 0;
+        while into.len() < max {
+            let Some(c) = self.chunks.pop_front() else {
+                break;
+            };
+            let b = match c {
+                Chunk::Own(b) => b,
+                Chunk::Shared { b, takes, at } => b
+                    .frame_for(takes)
+                    .map_or_else(Bytes::new, |f| f.slice(at.min(f.len())..)),
+            };
+            if !b.is_empty() {
+                n += b.len();
+                into.push(b);
+            }
+        }
+        if self.chunks.is_empty() && into.len() < max && !self.tail.is_empty() {
+            let t = self.tail.split().freeze();
+            n += t.len();
+            into.push(t);
+        }
+        self.queued -= n;
+        self.front_written = 0;
+        n
+    }
+
     /// Drops every frame not yet started, keeping the rest of a partly written one so the
     /// stream stays well-formed (a slow consumer's backlog before its close frame).
     pub fn discard_unsent(&mut self) {
@@ -202,6 +236,41 @@ impl Outbox {
             self.chunks = VecDeque::new();
         }
     }
+}
+
+/// Where a session writes its outbox. The default hands the outbox's slices to one vectored
+/// write; io_uring overrides it to take the chunks themselves along (its writes complete later,
+/// so borrowed slices would have to be copied).
+pub trait WriteOutbox: AsyncWrite + Unpin {
+    /// Writes from the front of `out` and drops what was written from it; returns how much.
+    fn poll_write_outbox(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Outbox,
+    ) -> Poll<io::Result<usize>> {
+        write_slices(self, cx, out)
+    }
+}
+
+impl<S: WriteOutbox + ?Sized> WriteOutbox for &mut S {
+    fn poll_write_outbox(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Outbox,
+    ) -> Poll<io::Result<usize>> {
+        (**self).poll_write_outbox(cx, out)
+    }
+}
+
+/// [`WriteOutbox`]'s default: one vectored write of the outbox's slices.
+pub fn write_slices<S: AsyncWrite + Unpin + ?Sized>(
+    io: &mut S,
+    cx: &mut Context<'_>,
+    out: &mut Outbox,
+) -> Poll<io::Result<usize>> {
+    let n = ready!(out.with_slices(|s| Pin::new(&mut *io).poll_write_vectored(cx, s)))?;
+    out.advance(n);
+    Poll::Ready(Ok(n))
 }
 
 #[cfg(test)]
@@ -275,6 +344,44 @@ mod tests {
         o.shared(shared(b"SECOND"), Takes::Plain);
         o.discard_unsent();
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn taking_chunks_hands_over_the_shared_bytes_in_order() {
+        let frame = Bytes::from_static(b"SHARED");
+        let b = Rc::new(Broadcast {
+            frame: frame.clone(),
+            deflated: None,
+        });
+        let mut o = Outbox::default();
+        o.frame(OpCode::Text, b"a");
+        o.shared(b.clone(), Takes::Plain);
+        o.frame(OpCode::Text, b"b");
+        o.advance(4); // "\x81\x01a" and "S": a short write went before
+        let mut chunks = Vec::new();
+        assert_eq!(o.take_chunks(&mut chunks, MAX_IOVECS), 8);
+        let got: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(got, b"HARED\x81\x01b");
+        assert_eq!(
+            chunks[0].as_ptr(),
+            frame[1..].as_ptr(),
+            "the shared frame is not copied"
+        );
+        assert!(o.is_empty());
+        assert_eq!(
+            Rc::strong_count(&b),
+            1,
+            "the outbox let go of the broadcast"
+        );
+        // At most `max` chunks: the rest stays queued, in order.
+        o.shared(shared(b"ONE"), Takes::Plain);
+        o.shared(shared(b"TWO"), Takes::Plain);
+        o.frame(OpCode::Text, b"c");
+        let mut chunks = Vec::new();
+        assert_eq!(o.take_chunks(&mut chunks, 1), 3);
+        assert_eq!(&chunks[0][..], b"ONE");
+        assert_eq!(o.queued(), 6);
+        assert_eq!(written(&o), b"TWO\x81\x01c");
     }
 
     #[test]

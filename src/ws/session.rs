@@ -14,14 +14,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::close::CloseCode;
 use super::deflate::{ConnDeflate, InflateError, Params, Tuning};
 use super::frame::OpCode;
 use super::mailbox::{Mailbox, Outgoing, Takes};
-use super::outbox::Outbox;
+use super::outbox::{Outbox, WriteOutbox};
 use super::reader::{Event, Flow, ReadError, Reader};
 use crate::metrics::Traffic;
 use crate::runtime::shard::ConnEntry;
@@ -173,7 +173,7 @@ pub fn run<'a, S, H>(
     traffic: &'a Traffic,
 ) -> impl Future<Output = Summary> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin + 'a,
+    S: AsyncRead + WriteOutbox + 'a,
     H: Handler + 'a,
 {
     let mut s = Session {
@@ -262,7 +262,7 @@ fn inflate(
     Ok(plain)
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
+impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.entry.register_waker(cx.waker());
         if self.phase == Phase::Open {
@@ -578,15 +578,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Session<'_, S, H> {
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while !self.out.is_empty() {
-            let io = &mut self.io;
-            let res = self
-                .out
-                .with_slices(|slices| Pin::new(io).poll_write_vectored(cx, slices));
-            match res {
+            match self.io.poll_write_outbox(cx, &mut self.out) {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
-                    self.out.advance(n);
                     self.summary.bytes_out += n as u64;
                     Traffic::add(&self.traffic.bytes_out, n as u64);
                     self.unflushed = true;
@@ -630,6 +625,7 @@ mod tests {
     use crate::runtime::shard::{Global, Shard};
     use crate::ws::frame::write_masked_frame;
     use std::sync::Arc;
+    use tokio::io::AsyncWrite;
 
     /// A client that delivers `input` in `chunk`-byte reads, records what the server writes,
     /// and counts how many initialised bytes each read was offered.
@@ -658,6 +654,8 @@ mod tests {
             Poll::Ready(Ok(()))
         }
     }
+
+    impl WriteOutbox for Mock {}
 
     impl AsyncWrite for Mock {
         fn poll_write(
