@@ -6,9 +6,10 @@
 //! backend they run on.
 //!
 //! io_uring works on owned buffers, so [`UringStream`] adapts: reads complete into a buffer it
-//! owns and are copied out; writes are copied in and submitted at once ("write-behind", like a
-//! `BufWriter`), so all the writes a shard makes in one loop turn reach the kernel in one
-//! `io_uring_enter` when the runtime parks.
+//! owns and are copied out; writes are submitted at once ("write-behind") as a `writev` of
+//! owned `Bytes`, so all the writes a shard makes in one loop turn reach the kernel in one
+//! `io_uring_enter` when the runtime parks. A session's outbox hands over its chunks as they
+//! are ([`WriteOutbox`]); borrowed slices (`AsyncWrite`) are copied.
 
 use std::future::Future;
 use std::io;

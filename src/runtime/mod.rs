@@ -80,7 +80,9 @@ impl Server {
             Some(t) => Some(crate::tls::acceptor(&t).context("TLS set-up failed")?),
             None => None,
         };
-        // A running predecessor hands over its listening sockets (restart without loss).
+        let auth = crate::auth::Verifier::from_config(&config.auth)?;
+        // A running predecessor hands over its listening sockets (restart without loss). Every
+        // check that can fail comes before: a successor that takes the sockets must start.
         let mut inherited = match &config.handover_socket {
             Some(path) => handover::receive(path)
                 .with_context(|| format!("handover from {} failed", path.display()))?
@@ -130,7 +132,6 @@ impl Server {
         let (addr, first) = addrs[0];
         let first_tls = first.tls;
         let pin = config.pin_shards && !cores.is_empty();
-        let auth = crate::auth::Verifier::from_config(&config.auth)?;
         let mut global = Global::new(config, backend);
         global.auth = auth;
         if global.config.metrics {
