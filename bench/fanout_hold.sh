@@ -8,6 +8,7 @@
 #
 #   BIN=target/release bash bench/fanout_hold.sh uring 0.2 1000
 set -u
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release}
 IO=${1:-uring}
 WD=${2:-0}
@@ -19,7 +20,7 @@ taskset -c 0 "$BIN/ringgate" --config /tmp/ringgate-hold.toml --host 127.0.0.1 -
     --port "$PORT" --io "$IO" --heartbeat-interval 5 >/tmp/ringgate-hold-server.log 2>&1 &
 PID=$!
 trap 'kill "$PID" 2>/dev/null' EXIT
-sleep 1
+up ringgate "$PORT" || exit 1
 taskset -c 1 "$BIN/ringgate-load" fanout --url "ws://127.0.0.1:$PORT/ws" --subscribers 10000 \
     --rate 50 --messages 60 --size "$SIZE" --drain 20 --duration-limit 90 --server-pid "$PID" \
     --hold 16 | grep '^RESULT' |

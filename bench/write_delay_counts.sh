@@ -7,6 +7,7 @@
 #
 #   BIN=target/release bash bench/write_delay_counts.sh uring 0.2
 set -u
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release}
 IO=${1:-uring}
 WD=${2:-0.2}
@@ -17,7 +18,7 @@ taskset -c 0 "$BIN/ringgate" --config /tmp/ringgate-wd-counts.toml --host 127.0.
     --port "$PORT" --io "$IO" >/tmp/ringgate-wd-counts-server.log 2>&1 &
 PID=$!
 trap 'kill "$PID" 2>/dev/null' EXIT
-sleep 1
+up ringgate "$PORT" || exit 1
 taskset -c 1 "$BIN/ringgate-load" fanout --url "ws://127.0.0.1:$PORT/ws" --subscribers 10000 \
     --rate 50 --messages 300 --drain 20 --duration-limit 60 >/tmp/ringgate-wd-counts-load.log 2>&1 &
 LP=$!

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -172,18 +174,17 @@ async fn health_check(addr: std::net::SocketAddr) -> bool {
 /// Health checks from 4 clients in a loop (at most 5,000 each), counting the answered and the
 /// failed ones, while a test restarts the server under them.
 struct Load {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
     clients: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Load {
     fn start(addr: std::net::SocketAddr) -> Load {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
         let clients = (0..4)
             .map(|_| {
                 let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
@@ -211,7 +212,7 @@ impl Load {
     }
 
     fn ok(&self) -> usize {
-        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+        self.ok.load(Ordering::Relaxed)
     }
 
     /// Waits until `n` requests in all were answered.
@@ -226,12 +227,12 @@ impl Load {
 
     /// Stops the clients; returns (answered, failed).
     async fn finish(self) -> (usize, usize) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         for c in self.clients {
             c.await.expect("load client");
         }
-        let ok = self.ok.load(std::sync::atomic::Ordering::Relaxed);
-        (ok, self.failed.load(std::sync::atomic::Ordering::Relaxed))
+        let ok = self.ok.load(Ordering::Relaxed);
+        (ok, self.failed.load(Ordering::Relaxed))
     }
 }
 

@@ -51,6 +51,16 @@ impl Chunk {
             Chunk::Shared { at, .. } => *at += n,
         }
     }
+
+    /// What [`bytes`](Self::bytes) returns, as a handle on the same memory.
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Chunk::Own(b) => b,
+            Chunk::Shared { b, takes, at } => b
+                .frame_for(takes)
+                .map_or_else(Bytes::new, |f| f.slice(at.min(f.len())..)),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -189,12 +199,7 @@ impl Outbox {
             let Some(c) = self.chunks.pop_front() else {
                 break;
             };
-            let b = match c {
-                Chunk::Own(b) => b,
-                Chunk::Shared { b, takes, at } => b
-                    .frame_for(takes)
-                    .map_or_else(Bytes::new, |f| f.slice(at.min(f.len())..)),
-            };
+            let b = c.into_bytes();
             if !b.is_empty() {
                 n += b.len();
                 into.push(b);
