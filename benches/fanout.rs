@@ -17,11 +17,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringgate::config::Config;
-use ringgate::hub::conn::RoomConn;
-use ringgate::hub::{HubMsg, Reply};
-use ringgate::runtime::io::Backend;
-use ringgate::runtime::shard::{Global, Registration, Shard};
+use ringgate::io::Backend;
+use ringgate::rooms::conn::RoomConn;
+use ringgate::rooms::{HubMsg, Reply};
+use ringgate::server::config::Config;
+use ringgate::server::shard::{Global, Registration, Shard};
 use ringgate::ws::frame::OpCode;
 use ringgate::ws::mailbox::{Outgoing, Takes};
 use ringgate::ws::outbox::{Outbox, MAX_IOVECS};
@@ -106,7 +106,7 @@ fn fanout(c: &mut Criterion) {
                 black_box(total)
             })
         });
-        let payload = ringgate::hub::proto::room_message("message", "bench", 1, DATA, None);
+        let payload = ringgate::rooms::proto::room_message("message", "bench", 1, DATA, None);
         let mut outboxes: Vec<Outbox> = (0..n).map(|_| Outbox::default()).collect();
         g.bench_with_input(BenchmarkId::new("per_subscriber", n), &n, |b, _| {
             b.iter(|| {

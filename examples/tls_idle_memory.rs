@@ -116,7 +116,7 @@ fn main() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let d = ringgate::tls::dev_cert().expect("dev cert");
+    let d = ringgate::io::tls::dev_cert().expect("dev cert");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(d.cert_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -245,8 +245,8 @@ fn main() {
     );
     println!(
         "sizes: ServerConnection {size_server} B, tokio_rustls::server::TlsStream<TcpStream> {} B, \
-         ringgate::tls::Stream {} B",
+         ringgate::io::tls::Stream {} B",
         std::mem::size_of::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>(),
-        std::mem::size_of::<ringgate::tls::Stream>()
+        std::mem::size_of::<ringgate::io::tls::Stream>()
     );
 }

@@ -11,7 +11,7 @@ use http::{header, HeaderMap, Uri};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// The `[auth]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

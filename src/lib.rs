@@ -1,20 +1,28 @@
 //! ringgate: a thread-per-core io_uring edge proxy for realtime traffic.
 //!
-//! Layers, bottom up: [`runtime`] (shards, listeners, the io_uring/epoll backends), [`http`]
-//! (hyper, routing, upgrades), [`ws`] (RFC 6455 frames, handshake, sessions). Protocol logic
-//! lives in plain types (`ws::frame`, `ws::reader`, `ws::handshake`, `config`) with unit tests
-//! and no sockets; the I/O modules stay thin.
+//! Layers, bottom up; a module imports only from its own layer's foundations and the layers
+//! below it (`tests/layers.rs` checks this):
+//! 1. foundation: [`error`], [`codes`], [`metrics`], [`ratelimit`], [`payload`];
+//! 2. protocol cores, plain types driven by bytes and time: [`ws`], [`auth`];
+//! 3. I/O: [`io`] (backends, the stream type, TLS, listeners, handover); knows no endpoint;
+//! 4. endpoints: [`rooms`], [`agent`], [`echo`];
+//! 5. the server: [`server`] (config assembly, shards, HTTP routing, lifecycle).
+//!
+//! See docs/ARCHITECTURE.md.
 
-pub mod agent;
-pub mod auth;
 pub mod codes;
-pub mod config;
-pub mod http;
-pub mod hub;
-pub mod limits;
-pub mod logging;
+pub mod error;
 pub mod metrics;
 pub mod payload;
-pub mod runtime;
-pub mod tls;
+pub mod ratelimit;
+
+pub mod auth;
 pub mod ws;
+
+pub mod io;
+
+pub mod agent;
+pub mod echo;
+pub mod rooms;
+
+pub mod server;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use ringgate::config::{Config, IoMode, LogFormat, Overrides};
-use ringgate::runtime::{raise_nofile_limit, Server};
+use ringgate::server::config::{Config, IoMode, LogFormat, Overrides};
+use ringgate::server::{raise_nofile_limit, Server};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -156,7 +156,7 @@ fn main() -> ExitCode {
 
 fn write_dev_cert(dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let d = ringgate::tls::dev_cert()?;
+    let d = ringgate::io::tls::dev_cert()?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for (name, pem) in [
         ("ca.pem", &d.ca_pem),
@@ -177,7 +177,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ringgate::logging::init(config.log_format);
+    ringgate::server::logging::init(config.log_format);
     match raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),

@@ -1026,7 +1026,7 @@ async fn h2c_prior_knowledge(backend: Backend) {
 async fn https_upstream_h2_by_alpn(backend: Backend) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let dev = ringgate::tls::dev_cert().expect("dev cert");
+    let dev = ringgate::io::tls::dev_cert().expect("dev cert");
     let chain: Vec<CertificateDer> = CertificateDer::pem_slice_iter(dev.cert_pem.as_bytes())
         .collect::<Result<_, _>>()
         .unwrap();

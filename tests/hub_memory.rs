@@ -6,11 +6,11 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use ringgate::config::Config;
-use ringgate::hub::conn::RoomConn;
-use ringgate::hub::{HubMsg, Reply};
-use ringgate::runtime::io::Backend;
-use ringgate::runtime::shard::{Global, Shard};
+use ringgate::io::Backend;
+use ringgate::rooms::conn::RoomConn;
+use ringgate::rooms::{HubMsg, Reply};
+use ringgate::server::config::Config;
+use ringgate::server::shard::{Global, Shard};
 
 mod counting;
 

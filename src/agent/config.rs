@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// How requests are spread over several base URLs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -295,7 +295,6 @@ fn check_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     #[test]
     fn base_urls() {
@@ -318,63 +317,6 @@ mod tests {
         ] {
             assert!(BaseUrl::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn both_upstream_forms_parse_and_render_back() {
-        let c = Config::from_toml(
-            r#"
-            [agent]
-            balance = "least_outstanding"
-            headers = { Authorization = { env = "KEY", prefix = "Bearer " } }
-            upstreams = [
-              "http://127.0.0.1:1",
-              { url = "http://127.0.0.1:2", http2 = "prior_knowledge", headers = { "X-A" = "b" } },
-            ]
-            "#,
-        )
-        .unwrap();
-        c.validate().unwrap();
-        assert_eq!(c.agent.balance, Balance::LeastOutstanding);
-        assert_eq!(c.agent.upstreams.len(), 2);
-        assert!(
-            matches!(&c.agent.upstreams[1], UpstreamEntry::Table(t) if t.http2 == Some(Http2::PriorKnowledge))
-        );
-        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
-    }
-
-    #[test]
-    fn bad_values_name_the_key() {
-        for (toml, key) in [
-            ("[agent]\nupstreams = [\"ftp://x\"]", "agent.upstreams"),
-            ("[agent]\nidle_timeout = 0", "agent.idle_timeout"),
-            (
-                "[agent]\nheaders = { \"bad name\" = \"x\" }",
-                "agent.headers",
-            ),
-            ("[agent]\ntool_path = \"tools\"", "agent.tool_path"),
-        ] {
-            let c = Config::from_toml(toml).unwrap();
-            match c.validate() {
-                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
-                other => panic!("{toml}: {other:?}"),
-            }
-        }
-        let err = Config::from_toml("[agent]\nupstream = []").unwrap_err();
-        assert!(err.contains("upstream"), "{err}");
-    }
-
-    #[test]
-    fn readme_example_parses() {
-        let readme = include_str!("../../README.md");
-        let start = readme
-            .find("```toml\n[agent]\n")
-            .expect("README has an [agent] example")
-            + 8;
-        let end = start + readme[start..].find("```").expect("closed block");
-        let c = Config::from_toml(&readme[start..end]).unwrap();
-        c.validate().unwrap();
-        assert_eq!(c.agent.upstreams.len(), 2);
     }
 
     #[test]

@@ -23,9 +23,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::runtime::shard::{ConnEntry, Shard};
+use crate::io::Backend;
+use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::Outgoing;
 use crate::ws::session::{Close, Handler, Message, Sink};
+use config::AgentConfig;
 use protocol::{Code, Id, Query, Request};
 use upstream::{Gateway, Kind, Outbound, Response, UpstreamError};
 
@@ -35,23 +37,19 @@ use upstream::{Gateway, Kind, Outbound, Response, UpstreamError};
 const BACKPRESSURE_BYTES: usize = 256 * 1024;
 
 thread_local! {
-    /// The shard's gateway (a shard is a thread), made on first use, for the process's config.
+    /// The shard's gateway (a shard is a thread), made on first use for the server whose `key`
+    /// is given (tests run several servers in one process).
     static GATEWAY: RefCell<Option<(usize, Rc<Gateway>)>> = const { RefCell::new(None) };
 }
 
-/// This shard's gateway.
-fn gateway(shard: &Shard) -> Rc<Gateway> {
-    let key = Arc::as_ptr(&shard.global) as usize;
+/// This shard's gateway for the server identified by `key`, made from `cfg` on first use.
+pub fn gateway(key: usize, cfg: &AgentConfig, backend: Backend, shard: usize) -> Rc<Gateway> {
     GATEWAY.with(|g| {
         let mut g = g.borrow_mut();
         match g.as_ref() {
             Some((k, gw)) if *k == key => gw.clone(),
             _ => {
-                let gw = Rc::new(Gateway::new(
-                    &shard.global.config.agent,
-                    shard.global.backend,
-                    shard.id,
-                ));
+                let gw = Rc::new(Gateway::new(cfg, backend, shard));
                 *g = Some((key, gw.clone()));
                 gw
             }
@@ -84,8 +82,8 @@ struct InFlight {
 }
 
 /// What a request's task needs of its connection.
-struct Conn {
-    entry: Rc<ConnEntry>,
+struct ClientConn {
+    entry: Rc<ConnHandle>,
     limit: usize,
     connection_id: String,
     /// The authenticated user (`sub`), when `[auth]` is configured and a token was given.
@@ -93,7 +91,7 @@ struct Conn {
     in_flight: RefCell<Vec<InFlight>>,
 }
 
-impl Conn {
+impl ClientConn {
     /// Queues a reply; `false` once the connection is closing as a slow consumer.
     fn send(&self, text: String) -> bool {
         self.entry
@@ -115,17 +113,23 @@ impl Conn {
 /// The `/ws/agent` handler of one connection.
 pub struct Agent {
     gw: Rc<Gateway>,
-    conn: Rc<Conn>,
+    conn: Rc<ClientConn>,
     next_seq: Cell<u64>,
 }
 
 impl Agent {
-    pub fn new(shard: &Rc<Shard>, entry: &Rc<ConnEntry>, user: Option<Arc<str>>) -> Agent {
+    /// `limit` is the connection's `max_outbound_bytes`.
+    pub fn new(
+        gw: Rc<Gateway>,
+        entry: &Rc<ConnHandle>,
+        user: Option<Arc<str>>,
+        limit: usize,
+    ) -> Agent {
         Agent {
-            gw: gateway(shard),
-            conn: Rc::new(Conn {
+            gw,
+            conn: Rc::new(ClientConn {
                 entry: entry.clone(),
-                limit: shard.global.config.max_outbound_bytes,
+                limit,
                 connection_id: format!("{:x}", entry.id),
                 user,
                 in_flight: RefCell::new(Vec::new()),
@@ -268,7 +272,7 @@ fn query_body(q: &Query, connection_id: &str, user: Option<&str>) -> Bytes {
 
 async fn run(
     gw: Rc<Gateway>,
-    conn: Rc<Conn>,
+    conn: Rc<ClientConn>,
     seq: u64,
     id: Option<Id>,
     request_id: String,
@@ -359,7 +363,7 @@ fn body_text(b: &[u8]) -> Result<&str, UpstreamError> {
 
 async fn answer(
     resp: &mut Response,
-    conn: &Conn,
+    conn: &ClientConn,
     id: Option<&Id>,
     limit: usize,
 ) -> Result<(), UpstreamError> {
@@ -377,7 +381,7 @@ async fn answer(
 
 async fn tool_result(
     resp: &mut Response,
-    conn: &Conn,
+    conn: &ClientConn,
     id: Option<&Id>,
     tool_name: &str,
     limit: usize,
@@ -415,7 +419,7 @@ enum Framing {
 
 async fn stream(
     resp: &mut Response,
-    conn: &Conn,
+    conn: &ClientConn,
     id: Option<&Id>,
     limit: usize,
 ) -> Result<(), UpstreamError> {
@@ -520,7 +524,7 @@ async fn stream(
 }
 
 /// Sends what is left, then `stream_end`.
-fn end(conn: &Conn, texts: &[String], id: Option<&Id>) -> Result<(), UpstreamError> {
+fn end(conn: &ClientConn, texts: &[String], id: Option<&Id>) -> Result<(), UpstreamError> {
     for t in texts {
         if !conn.send(protocol::stream_chunk(t, id, protocol::now())) {
             return Ok(());

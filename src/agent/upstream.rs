@@ -28,8 +28,8 @@ use tokio::task::AbortHandle;
 use super::balance::{Candidate, Picker};
 use super::breaker::{Admit, Breaker};
 use super::config::{AgentConfig, BaseUrl, HeaderValueSource, Http2, UpstreamEntry};
+use crate::io::{Backend, Conn};
 use crate::metrics;
-use crate::runtime::io::{Backend, Conn};
 
 type Body = Full<Bytes>;
 

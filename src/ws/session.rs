@@ -20,11 +20,11 @@ use tokio::time::{Instant, Sleep};
 use super::close::CloseCode;
 use super::deflate::{ConnDeflate, InflateError, Params, Tuning};
 use super::frame::OpCode;
+use super::handle::ConnHandle;
 use super::mailbox::{Mailbox, Outgoing, Takes};
 use super::outbox::{Outbox, WriteOutbox};
 use super::reader::{Event, Flow, ReadError, Reader};
 use crate::metrics::Traffic;
-use crate::runtime::shard::ConnEntry;
 
 /// Size of the per-shard buffer every connection reads into.
 const SCRATCH: usize = 64 * 1024;
@@ -136,7 +136,7 @@ struct Session<'a, S, H> {
     io: S,
     handler: H,
     settings: &'a Settings,
-    entry: &'a ConnEntry,
+    entry: &'a ConnHandle,
     traffic: &'a Traffic,
     reader: Reader,
     deflate: Option<ConnDeflate>,
@@ -169,7 +169,7 @@ pub fn run<'a, S, H>(
     deflate: Option<Params>,
     handler: H,
     settings: &'a Settings,
-    entry: &'a ConnEntry,
+    entry: &'a ConnHandle,
     traffic: &'a Traffic,
 ) -> impl Future<Output = Summary> + 'a
 where
@@ -620,11 +620,8 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::runtime::io::Backend;
-    use crate::runtime::shard::{Global, Shard};
     use crate::ws::frame::write_masked_frame;
-    use std::sync::Arc;
+    use std::rc::Rc;
     use tokio::io::AsyncWrite;
 
     /// A client that delivers `input` in `chunk`-byte reads, records what the server writes,
@@ -674,6 +671,19 @@ mod tests {
         }
     }
 
+    /// Every message back as it came.
+    struct Echo;
+
+    impl Handler for Echo {
+        fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+            match msg {
+                Message::Text(t) => out.text(t),
+                Message::Binary(b) => out.binary(b),
+            }
+            Ok(())
+        }
+    }
+
     #[tokio::test]
     async fn a_large_frame_in_small_reads_is_echoed_without_quadratic_zeroing() {
         let len = 1 << 20;
@@ -694,12 +704,7 @@ mod tests {
             written: Vec::new(),
             offered_initialised: 0,
         };
-        let shard = Shard::new(
-            0,
-            Arc::new(Global::new(Config::default(), Backend::Epoll)),
-            None,
-        );
-        let reg = shard.register("127.0.0.1:1".parse().unwrap());
+        let entry = Rc::new(ConnHandle::new(1, "127.0.0.1:1".parse().unwrap()));
         let settings = Settings {
             max_message: 16 << 20,
             heartbeat: None,
@@ -713,9 +718,9 @@ mod tests {
             &mut mock,
             Bytes::new(),
             None,
-            crate::ws::Echo,
+            Echo,
             &settings,
-            &reg.entry,
+            &entry,
             &Traffic::default(),
         )
         .await;

@@ -20,17 +20,16 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
-mod api;
-
+use super::api;
+use super::endpoint::{self, Endpoint};
 use crate::auth::{self, AuthError, Identity};
-use crate::config::Listen;
+use crate::io::tls::Stream;
+use crate::io::Conn;
 use crate::metrics;
-use crate::runtime::io::Conn;
-use crate::runtime::shard::{Control, Shard, WsSlot};
-use crate::tls::Stream;
+use crate::server::config::Listen;
+use crate::server::shard::{Control, Shard, WsSlot};
 use crate::ws::deflate;
 use crate::ws::handshake::{self, OriginPolicy};
-use crate::ws::{self, Endpoint};
 use ::metrics::{counter, gauge};
 
 pub type Body = Full<Bytes>;
@@ -126,10 +125,10 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
                 _slot,
             } = up;
             let name = endpoint.name();
-            reg.entry.set_endpoint(endpoint);
+            reg.entry.set_endpoint(endpoint.name());
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-            let summary = ws::serve(
+            let summary = endpoint::serve(
                 endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
             )
             .await;
@@ -262,7 +261,8 @@ impl Router {
             req.version(),
             req.headers(),
             &origins,
-            endpoint.protocols(),
+            // The built-in endpoints speak no subprotocol (a `bearer.` token is not one).
+            &[],
         ) {
             Ok(a) => a,
             Err(r) => {
@@ -369,7 +369,7 @@ impl Router {
 /// `GET /ws/statistics`: every shard reports its connections by message; the answer is their
 /// sum (PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
 async fn statistics(
-    global: std::sync::Arc<crate::runtime::shard::Global>,
+    global: std::sync::Arc<crate::server::shard::Global>,
 ) -> Result<Response<Body>, Infallible> {
     let mut replies = Vec::new();
     for shard in global.shards.get().into_iter().flatten() {

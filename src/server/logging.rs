@@ -1,8 +1,16 @@
 //! Log set-up: `RUST_LOG`-style filters (default `info`), text or JSON lines on stderr, colours
 //! only on a terminal. The access log (one line per closed WebSocket) has the target `access`.
 
-use crate::config::LogFormat;
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

@@ -9,10 +9,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
-use super::Body;
-use crate::hub::proto::json_str;
-use crate::hub::{ApiAnswer, HubMsg, Reply};
-use crate::runtime::shard::Shard;
+use super::http::Body;
+use crate::rooms::proto::json_str;
+use crate::rooms::{ApiAnswer, HubMsg, Reply};
+use crate::server::shard::Shard;
 
 /// A refused request: status, machine-readable code, text.
 struct ApiError(StatusCode, &'static str, String);

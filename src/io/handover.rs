@@ -240,7 +240,7 @@ fn send(stream: &UnixStream, fds: &[OwnedFd]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::listen::bind_reuseport;
+    use crate::io::listen::bind_reuseport;
     use std::io::{Read, Write};
 
     fn temp_path(name: &str) -> PathBuf {

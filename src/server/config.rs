@@ -3,6 +3,8 @@
 //! Every error names the key (or variable, or flag) and the problem, so `ringgate check-config`
 //! can tell an operator exactly what to fix. Unknown keys are errors, not silently ignored.
 
+pub use super::logging::LogFormat;
+pub use crate::error::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::Path;
@@ -28,14 +30,6 @@ impl std::str::FromStr for IoMode {
             other => Err(format!("expected auto, uring or epoll, got {other:?}")),
         }
     }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// The effective configuration. Field names are the TOML keys.
@@ -91,7 +85,7 @@ pub struct Config {
     /// `/ws/agent` upstreams, timeouts and balancing.
     pub agent: crate::agent::config::AgentConfig,
     /// Rooms: `/ws`, `/api/publish`, `/api/presence`, `/api/history`.
-    pub rooms: crate::hub::config::Rooms,
+    pub rooms: crate::rooms::config::RoomsConfig,
     /// JWT authentication of `/ws` (and `/ws/agent`) clients.
     pub auth: crate::auth::AuthConfig,
 }
@@ -192,7 +186,7 @@ impl Default for Config {
             admin_listen: None,
             handover_socket: None,
             metrics: true,
-            rooms: crate::hub::config::Rooms::default(),
+            rooms: crate::rooms::config::RoomsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             tls: Tls::default(),
             listen: Vec::new(),
@@ -200,19 +194,6 @@ impl Default for Config {
             agent: Default::default(),
         }
     }
-}
-
-/// A configuration problem, always naming where it came from.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error("config file {path}: {reason}")]
-    Parse { path: String, reason: String },
-    #[error("environment variable {var}: {reason}")]
-    Env { var: String, reason: String },
-    #[error("config key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
 }
 
 /// Flag values; `None` leaves the lower layers' value in place.
@@ -336,8 +317,8 @@ impl Config {
     }
 
     /// What TLS listeners serve; `None` when no certificate is configured.
-    pub fn tls_settings(&self) -> Option<crate::tls::TlsSettings> {
-        use crate::tls::{CertSource, TlsSettings};
+    pub fn tls_settings(&self) -> Option<crate::io::tls::TlsSettings> {
+        use crate::io::tls::{CertSource, TlsSettings};
         let default = match (&self.tls.cert, &self.tls.key) {
             (Some(cert), Some(key)) => Some(CertSource::Files {
                 cert: cert.clone(),
@@ -624,7 +605,7 @@ mod tests {
         let t = c.tls_settings().unwrap();
         assert!(matches!(
             t.default,
-            Some(crate::tls::CertSource::Files { .. })
+            Some(crate::io::tls::CertSource::Files { .. })
         ));
         assert!(c.listeners()[0].tls);
         let c = Config::from_toml("[tls]\ncert = \"/a.pem\"").unwrap();
@@ -635,7 +616,7 @@ mod tests {
         let c = Config::from_toml("[tls]\nself_signed = true").unwrap();
         assert_eq!(
             c.tls_settings().unwrap().default,
-            Some(crate::tls::CertSource::SelfSigned)
+            Some(crate::io::tls::CertSource::SelfSigned)
         );
         assert_eq!(Config::default().tls_settings(), None);
         assert!(!Config::default().listeners()[0].tls);
@@ -713,5 +694,67 @@ mod tests {
     fn missing_file_is_named() {
         let err = Config::from_file(Path::new("/nonexistent/ringgate.toml")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/ringgate.toml"));
+    }
+
+    // ---- [agent] as part of the whole file ----
+
+    #[test]
+    fn agent_upstream_forms_parse_and_render_back() {
+        let c = Config::from_toml(
+            r#"
+            [agent]
+            balance = "least_outstanding"
+            headers = { Authorization = { env = "KEY", prefix = "Bearer " } }
+            upstreams = [
+              "http://127.0.0.1:1",
+              { url = "http://127.0.0.1:2", http2 = "prior_knowledge", headers = { "X-A" = "b" } },
+            ]
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.agent.balance,
+            crate::agent::config::Balance::LeastOutstanding
+        );
+        assert_eq!(c.agent.upstreams.len(), 2);
+        assert!(
+            matches!(&c.agent.upstreams[1], crate::agent::config::UpstreamEntry::Table(t) if t.http2 == Some(crate::agent::config::Http2::PriorKnowledge))
+        );
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_agent_values_name_the_key() {
+        for (toml, key) in [
+            ("[agent]\nupstreams = [\"ftp://x\"]", "agent.upstreams"),
+            ("[agent]\nidle_timeout = 0", "agent.idle_timeout"),
+            (
+                "[agent]\nheaders = { \"bad name\" = \"x\" }",
+                "agent.headers",
+            ),
+            ("[agent]\ntool_path = \"tools\"", "agent.tool_path"),
+        ] {
+            let c = Config::from_toml(toml).unwrap();
+            match c.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
+        let err = Config::from_toml("[agent]\nupstream = []").unwrap_err();
+        assert!(err.contains("upstream"), "{err}");
+    }
+
+    #[test]
+    fn readme_agent_example_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n[agent]\n")
+            .expect("README has an [agent] example")
+            + 8;
+        let end = start + readme[start..].find("```").expect("closed block");
+        let c = Config::from_toml(&readme[start..end]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.agent.upstreams.len(), 2);
     }
 }

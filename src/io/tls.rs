@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
-use crate::runtime::io::Conn;
+use crate::io::Conn;
 
 /// Where the server certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,11 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Rooms {
+pub struct RoomsConfig {
     /// Serve `/ws` and the `/api/*` endpoints.
     pub enabled: bool,
     /// Messages kept per topic for `history` and recovery; 0 keeps none.
@@ -41,9 +41,9 @@ pub struct Rooms {
     pub write_delay: f64,
 }
 
-impl Default for Rooms {
+impl Default for RoomsConfig {
     fn default() -> Self {
-        Rooms {
+        RoomsConfig {
             enabled: true,
             history_size: 100,
             history_ttl: 300.0,
@@ -65,7 +65,7 @@ impl Default for Rooms {
 /// Longer than this is an outage, not a delay.
 const MAX_WRITE_DELAY: f64 = 1.0;
 
-impl Rooms {
+impl RoomsConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
         if !self.history_ttl.is_finite() || self.history_ttl <= 0.0 {
@@ -130,50 +130,50 @@ mod tests {
 
     #[test]
     fn presence_event_switches() {
-        let r = Rooms {
+        let r = RoomsConfig {
             presence_events_off: vec!["ticker.".into()],
             presence_events_max_members: 2,
-            ..Rooms::default()
+            ..RoomsConfig::default()
         };
         assert!(r.presence_events_for("chat", 2));
         assert!(!r.presence_events_for("chat", 3));
         assert!(!r.presence_events_for("ticker.btc", 1));
-        let off = Rooms {
+        let off = RoomsConfig {
             presence_events: false,
-            ..Rooms::default()
+            ..RoomsConfig::default()
         };
         assert!(!off.presence_events_for("chat", 1));
     }
 
     #[test]
     fn validation() {
-        assert!(Rooms::default().validate().is_ok());
-        let bad = Rooms {
+        assert!(RoomsConfig::default().validate().is_ok());
+        let bad = RoomsConfig {
             history_ttl: 0.0,
-            ..Rooms::default()
+            ..RoomsConfig::default()
         };
         assert!(bad.validate().is_err());
-        let bad = Rooms {
+        let bad = RoomsConfig {
             publish_burst: 0.5,
-            ..Rooms::default()
+            ..RoomsConfig::default()
         };
         assert!(bad.validate().is_err());
         for wd in [-0.1, 1.5, f64::NAN] {
-            let bad = Rooms {
+            let bad = RoomsConfig {
                 write_delay: wd,
-                ..Rooms::default()
+                ..RoomsConfig::default()
             };
             assert!(bad.validate().is_err(), "{wd}");
         }
-        let ok = Rooms {
+        let ok = RoomsConfig {
             write_delay: 0.2,
-            ..Rooms::default()
+            ..RoomsConfig::default()
         };
         assert!(ok.validate().is_ok());
         assert_eq!(
             ok.write_delay(),
             Some(std::time::Duration::from_millis(200))
         );
-        assert_eq!(Rooms::default().write_delay(), None);
+        assert_eq!(RoomsConfig::default().write_delay(), None);
     }
 }

@@ -8,12 +8,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::config::RoomsConfig;
 use super::proto::{self, ClientError, Code, Request};
 use super::room::Member;
-use super::{ConnRef, HubMsg, Reply};
+use super::{ConnRef, Hub, HubMsg, Reply};
 use crate::auth::Identity;
-use crate::limits::TokenBucket;
-use crate::runtime::shard::{ConnEntry, Shard};
+use crate::ratelimit::TokenBucket;
+use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::Takes;
 use crate::ws::session::{Close, Handler, Message, Sink};
 
@@ -30,7 +31,7 @@ pub enum Sub {
 
 /// What the hub knows of a `/ws` connection.
 pub struct RoomConn {
-    pub entry: Rc<ConnEntry>,
+    pub entry: Rc<ConnHandle>,
     pub client_id: Arc<str>,
     pub user: Arc<str>,
     pub topics: RefCell<HashMap<Arc<str>, Sub>>,
@@ -68,17 +69,24 @@ thread_local! {
 }
 
 /// The `/ws` endpoint's session handler.
-pub struct Rooms {
-    shard: Rc<Shard>,
+pub struct RoomsHandler {
+    hub: Rc<RefCell<Hub>>,
+    shard: usize,
+    cfg: Rc<RoomsConfig>,
     conn: Rc<RoomConn>,
     publishes: TokenBucket,
     /// Permissions from the token; `None` for anonymous clients (no restriction).
     identity: Option<Identity>,
 }
 
-impl Rooms {
-    pub fn new(shard: Rc<Shard>, entry: Rc<ConnEntry>, identity: Option<Identity>) -> Rooms {
-        let cfg = &shard.global.config.rooms;
+impl RoomsHandler {
+    pub fn new(
+        hub: Rc<RefCell<Hub>>,
+        shard: usize,
+        cfg: Rc<RoomsConfig>,
+        entry: Rc<ConnHandle>,
+        identity: Option<Identity>,
+    ) -> RoomsHandler {
         let publishes = TokenBucket::new(cfg.publish_rate, cfg.publish_burst, Instant::now());
         let conn = Rc::new(RoomConn {
             client_id: format!("{:x}", entry.id).into(),
@@ -88,8 +96,10 @@ impl Rooms {
             entry,
             topics: RefCell::new(HashMap::new()),
         });
-        Rooms {
+        RoomsHandler {
+            hub,
             shard,
+            cfg,
             conn,
             publishes,
             identity,
@@ -98,7 +108,7 @@ impl Rooms {
 
     fn me(&self) -> ConnRef {
         ConnRef {
-            shard: self.shard.id,
+            shard: self.shard,
             conn: self.conn.entry.id,
         }
     }
@@ -109,7 +119,7 @@ impl Rooms {
         req: Request<'_>,
         out: &mut Sink<'_>,
     ) -> Result<(), ClientError> {
-        let cfg = &self.shard.global.config.rooms;
+        let cfg = &self.cfg;
         if let Some(topic) = req.topic() {
             if topic.len() > cfg.max_topic_length {
                 return Err(ClientError::new(
@@ -118,7 +128,7 @@ impl Rooms {
                 ));
             }
         }
-        let mut hub = self.shard.hub.borrow_mut();
+        let mut hub = self.hub.borrow_mut();
         match req {
             Request::Subscribe {
                 topic,
@@ -227,10 +237,10 @@ fn forbidden(what: &str, topic: &str) -> ClientError {
     )
 }
 
-impl Handler for Rooms {
+impl Handler for RoomsHandler {
     fn on_open(&mut self, out: &mut Sink<'_>) {
         out.text(proto::connected(&self.conn.client_id).as_bytes());
-        self.shard.hub.borrow_mut().attach(self.conn.clone());
+        self.hub.borrow_mut().attach(self.conn.clone());
     }
 
     fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
@@ -257,10 +267,10 @@ impl Handler for Rooms {
     }
 }
 
-impl Drop for Rooms {
+impl Drop for RoomsHandler {
     fn drop(&mut self) {
         // The connection is gone, cleanly or not: leave every topic exactly once.
-        match self.shard.hub.try_borrow_mut() {
+        match self.hub.try_borrow_mut() {
             Ok(mut hub) => hub.detach(self.conn.entry.id),
             Err(_) => tracing::error!("rooms connection dropped while the hub was busy"),
         }

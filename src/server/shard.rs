@@ -9,18 +9,17 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use slab::Slab;
 use tokio::sync::mpsc;
 
+use super::endpoint::Endpoint;
 use super::io::{Backend, Listener};
-use crate::config::Config;
 use crate::metrics::Traffic;
-use crate::ws::close::CloseCode;
-use crate::ws::mailbox::{Broadcast, Full, Mailbox, Outgoing};
-use crate::ws::session::{Close, Settings};
-use crate::ws::Endpoint;
+use crate::server::config::Config;
+use crate::ws::handle::{ConnHandle, ConnInfo, GOING_AWAY};
+use crate::ws::session::Settings;
 
 /// State shared by all shards.
 #[derive(Debug)]
@@ -90,7 +89,7 @@ pub enum Control {
     /// Report this shard's connections (for `/ws/statistics`).
     Stats(tokio::sync::oneshot::Sender<ShardStats>),
     /// Rooms traffic from another shard.
-    Hub(crate::hub::HubMsg),
+    Hub(crate::rooms::HubMsg),
 }
 
 /// One shard's part of `/ws/statistics`.
@@ -107,174 +106,6 @@ pub struct ShardStats {
 /// How many connections one shard lists in `/ws/statistics`.
 pub const STATS_LIST_LIMIT: usize = 1000;
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ConnInfo {
-    pub id: String,
-    /// Seconds since the Unix epoch.
-    pub connected_at: f64,
-    pub message_count: u64,
-    /// Seconds.
-    pub uptime: f64,
-    pub endpoint: &'static str,
-    pub remote: String,
-}
-
-/// A connection as the shard sees it: enough to ask it to close and to report on it.
-#[derive(Debug)]
-pub struct ConnEntry {
-    pub id: u64,
-    pub remote: SocketAddr,
-    pub connected_at: SystemTime,
-    messages: Cell<u64>,
-    /// Set when the connection became a WebSocket.
-    endpoint: Cell<Option<Endpoint>>,
-    heartbeat_due: Cell<bool>,
-    close: Cell<Option<Close>>,
-    waker: RefCell<Option<Waker>>,
-    /// What other parts of the shard send this connection.
-    pub mailbox: Mailbox,
-}
-
-impl ConnEntry {
-    /// Remembers the waker of the task serving this connection (cheap when unchanged).
-    pub fn register_waker(&self, w: &Waker) {
-        let mut slot = self.waker.borrow_mut();
-        match slot.as_ref() {
-            Some(old) if old.will_wake(w) => {}
-            _ => *slot = Some(w.clone()),
-        }
-    }
-
-    /// Asks the connection to close; its task is woken to do it.
-    pub fn request_close(&self, close: Close) {
-        self.close.set(Some(close));
-        self.wake();
-    }
-
-    /// Marks a heartbeat period as over; the connection pings or times out when it runs.
-    pub fn mark_heartbeat(&self) {
-        self.heartbeat_due.set(true);
-        self.wake();
-    }
-
-    /// Queues `item` and wakes the connection; a connection over `max_outbound_bytes` is
-    /// closed with 1013 instead (a slow consumer never holds up the sender).
-    pub fn send(&self, item: Outgoing, limit: usize) -> bool {
-        self.deliver(|m| m.push(item, limit))
-    }
-
-    /// [`send`](Self::send) for a broadcast, in the form this connection takes.
-    pub fn send_broadcast(
-        &self,
-        b: &Rc<Broadcast>,
-        published: Option<Instant>,
-        limit: usize,
-    ) -> bool {
-        self.deliver(|m| m.push_broadcast(b, published, limit))
-    }
-
-    /// [`send_broadcast`](Self::send_broadcast) for `[rooms] write_delay`: queued and held, no
-    /// wake-up. `true` when the queue was empty: the caller owes the connection a
-    /// [`release_held`](Self::release_held).
-    pub fn queue_broadcast(
-        &self,
-        b: &Rc<Broadcast>,
-        published: Option<Instant>,
-        limit: usize,
-    ) -> bool {
-        match self.mailbox.push_broadcast(b, published, limit) {
-            Ok(first) => {
-                if first {
-                    self.mailbox.hold();
-                }
-                first
-            }
-            Err(Full) => {
-                self.slow_consumer();
-                false
-            }
-        }
-    }
-
-    /// Ends a write-delay hold on what this connection has queued, and wakes it to write.
-    pub fn release_held(&self) {
-        if self.mailbox.release() {
-            self.wake();
-        }
-    }
-
-    fn deliver(&self, push: impl FnOnce(&Mailbox) -> Result<bool, Full>) -> bool {
-        match push(&self.mailbox) {
-            Ok(first) => {
-                // Anything sent directly (a reply) goes out now, with what was held.
-                let held = self.mailbox.release();
-                if first || held {
-                    self.wake();
-                }
-                true
-            }
-            Err(Full) => {
-                self.slow_consumer();
-                false
-            }
-        }
-    }
-
-    fn slow_consumer(&self) {
-        if self.close.get().is_none() {
-            metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
-            self.request_close(SLOW_CONSUMER);
-        }
-    }
-
-    pub fn take_heartbeat(&self) -> bool {
-        self.heartbeat_due.replace(false)
-    }
-
-    fn wake(&self) {
-        if let Some(w) = self.waker.borrow().as_ref() {
-            w.wake_by_ref();
-        }
-    }
-
-    pub fn take_close_request(&self) -> Option<Close> {
-        self.close.take()
-    }
-
-    pub fn close_requested(&self) -> bool {
-        let c = self.close.get();
-        c.is_some()
-    }
-
-    pub fn count_message(&self) {
-        self.messages.set(self.messages.get() + 1);
-    }
-
-    pub fn messages(&self) -> u64 {
-        self.messages.get()
-    }
-
-    pub fn set_endpoint(&self, e: Endpoint) {
-        self.endpoint.set(Some(e));
-    }
-
-    fn info(&self, now: SystemTime) -> Option<ConnInfo> {
-        let endpoint = self.endpoint.get()?;
-        let since = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        Some(ConnInfo {
-            id: format!("{:x}", self.id),
-            connected_at: (since(self.connected_at).as_millis() as f64) / 1000.0,
-            message_count: self.messages.get(),
-            uptime: now
-                .duration_since(self.connected_at)
-                .unwrap_or_default()
-                .as_secs_f64(),
-            endpoint: endpoint.name(),
-            remote: self.remote.to_string(),
-        })
-    }
-}
-
 /// A shard's own state.
 pub struct Shard {
     pub id: usize,
@@ -284,7 +115,7 @@ pub struct Shard {
     traffic: [Traffic; Endpoint::ALL.len()],
     /// The TLS acceptor new connections use, when the listener is TLS.
     pub tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
-    conns: RefCell<Slab<Rc<ConnEntry>>>,
+    conns: RefCell<Slab<Rc<ConnHandle>>>,
     draining: Cell<bool>,
     /// Wakes the drain when the last connection leaves.
     drained: RefCell<Option<Waker>>,
@@ -292,7 +123,9 @@ pub struct Shard {
     closed_messages: Cell<u64>,
     next_id: Cell<u64>,
     /// Rooms homed here and this shard's subscribers.
-    pub hub: RefCell<crate::hub::Hub>,
+    pub hub: Rc<RefCell<crate::rooms::Hub>>,
+    /// `[rooms]`, shared by this shard's `/ws` connections.
+    pub rooms_config: Rc<crate::rooms::config::RoomsConfig>,
 }
 
 impl Shard {
@@ -311,7 +144,7 @@ impl Shard {
                 threshold: c.compression.threshold,
             },
         };
-        let hub = crate::hub::Hub::new(
+        let hub = crate::rooms::Hub::new(
             id,
             global.shards.get().map_or(1, |s| s.len()),
             c.rooms.clone(),
@@ -320,7 +153,8 @@ impl Shard {
         );
         Rc::new(Shard {
             id,
-            hub: RefCell::new(hub),
+            hub: Rc::new(RefCell::new(hub)),
+            rooms_config: Rc::new(c.rooms.clone()),
             settings,
             global,
             tls: RefCell::new(tls),
@@ -337,17 +171,7 @@ impl Shard {
     pub fn register(self: &Rc<Self>, remote: SocketAddr) -> Registration {
         let n = self.next_id.get();
         self.next_id.set(n + 1);
-        let entry = Rc::new(ConnEntry {
-            id: (self.id as u64) << 48 | n,
-            remote,
-            connected_at: SystemTime::now(),
-            messages: Cell::new(0),
-            endpoint: Cell::new(None),
-            heartbeat_due: Cell::new(false),
-            close: Cell::new(None),
-            waker: RefCell::new(None),
-            mailbox: Mailbox::default(),
-        });
+        let entry = Rc::new(ConnHandle::new((self.id as u64) << 48 | n, remote));
         if self.draining.get() {
             entry.request_close(GOING_AWAY);
         }
@@ -405,7 +229,7 @@ impl Shard {
     /// Serves until told to drain, then until every connection has closed.
     pub async fn run(
         self: Rc<Self>,
-        listeners: Vec<(Listener, crate::config::Listen)>,
+        listeners: Vec<(Listener, crate::server::config::Listen)>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         let mut accepting = Vec::new();
@@ -422,7 +246,15 @@ impl Shard {
             })
             .collect();
         if let Some(senders) = self.global.shards.get() {
-            self.hub.borrow_mut().set_senders(senders.clone());
+            let links = senders
+                .iter()
+                .map(|tx| {
+                    let tx = tx.clone();
+                    Box::new(move |msg| tx.send(Control::Hub(msg)).is_ok())
+                        as crate::rooms::PeerSender
+                })
+                .collect();
+            self.hub.borrow_mut().set_senders(links);
         }
         tokio::task::spawn_local(publish_metrics(self.clone()));
         if let Some(period) = self.settings.heartbeat {
@@ -470,22 +302,11 @@ impl Shard {
     }
 }
 
-/// The close for a connection whose outbound queue went over its limit.
-pub const SLOW_CONSUMER: Close = Close {
-    code: CloseCode::TRY_AGAIN_LATER,
-    reason: "slow consumer: outbound queue full",
-};
-
-const GOING_AWAY: Close = Close {
-    code: CloseCode::GOING_AWAY,
-    reason: "server shutting down",
-};
-
 /// Keeps a connection in its shard's registry while alive.
 pub struct Registration {
     shard: Rc<Shard>,
     key: usize,
-    pub entry: Rc<ConnEntry>,
+    pub entry: Rc<ConnHandle>,
 }
 
 impl Drop for Registration {
@@ -542,11 +363,20 @@ async fn heartbeats(shard: Rc<Shard>, period: std::time::Duration) {
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, spec: crate::config::Listen) {
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: Rc<Listener>,
+    spec: crate::server::config::Listen,
+) {
     loop {
         match listener.accept().await {
             Ok((conn, remote)) => {
-                tokio::task::spawn_local(crate::http::serve(shard.clone(), conn, remote, spec));
+                tokio::task::spawn_local(crate::server::http::serve(
+                    shard.clone(),
+                    conn,
+                    remote,
+                    spec,
+                ));
             }
             Err(_) if shard.draining.get() => return,
             Err(e) => {

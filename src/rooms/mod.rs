@@ -28,15 +28,19 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use slab::Slab;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::metrics as m;
-use crate::runtime::shard::{ConnEntry, Control};
 use crate::ws::deflate::{self, Tuning};
 use crate::ws::frame::{header_len, write_frame, OpCode};
+use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::{Broadcast, Outgoing};
 use conn::RoomConn;
 use room::{Member, Recovery, Room, Stored};
+
+/// How a hub reaches another shard's hub: given by the server, so the hub knows no channel
+/// type. `false` when that shard has stopped.
+pub type PeerSender = Box<dyn Fn(HubMsg) -> bool>;
 
 /// Which shard is home to `topic` (the same answer on every shard).
 pub fn home_of(topic: &str, shards: usize) -> usize {
@@ -145,11 +149,11 @@ struct Recorded {
 pub struct Hub {
     shard: usize,
     shards: usize,
-    cfg: config::Rooms,
+    cfg: config::RoomsConfig,
     tuning: Tuning,
     /// `max_outbound_bytes`.
     limit: usize,
-    senders: Vec<mpsc::UnboundedSender<Control>>,
+    senders: Vec<PeerSender>,
     // Home side.
     rooms: HashMap<Arc<str>, Room>,
     /// History in the order it was recorded, over all rooms homed here, for the byte budget and
@@ -162,14 +166,14 @@ pub struct Hub {
     epochs: u64,
     // Subscriber side.
     /// This shard's subscribers per topic.
-    local: HashMap<Arc<str>, Slab<Rc<ConnEntry>>>,
+    local: HashMap<Arc<str>, Slab<Rc<ConnHandle>>>,
     /// This shard's `/ws` connections, for replies by id.
     conns: HashMap<u64, Rc<RoomConn>>,
     subscriptions: usize,
     /// Numbers this shard's subscribe requests.
     requests: u64,
     /// With `write_delay`: connections holding room messages not yet handed to their session.
-    delayed: Vec<Rc<ConnEntry>>,
+    delayed: Vec<Rc<ConnHandle>>,
     /// The shard's write-delay task, waiting for `delayed` to fill.
     delay_waiter: Option<Waker>,
 }
@@ -178,7 +182,7 @@ impl Hub {
     pub fn new(
         shard: usize,
         shards: usize,
-        cfg: config::Rooms,
+        cfg: config::RoomsConfig,
         tuning: Tuning,
         limit: usize,
     ) -> Hub {
@@ -205,12 +209,12 @@ impl Hub {
         }
     }
 
-    /// The channels to every shard (set once all shards exist).
-    pub fn set_senders(&mut self, senders: Vec<mpsc::UnboundedSender<Control>>) {
+    /// The links to every shard (set once all shards exist).
+    pub fn set_senders(&mut self, senders: Vec<PeerSender>) {
         self.senders = senders;
     }
 
-    pub fn config(&self) -> &config::Rooms {
+    pub fn config(&self) -> &config::RoomsConfig {
         &self.cfg
     }
 
@@ -229,7 +233,7 @@ impl Hub {
         }
         match self.senders.get(to) {
             Some(tx) => {
-                if tx.send(Control::Hub(msg)).is_err() {
+                if !tx(msg) {
                     tracing::debug!(shard = to, "hub message to a stopped shard dropped");
                 }
             }
@@ -722,7 +726,7 @@ impl Hub {
 
     /// The connections to release now that their delay is over. One whose hold a reply ended
     /// meanwhile is skipped.
-    pub fn take_delayed(&mut self) -> Vec<Rc<ConnEntry>> {
+    pub fn take_delayed(&mut self) -> Vec<Rc<ConnHandle>> {
         std::mem::take(&mut self.delayed)
     }
 
@@ -776,9 +780,9 @@ mod tests {
     use super::*;
 
     fn hub(history_size: usize) -> Hub {
-        let cfg = config::Rooms {
+        let cfg = config::RoomsConfig {
             history_size,
-            ..config::Rooms::default()
+            ..config::RoomsConfig::default()
         };
         let tuning = Tuning {
             level: 1,

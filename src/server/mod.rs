@@ -2,9 +2,11 @@
 //! single-threaded runtime and its own SO_REUSEPORT listener. The main thread only starts the
 //! shards, waits for a signal and coordinates the drain.
 
-pub mod handover;
-pub mod io;
-pub mod listen;
+pub mod api;
+pub mod config;
+pub mod endpoint;
+pub mod http;
+pub mod logging;
 pub mod shard;
 
 use std::net::SocketAddr;
@@ -15,8 +17,8 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, IoMode, Listen};
-use io::Backend;
+use crate::io::{self, handover, listen, Backend};
+use crate::server::config::{Config, IoMode, Listen};
 use shard::{Control, Global, Shard};
 
 /// A running server: its address and the handles to stop it.
@@ -77,7 +79,7 @@ impl Server {
             n => n,
         };
         let tls = match config.tls_settings() {
-            Some(t) => Some(crate::tls::acceptor(&t).context("TLS set-up failed")?),
+            Some(t) => Some(crate::io::tls::acceptor(&t).context("TLS set-up failed")?),
             None => None,
         };
         let auth = crate::auth::Verifier::from_config(&config.auth)?;
@@ -200,7 +202,7 @@ impl Server {
             tracing::info!("SIGHUP: no TLS configured, nothing to reload");
             return;
         };
-        match crate::tls::acceptor(&settings) {
+        match crate::io::tls::acceptor(&settings) {
             Ok(acceptor) => {
                 metrics::counter!(crate::metrics::TLS_RELOADS, "result" => "ok").increment(1);
                 for c in &self.controls {

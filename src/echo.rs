@@ -1,0 +1,16 @@
+//! `/ws/echo`: every message back as it came (conformance runs and benchmarks).
+
+use crate::ws::session::{Close, Handler, Message, Sink};
+
+/// Sends every message back with the same opcode.
+pub struct Echo;
+
+impl Handler for Echo {
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+        match msg {
+            Message::Text(t) => out.text(t),
+            Message::Binary(b) => out.binary(b),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! The built-in WebSocket endpoints and the dispatch from an upgraded connection to the
+//! endpoint's session handler.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+
+use super::shard::Shard;
+use crate::agent::upstream::Gateway;
+use crate::auth::Identity;
+use crate::echo::Echo;
+use crate::rooms::conn::RoomsHandler;
+use crate::ws::deflate::Params;
+use crate::ws::handle::ConnHandle;
+use crate::ws::outbox::WriteOutbox;
+use crate::ws::session::{self, Summary};
+
+/// The WebSocket endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/ws/echo`: every message back as it came.
+    Echo,
+    /// `/ws/agent`: the agent gateway (src/agent).
+    Agent,
+    /// `/ws`: rooms (PROTOCOL.md).
+    Rooms,
+}
+
+impl Endpoint {
+    /// Every endpoint, for per-endpoint tables.
+    pub const ALL: [Endpoint; 3] = [Endpoint::Echo, Endpoint::Agent, Endpoint::Rooms];
+
+    /// The `endpoint` label in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Echo => "echo",
+            Endpoint::Agent => "agent",
+            Endpoint::Rooms => "rooms",
+        }
+    }
+
+    /// Whether `[auth]` applies to the endpoint.
+    pub fn authenticated(self) -> bool {
+        matches!(self, Endpoint::Rooms | Endpoint::Agent)
+    }
+}
+
+/// Runs the session for `endpoint` on an upgraded connection; `deflate` holds the
+/// permessage-deflate parameters when they were negotiated.
+///
+/// Each endpoint's session is a different type, so the future is boxed: one allocation per
+/// connection, and the connection's task stays small whichever endpoint it serves.
+pub fn serve<'a, S: AsyncRead + WriteOutbox + 'a>(
+    endpoint: Endpoint,
+    io: S,
+    early: Bytes,
+    deflate: Option<Params>,
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
+    identity: Option<Identity>,
+) -> Pin<Box<dyn Future<Output = Summary> + 'a>> {
+    let traffic = shard.traffic(endpoint);
+    let settings = &shard.settings;
+    match endpoint {
+        Endpoint::Echo => Box::pin(session::run(
+            io, early, deflate, Echo, settings, entry, traffic,
+        )),
+        Endpoint::Agent => Box::pin(session::run(
+            io,
+            early,
+            deflate,
+            crate::agent::Agent::new(
+                agent_gateway(shard),
+                entry,
+                identity.map(|i| i.user),
+                shard.global.config.max_outbound_bytes,
+            ),
+            settings,
+            entry,
+            traffic,
+        )),
+        Endpoint::Rooms => {
+            let rooms = RoomsHandler::new(
+                shard.hub.clone(),
+                shard.id,
+                shard.rooms_config.clone(),
+                entry.clone(),
+                identity,
+            );
+            Box::pin(session::run(
+                io, early, deflate, rooms, settings, entry, traffic,
+            ))
+        }
+    }
+}
+
+/// The shard's agent gateway, made on first use.
+fn agent_gateway(shard: &Shard) -> Rc<Gateway> {
+    let g = &shard.global;
+    let key = std::sync::Arc::as_ptr(g) as usize;
+    crate::agent::gateway(key, &g.config.agent, g.backend, shard.id)
+}
