@@ -1,4 +1,4 @@
-//! Client authentication: a JWT (PROTOCOL.md) in `?token=`, in `Authorization: Bearer`, or as
+//! Client authentication: a JWT (docs/PROTOCOL.md) in `?token=`, in `Authorization: Bearer`, or as
 //! the subprotocol `bearer.<token>`. Claims: `sub` (the user), `exp`, optional `channels`
 //! (topic patterns the user may subscribe to) and `publish` (patterns it may publish to); a
 //! pattern is a topic name, or a prefix ending in `*`. A missing list means no restriction.

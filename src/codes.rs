@@ -1,4 +1,4 @@
-//! The error codes of PROTOCOL.md, shared by the rooms (`/ws`) and agent (`/ws/agent`)
+//! The error codes of docs/PROTOCOL.md, shared by the rooms (`/ws`) and agent (`/ws/agent`)
 //! endpoints: `{"type": "error", "error": "…", "code": "…"}`.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

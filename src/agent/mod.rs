@@ -1,4 +1,4 @@
-//! The agent gateway (`/ws/agent`, PROTOCOL.md): each client request becomes an HTTP request
+//! The agent gateway (`/ws/agent`, docs/PROTOCOL.md): each client request becomes an HTTP request
 //! to an upstream backend, and the answer (whole, or streamed as SSE or NDJSON) comes back as
 //! messages with the request's `id`.
 //!

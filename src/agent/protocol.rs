@@ -1,4 +1,4 @@
-//! `/ws/agent` messages (PROTOCOL.md): client requests parsed into [`Request`], replies encoded
+//! `/ws/agent` messages (docs/PROTOCOL.md): client requests parsed into [`Request`], replies encoded
 //! with `type` first and the client's `id` echoed byte for byte. No I/O.
 
 use std::fmt::Write as _;

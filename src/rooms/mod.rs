@@ -1,4 +1,4 @@
-//! Rooms: topics with ordered delivery, presence and history (PROTOCOL.md `/ws`, `/api/*`).
+//! Rooms: topics with ordered delivery, presence and history (docs/PROTOCOL.md `/ws`, `/api/*`).
 //!
 //! Every topic has a home shard (a hash of its name). The home shard alone assigns `seq`, keeps
 //! history and presence, so ordering needs no lock. A publish on any shard goes to the home

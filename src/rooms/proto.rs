@@ -1,4 +1,4 @@
-//! The `/ws` rooms protocol (PROTOCOL.md): client requests parsed with simd-json into plain
+//! The `/ws` rooms protocol (docs/PROTOCOL.md): client requests parsed with simd-json into plain
 //! values, and the server's messages encoded as JSON text. No I/O here.
 
 use std::fmt::Write as _;
@@ -78,7 +78,7 @@ pub fn parse<R>(
             )),
         );
     }
-    // Only a string or a number is an id (PROTOCOL.md); anything else is not echoed.
+    // Only a string or a number is an id (docs/PROTOCOL.md); anything else is not echoed.
     let id = value
         .get("id")
         .filter(|v| v.is_str() || v.is_number())
@@ -172,7 +172,7 @@ fn opt_u64(v: &BorrowedValue<'_>, key: &str) -> Result<Option<u64>, ClientError>
     }
 }
 
-/// Seconds since the Unix epoch with millisecond precision, as PROTOCOL.md writes timestamps.
+/// Seconds since the Unix epoch with millisecond precision, as docs/PROTOCOL.md writes timestamps.
 pub fn now() -> f64 {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -1,4 +1,4 @@
-//! The rooms HTTP API for backends (PROTOCOL.md): `POST /api/publish`, `GET /api/presence`,
+//! The rooms HTTP API for backends (docs/PROTOCOL.md): `POST /api/publish`, `GET /api/presence`,
 //! `GET /api/history`. Requests are checked here and answered by the topic's home shard.
 
 use std::rc::Rc;

@@ -25,7 +25,7 @@ pub enum Endpoint {
     Echo,
     /// `/ws/agent`: the agent gateway (src/agent).
     Agent,
-    /// `/ws`: rooms (PROTOCOL.md).
+    /// `/ws`: rooms (docs/PROTOCOL.md).
     Rooms,
 }
 

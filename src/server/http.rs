@@ -367,7 +367,7 @@ impl Router {
 }
 
 /// `GET /ws/statistics`: every shard reports its connections by message; the answer is their
-/// sum (PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
+/// sum (docs/PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
 async fn statistics(
     global: std::sync::Arc<crate::server::shard::Global>,
 ) -> Result<Response<Body>, Infallible> {
