@@ -33,8 +33,16 @@ pub struct RoomsConfig {
     pub publish_rate: f64,
     /// Publishes one connection may make in a burst (bucket size).
     pub publish_burst: f64,
-    /// Bearer key `POST /api/publish` needs; unset = no key (bind to a private address then).
+    /// Other requests (subscribe, unsubscribe, presence, history, ping) per second one
+    /// connection may make; 0 = no limit.
+    pub request_rate: f64,
+    /// Other requests one connection may make in a burst.
+    pub request_burst: f64,
+    /// Bearer key every `/api/*` request needs. Unset: `/api/*` is served only on admin and
+    /// loopback listeners.
     pub api_key: Option<String>,
+    /// Let `POST /api/publish` send the server's own message types (`join`, `leave`, …).
+    pub api_reserved_types: bool,
     /// Seconds a room message may wait before its subscribers' writes start, so that each write
     /// carries the messages of that whole window (CPU for latency at high fan-out); 0 = write
     /// on the next loop turn.
@@ -56,7 +64,10 @@ impl Default for RoomsConfig {
             max_data_size: 64 * 1024,
             publish_rate: 50.0,
             publish_burst: 100.0,
+            request_rate: 20.0,
+            request_burst: 200.0,
             api_key: None,
+            api_reserved_types: false,
             write_delay: 0.0,
         }
     }
@@ -85,6 +96,19 @@ impl RoomsConfig {
             return invalid(
                 "rooms.publish_burst",
                 format!("{} must be at least 1", self.publish_burst),
+            );
+        }
+        if !self.request_rate.is_finite() || self.request_rate < 0.0 {
+            return invalid(
+                "rooms.request_rate",
+                format!("{} is not a rate (0 = unlimited)", self.request_rate),
+            );
+        }
+        if self.request_rate > 0.0 && !(self.request_burst >= 1.0 && self.request_burst.is_finite())
+        {
+            return invalid(
+                "rooms.request_burst",
+                format!("{} must be at least 1", self.request_burst),
             );
         }
         if self.max_topic_length == 0 || self.max_topics_per_connection == 0 {

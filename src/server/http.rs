@@ -83,6 +83,8 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         shard: shard.clone(),
         upgrade: upgrade.clone(),
         admin: listen.admin,
+        private: listen.admin
+            || (!shard.global.has_admin_listener && listen.addr.ip().is_loopback()),
         served: served.clone(),
     };
     // Boxed so an upgraded connection's task does not keep hyper's state around.
@@ -126,6 +128,9 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
             } = up;
             let name = endpoint.name();
             reg.entry.set_endpoint(endpoint.name());
+            if let Some(exp) = identity.as_ref().and_then(|i| i.expires) {
+                reg.entry.set_expiry(exp);
+            }
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
             let summary = endpoint::serve(
@@ -161,8 +166,11 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
 struct Router {
     shard: Rc<Shard>,
     upgrade: Rc<Cell<Option<Upgrade>>>,
-    /// Serving an admin listener: operations endpoints only.
+    /// Serving an admin listener: the admin surface and health only.
     admin: bool,
+    /// Serving the admin surface (`/metrics`, `/ws/statistics`, `/api/*` without a key): an
+    /// admin listener, or a loopback listener when there is no admin listener.
+    private: bool,
     /// A request has been received on this connection.
     served: Rc<Cell<bool>>,
 }
@@ -174,17 +182,15 @@ impl hyper::service::Service<Request<Incoming>> for Router {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.served.set(true);
-        let ops = self.serves_ops();
-        if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && ops {
+        if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
             return Box::pin(statistics(self.shard.global.clone()));
         }
-        if self.admin {
-            let resp = self.route_admin(&req);
-            counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
-                .increment(1);
-            return Box::pin(std::future::ready(Ok(resp)));
-        }
-        if req.uri().path().starts_with("/api/") && self.shard.global.config.rooms.enabled {
+        let config = &self.shard.global.config;
+        // `/api/*` is protected by its key; without one, only the admin surface serves it.
+        if req.uri().path().starts_with("/api/")
+            && config.rooms.enabled
+            && (self.private || config.rooms.api_key.is_some())
+        {
             let shard = self.shard.clone();
             return Box::pin(async move {
                 let resp = api::serve(shard, req).await;
@@ -193,7 +199,11 @@ impl hyper::service::Service<Request<Incoming>> for Router {
                 Ok(resp)
             });
         }
-        let resp = self.route(&req);
+        let resp = if self.admin {
+            self.route_admin(&req)
+        } else {
+            self.route(&req)
+        };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
                 .increment(1);
@@ -211,14 +221,9 @@ impl Router {
             (_, "/ws") if global.config.rooms.enabled => self.upgrade(req, Endpoint::Rooms),
             (&Method::GET | &Method::HEAD, "/healthz")
             | (&Method::GET | &Method::HEAD, "/readyz") => self.health(req),
-            (&Method::GET, "/metrics") if self.serves_ops() => self.metrics(),
+            (&Method::GET, "/metrics") if self.private => self.metrics(),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
-    }
-
-    /// Whether this listener serves `/metrics` and `/ws/statistics`.
-    fn serves_ops(&self) -> bool {
-        self.admin || !self.shard.global.config.has_admin_listener()
     }
 
     fn route_admin(&self, req: &Request<Incoming>) -> Response<Body> {
@@ -341,9 +346,9 @@ impl Router {
         if !endpoint.authenticated() {
             return Ok((None, None));
         }
-        let found = auth::find_token(req.uri(), req.headers());
+        let found = auth::find_token(req.uri(), req.headers(), verifier.query_token);
         let identity = verifier.identify(found.as_ref())?;
-        Ok((identity, found.and_then(|f| f.protocol)))
+        Ok((Some(identity), found.and_then(|f| f.protocol)))
     }
 
     /// permessage-deflate parameters for this upgrade, when enabled and offered.

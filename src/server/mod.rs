@@ -72,6 +72,7 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
 impl Server {
     /// Binds the listeners and starts the shards.
     pub fn start(config: Config) -> anyhow::Result<Server> {
+        let config_warnings = config.warnings();
         let (backend, why) = choose_backend(config.io)?;
         let cores = available_cores();
         let shards = match config.shards {
@@ -177,6 +178,9 @@ impl Server {
                     let _ = done_tx.send(id);
                 })
                 .context("cannot start shard thread")?;
+        }
+        for w in config_warnings {
+            tracing::warn!("{w}");
         }
         for (a, spec) in &addrs[1..] {
             tracing::info!(addr = %a, tls = spec.tls, admin = spec.admin, "also listening");

@@ -37,11 +37,14 @@ pub struct Global {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Verifies client tokens; `None` when `[auth]` is off.
     pub auth: Option<crate::auth::Verifier>,
+    /// Some listener is an admin listener (then only those serve the admin surface).
+    pub has_admin_listener: bool,
 }
 
 impl Global {
     pub fn new(config: Config, backend: Backend) -> Global {
         Global {
+            has_admin_listener: config.has_admin_listener(),
             config,
             backend,
             metrics: None,
@@ -187,6 +190,21 @@ impl Shard {
         &self.traffic[endpoint as usize]
     }
 
+    /// Closes the sessions whose token has expired.
+    fn expire_tokens(&self) {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut closed = 0u64;
+        for (_, e) in self.conns.borrow().iter() {
+            closed += u64::from(e.check_expiry(now));
+        }
+        if closed > 0 {
+            metrics::counter!(crate::metrics::TOKENS_EXPIRED).increment(closed);
+        }
+    }
+
     fn publish_metrics(&self) {
         for e in Endpoint::ALL {
             self.traffic(e).publish(e.name());
@@ -330,6 +348,9 @@ async fn publish_metrics(shard: Rc<Shard>) {
     while !shard.draining.get() {
         tick.tick().await;
         shard.publish_metrics();
+        if shard.global.auth.is_some() {
+            shard.expire_tokens();
+        }
         shard.hub.borrow_mut().sweep(std::time::Instant::now());
     }
 }
