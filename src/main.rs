@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the effective configuration of FILE (with environment applied), or what is wrong.
     CheckConfig { file: PathBuf },
     /// Write a development CA and a localhost certificate signed by it (ca.pem, cert.pem,
