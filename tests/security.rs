@@ -18,6 +18,9 @@ both_backends!(
     api_publish_cannot_forge_server_messages,
     admin_surface_stays_off_public_listeners,
     expired_token_closes_the_session,
+    per_address_connection_cap,
+    per_address_handshake_rate,
+    process_connection_cap,
 );
 
 const SECRET: &str = "security-test-secret-of-at-least-32-bytes";
@@ -316,4 +319,130 @@ async fn get_with(server: &Server, path: &str, extra: &str) -> HttpResponse {
             "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n"
         ))
         .await
+}
+
+/// A TCP connection to the server from the loopback address `from` (127.0.0.x: the loopback
+/// range gives each test client an address of its own).
+async fn connect_from(server: &Server, from: [u8; 4]) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind((std::net::Ipv4Addr::from(from), 0).into())
+        .expect("bind a loopback source address");
+    within("connect", sock.connect(server.addr))
+        .await
+        .expect("connect")
+}
+
+/// Sends `GET /healthz` on `s` and reads the answer.
+async fn health_on(mut s: tokio::net::TcpStream) -> HttpResponse {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    read_response(&mut s).await
+}
+
+async fn per_address_connection_cap(backend: Backend) {
+    let server = Server::start_with_config(
+        backend,
+        "[limits]\nexempt = []\nper_ip_connections = 3\nper_ip_handshake_rate = 0\n",
+        &[],
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut ws =
+            RawWs::handshake(connect_from(&server, [127, 0, 0, 2]).await, "/ws/echo").await;
+        ping_pong(&mut ws).await;
+        held.push(ws);
+    }
+    let over = health_on(connect_from(&server, [127, 0, 0, 2]).await).await;
+    assert_eq!(over.status, 429, "{over:?}");
+    assert_eq!(over.header("retry-after"), Some("1"));
+    // Another address is untouched, and so are the held connections.
+    assert_eq!(
+        health_on(connect_from(&server, [127, 0, 0, 3]).await)
+            .await
+            .status,
+        200
+    );
+    for ws in &mut held {
+        ping_pong(ws).await;
+    }
+    // A freed place is given again (the close reaches the server asynchronously).
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let r = health_on(connect_from(&server, [127, 0, 0, 2]).await).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "place never freed: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn per_address_handshake_rate(backend: Backend) {
+    let server = Server::start_with_config(
+        backend,
+        "[limits]\nexempt = []\nper_ip_handshake_rate = 0.01\nper_ip_handshake_burst = 2\n",
+        &[],
+    );
+    let upgrade = upgrade_request_for("/ws/echo", "");
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from(&server, [127, 0, 0, 4]).await;
+        use tokio::io::AsyncWriteExt;
+        s.write_all(upgrade.as_bytes()).await.expect("write");
+        let head = read_head(&mut s).await;
+        if head.starts_with("HTTP/1.1 429") {
+            assert!(
+                head.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+                "{head}"
+            );
+        }
+        statuses.push(head.split(' ').nth(1).unwrap_or("?").to_string());
+    }
+    assert_eq!(statuses, ["101", "101", "429"]);
+    let mut other = RawWs::handshake(connect_from(&server, [127, 0, 0, 5]).await, "/ws/echo").await;
+    ping_pong(&mut other).await;
+}
+
+async fn process_connection_cap(backend: Backend) {
+    let server = Server::start_with_config(backend, "[limits]\nmax_open_connections = 2\n", &[]);
+    let mut a = RawWs::handshake(connect_from(&server, [127, 0, 0, 6]).await, "/ws/echo").await;
+    let mut b = RawWs::handshake(connect_from(&server, [127, 0, 0, 7]).await, "/ws/echo").await;
+    let over = health_on(connect_from(&server, [127, 0, 0, 8]).await).await;
+    assert_eq!(over.status, 503, "{over:?}");
+    assert_eq!(over.header("retry-after"), Some("1"));
+    ping_pong(&mut a).await;
+    ping_pong(&mut b).await;
+}
+
+/// A ping answered by a pong: the connection is served.
+async fn ping_pong(ws: &mut RawWs) {
+    ws.send(&frame(true, 0x9, b"are you there")).await;
+    let f = ws.read_frame().await.expect("a pong");
+    assert_eq!(
+        (f.opcode, f.payload.as_slice()),
+        (0xA, &b"are you there"[..])
+    );
+}
+
+/// Reads a response head (up to the blank line), leaving the connection open.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    within("response head", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            match s.read(&mut b).await {
+                Ok(1) => head.push(b[0]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&head).into_owned()
 }

@@ -89,6 +89,8 @@ pub struct Config {
     pub rooms: crate::rooms::config::RoomsConfig,
     /// JWT authentication of `/ws` (and `/ws/agent`) clients.
     pub auth: crate::auth::AuthConfig,
+    /// Connection caps and rates per client address.
+    pub limits: super::admission::LimitsConfig,
 }
 
 /// The `[tls]` table: a certificate from files, or one generated at start for development.
@@ -190,6 +192,7 @@ impl Default for Config {
             metrics: true,
             rooms: crate::rooms::config::RoomsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            limits: super::admission::LimitsConfig::default(),
             tls: Tls::default(),
             listen: Vec::new(),
             // ---- agent gateway ----
@@ -560,6 +563,7 @@ impl Config {
         }
         self.rooms.validate()?;
         self.auth.validate()?;
+        self.limits.validate()?;
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
                 key: "backlog",

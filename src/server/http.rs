@@ -20,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
+use super::admission::Refusal;
 use super::api;
 use super::endpoint::{self, Endpoint};
 use crate::auth::{self, AuthError, Identity};
@@ -46,6 +47,11 @@ struct Upgrade {
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
 pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Listen) {
+    let admission = &shard.global.admission;
+    let _permit = match admission.admit(remote.ip(), std::time::Instant::now()) {
+        Ok(p) => p,
+        Err(refusal) => return refuse(conn, refusal, listen.tls).await,
+    };
     let reg = shard.register(remote);
     let acceptor = if listen.tls {
         shard.tls.borrow().clone()
@@ -83,6 +89,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         shard: shard.clone(),
         upgrade: upgrade.clone(),
         admin: listen.admin,
+        remote,
         private: listen.admin
             || (!shard.global.has_admin_listener && listen.addr.ip().is_loopback()),
         served: served.clone(),
@@ -168,6 +175,8 @@ struct Router {
     upgrade: Rc<Cell<Option<Upgrade>>>,
     /// Serving an admin listener: the admin surface and health only.
     admin: bool,
+    /// The client's address, for the per-address handshake rate.
+    remote: SocketAddr,
     /// Serving the admin surface (`/metrics`, `/ws/statistics`, `/api/*` without a key): an
     /// admin listener, or a loopback listener when there is no admin listener.
     private: bool,
@@ -285,6 +294,17 @@ impl Router {
                 return resp;
             }
         };
+        let now = std::time::Instant::now();
+        if let Err(refusal) = global.admission.handshake(self.remote.ip(), now) {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => refusal.reason()).increment(1);
+            counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
+            let mut resp = text(refusal.status(), "too many handshakes from this address\n");
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after()),
+            );
+            return resp;
+        }
         let (identity, token_protocol) = match self.authenticate(req, endpoint) {
             Ok(found) => found,
             Err(e) => {
@@ -369,6 +389,35 @@ impl Router {
             .filter_map(|v| v.to_str().ok());
         deflate::negotiate(offers, &policy)
     }
+}
+
+/// Answers a connection that was not admitted, as cheaply as possible: plain HTTP gets a fixed
+/// response (no request parsing) with `Retry-After`; a TLS connection is closed, since an
+/// answer would cost a handshake.
+async fn refuse(mut conn: Conn, refusal: Refusal, tls: bool) {
+    counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
+    if tls {
+        return;
+    }
+    let status = refusal.status();
+    let body = match refusal {
+        Refusal::Capacity => "server at capacity\n",
+        _ => "too many connections from this address\n",
+    };
+    let resp = format!(
+        "HTTP/1.1 {} {}\r\nRetry-After: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        refusal.retry_after(),
+        body.len()
+    );
+    // Bounded: a client that does not read must not hold the task.
+    let write = async {
+        conn.write_all(resp.as_bytes()).await?;
+        conn.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
 /// `GET /ws/statistics`: every shard reports its connections by message; the answer is their

@@ -2,6 +2,7 @@
 //! single-threaded runtime and its own SO_REUSEPORT listener. The main thread only starts the
 //! shards, waits for a signal and coordinates the drain.
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod endpoint;
@@ -67,6 +68,19 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+/// The soft open-file limit now (after [`raise_nofile_limit`]); 1024 if it cannot be read.
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
 }
 
 impl Server {

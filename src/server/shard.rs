@@ -39,12 +39,18 @@ pub struct Global {
     pub auth: Option<crate::auth::Verifier>,
     /// Some listener is an admin listener (then only those serve the admin surface).
     pub has_admin_listener: bool,
+    /// Connection caps and handshake rates.
+    pub admission: Arc<super::admission::Admission>,
 }
 
 impl Global {
     pub fn new(config: Config, backend: Backend) -> Global {
         Global {
             has_admin_listener: config.has_admin_listener(),
+            admission: Arc::new(super::admission::Admission::new(
+                &config.limits,
+                super::nofile_limit(),
+            )),
             config,
             backend,
             metrics: None,
