@@ -23,6 +23,7 @@ pub const TLS_RELOADS: &str = "ringgate_tls_reloads_total";
 pub const HTTP_REQUESTS: &str = "ringgate_http_requests_total";
 pub const INFO: &str = "ringgate_info";
 pub const SLOW_CONSUMERS: &str = "ringgate_slow_consumer_closes_total";
+pub const PANICS: &str = "ringgate_panics_total";
 pub const CONNECTIONS_REFUSED: &str = "ringgate_connections_refused_total";
 pub const TOKENS_EXPIRED: &str = "ringgate_token_expired_closes_total";
 pub const ROOMS: &str = "ringgate_rooms";
@@ -123,6 +124,10 @@ pub fn install(upkeep: Duration) -> Option<PrometheusHandle> {
     describe_counter!(
         SLOW_CONSUMERS,
         "Connections closed with 1013 because their outbound queue went over max_outbound_bytes."
+    );
+    describe_counter!(
+        PANICS,
+        "Panics caught, by thread; one in a shard's own machinery ends the process (exit 70)."
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

@@ -21,6 +21,8 @@ both_backends!(
     per_address_connection_cap,
     per_address_handshake_rate,
     process_connection_cap,
+    a_panicking_connection_leaves_the_shard_serving,
+    a_panicking_shard_ends_the_process,
 );
 
 const SECRET: &str = "security-test-secret-of-at-least-32-bytes";
@@ -445,4 +447,43 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     })
     .await;
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A panic in one connection's task (injected; debug builds only) ends that connection; the
+/// shard keeps serving, the panic is logged with its location and counted.
+async fn a_panicking_connection_leaves_the_shard_serving(backend: Backend) {
+    let server = Server::start_with_env(backend, "", &[("RINGGATE_TEST_PANIC", "connection")], &[]);
+    let mut doomed = server.raw_ws().await;
+    let mut other = server.ws().await;
+    doomed.send(&frame(true, 0x1, b"panic")).await;
+    doomed.expect_eof().await;
+    echo(&mut other, Message::Text("still served".into())).await;
+    assert_eq!(server.get("/readyz").await.status, 200);
+    let log = server.log();
+    assert!(log.contains("injected panic at connection"), "{log}");
+    assert!(log.contains("src/error.rs"), "location missing:\n{log}");
+    let metrics = server.get("/metrics").await.body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ringgate_panics_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+/// A panic in a shard's own loop (injected on a statistics request) is fatal: the process exits
+/// with 70 for its supervisor to restart it, instead of running with a dead shard.
+async fn a_panicking_shard_ends_the_process(backend: Backend) {
+    let mut server =
+        Server::start_with_env(backend, "", &[("RINGGATE_TEST_PANIC", "shard-loop")], &[]);
+    // The statistics request reaches every shard's control loop; the answer never comes.
+    let addr = server.addr;
+    std::thread::spawn(move || {
+        let _ = http_get_blocking(addr, "/ws/statistics");
+    });
+    let status = server.wait_exit(PATIENCE).await;
+    assert_eq!(status.code(), Some(70), "{}", server.log());
+    let log = server.log();
+    assert!(log.contains("shard failed"), "{log}");
+    assert!(log.contains("injected panic at shard-loop"), "{log}");
 }

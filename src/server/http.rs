@@ -244,7 +244,11 @@ impl Router {
     }
 
     fn health(&self, req: &Request<Incoming>) -> Response<Body> {
-        if req.uri().path() == "/readyz" && self.shard.global.is_draining() {
+        let global = &self.shard.global;
+        if req.uri().path() == "/readyz" && global.failed.load(std::sync::atomic::Ordering::Acquire)
+        {
+            text(StatusCode::SERVICE_UNAVAILABLE, "a shard failed\n")
+        } else if req.uri().path() == "/readyz" && global.is_draining() {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         } else if req.uri().path() == "/readyz" {
             text(StatusCode::OK, "ready\n")

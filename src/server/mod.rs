@@ -6,6 +6,7 @@ pub mod admission;
 pub mod api;
 pub mod config;
 pub mod endpoint;
+pub mod failure;
 pub mod http;
 pub mod logging;
 pub mod shard;
@@ -86,6 +87,7 @@ pub fn nofile_limit() -> u64 {
 impl Server {
     /// Binds the listeners and starts the shards.
     pub fn start(config: Config) -> anyhow::Result<Server> {
+        failure::install_panic_hook();
         let config_warnings = config.warnings();
         let (backend, why) = choose_backend(config.io)?;
         let cores = available_cores();
@@ -173,21 +175,24 @@ impl Server {
                             tracing::warn!(shard = id, core = core.id, "could not pin shard");
                         }
                     }
-                    let shard = Shard::new(id, global, tls);
+                    let shard = Shard::new(id, global.clone(), tls);
+                    let g = global.clone();
                     let run = async move {
                         let listeners: std::io::Result<Vec<_>> = listeners
                             .into_iter()
                             .map(|(l, spec)| Ok((io::Listener::new(backend, l)?, spec)))
                             .collect();
                         match listeners {
-                            Ok(l) => shard.run(l, rx).await,
+                            Ok(l) => failure::critical(g, id, "shard loop", shard.run(l, rx)).await,
                             Err(e) => {
-                                tracing::error!(shard = id, error = %e, "listener setup failed")
+                                tracing::error!(shard = id, error = %e, "listener setup failed");
+                                failure::fail(&g, id, "listener setup");
                             }
                         }
                     };
                     if let Err(e) = io::block_on(backend, run) {
                         tracing::error!(shard = id, error = %e, "shard runtime failed to start");
+                        failure::fail(&global, id, "runtime start");
                     }
                     let _ = done_tx.send(id);
                 })

@@ -15,6 +15,7 @@ use slab::Slab;
 use tokio::sync::mpsc;
 
 use super::endpoint::Endpoint;
+use super::failure::critical;
 use super::io::{Backend, Listener};
 use crate::metrics::Traffic;
 use crate::server::config::Config;
@@ -37,6 +38,8 @@ pub struct Global {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Verifies client tokens; `None` when `[auth]` is off.
     pub auth: Option<crate::auth::Verifier>,
+    /// A shard failed: `/readyz` answers 503 until the process exits.
+    pub failed: AtomicBool,
     /// Some listener is an admin listener (then only those serve the admin surface).
     pub has_admin_listener: bool,
     /// Connection caps and handshake rates.
@@ -47,6 +50,7 @@ impl Global {
     pub fn new(config: Config, backend: Backend) -> Global {
         Global {
             has_admin_listener: config.has_admin_listener(),
+            failed: AtomicBool::new(false),
             admission: Arc::new(super::admission::Admission::new(
                 &config.limits,
                 super::nofile_limit(),
@@ -261,10 +265,11 @@ impl Shard {
             .into_iter()
             .map(|(l, spec)| {
                 let l = Rc::new(l);
-                accepting.push(tokio::task::spawn_local(accept_loop(
-                    self.clone(),
-                    l.clone(),
-                    spec,
+                accepting.push(tokio::task::spawn_local(critical(
+                    self.global.clone(),
+                    self.id,
+                    "accept loop",
+                    accept_loop(self.clone(), l.clone(), spec),
                 )));
                 l
             })
@@ -280,12 +285,28 @@ impl Shard {
                 .collect();
             self.hub.borrow_mut().set_senders(links);
         }
-        tokio::task::spawn_local(publish_metrics(self.clone()));
+        let (g, id) = (&self.global, self.id);
+        tokio::task::spawn_local(critical(
+            g.clone(),
+            id,
+            "metrics ticker",
+            publish_metrics(self.clone()),
+        ));
         if let Some(period) = self.settings.heartbeat {
-            tokio::task::spawn_local(heartbeats(self.clone(), period));
+            tokio::task::spawn_local(critical(
+                g.clone(),
+                id,
+                "heartbeat ticker",
+                heartbeats(self.clone(), period),
+            ));
         }
         if let Some(delay) = self.global.config.rooms.write_delay() {
-            tokio::task::spawn_local(delayed_writes(self.clone(), delay));
+            tokio::task::spawn_local(critical(
+                g.clone(),
+                id,
+                "write-delay ticker",
+                delayed_writes(self.clone(), delay),
+            ));
         }
         // A closed control channel means the main thread is gone: drain too.
         loop {
@@ -295,6 +316,7 @@ impl Shard {
                     tracing::info!(shard = self.id, "TLS certificate reloaded");
                 }
                 Some(Control::Stats(reply)) => {
+                    crate::error::inject_panic("shard-loop");
                     let _ = reply.send(self.stats());
                 }
                 Some(Control::Hub(msg)) => self.hub.borrow_mut().handle(msg),
