@@ -23,6 +23,7 @@ both_backends!(
     process_connection_cap,
     a_panicking_connection_leaves_the_shard_serving,
     a_panicking_shard_ends_the_process,
+    message_limits_per_endpoint,
 );
 
 const SECRET: &str = "security-test-secret-of-at-least-32-bytes";
@@ -486,4 +487,21 @@ async fn a_panicking_shard_ends_the_process(backend: Backend) {
     let log = server.log();
     assert!(log.contains("shard failed"), "{log}");
     assert!(log.contains("injected panic at shard-loop"), "{log}");
+}
+
+/// Rooms and the agent take far smaller messages than echo: a 200 KiB message closes `/ws`
+/// (1009, over rooms.max_message_size) and `/ws/agent` takes at most agent.max_message_size,
+/// while `/ws/echo` still echoes it.
+async fn message_limits_per_endpoint(backend: Backend) {
+    let server = Server::start_with_config(backend, "[agent]\nmax_message_size = 4096\n", &[]);
+    let big = "x".repeat(200 * 1024);
+    let mut echo_ws = server.ws().await;
+    echo(&mut echo_ws, Message::Text(big.clone().into())).await;
+    for path in ["/ws", "/ws/agent"] {
+        let stream = server.tcp().await;
+        let mut raw = RawWs::handshake(stream, path).await;
+        let _connected = raw.read_frame().await;
+        raw.send(&frame(true, 0x1, big.as_bytes())).await;
+        assert_eq!(raw.expect_close().await, 1009, "{path}");
+    }
 }

@@ -29,6 +29,9 @@ pub struct RoomsConfig {
     pub max_topic_length: usize,
     /// Largest `data` of a publish, in bytes of JSON.
     pub max_data_size: usize,
+    /// Largest WebSocket message a `/ws` client may send (1009 beyond); at most the top-level
+    /// `max_message_size`.
+    pub max_message_size: usize,
     /// Publishes per second one connection may make (token bucket refill rate); 0 = no limit.
     pub publish_rate: f64,
     /// Publishes one connection may make in a burst (bucket size).
@@ -62,6 +65,7 @@ impl Default for RoomsConfig {
             max_topics_per_connection: 100,
             max_topic_length: 128,
             max_data_size: 64 * 1024,
+            max_message_size: 128 * 1024,
             publish_rate: 50.0,
             publish_burst: 100.0,
             request_rate: 20.0,
@@ -123,6 +127,16 @@ impl RoomsConfig {
                 format!(
                     "{} is not between 0 and {MAX_WRITE_DELAY} seconds",
                     self.write_delay
+                ),
+            );
+        }
+        let envelope = self.max_data_size + self.max_topic_length + 1024;
+        if self.max_message_size < envelope {
+            return invalid(
+                "rooms.max_message_size",
+                format!(
+                    "{} cannot carry a publish of max_data_size ({}); at least {envelope}",
+                    self.max_message_size, self.max_data_size
                 ),
             );
         }

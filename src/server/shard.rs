@@ -123,7 +123,8 @@ pub const STATS_LIST_LIMIT: usize = 1000;
 pub struct Shard {
     pub id: usize,
     pub global: Arc<Global>,
-    pub settings: Settings,
+    /// Session settings per endpoint (`Endpoint as usize`): they differ in `max_message`.
+    settings: [Settings; Endpoint::ALL.len()],
     /// Message and byte counts per endpoint (`Endpoint as usize`), published once a second.
     traffic: [Traffic; Endpoint::ALL.len()],
     /// The TLS acceptor new connections use, when the listener is TLS.
@@ -164,6 +165,15 @@ impl Shard {
             settings.compression,
             c.max_outbound_bytes,
         );
+        let with_max = |max_message: usize| Settings {
+            max_message,
+            ..settings.clone()
+        };
+        let settings = Endpoint::ALL.map(|e| match e {
+            Endpoint::Echo => with_max(c.max_message_size),
+            Endpoint::Rooms => with_max(c.rooms.max_message_size.min(c.max_message_size)),
+            Endpoint::Agent => with_max(c.agent.max_message_size.min(c.max_message_size)),
+        });
         Rc::new(Shard {
             id,
             hub: Rc::new(RefCell::new(hub)),
@@ -194,6 +204,10 @@ impl Shard {
             key,
             entry,
         }
+    }
+
+    pub fn settings(&self, endpoint: Endpoint) -> &Settings {
+        &self.settings[endpoint as usize]
     }
 
     pub fn traffic(&self, endpoint: Endpoint) -> &Traffic {
@@ -292,7 +306,7 @@ impl Shard {
             "metrics ticker",
             publish_metrics(self.clone()),
         ));
-        if let Some(period) = self.settings.heartbeat {
+        if let Some(period) = self.global.config.heartbeat() {
             tokio::task::spawn_local(critical(
                 g.clone(),
                 id,
