@@ -496,7 +496,7 @@ async fn message_limits_per_endpoint(backend: Backend) {
     let server = Server::start_with_config(backend, "[agent]\nmax_message_size = 4096\n", &[]);
     let big = "x".repeat(200 * 1024);
     let mut echo_ws = server.ws().await;
-    echo(&mut echo_ws, Message::Text(big.clone().into())).await;
+    echo(&mut echo_ws, Message::Text(big.clone())).await;
     for path in ["/ws", "/ws/agent"] {
         let stream = server.tcp().await;
         let mut raw = RawWs::handshake(stream, path).await;
