@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 both_backends!(
+    a_fresh_node_exports_every_family,
     series_follow_traffic,
     statistics_match_open_connections,
     access_log_line_per_closed_connection,
@@ -258,4 +259,15 @@ async fn metrics_can_be_turned_off(backend: Backend) {
     assert!(resp.body.contains("not enabled"), "{}", resp.body);
     let mut ws = server.ws().await;
     echo(&mut ws, Message::Text("works without metrics".into())).await;
+}
+
+/// Dashboards and `absent()` alerts work on a fresh node: every family is there, at zero.
+async fn a_fresh_node_exports_every_family(backend: Backend) {
+    let server = Server::start(backend, &[]);
+    let body = server.get("/metrics").await.body;
+    let missing: Vec<_> = ringgate::metrics::FROM_START
+        .iter()
+        .filter(|name| !body.contains(&format!("# TYPE {name} ")))
+        .collect();
+    assert!(missing.is_empty(), "missing {missing:?} in:\n{body}");
 }

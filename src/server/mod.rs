@@ -154,7 +154,7 @@ impl Server {
         let mut global = Global::new(config, backend);
         global.auth = auth;
         if global.config.metrics {
-            global.metrics = crate::metrics::install(crate::metrics::UPKEEP);
+            global.metrics = crate::metrics::install(crate::metrics::UPKEEP, shards);
         }
         crate::metrics::record_info(backend.name(), shards);
         let global = Arc::new(global);
