@@ -868,4 +868,45 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.agent.upstreams.len(), 2);
     }
+
+    #[test]
+    fn the_admin_listener_is_automatic_only_for_public_listeners() {
+        let admin = |c: &Config| -> Vec<std::net::SocketAddr> {
+            c.listeners()
+                .iter()
+                .filter(|l| l.admin)
+                .map(|l| l.addr)
+                .collect()
+        };
+        // The embedded defaults listen on 0.0.0.0: admin surface on loopback.
+        assert_eq!(admin(&Config::default()), [AdminListen::DEFAULT]);
+        let local = Config {
+            host: "127.0.0.1".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(admin(&local).is_empty());
+        let off = Config {
+            admin_listen: AdminListen::Off,
+            ..Config::default()
+        };
+        assert!(admin(&off).is_empty());
+        let c = Config::from_toml("admin_listen = \"127.0.0.1:9999\"\n").unwrap();
+        assert_eq!(admin(&c), ["127.0.0.1:9999".parse().unwrap()]);
+        assert!(Config::from_toml("admin_listen = \"nowhere\"\n").is_err());
+        assert_eq!(
+            Config::from_toml(&Config::default().to_toml())
+                .unwrap()
+                .admin_listen,
+            AdminListen::Auto
+        );
+        // Warnings name the exposure.
+        let w = Config::default().warnings();
+        assert!(w.iter().any(|w| w.contains("no [auth]")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("api_key")), "{w:?}");
+        let exposed = Config::from_toml("admin_listen = \"0.0.0.0:9003\"\n").unwrap();
+        assert!(exposed
+            .warnings()
+            .iter()
+            .any(|w| w.contains("non-loopback")));
+    }
 }

@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _};
 use tokio::sync::mpsc;
 
 use crate::io::{self, handover, listen, Backend};
-use crate::server::config::{Config, IoMode, Listen};
+use crate::server::config::{AdminListen, Config, IoMode, Listen};
 use shard::{Control, Global, Shard};
 
 /// A running server: its address and the handles to stop it.
@@ -122,9 +122,21 @@ impl Server {
             }
             if sockets.len() < shards {
                 let addr = sockets.first().map_or(Ok(spec.addr), |l| l.local_addr())?;
-                let more = listen::bind_reuseport(addr, shards - sockets.len(), config.backlog)
-                    .with_context(|| format!("cannot listen on {}", spec.addr))?;
-                sockets.extend(more);
+                match listen::bind_reuseport(addr, shards - sockets.len(), config.backlog) {
+                    Ok(more) => sockets.extend(more),
+                    // The automatic admin listener is a convenience: a port taken by another
+                    // program must not stop the server.
+                    Err(e) if spec.admin && config.admin_listen == AdminListen::Auto => {
+                        tracing::warn!(
+                            addr = %spec.addr, error = %e,
+                            "no admin listener (admin_listen = \"auto\"): the admin surface is not served"
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot listen on {}", spec.addr))
+                    }
+                }
             }
             addrs.push((sockets[0].local_addr()?, *spec));
             for (i, l) in sockets.into_iter().enumerate() {
