@@ -1,11 +1,9 @@
-//! permessage-deflate from the client's side (RFC 7692): the offer, the server's answer, and
-//! compressing and inflating message bodies.
+//! permessage-deflate from the client's side (RFC 7692): the offer and the server's answer.
+//! Message bodies are compressed and inflated with the server's own codec
+//! (`ringgate::ws::deflate::{Deflater, Inflater}`).
 
 use anyhow::{bail, ensure, Context as _, Result};
-use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 
-/// The tail a sync flush ends with, stripped from and re-appended to message bodies (RFC 7692).
-const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// The offer browsers send.
 pub const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
@@ -64,64 +62,4 @@ pub fn parse_pmd(v: &str) -> Result<Pmd> {
         "server limits the client to an 8-bit window, which zlib cannot produce"
     );
     Ok(p)
-}
-
-/// Compresses one message body (sync flush, tail stripped) into `out`, replacing its contents.
-pub fn deflate_message(z: &mut Compress, input: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    out.reserve(input.len() + 64);
-    let base = z.total_in();
-    loop {
-        let done = (z.total_in() - base) as usize;
-        z.compress_vec(&input[done..], out, FlushCompress::Sync)
-            .expect("deflate stream state");
-        let done = (z.total_in() - base) as usize;
-        if done == input.len() && out.len() < out.capacity() {
-            break;
-        }
-        out.reserve(out.capacity().max(64));
-    }
-    if out.ends_with(&DEFLATE_TAIL) {
-        out.truncate(out.len() - DEFLATE_TAIL.len());
-    }
-}
-
-/// Inflates one compressed message body into `out` (replacing its contents), refusing more
-/// than `limit` bytes.
-pub fn inflate_message(
-    z: &mut Decompress,
-    input: &[u8],
-    out: &mut Vec<u8>,
-    limit: usize,
-) -> Result<()> {
-    out.clear();
-    for chunk in [input, &DEFLATE_TAIL[..]] {
-        let base = z.total_in();
-        loop {
-            if out.len() == out.capacity() {
-                ensure!(out.len() <= limit, "inflated reply over {limit} bytes");
-                out.reserve(out.capacity().max(4096));
-            }
-            let done = (z.total_in() - base) as usize;
-            let before = (z.total_in(), z.total_out());
-            let st = z
-                .decompress_vec(&chunk[done..], out, FlushDecompress::Sync)
-                .map_err(|e| anyhow::anyhow!("corrupt compressed reply: {e}"))?;
-            ensure!(out.len() <= limit, "inflated reply over {limit} bytes");
-            if st == Status::StreamEnd {
-                // A final block: the server may end its stream; start a fresh one.
-                z.reset(false);
-                return Ok(());
-            }
-            let done = (z.total_in() - base) as usize;
-            if done == chunk.len() && out.len() < out.capacity() {
-                break;
-            }
-            ensure!(
-                before != (z.total_in(), z.total_out()) || out.len() == out.capacity(),
-                "inflate made no progress"
-            );
-        }
-    }
-    Ok(())
 }

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use clap::Args;
-use flate2::{Compress, Compression, Decompress};
 use hdrhistogram::Histogram;
+use ringgate::ws::deflate::{Deflater, InflateError, Inflater};
 use ringgate::ws::frame::{parse_header, write_masked_frame, OpCode};
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::deflate::{deflate_message, inflate_message, Pmd};
+use crate::deflate::Pmd;
 use crate::payload::{Bodies, MsgArgs, PayloadKind, Pool};
 use crate::proc::{ensure_nofile, machine_busy_secs, machine_busy_ticks, self_cpu, ServerCpu};
 use crate::stream::Stream;
@@ -67,8 +67,8 @@ struct ConnPmd {
     /// Bodies compressed on their own, shared (the server forbade client context takeover).
     shared: Option<Bodies>,
     /// Our own compressor (context takeover), when `shared` is `None`.
-    deflater: Option<Compress>,
-    inflater: Decompress,
+    deflater: Option<Deflater>,
+    inflater: Inflater,
     /// Scratch for a compressed message body and an inflated reply.
     body: Vec<u8>,
     inflated: Vec<u8>,
@@ -134,17 +134,13 @@ impl EchoConn {
             let (shared, deflater) = if pmd.client_no_context_takeover || pool.independent {
                 (Some(pool.compressed(bits)), None)
             } else {
-                let level = Compression::new(pool.level);
-                (
-                    None,
-                    Some(Compress::new_with_window_bits(level, false, bits)),
-                )
+                (None, Some(Deflater::new(pool.level, bits, true)))
             };
             ConnPmd {
                 pmd,
                 shared,
                 deflater,
-                inflater: Decompress::new_with_window_bits(false, 15),
+                inflater: Inflater::new(!pmd.server_no_context_takeover),
                 body: Vec::new(),
                 inflated: Vec::with_capacity(largest + 1),
             }
@@ -182,7 +178,8 @@ impl EchoConn {
             Some(d) => match (&d.shared, d.deflater.as_mut()) {
                 (Some(shared), _) => &shared[i],
                 (None, Some(z)) => {
-                    deflate_message(z, msg, &mut d.body);
+                    d.body.clear();
+                    z.compress(msg, &mut d.body);
                     &d.body
                 }
                 (None, None) => unreachable!("a compressed connection has a compressor"),
@@ -214,10 +211,13 @@ impl EchoConn {
             .deflate
             .as_mut()
             .context("compressed frame without permessage-deflate")?;
-        inflate_message(&mut d.inflater, body, &mut d.inflated, MAX_SIZE)?;
-        if d.pmd.server_no_context_takeover {
-            d.inflater.reset(false);
-        }
+        d.inflated.clear();
+        d.inflater
+            .inflate(body, MAX_SIZE, &mut d.inflated)
+            .map_err(|e| match e {
+                InflateError::TooBig(limit) => anyhow::anyhow!("inflated reply over {limit} bytes"),
+                InflateError::Corrupt => anyhow::anyhow!("corrupt compressed reply"),
+            })?;
         ensure!(
             d.inflated == *want,
             "inflated echo differs from what was sent"

@@ -5,11 +5,10 @@ use std::rc::Rc;
 
 use anyhow::{ensure, Result};
 use clap::{Args, ValueEnum};
-use flate2::{Compress, Compression};
 use ringgate::payload::json_message;
+use ringgate::ws::deflate::Deflater;
 use ringgate::ws::frame::OpCode;
 
-use crate::deflate::deflate_message;
 use crate::MAX_SIZE;
 
 /// Distinct messages in a `--payload json` pool: 256 × 512 B is four times a 32 KiB deflate
@@ -107,14 +106,13 @@ impl Pool {
         if let Some((_, v)) = c.iter().find(|(b, _)| *b == bits) {
             return v.clone();
         }
-        let mut z = Compress::new_with_window_bits(Compression::new(self.level), false, bits);
+        let mut z = Deflater::new(self.level, bits, false);
         let v: Bodies = self
             .msgs
             .iter()
             .map(|m| {
                 let mut out = Vec::new();
-                deflate_message(&mut z, m, &mut out);
-                z.reset();
+                z.compress(m, &mut out);
                 out
             })
             .collect();
