@@ -11,8 +11,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use ringgate::ws::deflate::{Deflater, InflateError, Inflater};
-use ringgate::ws::frame::{parse_header, write_masked_frame, OpCode};
-use tokio::io::AsyncReadExt;
+use ringgate::ws::frame::{write_masked_frame, OpCode};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -22,7 +21,7 @@ use crate::proc::{ensure_nofile, machine_busy_secs, machine_busy_ticks, self_cpu
 use crate::stream::Stream;
 use crate::target::{open_all, Target, Upgraded};
 use crate::tls::TlsArgs;
-use crate::wire::{close_frame, mask_from};
+use crate::wire::{close_frame, mask_from, FrameBuf};
 use crate::{latency_histogram, seed, MAX_CONNECTIONS, MAX_MESSAGES, MAX_SECONDS, MAX_SIZE};
 
 const MAX_PIPELINE: usize = 1024;
@@ -106,10 +105,8 @@ pub struct EchoConn {
     /// Frames of the current round.
     wbuf: Vec<u8>,
     deflate: Option<ConnPmd>,
-    /// Receive buffer: bytes `[start..end]` are unparsed.
-    rbuf: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Replies not yet parsed.
+    fb: FrameBuf,
     /// Pongs (answers to server pings) waiting to be written.
     ctl: Vec<u8>,
     mask: [u8; 4],
@@ -146,9 +143,7 @@ impl EchoConn {
             }
         });
         // Room for a whole pipeline of echoes, and at least 64 KiB for small messages.
-        let cap = (p * (largest + 14)).max(64 * 1024).max(u.early.len());
-        let mut rbuf = vec![0u8; cap];
-        rbuf[..u.early.len()].copy_from_slice(&u.early);
+        let fb = FrameBuf::new(&u.early, (p * (largest + 14)).max(64 * 1024));
         let first = first % pool.msgs.len();
         EchoConn {
             s: u.s,
@@ -157,9 +152,7 @@ impl EchoConn {
             next_echo: first,
             wbuf: Vec::with_capacity(p * (largest + 14)),
             deflate,
-            end: u.early.len(),
-            rbuf,
-            start: 0,
+            fb,
             ctl: Vec::new(),
             mask,
             wire: Wire::default(),
@@ -193,39 +186,6 @@ impl EchoConn {
         }
     }
 
-    /// Checks one data message from the server against the next echo expected.
-    fn check_echo(&mut self, rsv: u8, body_at: usize, len: usize) -> Result<()> {
-        let body = &self.rbuf[body_at..body_at + len];
-        let want = &self.pool.msgs[self.next_echo];
-        self.next_echo = (self.next_echo + 1) % self.pool.msgs.len();
-        self.wire.recv_msgs += 1;
-        self.wire.recv_wire += len as u64;
-        self.wire.recv_plain += want.len() as u64;
-        if rsv & 0b100 == 0 {
-            ensure!(rsv == 0, "reserved bits {rsv:#b} set");
-            ensure!(*body == **want, "echo differs from what was sent");
-            return Ok(());
-        }
-        ensure!(rsv == 0b100, "reserved bits {rsv:#b} set");
-        let d = self
-            .deflate
-            .as_mut()
-            .context("compressed frame without permessage-deflate")?;
-        d.inflated.clear();
-        d.inflater
-            .inflate(body, MAX_SIZE, &mut d.inflated)
-            .map_err(|e| match e {
-                InflateError::TooBig(limit) => anyhow::anyhow!("inflated reply over {limit} bytes"),
-                InflateError::Corrupt => anyhow::anyhow!("corrupt compressed reply"),
-            })?;
-        ensure!(
-            d.inflated == *want,
-            "inflated echo differs from what was sent"
-        );
-        self.wire.recv_compressed += 1;
-        Ok(())
-    }
-
     /// Sends `k` messages in one write and waits for their `k` echoes, reporting each echo's
     /// latency (from just before the write to the read that completed it) to `record`.
     pub async fn round(&mut self, k: usize, mut record: impl FnMut(Duration)) -> Result<()> {
@@ -237,44 +197,24 @@ impl EchoConn {
         self.s.send(&self.wbuf).await?;
         let (mut got, mut recorded) = (0, 0);
         loop {
-            // Parse every complete frame in the buffer.
-            while let Some(h) = parse_header(&self.rbuf[self.start..self.end])
-                .map_err(|e| anyhow::anyhow!("bad frame from server: {e}"))?
-            {
-                ensure!(
-                    h.payload_len <= MAX_SIZE as u64,
-                    "server frame of {} bytes",
-                    h.payload_len
-                );
-                let total = h.header_len + h.payload_len as usize;
-                if self.end - self.start < total {
-                    if self.start + total > self.rbuf.len() {
-                        self.make_room(total);
-                    }
-                    break;
-                }
-                let (body_at, len) = (self.start + h.header_len, h.payload_len as usize);
-                ensure!(h.mask.is_none(), "server frame is masked");
-                match h.opcode {
-                    OpCode::Text | OpCode::Binary if h.fin => {
+            self.fb.each(|op, fin, rsv, body| {
+                match op {
+                    OpCode::Text | OpCode::Binary if fin => {
                         ensure!(got < k, "more echoes than messages sent");
-                        self.check_echo(h.rsv, body_at, len)?;
+                        let want = &self.pool.msgs[self.next_echo];
+                        self.next_echo = (self.next_echo + 1) % self.pool.msgs.len();
+                        check_echo(want, self.deflate.as_mut(), &mut self.wire, rsv, body)?;
                         got += 1;
                     }
                     OpCode::Ping => {
-                        let body = &self.rbuf[body_at..body_at + len];
                         write_masked_frame(&mut self.ctl, true, OpCode::Pong, self.mask, body)
                     }
                     OpCode::Pong => {}
                     OpCode::Close => bail!("server sent close"),
-                    op => bail!("unexpected {op:?} frame (fin={})", h.fin),
+                    op => bail!("unexpected {op:?} frame (fin={fin})"),
                 }
-                self.start += total;
-            }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            }
+                Ok(true)
+            })?;
             if got > recorded {
                 let lat = sent.elapsed();
                 for _ in recorded..got {
@@ -285,33 +225,13 @@ impl EchoConn {
             if got == k {
                 break;
             }
-            if self.end == self.rbuf.len() {
-                let need = if self.start == 0 {
-                    2 * self.end
-                } else {
-                    self.end
-                };
-                self.make_room(need);
-            }
-            let n = self.s.read(&mut self.rbuf[self.end..]).await?;
-            ensure!(n > 0, "server closed the connection");
-            self.end += n;
+            self.fb.fill(&mut self.s).await?;
         }
         if !self.ctl.is_empty() {
             self.s.send(&self.ctl).await?;
             self.ctl.clear();
         }
         Ok(())
-    }
-
-    /// Moves the unparsed bytes to the front and grows the buffer to hold `need` bytes.
-    fn make_room(&mut self, need: usize) {
-        self.rbuf.copy_within(self.start..self.end, 0);
-        self.end -= self.start;
-        self.start = 0;
-        if self.rbuf.len() < need {
-            self.rbuf.resize(need, 0);
-        }
     }
 
     /// Runs rounds until the phase's budget or deadline is spent.
@@ -335,6 +255,39 @@ impl EchoConn {
         }
         Ok(())
     }
+}
+
+/// Checks one data message from the server against `want`, the next echo expected.
+fn check_echo(
+    want: &[u8],
+    deflate: Option<&mut ConnPmd>,
+    wire: &mut Wire,
+    rsv: u8,
+    body: &[u8],
+) -> Result<()> {
+    wire.recv_msgs += 1;
+    wire.recv_wire += body.len() as u64;
+    wire.recv_plain += want.len() as u64;
+    if rsv & 0b100 == 0 {
+        ensure!(rsv == 0, "reserved bits {rsv:#b} set");
+        ensure!(body == want, "echo differs from what was sent");
+        return Ok(());
+    }
+    ensure!(rsv == 0b100, "reserved bits {rsv:#b} set");
+    let d = deflate.context("compressed frame without permessage-deflate")?;
+    d.inflated.clear();
+    d.inflater
+        .inflate(body, MAX_SIZE, &mut d.inflated)
+        .map_err(|e| match e {
+            InflateError::TooBig(limit) => anyhow::anyhow!("inflated reply over {limit} bytes"),
+            InflateError::Corrupt => anyhow::anyhow!("corrupt compressed reply"),
+        })?;
+    ensure!(
+        d.inflated == want,
+        "inflated echo differs from what was sent"
+    );
+    wire.recv_compressed += 1;
+    Ok(())
 }
 
 /// Runs one phase over all connections; returns the connections still usable and the number of
