@@ -34,7 +34,9 @@ use crate::ws::handshake::{self, OriginPolicy};
 use ::metrics::{counter, gauge};
 
 pub type Body = Full<Bytes>;
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>>>;
+/// What the server sends: whole bodies, or a proxied upstream's streamed through.
+type ServedBody = crate::proxy::body::Body;
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ServedBody>, Infallible>>>>;
 
 /// An accepted upgrade waiting for hyper to finish writing the 101.
 struct Upgrade {
@@ -84,7 +86,12 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         }
     };
     let upgrade = Rc::new(Cell::new(None));
+    let tunnel = Rc::new(Cell::new(None));
     let served = Rc::new(Cell::new(false));
+    let sni = match &conn {
+        Stream::Tls(t) => t.get_ref().1.server_name().map(str::to_owned),
+        Stream::Plain(_) => None,
+    };
     let router = Router {
         shard: shard.clone(),
         upgrade: upgrade.clone(),
@@ -93,6 +100,12 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         private: listen.admin
             || (!shard.global.has_admin_listener && listen.addr.ip().is_loopback()),
         served: served.clone(),
+        tunnel: tunnel.clone(),
+        client: crate::proxy::Client {
+            remote,
+            tls: listen.tls,
+            sni,
+        },
     };
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -123,6 +136,22 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
     // the upgrade cell) goes now rather than living as long as the WebSocket.
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
     let mut io = io.into_inner();
+    if let Some((t, _slot)) = tunnel.take() {
+        drop(tunnel);
+        let entry = reg.entry.clone();
+        // A drain ends the tunnel (its bytes are not ours to frame a close into).
+        let stop = poll_fn(move |cx| {
+            entry.register_waker(cx.waker());
+            if entry.close_requested() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        });
+        crate::proxy::tunnel::run(io, read_buf, t, stop).await;
+        return;
+    }
+    drop(tunnel);
     let up = upgrade.take();
     drop(upgrade);
     match up {
@@ -182,17 +211,26 @@ struct Router {
     private: bool,
     /// A request has been received on this connection.
     served: Rc<Cell<bool>>,
+    /// A proxied upgrade whose upstream answered 101.
+    tunnel: Rc<Cell<Option<(crate::proxy::tunnel::Upgraded, WsSlot)>>>,
+    client: crate::proxy::Client,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Router {
-    type Response = Response<Body>;
+    type Response = Response<ServedBody>;
     type Error = Infallible;
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.served.set(true);
+        if !self.admin {
+            let proxy = self.shard.proxy.borrow().clone();
+            if let Some(route) = proxy.find(&req, self.client.sni.as_deref()) {
+                return self.proxy(route, req);
+            }
+        }
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
-            return Box::pin(statistics(self.shard.global.clone()));
+            return Box::pin(statistics(self.shard.clone()));
         }
         let config = &self.shard.global.config;
         // `/api/*` is protected by its key; without one, only the admin surface serves it.
@@ -205,7 +243,7 @@ impl hyper::service::Service<Request<Incoming>> for Router {
                 let resp = api::serve(shard, req).await;
                 counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
                     .increment(1);
-                Ok(resp)
+                Ok(resp.map(Into::into))
             });
         }
         let resp = if self.admin {
@@ -217,7 +255,40 @@ impl hyper::service::Service<Request<Incoming>> for Router {
             counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
                 .increment(1);
         }
-        Box::pin(std::future::ready(Ok(resp)))
+        Box::pin(std::future::ready(Ok(resp.map(Into::into))))
+    }
+}
+
+impl Router {
+    /// A request a `[[route]]` takes: forwarded, or for a WebSocket upgrade tunnelled (also
+    /// with `mode = "websocket"`, the default, until ringgate's own relay session exists).
+    fn proxy(&self, route: Rc<crate::proxy::RouteState>, req: Request<Incoming>) -> ResponseFuture {
+        use crate::proxy::{http::error_response, tunnel, Failure};
+        let client = self.client.clone();
+        if !tunnel::is_websocket_upgrade(&req) {
+            return Box::pin(
+                async move { Ok(crate::proxy::http::forward(route, req, client).await) },
+            );
+        }
+        let global = self.shard.global.clone();
+        if global.is_draining() {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
+            return Box::pin(std::future::ready(Ok(error_response(&Failure::Draining))));
+        }
+        let Some(slot) = global.try_admit_ws() else {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => "capacity").increment(1);
+            let resp = text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+            return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
+        };
+        let cell = self.tunnel.clone();
+        let (parts, _body) = req.into_parts();
+        Box::pin(async move {
+            let (resp, upgraded) = tunnel::handshake(route, parts, client).await;
+            if let Some(u) = upgraded {
+                cell.set(Some((u, slot)));
+            }
+            Ok(resp)
+        })
     }
 }
 
@@ -426,9 +497,8 @@ async fn refuse(mut conn: Conn, refusal: Refusal, tls: bool) {
 
 /// `GET /ws/statistics`: every shard reports its connections by message; the answer is their
 /// sum (docs/PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
-async fn statistics(
-    global: std::sync::Arc<crate::server::shard::Global>,
-) -> Result<Response<Body>, Infallible> {
+async fn statistics(shard: Rc<Shard>) -> Result<Response<ServedBody>, Infallible> {
+    let global = shard.global.clone();
     let mut replies = Vec::new();
     for shard in global.shards.get().into_iter().flatten() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -456,13 +526,31 @@ async fn statistics(
     if truncated {
         body["truncated"] = serde_json::Value::Bool(true);
     }
+    // Routes as this shard sees them (health and counters are per shard).
+    let routes = shard.proxy.borrow().stats();
+    if !routes.is_empty() {
+        body["routes"] = routes
+            .into_iter()
+            .map(|r| {
+                serde_json::json!({
+                    "route": r.route,
+                    "shard": shard.id,
+                    "bytes_in": r.bytes_in,
+                    "bytes_out": r.bytes_out,
+                    "upstreams": r.upstreams.into_iter().map(|(u, up, n)| serde_json::json!({
+                        "url": u, "available": up, "in_flight": n,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+    }
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     counter!(metrics::HTTP_REQUESTS, "status" => "200").increment(1);
-    Ok(resp)
+    Ok(resp.map(Into::into))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {
