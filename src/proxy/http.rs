@@ -99,6 +99,9 @@ async fn exchange(
     request_id: &str,
 ) -> Attempt {
     let cfg = &route.cfg;
+    if super::head_too_large(&parts.headers) {
+        return Err((Failure::HeadTooLarge, None));
+    }
     let limit = cfg.max_body_size;
     let declared = parts
         .headers

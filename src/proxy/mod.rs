@@ -59,8 +59,21 @@ pub enum Failure {
     /// Every upstream is ejected or down.
     NoUpstream,
     TooLarge,
+    /// The request's headers are over [`MAX_REQUEST_HEAD`].
+    HeadTooLarge,
     ClientIdle,
     Draining,
+}
+
+/// Largest request head (all header lines) forwarded; hyper's own read limit does not catch a
+/// head that arrives in one large read.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+pub fn head_too_large(h: &::http::HeaderMap) -> bool {
+    h.iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        > MAX_REQUEST_HEAD
 }
 
 impl Failure {
@@ -71,6 +84,7 @@ impl Failure {
             Failure::ConnectTimeout | Failure::HeadTimeout => S::GATEWAY_TIMEOUT,
             Failure::NoUpstream | Failure::Draining => S::SERVICE_UNAVAILABLE,
             Failure::TooLarge => S::PAYLOAD_TOO_LARGE,
+            Failure::HeadTooLarge => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Failure::ClientIdle => S::REQUEST_TIMEOUT,
         }
     }
@@ -87,6 +101,7 @@ impl Failure {
             Failure::TooLarge => {
                 "payload too large: the request body is over this route's limit\n".into()
             }
+            Failure::HeadTooLarge => "request header fields too large\n".into(),
             Failure::ClientIdle => "request timeout: the request body stopped arriving\n".into(),
             Failure::Draining => "service unavailable: the server is draining\n".into(),
         }

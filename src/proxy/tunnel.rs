@@ -95,6 +95,9 @@ async fn attempt(
     request_id: &str,
 ) -> Outcome {
     let cfg = &route.cfg;
+    if super::head_too_large(&parts.headers) {
+        return Err((Failure::HeadTooLarge, None));
+    }
     let client_host = parts.headers.get(header::HOST).cloned();
     let mut h = parts.headers.clone();
     headers::upstream_request(route, &mut h, client, request_id);
@@ -186,13 +189,18 @@ async fn attempt(
             };
             return Ok((out, Some(upgraded), label));
         }
-        // A refusal: passed on with its body (when it has a short one).
-        let len = upstream_headers
+        // A refusal: passed on with its body when short (by length, or up to the close).
+        let declared = upstream_headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n <= MAX_HEAD)
-            .unwrap_or(0);
+            .and_then(|v| v.parse::<usize>().ok());
+        let chunked = upstream_headers.contains_key(header::TRANSFER_ENCODING);
+        let len = match declared {
+            Some(n) if n <= MAX_HEAD => n,
+            Some(_) => 0,
+            None if chunked => 0,
+            None => MAX_HEAD,
+        };
         let mut body = rest;
         if body.len() < len {
             let more = async {
