@@ -743,6 +743,7 @@ struct WsSeen {
 
 /// A tokio-tungstenite upstream: picks `superchat` when offered, echoes data messages; the
 /// text `close:N` makes it close with code N; refuses `/forbidden` with 403.
+#[allow(clippy::result_large_err)] // tungstenite's callback signature
 async fn ws_upstream() -> (SocketAddr, Arc<WsSeen>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -791,7 +792,8 @@ async fn ws_upstream() -> (SocketAddr, Arc<WsSeen>) {
                                 .push(f.map_or(1005, |f| u16::from(f.code)));
                         }
                         m @ (Message::Text(_) | Message::Binary(_)) => {
-                            if ws.send(m).await.is_err() {
+                            let sent = ws.send(m).await;
+                            if sent.is_err() {
                                 return;
                             }
                         }
