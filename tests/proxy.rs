@@ -53,6 +53,7 @@ both_backends!(
     tunnel_is_byte_exact_with_half_close,
     wss_termination_in_front_of_ws_app,
     sighup_reloads_routes,
+    drain_finishes_requests_in_flight,
 );
 
 // ---- an HTTP upstream ------------------------------------------------------------------------
@@ -67,6 +68,8 @@ struct Seen {
     /// Request bodies that ended in an error (the proxy went away mid-upload).
     upload_errors: AtomicUsize,
     healthy: AtomicBool,
+    /// `/gate` answers once this is notified.
+    gate: tokio::sync::Notify,
 }
 
 struct HttpUp {
@@ -181,6 +184,10 @@ async fn serve(name: &str, req: http::Request<Incoming>, s: Arc<Seen>) -> http::
                 }
             }
             ok(format!("{len} {sum} {trailer}"))
+        }
+        "/gate" => {
+            s.gate.notified().await;
+            ok("through the gate".into())
         }
         "/hang" => {
             std::future::pending::<()>().await;
@@ -1059,4 +1066,45 @@ async fn check_config_reports_and_refuses() {
     let out = run_to_exit(ringgate_command().arg("check-config").arg(&bad.path)).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("route#1"));
+}
+
+/// A drain lets a proxied request in flight finish; a proxied WebSocket tunnel is ended.
+async fn drain_finishes_requests_in_flight(backend: Backend) {
+    let up = HttpUp::start("a").await;
+    let (ws_addr, _) = ws_upstream().await;
+    let config = format!(
+        "{}{}",
+        route(
+            "path_prefix = \"/ws-app/\"\nmode = \"tunnel\"",
+            &[format!("ws://{ws_addr}")]
+        ),
+        route("", &[up.url()])
+    );
+    let mut server = Server::start_with_config(backend, &config, &[]);
+    let (mut ws, _) = ws_connect(&server, "/ws-app/x", None).await;
+    echo(&mut ws, Message::text("before")).await;
+    let mut s = server.tcp().await;
+    s.write_all(b"GET /gate HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    within("request reached the upstream", async {
+        while up.requests().iter().all(|(p, _, _)| p != "/gate") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    server.signal(libc::SIGTERM);
+    // The tunnel goes with the drain.
+    loop {
+        match within("tunnel ends", ws.next()).await {
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    up.seen.gate.notify_one();
+    let r = read_response(&mut s).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "through the gate"));
+    drop(s);
+    let status = server.wait_exit(PATIENCE).await;
+    assert!(status.success(), "{status:?}");
 }

@@ -84,6 +84,7 @@ pub enum ReqBody {
 }
 
 pub struct Upload {
+    pub route: std::rc::Rc<str>,
     pub inner: Incoming,
     /// 0: no limit.
     pub limit: u64,
@@ -154,6 +155,9 @@ impl HttpBody for ReqBody {
 /// the whole by the total one. At its end the connection goes back to the pool; dropped
 /// before (the client went away) it closes the upstream connection.
 pub struct Relay {
+    pub route: std::rc::Rc<str>,
+    /// Bytes passed so far (published when the body ends or goes).
+    pub sent: u64,
     pub inner: Incoming,
     pub lease: Option<Lease>,
     pub idle: Duration,
@@ -193,6 +197,7 @@ impl HttpBody for Relay {
                 if let Some(d) = f.data_ref() {
                     let c = &r.counted.bytes_out;
                     c.set(c.get() + d.len() as u64);
+                    r.sent += d.len() as u64;
                 }
                 r.timer.as_mut().reset(Instant::now() + r.idle);
                 Poll::Ready(Some(Ok(f)))
@@ -220,8 +225,17 @@ impl HttpBody for Relay {
     }
 }
 
+impl Drop for Upload {
+    fn drop(&mut self) {
+        ::metrics::counter!(crate::metrics::PROXY_BYTES_IN, "route" => self.route.to_string())
+            .increment(self.seen);
+    }
+}
+
 impl Drop for Relay {
     fn drop(&mut self) {
+        ::metrics::counter!(crate::metrics::PROXY_BYTES_OUT, "route" => self.route.to_string())
+            .increment(self.sent);
         // A body whose end was already seen by hyper but not polled to `None` is complete.
         if self.inner.is_end_stream() {
             if let Some(l) = self.lease.as_mut() {

@@ -122,6 +122,7 @@ async fn exchange(
     let fault = Rc::new(Cell::new(None));
     let mut upload = (!empty).then(|| {
         ReqBody::Stream(Box::new(Upload {
+            route: route.name.as_str().into(),
             inner: body,
             limit,
             seen: 0,
@@ -327,6 +328,8 @@ fn respond(
     parts.version = Version::HTTP_11;
     let idle = route.cfg.idle_timeout();
     let relay = Relay {
+        route: route.name.as_str().into(),
+        sent: 0,
         inner,
         lease: Some(lease),
         idle,

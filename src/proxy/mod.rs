@@ -29,13 +29,11 @@ use net::Cidr;
 use route::{Builtin, Table};
 use upstream::Upstream;
 
-pub const REQUESTS: &str = "ringgate_proxy_requests_total";
-pub const LATENCY: &str = "ringgate_proxy_upstream_latency_seconds";
-pub const RETRIES: &str = "ringgate_proxy_retries_total";
-pub const WEBSOCKETS: &str = "ringgate_proxy_websockets_active";
-pub const BYTES_IN: &str = "ringgate_proxy_bytes_in_total";
-pub const BYTES_OUT: &str = "ringgate_proxy_bytes_out_total";
-pub const UPSTREAM_HEALTHY: &str = "ringgate_proxy_upstream_healthy";
+pub use crate::metrics::{
+    PROXY_BYTES_IN as BYTES_IN, PROXY_BYTES_OUT as BYTES_OUT, PROXY_LATENCY as LATENCY,
+    PROXY_REQUESTS as REQUESTS, PROXY_RETRIES as RETRIES,
+    PROXY_UPSTREAM_HEALTHY as UPSTREAM_HEALTHY, PROXY_WEBSOCKETS as WEBSOCKETS,
+};
 
 /// Who is asking, as the server layer knows it.
 #[derive(Debug, Clone)]
@@ -232,10 +230,18 @@ impl Proxy {
         self.table.is_empty()
     }
 
-    /// Starts the active health checks of this table's routes.
+    /// Resolves upstream names (again on a failed connect) and starts the active health
+    /// checks of this table's routes.
     pub fn start(&self) {
         for r in &self.routes {
+            for u in &r.upstreams {
+                let u = u.clone();
+                tokio::task::spawn_local(async move { u.resolve_early().await });
+            }
             health::start(r);
+            if r.cfg.mode == Some(config::Mode::Websocket) && r.shard == 0 {
+                tracing::warn!(route = %r.name, "mode = \"websocket\" is served as a tunnel in this version (docs/PROXY.md)");
+            }
         }
     }
 
@@ -280,6 +286,41 @@ impl Proxy {
                     .iter()
                     .map(|u| (u.label.clone(), u.available(now), u.outstanding.get()))
                     .collect(),
+            })
+            .collect()
+    }
+}
+
+impl RouteStats {
+    /// Every shard's view of the routes as one JSON list: bytes summed, upstreams in service
+    /// on every shard counted as available, in-flight requests summed.
+    pub fn merge(per_shard: Vec<Vec<RouteStats>>) -> serde_json::Value {
+        let mut all: Vec<RouteStats> = Vec::new();
+        for shard in per_shard {
+            for r in shard {
+                match all.iter_mut().find(|a| a.route == r.route) {
+                    None => all.push(r),
+                    Some(a) => {
+                        a.bytes_in += r.bytes_in;
+                        a.bytes_out += r.bytes_out;
+                        for (x, y) in a.upstreams.iter_mut().zip(r.upstreams) {
+                            x.1 &= y.1;
+                            x.2 += y.2;
+                        }
+                    }
+                }
+            }
+        }
+        all.into_iter()
+            .map(|r| {
+                serde_json::json!({
+                    "route": r.route,
+                    "bytes_in": r.bytes_in,
+                    "bytes_out": r.bytes_out,
+                    "upstreams": r.upstreams.into_iter().map(|(url, available, in_flight)| {
+                        serde_json::json!({"url": url, "available": available, "in_flight": in_flight})
+                    }).collect::<Vec<_>>(),
+                })
             })
             .collect()
     }

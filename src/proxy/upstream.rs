@@ -100,6 +100,13 @@ impl Upstream {
         }
     }
 
+    /// Resolves the name at start, so a name that does not resolve is logged before traffic.
+    pub async fn resolve_early(&self) {
+        if let Err(e) = self.resolve().await {
+            tracing::warn!(upstream = %self.label, error = ?e, "upstream name does not resolve (tried again on use)");
+        }
+    }
+
     /// Resolves the name (once; again after a failed connect).
     async fn resolve(&self) -> Result<Vec<SocketAddr>, Failure> {
         if let Some(a) = self.addrs.borrow().as_ref() {

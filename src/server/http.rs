@@ -230,7 +230,7 @@ impl hyper::service::Service<Request<Incoming>> for Router {
             }
         }
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
-            return Box::pin(statistics(self.shard.clone()));
+            return Box::pin(statistics(self.shard.global.clone()));
         }
         let config = &self.shard.global.config;
         // `/api/*` is protected by its key; without one, only the admin surface serves it.
@@ -497,8 +497,9 @@ async fn refuse(mut conn: Conn, refusal: Refusal, tls: bool) {
 
 /// `GET /ws/statistics`: every shard reports its connections by message; the answer is their
 /// sum (docs/PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
-async fn statistics(shard: Rc<Shard>) -> Result<Response<ServedBody>, Infallible> {
-    let global = shard.global.clone();
+async fn statistics(
+    global: std::sync::Arc<crate::server::shard::Global>,
+) -> Result<Response<ServedBody>, Infallible> {
     let mut replies = Vec::new();
     for shard in global.shards.get().into_iter().flatten() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -508,6 +509,7 @@ async fn statistics(shard: Rc<Shard>) -> Result<Response<ServedBody>, Infallible
     }
     let (mut active, mut messages, mut truncated) = (0, 0, false);
     let mut connections = Vec::new();
+    let mut routes = Vec::new();
     for rx in replies {
         // A shard that is gone (draining) simply does not count.
         if let Ok(s) = rx.await {
@@ -515,6 +517,7 @@ async fn statistics(shard: Rc<Shard>) -> Result<Response<ServedBody>, Infallible
             messages += s.messages;
             truncated |= s.truncated;
             connections.extend(s.connections);
+            routes.push(s.routes);
         }
     }
     let mut body = serde_json::json!({
@@ -526,23 +529,8 @@ async fn statistics(shard: Rc<Shard>) -> Result<Response<ServedBody>, Infallible
     if truncated {
         body["truncated"] = serde_json::Value::Bool(true);
     }
-    // Routes as this shard sees them (health and counters are per shard).
-    let routes = shard.proxy.borrow().stats();
     if !routes.is_empty() {
-        body["routes"] = routes
-            .into_iter()
-            .map(|r| {
-                serde_json::json!({
-                    "route": r.route,
-                    "shard": shard.id,
-                    "bytes_in": r.bytes_in,
-                    "bytes_out": r.bytes_out,
-                    "upstreams": r.upstreams.into_iter().map(|(u, up, n)| serde_json::json!({
-                        "url": u, "available": up, "in_flight": n,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
+        body["routes"] = crate::proxy::RouteStats::merge(routes);
     }
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     resp.headers_mut().insert(

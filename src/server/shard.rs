@@ -116,6 +116,8 @@ pub struct ShardStats {
     /// At most [`STATS_LIST_LIMIT`] WebSocket connections.
     pub connections: Vec<ConnInfo>,
     pub truncated: bool,
+    /// The proxy's routes as this shard sees them.
+    pub routes: Vec<crate::proxy::RouteStats>,
 }
 
 /// How many connections one shard lists in `/ws/statistics`.
@@ -255,6 +257,7 @@ impl Shard {
         let conns = self.conns.borrow();
         let mut s = ShardStats {
             messages: self.closed_messages.get(),
+            routes: self.proxy.borrow().stats(),
             ..ShardStats::default()
         };
         for (_, e) in conns.iter() {
