@@ -92,6 +92,7 @@ pub struct Config {
     /// Connection caps and rates per client address.
     pub limits: super::admission::LimitsConfig,
     /// The reverse proxy's route table (`[[route]]`, docs/PROXY.md).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub route: Vec<crate::proxy::config::Route>,
 }
 
