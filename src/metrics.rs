@@ -259,7 +259,7 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
     );
     describe_gauge!(
         PROXY_UPSTREAM_HEALTHY,
-        "Proxy upstream health per route, upstream and shard: 1 in service, 0 taken out (health check or ejection)."
+        "Proxy upstream health per route, upstream and shard, from the active health checks: 1 in service, 0 taken out."
     );
     export_from_start(shards);
     Some(handle)

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod health;
 pub mod http;
 pub mod net;
+pub mod relay;
 pub mod route;
 pub mod tunnel;
 pub mod upstream;

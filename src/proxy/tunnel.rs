@@ -21,8 +21,19 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Copy buffer per direction.
 const COPY_BUF: usize = 16 * 1024;
 
+/// For `mode = "websocket"`: ringgate answers the client's handshake itself (the upstream's
+/// handshake is ringgate's own, with its own key and no extensions).
+pub struct RelayHandshake {
+    /// `Sec-WebSocket-Accept` for the client's key.
+    pub accept_key: String,
+    /// `Sec-WebSocket-Extensions` negotiated with the client (permessage-deflate at the edge).
+    pub extensions: Option<String>,
+}
+
 /// An upstream connection that answered 101, waiting for the client's 101 to be written.
 pub struct Upgraded {
+    /// Relayed message by message (`mode = "websocket"`), else tunnelled.
+    pub relay: bool,
     io: UpIo,
     /// Bytes the upstream sent right after its 101.
     leftover: Bytes,
@@ -52,10 +63,11 @@ pub async fn handshake(
     route: Rc<RouteState>,
     parts: http::request::Parts,
     client: Client,
+    relay: Option<RelayHandshake>,
 ) -> (Response<Body>, Option<Upgraded>) {
     let started = Instant::now();
     let request_id = headers::request_id(&parts.headers);
-    let result = attempt(&route, parts, &client, &request_id).await;
+    let result = attempt(&route, parts, &client, &request_id, relay).await;
     let (resp, up, label) = match result {
         Ok((resp, up, label)) => (resp, up, Some(label)),
         Err((f, label)) => (super::http::error_response(&f), None, label),
@@ -93,6 +105,7 @@ async fn attempt(
     parts: http::request::Parts,
     client: &Client,
     request_id: &str,
+    relay: Option<RelayHandshake>,
 ) -> Outcome {
     let cfg = &route.cfg;
     if super::head_too_large(&parts.headers) {
@@ -103,6 +116,18 @@ async fn attempt(
     headers::upstream_request(route, &mut h, client, request_id);
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // A relay speaks its own WebSocket upstream: its own key, no extensions.
+    let own_key = relay.as_ref().map(|_| {
+        use base64::Engine as _;
+        let id = headers::new_request_id();
+        base64::engine::general_purpose::STANDARD.encode(&id.as_bytes()[..16])
+    });
+    if let Some(k) = &own_key {
+        h.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        if let Ok(v) = HeaderValue::from_str(k) {
+            h.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+    }
     let hash = route
         .hash
         .as_ref()
@@ -170,6 +195,41 @@ async fn attempt(
         let (status, mut upstream_headers) = resp;
         let label = up.label.clone();
         if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let (Some(key), Some(r)) = (&own_key, &relay) {
+                let want = crate::ws::handshake::accept_key(key.as_bytes());
+                let got = upstream_headers.get(header::SEC_WEBSOCKET_ACCEPT);
+                if got.is_none_or(|g| g.as_bytes() != want.as_bytes()) {
+                    return Err((
+                        Failure::Broken("the upstream's Sec-WebSocket-Accept is wrong".into()),
+                        Some(label),
+                    ));
+                }
+                if upstream_headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+                    return Err((
+                        Failure::Broken(
+                            "the upstream chose an extension it was not offered".into(),
+                        ),
+                        Some(label),
+                    ));
+                }
+                let protocol = upstream_headers
+                    .get(header::SEC_WEBSOCKET_PROTOCOL)
+                    .cloned();
+                upstream_headers = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_str(&r.accept_key) {
+                    upstream_headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+                }
+                if let Some(p) = protocol {
+                    upstream_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+                }
+                if let Some(v) = r
+                    .extensions
+                    .as_deref()
+                    .and_then(|e| HeaderValue::from_str(e).ok())
+                {
+                    upstream_headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
+                }
+            }
             headers::client_response(route, &mut upstream_headers);
             let mut out = Response::new(Body::default());
             *out.status_mut() = status;
@@ -179,6 +239,7 @@ async fn attempt(
             out.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
             let upgraded = Upgraded {
+                relay: relay.is_some(),
                 io,
                 leftover: rest.freeze(),
                 route: route.clone(),
@@ -296,6 +357,41 @@ async fn read_head(io: &mut UpIo) -> Result<(Head, BytesMut), Failure> {
     }
 }
 
+impl Upgraded {
+    /// The client session's handler for a relayed WebSocket; the upstream side runs on its
+    /// own task.
+    pub fn into_relay(
+        self,
+        max_message: usize,
+        close_timeout: std::time::Duration,
+    ) -> super::relay::Relay {
+        let Upgraded {
+            io,
+            leftover,
+            route,
+            _lease,
+            upstream,
+            request_id,
+            remote,
+            ..
+        } = self;
+        super::relay::start(
+            io,
+            leftover,
+            max_message,
+            close_timeout,
+            super::relay::Ends {
+                route,
+                lease: _lease,
+                upstream,
+                request_id,
+                remote,
+                started: Instant::now(),
+            },
+        )
+    }
+}
+
 /// Copies bytes both ways until both directions ended (or `stop` resolves: a drain). `early`
 /// are bytes the client sent right after its request head.
 pub async fn run<C, F>(mut client: C, early: Bytes, up: Upgraded, stop: F)
@@ -305,6 +401,7 @@ where
 {
     let started = Instant::now();
     let Upgraded {
+        relay: _,
         mut io,
         leftover,
         route,

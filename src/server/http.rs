@@ -136,32 +136,40 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
     // the upgrade cell) goes now rather than living as long as the WebSocket.
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
     let mut io = io.into_inner();
-    if let Some((t, _slot)) = tunnel.take() {
-        drop(tunnel);
-        let entry = reg.entry.clone();
-        // A drain ends the tunnel (its bytes are not ours to frame a close into).
-        let stop = poll_fn(move |cx| {
-            entry.register_waker(cx.waker());
-            if entry.close_requested() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        });
-        crate::proxy::tunnel::run(io, read_buf, t, stop).await;
-        return;
-    }
+    let relayed = match tunnel.take() {
+        Some((t, _slot, deflate)) if t.relay => {
+            let s = &shard.settings;
+            Some((t.into_relay(s.max_message, s.close_timeout), _slot, deflate))
+        }
+        Some((t, _slot, _)) => {
+            drop(tunnel);
+            let entry = reg.entry.clone();
+            // A drain ends the tunnel (its bytes are not ours to frame a close into).
+            let stop = poll_fn(move |cx| {
+                entry.register_waker(cx.waker());
+                if entry.close_requested() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            crate::proxy::tunnel::run(io, read_buf, t, stop).await;
+            return;
+        }
+        None => None,
+    };
     drop(tunnel);
     let up = upgrade.take();
     drop(upgrade);
-    match up {
-        Some(up) => {
-            let Upgrade {
-                endpoint,
-                deflate,
-                identity,
-                _slot,
-            } = up;
+    let session = match (up, relayed) {
+        (_, Some((relay, slot, deflate))) => {
+            Some((Endpoint::Proxy, Some(relay), deflate, None, slot))
+        }
+        (Some(u), None) => Some((u.endpoint, None, u.deflate, u.identity, u._slot)),
+        (None, None) => None,
+    };
+    match session {
+        Some((endpoint, relay, deflate, identity, _slot)) => {
             let name = endpoint.name();
             reg.entry.set_endpoint(endpoint.name());
             if let Some(exp) = identity.as_ref().and_then(|i| i.expires) {
@@ -169,10 +177,27 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
             }
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-            let summary = endpoint::serve(
-                endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
-            )
-            .await;
+            let summary = match relay {
+                // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
+                Some(relay) => {
+                    crate::ws::session::run(
+                        io,
+                        read_buf,
+                        deflate,
+                        relay,
+                        &shard.settings,
+                        &reg.entry,
+                        shard.traffic(endpoint),
+                    )
+                    .await
+                }
+                None => {
+                    endpoint::serve(
+                        endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
+                    )
+                    .await
+                }
+            };
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
             let code = summary.close_code.map_or("none".into(), |c| c.to_string());
             // The access log: one line per closed WebSocket (target `access`, filterable with
@@ -212,7 +237,15 @@ struct Router {
     /// A request has been received on this connection.
     served: Rc<Cell<bool>>,
     /// A proxied upgrade whose upstream answered 101.
-    tunnel: Rc<Cell<Option<(crate::proxy::tunnel::Upgraded, WsSlot)>>>,
+    tunnel: Rc<
+        Cell<
+            Option<(
+                crate::proxy::tunnel::Upgraded,
+                WsSlot,
+                Option<deflate::Params>,
+            )>,
+        >,
+    >,
     client: crate::proxy::Client,
 }
 
@@ -260,8 +293,8 @@ impl hyper::service::Service<Request<Incoming>> for Router {
 }
 
 impl Router {
-    /// A request a `[[route]]` takes: forwarded, or for a WebSocket upgrade tunnelled (also
-    /// with `mode = "websocket"`, the default, until ringgate's own relay session exists).
+    /// A request a `[[route]]` takes: forwarded; a WebSocket upgrade relayed through a session
+    /// of ours (`mode = "websocket"`, the default) or tunnelled (`mode = "tunnel"`).
     fn proxy(&self, route: Rc<crate::proxy::RouteState>, req: Request<Incoming>) -> ResponseFuture {
         use crate::proxy::{http::error_response, tunnel, Failure};
         let client = self.client.clone();
@@ -280,12 +313,43 @@ impl Router {
             let resp = text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
             return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
         };
+        let relayed = route.cfg.mode != Some(crate::proxy::config::Mode::Tunnel);
+        let (relay, deflate) = if relayed {
+            // Our session answers the client: its handshake is checked here (the origin is
+            // the upstream's to judge).
+            let accept = match handshake::accept(
+                req.method(),
+                req.version(),
+                req.headers(),
+                &OriginPolicy::new(&[]),
+                &[],
+            ) {
+                Ok(a) => a,
+                Err(r) => {
+                    counter!(metrics::HANDSHAKES_FAILED, "reason" => "bad_request").increment(1);
+                    let mut resp = text(r.status, &format!("{}\n", r.reason));
+                    resp.headers_mut().insert(
+                        header::SEC_WEBSOCKET_VERSION,
+                        HeaderValue::from_static("13"),
+                    );
+                    return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
+                }
+            };
+            let deflate = self.negotiate_deflate(&req);
+            let relay = tunnel::RelayHandshake {
+                accept_key: accept.accept_key,
+                extensions: deflate.as_ref().map(|p| p.response()),
+            };
+            (Some(relay), deflate)
+        } else {
+            (None, None)
+        };
         let cell = self.tunnel.clone();
         let (parts, _body) = req.into_parts();
         Box::pin(async move {
-            let (resp, upgraded) = tunnel::handshake(route, parts, client).await;
+            let (resp, upgraded) = tunnel::handshake(route, parts, client, relay).await;
             if let Some(u) = upgraded {
-                cell.set(Some((u, slot)));
+                cell.set(Some((u, slot, deflate)));
             }
             Ok(resp)
         })
