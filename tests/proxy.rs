@@ -54,6 +54,13 @@ both_backends!(
     wss_termination_in_front_of_ws_app,
     sighup_reloads_routes,
     drain_finishes_requests_in_flight,
+    relay_close_codes_both_ways,
+    relay_upstream_gone_gives_1011,
+    relay_client_gone_gives_upstream_1001,
+    relay_drain_closes_both_with_1001,
+    relay_deflate_at_the_edge_only,
+    relay_backpressure_stalled_upstream_reader,
+    relay_backpressure_stalled_client_reader,
 );
 
 // ---- an HTTP upstream ------------------------------------------------------------------------
@@ -746,6 +753,10 @@ struct WsSeen {
     /// Close codes the upstream received.
     closes: Mutex<Vec<u16>>,
     paths: Mutex<Vec<String>>,
+    /// 1 MiB messages the upstream got out for `flood:N`.
+    flooded: AtomicUsize,
+    /// `Sec-WebSocket-Extensions` offered to the upstream, per handshake.
+    extensions: Mutex<Vec<Option<String>>>,
 }
 
 /// A tokio-tungstenite upstream: picks `superchat` when offered, echoes data messages; the
@@ -762,6 +773,11 @@ async fn ws_upstream() -> (SocketAddr, Arc<WsSeen>) {
             tokio::spawn(async move {
                 let cb = |req: &WsRequest, mut resp: WsResponse| {
                     seen.paths.lock().unwrap().push(req.uri().to_string());
+                    seen.extensions.lock().unwrap().push(
+                        req.headers()
+                            .get("sec-websocket-extensions")
+                            .map(|v| v.to_str().unwrap_or("?").to_string()),
+                    );
                     if req.uri().path() == "/forbidden" {
                         let mut r = http::Response::new(Some("go away".to_string()));
                         *r.status_mut() = http::StatusCode::FORBIDDEN;
@@ -783,6 +799,17 @@ async fn ws_upstream() -> (SocketAddr, Arc<WsSeen>) {
                 };
                 while let Some(Ok(m)) = ws.next().await {
                     match m {
+                        // Gone without a close frame.
+                        Message::Text(t) if t == "drop" => return,
+                        Message::Text(t) if t.starts_with("flood:") => {
+                            let n: usize = t[6..].parse().unwrap_or(0);
+                            for _ in 0..n {
+                                if ws.send(Message::binary(vec![1u8; 1 << 20])).await.is_err() {
+                                    return;
+                                }
+                                seen.flooded.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
                         Message::Text(t) if t.starts_with("close:") => {
                             let code: u16 = t[6..].parse().unwrap_or(1000);
                             let _ = ws
@@ -1107,4 +1134,172 @@ async fn drain_finishes_requests_in_flight(backend: Backend) {
     drop(s);
     let status = server.wait_exit(PATIENCE).await;
     assert!(status.success(), "{status:?}");
+}
+
+// ---- mode = "websocket" (the relay) ----------------------------------------------------------
+
+async fn relay_server(backend: Backend) -> (Server, Arc<WsSeen>) {
+    let (addr, seen) = ws_upstream().await;
+    let server = Server::start_with_config(backend, &route("", &[format!("ws://{addr}")]), &[]);
+    (server, seen)
+}
+
+async fn wait_close(seen: &WsSeen, code: u16) {
+    within(&format!("upstream sees {code}"), async {
+        while !seen.closes.lock().unwrap().contains(&code) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+async fn relay_close_codes_both_ways(backend: Backend) {
+    let (server, seen) = relay_server(backend).await;
+    let (mut ws, _) = ws_connect(&server, "/a", None).await;
+    echo(&mut ws, Message::text("relayed")).await;
+    ws.send(Message::text("close:4001")).await.unwrap();
+    assert_eq!(expect_close(&mut ws).await, CloseCode::from(4001));
+    let (mut ws, _) = ws_connect(&server, "/b", None).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4002),
+        reason: "client".into(),
+    }))
+    .await
+    .unwrap();
+    wait_close(&seen, 4002).await;
+    within("the relay's access log line", async {
+        while !server.log().contains("relay closed") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+async fn relay_upstream_gone_gives_1011(backend: Backend) {
+    let (server, _) = relay_server(backend).await;
+    let (mut ws, _) = ws_connect(&server, "/a", None).await;
+    ws.send(Message::text("drop")).await.unwrap();
+    assert_eq!(expect_close(&mut ws).await, CloseCode::from(1011));
+}
+
+async fn relay_client_gone_gives_upstream_1001(backend: Backend) {
+    let (server, seen) = relay_server(backend).await;
+    let (mut ws, _) = ws_connect(&server, "/a", None).await;
+    echo(&mut ws, Message::text("x")).await;
+    drop(ws);
+    wait_close(&seen, 1001).await;
+}
+
+async fn relay_drain_closes_both_with_1001(backend: Backend) {
+    let (mut server, seen) = relay_server(backend).await;
+    let (mut ws, _) = ws_connect(&server, "/a", None).await;
+    echo(&mut ws, Message::text("x")).await;
+    server.signal(libc::SIGTERM);
+    assert_eq!(expect_close(&mut ws).await, CloseCode::Away);
+    wait_close(&seen, 1001).await;
+    drop(ws);
+    assert!(server.wait_exit(PATIENCE).await.success());
+}
+
+/// permessage-deflate is negotiated with the client only; the upstream is offered none.
+async fn relay_deflate_at_the_edge_only(backend: Backend) {
+    let (server, seen) = relay_server(backend).await;
+    let s = server.tcp().await;
+    let (mut raw, head) = RawWs::upgrade(
+        s,
+        "/d",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    )
+    .await;
+    let ext = head.header("sec-websocket-extensions").unwrap_or("");
+    assert!(ext.starts_with("permessage-deflate"), "{head:?}");
+    assert_eq!(seen.extensions.lock().unwrap().as_slice(), [None]);
+    raw.send(&frame(true, OP_TEXT, b"plain")).await;
+    let f = raw.read_frame().await.expect("echo");
+    assert_eq!(
+        (f.opcode, f.rsv1, f.payload.as_slice()),
+        (OP_TEXT, false, &b"plain"[..])
+    );
+}
+
+/// An upstream that completes the handshake and then never reads: the client's writes stall
+/// once the bounded queues and socket buffers are full, and ringgate's memory stays bounded.
+async fn relay_backpressure_stalled_upstream_reader(backend: Backend) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((s, _)) = l.accept().await else { return };
+        let cb = |_: &WsRequest, resp: WsResponse| Ok(resp);
+        let Ok(ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+            return;
+        };
+        // Keep the connection, never read.
+        let _ = held_tx.send(ws);
+    });
+    let server = Server::start_with_config(backend, &route("", &[format!("ws://{addr}")]), &[]);
+    let s = server.tcp().await;
+    let raw = RawWs::handshake(s, "/stall").await;
+    let _held = within("upstream handshake", held_rx).await.unwrap();
+    let before = rss_kib(server.pid());
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    let mut stream = raw.stream;
+    let writer = tokio::spawn(async move {
+        let msg = frame(true, OP_BINARY, &vec![3u8; 1 << 20]);
+        for _ in 0..256 {
+            if stream.write_all(&msg).await.is_err() {
+                return;
+            }
+            w.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // The writer gets some way, then stalls well short of 256 MiB.
+    within("some messages written", async {
+        while written.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !writer.is_finished(),
+        "256 MiB went into a stalled upstream"
+    );
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    assert!(grown < 48 * 1024, "server RSS grew by {grown} KiB");
+    writer.abort();
+}
+
+/// A client that stops reading: the upstream's sends stall; memory stays bounded.
+async fn relay_backpressure_stalled_client_reader(backend: Backend) {
+    let (server, seen) = relay_server(backend).await;
+    let (mut ws, _) = ws_connect(&server, "/flood", None).await;
+    let before = rss_kib(server.pid());
+    ws.send(Message::text("flood:256")).await.unwrap();
+    within("some messages sent", async {
+        while seen.flooded.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = seen.flooded.load(Ordering::SeqCst);
+    assert!(
+        sent < 256,
+        "the upstream sent everything to a client that reads nothing"
+    );
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    assert!(grown < 48 * 1024, "server RSS grew by {grown} KiB");
+    // Reading again, everything arrives.
+    let mut got = 0;
+    while got < 256 {
+        match within("flood", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => {
+                assert_eq!(b.len(), 1 << 20);
+                got += 1;
+            }
+            other => panic!("expected the flood, got {other:?}"),
+        }
+    }
 }

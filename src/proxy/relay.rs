@@ -196,26 +196,30 @@ fn client_close(code: u16) -> Close {
     }
 }
 
-/// Starts the upstream side on `io` (after its 101; `leftover` are bytes read past it) and
-/// returns the handler for the client session.
+/// The handler for the client session, and the upstream side on `io` (after its 101;
+/// `leftover` are bytes read past it) to run beside it on the connection's task, so the
+/// connection counts as open (for a drain) until the upstream got its close.
 pub fn start(
     io: UpIo,
     leftover: Bytes,
     max_message: usize,
     close_timeout: Duration,
     ends: Ends,
-) -> Relay {
+) -> (Relay, UpstreamSide) {
     ::metrics::gauge!(super::WEBSOCKETS, "route" => ends.route.name.clone()).increment(1.0);
     let shared = Rc::new(Shared::default());
-    tokio::task::spawn_local(upstream(
+    let side = Box::pin(upstream(
         io,
         leftover,
         shared.clone(),
         max_message,
         close_timeout,
     ));
-    Relay { shared, ends }
+    (Relay { shared, ends }, side)
 }
+
+/// The upstream half of a relay, to be awaited beside the client session.
+pub type UpstreamSide = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 async fn upstream(
     io: UpIo,

@@ -364,7 +364,7 @@ impl Upgraded {
         self,
         max_message: usize,
         close_timeout: std::time::Duration,
-    ) -> super::relay::Relay {
+    ) -> (super::relay::Relay, super::relay::UpstreamSide) {
         let Upgraded {
             io,
             leftover,

@@ -38,6 +38,14 @@ pub type Body = Full<Bytes>;
 type ServedBody = crate::proxy::body::Body;
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ServedBody>, Infallible>>>>;
 
+/// A proxied upgrade whose upstream answered 101: the upstream connection, the connection
+/// slot, and the permessage-deflate parameters negotiated with the client (relayed mode).
+type ProxiedUpgrade = (
+    crate::proxy::tunnel::Upgraded,
+    WsSlot,
+    Option<deflate::Params>,
+);
+
 /// An accepted upgrade waiting for hyper to finish writing the 101.
 struct Upgrade {
     endpoint: Endpoint,
@@ -137,9 +145,9 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
     let mut io = io.into_inner();
     let relayed = match tunnel.take() {
-        Some((t, _slot, deflate)) if t.relay => {
+        Some((t, slot, deflate)) if t.relay => {
             let s = &shard.settings;
-            Some((t.into_relay(s.max_message, s.close_timeout), _slot, deflate))
+            Some((t.into_relay(s.max_message, s.close_timeout), slot, deflate))
         }
         Some((t, _slot, _)) => {
             drop(tunnel);
@@ -179,8 +187,8 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
             let summary = match relay {
                 // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
-                Some(relay) => {
-                    crate::ws::session::run(
+                Some((relay, upstream)) => {
+                    let session = crate::ws::session::run(
                         io,
                         read_buf,
                         deflate,
@@ -188,8 +196,8 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
                         &shard.settings,
                         &reg.entry,
                         shard.traffic(endpoint),
-                    )
-                    .await
+                    );
+                    tokio::join!(session, upstream).0
                 }
                 None => {
                     endpoint::serve(
@@ -237,15 +245,7 @@ struct Router {
     /// A request has been received on this connection.
     served: Rc<Cell<bool>>,
     /// A proxied upgrade whose upstream answered 101.
-    tunnel: Rc<
-        Cell<
-            Option<(
-                crate::proxy::tunnel::Upgraded,
-                WsSlot,
-                Option<deflate::Params>,
-            )>,
-        >,
-    >,
+    tunnel: Rc<Cell<Option<ProxiedUpgrade>>>,
     client: crate::proxy::Client,
 }
 
