@@ -1230,8 +1230,7 @@ async fn relay_backpressure_stalled_upstream_reader(backend: Backend) {
     let (held_tx, held_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let Ok((s, _)) = l.accept().await else { return };
-        let cb = |_: &WsRequest, resp: WsResponse| Ok(resp);
-        let Ok(ws) = tokio_tungstenite::accept_hdr_async(s, cb).await else {
+        let Ok(ws) = tokio_tungstenite::accept_async(s).await else {
             return;
         };
         // Keep the connection, never read.
