@@ -12,8 +12,8 @@ use super::route::{Builtin, HostMatch, Matcher, PathMatch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// ringgate's own session on the client side, a ringgate client upstream. Not built yet:
-    /// such routes are served as tunnels (see docs/PROXY.md).
+    /// ringgate's own session on the client side, a ringgate client upstream, messages
+    /// relayed (src/proxy/relay.rs).
     Websocket,
     /// After both handshakes the bytes are copied as they are.
     Tunnel,

@@ -240,9 +240,6 @@ impl Proxy {
                 tokio::task::spawn_local(async move { u.resolve_early().await });
             }
             health::start(r);
-            if r.cfg.mode == Some(config::Mode::Websocket) && r.shard == 0 {
-                tracing::warn!(route = %r.name, "mode = \"websocket\" is served as a tunnel in this version (docs/PROXY.md)");
-            }
         }
     }
 
