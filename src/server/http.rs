@@ -146,7 +146,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
     let mut io = io.into_inner();
     let relayed = match tunnel.take() {
         Some((t, slot, deflate)) if t.relay => {
-            let s = &shard.settings;
+            let s = shard.settings(Endpoint::Proxy);
             Some((t.into_relay(s.max_message, s.close_timeout), slot, deflate))
         }
         Some((t, _slot, _)) => {
@@ -193,7 +193,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
                         read_buf,
                         deflate,
                         relay,
-                        &shard.settings,
+                        shard.settings(endpoint),
                         &reg.entry,
                         shard.traffic(endpoint),
                     );
@@ -307,6 +307,20 @@ impl Router {
         if global.is_draining() {
             counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
             return Box::pin(std::future::ready(Ok(error_response(&Failure::Draining))));
+        }
+        // `[limits]`: the per-address handshake rate applies to proxied upgrades too.
+        if let Err(refusal) = global
+            .admission
+            .handshake(self.remote.ip(), std::time::Instant::now())
+        {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => refusal.reason()).increment(1);
+            counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
+            let mut resp = text(refusal.status(), "too many handshakes from this address\n");
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after()),
+            );
+            return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
         }
         let Some(slot) = global.try_admit_ws() else {
             counter!(metrics::HANDSHAKES_FAILED, "reason" => "capacity").increment(1);

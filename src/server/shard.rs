@@ -179,6 +179,8 @@ impl Shard {
             Endpoint::Echo => with_max(c.max_message_size),
             Endpoint::Rooms => with_max(c.rooms.max_message_size.min(c.max_message_size)),
             Endpoint::Agent => with_max(c.agent.max_message_size.min(c.max_message_size)),
+            // A relayed WebSocket carries the upstream service's messages: the top-level limit.
+            Endpoint::Proxy => with_max(c.max_message_size),
         });
         let proxy = crate::proxy::Proxy::new(&c.route, c.builtin_paths(), global.backend, id);
         Rc::new(Shard {
