@@ -269,7 +269,7 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
 /// exports what dashboards and `absent()` alerts look for. Histograms show up with their first
 /// sample (an empty histogram cannot be exported without recording a fake one).
 fn export_from_start(shards: usize) {
-    const ENDPOINTS: [&str; 3] = ["echo", "agent", "rooms"];
+    const ENDPOINTS: [&str; 4] = ["echo", "agent", "rooms", "proxy"];
     for e in ENDPOINTS {
         gauge!(CONNECTIONS_ACTIVE, "endpoint" => e).set(0.0);
         for name in [
