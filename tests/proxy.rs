@@ -61,6 +61,11 @@ both_backends!(
     relay_deflate_at_the_edge_only,
     relay_backpressure_stalled_upstream_reader,
     relay_backpressure_stalled_client_reader,
+    https_upstream_h2_by_alpn,
+    wss_upstream_relayed,
+    metrics_per_route,
+    sighup_with_a_broken_file_keeps_routes,
+    stale_pooled_connection_is_replaced,
 );
 
 // ---- an HTTP upstream ------------------------------------------------------------------------
@@ -90,6 +95,10 @@ impl HttpUp {
     /// `/health` answers 200 or 503 by `healthy`; anything else echoes what it saw as
     /// `name path?query`.
     async fn start(name: &'static str) -> HttpUp {
+        HttpUp::start_tls(name, None).await
+    }
+
+    async fn start_tls(name: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> HttpUp {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -105,16 +114,28 @@ impl HttpUp {
                     return;
                 };
                 let s = s.clone();
+                let tls = tls.clone();
                 let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     let s = s.clone();
                     async move { Ok::<_, Infallible>(serve(name, req, s).await) }
                 });
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(
+                    let builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
-                    .await;
+                    );
+                    let _ = match tls {
+                        None => {
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                                .await
+                        }
+                        Some(a) => {
+                            let Ok(t) = a.accept(sock).await else { return };
+                            builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(t), svc)
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -748,6 +769,9 @@ async fn health_check_ejects_and_restores(backend: Backend) {
 
 // ---- WebSocket ------------------------------------------------------------------------------
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 #[derive(Default)]
 struct WsSeen {
     /// Close codes the upstream received.
@@ -763,6 +787,11 @@ struct WsSeen {
 /// text `close:N` makes it close with code N; refuses `/forbidden` with 403.
 #[allow(clippy::result_large_err)] // tungstenite's callback signature
 async fn ws_upstream() -> (SocketAddr, Arc<WsSeen>) {
+    ws_upstream_tls(None).await
+}
+
+#[allow(clippy::result_large_err)] // tungstenite's callback signature
+async fn ws_upstream_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Arc<WsSeen>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let seen = Arc::new(WsSeen::default());
@@ -770,7 +799,15 @@ async fn ws_upstream() -> (SocketAddr, Arc<WsSeen>) {
     tokio::spawn(async move {
         while let Ok((sock, _)) = l.accept().await {
             let seen = s2.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
+                let sock: Box<dyn Io> = match tls {
+                    None => Box::new(sock),
+                    Some(a) => match a.accept(sock).await {
+                        Ok(t) => Box::new(t),
+                        Err(_) => return,
+                    },
+                };
                 let cb = |req: &WsRequest, mut resp: WsResponse| {
                     seen.paths.lock().unwrap().push(req.uri().to_string());
                     seen.extensions.lock().unwrap().push(
@@ -1300,5 +1337,170 @@ async fn relay_backpressure_stalled_client_reader(backend: Backend) {
             }
             other => panic!("expected the flood, got {other:?}"),
         }
+    }
+}
+
+// ---- TLS upstreams, metrics, reload errors ---------------------------------------------------
+
+/// A TLS acceptor for the dev certificate (localhost), offering `alpn`.
+fn upstream_tls(cert: &ringgate::io::tls::DevCert, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// `https://localhost:PORT` (a name: resolved, ::1 then 127.0.0.1), trusted through
+/// `ca_file`, h2 chosen by ALPN.
+async fn https_upstream_h2_by_alpn(backend: Backend) {
+    let cert = ringgate::io::tls::dev_cert().expect("dev cert");
+    let up = HttpUp::start_tls("s", Some(upstream_tls(&cert, &[b"h2", b"http/1.1"]))).await;
+    let ca = TempFile::new("pem", &cert.ca_pem);
+    let config = route(
+        &format!("ca_file = {:?}", ca.path.display().to_string()),
+        &[format!("https://localhost:{}", up.addr.port())],
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    let r = get(&server, "/tls", "").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "s /tls"), "{r:?}");
+    assert!(up
+        .requests()
+        .iter()
+        .all(|(_, v, _)| *v == http::Version::HTTP_2));
+    // Without the CA the upstream's certificate is not trusted: 502.
+    let config = route("", &[format!("https://localhost:{}", up.addr.port())]);
+    let server = Server::start_with_config(backend, &config, &[]);
+    let r = get(&server, "/tls", "").await;
+    assert_eq!(r.status, 502, "{r:?}");
+}
+
+async fn wss_upstream_relayed(backend: Backend) {
+    let cert = ringgate::io::tls::dev_cert().expect("dev cert");
+    let (addr, seen) = ws_upstream_tls(Some(upstream_tls(&cert, &[b"http/1.1"]))).await;
+    let ca = TempFile::new("pem", &cert.ca_pem);
+    let config = route(
+        &format!("ca_file = {:?}", ca.path.display().to_string()),
+        &[format!("wss://localhost:{}", addr.port())],
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    let (mut ws, resp) = ws_connect(&server, "/secure", Some("superchat")).await;
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("superchat")
+    );
+    echo(&mut ws, Message::binary(pseudo_random(100_000, 3))).await;
+    ws.send(Message::text("close:4003")).await.unwrap();
+    assert_eq!(expect_close(&mut ws).await, CloseCode::from(4003));
+    assert_eq!(seen.paths.lock().unwrap().as_slice(), ["/secure"]);
+}
+
+async fn metrics_per_route(backend: Backend) {
+    let up = HttpUp::start("a").await;
+    let dead = dead_port().await;
+    let config = format!(
+        "{}{}",
+        route("name = \"app\"\npath_prefix = \"/app/\"", &[up.url()]),
+        route(
+            "name = \"down\"\npath_prefix = \"/down/\"\nretries = 0",
+            &[format!("http://{dead}")]
+        ),
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    assert_eq!(get(&server, "/app/x", "").await.status, 200);
+    assert_eq!(get(&server, "/down/x", "").await.status, 502);
+    let m = within("metrics", async {
+        loop {
+            let m = get(&server, "/metrics", "").await.body;
+            if m.contains("ringgate_proxy_upstream_latency_seconds_bucket{route=\"app\"") {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        m.contains("ringgate_proxy_requests_total{route=\"app\",class=\"2xx\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("ringgate_proxy_requests_total{route=\"down\",class=\"5xx\"} 1"),
+        "{m}"
+    );
+}
+
+async fn sighup_with_a_broken_file_keeps_routes(backend: Backend) {
+    let up = HttpUp::start("a").await;
+    let server = Server::start_with_config(backend, &route("", &[up.url()]), &[]);
+    std::fs::write(server.config_path().unwrap(), "[[route]]\nupstreams = []\n").unwrap();
+    server.signal(libc::SIGHUP);
+    within("the reload error logged", async {
+        while !server.log().contains("keeping the current route table") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(get(&server, "/x", "").await.body, "a /x");
+}
+
+/// An upstream that closes each keep-alive connection right after its first answer: the
+/// pooled connection is dead by the next request, which still succeeds (one upstream, no
+/// retries configured).
+async fn stale_pooled_connection_is_replaced(backend: Backend) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c2 = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let closed = c2.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                drop(s);
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let config = route("retries = 0", &[format!("http://{addr}")]);
+    let server = Server::start_sharded(backend, 1, &config, &[]);
+    let mut c = client(&server).await;
+    for n in 1..=3 {
+        let req = http::Request::get("/k")
+            .header("host", "t")
+            .body(BoxBody::new(
+                http_body_util::Empty::new().map_err(|e| match e {}),
+            ))
+            .unwrap();
+        let resp = c.send_request(req).await.expect("request");
+        assert_eq!(resp.status(), 200, "request {n}");
+        let _ = resp.into_body().collect().await;
+        within("the upstream closed", async {
+            while closed.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
     }
 }

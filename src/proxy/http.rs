@@ -137,10 +137,18 @@ async fn exchange(
     let mut last = Failure::NoUpstream;
     let mut label = None;
     let (eject_after, eject_for, shard) = route.eject();
-    for attempt in 0..=cfg.retries {
+    let mut attempt = 0;
+    // A pooled connection the upstream had closed meanwhile: the request was not sent, and
+    // goes again on a fresh connection without counting as a retry (once).
+    let mut stale_retry = true;
+    loop {
+        if attempt > cfg.retries {
+            break;
+        }
         if attempt > 0 {
             counter!(super::RETRIES, "route" => route.name.clone()).increment(1);
         }
+        attempt += 1;
         let Some(i) = balance::pick(route, hash, &tried) else {
             break;
         };
@@ -173,7 +181,6 @@ async fn exchange(
             client_host.as_ref(),
             &up,
             held,
-            reused,
             body,
             head_wait,
             &mut lease,
@@ -197,6 +204,14 @@ async fn exchange(
                     return Err((f, label));
                 }
                 lease.abort();
+                if unsent_body.is_some() && reused && stale_retry {
+                    stale_retry = false;
+                    attempt -= 1;
+                    tried[i] = false;
+                    up.drop_idle();
+                    upload = unsent_body.filter(|_| !empty);
+                    continue;
+                }
                 if f.is_upstream_fault() {
                     up.failure(eject_after, eject_for, shard);
                 }
@@ -230,12 +245,10 @@ async fn send(
     client_host: Option<&HeaderValue>,
     up: &super::upstream::Upstream,
     held: Held,
-    reused: bool,
     body: ReqBody,
     wait: Duration,
     lease: &mut Lease,
 ) -> Result<hyper::Response<Incoming>, (Failure, Option<ReqBody>)> {
-    let _ = reused;
     let h2 = matches!(held.sender, Sender::H2(_));
     let path = headers::upstream_path(route, &up.url.path, &parts.uri);
     let authority = match (route.cfg.preserve_host, client_host) {

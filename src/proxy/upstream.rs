@@ -282,6 +282,14 @@ impl Upstream {
         }
     }
 
+    /// Closes the idle pooled connections (one turned out closed by the upstream: the others
+    /// likely are too).
+    pub fn drop_idle(&self) {
+        for i in self.idle.borrow_mut().drain(..) {
+            i.held.driver.abort();
+        }
+    }
+
     /// Closes every pooled connection (the route table was replaced).
     pub fn close_all(&self) {
         for i in self.idle.borrow_mut().drain(..) {
