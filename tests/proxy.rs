@@ -66,6 +66,8 @@ both_backends!(
     metrics_per_route,
     sighup_with_a_broken_file_keeps_routes,
     stale_pooled_connection_is_replaced,
+    least_connections_avoids_the_busy_upstream,
+    total_timeout_cuts_a_long_response,
 );
 
 // ---- an HTTP upstream ------------------------------------------------------------------------
@@ -1503,4 +1505,63 @@ async fn stale_pooled_connection_is_replaced(backend: Backend) {
         })
         .await;
     }
+}
+
+async fn least_connections_avoids_the_busy_upstream(backend: Backend) {
+    let (a, b) = (HttpUp::start("a").await, HttpUp::start("b").await);
+    let config = route("balance = \"least_connections\"", &[a.url(), b.url()]);
+    let server = Server::start_sharded(backend, 1, &config, &[]);
+    // One request held open on whichever upstream it reaches.
+    let mut held = server.tcp().await;
+    held.write_all(b"GET /gate HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let busy = within("the held request arrives", async {
+        loop {
+            if a.requests().iter().any(|(p, _, _)| p == "/gate") {
+                return "a";
+            }
+            if b.requests().iter().any(|(p, _, _)| p == "/gate") {
+                return "b";
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let idle = if busy == "a" { "b" } else { "a" };
+    for _ in 0..4 {
+        assert_eq!(get(&server, "/l", "").await.body, format!("{idle} /l"));
+    }
+    a.seen.gate.notify_one();
+    b.seen.gate.notify_one();
+    assert_eq!(read_response(&mut held).await.status, 200);
+}
+
+/// `total_timeout` ends a response that goes on too long: the client sees it end early.
+async fn total_timeout_cuts_a_long_response(backend: Backend) {
+    let up = HttpUp::start("a").await;
+    let server =
+        Server::start_with_config(backend, &route("total_timeout = 0.5", &[up.url()]), &[]);
+    let mut s = server.tcp().await;
+    s.write_all(b"GET /endless HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0usize;
+    within("the response is cut", async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(total > 0);
+    within("upstream body dropped", async {
+        while up.seen.aborted.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
