@@ -235,6 +235,7 @@ async fn serve(name: &str, req: http::Request<Incoming>, s: Arc<Seen>) -> http::
                 Ok(Frame::trailers(t)),
             ];
             http::Response::builder()
+                .header("trailer", "x-trailer")
                 .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
                     frames,
                 ))))
@@ -530,10 +531,19 @@ async fn chunked_upload_trailers_and_expect_continue(backend: Backend) {
     let r = read_response(&mut s).await;
     assert_eq!((r.status, r.body.as_str()), (200, "5 532 "));
     // Trailers from the upstream reach an HTTP/1.1 client that takes them.
-    let r = server
-        .request("GET /trailers HTTP/1.1\r\nHost: t\r\nTE: trailers\r\nConnection: close\r\n\r\n")
-        .await;
-    assert_eq!(r.status, 200);
+    let mut c = client(&server).await;
+    let req = http::Request::get("/trailers")
+        .header("host", "t")
+        .header("te", "trailers")
+        .body(BoxBody::new(
+            http_body_util::Empty::new().map_err(|e| match e {}),
+        ))
+        .unwrap();
+    let resp = c.send_request(req).await.expect("trailers");
+    let body = resp.into_body().collect().await.expect("body");
+    let trailers = body.trailers().cloned().expect("trailers arrived");
+    assert_eq!(trailers["x-trailer"], "done");
+    assert_eq!(&body.to_bytes()[..], b"body");
 }
 
 async fn h2_upstream(backend: Backend) {

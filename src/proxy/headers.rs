@@ -64,7 +64,18 @@ fn is_trusted(route: &RouteState, ip: IpAddr) -> bool {
 /// headers in (appended to when the client is a trusted proxy, replaced otherwise), the
 /// request id, the route's rules. `Host` is left to the caller.
 pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, request_id: &str) {
+    // `TE: trailers` is hop-by-hop but says the same for the next hop: without it an upstream
+    // may drop the trailers the client asked for.
+    let trailers = h
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     strip_hop_by_hop(h);
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     h.remove(header::EXPECT);
     let ip = client.remote.ip().to_canonical();
     let trusted = is_trusted(route, ip);

@@ -414,3 +414,28 @@ async fn write_upstream(wr: &mut tokio::io::WriteHalf<UpIo>, shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_close_codes_map_to_sendable_ones() {
+        assert_eq!(client_close(4001).code, CloseCode(4001));
+        assert_eq!(client_close(1000).code, CloseCode(1000));
+        assert_eq!(client_close(1005).code, CloseCode(1000));
+        assert_eq!(client_close(1006).code, CloseCode(1011));
+        assert_eq!(client_close(1015).code, CloseCode(1002));
+        assert_eq!(client_close(999).code, CloseCode(1002));
+    }
+
+    #[test]
+    fn a_queue_wakes_its_producer_below_the_limit() {
+        let q = Queue::default();
+        q.push(Msg::Binary(Bytes::from(vec![0; QUEUE_LIMIT])));
+        assert!(q.full());
+        assert!(q.pop().is_some());
+        assert!(!q.full());
+        assert_eq!(q.bytes.get(), 0);
+    }
+}
