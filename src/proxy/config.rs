@@ -598,6 +598,24 @@ mod tests {
         validate(&r).unwrap();
     }
 
+    /// What `check-config` prints parses back to the same routes.
+    #[test]
+    fn rendered_routes_parse_back() {
+        #[derive(Serialize, Deserialize)]
+        struct T {
+            route: Vec<Route>,
+        }
+        let r = route(
+            "[[route]]\nname = \"a\"\nhost = \"*.example.com\"\nupstreams = [\"http://a\", { url = \"https://b\", http2 = \"never\" }]\n\
+             balance = \"hash\"\nhash_key = \"cookie:sid\"\nmode = \"tunnel\"\n\
+             [route.request_headers]\nset = { \"x-a\" = \"1\" }\n[route.health_check]\npath = \"/h\"\n",
+        );
+        validate(&r).unwrap();
+        let text = toml::to_string(&T { route: r.clone() }).unwrap();
+        let back: T = toml::from_str(&text).unwrap();
+        assert_eq!(back.route, r, "{text}");
+    }
+
     #[test]
     fn builtins_report_the_winner() {
         let r = route(
