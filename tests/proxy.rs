@@ -68,6 +68,7 @@ both_backends!(
     stale_pooled_connection_is_replaced,
     least_connections_avoids_the_busy_upstream,
     total_timeout_cuts_a_long_response,
+    ipv6_upstream,
 );
 
 // ---- an HTTP upstream ------------------------------------------------------------------------
@@ -101,9 +102,15 @@ impl HttpUp {
     }
 
     async fn start_tls(name: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> HttpUp {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        HttpUp::start_on("127.0.0.1:0", name, tls).await
+    }
+
+    async fn start_on(
+        bind: &str,
+        name: &'static str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> HttpUp {
+        let listener = TcpListener::bind(bind).await.expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Seen {
             healthy: AtomicBool::new(true),
@@ -1574,4 +1581,12 @@ async fn total_timeout_cuts_a_long_response(backend: Backend) {
         }
     })
     .await;
+}
+
+async fn ipv6_upstream(backend: Backend) {
+    let up = HttpUp::start_on("[::1]:0", "six", None).await;
+    let server =
+        Server::start_with_config(backend, &route("", &[format!("http://{}", up.addr)]), &[]);
+    let r = get(&server, "/v6", "").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "six /v6"), "{r:?}");
 }
