@@ -424,10 +424,28 @@ async fn forwarded_and_hop_by_hop_headers(backend: Backend) {
     get(&server, "/h", "").await;
     let (_, _, h) = up.requests().pop().expect("a request");
     assert_eq!(h["x-request-id"].len(), 32);
-    assert!(
-        server.log().contains("request_id="),
-        "no request id in the access log"
-    );
+    within("the access log line", async {
+        while !server.log().contains("request_id=req-123") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let line = server
+        .log()
+        .lines()
+        .find(|l| l.contains("request_id=req-123"))
+        .unwrap_or_default()
+        .to_string();
+    for field in [
+        "route=route#1",
+        "status=200",
+        "head_ms=",
+        "duration_ms=",
+        "bytes_out=",
+        "complete=true",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
 }
 
 async fn trusted_proxy_headers_are_appended(backend: Backend) {

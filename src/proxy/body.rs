@@ -165,6 +165,10 @@ pub struct Relay {
     pub deadline: Option<Pin<Box<Sleep>>>,
     pub counted: Rc<Bytes2>,
     pub eject: (u32, Duration, usize),
+    /// Logged when the body ends or goes.
+    pub access: Option<super::http::Access>,
+    /// The body reached its end.
+    pub ended: bool,
 }
 
 impl Relay {
@@ -207,6 +211,7 @@ impl HttpBody for Relay {
                 if let Some(mut l) = r.lease.take() {
                     l.done = true;
                 }
+                r.ended = true;
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -236,6 +241,9 @@ impl Drop for Relay {
     fn drop(&mut self) {
         ::metrics::counter!(crate::metrics::PROXY_BYTES_OUT, "route" => self.route.to_string())
             .increment(self.sent);
+        if let Some(a) = self.access.take() {
+            a.log(self.sent, self.ended || self.inner.is_end_stream());
+        }
         // A body whose end was already seen by hyper but not polled to `None` is complete.
         if self.inner.is_end_stream() {
             if let Some(l) = self.lease.as_mut() {

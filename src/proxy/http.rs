@@ -62,7 +62,7 @@ pub async fn forward(
     let method = parts.method.clone();
     let path = parts.uri.path().to_string();
     let result = exchange(&route, &mut parts, body, &client, &request_id).await;
-    let (resp, upstream) = match result {
+    let (mut resp, upstream) = match result {
         Ok((resp, label)) => (resp, label),
         Err((f, label)) => {
             if f.is_upstream_fault() {
@@ -73,20 +73,57 @@ pub async fn forward(
     };
     let status = resp.status();
     counter!(super::REQUESTS, "route" => route.name.clone(), "class" => class(status)).increment(1);
-    // The access log: one line per proxied request when its response head is sent.
-    tracing::info!(
-        target: "access",
-        remote = %client.remote,
-        route = %route.name,
-        upstream = upstream.as_deref().unwrap_or("-"),
-        method = %method,
-        path = %path,
-        status = status.as_u16(),
-        request_id = %request_id,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "proxied"
-    );
+    let line = Access {
+        remote: client.remote,
+        route: route.name.clone(),
+        upstream: upstream.unwrap_or_else(|| "-".into()),
+        method,
+        path,
+        status: status.as_u16(),
+        request_id,
+        started,
+        head_ms: started.elapsed().as_millis() as u64,
+    };
+    // A streamed answer logs when its body ends (or is abandoned); an error answer now.
+    match resp.body_mut() {
+        Body::Relay(r) => r.access = Some(line),
+        Body::Full(_) => line.log(0, true),
+    }
     resp
+}
+
+/// The access log line of one proxied request (target `access`).
+pub struct Access {
+    pub remote: std::net::SocketAddr,
+    pub route: String,
+    pub upstream: String,
+    pub method: Method,
+    pub path: String,
+    pub status: u16,
+    pub request_id: String,
+    pub started: Instant,
+    /// Until the response head was ready.
+    pub head_ms: u64,
+}
+
+impl Access {
+    pub fn log(&self, bytes_out: u64, complete: bool) {
+        tracing::info!(
+            target: "access",
+            remote = %self.remote,
+            route = %self.route,
+            upstream = %self.upstream,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            request_id = %self.request_id,
+            head_ms = self.head_ms,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            bytes_out,
+            complete,
+            "proxied"
+        );
+    }
 }
 
 type Attempt = Result<(Response<Body>, Option<String>), (Failure, Option<String>)>;
@@ -350,6 +387,8 @@ fn respond(
         deadline: deadline.map(|t| Box::pin(tokio::time::sleep_until(t.into()))),
         counted: route.counted.clone(),
         eject: route.eject(),
+        access: None,
+        ended: false,
     };
     Response::from_parts(parts, Body::Relay(Box::new(relay)))
 }
