@@ -17,12 +17,14 @@
 //! returns ([`Hub::poll_transmit`], [`Hub::poll_timeout`]); it reads no clock and knows no
 //! channel or task. Its only direct effects are local: queueing into this shard's connections'
 //! mailboxes and answering `/api/*` requests' oneshots. [`SharedHub`] is how a shard's tasks
-//! call it.
+//! call it. docs/rooms-core.md has the ordering argument; `sim.rs` checks it.
 
 pub mod config;
 pub mod conn;
 pub mod proto;
 pub mod room;
+#[cfg(test)]
+mod sim;
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::hash_map::DefaultHasher;
