@@ -12,7 +12,7 @@
 //! * `recovered` is `false` exactly when the home shard's history no longer held `since + 1`
 //!   (or the epoch was another, or `since` was ahead) when the subscribe arrived there;
 //! * an observer subscribed from the start sees one `join` per subscription episode of every
-//!   other connection and one `leave` per ended episode, alternating;
+//!   other connection and one `leave` per ended episode, alternating; nobody hears of itself;
 //! * history is a run of consecutive seqs ending at the room's seq, within its count cap, TTL
 //!   (after a sweep) and the shard's byte budget, and the budget drops the oldest first;
 //! * at the end, presence lists exactly the subscribed, every subscriber is caught up, and once
@@ -651,6 +651,10 @@ impl Sim {
                 );
                 self.stats.presence_events += 1;
                 let who = v["client_id"].as_str().unwrap_or_default().to_string();
+                ensure!(
+                    who != *client.conn.client_id,
+                    "{name}: its own {kind} on {topic}: {v}"
+                );
                 let join = kind == "join";
                 let before = track.present.insert(who.clone(), join);
                 ensure!(
