@@ -292,6 +292,7 @@ impl Hub {
         self.send(now, home, msg)
     }
 
+    /// One message from another shard, or from this one (handled in place).
     pub fn handle(&mut self, now: Now, msg: HubMsg) {
         match msg {
             HubMsg::Subscribe {
