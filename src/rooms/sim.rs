@@ -132,6 +132,9 @@ struct Client {
     /// Subscription episodes begun and ended, per topic.
     begun: BTreeMap<String, u64>,
     ended: BTreeMap<String, u64>,
+    /// An observer's count of `join`s and `leave`s, per client id.
+    joins: BTreeMap<String, u64>,
+    leaves: BTreeMap<String, u64>,
     /// The `n` of this client's next publish.
     published: u64,
     /// Publishes awaiting their ack, by id: the topic and the subscription episode (the
@@ -300,6 +303,8 @@ impl Sim {
             seen: BTreeMap::new(),
             begun: BTreeMap::new(),
             ended: BTreeMap::new(),
+            joins: BTreeMap::new(),
+            leaves: BTreeMap::new(),
             published: 0,
             unacked: HashMap::new(),
             acked: HashMap::new(),
@@ -663,11 +668,11 @@ impl Sim {
                 );
                 if client.observer {
                     let counts = if join {
-                        &mut client.begun
+                        &mut client.joins
                     } else {
-                        &mut client.ended
+                        &mut client.leaves
                     };
-                    *counts.entry(format!("{topic}/{who}")).or_default() += 1;
+                    *counts.entry(who).or_default() += 1;
                 }
             }
             ("ack", false) => {
@@ -928,9 +933,9 @@ impl Sim {
                 obs.presence.get(&topic)
             );
             for c in self.clients.iter().filter(|c| !c.observer) {
-                let key = format!("{topic}/{}", c.conn.client_id);
-                let joins = obs.begun.get(&key).copied().unwrap_or(0);
-                let leaves = obs.ended.get(&key).copied().unwrap_or(0);
+                let id = c.conn.client_id.to_string();
+                let joins = obs.joins.get(&id).copied().unwrap_or(0);
+                let leaves = obs.leaves.get(&id).copied().unwrap_or(0);
                 let begun = c.begun.get(&topic).copied().unwrap_or(0);
                 let ended = c.ended.get(&topic).copied().unwrap_or(0);
                 ensure!(
