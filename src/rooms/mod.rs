@@ -17,7 +17,7 @@
 //! returns ([`Hub::poll_transmit`], [`Hub::poll_timeout`]); it reads no clock and knows no
 //! channel or task. Its only direct effects are local: queueing into this shard's connections'
 //! mailboxes and answering `/api/*` requests' oneshots. [`SharedHub`] is how a shard's tasks
-//! call it. docs/rooms-core.md has the ordering argument; `sim.rs` checks it.
+//! call it. docs/ARCHITECTURE.md ("The rooms hub as a state machine") has the ordering argument; `sim.rs` checks it.
 
 pub mod config;
 pub mod conn;
