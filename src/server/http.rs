@@ -23,8 +23,8 @@ use tokio::io::AsyncWriteExt;
 use super::api;
 use super::endpoint::{self, Endpoint};
 use crate::auth::{self, AuthError, Identity};
-use crate::io::tls::Stream;
-use crate::io::Conn;
+use crate::error::Rejection;
+use crate::io::Stream;
 use crate::metrics;
 use crate::server::config::Listen;
 use crate::server::shard::{Control, Shard, WsSlot};
@@ -45,7 +45,7 @@ struct Upgrade {
 
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
-pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Listen) {
+pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: Listen) {
     let reg = shard.register(remote);
     let acceptor = if listen.tls {
         shard.tls.borrow().clone()
@@ -53,14 +53,14 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         None
     };
     let conn = match acceptor {
-        None => Stream::Plain(conn),
+        None => conn,
         Some(acceptor) => {
             let timeout = shard.global.config.handshake_timeout();
             // Boxed: the handshake and its timer are large and would otherwise size every
             // connection's task, plain ones included, for its whole life.
-            let handshake = Box::pin(tokio::time::timeout(timeout, acceptor.accept(conn)));
+            let handshake = Box::pin(tokio::time::timeout(timeout, conn.accept_tls(&acceptor)));
             let (stream, result) = match handshake.await {
-                Ok(Ok(tls)) => (Some(Stream::Tls(Box::new(tls))), "ok"),
+                Ok(Ok(tls)) => (Some(tls), "ok"),
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
                     (None, "error")
@@ -265,38 +265,17 @@ impl Router {
             &[],
         ) {
             Ok(a) => a,
-            Err(r) => {
-                let reason = if r.status == StatusCode::FORBIDDEN {
-                    "origin"
-                } else {
-                    "bad_request"
-                };
-                counter!(metrics::HANDSHAKES_FAILED, "reason" => reason).increment(1);
-                let mut resp = text(r.status, &format!("{}\n", r.reason));
-                resp.headers_mut().insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static("13"),
-                );
-                return resp;
-            }
+            Err(r) => return refuse(r),
         };
         let (identity, token_protocol) = match self.authenticate(req, endpoint) {
             Ok(found) => found,
-            Err(e) => {
-                counter!(metrics::HANDSHAKES_FAILED, "reason" => "auth").increment(1);
-                let mut resp = text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));
-                resp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return resp;
-            }
+            Err(e) => return refuse(e.into()),
         };
         if global.is_draining() {
-            counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
-            return text(StatusCode::SERVICE_UNAVAILABLE, "server is draining\n");
+            return refuse(Rejection::Draining);
         }
         let Some(slot) = global.try_admit_ws() else {
-            counter!(metrics::HANDSHAKES_FAILED, "reason" => "capacity").increment(1);
-            return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+            return refuse(Rejection::AtCapacity);
         };
         let mut resp = Response::new(Body::default());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -405,6 +384,16 @@ async fn statistics(
     );
     counter!(metrics::HTTP_REQUESTS, "status" => "200").increment(1);
     Ok(resp)
+}
+
+/// A refused upgrade, counted by reason.
+fn refuse(r: Rejection) -> Response<Body> {
+    counter!(metrics::HANDSHAKES_FAILED, "reason" => r.metric_reason()).increment(1);
+    let mut resp = text(r.status(), &format!("{r}\n"));
+    if let Some((name, value)) = r.header() {
+        resp.headers_mut().insert(name, value);
+    }
+    resp
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {
