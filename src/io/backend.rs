@@ -6,8 +6,9 @@
 //! matches on it, so hyper, the WebSocket session and rustls do not know which one they run on.
 //!
 //! io_uring works on owned buffers, so [`UringStream`] adapts: reads complete into a buffer it
-//! owns and are copied out; writes are submitted at once ("write-behind") as a `writev` of
-//! owned `Bytes`, so all the writes a shard makes in one loop turn reach the kernel in one
+//! owns and are copied out; a write counts as done at once ("write-behind") and goes to the
+//! ring as a `writev` of owned `Bytes` when it is next polled (the flush that follows every
+//! write), so all the writes a shard makes in one loop turn reach the kernel in one
 //! `io_uring_enter` when the runtime parks. A session's outbox hands over its chunks as they
 //! are ([`WriteOutbox`](crate::ws::outbox::WriteOutbox)); borrowed slices (`AsyncWrite`) are
 //! copied.

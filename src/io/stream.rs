@@ -269,7 +269,7 @@ mod tests {
     }
 
     /// Accepts one connection (TLS with `acceptor`) and echoes what it reads until EOF.
-    fn echo_server(l: Listener, acceptor: Option<TlsAcceptor>) {
+    fn echo_server(l: Listener, acceptor: Option<TlsAcceptor>) -> tokio::task::JoinHandle<()> {
         tokio::task::spawn_local(async move {
             let (mut s, _) = l.accept().await.unwrap();
             if let Some(a) = acceptor {
@@ -284,16 +284,24 @@ mod tests {
                     break;
                 }
                 s.write_all(&buf[..n]).await.unwrap();
+                // io_uring writes go out when the write is polled again: a flush.
+                s.flush().await.unwrap();
             }
             s.shutdown().await.unwrap();
-        });
+        })
     }
 
-    async fn round_trip(s: &mut Stream) {
+    /// An echo, then both sides close; returns once the server is done, so no operation is
+    /// left in flight when the runtime goes.
+    async fn round_trip(mut s: Stream, server: tokio::task::JoinHandle<()>) {
         s.write_all(b"hello").await.unwrap();
+        s.flush().await.unwrap();
         let mut got = [0u8; 5];
         s.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
+        s.shutdown().await.unwrap();
+        assert_eq!(s.read(&mut got).await.unwrap(), 0);
+        server.await.unwrap();
     }
 
     #[test]
@@ -301,13 +309,13 @@ mod tests {
         for backend in BACKENDS {
             block_on(backend, async move {
                 let (l, addr) = listener(backend);
-                echo_server(l, None);
-                let mut s = connect(backend, &[closed_port(), addr], None, LONG)
+                let server = echo_server(l, None);
+                let s = connect(backend, &[closed_port(), addr], None, LONG)
                     .await
                     .unwrap();
                 assert!(!s.is_tls());
                 assert_eq!(s.alpn_protocol(), None);
-                round_trip(&mut s).await;
+                round_trip(s, server).await;
             })
             .unwrap();
         }
@@ -336,15 +344,15 @@ mod tests {
             block_on(backend, async move {
                 let (acceptor, client) = tls_pair(&[b"h2", b"http/1.1"]);
                 let (l, addr) = listener(backend);
-                echo_server(l, Some(acceptor));
-                let mut s = connect(backend, &[addr], Some((&client, "localhost")), LONG)
+                let server = echo_server(l, Some(acceptor));
+                let s = connect(backend, &[addr], Some((&client, "localhost")), LONG)
                     .await
                     .unwrap();
                 assert!(s.is_tls());
                 // The server speaks http/1.1 only.
                 assert_eq!(s.alpn_protocol(), Some(&b"http/1.1"[..]));
                 assert_eq!(s.server_name(), None);
-                round_trip(&mut s).await;
+                round_trip(s, server).await;
             })
             .unwrap();
         }
