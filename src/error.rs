@@ -7,6 +7,7 @@
 //!
 //! | type | raised by | the peer is told |
 //! |---|---|---|
+//! | [`Code`] | rooms, agent | the `code` of a `{"type": "error"}` message |
 //! | [`Rejection`] | `ws::handshake`, `auth`, the server's admission | an HTTP status ([`Rejection::status`]) |
 //! | [`AuthError`] | `auth` | 401 (inside [`Rejection::Unauthorized`]) |
 //! | [`UpstreamError`] | `io::connect`, the agent gateway | an agent error code ([`UpstreamError::code`]) or a gateway status ([`UpstreamError::http_status`]) |

@@ -15,7 +15,9 @@
 //! Either way the stream implements tokio's `AsyncRead`/`AsyncWrite` (hyper takes it through
 //! `hyper_util::rt::TokioIo`) and [`WriteOutbox`] (a WebSocket session writes its outbox with
 //! it). On a plain io_uring socket the outbox's chunks go to the kernel as they are, without a
-//! copy; TLS copies into records anyway.
+//! copy; TLS copies into records anyway. As with any `AsyncWrite`, flush after writing: on
+//! io_uring a write reaches the ring when the stream is next polled (hyper, rustls, the session
+//! and `tokio::io::copy_bidirectional` do).
 
 use std::io;
 use std::net::SocketAddr;
