@@ -14,9 +14,9 @@ use super::room::Member;
 use super::{ConnRef, Hub, HubMsg, Reply};
 use crate::auth::{Identity, TopicAction, ANONYMOUS};
 use crate::ratelimit::TokenBucket;
+use crate::ws::connection::{Close, Handler, Message, ToClient};
 use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::FrameForm;
-use crate::ws::connection::{Close, Handler, Message, ToClient};
 
 /// A subscription's state on the subscriber's shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -100,17 +100,6 @@ impl Outbox {
         self.queued += len;
     }
 
-    /// Appends a frame whose payload is written by `fill` (exactly `len` bytes).
-    pub fn frame_with(&mut self, opcode: OpCode, len: usize, fill: impl FnOnce(&mut BytesMut)) {
-        let total = header_len(len) + len;
-        self.tail.reserve(total);
-        let start = self.tail.len();
-        write_header(&mut self.tail, true, false, opcode, len);
-        fill(&mut self.tail);
-        debug_assert_eq!(self.tail.len() - start, total);
-        self.queued += self.tail.len() - start;
-    }
-
     /// Appends a close frame with `code` and `reason`.
     pub fn close(&mut self, code: CloseCode, reason: &str) {
         let mut body = Vec::with_capacity(125);
@@ -387,13 +376,6 @@ mod tests {
         assert_eq!(&chunks[0][..], b"ONE");
         assert_eq!(o.queued(), 6);
         assert_eq!(written(&o), b"TWO\x81\x01c");
-    }
-
-    #[test]
-    fn frame_with_writes_in_place() {
-        let mut o = Outbox::default();
-        o.frame_with(OpCode::Binary, 3, |b| b.extend_from_slice(b"xyz"));
-        assert_eq!(written(&o), b"\x82\x03xyz");
     }
 
     #[test]
