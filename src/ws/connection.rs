@@ -55,8 +55,9 @@ pub trait Handler {
     /// answers `Ready`: a handler forwarding to a slow upstream stops its input this way.
     ///
     /// Asked before each read, so the messages of a read already made (at most one read
-    /// buffer's worth) are still delivered after a `Pending`. Ping, close and heartbeat
-    /// timeouts wait with the input; mail and output go on.
+    /// buffer's worth) are still delivered after a `Pending`. Pings and closes from the client
+    /// wait with its input, and so does the heartbeat (a client that is not read is not
+    /// silent); mail and output go on.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
         Poll::Ready(())
     }

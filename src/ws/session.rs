@@ -129,8 +129,10 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
                 self.conn.close(c, now());
             }
             self.conn.handle_mail();
-            self.poll_read(cx);
-            if self.entry.take_heartbeat() {
+            let held = self.poll_read(cx);
+            // While the handler holds the input back, the client is not silent, only unheard:
+            // its heartbeat tick waits (the mark stays) until reading resumes.
+            if !held && self.entry.take_heartbeat() {
                 self.conn.handle_heartbeat(now());
             }
         }
@@ -203,10 +205,15 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
         }
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>) {
+    /// Reads and hands the input to the connection; returns whether the handler holds the
+    /// input back ([`Handler::poll_ready`]).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
         for _ in 0..READ_BUDGET {
-            if !self.conn.wants_input() || self.conn.handler_mut().poll_ready(cx).is_pending() {
-                return;
+            if !self.conn.wants_input() {
+                return false;
+            }
+            if self.conn.handler_mut().poll_ready(cx).is_pending() {
+                return true;
             }
             let got = match self.conn.input_buffer() {
                 None => self.read_scratch(cx),
@@ -220,11 +227,11 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
                 }
             };
             match got {
-                Poll::Pending => return,
+                Poll::Pending => return false,
                 Poll::Ready(Ok(0)) => {
                     // The peer went away without a close frame.
                     self.conn.handle_transport_closed();
-                    return;
+                    return false;
                 }
                 Poll::Ready(Ok(n)) => {
                     self.bytes_in += n as u64;
@@ -233,12 +240,13 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(error = %e, "read failed");
                     self.conn.handle_transport_closed();
-                    return;
+                    return false;
                 }
             }
         }
         // Budget used up with data still coming: come back after others had their turn.
         cx.waker().wake_by_ref();
+        false
     }
 
     /// Reads into the shard's scratch buffer and hands what came to the connection, which
@@ -538,6 +546,7 @@ mod tests {
         let session_waker = Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&session_waker);
 
+        let wakes_now = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
         assert!(session.as_mut().poll(&mut cx).is_pending());
         assert_eq!(
             reads.get(),
@@ -545,7 +554,14 @@ mod tests {
             "nothing is read while the handler is not ready"
         );
         assert_eq!(got.get(), 0);
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(wakes_now(), 0, "no busy polling");
+        // A client that is not read is not silent: heartbeat ticks do not time it out.
+        for tick in 1..=4 {
+            entry.mark_heartbeat();
+            assert_eq!(wakes_now(), tick);
+            assert!(session.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(reads.get(), 0);
 
         open.set(true);
         waker
@@ -553,9 +569,13 @@ mod tests {
             .take()
             .expect("the handler kept the waker")
             .wake();
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(wakes_now(), 5);
         // The client's input ends without a close frame: the session ends once it is read.
-        assert!(session.as_mut().poll(&mut cx).is_ready());
+        let Poll::Ready(summary) = session.as_mut().poll(&mut cx) else {
+            panic!("the session did not end with its input");
+        };
         assert_eq!(got.get(), 3);
+        assert_eq!(summary.close_code, None, "no heartbeat timeout");
+        assert_eq!(summary.messages_in, 3);
     }
 }
