@@ -218,7 +218,7 @@ impl<'a, H: Handler> Connection<'a, H> {
         self.state == State::Closed
     }
 
-    /// The close code we sent (1005 when echoing an empty close), once closing began.
+    /// The close code we sent once closing began (1005: we echoed a close without a code).
     pub fn close_code(&self) -> Option<u16> {
         self.close_code
     }
