@@ -25,9 +25,9 @@ use bytes::Bytes;
 
 use crate::error::UpstreamError;
 use crate::io::Backend;
+use crate::ws::connection::{Close, Handler, Message, ToClient};
 use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::Outgoing;
-use crate::ws::session::{Close, Handler, Message, Sink};
 use config::AgentConfig;
 use protocol::{Code, Id, Query, Request};
 use upstream::{Gateway, Kind, Outbound, Response};
@@ -139,7 +139,7 @@ impl Agent {
         }
     }
 
-    fn spawn(&self, id: Option<Id>, out: &mut Sink<'_>, work: Work) {
+    fn spawn(&self, id: Option<Id>, out: &mut ToClient<'_>, work: Work) {
         let now = protocol::now();
         if self.conn.in_flight.borrow().len() >= self.gw.cfg.max_in_flight {
             let msg = format!(
@@ -206,11 +206,11 @@ enum Work {
 }
 
 impl Handler for Agent {
-    fn on_open(&mut self, out: &mut Sink<'_>) {
+    fn on_open(&mut self, out: &mut ToClient<'_>) {
         out.text(protocol::connected(&self.conn.connection_id).as_bytes());
     }
 
-    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+    fn on_message(&mut self, msg: Message<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
         let Message::Text(text) = msg else {
             let e = protocol::error(
                 Code::BadJson,
