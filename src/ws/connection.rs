@@ -26,6 +26,15 @@ use super::reader::{Event, Flow, ReadError, Reader};
 pub const HIGH_WATER: usize = 256 * 1024;
 /// The smallest read into a held incomplete frame.
 const MIN_READ: usize = 4096;
+/// The most room made for an incomplete frame beyond what it holds: a header that announces a
+/// large frame reserves nothing until the bytes arrive (room then grows at most twofold per
+/// read), so clients cannot make the server commit memory with headers alone.
+const MAX_AHEAD: usize = 64 * 1024;
+
+/// Room to make for the rest of a `frame`-byte frame of which `held` bytes are here.
+fn room_for(held: usize, frame: usize) -> usize {
+    frame.saturating_sub(held).min(held.max(MAX_AHEAD))
+}
 
 /// A complete data message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +278,8 @@ impl<'a, H: Handler> Connection<'a, H> {
         self.heartbeat.heard = true;
         let (consumed, next) = self.process(bytes, now);
         if self.state == State::Open && consumed < bytes.len() {
-            self.partial.reserve(next.max(bytes.len() - consumed));
+            let tail = bytes.len() - consumed;
+            self.partial.reserve(tail + room_for(tail, next));
             self.partial.extend_from_slice(&bytes[consumed..]);
             self.partial_frame = next;
         }
@@ -288,10 +298,7 @@ impl<'a, H: Handler> Connection<'a, H> {
         if self.partial.is_empty() {
             return None;
         }
-        let want = self
-            .partial_frame
-            .saturating_sub(self.partial.len())
-            .max(MIN_READ);
+        let want = room_for(self.partial.len(), self.partial_frame).max(MIN_READ);
         self.partial.reserve(want);
         Some((&mut self.partial, want))
     }
@@ -838,6 +845,28 @@ mod tests {
         feed(&mut c, &input, 1000, t0);
         assert_eq!(c.close_code(), Some(1009));
         assert!(c.handler_mut().got.is_empty());
+    }
+
+    #[test]
+    fn a_large_frame_gets_room_only_as_its_bytes_arrive() {
+        let (s, m, t0) = (settings(16 << 20), Mailbox::default(), Instant::now());
+        let mut c = Connection::new(Echo::default(), None, &s, &m);
+        let payload = vec![9u8; 8 << 20];
+        let whole = frame(true, OpCode::Binary, &payload);
+        // The header and a few bytes announce 8 MiB: far less is reserved.
+        let mut start = whole[..100].to_vec();
+        c.handle_input(&mut start, t0);
+        let (buf, want) = c.input_buffer().expect("an incomplete frame is held");
+        assert!(
+            buf.capacity() <= 2 * MAX_AHEAD,
+            "{} reserved",
+            buf.capacity()
+        );
+        assert!(want <= MAX_AHEAD);
+        // Fed in 64 KiB reads, the message still arrives whole.
+        let mut c = Connection::new(Echo::default(), None, &s, &m);
+        feed(&mut c, &whole, 64 * 1024, t0);
+        assert_eq!(c.handler_mut().got, vec![(false, payload)]);
     }
 
     #[test]
