@@ -212,6 +212,9 @@ impl Router {
             (&Method::GET | &Method::HEAD, "/healthz")
             | (&Method::GET | &Method::HEAD, "/readyz") => self.health(req),
             (&Method::GET, "/metrics") if self.serves_ops() => self.metrics(),
+            (m, p) if p.starts_with("/static/") && global.config.static_files => {
+                super::static_files::serve(m, p, req.headers())
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
