@@ -380,11 +380,17 @@ export class RinggateClient extends Emitter {
 
   // ---- requests -----------------------------------------------------------------------------
 
+  /** Sends `msg` as it is over the WebSocket (no id, no promise); false when not on one. */
+  sendRaw(msg) {
+    return this._raw(msg);
+  }
+
   _raw(msg) {
     const c = this._conn;
     if (!c || c.kind !== "ws") return false;
     try {
       c.ws.send(JSON.stringify(msg));
+      this.emit("raw", msg, "out");
       return true;
     } catch {
       return false;
@@ -518,6 +524,7 @@ export class RinggateClient extends Emitter {
   }
 
   _onMessage(msg) {
+    this.emit("raw", msg, "in");
     if (msg.id != null && this._pending.has(msg.id)) {
       const p = this._pending.get(msg.id);
       this._pending.delete(msg.id);
@@ -730,6 +737,16 @@ export class RinggateAgent extends Emitter {
     this._ready = null;
   }
 
+  /** Opens the connection now (otherwise the first request does); resolves on `connected`. */
+  connect() {
+    return this._open();
+  }
+
+  /** Sends `msg` unchanged (the connection must be open). */
+  sendRaw(msg) {
+    this.ws?.send(JSON.stringify(msg));
+  }
+
   _open() {
     if (this._ready) return this._ready;
     this._ready = new Promise((resolve, reject) => {
@@ -763,6 +780,7 @@ export class RinggateAgent extends Emitter {
       };
       ws.onclose = () => {
         this._ready = null;
+        this.emit("closed");
         reject(new RinggateError("agent connection closed", "disconnected"));
         for (const [, p] of this._pending) p({ type: "error", code: "disconnected", error: "agent connection closed" });
         this._pending.clear();

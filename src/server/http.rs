@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::api;
 use super::endpoint::{self, Endpoint};
+use super::fallback::{self, AnyBody};
 use crate::auth::{self, AuthError, Identity};
 use crate::io::tls::Stream;
 use crate::io::Conn;
@@ -34,6 +35,7 @@ use ::metrics::{counter, gauge};
 
 pub type Body = Full<Bytes>;
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>>>;
+type AnyResponseFuture = Pin<Box<dyn Future<Output = Result<Response<AnyBody>, Infallible>>>>;
 
 /// An accepted upgrade waiting for hyper to finish writing the 101.
 struct Upgrade {
@@ -84,6 +86,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         upgrade: upgrade.clone(),
         admin: listen.admin,
         served: served.clone(),
+        remote,
     };
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -165,14 +168,39 @@ struct Router {
     admin: bool,
     /// A request has been received on this connection.
     served: Rc<Cell<bool>>,
+    remote: SocketAddr,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Router {
-    type Response = Response<Body>;
+    type Response = Response<AnyBody>;
     type Error = Infallible;
-    type Future = ResponseFuture;
+    type Future = AnyResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.served.set(true);
+        // `/sse`, `/poll`, `/publish` (src/server/fallback.rs): rooms without a WebSocket.
+        let req = if !self.admin && self.shard.global.config.rooms.enabled {
+            match fallback::route(&self.shard, self.remote, req) {
+                Ok(answer) => {
+                    return Box::pin(async move {
+                        let resp = answer.await;
+                        counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                            .increment(1);
+                        Ok(resp)
+                    })
+                }
+                Err(req) => req,
+            }
+        } else {
+            req
+        };
+        let answer = self.call_full(req);
+        Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Full)) })
+    }
+}
+
+impl Router {
+    fn call_full(&self, req: Request<Incoming>) -> ResponseFuture {
         self.served.set(true);
         let ops = self.serves_ops();
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && ops {

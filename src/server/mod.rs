@@ -7,6 +7,7 @@ pub mod config;
 pub mod endpoint;
 pub mod http;
 pub mod logging;
+pub mod fallback;
 pub mod shard;
 pub mod static_files;
 
