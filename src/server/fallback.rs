@@ -262,13 +262,12 @@ impl Subscriber {
             h.attach(conn.clone());
             for t in &ask.topics {
                 let pos = ask.since.get(t);
-                h.subscribe(
-                    &conn,
-                    t,
-                    pos.map(|p| p.seq),
-                    pos.map(|p| p.epoch.as_str()).filter(|e| !e.is_empty()),
-                    None,
-                );
+                // At seq 0 nothing was seen, so any epoch's messages are all new: a topic that
+                // was dropped while nobody held it (between two polls, say) is not a loss.
+                let epoch = pos
+                    .filter(|p| p.seq > 0 && !p.epoch.is_empty())
+                    .map(|p| p.epoch.as_str());
+                h.subscribe(&conn, t, pos.map(|p| p.seq), epoch, None);
             }
         }
         Subscriber {
@@ -570,6 +569,7 @@ async fn poll_inner(
         .collect();
     let mut messages: Vec<Bytes> = Vec::new();
     let mut answered = 0;
+    let fresh = ask.topics.iter().any(|t| !ask.since.contains_key(t));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     loop {
         let ready = tokio::time::timeout_at(
@@ -596,8 +596,10 @@ async fn poll_inner(
             messages.push(m);
         }
         // A batch: everything queued once the first room message is there (the replay comes
-        // in one piece right after the `subscribed`).
-        if room && answered >= ask.topics.len() || ready.is_err() || sub.closing() {
+        // in one piece right after the `subscribed`). A topic asked without a position gets
+        // its position at once, so the next poll can resume from it.
+        let all_answered = answered >= ask.topics.len();
+        if all_answered && (room || fresh) || ready.is_err() || sub.closing() {
             break;
         }
     }
