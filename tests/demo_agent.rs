@@ -68,14 +68,22 @@ async fn demo_on_fresh_start(backend: Backend) {
         server.log()
     );
 
-    send(&mut ws, json!({"type": "agent_query", "query": "hello", "id": "q1"})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "hello", "id": "q1"}),
+    )
+    .await;
     let msgs = recv_until(&mut ws, "agent_response", "q1").await;
     assert_eq!(msgs[0]["type"], "status");
     let answer = msgs.last().unwrap();
     assert_eq!(answer["vendor"], "ringgate-demo");
     assert!(answer["content"].as_str().unwrap().contains("\"hello\""));
 
-    send(&mut ws, json!({"type": "streaming_query", "query": "hello", "id": "s1"})).await;
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "hello", "id": "s1"}),
+    )
+    .await;
     let msgs = recv_until(&mut ws, "stream_end", "s1").await;
     assert_eq!(msgs[0]["type"], "stream_start");
     let chunks: Vec<&str> = msgs
@@ -107,7 +115,11 @@ async fn demo_on_fresh_start(backend: Backend) {
 async fn demo_cancel_stops_the_stream(backend: Backend) {
     let server = Server::start(backend, &[]);
     let (mut ws, _) = connect(&server).await;
-    send(&mut ws, json!({"type": "streaming_query", "query": "x", "id": "s1"})).await;
+    send(
+        &mut ws,
+        json!({"type": "streaming_query", "query": "x", "id": "s1"}),
+    )
+    .await;
     recv_until(&mut ws, "stream_chunk", "s1").await;
     send(&mut ws, json!({"type": "cancel", "id": "s1"})).await;
     recv_until(&mut ws, "cancelled", "s1").await;
@@ -144,7 +156,10 @@ async fn demo_calculator_refuses_bad_input(backend: Backend) {
         let e = recv_until(&mut ws, "error", &id).await;
         let e = e.last().unwrap();
         assert_eq!(e["code"], "upstream_error", "{e}");
-        assert!(e["error"].as_str().unwrap().starts_with("calculator:"), "{e}");
+        assert!(
+            e["error"].as_str().unwrap().starts_with("calculator:"),
+            "{e}"
+        );
     }
     send(
         &mut ws,
@@ -164,7 +179,11 @@ async fn demo_off_by_config(backend: Backend) {
     assert_eq!(hello["message"], "Connected to Agent WebSocket");
     assert!(hello.get("demo").is_none());
     assert!(!server.log().contains("demo agent"));
-    send(&mut ws, json!({"type": "agent_query", "query": "x", "id": "q"})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": "q"}),
+    )
+    .await;
     let e = recv_until(&mut ws, "error", "q").await;
     assert!(e.last().unwrap()["error"]
         .as_str()
@@ -177,7 +196,11 @@ async fn demo_off_with_an_upstream(backend: Backend) {
     let server = Server::start(backend, &["--agent-upstream", "http://127.0.0.1:9"]);
     let (mut ws, hello) = connect(&server).await;
     assert!(hello.get("demo").is_none(), "{hello}");
-    send(&mut ws, json!({"type": "agent_query", "query": "x", "id": "q"})).await;
+    send(
+        &mut ws,
+        json!({"type": "agent_query", "query": "x", "id": "q"}),
+    )
+    .await;
     let e = recv_until(&mut ws, "error", "q").await;
     assert_eq!(e.last().unwrap()["code"], "upstream_error");
 }

@@ -18,13 +18,17 @@ both_backends!(
     poll_batches_and_resumes,
     poll_times_out_empty,
     http_publish_checks_input,
+    fallbacks_take_the_ws_token,
 );
 
 async fn static_files_with_etag(backend: Backend) {
     let server = Server::start(backend, &[]);
     for (path, ty) in [
         ("/static/ringgate.js", "text/javascript; charset=utf-8"),
-        ("/static/ringgate.d.ts", "application/typescript; charset=utf-8"),
+        (
+            "/static/ringgate.d.ts",
+            "application/typescript; charset=utf-8",
+        ),
         ("/static/test_websocket.html", "text/html; charset=utf-8"),
         ("/static/test_websocket.css", "text/css; charset=utf-8"),
     ] {
@@ -80,11 +84,9 @@ struct Sse {
 impl Sse {
     async fn open(server: &Server, query: &str, extra: &str) -> (u16, Sse) {
         let mut s = server.tcp().await;
-        s.write_all(
-            format!("GET /sse?{query} HTTP/1.1\r\nHost: t\r\n{extra}\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
+        s.write_all(format!("GET /sse?{query} HTTP/1.1\r\nHost: t\r\n{extra}\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut sse = Sse {
             s,
             buf: String::new(),
@@ -133,7 +135,11 @@ fn room_msgs(evs: &[(String, Value)], topic: &str) -> Vec<(String, u64)> {
 
 async fn publish(server: &Server, topic: &str, n: u64) -> u64 {
     let r = server
-        .post("/publish", "", &json!({"topic": topic, "data": {"n": n}}).to_string())
+        .post(
+            "/publish",
+            "",
+            &json!({"topic": topic, "data": {"n": n}}).to_string(),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let v: Value = serde_json::from_str(&r.body).unwrap();
@@ -168,21 +174,18 @@ async fn sse_delivers_in_order_and_resumes(backend: Backend) {
     assert!(id3.contains("odd%2Ctopic:"), "{id3}");
     drop(sse);
     publish(&server, "news", 6).await;
-    let (status, mut again) = Sse::open(
-        &server,
-        "topics=news",
-        &format!("Last-Event-ID: {id3}\r\n"),
-    )
-    .await;
+    let (status, mut again) =
+        Sse::open(&server, "topics=news", &format!("Last-Event-ID: {id3}\r\n")).await;
     assert_eq!(status, 200);
-    again
-        .until(|e| room_msgs(e, "news").len() == 3)
-        .await;
+    again.until(|e| room_msgs(e, "news").len() == 3).await;
     let evs = again.events();
     let sub = evs.iter().find(|(_, v)| v["type"] == "subscribed").unwrap();
     assert_eq!(sub.1["recovered"], true);
     assert_eq!(
-        room_msgs(&evs, "news").iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        room_msgs(&evs, "news")
+            .iter()
+            .map(|(_, s)| *s)
+            .collect::<Vec<_>>(),
         [4, 5, 6]
     );
     // A stream shows in the metrics.
@@ -197,9 +200,19 @@ async fn sse_refuses_bad_input(backend: Backend) {
         ("", "", 400, "missing_field"),
         ("topics=", "", 400, "missing_field"),
         ("topics=a%zz", "", 400, "bad_json"),
-        (&*format!("topics={}", "x".repeat(200)), "", 400, "too_large"),
+        (
+            &*format!("topics={}", "x".repeat(200)),
+            "",
+            400,
+            "too_large",
+        ),
         ("topics=a&since=a:x", "", 400, "missing_field"),
-        ("topics=a", "Last-Event-ID: garbage\r\n", 400, "missing_field"),
+        (
+            "topics=a",
+            "Last-Event-ID: garbage\r\n",
+            400,
+            "missing_field",
+        ),
     ] {
         let r = server
             .request(&format!(
@@ -243,9 +256,11 @@ async fn poll_batches_and_resumes(backend: Backend) {
         let q = format!("/poll?topics=p&since={cursor}&timeout=20");
         tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {q} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("GET {q} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             common::read_response(&mut s).await
         })
     };
@@ -295,7 +310,11 @@ async fn http_publish_checks_input(backend: Backend) {
         (r#"{"data": 1}"#, 400, "missing_field"),
         (r#"{"topic": "", "data": 1}"#, 400, "missing_field"),
         (r#"{"topic": "t"}"#, 400, "missing_field"),
-        (r#"{"topic": "t", "type": "", "data": 1}"#, 400, "missing_field"),
+        (
+            r#"{"topic": "t", "type": "", "data": 1}"#,
+            400,
+            "missing_field",
+        ),
     ] {
         let r = server.post("/publish", "", body).await;
         assert_eq!(r.status, status, "{body}: {}", r.body);
@@ -312,7 +331,69 @@ async fn http_publish_checks_input(backend: Backend) {
     assert_eq!(r.status, 413);
     assert_eq!(server.get("/publish").await.status, 405);
     let r = server
-        .post("/publish", "", r#"{"topic": "t", "type": "note", "data": [1]}"#)
+        .post(
+            "/publish",
+            "",
+            r#"{"topic": "t", "type": "note", "data": [1]}"#,
+        )
         .await;
     assert_eq!(r.status, 200);
+}
+
+fn token(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"fallback-secret"),
+    )
+    .unwrap()
+}
+
+async fn fallbacks_take_the_ws_token(backend: Backend) {
+    let server = Server::start_with_config(
+        backend,
+        "[auth]\njwt_secret = \"fallback-secret\"\nrequired = true\n",
+        &[],
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let t = token(json!({"sub": "ann", "exp": exp, "channels": ["news"], "publish": ["news"]}));
+    // No token, a bad token: 401 with WWW-Authenticate.
+    for q in ["topics=news", "topics=news&token=nope"] {
+        let r = server.get(&format!("/poll?{q}&timeout=0")).await;
+        assert_eq!(r.status, 401, "{q}");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    }
+    let r = server
+        .post("/publish", "", r#"{"topic":"news","data":1}"#)
+        .await;
+    assert_eq!(r.status, 401);
+    // The claims: topics and publishing outside them are forbidden.
+    let r = server
+        .get(&format!("/poll?topics=other&timeout=0&token={t}"))
+        .await;
+    assert_eq!(r.status, 403);
+    let auth = format!("Authorization: Bearer {t}\r\n");
+    let r = server
+        .post("/publish", &auth, r#"{"topic":"other","data":1}"#)
+        .await;
+    assert_eq!(r.status, 403);
+    // Allowed: the stream's member is the token's user, publishes carry it as `from`.
+    let (status, mut sse) = Sse::open(&server, &format!("topics=news&token={t}"), "").await;
+    assert_eq!(status, 200);
+    sse.until(|e| e.iter().any(|(_, v)| v["type"] == "subscribed"))
+        .await;
+    let p = server.get("/api/presence?topic=news").await;
+    assert!(p.body.contains("\"user\":\"ann\""), "{}", p.body);
+    let r = server
+        .post("/publish", &auth, r#"{"topic":"news","data":7}"#)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    sse.until(|e| room_msgs(e, "news").len() == 1).await;
+    let evs = sse.events();
+    let m = evs.iter().find(|(_, v)| v["type"] == "message").unwrap();
+    assert_eq!(m.1["from"], "ann");
 }

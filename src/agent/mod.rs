@@ -289,9 +289,7 @@ async fn run(
         match &work {
             Work::Query(q) => demo::query(&conn, id.as_ref(), &q.query),
             Work::Stream(q) => demo::stream(&conn, id.as_ref(), &q.query).await,
-            Work::Tool { tool_name, params } => {
-                demo::tool(&conn, id.as_ref(), tool_name, params)
-            }
+            Work::Tool { tool_name, params } => demo::tool(&conn, id.as_ref(), tool_name, params),
         }
         conn.finished(seq);
         return;

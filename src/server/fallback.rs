@@ -531,11 +531,7 @@ impl hyper::body::Body for AnyBody {
 
 // ---- /poll ---------------------------------------------------------------------------------
 
-async fn poll(
-    shard: &Rc<Shard>,
-    remote: SocketAddr,
-    req: &Request<Incoming>,
-) -> Response<Body> {
+async fn poll(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<Incoming>) -> Response<Body> {
     counter!(POLL_REQUESTS).increment(1);
     match poll_inner(shard, remote, req).await {
         Ok(r) => r,
@@ -639,7 +635,10 @@ async fn publish(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
 
 /// `POST /publish`: a `/ws` publish for clients without a socket, with the `/ws` token (and
 /// its `publish` claim) rather than the backend API key.
-async fn publish_inner(shard: &Rc<Shard>, req: Request<Incoming>) -> Result<Response<Body>, Refused> {
+async fn publish_inner(
+    shard: &Rc<Shard>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Refused> {
     let identity = identify(shard, req.uri(), req.headers())?;
     let cfg = &shard.global.config.rooms;
     let bad = |code, text: String| refused(StatusCode::BAD_REQUEST, code, text);
@@ -655,14 +654,19 @@ async fn publish_inner(shard: &Rc<Shard>, req: Request<Incoming>) -> Result<Resp
         }
         Err(_) => return Err(bad("bad_json", "could not read the body".into())),
     };
-    let v: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
     let serde_json::Value::Object(obj) = v else {
         return Err(bad("bad_json", "body must be a JSON object".into()));
     };
     let topic = match obj.get("topic") {
         Some(serde_json::Value::String(t)) if !t.is_empty() => t.as_str(),
-        _ => return Err(bad("missing_field", "topic must be a non-empty string".into())),
+        _ => {
+            return Err(bad(
+                "missing_field",
+                "topic must be a non-empty string".into(),
+            ))
+        }
     };
     if topic.len() > cfg.max_topic_length {
         return Err(bad(
@@ -680,7 +684,12 @@ async fn publish_inner(shard: &Rc<Shard>, req: Request<Incoming>) -> Result<Resp
     let kind = match obj.get("type") {
         None | Some(serde_json::Value::Null) => "message",
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
-        Some(_) => return Err(bad("missing_field", "type must be a non-empty string".into())),
+        Some(_) => {
+            return Err(bad(
+                "missing_field",
+                "type must be a non-empty string".into(),
+            ))
+        }
     };
     let data = obj
         .get("data")
@@ -726,7 +735,13 @@ mod tests {
     #[test]
     fn cursors_round_trip() {
         let c = parse_cursor("a:3:E1,b%2Cc:7,x%3Ay:0:e%3A2").unwrap();
-        assert_eq!(c["a"], Position { seq: 3, epoch: "E1".into() });
+        assert_eq!(
+            c["a"],
+            Position {
+                seq: 3,
+                epoch: "E1".into()
+            }
+        );
         assert_eq!(c["b,c"].seq, 7);
         assert_eq!(c["x:y"].epoch, "e:2");
         let sorted: BTreeMap<_, _> = c.into_iter().collect();
@@ -749,8 +764,17 @@ mod tests {
             &mut c,
             br#"{"type":"message","topic":"a","seq":3,"data":1}"#
         ));
-        assert!(!advance(&mut c, br#"{"type":"join","topic":"a","client_id":"1"}"#));
-        assert_eq!(c["a"], Position { seq: 3, epoch: "E".into() });
+        assert!(!advance(
+            &mut c,
+            br#"{"type":"join","topic":"a","client_id":"1"}"#
+        ));
+        assert_eq!(
+            c["a"],
+            Position {
+                seq: 3,
+                epoch: "E".into()
+            }
+        );
         assert!(!advance(&mut c, b"not json"));
     }
 }

@@ -5,9 +5,9 @@
 pub mod api;
 pub mod config;
 pub mod endpoint;
+pub mod fallback;
 pub mod http;
 pub mod logging;
-pub mod fallback;
 pub mod shard;
 pub mod static_files;
 
