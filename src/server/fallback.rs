@@ -356,38 +356,32 @@ fn admit(shard: &Shard) -> Result<WsSlot, Refused> {
     })
 }
 
-/// Routes `/sse`, `/poll` and `/publish`; `None` for other paths.
-pub fn route(
-    shard: &Rc<Shard>,
+/// Whether `path` is served here.
+pub fn handles(path: &str) -> bool {
+    matches!(path, "/sse" | "/poll" | "/publish")
+}
+
+/// Answers `/sse`, `/poll` or `/publish` (see [`handles`]).
+pub async fn serve(
+    shard: Rc<Shard>,
     remote: SocketAddr,
     req: Request<Incoming>,
-) -> Result<Pin<Box<dyn std::future::Future<Output = Response<AnyBody>>>>, Request<Incoming>> {
-    let shard = shard.clone();
+) -> Response<AnyBody> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/sse") => Ok(Box::pin(async move { sse(&shard, remote, &req) })),
-        (&Method::GET, "/poll") => Ok(Box::pin(async move {
-            let r = poll(&shard, remote, &req).await;
-            r.map(AnyBody::Full)
-        })),
-        (&Method::POST | &Method::OPTIONS, "/publish") => Ok(Box::pin(async move {
-            publish(&shard, req).await.map(AnyBody::Full)
-        })),
-        (_, "/sse" | "/poll" | "/publish") => Ok(Box::pin(async move {
+        (&Method::GET, "/sse") => sse(&shard, remote, &req),
+        (&Method::GET, "/poll") => AnyBody::full(poll(&shard, remote, &req).await),
+        (&Method::POST, "/publish") => AnyBody::full(publish(&shard, req).await),
+        (m, path) => {
             let mut r = error_response(refused(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                format!("{} is not allowed here", req.method()),
+                format!("{m} is not allowed here"),
             ));
-            let allow = if req.uri().path() == "/publish" {
-                "POST"
-            } else {
-                "GET"
-            };
+            let allow = if path == "/publish" { "POST" } else { "GET" };
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
-            r.map(AnyBody::Full)
-        })),
-        _ => Err(req),
+            AnyBody::full(r)
+        }
     }
 }
 
@@ -399,7 +393,7 @@ fn sse(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<Incoming>) -> Respon
         Ok((a, slot))
     }) {
         Ok(a) => a,
-        Err(r) => return error_response(r).map(AnyBody::Full),
+        Err(r) => return AnyBody::full(error_response(r)),
     };
     let (ask, slot) = ask;
     counter!(SSE_STREAMS).increment(1);
@@ -498,6 +492,12 @@ impl SseBody {
 pub enum AnyBody {
     Full(Body),
     Sse(Box<SseBody>),
+}
+
+impl AnyBody {
+    pub fn full(r: Response<Body>) -> Response<AnyBody> {
+        r.map(AnyBody::Full)
+    }
 }
 
 impl hyper::body::Body for AnyBody {

@@ -179,21 +179,16 @@ impl hyper::service::Service<Request<Incoming>> for Router {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.served.set(true);
         // `/sse`, `/poll`, `/publish` (src/server/fallback.rs): rooms without a WebSocket.
-        let req = if !self.admin && self.shard.global.config.rooms.enabled {
-            match fallback::route(&self.shard, self.remote, req) {
-                Ok(answer) => {
-                    return Box::pin(async move {
-                        let resp = answer.await;
-                        counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
-                            .increment(1);
-                        Ok(resp)
-                    })
-                }
-                Err(req) => req,
-            }
-        } else {
-            req
-        };
+        let rooms = self.shard.global.config.rooms.enabled;
+        if !self.admin && rooms && fallback::handles(req.uri().path()) {
+            let (shard, remote) = (self.shard.clone(), self.remote);
+            return Box::pin(async move {
+                let resp = fallback::serve(shard, remote, req).await;
+                counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                    .increment(1);
+                Ok(resp)
+            });
+        }
         let answer = self.call_full(req);
         Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Full)) })
     }
