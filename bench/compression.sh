@@ -4,7 +4,7 @@
 # Server pinned to core 0, load tool to core 1, a fresh server per run, configurations
 # interleaved within each repetition. Targets 127.0.0.1 only; every run is bounded in time.
 #
-#   CARGO_TARGET_DIR=target-bench cargo build --release --bins
+#   CARGO_TARGET_DIR=target-bench cargo build --release --workspace --bins
 #   npm install --prefix target-bench/node ws@8
 #   bash bench/compression.sh echo [REPS] > bench/raw-compression-echo.log
 #   bash bench/compression.sh idle        > bench/raw-compression-idle.log

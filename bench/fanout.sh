@@ -5,7 +5,7 @@
 # server per run, configurations interleaved. Targets 127.0.0.1 only.
 #
 #   npm install --prefix target/node ws@8
-#   CARGO_TARGET_DIR=/work/target-load cargo build --release --bins --examples
+#   CARGO_TARGET_DIR=/work/target-load cargo build --release --workspace --bins --examples
 #   BIN=/work/target-load/release bash bench/fanout.sh [REPS] > bench/raw-fanout.log
 #
 # Env: BIN, REPS (3), SERVERS ("node tungstenite"; add "ringgate" once /ws rooms exists: it is

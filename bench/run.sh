@@ -3,7 +3,7 @@
 # tool to core 1; every run gets a fresh server; configurations are interleaved so that drifting
 # background load hits each of them alike. Targets 127.0.0.1 only.
 #
-#   CARGO_TARGET_DIR=target-bench cargo build --release --bins --examples
+#   CARGO_TARGET_DIR=target-bench cargo build --release --workspace --bins --examples
 #   bash bench/run.sh [REPS] > bench/raw.log
 #
 # Env: BIN (default target-bench/release), REPS (3), MESSAGES (200000), IDLE (1 = also run the

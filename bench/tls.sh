@@ -3,7 +3,7 @@
 # on both io backends. Server pinned to core 0 (one shard), load tool to core 1; a fresh server
 # per run; configurations interleaved within each repetition. Targets 127.0.0.1 only.
 #
-#   CARGO_TARGET_DIR=/work/target-load cargo build --release --bins
+#   CARGO_TARGET_DIR=/work/target-load cargo build --release --workspace --bins
 #   BIN=/work/target-load/release bash bench/tls.sh [REPS] > bench/raw-tls.log
 #
 # Env: BIN (default target/release), REPS (3), PARTS ("echo handshakes idle"), CERTS (a

@@ -5,7 +5,8 @@
 #   bash flamegraphs/make.sh [COMMIT]        # default HEAD
 #
 # 1. builds COMMIT from a clean `git archive` (not the working tree, which other people edit)
-#    into $CARGO_TARGET_DIR (default /work/main/target-bench): cargo build --release --bins --examples,
+#    into $CARGO_TARGET_DIR (default /work/main/target-bench): cargo build --release --workspace
+#    --bins --examples (--workspace: the load tool is its own package, tools/load),
 #    then copies ringgate and ringgate-load to $WORK/bin (the target dir may be shared)
 # 2. for each profile: server pinned to core 0, a 20,000-message warm-up, then
 #    `perf record -e cpu-clock -F 999 --call-graph dwarf,16384 -p $PID -- sleep $PERF_SECS`
@@ -61,7 +62,7 @@ if [ "${BUILD:-1}" = 1 ]; then
     # git archive stamps files with the commit time; if another checkout already built into
     # the same target dir, cargo would call that build fresh. Touch the copy to force our own.
     find "$WORK/src" -type f -exec touch {} +
-    (cd "$WORK/src" && cargo build --release --bins --examples)
+    (cd "$WORK/src" && cargo build --release --workspace --bins --examples)
     # Other sessions may build into the same target dir (and relink release/ringgate to their
     # own build right after ours): take a private copy at once and check that it is ours (its
     # debug info names our source copy as the compilation directory).

@@ -8,7 +8,13 @@ pub struct Echo;
 impl Handler for Echo {
     fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
         match msg {
-            Message::Text(t) => out.text(t),
+            Message::Text(t) => {
+                #[cfg(debug_assertions)]
+                if t == b"panic" {
+                    crate::error::inject_panic("connection");
+                }
+                out.text(t)
+            }
             Message::Binary(b) => out.binary(b),
         }
         Ok(())

@@ -17,3 +17,20 @@ pub enum ConfigError {
     #[error("config key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
+
+/// Failure injection for the tests of panic containment: panics at `point` when the process
+/// was started with `RINGGATE_TEST_PANIC=<point>`. Compiled only into debug builds; a release
+/// binary never reads the variable.
+#[inline]
+pub fn inject_panic(point: &str) {
+    #[cfg(debug_assertions)]
+    {
+        static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let armed = POINT.get_or_init(|| std::env::var("RINGGATE_TEST_PANIC").ok());
+        if armed.as_deref() == Some(point) {
+            panic!("injected panic at {point}");
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}

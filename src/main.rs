@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use ringgate::server::config::{Config, IoMode, LogFormat, Overrides};
+use ringgate::server::config::{AdminListen, Config, IoMode, LogFormat, Overrides};
 use ringgate::server::{raise_nofile_limit, Server};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the effective configuration of FILE (with environment applied), or what is wrong.
     CheckConfig { file: PathBuf },
     /// Write a development CA and a localhost certificate signed by it (ca.pem, cert.pem,
@@ -82,6 +82,9 @@ struct ServeArgs {
     /// offer them to the next one (restart without a reset connection).
     #[arg(long, value_name = "PATH")]
     handover_socket: Option<PathBuf>,
+    /// The admin listener (/metrics, /ws/statistics, /api/*): an address, `auto` or `off`.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<AdminListen>,
     /// Agent gateway upstream base URL (repeatable; replaces [agent] upstreams and
     /// AGENT_UPSTREAM).
     #[arg(long = "agent-upstream", value_name = "URL")]
@@ -110,6 +113,7 @@ impl ServeArgs {
             log_format: self.log_format,
             tls_cert: self.tls_cert.clone(),
             handover_socket: self.handover_socket.clone(),
+            admin_listen: self.admin_listen,
             tls_key: self.tls_key.clone(),
             tls_self_signed: self.tls_self_signed,
             agent_upstreams: self.agent_upstream.clone(),
@@ -127,6 +131,9 @@ fn main() -> ExitCode {
         Some(Cmd::CheckConfig { file }) => {
             match Config::load(Some(&file), env, &Overrides::default()) {
                 Ok(c) => {
+                    for w in c.warnings() {
+                        eprintln!("warning: {w}");
+                    }
                     print!("{}", c.to_toml());
                     ExitCode::SUCCESS
                 }

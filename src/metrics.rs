@@ -23,6 +23,9 @@ pub const TLS_RELOADS: &str = "ringgate_tls_reloads_total";
 pub const HTTP_REQUESTS: &str = "ringgate_http_requests_total";
 pub const INFO: &str = "ringgate_info";
 pub const SLOW_CONSUMERS: &str = "ringgate_slow_consumer_closes_total";
+pub const PANICS: &str = "ringgate_panics_total";
+pub const CONNECTIONS_REFUSED: &str = "ringgate_connections_refused_total";
+pub const TOKENS_EXPIRED: &str = "ringgate_token_expired_closes_total";
 pub const ROOMS: &str = "ringgate_rooms";
 pub const SUBSCRIPTIONS: &str = "ringgate_subscriptions";
 pub const PUBLISHED: &str = "ringgate_room_messages_published_total";
@@ -38,6 +41,33 @@ pub const AGENT_UPSTREAM_TIMEOUTS: &str = "ringgate_agent_upstream_timeouts_tota
 pub const AGENT_BREAKER_STATE: &str = "ringgate_agent_breaker_state";
 pub const AGENT_IN_FLIGHT: &str = "ringgate_agent_requests_in_flight";
 pub const AGENT_CANCELLED: &str = "ringgate_agent_requests_cancelled_total";
+
+/// Every family that is exported from the start (histograms appear with their first sample).
+pub const FROM_START: &[&str] = &[
+    CONNECTIONS_ACTIVE,
+    CONNECTIONS_OPENED,
+    CONNECTIONS_CLOSED,
+    HANDSHAKES_FAILED,
+    CONNECTIONS_REFUSED,
+    MESSAGES_IN,
+    MESSAGES_OUT,
+    BYTES_IN,
+    BYTES_OUT,
+    TLS_HANDSHAKES,
+    TLS_RELOADS,
+    HTTP_REQUESTS,
+    INFO,
+    SLOW_CONSUMERS,
+    TOKENS_EXPIRED,
+    PANICS,
+    ROOMS,
+    SUBSCRIPTIONS,
+    PUBLISHED,
+    OUTBOUND_BYTES,
+    HISTORY_BYTES,
+    AGENT_IN_FLIGHT,
+    AGENT_CANCELLED,
+];
 
 /// Histograms are exported as Prometheus histograms (buckets add up across shards and hosts;
 /// the exporter's default summaries do not).
@@ -64,7 +94,7 @@ pub const UPKEEP: Duration = Duration::from_secs(5);
 /// Histogram samples are queued until upkeep folds them into buckets; without it they would
 /// pile up for as long as nobody scrapes `/metrics` (a sample per write under fan-out). A
 /// small thread runs it every `upkeep`, off the shards.
-pub fn install(upkeep: Duration) -> Option<PrometheusHandle> {
+pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
     let handle = buckets(PrometheusBuilder::new())
         .ok()?
         .install_recorder()
@@ -122,6 +152,18 @@ pub fn install(upkeep: Duration) -> Option<PrometheusHandle> {
         SLOW_CONSUMERS,
         "Connections closed with 1013 because their outbound queue went over max_outbound_bytes."
     );
+    describe_counter!(
+        PANICS,
+        "Panics caught, by thread; one in a shard's own machinery ends the process (exit 70)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections or upgrades refused by [limits], by reason (capacity, per_ip, handshake_rate)."
+    );
+    describe_counter!(
+        TOKENS_EXPIRED,
+        "Sessions closed with 1008 because their token's exp passed."
+    );
     describe_gauge!(ROOMS, "Rooms (topics) with state, by home shard.");
     describe_gauge!(
         SUBSCRIPTIONS,
@@ -178,7 +220,62 @@ pub fn install(upkeep: Duration) -> Option<PrometheusHandle> {
         AGENT_CANCELLED,
         "Agent gateway requests cancelled, by reason (client: a cancel message, disconnect)."
     );
+    export_from_start(shards);
     Some(handle)
+}
+
+/// Every family with zero values for its known label values, so that a fresh node already
+/// exports what dashboards and `absent()` alerts look for. Histograms show up with their first
+/// sample (an empty histogram cannot be exported without recording a fake one).
+fn export_from_start(shards: usize) {
+    const ENDPOINTS: [&str; 3] = ["echo", "agent", "rooms"];
+    for e in ENDPOINTS {
+        gauge!(CONNECTIONS_ACTIVE, "endpoint" => e).set(0.0);
+        for name in [
+            CONNECTIONS_OPENED,
+            MESSAGES_IN,
+            MESSAGES_OUT,
+            BYTES_IN,
+            BYTES_OUT,
+        ] {
+            counter!(name, "endpoint" => e).absolute(0);
+        }
+        counter!(CONNECTIONS_CLOSED, "endpoint" => e, "code" => "1000").absolute(0);
+    }
+    for reason in [
+        "bad_request",
+        "origin",
+        "auth",
+        "capacity",
+        "draining",
+        "handshake_rate",
+    ] {
+        counter!(HANDSHAKES_FAILED, "reason" => reason).absolute(0);
+    }
+    for reason in ["capacity", "per_ip", "handshake_rate"] {
+        counter!(CONNECTIONS_REFUSED, "reason" => reason).absolute(0);
+    }
+    for result in ["ok", "error", "timeout"] {
+        counter!(TLS_HANDSHAKES, "result" => result).absolute(0);
+    }
+    for result in ["ok", "error"] {
+        counter!(TLS_RELOADS, "result" => result).absolute(0);
+    }
+    counter!(HTTP_REQUESTS, "status" => "200").absolute(0);
+    for name in [SLOW_CONSUMERS, TOKENS_EXPIRED, PUBLISHED] {
+        counter!(name).absolute(0);
+    }
+    for shard in 0..shards {
+        counter!(PANICS, "thread" => format!("shard-{shard}")).absolute(0);
+        let shard = shard.to_string();
+        for name in [ROOMS, SUBSCRIPTIONS, HISTORY_BYTES, OUTBOUND_BYTES] {
+            gauge!(name, "shard" => shard.clone()).set(0.0);
+        }
+    }
+    gauge!(AGENT_IN_FLIGHT).set(0.0);
+    for reason in ["client", "disconnect"] {
+        counter!(AGENT_CANCELLED, "reason" => reason).absolute(0);
+    }
 }
 
 // ---- agent gateway ----

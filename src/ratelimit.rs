@@ -37,6 +37,15 @@ impl TokenBucket {
             false
         }
     }
+
+    /// Whether the bucket is full at `now`: its user has nothing left to be remembered for.
+    pub fn is_full(&self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
 }
 
 #[cfg(test)]

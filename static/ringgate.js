@@ -673,8 +673,9 @@ export class RinggateClient extends Emitter {
         }
         conn.abort = typeof AbortController !== "undefined" ? new AbortController() : null;
         try {
-          const url = this._authQuery(`${this.base}/poll?${this._topicsQuery()}&timeout=${this.options.pollTimeout}`);
-          const headers = {};
+          const url = `${this.base}/poll?${this._topicsQuery()}&timeout=${this.options.pollTimeout}`;
+          // fetch can send the token as a header (servers accept ?token= only with query_token).
+          const headers = this.options.token ? { authorization: `Bearer ${this.options.token}` } : {};
           const r = await this._fetch(url, { headers, signal: conn.abort?.signal });
           const body = await r.json();
           if (!r.ok) throw new RinggateError(body.error || `HTTP ${r.status}`, body.code || "http", body);

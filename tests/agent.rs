@@ -1229,7 +1229,7 @@ async fn authenticated_user_reaches_upstream(backend: Backend) {
     let server = Server::start_with_config(
         backend,
         &format!(
-            "[auth]\njwt_secret = \"agent-test-secret\"\nrequired = true\n[agent]\nupstreams = [\"{}\"]\n",
+            "[auth]\njwt_secret = \"agent-test-secret-of-32-bytes-at-least\"\nrequired = true\nquery_token = true\n[agent]\nupstreams = [\"{}\"]\n",
             up.url()
         ),
         &[],
@@ -1242,7 +1242,7 @@ async fn authenticated_user_reaches_upstream(backend: Backend) {
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &json!({"sub": "user-7", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(b"agent-test-secret"),
+        &jsonwebtoken::EncodingKey::from_secret(b"agent-test-secret-of-32-bytes-at-least"),
     )
     .unwrap();
     // Without a token the upgrade is refused.

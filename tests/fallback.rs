@@ -344,7 +344,7 @@ fn token(claims: Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(b"fallback-secret"),
+        &jsonwebtoken::EncodingKey::from_secret(b"fallback-secret-of-thirty-two-bytes"),
     )
     .unwrap()
 }
@@ -352,7 +352,7 @@ fn token(claims: Value) -> String {
 async fn fallbacks_take_the_ws_token(backend: Backend) {
     let server = Server::start_with_config(
         backend,
-        "[auth]\njwt_secret = \"fallback-secret\"\nrequired = true\n",
+        "[auth]\njwt_secret = \"fallback-secret-of-thirty-two-bytes\"\nrequired = true\nquery_token = true\n",
         &[],
     );
     let exp = std::time::SystemTime::now()

@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 both_backends!(
+    a_fresh_node_exports_every_family,
     series_follow_traffic,
     statistics_match_open_connections,
     access_log_line_per_closed_connection,
@@ -219,23 +220,9 @@ async fn access_log_line_per_closed_connection(backend: Backend) {
     }
 }
 
-/// The address of the admin listener, from the start log.
-fn admin_addr(server: &Server) -> std::net::SocketAddr {
-    let log = strip_ansi(&server.log());
-    let line = log
-        .lines()
-        .find(|l| l.contains("also listening") && l.contains("admin=true"))
-        .unwrap_or_else(|| panic!("no admin listener in the log:\n{log}"));
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .expect("addr field");
-    addr.parse().expect("socket address")
-}
-
 async fn admin_listener_keeps_operations_off_the_public_port(backend: Backend) {
     let server = Server::start_with_config(backend, "admin_listen = \"127.0.0.1:0\"\n", &[]);
-    let admin = admin_addr(&server);
+    let admin = server.admin_addr();
     assert_ne!(admin, server.addr);
     // Public: no metrics, no statistics; health and WebSockets as usual.
     assert_eq!(server.get("/metrics").await.status, 404);
@@ -260,7 +247,9 @@ async fn admin_listener_keeps_operations_off_the_public_port(backend: Backend) {
     assert_eq!(v["active_connections"], 1);
     assert_eq!(get("/readyz").await.unwrap().status, 200);
     assert_eq!(get("/ws/echo").await.unwrap().status, 404);
-    assert_eq!(get("/api/history?topic=x").await.unwrap().status, 404);
+    // The rooms API without a key is part of the admin surface.
+    assert_eq!(get("/api/history?topic=x").await.unwrap().status, 200);
+    assert_eq!(server.get("/api/history?topic=x").await.status, 404);
 }
 
 async fn metrics_can_be_turned_off(backend: Backend) {
@@ -270,4 +259,15 @@ async fn metrics_can_be_turned_off(backend: Backend) {
     assert!(resp.body.contains("not enabled"), "{}", resp.body);
     let mut ws = server.ws().await;
     echo(&mut ws, Message::Text("works without metrics".into())).await;
+}
+
+/// Dashboards and `absent()` alerts work on a fresh node: every family is there, at zero.
+async fn a_fresh_node_exports_every_family(backend: Backend) {
+    let server = Server::start(backend, &[]);
+    let body = server.get("/metrics").await.body;
+    let missing: Vec<_> = ringgate::metrics::FROM_START
+        .iter()
+        .filter(|name| !body.contains(&format!("# TYPE {name} ")))
+        .collect();
+    assert!(missing.is_empty(), "missing {missing:?} in:\n{body}");
 }

@@ -13,7 +13,7 @@ const SAMPLES: usize = 1_000_000;
 #[test]
 fn histogram_samples_are_folded_without_a_scrape() {
     let upkeep = Duration::from_millis(500);
-    let handle = install(upkeep).expect("the only recorder of this process");
+    let handle = install(upkeep, 1).expect("the only recorder of this process");
     let h = metrics::histogram!(PUBLISH_TO_WRITE);
     h.record(0.001); // the series and its first queue block exist from here on
     std::thread::sleep(3 * upkeep);

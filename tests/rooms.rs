@@ -1622,7 +1622,7 @@ async fn subscribe_unsubscribe_cycles_leave_no_rooms(backend: Backend) {
     const BATCH: usize = 200; // 4 * 25 * 200 = 20,000 cycles
     let server = start(
         backend,
-        "[rooms]\npublish_rate = 0\nmax_topics_per_connection = 1000\nhistory_ttl = 1\n",
+        "[rooms]\npublish_rate = 0\nrequest_rate = 0\nmax_topics_per_connection = 1000\nhistory_ttl = 1\n",
     );
     wait_for_room_gauges(&server, 0.0, 0.0).await;
 

@@ -116,6 +116,9 @@ pub struct AgentConfig {
     pub max_idle_per_target: usize,
     /// Largest upstream answer (`agent_query`, `tool_call`) or single stream event, in bytes.
     pub max_response_bytes: usize,
+    /// Largest WebSocket message a `/ws/agent` client may send (1009 beyond); at most the
+    /// top-level `max_message_size`.
+    pub max_message_size: usize,
     pub query_path: String,
     pub stream_path: String,
     /// `{tool_name}` is replaced by the tool's name.
@@ -141,6 +144,7 @@ impl Default for AgentConfig {
             open_seconds: 10.0,
             max_idle_per_target: 64,
             max_response_bytes: 4 << 20,
+            max_message_size: 1 << 20,
             query_path: "/agent/query".into(),
             stream_path: "/agent/stream".into(),
             tool_path: "/tools/{tool_name}".into(),
@@ -255,6 +259,12 @@ impl AgentConfig {
         check_headers("agent.headers", &self.headers)?;
         if self.max_in_flight == 0 {
             return Err(invalid("agent.max_in_flight", "must be above 0".into()));
+        }
+        if self.max_message_size < 1024 {
+            return Err(invalid(
+                "agent.max_message_size",
+                "must be at least 1024".into(),
+            ));
         }
         if self.failure_threshold == 0 {
             return Err(invalid("agent.failure_threshold", "must be above 0".into()));

@@ -46,6 +46,8 @@ pub fn receive(path: &Path) -> io::Result<Option<Vec<TcpListener>>> {
         }
         Err(e) => return Err(e),
     };
+    // Sockets are taken only from a process of the same user (or root), as they are given.
+    same_user(&stream)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     let (data, fds) = receive_all(&stream)?;
     if !is_handover(&data, fds.len()) {
@@ -149,12 +151,7 @@ pub struct Offer {
 impl Offer {
     /// Binds `path` (replacing a stale file) and answers every connection on a thread of its own.
     pub fn start(path: &Path, sockets: Vec<OwnedFd>) -> io::Result<Offer> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_private(path)?;
         let meta = std::fs::metadata(path)?;
         let sockets = Arc::new(Mutex::new(Some(sockets)));
         let shared = sockets.clone();
@@ -179,6 +176,36 @@ impl Offer {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Binds a Unix socket at `path` that only this user can connect to, with no moment in which it
+/// is reachable with wider permissions: the socket is bound inside a fresh directory of mode
+/// 0700, given mode 0600, and renamed into place (atomically replacing a stale file).
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "handover_socket names no file")
+    })?;
+    let mut private = parent.to_path_buf();
+    private.push(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("s");
+    let bound = UnixListener::bind(&staged).and_then(|l| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 fn serve(listener: UnixListener, sockets: Arc<Mutex<Option<Vec<OwnedFd>>>>) {
@@ -258,6 +285,33 @@ mod tests {
         assert!(!is_handover(&with("FF"), 3));
         assert!(!is_handover(&with("X"), 3));
         assert!(!is_handover(b"HTTP/1.1 400\r\n", 0));
+    }
+
+    #[test]
+    fn the_socket_is_private_from_the_start_and_replaces_a_stale_file() {
+        let path = temp_path("private");
+        std::fs::write(&path, b"stale").unwrap();
+        let listener = bind_private(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()));
+        // No staging directory is left behind.
+        let parent = path.parent().unwrap();
+        let leftover = std::fs::read_dir(parent)
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!(".{}", path.file_name().unwrap().to_string_lossy()))
+            });
+        assert!(!leftover);
+        // Our own user may connect and passes the credentials check both ways.
+        let client = UnixStream::connect(&path).unwrap();
+        let (server_side, _) = listener.accept().unwrap();
+        same_user(&client).unwrap();
+        same_user(&server_side).unwrap();
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

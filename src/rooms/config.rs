@@ -29,12 +29,23 @@ pub struct RoomsConfig {
     pub max_topic_length: usize,
     /// Largest `data` of a publish, in bytes of JSON.
     pub max_data_size: usize,
+    /// Largest WebSocket message a `/ws` client may send (1009 beyond); at most the top-level
+    /// `max_message_size`.
+    pub max_message_size: usize,
     /// Publishes per second one connection may make (token bucket refill rate); 0 = no limit.
     pub publish_rate: f64,
     /// Publishes one connection may make in a burst (bucket size).
     pub publish_burst: f64,
-    /// Bearer key `POST /api/publish` needs; unset = no key (bind to a private address then).
+    /// Other requests (subscribe, unsubscribe, presence, history, ping) per second one
+    /// connection may make; 0 = no limit.
+    pub request_rate: f64,
+    /// Other requests one connection may make in a burst.
+    pub request_burst: f64,
+    /// Bearer key every `/api/*` request needs. Unset: `/api/*` is served only on admin and
+    /// loopback listeners.
     pub api_key: Option<String>,
+    /// Let `POST /api/publish` send the server's own message types (`join`, `leave`, …).
+    pub api_reserved_types: bool,
     /// Seconds a room message may wait before its subscribers' writes start, so that each write
     /// carries the messages of that whole window (CPU for latency at high fan-out); 0 = write
     /// on the next loop turn.
@@ -54,9 +65,13 @@ impl Default for RoomsConfig {
             max_topics_per_connection: 100,
             max_topic_length: 128,
             max_data_size: 64 * 1024,
+            max_message_size: 128 * 1024,
             publish_rate: 50.0,
             publish_burst: 100.0,
+            request_rate: 20.0,
+            request_burst: 200.0,
             api_key: None,
+            api_reserved_types: false,
             write_delay: 0.0,
         }
     }
@@ -87,6 +102,19 @@ impl RoomsConfig {
                 format!("{} must be at least 1", self.publish_burst),
             );
         }
+        if !self.request_rate.is_finite() || self.request_rate < 0.0 {
+            return invalid(
+                "rooms.request_rate",
+                format!("{} is not a rate (0 = unlimited)", self.request_rate),
+            );
+        }
+        if self.request_rate > 0.0 && !(self.request_burst >= 1.0 && self.request_burst.is_finite())
+        {
+            return invalid(
+                "rooms.request_burst",
+                format!("{} must be at least 1", self.request_burst),
+            );
+        }
         if self.max_topic_length == 0 || self.max_topics_per_connection == 0 {
             return invalid(
                 "rooms.max_topic_length",
@@ -99,6 +127,16 @@ impl RoomsConfig {
                 format!(
                     "{} is not between 0 and {MAX_WRITE_DELAY} seconds",
                     self.write_delay
+                ),
+            );
+        }
+        let envelope = self.max_data_size + self.max_topic_length + 1024;
+        if self.max_message_size < envelope {
+            return invalid(
+                "rooms.max_message_size",
+                format!(
+                    "{} cannot carry a publish of max_data_size ({}); at least {envelope}",
+                    self.max_message_size, self.max_data_size
                 ),
             );
         }

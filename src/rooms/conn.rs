@@ -12,7 +12,7 @@ use super::config::RoomsConfig;
 use super::proto::{self, ClientError, Code, Request};
 use super::room::Member;
 use super::{ConnRef, Hub, HubMsg, Reply};
-use crate::auth::Identity;
+use crate::auth::{Identity, TopicAction, ANONYMOUS};
 use crate::ratelimit::TokenBucket;
 use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::Takes;
@@ -60,9 +60,6 @@ impl RoomConn {
     }
 }
 
-/// The `user` of a connection without authentication.
-pub const ANONYMOUS: &str = "anonymous";
-
 thread_local! {
     /// simd-json parses in place: requests are copied here first.
     static PARSE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -75,7 +72,10 @@ pub struct RoomsHandler {
     cfg: Rc<RoomsConfig>,
     conn: Rc<RoomConn>,
     publishes: TokenBucket,
-    /// Permissions from the token; `None` for anonymous clients (no restriction).
+    /// Every other request.
+    requests: TokenBucket,
+    /// Permissions from the token, or an anonymous client's; `None` when `[auth]` is off (no
+    /// restriction).
     identity: Option<Identity>,
 }
 
@@ -87,7 +87,9 @@ impl RoomsHandler {
         entry: Rc<ConnHandle>,
         identity: Option<Identity>,
     ) -> RoomsHandler {
-        let publishes = TokenBucket::new(cfg.publish_rate, cfg.publish_burst, Instant::now());
+        let now = Instant::now();
+        let publishes = TokenBucket::new(cfg.publish_rate, cfg.publish_burst, now);
+        let requests = TokenBucket::new(cfg.request_rate, cfg.request_burst, now);
         let conn = Rc::new(RoomConn {
             client_id: format!("{:x}", entry.id).into(),
             user: identity
@@ -102,6 +104,7 @@ impl RoomsHandler {
             cfg,
             conn,
             publishes,
+            requests,
             identity,
         }
     }
@@ -113,12 +116,9 @@ impl RoomsHandler {
         }
     }
 
-    fn request(
-        &mut self,
-        id: Option<String>,
-        req: Request<'_>,
-        out: &mut Sink<'_>,
-    ) -> Result<(), ClientError> {
+    /// The checks every request passes, in one place: topic length, the one authorization
+    /// rule of `auth`, and the connection's rate limits.
+    fn admit(&mut self, req: &Request<'_>) -> Result<(), ClientError> {
         let cfg = &self.cfg;
         if let Some(topic) = req.topic() {
             if topic.len() > cfg.max_topic_length {
@@ -128,6 +128,42 @@ impl RoomsHandler {
                 ));
             }
         }
+        if let Some((action, topic)) = req.topic_action() {
+            if let Some(identity) = &self.identity {
+                if !identity.may(action, topic) {
+                    return Err(ClientError::new(
+                        Code::Forbidden,
+                        format!(
+                            "not allowed to {} {}",
+                            action.verb(),
+                            proto::json_str(topic)
+                        ),
+                    ));
+                }
+            }
+        }
+        let now = Instant::now();
+        let (bucket, rate, what) = match req {
+            Request::Publish { .. } => (&mut self.publishes, cfg.publish_rate, "publishes"),
+            _ => (&mut self.requests, cfg.request_rate, "requests"),
+        };
+        if !bucket.try_take(now) {
+            return Err(ClientError::new(
+                Code::RateLimited,
+                format!("more than {rate} {what} per second"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn request(
+        &mut self,
+        id: Option<String>,
+        req: Request<'_>,
+        out: &mut Sink<'_>,
+    ) -> Result<(), ClientError> {
+        self.admit(&req)?;
+        let cfg = &self.cfg;
         let mut hub = self.hub.borrow_mut();
         match req {
             Request::Subscribe {
@@ -135,13 +171,6 @@ impl RoomsHandler {
                 since,
                 epoch,
             } => {
-                if self
-                    .identity
-                    .as_ref()
-                    .is_some_and(|i| !i.may_subscribe(topic))
-                {
-                    return Err(forbidden("subscribe to", topic));
-                }
                 let topics = self.conn.topics.borrow().len();
                 if topics >= cfg.max_topics_per_connection && !self.subscribed(topic) {
                     return Err(ClientError::new(
@@ -166,23 +195,16 @@ impl RoomsHandler {
                 }
             }
             Request::Publish { topic, kind, data } => {
-                if self
-                    .identity
-                    .as_ref()
-                    .is_some_and(|i| !i.may_publish(topic))
-                {
-                    return Err(forbidden("publish to", topic));
-                }
                 if data.len() > cfg.max_data_size {
                     return Err(ClientError::new(
                         Code::TooLarge,
                         format!("data is larger than {} bytes", cfg.max_data_size),
                     ));
                 }
-                if !self.publishes.try_take(Instant::now()) {
+                if proto::is_reserved_type(kind) {
                     return Err(ClientError::new(
-                        Code::RateLimited,
-                        format!("more than {} publishes per second", cfg.publish_rate),
+                        Code::Forbidden,
+                        format!("{} is a server message type", proto::json_str(kind)),
                     ));
                 }
                 let reply = Reply::Conn { to: self.me(), id };
@@ -225,16 +247,6 @@ impl RoomsHandler {
     fn subscribed(&self, topic: &str) -> bool {
         self.conn.topics.borrow().contains_key(topic)
     }
-}
-
-fn forbidden(what: &str, topic: &str) -> ClientError {
-    ClientError::new(
-        Code::Forbidden,
-        format!(
-            "the token does not allow to {what} {}",
-            proto::json_str(topic)
-        ),
-    )
 }
 
 impl Handler for RoomsHandler {
@@ -287,6 +299,18 @@ impl Request<'_> {
             | Request::Presence { topic }
             | Request::History { topic, .. } => Some(topic),
             Request::Ping => None,
+        }
+    }
+
+    /// The topic the request names and what it does with it, for authorization.
+    /// Unsubscribing needs no permission: it only gives one up.
+    pub fn topic_action(&self) -> Option<(TopicAction, &str)> {
+        match self {
+            Request::Subscribe { topic, .. } => Some((TopicAction::Subscribe, topic)),
+            Request::Publish { topic, .. } => Some((TopicAction::Publish, topic)),
+            Request::Presence { topic } => Some((TopicAction::Presence, topic)),
+            Request::History { topic, .. } => Some((TopicAction::History, topic)),
+            Request::Unsubscribe { .. } | Request::Ping => None,
         }
     }
 }

@@ -222,6 +222,25 @@ impl Obj {
     }
 }
 
+/// The `type`s of the server's own messages: a publish may not use them (a forged `join` or
+/// `subscribed` would mislead clients), except `/api/publish` with `api_reserved_types`.
+pub const RESERVED_TYPES: &[&str] = &[
+    "connected",
+    "subscribed",
+    "unsubscribed",
+    "ack",
+    "join",
+    "leave",
+    "presence",
+    "history",
+    "pong",
+    "error",
+];
+
+pub fn is_reserved_type(kind: &str) -> bool {
+    RESERVED_TYPES.contains(&kind)
+}
+
 pub fn connected(connection_id: &str) -> String {
     Obj::new("connected")
         .str("connection_id", connection_id)

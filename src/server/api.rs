@@ -21,10 +21,23 @@ type ApiResult = Result<Response<Body>, ApiError>;
 
 /// Answers one `/api/*` request.
 pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
-    let res = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/api/publish") => publish(&shard, req).await,
-        (&Method::GET, "/api/presence") => presence(&shard, &req).await,
-        (&Method::GET, "/api/history") => history(&shard, &req).await,
+    let res = match authorize(&shard, &req) {
+        Err(e) => Err(e),
+        Ok(()) => route(&shard, req).await,
+    };
+    res.unwrap_or_else(|ApiError(status, code, text)| {
+        json(
+            status,
+            format!("{{\"error\":{},\"code\":\"{code}\"}}", json_str(&text)),
+        )
+    })
+}
+
+async fn route(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/api/publish") => publish(shard, req).await,
+        (&Method::GET, "/api/presence") => presence(shard, &req).await,
+        (&Method::GET, "/api/history") => history(shard, &req).await,
         (_, "/api/publish" | "/api/presence" | "/api/history") => Err(ApiError(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -35,13 +48,7 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
             "not_found",
             "no such API".into(),
         )),
-    };
-    res.unwrap_or_else(|ApiError(status, code, text)| {
-        json(
-            status,
-            format!("{{\"error\":{},\"code\":\"{code}\"}}", json_str(&text)),
-        )
-    })
+    }
 }
 
 fn bad(code: &'static str, text: impl Into<String>) -> ApiError {
@@ -63,6 +70,8 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Every `/api/*` request shows the key when one is configured (the router serves `/api/*`
+/// without a key only on the admin surface).
 fn authorize(shard: &Shard, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(key) = shard.global.config.rooms.api_key.as_deref() else {
         return Ok(());
@@ -112,20 +121,28 @@ async fn ask(
 }
 
 async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
-    authorize(shard, &req)?;
     let cfg = &shard.global.config.rooms;
     // Room for the envelope around the largest allowed `data`.
     let limit = cfg.max_data_size + cfg.max_topic_length + 4096;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    // A body trickled byte by byte must not hold the connection (slowloris on bodies).
+    let read = Limited::new(req.into_body(), limit).collect();
+    let body = match tokio::time::timeout(shard.global.config.handshake_timeout(), read).await {
+        Err(_) => {
+            return Err(ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the body did not arrive within handshake_timeout".into(),
+            ))
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(ApiError(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("body is larger than {limit} bytes"),
             ))
         }
-        Err(_) => return Err(bad("bad_json", "could not read the body")),
+        Ok(Err(_)) => return Err(bad("bad_json", "could not read the body")),
     };
     let v: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
@@ -145,6 +162,16 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(_) => return Err(bad("missing_field", "type must be a non-empty string")),
     };
+    if crate::rooms::proto::is_reserved_type(kind) && !cfg.api_reserved_types {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{} is a server message type (see rooms.api_reserved_types)",
+                json_str(kind)
+            ),
+        ));
+    }
     let data = obj
         .get("data")
         .ok_or_else(|| bad("missing_field", "data is required"))?

@@ -76,9 +76,10 @@ pub struct Config {
     pub tls: Tls,
     /// Listeners; when empty, one on `host:port`, with TLS when `[tls]` has a certificate.
     pub listen: Vec<Listen>,
-    /// A plain listener for operations only (`/metrics`, `/ws/statistics`, health), so the
-    /// public port can hide them; e.g. `127.0.0.1:9090`.
-    pub admin_listen: Option<std::net::SocketAddr>,
+    /// The admin listener (`/metrics`, `/ws/statistics`, `/api/*`, health): an address,
+    /// `"auto"` (127.0.0.1:9003 when a listener is on a non-loopback address and none is marked
+    /// `admin`), or `"off"`.
+    pub admin_listen: AdminListen,
     /// Unix socket path on which the running process hands its listening sockets to a new
     /// one started with the same path (restart without a reset connection); unset = off.
     pub handover_socket: Option<std::path::PathBuf>,
@@ -91,6 +92,8 @@ pub struct Config {
     pub rooms: crate::rooms::config::RoomsConfig,
     /// JWT authentication of `/ws` (and `/ws/agent`) clients.
     pub auth: crate::auth::AuthConfig,
+    /// Connection caps and rates per client address.
+    pub limits: super::admission::LimitsConfig,
 }
 
 /// The `[tls]` table: a certificate from files, or one generated at start for development.
@@ -126,8 +129,9 @@ pub struct Listen {
     /// Serve TLS on this listener (needs a certificate in `[tls]`).
     #[serde(default)]
     pub tls: bool,
-    /// An operations listener: only `/metrics`, `/ws/statistics`, `/healthz`, `/readyz`; while
-    /// one exists, the other listeners do not serve `/metrics` and `/ws/statistics`.
+    /// An admin listener: only `/metrics`, `/ws/statistics`, `/api/*`, `/healthz`, `/readyz`;
+    /// while one exists, the other listeners serve none of these but health (and `/api/*` when
+    /// `[rooms] api_key` is set).
     #[serde(default)]
     pub admin: bool,
 }
@@ -187,16 +191,63 @@ impl Default for Config {
             static_files: true,
             log_format: LogFormat::Text,
             compression: Compression::default(),
-            admin_listen: None,
+            admin_listen: AdminListen::Auto,
             handover_socket: None,
             metrics: true,
             rooms: crate::rooms::config::RoomsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            limits: super::admission::LimitsConfig::default(),
             tls: Tls::default(),
             listen: Vec::new(),
             // ---- agent gateway ----
             agent: Default::default(),
         }
+    }
+}
+
+/// Where the admin surface listens (`admin_listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdminListen {
+    /// [`AdminListen::DEFAULT`] when some listener is on a non-loopback address and none is an
+    /// admin listener; otherwise none (loopback listeners are private already).
+    #[default]
+    Auto,
+    Off,
+    At(std::net::SocketAddr),
+}
+
+impl AdminListen {
+    pub const DEFAULT: std::net::SocketAddr =
+        std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9003);
+}
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AdminListen::Auto),
+            "off" => Ok(AdminListen::Off),
+            addr => addr.parse().map(AdminListen::At).map_err(|_| {
+                format!("{addr:?} is not \"auto\", \"off\" or an address like 127.0.0.1:9003")
+            }),
+        }
+    }
+}
+
+impl Serialize for AdminListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AdminListen::Auto => s.serialize_str("auto"),
+            AdminListen::Off => s.serialize_str("off"),
+            AdminListen::At(a) => s.serialize_str(&a.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -216,6 +267,7 @@ pub struct Overrides {
     pub tls_key: Option<std::path::PathBuf>,
     pub tls_self_signed: bool,
     pub handover_socket: Option<std::path::PathBuf>,
+    pub admin_listen: Option<AdminListen>,
     // ---- agent gateway ----
     /// `--agent-upstream URL` (repeatable); replaces the lower layers' list when given.
     pub agent_upstreams: Vec<String>,
@@ -310,6 +362,9 @@ impl Config {
         if f.handover_socket.is_some() {
             self.handover_socket = f.handover_socket.clone();
         }
+        if let Some(a) = f.admin_listen {
+            self.admin_listen = a;
+        }
         // ---- agent gateway ----
         if !f.agent_upstreams.is_empty() {
             self.agent.upstreams = f
@@ -363,7 +418,17 @@ impl Config {
         } else {
             self.listen.clone()
         };
-        if let Some(addr) = self.admin_listen {
+        let admin = match self.admin_listen {
+            AdminListen::At(addr) => Some(addr),
+            AdminListen::Auto
+                if !all.iter().any(|l| l.admin)
+                    && all.iter().any(|l| !l.addr.ip().is_loopback()) =>
+            {
+                Some(AdminListen::DEFAULT)
+            }
+            AdminListen::Auto | AdminListen::Off => None,
+        };
+        if let Some(addr) = admin {
             all.push(Listen {
                 addr,
                 tls: false,
@@ -373,9 +438,54 @@ impl Config {
         all
     }
 
-    /// Whether `/metrics` and `/ws/statistics` are kept to admin listeners.
+    /// Whether the admin surface is kept to admin listeners (else loopback listeners serve it).
     pub fn has_admin_listener(&self) -> bool {
-        self.admin_listen.is_some() || self.listen.iter().any(|l| l.admin)
+        self.listeners().iter().any(|l| l.admin)
+    }
+
+    /// What an operator should know about this configuration's exposure (start-up log and
+    /// `check-config`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let listeners = self.listeners();
+        if !self.auth.enabled() && self.rooms.enabled {
+            w.push(
+                "no [auth]: /ws is open to anonymous clients, who may subscribe and publish to any \
+                 topic (fine for development; configure [auth] before exposing it)"
+                    .to_string(),
+            );
+        }
+        let exposed_admin: Vec<_> = listeners
+            .iter()
+            .filter(|l| l.admin && !l.addr.ip().is_loopback())
+            .map(|l| l.addr.to_string())
+            .collect();
+        if !exposed_admin.is_empty() && self.rooms.api_key.is_none() {
+            w.push(format!(
+                "admin listener on a non-loopback address ({}) without [rooms] api_key: anyone \
+                 who reaches it can publish and read every topic",
+                exposed_admin.join(", ")
+            ));
+        }
+        let public: Vec<_> = listeners
+            .iter()
+            .filter(|l| !l.admin && !l.addr.ip().is_loopback())
+            .collect();
+        if !public.is_empty() && self.rooms.enabled && self.rooms.api_key.is_none() {
+            w.push(
+                "no [rooms] api_key: /api/* is not served on public listeners, only on the admin \
+                 listener"
+                    .to_string(),
+            );
+        }
+        if self.rooms.api_reserved_types {
+            w.push(
+                "rooms.api_reserved_types: /api/publish may send the server's own message types \
+                 (join, leave, subscribed, ...)"
+                    .to_string(),
+            );
+        }
+        w
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -457,6 +567,7 @@ impl Config {
         }
         self.rooms.validate()?;
         self.auth.validate()?;
+        self.limits.validate()?;
         if self.backlog == 0 {
             return Err(ConfigError::Invalid {
                 key: "backlog",
@@ -760,5 +871,46 @@ mod tests {
         let c = Config::from_toml(&readme[start..end]).unwrap();
         c.validate().unwrap();
         assert_eq!(c.agent.upstreams.len(), 2);
+    }
+
+    #[test]
+    fn the_admin_listener_is_automatic_only_for_public_listeners() {
+        let admin = |c: &Config| -> Vec<std::net::SocketAddr> {
+            c.listeners()
+                .iter()
+                .filter(|l| l.admin)
+                .map(|l| l.addr)
+                .collect()
+        };
+        // The embedded defaults listen on 0.0.0.0: admin surface on loopback.
+        assert_eq!(admin(&Config::default()), [AdminListen::DEFAULT]);
+        let local = Config {
+            host: "127.0.0.1".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(admin(&local).is_empty());
+        let off = Config {
+            admin_listen: AdminListen::Off,
+            ..Config::default()
+        };
+        assert!(admin(&off).is_empty());
+        let c = Config::from_toml("admin_listen = \"127.0.0.1:9999\"\n").unwrap();
+        assert_eq!(admin(&c), ["127.0.0.1:9999".parse().unwrap()]);
+        assert!(Config::from_toml("admin_listen = \"nowhere\"\n").is_err());
+        assert_eq!(
+            Config::from_toml(&Config::default().to_toml())
+                .unwrap()
+                .admin_listen,
+            AdminListen::Auto
+        );
+        // Warnings name the exposure.
+        let w = Config::default().warnings();
+        assert!(w.iter().any(|w| w.contains("no [auth]")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("api_key")), "{w:?}");
+        let exposed = Config::from_toml("admin_listen = \"0.0.0.0:9003\"\n").unwrap();
+        assert!(exposed
+            .warnings()
+            .iter()
+            .any(|w| w.contains("non-loopback")));
     }
 }

@@ -63,7 +63,7 @@ pub fn serve<'a, S: AsyncRead + WriteOutbox + 'a>(
     identity: Option<Identity>,
 ) -> Pin<Box<dyn Future<Output = Summary> + 'a>> {
     let traffic = shard.traffic(endpoint);
-    let settings = &shard.settings;
+    let settings = shard.settings(endpoint);
     match endpoint {
         Endpoint::Echo => Box::pin(session::run(
             io, early, deflate, Echo, settings, entry, traffic,

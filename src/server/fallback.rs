@@ -25,8 +25,8 @@ use hyper::body::{Frame, Incoming};
 use tokio::sync::oneshot;
 
 use super::http::Body;
-use crate::auth::{self, Identity};
-use crate::rooms::conn::{RoomConn, ANONYMOUS};
+use crate::auth::{self, Identity, TopicAction, ANONYMOUS};
+use crate::rooms::conn::RoomConn;
 use crate::rooms::proto::json_str;
 use crate::rooms::{ApiAnswer, HubMsg, Reply};
 use crate::server::shard::{Registration, Shard, WsSlot};
@@ -170,9 +170,10 @@ fn identify(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Option<Iden
     let Some(verifier) = shard.global.auth.as_ref() else {
         return Ok(None);
     };
-    let found = auth::find_token(uri, headers);
+    let found = auth::find_token(uri, headers, verifier.query_token);
     verifier
         .identify(found.as_ref())
+        .map(Some)
         .map_err(|e| refused(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
 }
 
@@ -196,7 +197,10 @@ fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refus
                 format!("topic is longer than {} bytes", cfg.max_topic_length),
             ));
         }
-        if identity.as_ref().is_some_and(|i| !i.may_subscribe(&t)) {
+        if identity
+            .as_ref()
+            .is_some_and(|i| !i.may(TopicAction::Subscribe, &t))
+        {
             return Err(refused(
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -643,16 +647,25 @@ async fn publish_inner(
     let cfg = &shard.global.config.rooms;
     let bad = |code, text: String| refused(StatusCode::BAD_REQUEST, code, text);
     let limit = cfg.max_data_size + cfg.max_topic_length + 4096;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    // A body trickled byte by byte must not hold the connection (as on /api/publish).
+    let read = Limited::new(req.into_body(), limit).collect();
+    let body = match tokio::time::timeout(shard.global.config.handshake_timeout(), read).await {
+        Err(_) => {
+            return Err(refused(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the body did not arrive within handshake_timeout",
+            ))
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(refused(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("body is larger than {limit} bytes"),
             ))
         }
-        Err(_) => return Err(bad("bad_json", "could not read the body".into())),
+        Ok(Err(_)) => return Err(bad("bad_json", "could not read the body".into())),
     };
     let v: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
@@ -674,7 +687,10 @@ async fn publish_inner(
             format!("topic is longer than {} bytes", cfg.max_topic_length),
         ));
     }
-    if identity.as_ref().is_some_and(|i| !i.may_publish(topic)) {
+    if identity
+        .as_ref()
+        .is_some_and(|i| !i.may(TopicAction::Publish, topic))
+    {
         return Err(refused(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -691,6 +707,13 @@ async fn publish_inner(
             ))
         }
     };
+    if crate::rooms::proto::is_reserved_type(kind) {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} is a server message type", json_str(kind)),
+        ));
+    }
     let data = obj
         .get("data")
         .ok_or_else(|| bad("missing_field", "data is required".into()))?

@@ -20,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
+use super::admission::Refusal;
 use super::api;
 use super::endpoint::{self, Endpoint};
 use super::fallback::{self, AnyBody};
@@ -48,6 +49,11 @@ struct Upgrade {
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
 pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Listen) {
+    let admission = &shard.global.admission;
+    let _permit = match admission.admit(remote.ip(), std::time::Instant::now()) {
+        Ok(p) => p,
+        Err(refusal) => return refuse(conn, refusal, listen.tls).await,
+    };
     let reg = shard.register(remote);
     let acceptor = if listen.tls {
         shard.tls.borrow().clone()
@@ -85,8 +91,10 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         shard: shard.clone(),
         upgrade: upgrade.clone(),
         admin: listen.admin,
-        served: served.clone(),
         remote,
+        private: listen.admin
+            || (!shard.global.has_admin_listener && listen.addr.ip().is_loopback()),
+        served: served.clone(),
     };
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -129,6 +137,9 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
             } = up;
             let name = endpoint.name();
             reg.entry.set_endpoint(endpoint.name());
+            if let Some(exp) = identity.as_ref().and_then(|i| i.expires) {
+                reg.entry.set_expiry(exp);
+            }
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
             let summary = endpoint::serve(
@@ -164,11 +175,15 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
 struct Router {
     shard: Rc<Shard>,
     upgrade: Rc<Cell<Option<Upgrade>>>,
-    /// Serving an admin listener: operations endpoints only.
+    /// Serving an admin listener: the admin surface and health only.
     admin: bool,
+    /// The client's address, for the per-address handshake rate.
+    remote: SocketAddr,
+    /// Serving the admin surface (`/metrics`, `/ws/statistics`, `/api/*` without a key): an
+    /// admin listener, or a loopback listener when there is no admin listener.
+    private: bool,
     /// A request has been received on this connection.
     served: Rc<Cell<bool>>,
-    remote: SocketAddr,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Router {
@@ -197,17 +212,15 @@ impl hyper::service::Service<Request<Incoming>> for Router {
 impl Router {
     fn call_full(&self, req: Request<Incoming>) -> ResponseFuture {
         self.served.set(true);
-        let ops = self.serves_ops();
-        if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && ops {
+        if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
             return Box::pin(statistics(self.shard.global.clone()));
         }
-        if self.admin {
-            let resp = self.route_admin(&req);
-            counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
-                .increment(1);
-            return Box::pin(std::future::ready(Ok(resp)));
-        }
-        if req.uri().path().starts_with("/api/") && self.shard.global.config.rooms.enabled {
+        let config = &self.shard.global.config;
+        // `/api/*` is protected by its key; without one, only the admin surface serves it.
+        if req.uri().path().starts_with("/api/")
+            && config.rooms.enabled
+            && (self.private || config.rooms.api_key.is_some())
+        {
             let shard = self.shard.clone();
             return Box::pin(async move {
                 let resp = api::serve(shard, req).await;
@@ -216,7 +229,11 @@ impl Router {
                 Ok(resp)
             });
         }
-        let resp = self.route(&req);
+        let resp = if self.admin {
+            self.route_admin(&req)
+        } else {
+            self.route(&req)
+        };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
                 .increment(1);
@@ -234,17 +251,12 @@ impl Router {
             (_, "/ws") if global.config.rooms.enabled => self.upgrade(req, Endpoint::Rooms),
             (&Method::GET | &Method::HEAD, "/healthz")
             | (&Method::GET | &Method::HEAD, "/readyz") => self.health(req),
-            (&Method::GET, "/metrics") if self.serves_ops() => self.metrics(),
+            (&Method::GET, "/metrics") if self.private => self.metrics(),
             (m, p) if p.starts_with("/static/") && global.config.static_files => {
                 super::static_files::serve(m, p, req.headers())
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
-    }
-
-    /// Whether this listener serves `/metrics` and `/ws/statistics`.
-    fn serves_ops(&self) -> bool {
-        self.admin || !self.shard.global.config.has_admin_listener()
     }
 
     fn route_admin(&self, req: &Request<Incoming>) -> Response<Body> {
@@ -256,7 +268,11 @@ impl Router {
     }
 
     fn health(&self, req: &Request<Incoming>) -> Response<Body> {
-        if req.uri().path() == "/readyz" && self.shard.global.is_draining() {
+        let global = &self.shard.global;
+        if req.uri().path() == "/readyz" && global.failed.load(std::sync::atomic::Ordering::Acquire)
+        {
+            text(StatusCode::SERVICE_UNAVAILABLE, "a shard failed\n")
+        } else if req.uri().path() == "/readyz" && global.is_draining() {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         } else if req.uri().path() == "/readyz" {
             text(StatusCode::OK, "ready\n")
@@ -306,6 +322,17 @@ impl Router {
                 return resp;
             }
         };
+        let now = std::time::Instant::now();
+        if let Err(refusal) = global.admission.handshake(self.remote.ip(), now) {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => refusal.reason()).increment(1);
+            counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
+            let mut resp = text(refusal.status(), "too many handshakes from this address\n");
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after()),
+            );
+            return resp;
+        }
         let (identity, token_protocol) = match self.authenticate(req, endpoint) {
             Ok(found) => found,
             Err(e) => {
@@ -367,9 +394,9 @@ impl Router {
         if !endpoint.authenticated() {
             return Ok((None, None));
         }
-        let found = auth::find_token(req.uri(), req.headers());
+        let found = auth::find_token(req.uri(), req.headers(), verifier.query_token);
         let identity = verifier.identify(found.as_ref())?;
-        Ok((identity, found.and_then(|f| f.protocol)))
+        Ok((Some(identity), found.and_then(|f| f.protocol)))
     }
 
     /// permessage-deflate parameters for this upgrade, when enabled and offered.
@@ -390,6 +417,35 @@ impl Router {
             .filter_map(|v| v.to_str().ok());
         deflate::negotiate(offers, &policy)
     }
+}
+
+/// Answers a connection that was not admitted, as cheaply as possible: plain HTTP gets a fixed
+/// response (no request parsing) with `Retry-After`; a TLS connection is closed, since an
+/// answer would cost a handshake.
+async fn refuse(mut conn: Conn, refusal: Refusal, tls: bool) {
+    counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
+    if tls {
+        return;
+    }
+    let status = refusal.status();
+    let body = match refusal {
+        Refusal::Capacity => "server at capacity\n",
+        _ => "too many connections from this address\n",
+    };
+    let resp = format!(
+        "HTTP/1.1 {} {}\r\nRetry-After: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        refusal.retry_after(),
+        body.len()
+    );
+    // Bounded: a client that does not read must not hold the task.
+    let write = async {
+        conn.write_all(resp.as_bytes()).await?;
+        conn.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
 /// `GET /ws/statistics`: every shard reports its connections by message; the answer is their

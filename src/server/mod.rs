@@ -2,9 +2,11 @@
 //! single-threaded runtime and its own SO_REUSEPORT listener. The main thread only starts the
 //! shards, waits for a signal and coordinates the drain.
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod endpoint;
+pub mod failure;
 pub mod fallback;
 pub mod http;
 pub mod logging;
@@ -20,7 +22,7 @@ use anyhow::{bail, Context as _};
 use tokio::sync::mpsc;
 
 use crate::io::{self, handover, listen, Backend};
-use crate::server::config::{Config, IoMode, Listen};
+use crate::server::config::{AdminListen, Config, IoMode, Listen};
 use shard::{Control, Global, Shard};
 
 /// A running server: its address and the handles to stop it.
@@ -71,9 +73,24 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// The soft open-file limit now (after [`raise_nofile_limit`]); 1024 if it cannot be read.
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
 impl Server {
     /// Binds the listeners and starts the shards.
     pub fn start(config: Config) -> anyhow::Result<Server> {
+        failure::install_panic_hook();
+        let config_warnings = config.warnings();
         let (backend, why) = choose_backend(config.io)?;
         let cores = available_cores();
         let shards = match config.shards {
@@ -107,9 +124,21 @@ impl Server {
             }
             if sockets.len() < shards {
                 let addr = sockets.first().map_or(Ok(spec.addr), |l| l.local_addr())?;
-                let more = listen::bind_reuseport(addr, shards - sockets.len(), config.backlog)
-                    .with_context(|| format!("cannot listen on {}", spec.addr))?;
-                sockets.extend(more);
+                match listen::bind_reuseport(addr, shards - sockets.len(), config.backlog) {
+                    Ok(more) => sockets.extend(more),
+                    // The automatic admin listener is a convenience: a port taken by another
+                    // program must not stop the server.
+                    Err(e) if spec.admin && config.admin_listen == AdminListen::Auto => {
+                        tracing::warn!(
+                            addr = %spec.addr, error = %e,
+                            "no admin listener (admin_listen = \"auto\"): the admin surface is not served"
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot listen on {}", spec.addr))
+                    }
+                }
             }
             addrs.push((sockets[0].local_addr()?, *spec));
             for (i, l) in sockets.into_iter().enumerate() {
@@ -139,7 +168,7 @@ impl Server {
         let mut global = Global::new(config, backend);
         global.auth = auth;
         if global.config.metrics {
-            global.metrics = crate::metrics::install(crate::metrics::UPKEEP);
+            global.metrics = crate::metrics::install(crate::metrics::UPKEEP, shards);
         }
         crate::metrics::record_info(backend.name(), shards);
         let global = Arc::new(global);
@@ -160,25 +189,31 @@ impl Server {
                             tracing::warn!(shard = id, core = core.id, "could not pin shard");
                         }
                     }
-                    let shard = Shard::new(id, global, tls);
+                    let shard = Shard::new(id, global.clone(), tls);
+                    let g = global.clone();
                     let run = async move {
                         let listeners: std::io::Result<Vec<_>> = listeners
                             .into_iter()
                             .map(|(l, spec)| Ok((io::Listener::new(backend, l)?, spec)))
                             .collect();
                         match listeners {
-                            Ok(l) => shard.run(l, rx).await,
+                            Ok(l) => failure::critical(g, id, "shard loop", shard.run(l, rx)).await,
                             Err(e) => {
-                                tracing::error!(shard = id, error = %e, "listener setup failed")
+                                tracing::error!(shard = id, error = %e, "listener setup failed");
+                                failure::fail(&g, id, "listener setup");
                             }
                         }
                     };
                     if let Err(e) = io::block_on(backend, run) {
                         tracing::error!(shard = id, error = %e, "shard runtime failed to start");
+                        failure::fail(&global, id, "runtime start");
                     }
                     let _ = done_tx.send(id);
                 })
                 .context("cannot start shard thread")?;
+        }
+        for w in config_warnings {
+            tracing::warn!("{w}");
         }
         for (a, spec) in &addrs[1..] {
             tracing::info!(addr = %a, tls = spec.tls, admin = spec.admin, "also listening");

@@ -15,6 +15,7 @@ use slab::Slab;
 use tokio::sync::mpsc;
 
 use super::endpoint::Endpoint;
+use super::failure::critical;
 use super::io::{Backend, Listener};
 use crate::metrics::Traffic;
 use crate::server::config::Config;
@@ -37,11 +38,23 @@ pub struct Global {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Verifies client tokens; `None` when `[auth]` is off.
     pub auth: Option<crate::auth::Verifier>,
+    /// A shard failed: `/readyz` answers 503 until the process exits.
+    pub failed: AtomicBool,
+    /// Some listener is an admin listener (then only those serve the admin surface).
+    pub has_admin_listener: bool,
+    /// Connection caps and handshake rates.
+    pub admission: Arc<super::admission::Admission>,
 }
 
 impl Global {
     pub fn new(config: Config, backend: Backend) -> Global {
         Global {
+            has_admin_listener: config.has_admin_listener(),
+            failed: AtomicBool::new(false),
+            admission: Arc::new(super::admission::Admission::new(
+                &config.limits,
+                super::nofile_limit(),
+            )),
             config,
             backend,
             metrics: None,
@@ -110,7 +123,8 @@ pub const STATS_LIST_LIMIT: usize = 1000;
 pub struct Shard {
     pub id: usize,
     pub global: Arc<Global>,
-    pub settings: Settings,
+    /// Session settings per endpoint (`Endpoint as usize`): they differ in `max_message`.
+    settings: [Settings; Endpoint::ALL.len()],
     /// Message and byte counts per endpoint (`Endpoint as usize`), published once a second.
     traffic: [Traffic; Endpoint::ALL.len()],
     /// The TLS acceptor new connections use, when the listener is TLS.
@@ -151,6 +165,15 @@ impl Shard {
             settings.compression,
             c.max_outbound_bytes,
         );
+        let with_max = |max_message: usize| Settings {
+            max_message,
+            ..settings.clone()
+        };
+        let settings = Endpoint::ALL.map(|e| match e {
+            Endpoint::Echo => with_max(c.max_message_size),
+            Endpoint::Rooms => with_max(c.rooms.max_message_size.min(c.max_message_size)),
+            Endpoint::Agent => with_max(c.agent.max_message_size.min(c.max_message_size)),
+        });
         Rc::new(Shard {
             id,
             hub: Rc::new(RefCell::new(hub)),
@@ -183,8 +206,27 @@ impl Shard {
         }
     }
 
+    pub fn settings(&self, endpoint: Endpoint) -> &Settings {
+        &self.settings[endpoint as usize]
+    }
+
     pub fn traffic(&self, endpoint: Endpoint) -> &Traffic {
         &self.traffic[endpoint as usize]
+    }
+
+    /// Closes the sessions whose token has expired.
+    fn expire_tokens(&self) {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut closed = 0u64;
+        for (_, e) in self.conns.borrow().iter() {
+            closed += u64::from(e.check_expiry(now));
+        }
+        if closed > 0 {
+            metrics::counter!(crate::metrics::TOKENS_EXPIRED).increment(closed);
+        }
     }
 
     fn publish_metrics(&self) {
@@ -237,10 +279,11 @@ impl Shard {
             .into_iter()
             .map(|(l, spec)| {
                 let l = Rc::new(l);
-                accepting.push(tokio::task::spawn_local(accept_loop(
-                    self.clone(),
-                    l.clone(),
-                    spec,
+                accepting.push(tokio::task::spawn_local(critical(
+                    self.global.clone(),
+                    self.id,
+                    "accept loop",
+                    accept_loop(self.clone(), l.clone(), spec),
                 )));
                 l
             })
@@ -256,12 +299,28 @@ impl Shard {
                 .collect();
             self.hub.borrow_mut().set_senders(links);
         }
-        tokio::task::spawn_local(publish_metrics(self.clone()));
-        if let Some(period) = self.settings.heartbeat {
-            tokio::task::spawn_local(heartbeats(self.clone(), period));
+        let (g, id) = (&self.global, self.id);
+        tokio::task::spawn_local(critical(
+            g.clone(),
+            id,
+            "metrics ticker",
+            publish_metrics(self.clone()),
+        ));
+        if let Some(period) = self.global.config.heartbeat() {
+            tokio::task::spawn_local(critical(
+                g.clone(),
+                id,
+                "heartbeat ticker",
+                heartbeats(self.clone(), period),
+            ));
         }
         if let Some(delay) = self.global.config.rooms.write_delay() {
-            tokio::task::spawn_local(delayed_writes(self.clone(), delay));
+            tokio::task::spawn_local(critical(
+                g.clone(),
+                id,
+                "write-delay ticker",
+                delayed_writes(self.clone(), delay),
+            ));
         }
         // A closed control channel means the main thread is gone: drain too.
         loop {
@@ -271,6 +330,7 @@ impl Shard {
                     tracing::info!(shard = self.id, "TLS certificate reloaded");
                 }
                 Some(Control::Stats(reply)) => {
+                    crate::error::inject_panic("shard-loop");
                     let _ = reply.send(self.stats());
                 }
                 Some(Control::Hub(msg)) => self.hub.borrow_mut().handle(msg),
@@ -330,6 +390,9 @@ async fn publish_metrics(shard: Rc<Shard>) {
     while !shard.draining.get() {
         tick.tick().await;
         shard.publish_metrics();
+        if shard.global.auth.is_some() {
+            shard.expire_tokens();
+        }
         shard.hub.borrow_mut().sweep(std::time::Instant::now());
     }
 }

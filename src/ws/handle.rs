@@ -36,6 +36,8 @@ pub struct ConnHandle {
     /// The endpoint's name, set when the connection became a WebSocket.
     endpoint: Cell<Option<&'static str>>,
     heartbeat_due: Cell<bool>,
+    /// When the client's token expires, in seconds since the Unix epoch.
+    expires: Cell<Option<u64>>,
     close: Cell<Option<Close>>,
     waker: RefCell<Option<Waker>>,
     /// What other parts of the shard send this connection.
@@ -51,6 +53,7 @@ impl ConnHandle {
             messages: Cell::new(0),
             endpoint: Cell::new(None),
             heartbeat_due: Cell::new(false),
+            expires: Cell::new(None),
             close: Cell::new(None),
             waker: RefCell::new(None),
             mailbox: Mailbox::default(),
@@ -148,6 +151,24 @@ impl ConnHandle {
         }
     }
 
+    /// Closes the connection once `exp` (Unix seconds) has passed; see [`Self::check_expiry`].
+    pub fn set_expiry(&self, exp: u64) {
+        self.expires.set(Some(exp));
+    }
+
+    /// Asks the connection to close (1008) when its token expired before `now` (Unix seconds).
+    /// The shard calls this once a second, so a session ends within a second or two of `exp`.
+    pub fn check_expiry(&self, now: u64) -> bool {
+        match self.expires.get() {
+            Some(exp) if exp <= now && self.close.get().is_none() => {
+                self.expires.set(None);
+                self.request_close(TOKEN_EXPIRED);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn take_heartbeat(&self) -> bool {
         self.heartbeat_due.replace(false)
     }
@@ -200,6 +221,12 @@ impl ConnHandle {
 pub const SLOW_CONSUMER: Close = Close {
     code: CloseCode::TRY_AGAIN_LATER,
     reason: "slow consumer: outbound queue full",
+};
+
+/// The close for a session whose token expired.
+pub const TOKEN_EXPIRED: Close = Close {
+    code: CloseCode::POLICY,
+    reason: "token expired",
 };
 
 pub const GOING_AWAY: Close = Close {

@@ -155,11 +155,16 @@ impl Server {
                 );
             }
         };
+        let mut addr: SocketAddr = field(&listening, "addr")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+        // A listener on every address is reached over loopback: test traffic stays on 127/8.
+        if addr.ip().is_unspecified() {
+            addr.set_ip([127, 0, 0, 1].into());
+        }
         let server = Server {
             child,
-            addr: field(&listening, "addr")
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            addr,
             log,
             config,
         };
@@ -189,6 +194,19 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The admin listener's address, from the start log.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("also listening") && l.contains("admin=true"))
+            .unwrap_or_else(|| panic!("no admin listener in the log:\n{log}"));
+        let addr: SocketAddr = field(line, "addr")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no addr in {line:?}"));
+        addr
     }
 
     pub fn pid(&self) -> i32 {

@@ -1,0 +1,208 @@
+//! Subscribers: connect, subscribe to one topic, then read and check every delivery.
+
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+use anyhow::{bail, ensure, Context as _, Result};
+use ringgate::ws::frame::{write_masked_frame, OpCode};
+use tokio::time::Instant;
+
+use super::msg::{close_text, parse_incoming, text_frame};
+use super::FanStats;
+use crate::stream::Stream;
+use crate::target::{connect_timeout, Target, HANDSHAKE_TIMEOUT};
+use crate::wire::{mask_from, FrameBuf};
+
+/// Most missing seqs one subscriber tracks individually.
+const MAX_MISSING: usize = 1 << 16;
+
+pub struct Subscriber {
+    s: Stream,
+    fb: FrameBuf,
+    mask: [u8; 4],
+    pub topic: usize,
+    /// The next seq expected (None: the `subscribed` reply carried no seq; the first message
+    /// sets it).
+    next: Option<u64>,
+    missing: BTreeSet<u64>,
+}
+
+/// Connects, subscribes to `topics[topic]` and waits for the `subscribed` reply.
+pub async fn subscribe(t: &Target, sd: u64, topics: &[String], topic: usize) -> Result<Subscriber> {
+    let u = connect_timeout(t, sd, false).await?;
+    let mask = mask_from(sd);
+    let mut sub = Subscriber {
+        s: u.s,
+        fb: FrameBuf::new(&u.early, 4096),
+        mask,
+        topic,
+        next: None,
+        missing: BTreeSet::new(),
+    };
+    let name = &topics[topic];
+    let mut f = Vec::new();
+    text_frame(
+        &mut f,
+        mask,
+        &format!(r#"{{"action":"subscribe","topic":"{name}","id":"s{sd}"}}"#),
+    );
+    let sub = tokio::time::timeout(HANDSHAKE_TIMEOUT, async move {
+        sub.s.send(&f).await?;
+        let mut pong = Vec::new();
+        loop {
+            let mut base = None;
+            let mut err = None;
+            sub.fb.each(|op, fin, _, body| {
+                match op {
+                    OpCode::Text if fin => {
+                        let m = parse_incoming(body)?;
+                        match m.ty.as_ref() {
+                            "subscribed" if m.topic.as_deref() == Some(name.as_str()) => {
+                                base = Some(m.seq);
+                                return Ok(false);
+                            }
+                            "error" => {
+                                err = Some(format!(
+                                    "subscribe refused: {} ({})",
+                                    m.error.as_deref().unwrap_or("?"),
+                                    m.code.as_deref().unwrap_or("?")
+                                ));
+                                return Ok(false);
+                            }
+                            "message" => bail!("room message before the subscribe was confirmed"),
+                            _ => {}
+                        }
+                    }
+                    OpCode::Ping => write_masked_frame(&mut pong, true, OpCode::Pong, mask, body),
+                    OpCode::Pong => {}
+                    OpCode::Close => bail!("server closed during subscribe"),
+                    op => bail!("unexpected {op:?} frame (fin={fin}) during subscribe"),
+                }
+                Ok(true)
+            })?;
+            if let Some(e) = err {
+                bail!(e);
+            }
+            if !pong.is_empty() {
+                sub.s.send(&pong).await?;
+                pong.clear();
+            }
+            if let Some(base) = base {
+                sub.next = base.map(|b| b + 1);
+                return Ok(sub);
+            }
+            sub.fb.fill(&mut sub.s).await?;
+        }
+    })
+    .await
+    .context("subscribe timed out")??;
+    Ok(sub)
+}
+
+impl Subscriber {
+    /// Reads and checks deliveries until `stop` changes.
+    pub async fn run(
+        mut self,
+        st: Rc<FanStats>,
+        epoch: Instant,
+        topics: Rc<[String]>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut pong = Vec::new();
+        loop {
+            let now_ns = epoch.elapsed().as_nanos() as u64;
+            let topic = topics[self.topic].as_str();
+            let (next, missing) = (&mut self.next, &mut self.missing);
+            let mask = self.mask;
+            self.fb.each(|op, fin, rsv, body| {
+                match op {
+                    OpCode::Text | OpCode::Binary if fin => {
+                        ensure!(
+                            rsv == 0,
+                            "reserved bits {rsv:#b} set (no extension offered)"
+                        );
+                        let m = parse_incoming(body)?;
+                        if m.ty != "message" {
+                            st.other_message(&m);
+                            return Ok(true);
+                        }
+                        if m.topic.as_deref() != Some(topic) {
+                            st.wrong_topic.set(st.wrong_topic.get() + 1);
+                            return Ok(true);
+                        }
+                        let seq = m.seq.context("room message without seq")?;
+                        let ts = m
+                            .data
+                            .and_then(|d| d.ts)
+                            .context("room message without data.ts")?;
+                        let fresh = match *next {
+                            None => {
+                                *next = Some(seq + 1);
+                                true
+                            }
+                            Some(n) if seq == n => {
+                                *next = Some(n + 1);
+                                true
+                            }
+                            Some(n) if seq > n => {
+                                let skipped = seq - n;
+                                st.gaps.set(st.gaps.get() + skipped);
+                                for s in n..seq {
+                                    if missing.len() >= MAX_MISSING {
+                                        st.gaps_untracked.set(st.gaps_untracked.get() + 1);
+                                        continue;
+                                    }
+                                    missing.insert(s);
+                                }
+                                *next = Some(seq + 1);
+                                true
+                            }
+                            Some(_) => {
+                                if missing.remove(&seq) {
+                                    st.reordered.set(st.reordered.get() + 1);
+                                    st.gaps.set(st.gaps.get() - 1);
+                                    true
+                                } else {
+                                    st.dups.set(st.dups.get() + 1);
+                                    false
+                                }
+                            }
+                        };
+                        if fresh {
+                            st.delivered.set(st.delivered.get() + 1);
+                            st.delivered_bytes
+                                .set(st.delivered_bytes.get() + body.len() as u64);
+                            st.hist
+                                .borrow_mut()
+                                .saturating_record(now_ns.saturating_sub(ts).max(1));
+                        }
+                        st.last_ns.set(now_ns);
+                    }
+                    OpCode::Ping => write_masked_frame(&mut pong, true, OpCode::Pong, mask, body),
+                    OpCode::Pong => {}
+                    OpCode::Close => bail!("server closed the subscriber: {}", close_text(body)),
+                    op => bail!("unexpected {op:?} frame (fin={fin}); fragments are not supported"),
+                }
+                Ok(true)
+            })?;
+            if !pong.is_empty() {
+                self.s.send(&pong).await?;
+                pong.clear();
+            }
+            tokio::select! {
+                r = self.fb.fill(&mut self.s) => r?,
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Why a subscriber task ended: it should run until the end of the run.
+pub fn subscriber_ended(r: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    let e = match r {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => anyhow::anyhow!("subscriber stopped early"),
+        Err(e) => anyhow::anyhow!("subscriber task failed: {e}"),
+    };
+    e.context("subscriber")
+}
