@@ -157,13 +157,13 @@ export class RinggateClient extends Emitter {
   }
 
   presence(topic) {
-    if (this.transport !== "ws") return this._get(`/api/presence?topic=${encodeURIComponent(topic)}`);
+    if (this.transport !== "ws") return this._get(`/presence?topic=${encodeURIComponent(topic)}`);
     return this._send({ action: "presence", topic });
   }
 
   history(topic, { since = 0, limit } = {}) {
     if (this.transport !== "ws") {
-      let q = `/api/history?topic=${encodeURIComponent(topic)}&since=${since}`;
+      let q = `/history?topic=${encodeURIComponent(topic)}&since=${since}`;
       if (limit != null) q += `&limit=${limit}`;
       return this._get(q);
     }

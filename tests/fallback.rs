@@ -396,4 +396,36 @@ async fn fallbacks_take_the_ws_token(backend: Backend) {
     let evs = sse.events();
     let m = evs.iter().find(|(_, v)| v["type"] == "message").unwrap();
     assert_eq!(m.1["from"], "ann");
+    // Presence and history for clients, under the same claims.
+    let r = get_with(&server, "/presence?topic=news", &auth).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"user\":\"ann\""), "{}", r.body);
+    let r = get_with(&server, "/history?topic=news&since=0", &auth).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"data\":7"), "{}", r.body);
+    assert_eq!(
+        get_with(&server, "/history?topic=other", &auth)
+            .await
+            .status,
+        403
+    );
+    assert_eq!(get_with(&server, "/presence", &auth).await.status, 400);
+    assert_eq!(server.get("/presence?topic=news").await.status, 401);
+    // A server message type cannot be published.
+    let r = server
+        .post(
+            "/publish",
+            &auth,
+            r#"{"topic":"news","type":"ack","data":1}"#,
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+}
+
+async fn get_with(server: &Server, path: &str, headers: &str) -> common::HttpResponse {
+    server
+        .request(&format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{headers}\r\n"
+        ))
+        .await
 }

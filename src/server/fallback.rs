@@ -362,7 +362,10 @@ fn admit(shard: &Shard) -> Result<WsSlot, Refused> {
 
 /// Whether `path` is served here.
 pub fn handles(path: &str) -> bool {
-    matches!(path, "/sse" | "/poll" | "/publish")
+    matches!(
+        path,
+        "/sse" | "/poll" | "/publish" | "/presence" | "/history"
+    )
 }
 
 /// Answers `/sse`, `/poll` or `/publish` (see [`handles`]).
@@ -375,6 +378,7 @@ pub async fn serve(
         (&Method::GET, "/sse") => sse(&shard, remote, &req),
         (&Method::GET, "/poll") => AnyBody::full(poll(&shard, remote, &req).await),
         (&Method::POST, "/publish") => AnyBody::full(publish(&shard, req).await),
+        (&Method::GET, "/presence" | "/history") => AnyBody::full(read(&shard, &req).await),
         (m, path) => {
             let mut r = error_response(refused(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -799,5 +803,95 @@ mod tests {
             }
         );
         assert!(!advance(&mut c, b"not json"));
+    }
+}
+
+// ---- /presence, /history -------------------------------------------------------------------
+
+/// `GET /presence?topic=T`, `GET /history?topic=T&since=S&limit=L`: the `/ws` requests with the
+/// client's token (the `/api/*` versions are for backends).
+async fn read(shard: &Rc<Shard>, req: &Request<Incoming>) -> Response<Body> {
+    match read_inner(shard, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(e),
+    }
+}
+
+async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Response<Body>, Refused> {
+    let identity = identify(shard, req.uri(), req.headers())?;
+    let cfg = &shard.global.config.rooms;
+    let bad = |code, text: String| refused(StatusCode::BAD_REQUEST, code, text);
+    let q: Vec<(String, String)> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let param = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let number = |k: &str| -> Result<Option<u64>, Refused> {
+        param(k)
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    bad(
+                        "missing_field",
+                        format!("{k} must be a non-negative integer"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    let topic = match param("topic") {
+        None | Some("") => return Err(bad("missing_field", "topic is required".into())),
+        Some(t) if t.len() > cfg.max_topic_length => {
+            return Err(bad(
+                "too_large",
+                format!("topic is longer than {} bytes", cfg.max_topic_length),
+            ))
+        }
+        Some(t) => t,
+    };
+    let history = req.uri().path() == "/history";
+    let action = if history {
+        TopicAction::History
+    } else {
+        TopicAction::Presence
+    };
+    if identity.as_ref().is_some_and(|i| !i.may(action, topic)) {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the token does not allow to {} {}",
+                action.verb(),
+                json_str(topic)
+            ),
+        ));
+    }
+    let (tx, rx) = oneshot::channel();
+    let msg = if history {
+        let max = cfg.history_size;
+        HubMsg::History {
+            topic: topic.into(),
+            since: number("since")?.unwrap_or(0),
+            limit: number("limit")?.map_or(max, |l| (l as usize).min(max)),
+            reply: Reply::Http(tx),
+        }
+    } else {
+        HubMsg::Presence {
+            topic: topic.into(),
+            reply: Reply::Http(tx),
+        }
+    };
+    shard.hub.borrow_mut().route(topic, msg);
+    match rx.await {
+        Ok(ApiAnswer::Json(body)) => Ok(json(StatusCode::OK, body)),
+        Ok(ApiAnswer::Published { .. }) => Err(refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected answer",
+        )),
+        Err(_) => Err(refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "the topic's shard is not available",
+        )),
     }
 }
