@@ -755,57 +755,6 @@ async fn publish_inner(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip() {
-        let c = parse_cursor("a:3:E1,b%2Cc:7,x%3Ay:0:e%3A2").unwrap();
-        assert_eq!(
-            c["a"],
-            Position {
-                seq: 3,
-                epoch: "E1".into()
-            }
-        );
-        assert_eq!(c["b,c"].seq, 7);
-        assert_eq!(c["x:y"].epoch, "e:2");
-        let sorted: BTreeMap<_, _> = c.into_iter().collect();
-        let again = parse_cursor(&encode_cursor(&sorted)).unwrap();
-        assert_eq!(again.len(), 3);
-        assert_eq!(again["x:y"].epoch, "e:2");
-        for bad in ["a", "a:x", ":1", "a:1:%zz", "%ff:1"] {
-            assert!(parse_cursor(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn advance_moves_per_topic() {
-        let mut c = BTreeMap::new();
-        assert!(!advance(
-            &mut c,
-            br#"{"type":"subscribed","topic":"a","seq":2,"epoch":"E"}"#
-        ));
-        assert!(advance(
-            &mut c,
-            br#"{"type":"message","topic":"a","seq":3,"data":1}"#
-        ));
-        assert!(!advance(
-            &mut c,
-            br#"{"type":"join","topic":"a","client_id":"1"}"#
-        ));
-        assert_eq!(
-            c["a"],
-            Position {
-                seq: 3,
-                epoch: "E".into()
-            }
-        );
-        assert!(!advance(&mut c, b"not json"));
-    }
-}
-
 // ---- /presence, /history -------------------------------------------------------------------
 
 /// `GET /presence?topic=T`, `GET /history?topic=T&since=S&limit=L`: the `/ws` requests with the
@@ -893,5 +842,56 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
             "internal",
             "the topic's shard is not available",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = parse_cursor("a:3:E1,b%2Cc:7,x%3Ay:0:e%3A2").unwrap();
+        assert_eq!(
+            c["a"],
+            Position {
+                seq: 3,
+                epoch: "E1".into()
+            }
+        );
+        assert_eq!(c["b,c"].seq, 7);
+        assert_eq!(c["x:y"].epoch, "e:2");
+        let sorted: BTreeMap<_, _> = c.into_iter().collect();
+        let again = parse_cursor(&encode_cursor(&sorted)).unwrap();
+        assert_eq!(again.len(), 3);
+        assert_eq!(again["x:y"].epoch, "e:2");
+        for bad in ["a", "a:x", ":1", "a:1:%zz", "%ff:1"] {
+            assert!(parse_cursor(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn advance_moves_per_topic() {
+        let mut c = BTreeMap::new();
+        assert!(!advance(
+            &mut c,
+            br#"{"type":"subscribed","topic":"a","seq":2,"epoch":"E"}"#
+        ));
+        assert!(advance(
+            &mut c,
+            br#"{"type":"message","topic":"a","seq":3,"data":1}"#
+        ));
+        assert!(!advance(
+            &mut c,
+            br#"{"type":"join","topic":"a","client_id":"1"}"#
+        ));
+        assert_eq!(
+            c["a"],
+            Position {
+                seq: 3,
+                epoch: "E".into()
+            }
+        );
+        assert!(!advance(&mut c, b"not json"));
     }
 }
