@@ -5,7 +5,7 @@
 //! 1. foundation: [`error`], [`codes`], [`metrics`], [`ratelimit`], [`payload`];
 //! 2. protocol cores, plain types driven by bytes and time: [`ws`], [`auth`];
 //! 3. I/O: [`io`] (backends, the stream type, TLS, listeners, handover); knows no endpoint;
-//! 4. endpoints: [`rooms`], [`agent`], [`echo`];
+//! 4. endpoints: [`rooms`], [`agent`], [`echo`], [`proxy`];
 //! 5. the server: [`server`] (config assembly, shards, HTTP routing, lifecycle).
 //!
 //! See docs/ARCHITECTURE.md.
@@ -23,6 +23,7 @@ pub mod io;
 
 pub mod agent;
 pub mod echo;
+pub mod proxy;
 pub mod rooms;
 
 pub mod server;

@@ -135,6 +135,9 @@ fn main() -> ExitCode {
                         eprintln!("warning: {w}");
                     }
                     print!("{}", c.to_toml());
+                    for line in c.route_report() {
+                        println!("{line}");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -203,10 +206,18 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // SIGHUP reloads the TLS certificate; SIGTERM or SIGINT drains.
+    // SIGHUP reloads the TLS certificate and the route table; SIGTERM or SIGINT drains.
     let sig = loop {
         match signals.forever().next() {
-            Some(SIGHUP) => server.reload_tls(),
+            Some(SIGHUP) => {
+                server.reload_tls();
+                match Config::load(args.config.as_deref(), env, &args.overrides()) {
+                    Ok(c) => server.reload_routes(c.route),
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: config not reloaded; keeping the current route table")
+                    }
+                }
+            }
             Some(sig) => break sig,
             None => break SIGTERM,
         }

@@ -41,6 +41,14 @@ pub const AGENT_UPSTREAM_TIMEOUTS: &str = "ringgate_agent_upstream_timeouts_tota
 pub const AGENT_BREAKER_STATE: &str = "ringgate_agent_breaker_state";
 pub const AGENT_IN_FLIGHT: &str = "ringgate_agent_requests_in_flight";
 pub const AGENT_CANCELLED: &str = "ringgate_agent_requests_cancelled_total";
+// ---- reverse proxy ----
+pub const PROXY_REQUESTS: &str = "ringgate_proxy_requests_total";
+pub const PROXY_LATENCY: &str = "ringgate_proxy_upstream_latency_seconds";
+pub const PROXY_RETRIES: &str = "ringgate_proxy_retries_total";
+pub const PROXY_WEBSOCKETS: &str = "ringgate_proxy_websockets_active";
+pub const PROXY_BYTES_IN: &str = "ringgate_proxy_bytes_in_total";
+pub const PROXY_BYTES_OUT: &str = "ringgate_proxy_bytes_out_total";
+pub const PROXY_UPSTREAM_HEALTHY: &str = "ringgate_proxy_upstream_healthy";
 
 /// Every family that is exported from the start (histograms appear with their first sample).
 pub const FROM_START: &[&str] = &[
@@ -83,6 +91,7 @@ fn buckets(b: PrometheusBuilder) -> Result<PrometheusBuilder, BuildError> {
     b.set_buckets_for_metric(Matcher::Full(PUBLISH_LATENCY.into()), LATENCY)?
         .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_WRITE.into()), LATENCY)?
         .set_buckets_for_metric(Matcher::Full(AGENT_UPSTREAM_LATENCY.into()), UPSTREAM)?
+        .set_buckets_for_metric(Matcher::Full(PROXY_LATENCY.into()), UPSTREAM)?
         .set_buckets_for_metric(Matcher::Full(FANOUT.into()), SUBSCRIBERS)
 }
 
@@ -220,6 +229,38 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
         AGENT_CANCELLED,
         "Agent gateway requests cancelled, by reason (client: a cancel message, disconnect)."
     );
+    // ---- reverse proxy ----
+    describe_counter!(
+        PROXY_REQUESTS,
+        "Requests and upgrades proxied, by route and status class (1xx-5xx) of the answer sent."
+    );
+    describe_histogram!(
+        PROXY_LATENCY,
+        Unit::Seconds,
+        "Proxy: from sending a request upstream to its response head, by route."
+    );
+    describe_counter!(
+        PROXY_RETRIES,
+        "Proxy requests sent again to another upstream, by route."
+    );
+    describe_gauge!(
+        PROXY_WEBSOCKETS,
+        "Proxied WebSocket connections open, by route."
+    );
+    describe_counter!(
+        PROXY_BYTES_IN,
+        Unit::Bytes,
+        "Proxy: body and tunnel bytes from clients to upstreams, by route."
+    );
+    describe_counter!(
+        PROXY_BYTES_OUT,
+        Unit::Bytes,
+        "Proxy: body and tunnel bytes from upstreams to clients, by route."
+    );
+    describe_gauge!(
+        PROXY_UPSTREAM_HEALTHY,
+        "Proxy upstream health per route, upstream and shard, from the active health checks: 1 in service, 0 taken out."
+    );
     export_from_start(shards);
     Some(handle)
 }
@@ -228,7 +269,7 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
 /// exports what dashboards and `absent()` alerts look for. Histograms show up with their first
 /// sample (an empty histogram cannot be exported without recording a fake one).
 fn export_from_start(shards: usize) {
-    const ENDPOINTS: [&str; 3] = ["echo", "agent", "rooms"];
+    const ENDPOINTS: [&str; 4] = ["echo", "agent", "rooms", "proxy"];
     for e in ENDPOINTS {
         gauge!(CONNECTIONS_ACTIVE, "endpoint" => e).set(0.0);
         for name in [

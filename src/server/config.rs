@@ -94,6 +94,9 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Connection caps and rates per client address.
     pub limits: super::admission::LimitsConfig,
+    /// The reverse proxy's route table (`[[route]]`, docs/PROXY.md).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<crate::proxy::config::Route>,
 }
 
 /// The `[tls]` table: a certificate from files, or one generated at start for development.
@@ -201,6 +204,7 @@ impl Default for Config {
             listen: Vec::new(),
             // ---- agent gateway ----
             agent: Default::default(),
+            route: Vec::new(),
         }
     }
 }
@@ -590,7 +594,39 @@ impl Config {
         }
         // ---- agent gateway ----
         self.agent.validate()?;
+        crate::proxy::config::validate(&self.route).map_err(|reason| ConfigError::Invalid {
+            key: "route",
+            reason,
+        })?;
         Ok(())
+    }
+
+    /// The built-in endpoints' paths on client listeners: a route takes one only with a match
+    /// at least as specific.
+    pub fn builtin_paths(&self) -> Vec<crate::proxy::route::Builtin> {
+        use crate::proxy::route::Builtin;
+        let mut b = vec![
+            Builtin::exact("/healthz"),
+            Builtin::exact("/readyz"),
+            Builtin::exact("/ws/agent"),
+        ];
+        if self.echo {
+            b.push(Builtin::exact("/ws/echo"));
+        }
+        if self.rooms.enabled {
+            b.push(Builtin::exact("/ws"));
+            b.push(Builtin::prefix("/api/"));
+        }
+        if !self.has_admin_listener() {
+            b.push(Builtin::exact("/metrics"));
+            b.push(Builtin::exact("/ws/statistics"));
+        }
+        b
+    }
+
+    /// `check-config`'s notes on routes that overlap built-in endpoints (TOML comments).
+    pub fn route_report(&self) -> Vec<String> {
+        crate::proxy::config::builtin_report(&self.route, &self.builtin_paths())
     }
 
     /// The effective config as TOML (what `check-config` prints).

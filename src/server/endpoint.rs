@@ -27,11 +27,18 @@ pub enum Endpoint {
     Agent,
     /// `/ws`: rooms (docs/PROTOCOL.md).
     Rooms,
+    /// A WebSocket relayed to a `[[route]]` upstream (src/proxy/relay.rs).
+    Proxy,
 }
 
 impl Endpoint {
     /// Every endpoint, for per-endpoint tables.
-    pub const ALL: [Endpoint; 3] = [Endpoint::Echo, Endpoint::Agent, Endpoint::Rooms];
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Echo,
+        Endpoint::Agent,
+        Endpoint::Rooms,
+        Endpoint::Proxy,
+    ];
 
     /// The `endpoint` label in metrics and logs.
     pub fn name(self) -> &'static str {
@@ -39,6 +46,7 @@ impl Endpoint {
             Endpoint::Echo => "echo",
             Endpoint::Agent => "agent",
             Endpoint::Rooms => "rooms",
+            Endpoint::Proxy => "proxy",
         }
     }
 
@@ -65,6 +73,9 @@ pub fn serve<'a, S: AsyncRead + WriteOutbox + 'a>(
     let traffic = shard.traffic(endpoint);
     let settings = shard.settings(endpoint);
     match endpoint {
+        // A relayed WebSocket needs its upstream: server::http starts that session itself
+        // with the relay handler; there is nothing to serve without one.
+        Endpoint::Proxy => Box::pin(std::future::ready(Summary::default())),
         Endpoint::Echo => Box::pin(session::run(
             io, early, deflate, Echo, settings, entry, traffic,
         )),

@@ -10,7 +10,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -496,42 +495,43 @@ impl SseBody {
     }
 }
 
-/// A response body: whole, or an event stream.
+/// A response body: what the rest of the server sends (whole, or a proxied stream), or an
+/// event stream.
 pub enum AnyBody {
-    Full(Body),
+    Served(crate::proxy::body::Body),
     Sse(Box<SseBody>),
 }
 
 impl AnyBody {
     pub fn full(r: Response<Body>) -> Response<AnyBody> {
-        r.map(AnyBody::Full)
+        r.map(|b| AnyBody::Served(b.into()))
     }
 }
 
 impl hyper::body::Body for AnyBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = crate::proxy::body::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            AnyBody::Full(b) => Pin::new(b).poll_frame(cx),
+            AnyBody::Served(b) => Pin::new(b).poll_frame(cx),
             AnyBody::Sse(s) => s.poll_next(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            AnyBody::Full(b) => b.is_end_stream(),
+            AnyBody::Served(b) => b.is_end_stream(),
             AnyBody::Sse(s) => s.done,
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
-            AnyBody::Full(b) => b.size_hint(),
+            AnyBody::Served(b) => b.size_hint(),
             AnyBody::Sse(_) => hyper::body::SizeHint::default(),
         }
     }

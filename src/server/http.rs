@@ -35,8 +35,19 @@ use crate::ws::handshake::{self, OriginPolicy};
 use ::metrics::{counter, gauge};
 
 pub type Body = Full<Bytes>;
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>>>;
+/// What the server sends: whole bodies, or a proxied upstream's streamed through.
+type ServedBody = crate::proxy::body::Body;
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ServedBody>, Infallible>>>>;
+/// The same, or an event stream (`/sse`, src/server/fallback.rs).
 type AnyResponseFuture = Pin<Box<dyn Future<Output = Result<Response<AnyBody>, Infallible>>>>;
+
+/// A proxied upgrade whose upstream answered 101: the upstream connection, the connection
+/// slot, and the permessage-deflate parameters negotiated with the client (relayed mode).
+type ProxiedUpgrade = (
+    crate::proxy::tunnel::Upgraded,
+    WsSlot,
+    Option<deflate::Params>,
+);
 
 /// An accepted upgrade waiting for hyper to finish writing the 101.
 struct Upgrade {
@@ -86,7 +97,12 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         }
     };
     let upgrade = Rc::new(Cell::new(None));
+    let tunnel = Rc::new(Cell::new(None));
     let served = Rc::new(Cell::new(false));
+    let sni = match &conn {
+        Stream::Tls(t) => t.get_ref().1.server_name().map(str::to_owned),
+        Stream::Plain(_) => None,
+    };
     let router = Router {
         shard: shard.clone(),
         upgrade: upgrade.clone(),
@@ -95,6 +111,12 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         private: listen.admin
             || (!shard.global.has_admin_listener && listen.addr.ip().is_loopback()),
         served: served.clone(),
+        tunnel: tunnel.clone(),
+        client: crate::proxy::Client {
+            remote,
+            tls: listen.tls,
+            sni,
+        },
     };
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -125,16 +147,40 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
     // the upgrade cell) goes now rather than living as long as the WebSocket.
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
     let mut io = io.into_inner();
+    let relayed = match tunnel.take() {
+        Some((t, slot, deflate)) if t.relay => {
+            let s = shard.settings(Endpoint::Proxy);
+            Some((t.into_relay(s.max_message, s.close_timeout), slot, deflate))
+        }
+        Some((t, _slot, _)) => {
+            drop(tunnel);
+            let entry = reg.entry.clone();
+            // A drain ends the tunnel (its bytes are not ours to frame a close into).
+            let stop = poll_fn(move |cx| {
+                entry.register_waker(cx.waker());
+                if entry.close_requested() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            crate::proxy::tunnel::run(io, read_buf, t, stop).await;
+            return;
+        }
+        None => None,
+    };
+    drop(tunnel);
     let up = upgrade.take();
     drop(upgrade);
-    match up {
-        Some(up) => {
-            let Upgrade {
-                endpoint,
-                deflate,
-                identity,
-                _slot,
-            } = up;
+    let session = match (up, relayed) {
+        (_, Some((relay, slot, deflate))) => {
+            Some((Endpoint::Proxy, Some(relay), deflate, None, slot))
+        }
+        (Some(u), None) => Some((u.endpoint, None, u.deflate, u.identity, u._slot)),
+        (None, None) => None,
+    };
+    match session {
+        Some((endpoint, relay, deflate, identity, _slot)) => {
             let name = endpoint.name();
             reg.entry.set_endpoint(endpoint.name());
             if let Some(exp) = identity.as_ref().and_then(|i| i.expires) {
@@ -142,10 +188,27 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
             }
             counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-            let summary = endpoint::serve(
-                endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
-            )
-            .await;
+            let summary = match relay {
+                // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
+                Some((relay, upstream)) => {
+                    let session = crate::ws::session::run(
+                        io,
+                        read_buf,
+                        deflate,
+                        relay,
+                        shard.settings(endpoint),
+                        &reg.entry,
+                        shard.traffic(endpoint),
+                    );
+                    tokio::join!(session, upstream).0
+                }
+                None => {
+                    endpoint::serve(
+                        endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
+                    )
+                    .await
+                }
+            };
             gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
             let code = summary.close_code.map_or("none".into(), |c| c.to_string());
             // The access log: one line per closed WebSocket (target `access`, filterable with
@@ -184,6 +247,9 @@ struct Router {
     private: bool,
     /// A request has been received on this connection.
     served: Rc<Cell<bool>>,
+    /// A proxied upgrade whose upstream answered 101.
+    tunnel: Rc<Cell<Option<ProxiedUpgrade>>>,
+    client: crate::proxy::Client,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Router {
@@ -193,7 +259,15 @@ impl hyper::service::Service<Request<Incoming>> for Router {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.served.set(true);
-        // `/sse`, `/poll`, `/publish` (src/server/fallback.rs): rooms without a WebSocket.
+        if !self.admin {
+            let proxy = self.shard.proxy.borrow().clone();
+            if let Some(route) = proxy.find(&req, self.client.sni.as_deref()) {
+                let answer = self.proxy(route, req);
+                return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
+            }
+        }
+        // `/sse`, `/poll`, `/publish`, `/presence`, `/history` (src/server/fallback.rs): rooms
+        // without a WebSocket; a `[[route]]` on the same path wins.
         let rooms = self.shard.global.config.rooms.enabled;
         if !self.admin && rooms && fallback::handles(req.uri().path()) {
             let (shard, remote) = (self.shard.clone(), self.remote);
@@ -205,13 +279,12 @@ impl hyper::service::Service<Request<Incoming>> for Router {
             });
         }
         let answer = self.call_full(req);
-        Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Full)) })
+        Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) })
     }
 }
 
 impl Router {
     fn call_full(&self, req: Request<Incoming>) -> ResponseFuture {
-        self.served.set(true);
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
             return Box::pin(statistics(self.shard.global.clone()));
         }
@@ -226,7 +299,7 @@ impl Router {
                 let resp = api::serve(shard, req).await;
                 counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
                     .increment(1);
-                Ok(resp)
+                Ok(resp.map(Into::into))
             });
         }
         let resp = if self.admin {
@@ -238,7 +311,85 @@ impl Router {
             counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
                 .increment(1);
         }
-        Box::pin(std::future::ready(Ok(resp)))
+        Box::pin(std::future::ready(Ok(resp.map(Into::into))))
+    }
+}
+
+impl Router {
+    /// A request a `[[route]]` takes: forwarded; a WebSocket upgrade relayed through a session
+    /// of ours (`mode = "websocket"`, the default) or tunnelled (`mode = "tunnel"`).
+    fn proxy(&self, route: Rc<crate::proxy::RouteState>, req: Request<Incoming>) -> ResponseFuture {
+        use crate::proxy::{http::error_response, tunnel, Failure};
+        let client = self.client.clone();
+        if !tunnel::is_websocket_upgrade(&req) {
+            return Box::pin(
+                async move { Ok(crate::proxy::http::forward(route, req, client).await) },
+            );
+        }
+        let global = self.shard.global.clone();
+        if global.is_draining() {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
+            return Box::pin(std::future::ready(Ok(error_response(&Failure::Draining))));
+        }
+        // `[limits]`: the per-address handshake rate applies to proxied upgrades too.
+        if let Err(refusal) = global
+            .admission
+            .handshake(self.remote.ip(), std::time::Instant::now())
+        {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => refusal.reason()).increment(1);
+            counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
+            let mut resp = text(refusal.status(), "too many handshakes from this address\n");
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after()),
+            );
+            return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
+        }
+        let Some(slot) = global.try_admit_ws() else {
+            counter!(metrics::HANDSHAKES_FAILED, "reason" => "capacity").increment(1);
+            let resp = text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+            return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
+        };
+        let relayed = route.cfg.mode != Some(crate::proxy::config::Mode::Tunnel);
+        let (relay, deflate) = if relayed {
+            // Our session answers the client: its handshake is checked here (the origin is
+            // the upstream's to judge).
+            let accept = match handshake::accept(
+                req.method(),
+                req.version(),
+                req.headers(),
+                &OriginPolicy::new(&[]),
+                &[],
+            ) {
+                Ok(a) => a,
+                Err(r) => {
+                    counter!(metrics::HANDSHAKES_FAILED, "reason" => "bad_request").increment(1);
+                    let mut resp = text(r.status, &format!("{}\n", r.reason));
+                    resp.headers_mut().insert(
+                        header::SEC_WEBSOCKET_VERSION,
+                        HeaderValue::from_static("13"),
+                    );
+                    return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
+                }
+            };
+            let deflate = self.negotiate_deflate(&req);
+            let relay = tunnel::RelayHandshake {
+                accept_key: accept.accept_key,
+                extensions: deflate.as_ref().map(|p| p.response()),
+            };
+            (Some(relay), deflate)
+        } else {
+            (None, None)
+        };
+        let cell = self.tunnel.clone();
+        let (parts, _body) = req.into_parts();
+        Box::pin(async move {
+            let (resp, upgraded) = tunnel::handshake(route, parts, client, relay).await;
+            if let Some(u) = upgraded {
+                cell.set(Some((u, slot, deflate)));
+            }
+            Ok(resp)
+        })
     }
 }
 
@@ -452,7 +603,7 @@ async fn refuse(mut conn: Conn, refusal: Refusal, tls: bool) {
 /// sum (docs/PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
 async fn statistics(
     global: std::sync::Arc<crate::server::shard::Global>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<ServedBody>, Infallible> {
     let mut replies = Vec::new();
     for shard in global.shards.get().into_iter().flatten() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -462,6 +613,7 @@ async fn statistics(
     }
     let (mut active, mut messages, mut truncated) = (0, 0, false);
     let mut connections = Vec::new();
+    let mut routes = Vec::new();
     for rx in replies {
         // A shard that is gone (draining) simply does not count.
         if let Ok(s) = rx.await {
@@ -469,6 +621,7 @@ async fn statistics(
             messages += s.messages;
             truncated |= s.truncated;
             connections.extend(s.connections);
+            routes.push(s.routes);
         }
     }
     let mut body = serde_json::json!({
@@ -480,13 +633,16 @@ async fn statistics(
     if truncated {
         body["truncated"] = serde_json::Value::Bool(true);
     }
+    if !routes.is_empty() {
+        body["routes"] = crate::proxy::RouteStats::merge(routes);
+    }
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     counter!(metrics::HTTP_REQUESTS, "status" => "200").increment(1);
-    Ok(resp)
+    Ok(resp.map(Into::into))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {

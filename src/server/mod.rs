@@ -260,6 +260,16 @@ impl Server {
         }
     }
 
+    /// Hands a new route table to every shard: new requests use it, requests in flight finish
+    /// on the old one.
+    pub fn reload_routes(&self, routes: Vec<crate::proxy::config::Route>) {
+        let routes = Arc::new(routes);
+        for c in &self.controls {
+            let _ = c.send(Control::Routes(routes.clone()));
+        }
+        tracing::info!(routes = routes.len(), "route table reloaded");
+    }
+
     /// Drains: `/readyz` turns 503, shards stop accepting and close their connections with
     /// 1001. Returns true when every shard finished before the drain timeout.
     pub fn drain(self) -> bool {

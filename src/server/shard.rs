@@ -103,6 +103,8 @@ pub enum Control {
     Stats(tokio::sync::oneshot::Sender<ShardStats>),
     /// Rooms traffic from another shard.
     Hub(crate::rooms::HubMsg),
+    /// Use this route table for new requests from now on.
+    Routes(Arc<Vec<crate::proxy::config::Route>>),
 }
 
 /// One shard's part of `/ws/statistics`.
@@ -114,6 +116,8 @@ pub struct ShardStats {
     /// At most [`STATS_LIST_LIMIT`] WebSocket connections.
     pub connections: Vec<ConnInfo>,
     pub truncated: bool,
+    /// The proxy's routes as this shard sees them.
+    pub routes: Vec<crate::proxy::RouteStats>,
 }
 
 /// How many connections one shard lists in `/ws/statistics`.
@@ -140,6 +144,8 @@ pub struct Shard {
     pub hub: Rc<RefCell<crate::rooms::Hub>>,
     /// `[rooms]`, shared by this shard's `/ws` connections.
     pub rooms_config: Rc<crate::rooms::config::RoomsConfig>,
+    /// The reverse proxy's route table as this shard runs it.
+    pub proxy: RefCell<Rc<crate::proxy::Proxy>>,
 }
 
 impl Shard {
@@ -173,11 +179,15 @@ impl Shard {
             Endpoint::Echo => with_max(c.max_message_size),
             Endpoint::Rooms => with_max(c.rooms.max_message_size.min(c.max_message_size)),
             Endpoint::Agent => with_max(c.agent.max_message_size.min(c.max_message_size)),
+            // A relayed WebSocket carries the upstream service's messages: the top-level limit.
+            Endpoint::Proxy => with_max(c.max_message_size),
         });
+        let proxy = crate::proxy::Proxy::new(&c.route, c.builtin_paths(), global.backend, id);
         Rc::new(Shard {
             id,
             hub: Rc::new(RefCell::new(hub)),
             rooms_config: Rc::new(c.rooms.clone()),
+            proxy: RefCell::new(Rc::new(proxy)),
             settings,
             global,
             tls: RefCell::new(tls),
@@ -249,6 +259,7 @@ impl Shard {
         let conns = self.conns.borrow();
         let mut s = ShardStats {
             messages: self.closed_messages.get(),
+            routes: self.proxy.borrow().stats(),
             ..ShardStats::default()
         };
         for (_, e) in conns.iter() {
@@ -306,6 +317,7 @@ impl Shard {
             "metrics ticker",
             publish_metrics(self.clone()),
         ));
+        self.proxy.borrow().start();
         if let Some(period) = self.global.config.heartbeat() {
             tokio::task::spawn_local(critical(
                 g.clone(),
@@ -334,6 +346,18 @@ impl Shard {
                     let _ = reply.send(self.stats());
                 }
                 Some(Control::Hub(msg)) => self.hub.borrow_mut().handle(msg),
+                Some(Control::Routes(routes)) => {
+                    let c = &self.global.config;
+                    let new = crate::proxy::Proxy::new(
+                        &routes,
+                        c.builtin_paths(),
+                        self.global.backend,
+                        self.id,
+                    );
+                    new.start();
+                    let old = self.proxy.replace(Rc::new(new));
+                    old.retire();
+                }
                 Some(Control::Drain) | None => break,
             }
         }

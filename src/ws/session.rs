@@ -59,6 +59,23 @@ pub trait Handler {
 
     /// A complete message arrived; replies go to `out`.
     fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close>;
+
+    // ---- relay hooks (the reverse proxy's `mode = "websocket"`); the defaults do nothing ----
+
+    /// Whether the handler takes more messages now. `Pending` stops reading from the client
+    /// (backpressure); the handler wakes `cx` when it has room again.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
+
+    /// Messages from elsewhere (a relay's other side) to send now; polled while the outbox is
+    /// below its high-water mark. `Err` closes the connection with that code.
+    fn poll_produce(&mut self, _cx: &mut Context<'_>, _out: &mut Sink<'_>) -> Result<(), Close> {
+        Ok(())
+    }
+
+    /// The client sent a close frame (its code, when it had one).
+    fn on_close(&mut self, _code: Option<u16>) {}
 }
 
 /// Where a handler's messages go: the connection's outbox, compressed when negotiated.
@@ -277,6 +294,7 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
         }
         if self.phase == Phase::Open {
             self.take_mail();
+            self.poll_produce(cx);
             self.poll_read(cx);
         }
         if self.phase == Phase::Open {
@@ -318,6 +336,25 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
         }
     }
 
+    /// The relay hook: what the handler's other side sent, while there is room to queue it.
+    fn poll_produce(&mut self, cx: &mut Context<'_>) {
+        if self.out.queued() >= HIGH_WATER {
+            return;
+        }
+        let res = self.handler.poll_produce(
+            cx,
+            &mut Sink {
+                out: &mut self.out,
+                deflate: self.deflate.as_mut(),
+                traffic: self.traffic,
+                sent: &mut self.summary.messages_out,
+            },
+        );
+        if let Err(c) = res {
+            self.close(c.code, c.reason);
+        }
+    }
+
     fn take_mail(&mut self) {
         if !self.entry.mailbox.has_mail() {
             return;
@@ -353,6 +390,9 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
     fn poll_read(&mut self, cx: &mut Context<'_>) {
         for _ in 0..READ_BUDGET {
             if self.phase != Phase::Open || self.out.queued() >= HIGH_WATER {
+                return;
+            }
+            if self.handler.poll_ready(cx).is_pending() {
                 return;
             }
             let got = if self.pending.is_empty() {
@@ -517,6 +557,7 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
                 if let Some((code, reason)) = close {
                     self.close(code, reason);
                 } else if let Some(code) = peer_close {
+                    self.handler.on_close(code);
                     // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
                     match code {
                         Some(c) => self.close(CloseCode(c), ""),

@@ -787,3 +787,12 @@ impl RawWs {
         (RawWs { stream, buf }, head)
     }
 }
+
+// ---- additions for the proxy tests ------------------------------------------------------------
+
+impl Server {
+    /// The config file the server was started with (rewrite it, then SIGHUP).
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_ref().map(|c| c.path.as_path())
+    }
+}

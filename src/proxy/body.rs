@@ -1,0 +1,254 @@
+//! Body types: the server's response body (a whole one, or an upstream's streamed through),
+//! and the request body sent upstream (the client's, streamed, with the route's limits).
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use super::upstream::Lease;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the HTTP server sends: built-in answers are whole, proxied ones streamed.
+pub enum Body {
+    Full(Full<Bytes>),
+    Relay(Box<Relay>),
+}
+
+impl From<Full<Bytes>> for Body {
+    fn from(f: Full<Bytes>) -> Body {
+        Body::Full(f)
+    }
+}
+
+impl Default for Body {
+    fn default() -> Body {
+        Body::Full(Full::default())
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::Full(f) => Pin::new(f).poll_frame(cx).map_err(|e| match e {}),
+            Body::Relay(r) => Pin::new(r.as_mut()).poll_frame(cx),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(f) => f.is_end_stream(),
+            Body::Relay(r) => r.inner.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(f) => f.size_hint(),
+            Body::Relay(r) => r.inner.size_hint(),
+        }
+    }
+}
+
+/// Why the client's side of an exchange failed (decides the answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    TooLarge,
+    Idle,
+    Gone,
+}
+
+/// Byte counters a route keeps.
+#[derive(Debug, Default)]
+pub struct Bytes2 {
+    pub bytes_in: Cell<u64>,
+    pub bytes_out: Cell<u64>,
+}
+
+/// The body sent upstream.
+pub enum ReqBody {
+    Empty,
+    Stream(Box<Upload>),
+}
+
+pub struct Upload {
+    pub route: std::rc::Rc<str>,
+    pub inner: Incoming,
+    /// 0: no limit.
+    pub limit: u64,
+    pub seen: u64,
+    pub fault: Rc<Cell<Option<ClientFault>>>,
+    pub idle: Duration,
+    pub timer: Pin<Box<Sleep>>,
+    pub counted: Rc<Bytes2>,
+}
+
+impl HttpBody for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let u = match self.get_mut() {
+            ReqBody::Empty => return Poll::Ready(None),
+            ReqBody::Stream(u) => u,
+        };
+        match Pin::new(&mut u.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    u.seen += d.len() as u64;
+                    let c = &u.counted.bytes_in;
+                    c.set(c.get() + d.len() as u64);
+                    if u.limit > 0 && u.seen > u.limit {
+                        u.fault.set(Some(ClientFault::TooLarge));
+                        return Poll::Ready(Some(
+                            Err("request body over the route's limit".into()),
+                        ));
+                    }
+                }
+                u.timer.as_mut().reset(Instant::now() + u.idle);
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                u.fault.set(Some(ClientFault::Gone));
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if u.timer.as_mut().poll(cx).is_ready() {
+                    u.fault.set(Some(ClientFault::Idle));
+                    return Poll::Ready(Some(Err("client stopped sending the body".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Stream(u) => u.inner.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Stream(u) => u.inner.size_hint(),
+        }
+    }
+}
+
+/// An upstream response body on its way to the client: each wait bounded by the idle timeout,
+/// the whole by the total one. At its end the connection goes back to the pool; dropped
+/// before (the client went away) it closes the upstream connection.
+pub struct Relay {
+    pub route: std::rc::Rc<str>,
+    /// Bytes passed so far (published when the body ends or goes).
+    pub sent: u64,
+    pub inner: Incoming,
+    pub lease: Option<Lease>,
+    pub idle: Duration,
+    pub timer: Pin<Box<Sleep>>,
+    pub deadline: Option<Pin<Box<Sleep>>>,
+    pub counted: Rc<Bytes2>,
+    pub eject: (u32, Duration, usize),
+    /// Logged when the body ends or goes.
+    pub access: Option<super::http::Access>,
+    /// The body reached its end.
+    pub ended: bool,
+}
+
+impl Relay {
+    fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(mut l) = self.lease.take() {
+            let (after, dur, shard) = self.eject;
+            l.up.failure(after, dur, shard);
+            l.abort();
+        }
+        Poll::Ready(Some(Err(why.into())))
+    }
+}
+
+impl HttpBody for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = self.get_mut();
+        if let Some(d) = r.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return r.fail("total timeout");
+            }
+        }
+        match Pin::new(&mut r.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let c = &r.counted.bytes_out;
+                    c.set(c.get() + d.len() as u64);
+                    r.sent += d.len() as u64;
+                }
+                r.timer.as_mut().reset(Instant::now() + r.idle);
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(_))) => r.fail("upstream body broken"),
+            Poll::Ready(None) => {
+                if let Some(mut l) = r.lease.take() {
+                    l.done = true;
+                }
+                r.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if r.timer.as_mut().poll(cx).is_ready() {
+                    return r.fail("upstream body idle timeout");
+                }
+                Poll::Pending
+            }
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        ::metrics::counter!(crate::metrics::PROXY_BYTES_IN, "route" => self.route.to_string())
+            .increment(self.seen);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        ::metrics::counter!(crate::metrics::PROXY_BYTES_OUT, "route" => self.route.to_string())
+            .increment(self.sent);
+        if let Some(a) = self.access.take() {
+            a.log(self.sent, self.ended || self.inner.is_end_stream());
+        }
+        // A body whose end was already seen by hyper but not polled to `None` is complete.
+        if self.inner.is_end_stream() {
+            if let Some(l) = self.lease.as_mut() {
+                l.done = true;
+            }
+        }
+    }
+}

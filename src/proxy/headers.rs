@@ -1,0 +1,190 @@
+//! Header rewriting: hop-by-hop removal (RFC 9110 §7.6.1), `X-Forwarded-*` and `Forwarded`
+//! (RFC 7239), `X-Request-Id`, and the route's own set/remove rules.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::{Client, RouteState};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Removes the hop-by-hop headers and those `Connection` names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+}
+
+/// A new request id: 128 random bits in hex.
+pub fn new_request_id() -> String {
+    let r = std::collections::hash_map::RandomState::new();
+    let mut a = r.build_hasher();
+    a.write_u64(1);
+    let mut b = r.build_hasher();
+    b.write_u64(2);
+    format!("{:016x}{:016x}", a.finish(), b.finish())
+}
+
+/// The request id the client sent (when sane), or a new one.
+pub fn request_id(h: &HeaderMap) -> String {
+    h.get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map_or_else(new_request_id, str::to_owned)
+}
+
+fn is_trusted(route: &RouteState, ip: IpAddr) -> bool {
+    route.trusted.iter().any(|c| c.contains(ip))
+}
+
+/// Rewrites a client's request headers for the upstream: hop-by-hop out, forwarding
+/// headers in (appended to when the client is a trusted proxy, replaced otherwise), the
+/// request id, the route's rules. `Host` is left to the caller.
+pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, request_id: &str) {
+    // `TE: trailers` is hop-by-hop but says the same for the next hop: without it an upstream
+    // may drop the trailers the client asked for.
+    let trailers = h
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    strip_hop_by_hop(h);
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    h.remove(header::EXPECT);
+    let ip = client.remote.ip().to_canonical();
+    let trusted = is_trusted(route, ip);
+    let proto = if client.tls { "https" } else { "http" };
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if trusted => format!("{prev}, {ip}"),
+        _ => ip.to_string(),
+    };
+    set(h, X_FORWARDED_FOR, &xff);
+    if !(trusted && h.contains_key(X_FORWARDED_PROTO)) {
+        set(h, X_FORWARDED_PROTO, proto);
+    }
+    if !(trusted && h.contains_key(X_FORWARDED_HOST)) {
+        match &host {
+            Some(host) => set(h, X_FORWARDED_HOST, host),
+            None => {
+                h.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut elem = format!("for={node};proto={proto}");
+    if let Some(host) = &host {
+        elem.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+    }
+    let forwarded = match h.get(FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) if trusted => format!("{prev}, {elem}"),
+        _ => elem,
+    };
+    set(h, FORWARDED, &forwarded);
+    set(h, X_REQUEST_ID, request_id);
+    for n in &route.req_remove {
+        h.remove(n);
+    }
+    for (n, v) in &route.req_set {
+        h.insert(n.clone(), v.clone());
+    }
+}
+
+/// Rewrites an upstream's response headers for the client.
+pub fn client_response(route: &RouteState, h: &mut HeaderMap) {
+    strip_hop_by_hop(h);
+    for n in &route.resp_remove {
+        h.remove(n);
+    }
+    for (n, v) in &route.resp_set {
+        h.insert(n.clone(), v.clone());
+    }
+}
+
+fn set(h: &mut HeaderMap, name: HeaderName, v: &str) {
+    if let Ok(v) = HeaderValue::from_str(v) {
+        h.insert(name, v);
+    }
+}
+
+/// The upstream path: the upstream URL's own path, then the request path (with the route's
+/// prefix removed when `strip_prefix`), then the query.
+pub fn upstream_path(route: &RouteState, base: &str, uri: &http::Uri) -> String {
+    let path = uri.path();
+    let rest = if route.cfg.strip_prefix {
+        path.strip_prefix(route.prefix.as_str()).unwrap_or(path)
+    } else {
+        path
+    };
+    let mut out = String::with_capacity(base.len() + rest.len() + 1);
+    out.push_str(base);
+    if !rest.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(rest);
+    if let Some(q) = uri.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn request_ids() {
+        let a = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, new_request_id());
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, "abc".parse().unwrap());
+        assert_eq!(request_id(&h), "abc");
+    }
+}

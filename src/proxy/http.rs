@@ -1,0 +1,394 @@
+//! HTTP forwarding: one client request to one upstream (with safe retries), the response
+//! streamed back.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ::metrics::{counter, histogram};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::Full;
+use hyper::body::{Body as _, Incoming};
+
+use super::body::{Body, ClientFault, Relay, ReqBody, Upload};
+use super::upstream::{Held, Lease, Sender};
+use super::{balance, headers, Client, Failure, RouteState};
+
+/// A short text answer naming the cause.
+pub fn error_response(f: &Failure) -> Response<Body> {
+    text(f.status(), &f.message())
+}
+
+pub fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::Full(Full::new(Bytes::copy_from_slice(
+        body.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Forwards `req` along `route` and answers with the upstream's response, or with the status
+/// that names what failed (502, 503, 504, 413, 408).
+pub async fn forward(
+    route: Rc<RouteState>,
+    req: Request<Incoming>,
+    client: Client,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let request_id = headers::request_id(&parts.headers);
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let result = exchange(&route, &mut parts, body, &client, &request_id).await;
+    let (mut resp, upstream) = match result {
+        Ok((resp, label)) => (resp, label),
+        Err((f, label)) => {
+            if f.is_upstream_fault() {
+                tracing::debug!(route = %route.name, error = ?f, "proxy request failed");
+            }
+            (error_response(&f), label)
+        }
+    };
+    let status = resp.status();
+    counter!(super::REQUESTS, "route" => route.name.clone(), "class" => class(status)).increment(1);
+    let line = Access {
+        remote: client.remote,
+        route: route.name.clone(),
+        upstream: upstream.unwrap_or_else(|| "-".into()),
+        method,
+        path,
+        status: status.as_u16(),
+        request_id,
+        started,
+        head_ms: started.elapsed().as_millis() as u64,
+    };
+    // A streamed answer logs when its body ends (or is abandoned); an error answer now.
+    match resp.body_mut() {
+        Body::Relay(r) => r.access = Some(line),
+        Body::Full(_) => line.log(0, true),
+    }
+    resp
+}
+
+/// The access log line of one proxied request (target `access`).
+pub struct Access {
+    pub remote: std::net::SocketAddr,
+    pub route: String,
+    pub upstream: String,
+    pub method: Method,
+    pub path: String,
+    pub status: u16,
+    pub request_id: String,
+    pub started: Instant,
+    /// Until the response head was ready.
+    pub head_ms: u64,
+}
+
+impl Access {
+    pub fn log(&self, bytes_out: u64, complete: bool) {
+        tracing::info!(
+            target: "access",
+            remote = %self.remote,
+            route = %self.route,
+            upstream = %self.upstream,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            request_id = %self.request_id,
+            head_ms = self.head_ms,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            bytes_out,
+            complete,
+            "proxied"
+        );
+    }
+}
+
+type Attempt = Result<(Response<Body>, Option<String>), (Failure, Option<String>)>;
+
+async fn exchange(
+    route: &Rc<RouteState>,
+    parts: &mut http::request::Parts,
+    body: Incoming,
+    client: &Client,
+    request_id: &str,
+) -> Attempt {
+    let cfg = &route.cfg;
+    if super::head_too_large(&parts.headers) {
+        return Err((Failure::HeadTooLarge, None));
+    }
+    let limit = cfg.max_body_size;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if limit > 0 && declared.is_some_and(|n| n > limit) {
+        return Err((Failure::TooLarge, None));
+    }
+    let deadline = cfg.total_timeout().map(|t| Instant::now() + t);
+    let client_host = parts.headers.get(header::HOST).cloned();
+    headers::upstream_request(route, &mut parts.headers, client, request_id);
+    let hash = route
+        .hash
+        .as_ref()
+        .and_then(|k| balance::key(k, &parts.headers, client.remote.ip()));
+    let empty = body.is_end_stream();
+    let fault = Rc::new(Cell::new(None));
+    let mut upload = (!empty).then(|| {
+        ReqBody::Stream(Box::new(Upload {
+            route: route.name.as_str().into(),
+            inner: body,
+            limit,
+            seen: 0,
+            fault: fault.clone(),
+            idle: cfg.idle_timeout(),
+            timer: Box::pin(tokio::time::sleep(cfg.idle_timeout())),
+            counted: route.counted.clone(),
+        }))
+    });
+    let retry_ok = idempotent(&parts.method) && empty;
+    let mut tried = vec![false; route.upstreams.len()];
+    let mut last = Failure::NoUpstream;
+    let mut label = None;
+    let (eject_after, eject_for, shard) = route.eject();
+    let mut attempt = 0;
+    // A pooled connection the upstream had closed meanwhile: the request was not sent, and
+    // goes again on a fresh connection without counting as a retry (once).
+    let mut stale_retry = true;
+    loop {
+        if attempt > cfg.retries {
+            break;
+        }
+        if attempt > 0 {
+            counter!(super::RETRIES, "route" => route.name.clone()).increment(1);
+        }
+        attempt += 1;
+        let Some(i) = balance::pick(route, hash, &tried) else {
+            break;
+        };
+        tried[i] = true;
+        let up = route.upstreams[i].clone();
+        label = Some(up.label.clone());
+        let mut lease = Lease::new(up.clone(), cfg.pool_size);
+        let connect = remaining(deadline, cfg.connect_timeout());
+        let (held, reused) = match up
+            .connection(route.backend, connect, cfg.pool_idle_timeout())
+            .await
+        {
+            Ok(c) => c,
+            Err(f) => {
+                up.failure(eject_after, eject_for, shard);
+                last = f;
+                // Nothing was sent: another upstream may always be tried.
+                continue;
+            }
+        };
+        let body = match &upload {
+            None => ReqBody::Empty,
+            Some(_) => upload.take().unwrap_or(ReqBody::Empty),
+        };
+        let head_wait = remaining(deadline, cfg.response_timeout());
+        let sent = Instant::now();
+        match send(
+            route,
+            parts,
+            client_host.as_ref(),
+            &up,
+            held,
+            body,
+            head_wait,
+            &mut lease,
+        )
+        .await
+        {
+            Ok(resp) => {
+                up.success();
+                histogram!(super::LATENCY, "route" => route.name.clone())
+                    .record(sent.elapsed().as_secs_f64());
+                return Ok((respond(route, resp, lease, deadline), label));
+            }
+            Err((f, unsent_body)) => {
+                if let Some(fault) = fault.get() {
+                    lease.abort();
+                    let f = match fault {
+                        ClientFault::TooLarge => Failure::TooLarge,
+                        ClientFault::Idle => Failure::ClientIdle,
+                        ClientFault::Gone => Failure::Broken("client went away".into()),
+                    };
+                    return Err((f, label));
+                }
+                lease.abort();
+                if unsent_body.is_some() && reused && stale_retry {
+                    stale_retry = false;
+                    attempt -= 1;
+                    tried[i] = false;
+                    up.drop_idle();
+                    upload = unsent_body.filter(|_| !empty);
+                    continue;
+                }
+                if f.is_upstream_fault() {
+                    up.failure(eject_after, eject_for, shard);
+                }
+                last = f;
+                if let Some(b) = unsent_body {
+                    upload = Some(b).filter(|_| !empty);
+                    continue;
+                }
+                if !retry_ok {
+                    break;
+                }
+            }
+        }
+    }
+    Err((last, label))
+}
+
+fn remaining(deadline: Option<Instant>, d: Duration) -> Duration {
+    match deadline {
+        Some(t) => d.min(t.saturating_duration_since(Instant::now())),
+        None => d,
+    }
+}
+
+/// Sends the request on `held`; on failure, the body when it was never sent (a pooled
+/// connection the upstream had closed): it can go elsewhere.
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    route: &RouteState,
+    parts: &http::request::Parts,
+    client_host: Option<&HeaderValue>,
+    up: &super::upstream::Upstream,
+    held: Held,
+    body: ReqBody,
+    wait: Duration,
+    lease: &mut Lease,
+) -> Result<hyper::Response<Incoming>, (Failure, Option<ReqBody>)> {
+    let h2 = matches!(held.sender, Sender::H2(_));
+    let path = headers::upstream_path(route, &up.url.path, &parts.uri);
+    let authority = match (route.cfg.preserve_host, client_host) {
+        (true, Some(h)) => h.to_str().unwrap_or(&up.url.authority).to_string(),
+        _ => up.url.authority.clone(),
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    let uri = if h2 {
+        let scheme = if up.url.tls { "https" } else { "http" };
+        format!("{scheme}://{authority}{path}")
+    } else {
+        path
+    };
+    match uri.parse() {
+        Ok(u) => *req.uri_mut() = u,
+        Err(_) => {
+            return Err((
+                Failure::Broken("cannot build the upstream URI".into()),
+                None,
+            ))
+        }
+    }
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let Held { sender, driver } = held;
+    match sender {
+        Sender::H1(mut s) => {
+            let r = tokio::time::timeout(wait, s.try_send_request(req)).await;
+            lease.held = Some(Held {
+                sender: Sender::H1(s),
+                driver,
+            });
+            match r {
+                Err(_) => Err((Failure::HeadTimeout, None)),
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(mut e)) => {
+                    let unsent = e.take_message().map(|r| r.into_body());
+                    Err((Failure::Broken(describe(e.error())), unsent))
+                }
+            }
+        }
+        Sender::H2(mut s) => {
+            lease.held = Some(Held {
+                sender: Sender::H2(s.clone()),
+                driver,
+            });
+            match tokio::time::timeout(wait, s.send_request(req)).await {
+                Err(_) => Err((Failure::HeadTimeout, None)),
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => Err((Failure::Broken(describe(&e)), None)),
+            }
+        }
+    }
+}
+
+fn describe(e: &hyper::Error) -> String {
+    use std::error::Error as _;
+    let what = if e.is_incomplete_message() || e.is_closed() {
+        "the upstream closed the connection"
+    } else if e.is_parse() || e.is_parse_status() {
+        "the upstream sent a malformed response"
+    } else if e.is_canceled() {
+        "the request was cancelled"
+    } else {
+        "the upstream connection failed"
+    };
+    match e.source() {
+        Some(s) => format!("{what} ({s})"),
+        None => what.to_string(),
+    }
+}
+
+fn respond(
+    route: &RouteState,
+    resp: hyper::Response<Incoming>,
+    lease: Lease,
+    deadline: Option<Instant>,
+) -> Response<Body> {
+    let (mut parts, inner) = resp.into_parts();
+    headers::client_response(route, &mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let idle = route.cfg.idle_timeout();
+    let relay = Relay {
+        route: route.name.as_str().into(),
+        sent: 0,
+        inner,
+        lease: Some(lease),
+        idle,
+        timer: Box::pin(tokio::time::sleep(idle)),
+        deadline: deadline.map(|t| Box::pin(tokio::time::sleep_until(t.into()))),
+        counted: route.counted.clone(),
+        eject: route.eject(),
+        access: None,
+        ended: false,
+    };
+    Response::from_parts(parts, Body::Relay(Box::new(relay)))
+}

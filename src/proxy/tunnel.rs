@@ -1,0 +1,451 @@
+//! WebSocket upgrades through a route, as a tunnel: ringgate makes the upstream handshake
+//! first and answers the client with the upstream's answer (its 101, its refusal, or 502/504
+//! when it cannot be reached); after a 101 the bytes are copied both ways as they are, with
+//! bounded buffers, each direction's end passed on as a half-close.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use ::metrics::gauge;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::body::Body;
+use super::upstream::{Lease, UpIo};
+use super::{balance, headers, Client, Failure, RouteState};
+
+/// Largest upstream response head, and largest refusal body passed on.
+const MAX_HEAD: usize = 64 * 1024;
+/// Copy buffer per direction.
+const COPY_BUF: usize = 16 * 1024;
+
+/// For `mode = "websocket"`: ringgate answers the client's handshake itself (the upstream's
+/// handshake is ringgate's own, with its own key and no extensions).
+pub struct RelayHandshake {
+    /// `Sec-WebSocket-Accept` for the client's key.
+    pub accept_key: String,
+    /// `Sec-WebSocket-Extensions` negotiated with the client (permessage-deflate at the edge).
+    pub extensions: Option<String>,
+}
+
+/// An upstream connection that answered 101, waiting for the client's 101 to be written.
+pub struct Upgraded {
+    /// Relayed message by message (`mode = "websocket"`), else tunnelled.
+    pub relay: bool,
+    io: UpIo,
+    /// Bytes the upstream sent right after its 101.
+    leftover: Bytes,
+    route: Rc<RouteState>,
+    _lease: Lease,
+    upstream: String,
+    request_id: String,
+    remote: std::net::SocketAddr,
+}
+
+/// Whether a request asks for a WebSocket upgrade.
+pub fn is_websocket_upgrade<B>(req: &http::Request<B>) -> bool {
+    let has = |name: HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+}
+
+/// Makes the upstream handshake for an upgrade request on `route`: the answer for the
+/// client, and the upstream connection when that answer is a 101.
+pub async fn handshake(
+    route: Rc<RouteState>,
+    parts: http::request::Parts,
+    client: Client,
+    relay: Option<RelayHandshake>,
+) -> (Response<Body>, Option<Upgraded>) {
+    let started = Instant::now();
+    let request_id = headers::request_id(&parts.headers);
+    let result = attempt(&route, parts, &client, &request_id, relay).await;
+    let (resp, up, label) = match result {
+        Ok((resp, up, label)) => (resp, up, Some(label)),
+        Err((f, label)) => (super::http::error_response(&f), None, label),
+    };
+    let status = resp.status();
+    tracing::info!(
+        target: "access",
+        remote = %client.remote,
+        route = %route.name,
+        upstream = label.as_deref().unwrap_or("-"),
+        status = status.as_u16(),
+        request_id = %request_id,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "proxied upgrade"
+    );
+    ::metrics::counter!(super::REQUESTS, "route" => route.name.clone(), "class" => class(status))
+        .increment(1);
+    (resp, up)
+}
+
+fn class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+type Outcome = Result<(Response<Body>, Option<Upgraded>, String), (Failure, Option<String>)>;
+
+async fn attempt(
+    route: &Rc<RouteState>,
+    parts: http::request::Parts,
+    client: &Client,
+    request_id: &str,
+    relay: Option<RelayHandshake>,
+) -> Outcome {
+    let cfg = &route.cfg;
+    if super::head_too_large(&parts.headers) {
+        return Err((Failure::HeadTooLarge, None));
+    }
+    let client_host = parts.headers.get(header::HOST).cloned();
+    let mut h = parts.headers.clone();
+    headers::upstream_request(route, &mut h, client, request_id);
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // A relay speaks its own WebSocket upstream: its own key, no extensions.
+    let own_key = relay.as_ref().map(|_| {
+        use base64::Engine as _;
+        let id = headers::new_request_id();
+        base64::engine::general_purpose::STANDARD.encode(&id.as_bytes()[..16])
+    });
+    if let Some(k) = &own_key {
+        h.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        if let Ok(v) = HeaderValue::from_str(k) {
+            h.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+    }
+    let hash = route
+        .hash
+        .as_ref()
+        .and_then(|k| balance::key(k, &h, client.remote.ip()));
+    let (eject_after, eject_for, shard) = route.eject();
+    let mut tried = vec![false; route.upstreams.len()];
+    let mut last = Failure::NoUpstream;
+    let mut label = None;
+    for _ in 0..=cfg.retries {
+        let Some(i) = balance::pick(route, hash, &tried) else {
+            break;
+        };
+        tried[i] = true;
+        let up = route.upstreams[i].clone();
+        label = Some(up.label.clone());
+        let lease = Lease::new(up.clone(), 0);
+        let io =
+            match tokio::time::timeout(cfg.connect_timeout(), up.connect_io(route.backend, true))
+                .await
+            {
+                Ok(Ok((io, _))) => io,
+                Ok(Err(f)) => {
+                    up.failure(eject_after, eject_for, shard);
+                    last = f;
+                    continue;
+                }
+                Err(_) => {
+                    up.failure(eject_after, eject_for, shard);
+                    last = Failure::ConnectTimeout;
+                    continue;
+                }
+            };
+        let host = match (cfg.preserve_host, &client_host) {
+            (true, Some(v)) => v.to_str().unwrap_or(&up.url.authority).to_string(),
+            _ => up.url.authority.clone(),
+        };
+        let path = headers::upstream_path(route, &up.url.path, &parts.uri);
+        let head = request_head(&path, &host, &h);
+        let exchange = async {
+            let mut io = io;
+            let broken = |e: std::io::Error| {
+                Failure::Broken(format!("the upstream connection failed ({e})"))
+            };
+            io.write_all(&head).await.map_err(broken)?;
+            io.flush().await.map_err(broken)?;
+            let (resp, rest) = read_head(&mut io).await?;
+            Ok::<_, Failure>((io, resp, rest))
+        };
+        let (mut io, resp, rest) =
+            match tokio::time::timeout(cfg.response_timeout(), exchange).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(f)) => {
+                    up.failure(eject_after, eject_for, shard);
+                    last = f;
+                    // Nothing came back: an upgrade (a GET) is safe to send again.
+                    continue;
+                }
+                Err(_) => {
+                    up.failure(eject_after, eject_for, shard);
+                    last = Failure::HeadTimeout;
+                    continue;
+                }
+            };
+        up.success();
+        let (status, mut upstream_headers) = resp;
+        let label = up.label.clone();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let (Some(key), Some(r)) = (&own_key, &relay) {
+                let want = crate::ws::handshake::accept_key(key.as_bytes());
+                let got = upstream_headers.get(header::SEC_WEBSOCKET_ACCEPT);
+                if got.is_none_or(|g| g.as_bytes() != want.as_bytes()) {
+                    return Err((
+                        Failure::Broken("the upstream's Sec-WebSocket-Accept is wrong".into()),
+                        Some(label),
+                    ));
+                }
+                if upstream_headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+                    return Err((
+                        Failure::Broken(
+                            "the upstream chose an extension it was not offered".into(),
+                        ),
+                        Some(label),
+                    ));
+                }
+                let protocol = upstream_headers
+                    .get(header::SEC_WEBSOCKET_PROTOCOL)
+                    .cloned();
+                upstream_headers = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_str(&r.accept_key) {
+                    upstream_headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+                }
+                if let Some(p) = protocol {
+                    upstream_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+                }
+                if let Some(v) = r
+                    .extensions
+                    .as_deref()
+                    .and_then(|e| HeaderValue::from_str(e).ok())
+                {
+                    upstream_headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
+                }
+            }
+            headers::client_response(route, &mut upstream_headers);
+            let mut out = Response::new(Body::default());
+            *out.status_mut() = status;
+            *out.headers_mut() = upstream_headers;
+            out.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            out.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            let upgraded = Upgraded {
+                relay: relay.is_some(),
+                io,
+                leftover: rest.freeze(),
+                route: route.clone(),
+                _lease: lease,
+                upstream: label.clone(),
+                request_id: request_id.to_string(),
+                remote: client.remote,
+            };
+            return Ok((out, Some(upgraded), label));
+        }
+        // A refusal: passed on with its body when short (by length, or up to the close).
+        let declared = upstream_headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let chunked = upstream_headers.contains_key(header::TRANSFER_ENCODING);
+        let len = match declared {
+            Some(n) if n <= MAX_HEAD => n,
+            Some(_) => 0,
+            None if chunked => 0,
+            None => MAX_HEAD,
+        };
+        let mut body = rest;
+        if body.len() < len {
+            let more = async {
+                while body.len() < len {
+                    if io.read_buf(&mut body).await? == 0 {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            let _ = tokio::time::timeout(cfg.idle_timeout(), more).await;
+        }
+        body.truncate(len);
+        headers::client_response(route, &mut upstream_headers);
+        upstream_headers.remove(header::CONTENT_LENGTH);
+        let mut out = Response::new(Body::Full(Full::new(body.freeze())));
+        *out.status_mut() = status;
+        *out.headers_mut() = upstream_headers;
+        return Ok((out, None, label));
+    }
+    Err((last, label))
+}
+
+fn request_head(path: &str, host: &str, h: &HeaderMap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in h {
+        if k == header::HOST {
+            continue;
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+type Head = (StatusCode, HeaderMap);
+
+/// Reads the upstream's response head: it and the bytes read past it.
+async fn read_head(io: &mut UpIo) -> Result<(Head, BytesMut), Failure> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let n = io
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| Failure::Broken(format!("the upstream connection failed ({e})")))?;
+        if n == 0 {
+            return Err(Failure::Broken(
+                "the upstream closed the connection during the handshake".into(),
+            ));
+        }
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut slots);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = resp
+                    .code
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or_else(|| {
+                        Failure::Broken("the upstream sent a malformed response".into())
+                    })?;
+                let mut map = HeaderMap::new();
+                for h in resp.headers.iter() {
+                    if let (Ok(k), Ok(v)) = (
+                        HeaderName::from_bytes(h.name.as_bytes()),
+                        HeaderValue::from_bytes(h.value),
+                    ) {
+                        map.append(k, v);
+                    }
+                }
+                let rest = buf.split_off(len);
+                return Ok(((status, map), rest));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(Failure::Broken(
+                    "the upstream's response head is too large".into(),
+                ))
+            }
+            Err(_) => {
+                return Err(Failure::Broken(
+                    "the upstream sent a malformed response".into(),
+                ))
+            }
+        }
+    }
+}
+
+impl Upgraded {
+    /// The client session's handler for a relayed WebSocket; the upstream side runs on its
+    /// own task.
+    pub fn into_relay(
+        self,
+        max_message: usize,
+        close_timeout: std::time::Duration,
+    ) -> (super::relay::Relay, super::relay::UpstreamSide) {
+        let Upgraded {
+            io,
+            leftover,
+            route,
+            _lease,
+            upstream,
+            request_id,
+            remote,
+            ..
+        } = self;
+        super::relay::start(
+            io,
+            leftover,
+            max_message,
+            close_timeout,
+            super::relay::Ends {
+                route,
+                lease: _lease,
+                upstream,
+                request_id,
+                remote,
+                started: Instant::now(),
+            },
+        )
+    }
+}
+
+/// Copies bytes both ways until both directions ended (or `stop` resolves: a drain). `early`
+/// are bytes the client sent right after its request head.
+pub async fn run<C, F>(mut client: C, early: Bytes, up: Upgraded, stop: F)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    F: std::future::Future<Output = ()>,
+{
+    let started = Instant::now();
+    let Upgraded {
+        relay: _,
+        mut io,
+        leftover,
+        route,
+        _lease,
+        upstream,
+        request_id,
+        remote,
+    } = up;
+    let g = gauge!(super::WEBSOCKETS, "route" => route.name.clone());
+    g.increment(1.0);
+    let copy = async {
+        if !leftover.is_empty() {
+            client.write_all(&leftover).await?;
+            client.flush().await?;
+        }
+        if !early.is_empty() {
+            io.write_all(&early).await?;
+            io.flush().await?;
+        }
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut io, COPY_BUF, COPY_BUF).await
+    };
+    let (to_up, to_client, ended) = tokio::select! {
+        r = copy => match r {
+            Ok((a, b)) => (a, b, "closed"),
+            Err(_) => (0, 0, "error"),
+        },
+        () = stop => (0, 0, "drain"),
+    };
+    g.decrement(1.0);
+    let c = &route.counted;
+    c.bytes_in.set(c.bytes_in.get() + to_up);
+    c.bytes_out.set(c.bytes_out.get() + to_client);
+    ::metrics::counter!(super::BYTES_IN, "route" => route.name.clone()).increment(to_up);
+    ::metrics::counter!(super::BYTES_OUT, "route" => route.name.clone()).increment(to_client);
+    tracing::info!(
+        target: "access",
+        %remote,
+        route = %route.name,
+        upstream = %upstream,
+        request_id = %request_id,
+        bytes_in = to_up,
+        bytes_out = to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        ended,
+        "tunnel closed"
+    );
+}
