@@ -50,9 +50,10 @@ fn setup(n: usize) -> Setup {
             user: "anonymous".into(),
             topics: Default::default(),
         });
-        let mut hub = shard.hub.borrow_mut();
-        hub.attach(conn.clone());
-        hub.subscribe(&conn, "bench", None, None, None);
+        shard.hub.with(|hub, now| {
+            hub.attach(conn.clone());
+            hub.subscribe(now, &conn, "bench", None, None, None);
+        });
         conns.push(conn);
         regs.push(reg);
     }
@@ -91,12 +92,17 @@ fn fanout(c: &mut Criterion) {
         let mut s = setup(n);
         g.bench_with_input(BenchmarkId::new("shared", n), &n, |b, _| {
             b.iter(|| {
-                s.shard.hub.borrow_mut().handle(HubMsg::Publish {
-                    topic: "bench".into(),
-                    kind: "message".into(),
-                    data: DATA.into(),
-                    from: None,
-                    reply: Reply::None,
+                s.shard.hub.with(|hub, now| {
+                    hub.handle(
+                        now,
+                        HubMsg::Publish {
+                            topic: "bench".into(),
+                            kind: "message".into(),
+                            data: DATA.into(),
+                            from: None,
+                            reply: Reply::None,
+                        },
+                    )
                 });
                 let mut total = 0;
                 for (c, out) in s.conns.iter().zip(s.outboxes.iter_mut()) {
@@ -106,7 +112,8 @@ fn fanout(c: &mut Criterion) {
                 black_box(total)
             })
         });
-        let payload = ringgate::rooms::proto::room_message("message", "bench", 1, DATA, None);
+        let payload =
+            ringgate::rooms::proto::room_message("message", "bench", 1, DATA, None, 1.7e9);
         let mut outboxes: Vec<Outbox> = (0..n).map(|_| Outbox::default()).collect();
         g.bench_with_input(BenchmarkId::new("per_subscriber", n), &n, |b, _| {
             b.iter(|| {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ringgate::io::Backend;
 use ringgate::rooms::conn::RoomConn;
-use ringgate::rooms::{HubMsg, Reply};
+use ringgate::rooms::{HubMsg, Now, Reply};
 use ringgate::server::config::Config;
 use ringgate::server::shard::{Global, Shard};
 
@@ -35,27 +35,38 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
         user: "anonymous".into(),
         topics: Default::default(),
     });
-    shard.hub.borrow_mut().attach(conn.clone());
+    shard.hub.with(|hub, _| hub.attach(conn.clone()));
+    // The shard's once-a-second sweep, run with a clock far enough ahead that all history has
+    // expired.
+    let sweep_later = || {
+        shard.hub.with(|hub, now| {
+            let later = std::time::Duration::from_secs(3600);
+            hub.sweep(Now {
+                at: now.at + later,
+                wall: now.wall + later.as_secs_f64(),
+            })
+        })
+    };
 
     let cycle = |i: usize| {
         let topic = format!("topic-{}", i % 50_000);
-        let mut hub = shard.hub.borrow_mut();
-        hub.subscribe(&conn, &topic, None, None, Some(i.to_string()));
-        hub.handle(HubMsg::Publish {
-            topic: topic.as_str().into(),
-            kind: "message".into(),
-            data: "{\"n\":1}".into(),
-            from: None,
-            reply: Reply::None,
+        shard.hub.with(|hub, now| {
+            hub.subscribe(now, &conn, &topic, None, None, Some(i.to_string()));
+            hub.handle(
+                now,
+                HubMsg::Publish {
+                    topic: topic.as_str().into(),
+                    kind: "message".into(),
+                    data: "{\"n\":1}".into(),
+                    from: None,
+                    reply: Reply::None,
+                },
+            );
+            assert!(hub.unsubscribe(now, &conn, &topic));
         });
-        assert!(hub.unsubscribe(&conn, &topic));
-        drop(hub);
         conn.entry.mailbox.drain(drop);
-        // Now and then the shard's once-a-second sweep runs; here it runs with a clock far
-        // enough ahead that all history has expired.
         if i % 10_000 == 9_999 {
-            let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
-            shard.hub.borrow_mut().sweep(later);
+            sweep_later();
         }
     };
 
@@ -64,8 +75,7 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
     for i in 0..200_000 {
         cycle(i);
     }
-    let later = std::time::Instant::now() + std::time::Duration::from_secs(3600);
-    shard.hub.borrow_mut().sweep(later);
+    sweep_later();
     conn.entry.mailbox.shrink();
     let before = counting::live();
 
@@ -75,12 +85,12 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
             println!("after {} cycles: {} B", i + 1, counting::live() - before);
         }
     }
-    shard.hub.borrow_mut().sweep(later);
+    sweep_later();
     conn.entry.mailbox.shrink();
     let after = counting::live();
 
     assert_eq!(
-        shard.hub.borrow().counts(),
+        shard.hub.with(|hub, _| hub.counts()),
         (0, 0),
         "rooms or subscriptions left"
     );

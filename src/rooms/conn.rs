@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::config::RoomsConfig;
 use super::proto::{self, ClientError, Code, Request};
 use super::room::Member;
-use super::{ConnRef, Hub, HubMsg, Reply};
+use super::{ConnRef, HubMsg, Reply, SharedHub};
 use crate::auth::{Identity, TopicAction, ANONYMOUS};
 use crate::ratelimit::TokenBucket;
 use crate::ws::handle::ConnHandle;
@@ -38,11 +38,12 @@ pub struct RoomConn {
 }
 
 impl RoomConn {
-    pub fn member(&self) -> Member {
+    /// The connection as a presence member joining at `wall` (seconds since the Unix epoch).
+    pub fn member(&self, wall: f64) -> Member {
         Member {
             client_id: self.client_id.clone(),
             user: self.user.clone(),
-            joined_at: proto::now(),
+            joined_at: wall,
         }
     }
 
@@ -67,7 +68,7 @@ thread_local! {
 
 /// The `/ws` endpoint's session handler.
 pub struct RoomsHandler {
-    hub: Rc<RefCell<Hub>>,
+    hub: Rc<SharedHub>,
     shard: usize,
     cfg: Rc<RoomsConfig>,
     conn: Rc<RoomConn>,
@@ -81,7 +82,7 @@ pub struct RoomsHandler {
 
 impl RoomsHandler {
     pub fn new(
-        hub: Rc<RefCell<Hub>>,
+        hub: Rc<SharedHub>,
         shard: usize,
         cfg: Rc<RoomsConfig>,
         entry: Rc<ConnHandle>,
@@ -164,7 +165,7 @@ impl RoomsHandler {
     ) -> Result<(), ClientError> {
         self.admit(&req)?;
         let cfg = &self.cfg;
-        let mut hub = self.hub.borrow_mut();
+        let hub = &self.hub;
         match req {
             Request::Subscribe {
                 topic,
@@ -181,10 +182,10 @@ impl RoomsHandler {
                         ),
                     ));
                 }
-                hub.subscribe(&self.conn, topic, since, epoch, id);
+                hub.with(|hub, now| hub.subscribe(now, &self.conn, topic, since, epoch, id));
             }
             Request::Unsubscribe { topic } => {
-                if !hub.unsubscribe(&self.conn, topic) {
+                if !hub.with(|hub, now| hub.unsubscribe(now, &self.conn, topic)) {
                     return Err(ClientError::new(
                         Code::NotSubscribed,
                         format!("not subscribed to {}", proto::json_str(topic)),
@@ -215,14 +216,14 @@ impl RoomsHandler {
                     from: Some(self.conn.from()),
                     reply,
                 };
-                hub.route(topic, msg);
+                hub.with(|hub, now| hub.route(now, topic, msg));
             }
             Request::Presence { topic } => {
                 let msg = HubMsg::Presence {
                     topic: topic.into(),
                     reply: Reply::Conn { to: self.me(), id },
                 };
-                hub.route(topic, msg);
+                hub.with(|hub, now| hub.route(now, topic, msg));
             }
             Request::History {
                 topic,
@@ -237,7 +238,7 @@ impl RoomsHandler {
                     limit,
                     reply: Reply::Conn { to: self.me(), id },
                 };
-                hub.route(topic, msg);
+                hub.with(|hub, now| hub.route(now, topic, msg));
             }
             Request::Ping => out.text(proto::pong(id.as_deref()).as_bytes()),
         }
@@ -252,7 +253,7 @@ impl RoomsHandler {
 impl Handler for RoomsHandler {
     fn on_open(&mut self, out: &mut Sink<'_>) {
         out.text(proto::connected(&self.conn.client_id).as_bytes());
-        self.hub.borrow_mut().attach(self.conn.clone());
+        self.hub.with(|hub, _| hub.attach(self.conn.clone()));
     }
 
     fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
@@ -282,9 +283,9 @@ impl Handler for RoomsHandler {
 impl Drop for RoomsHandler {
     fn drop(&mut self) {
         // The connection is gone, cleanly or not: leave every topic exactly once.
-        match self.hub.try_borrow_mut() {
-            Ok(mut hub) => hub.detach(self.conn.entry.id),
-            Err(_) => tracing::error!("rooms connection dropped while the hub was busy"),
+        let id = self.conn.entry.id;
+        if self.hub.try_with(|hub, now| hub.detach(now, id)).is_none() {
+            tracing::error!("rooms connection dropped while the hub was busy");
         }
     }
 }

@@ -270,8 +270,15 @@ pub fn unsubscribed(topic: &str, id: Option<&str>) -> String {
     Obj::new("unsubscribed").str("topic", topic).id(id).done()
 }
 
-/// A room message as delivered; `data` is JSON text.
-pub fn room_message(kind: &str, topic: &str, seq: u64, data: &str, from: Option<&str>) -> String {
+/// A room message as delivered; `data` is JSON text, `timestamp` seconds since the Unix epoch.
+pub fn room_message(
+    kind: &str,
+    topic: &str,
+    seq: u64,
+    data: &str,
+    from: Option<&str>,
+    timestamp: f64,
+) -> String {
     let o = Obj::new(kind)
         .str("topic", topic)
         .num("seq", seq)
@@ -280,7 +287,7 @@ pub fn room_message(kind: &str, topic: &str, seq: u64, data: &str, from: Option<
         Some(f) => o.str("from", f),
         None => o,
     };
-    o.time("timestamp", now()).done()
+    o.time("timestamp", timestamp).done()
 }
 
 pub fn ack(id: &str, seq: u64) -> String {
@@ -440,7 +447,14 @@ mod tests {
             connected("c1"),
             subscribed("t\"x", 5, "e1", Some(true), Some("1")),
             subscribed("t", 5, "e1", None, None),
-            room_message("stats_update", "t", 58, r#"{"cpu":45.2}"#, Some("user-7")),
+            room_message(
+                "stats_update",
+                "t",
+                58,
+                r#"{"cpu":45.2}"#,
+                Some("user-7"),
+                now(),
+            ),
             ack("\"a\"", 3),
             presence_event("join", "t", "c1", "u"),
             presence("t", &format!("[{}]", member("c1", "u", 1.5)), None),
@@ -453,7 +467,8 @@ mod tests {
             assert!(v["type"].is_string(), "{m}");
         }
         let v: serde_json::Value =
-            serde_json::from_str(&room_message("m", "t", 58, r#"{"cpu":45.2}"#, None)).unwrap();
+            serde_json::from_str(&room_message("m", "t", 58, r#"{"cpu":45.2}"#, None, now()))
+                .unwrap();
         assert_eq!(v["seq"], 58);
         assert_eq!(v["data"]["cpu"], 45.2);
         assert!(v.get("from").is_none());

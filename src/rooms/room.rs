@@ -107,10 +107,14 @@ impl Room {
         self.history.front()
     }
 
-    /// Drops entries recorded before `cutoff`; returns the bytes freed.
-    pub fn expire(&mut self, cutoff: Instant) -> usize {
+    /// Drops entries older than `ttl` at `now`; returns the bytes freed.
+    pub fn expire(&mut self, now: Instant, ttl: Duration) -> usize {
         let mut freed = 0;
-        while self.history.front().is_some_and(|e| e.at < cutoff) {
+        while self
+            .history
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.at) > ttl)
+        {
             freed += self.pop_oldest().unwrap_or(0);
         }
         freed
@@ -213,11 +217,6 @@ impl Room {
     }
 }
 
-/// How long history is kept.
-pub fn cutoff(now: Instant, ttl: Duration) -> Instant {
-    now.checked_sub(ttl).unwrap_or(now)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,7 +282,9 @@ mod tests {
         r.record(msg(seq, later), 100);
         let per = msg(0, t0).size();
         assert_eq!(r.history_bytes(), 4 * per);
-        assert_eq!(r.expire(t0 + Duration::from_secs(5)), 3 * per);
+        // At t0 + 15 s with a 10 s TTL the first three are too old, the fourth is not.
+        let ttl = Duration::from_secs(10);
+        assert_eq!(r.expire(t0 + Duration::from_secs(15), ttl), 3 * per);
         assert_eq!(r.history_bytes(), per);
         assert_eq!(r.recover(Some(2), None), Recovery::Lost);
         assert_eq!(r.recover(Some(3), None), Recovery::Replay(vec![4]));

@@ -110,7 +110,8 @@ async fn ask(
     make: impl FnOnce(Reply) -> HubMsg,
 ) -> Result<ApiAnswer, ApiError> {
     let (tx, rx) = oneshot::channel();
-    shard.hub.borrow_mut().route(topic, make(Reply::Http(tx)));
+    let msg = make(Reply::Http(tx));
+    shard.hub.with(|hub, now| hub.route(now, topic, msg));
     rx.await.map_err(|_| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,

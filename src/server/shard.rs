@@ -4,15 +4,16 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use slab::Slab;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::endpoint::Endpoint;
 use super::failure::critical;
@@ -141,7 +142,7 @@ pub struct Shard {
     closed_messages: Cell<u64>,
     next_id: Cell<u64>,
     /// Rooms homed here and this shard's subscribers.
-    pub hub: Rc<RefCell<crate::rooms::Hub>>,
+    pub hub: Rc<crate::rooms::SharedHub>,
     /// `[rooms]`, shared by this shard's `/ws` connections.
     pub rooms_config: Rc<crate::rooms::config::RoomsConfig>,
     /// The reverse proxy's route table as this shard runs it.
@@ -164,12 +165,20 @@ impl Shard {
                 threshold: c.compression.threshold,
             },
         };
+        // Epochs must differ from every earlier run's: seeded from the clock and the process's
+        // random hash keys.
+        let epoch_seed = std::collections::hash_map::RandomState::new().hash_one((
+            id,
+            SystemTime::now(),
+            std::process::id(),
+        ));
         let hub = crate::rooms::Hub::new(
             id,
             global.shards.get().map_or(1, |s| s.len()),
             c.rooms.clone(),
             settings.compression,
             c.max_outbound_bytes,
+            epoch_seed,
         );
         let with_max = |max_message: usize| Settings {
             max_message,
@@ -185,7 +194,7 @@ impl Shard {
         let proxy = crate::proxy::Proxy::new(&c.route, c.builtin_paths(), global.backend, id);
         Rc::new(Shard {
             id,
-            hub: Rc::new(RefCell::new(hub)),
+            hub: Rc::new(crate::rooms::SharedHub::new(hub)),
             rooms_config: Rc::new(c.rooms.clone()),
             proxy: RefCell::new(Rc::new(proxy)),
             settings,
@@ -299,17 +308,13 @@ impl Shard {
                 l
             })
             .collect();
-        if let Some(senders) = self.global.shards.get() {
-            let links = senders
-                .iter()
-                .map(|tx| {
-                    let tx = tx.clone();
-                    Box::new(move |msg| tx.send(Control::Hub(msg)).is_ok())
-                        as crate::rooms::PeerSender
-                })
-                .collect();
-            self.hub.borrow_mut().set_senders(links);
-        }
+        let links = Rc::new(HubLinks {
+            peers: self.global.shards.get().cloned().unwrap_or_default(),
+            deadline: Cell::new(None),
+            changed: Notify::new(),
+        });
+        let flushing = links.clone();
+        self.hub.set_flush(Box::new(move |hub| flushing.flush(hub)));
         let (g, id) = (&self.global, self.id);
         tokio::task::spawn_local(critical(
             g.clone(),
@@ -326,12 +331,12 @@ impl Shard {
                 heartbeats(self.clone(), period),
             ));
         }
-        if let Some(delay) = self.global.config.rooms.write_delay() {
+        if self.global.config.rooms.write_delay().is_some() {
             tokio::task::spawn_local(critical(
                 g.clone(),
                 id,
                 "write-delay ticker",
-                delayed_writes(self.clone(), delay),
+                delayed_writes(self.clone(), links),
             ));
         }
         // A closed control channel means the main thread is gone: drain too.
@@ -345,7 +350,7 @@ impl Shard {
                     crate::error::inject_panic("shard-loop");
                     let _ = reply.send(self.stats());
                 }
-                Some(Control::Hub(msg)) => self.hub.borrow_mut().handle(msg),
+                Some(Control::Hub(msg)) => self.hub.with(|hub, now| hub.handle(now, msg)),
                 Some(Control::Routes(routes)) => {
                     let c = &self.global.config;
                     let new = crate::proxy::Proxy::new(
@@ -417,19 +422,52 @@ async fn publish_metrics(shard: Rc<Shard>) {
         if shard.global.auth.is_some() {
             shard.expire_tokens();
         }
-        shard.hub.borrow_mut().sweep(std::time::Instant::now());
+        shard.hub.with(|hub, now| hub.sweep(now));
     }
 }
 
-/// `[rooms] write_delay`: once a room message is held for a connection, waits the delay, then
-/// releases every connection holding one. One timer per shard, and none while nothing is held.
-async fn delayed_writes(shard: Rc<Shard>, delay: std::time::Duration) {
+/// Where this shard's hub outputs go: the shards' control channels, and the deadline of the
+/// write-delay task.
+struct HubLinks {
+    peers: Vec<mpsc::UnboundedSender<Control>>,
+    /// The hub's [`poll_timeout`](crate::rooms::Hub::poll_timeout) as last seen.
+    deadline: Cell<Option<Instant>>,
+    changed: Notify,
+}
+
+impl HubLinks {
+    /// Sends what the hub produced, in order (each pair of shards stays FIFO), and tells the
+    /// write-delay task when its deadline changed.
+    fn flush(&self, hub: &mut crate::rooms::Hub) {
+        while let Some((to, msg)) = hub.poll_transmit() {
+            match self.peers.get(to) {
+                Some(tx) => {
+                    if tx.send(Control::Hub(msg)).is_err() {
+                        tracing::debug!(shard = to, "hub message to a stopped shard dropped");
+                    }
+                }
+                None => tracing::error!(shard = to, "hub message to an unknown shard"),
+            }
+        }
+        let due = hub.poll_timeout();
+        if due != self.deadline.get() {
+            self.deadline.set(due);
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// `[rooms] write_delay`: sleeps until the hub's deadline (the first held message's delay),
+/// then lets it release every connection holding room messages. One timer per shard, and none
+/// while nothing is held. A deadline, once set, does not move until it is handled.
+async fn delayed_writes(shard: Rc<Shard>, links: Rc<HubLinks>) {
     loop {
-        poll_fn(|cx| shard.hub.borrow_mut().poll_delayed(cx)).await;
-        tokio::time::sleep(delay).await;
-        let due = shard.hub.borrow_mut().take_delayed();
-        for entry in due {
-            entry.release_held();
+        match links.deadline.get() {
+            None => links.changed.notified().await,
+            Some(due) => {
+                tokio::time::sleep_until(due.into()).await;
+                shard.hub.with(|hub, now| hub.handle_timeout(now.at));
+            }
         }
     }
 }
