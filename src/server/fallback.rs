@@ -243,7 +243,7 @@ fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refus
 struct Subscriber {
     reg: Registration,
     conn: Rc<RoomConn>,
-    hub: Rc<RefCell<crate::rooms::Hub>>,
+    hub: Rc<crate::rooms::SharedHub>,
     _slot: WsSlot,
 }
 
@@ -260,8 +260,7 @@ impl Subscriber {
             topics: RefCell::new(HashMap::new()),
         });
         let hub = shard.hub.clone();
-        {
-            let mut h = hub.borrow_mut();
+        hub.with(|h, now| {
             h.attach(conn.clone());
             for t in &ask.topics {
                 let pos = ask.since.get(t);
@@ -270,9 +269,9 @@ impl Subscriber {
                 let epoch = pos
                     .filter(|p| p.seq > 0 && !p.epoch.is_empty())
                     .map(|p| p.epoch.as_str());
-                h.subscribe(&conn, t, pos.map(|p| p.seq), epoch, None);
+                h.subscribe(now, &conn, t, pos.map(|p| p.seq), epoch, None);
             }
-        }
+        });
         Subscriber {
             reg,
             conn,
@@ -302,9 +301,9 @@ impl Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        match self.hub.try_borrow_mut() {
-            Ok(mut hub) => hub.detach(self.conn.entry.id),
-            Err(_) => tracing::error!("fallback subscriber dropped while the hub was busy"),
+        let id = self.conn.entry.id;
+        if self.hub.try_with(|hub, now| hub.detach(now, id)).is_none() {
+            tracing::error!("fallback subscriber dropped while the hub was busy");
         }
     }
 }
@@ -730,16 +729,14 @@ async fn publish_inner(
     }
     let from = identity.map(|i| i.user);
     let (tx, rx) = oneshot::channel();
-    shard.hub.borrow_mut().route(
-        topic,
-        HubMsg::Publish {
-            topic: topic.into(),
-            kind: kind.into(),
-            data: data.into(),
-            from,
-            reply: Reply::Http(tx),
-        },
-    );
+    let msg = HubMsg::Publish {
+        topic: topic.into(),
+        kind: kind.into(),
+        data: data.into(),
+        from,
+        reply: Reply::Http(tx),
+    };
+    shard.hub.with(|hub, now| hub.route(now, topic, msg));
     match rx.await {
         Ok(ApiAnswer::Published { seq }) => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
         Ok(ApiAnswer::Json(_)) => Err(refused(
@@ -829,7 +826,7 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
             reply: Reply::Http(tx),
         }
     };
-    shard.hub.borrow_mut().route(topic, msg);
+    shard.hub.with(|hub, now| hub.route(now, topic, msg));
     match rx.await {
         Ok(ApiAnswer::Json(body)) => Ok(json(StatusCode::OK, body)),
         Ok(ApiAnswer::Published { .. }) => Err(refused(
