@@ -245,8 +245,8 @@ fn main() {
     );
     println!(
         "sizes: ServerConnection {size_server} B, tokio_rustls::server::TlsStream<TcpStream> {} B, \
-         ringgate::io::tls::Stream {} B",
+         ringgate::io::Stream {} B",
         std::mem::size_of::<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>(),
-        std::mem::size_of::<ringgate::io::tls::Stream>()
+        std::mem::size_of::<ringgate::io::Stream>()
     );
 }

@@ -14,11 +14,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use http::{header, HeaderMap, Uri};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::AuthError;
 use crate::error::ConfigError;
 
 /// The `[auth]` table.
@@ -198,15 +198,6 @@ struct Claims {
     publish: Option<Vec<String>>,
 }
 
-/// Why an upgrade was refused (401).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    #[error("a token is required")]
-    Missing,
-    #[error("invalid token: {0}")]
-    Invalid(String),
-}
-
 /// A token found in a request, and the subprotocol that carried it (to be echoed back).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
@@ -270,30 +261,33 @@ impl std::fmt::Debug for Verifier {
 
 impl Verifier {
     /// `None` when authentication is off.
-    pub fn from_config(c: &AuthConfig) -> anyhow::Result<Option<Verifier>> {
+    pub fn from_config(c: &AuthConfig) -> Result<Option<Verifier>, ConfigError> {
         if !c.enabled() {
             return Ok(None);
         }
-        let alg: Algorithm = c
-            .jwt_algorithm
-            .parse()
-            .map_err(|_| anyhow::anyhow!("auth.jwt_algorithm: unknown {:?}", c.jwt_algorithm))?;
+        let alg: Algorithm = c.jwt_algorithm.parse().map_err(|_| ConfigError::Invalid {
+            key: "auth.jwt_algorithm",
+            reason: format!("unknown {:?}", c.jwt_algorithm),
+        })?;
         let key = match (&c.jwt_secret, &c.jwt_public_key) {
             (Some(s), _) => DecodingKey::from_secret(s.as_bytes()),
             (None, Some(path)) => {
-                let pem = std::fs::read(path).with_context(|| {
-                    format!("auth.jwt_public_key: cannot read {}", path.display())
-                })?;
+                let invalid = |reason: String| ConfigError::Invalid {
+                    key: "auth.jwt_public_key",
+                    reason,
+                };
+                let pem = std::fs::read(path)
+                    .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
                 let key = match alg {
                     Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
                     Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
                     _ => DecodingKey::from_rsa_pem(&pem),
                 };
-                key.with_context(|| {
-                    format!(
-                        "auth.jwt_public_key: {} is not a {alg:?} public key",
+                key.map_err(|e| {
+                    invalid(format!(
+                        "{} is not a {alg:?} public key: {e}",
                         path.display()
-                    )
+                    ))
                 })?
             }
             (None, None) => return Ok(None),

@@ -2,7 +2,7 @@
 //!
 //! Layers, bottom up; a module imports only from its own layer's foundations and the layers
 //! below it (`tests/layers.rs` checks this):
-//! 1. foundation: [`error`], [`codes`], [`metrics`], [`ratelimit`], [`payload`];
+//! 1. foundation: [`error`] (with the protocol error codes), [`metrics`], [`ratelimit`], [`payload`];
 //! 2. protocol cores, plain types driven by bytes and time: [`ws`], [`auth`];
 //! 3. I/O: [`io`] (backends, the stream type, TLS, listeners, handover); knows no endpoint;
 //! 4. endpoints: [`rooms`], [`agent`], [`echo`], [`proxy`];
@@ -10,7 +10,6 @@
 //!
 //! See docs/ARCHITECTURE.md.
 
-pub mod codes;
 pub mod error;
 pub mod metrics;
 pub mod payload;

@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up. A module may use modules of a lower layer only.
 const LAYERS: &[(&str, &[&str])] = &[
-    (
-        "foundation",
-        &["error", "codes", "metrics", "ratelimit", "payload"],
-    ),
+    ("foundation", &["error", "metrics", "ratelimit", "payload"]),
     ("protocol cores", &["ws", "auth"]),
     ("I/O", &["io"]),
     ("endpoints", &["rooms", "agent", "echo", "proxy"]),

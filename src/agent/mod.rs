@@ -24,13 +24,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::error::UpstreamError;
 use crate::io::Backend;
 use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::Outgoing;
 use crate::ws::session::{Close, Handler, Message, Sink};
 use config::AgentConfig;
 use protocol::{Code, Id, Query, Request};
-use upstream::{Gateway, Kind, Outbound, Response, UpstreamError};
+use upstream::{Gateway, Kind, Outbound, Response};
 
 /// The upstream body is read only while less than this is queued for the client (and at most
 /// a quarter of `max_outbound_bytes`), so a slow client slows the upstream instead of growing
@@ -346,15 +347,10 @@ async fn run(
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        tracing::debug!(request_id = %req.request_id, error = %e.message(), "agent request failed");
-        let code = if e.is_timeout() {
-            Code::UpstreamTimeout
-        } else {
-            Code::UpstreamError
-        };
+        tracing::debug!(request_id = %req.request_id, error = %e, "agent request failed");
         conn.send(protocol::error(
-            code,
-            &e.message(),
+            e.code(),
+            &e.to_string(),
             id.as_ref(),
             e.status(),
             protocol::now(),

@@ -17,7 +17,7 @@ impl Id {
     }
 }
 
-pub use crate::codes::Code;
+pub use crate::error::Code;
 
 /// A request from the client.
 #[derive(Debug, Clone, PartialEq)]

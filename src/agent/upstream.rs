@@ -10,10 +10,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,13 +20,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::AbortHandle;
 
 use super::balance::{Candidate, Picker};
 use super::breaker::{Admit, Breaker};
 use super::config::{AgentConfig, BaseUrl, HeaderValueSource, Http2, UpstreamEntry};
-use crate::io::{Backend, Conn};
+use crate::error::{Phase, UpstreamError};
+use crate::io::{self, Backend};
 use crate::metrics;
 
 type Body = Full<Bytes>;
@@ -47,53 +45,6 @@ impl Kind {
             Kind::Query => "agent_query",
             Kind::Stream => "streaming_query",
             Kind::Tool => "tool_call",
-        }
-    }
-}
-
-/// Where a request failed; says what the client is told.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamError {
-    /// No upstream is configured.
-    NotConfigured,
-    /// Every target's breaker is open.
-    Unavailable,
-    Connect(String),
-    /// `phase`: connect, first_byte or idle.
-    Timeout(&'static str),
-    /// The upstream answered with an error status.
-    Status(u16),
-    /// The connection broke, or the answer was malformed or too large.
-    Protocol(String),
-}
-
-impl UpstreamError {
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, UpstreamError::Timeout(_))
-    }
-
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            UpstreamError::Status(s) => Some(*s),
-            _ => None,
-        }
-    }
-
-    /// The text the client gets (no upstream internals beyond the status).
-    pub fn message(&self) -> String {
-        match self {
-            UpstreamError::NotConfigured => {
-                "no agent upstream is configured (set [agent] upstreams, AGENT_UPSTREAM or --agent-upstream)".into()
-            }
-            UpstreamError::Unavailable => {
-                "every agent upstream is unavailable (circuit open)".into()
-            }
-            UpstreamError::Connect(e) => format!("cannot reach the agent upstream: {e}"),
-            UpstreamError::Timeout("connect") => "timed out connecting to the agent upstream".into(),
-            UpstreamError::Timeout("first_byte") => "the agent upstream did not answer in time".into(),
-            UpstreamError::Timeout(_) => "the agent upstream stopped sending".into(),
-            UpstreamError::Status(s) => format!("the agent upstream answered {s}"),
-            UpstreamError::Protocol(e) => format!("agent upstream error: {e}"),
         }
     }
 }
@@ -205,12 +156,8 @@ impl Gateway {
             let lease = Lease::new(self.clone(), i, admit == Admit::Probe, req.kind);
             match self.attempt(lease, req).await {
                 Ok(r) => return Ok(r),
-                Err((e, retry)) => {
-                    if !retry {
-                        return Err(e);
-                    }
-                    last = e;
-                }
+                Err(e) if e.nothing_sent() => last = e,
+                Err(e) => return Err(e),
             }
         }
         if matches!(last, UpstreamError::Unavailable) {
@@ -219,13 +166,13 @@ impl Gateway {
         Err(last)
     }
 
-    /// One try on the lease's target; `Err((e, true))`: nothing was sent, another target may be
-    /// tried.
+    /// One try on the lease's target; after an error of which nothing was sent
+    /// ([`UpstreamError::nothing_sent`]) another target may be tried.
     async fn attempt(
         self: &Rc<Self>,
         mut lease: Lease,
         req: &Outbound,
-    ) -> Result<Response, (UpstreamError, bool)> {
+    ) -> Result<Response, UpstreamError> {
         let t = &self.targets[lease.target];
         let started = Instant::now();
         // A pooled HTTP/1.1 connection may have been closed by the upstream meanwhile: then
@@ -236,7 +183,7 @@ impl Gateway {
                 Ok(c) => c,
                 Err(e) => {
                     lease.failed(&e);
-                    return Err((e, true));
+                    return Err(e);
                 }
             };
             let request = self.build(t, req, matches!(held.sender, Sender::H2(_)));
@@ -268,13 +215,13 @@ impl Gateway {
                     }
                     let e = UpstreamError::Protocol(describe(&e));
                     lease.failed(&e);
-                    return Err((e, false));
+                    return Err(e);
                 }
                 Err(_) => {
                     lease.abort_connection();
-                    let e = UpstreamError::Timeout("first_byte");
+                    let e = UpstreamError::Timeout(Phase::FirstByte);
                     lease.failed(&e);
-                    return Err((e, false));
+                    return Err(e);
                 }
             }
         };
@@ -394,38 +341,25 @@ impl Gateway {
         match tokio::time::timeout(connect, self.open(t)).await {
             Ok(Ok(held)) => Ok((held, false)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(UpstreamError::Timeout("connect")),
+            Err(_) => Err(UpstreamError::Timeout(Phase::Connect)),
         }
     }
 
     async fn open(&self, t: &Target) -> Result<Held, UpstreamError> {
-        // Every address of the name in turn (e.g. ::1 then 127.0.0.1 for localhost).
-        let mut conn = Err(UpstreamError::Connect("no address".into()));
-        for addr in self.resolve(t).await? {
-            match Conn::connect(self.backend, addr).await {
-                Ok(c) => {
-                    conn = Ok(c);
-                    break;
+        let addrs = self.resolve(t).await?;
+        let tls = t.tls.as_ref().map(|c| (c, t.base.host.as_str()));
+        let io = io::connect(self.backend, &addrs, tls, self.cfg.connect_timeout())
+            .await
+            .inspect_err(|e| {
+                if matches!(e, UpstreamError::Connect(_)) {
+                    // Resolve again next time (the name may point elsewhere now).
+                    t.addr.borrow_mut().take();
                 }
-                Err(e) => conn = Err(UpstreamError::Connect(e.to_string())),
-            }
-        }
-        let conn = conn.inspect_err(|_| {
-            // Resolve again next time (the name may point elsewhere now).
-            t.addr.borrow_mut().take();
-        })?;
-        let (io, h2) = match &t.tls {
-            None => (UpIo::Plain(conn), matches!(t.http2, Http2::PriorKnowledge)),
-            Some(cfg) => {
-                let name = rustls::pki_types::ServerName::try_from(t.base.host.clone())
-                    .map_err(|e| UpstreamError::Connect(format!("bad server name: {e}")))?;
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-                    .connect(name, conn)
-                    .await
-                    .map_err(|e| UpstreamError::Connect(format!("TLS: {e}")))?;
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                (UpIo::Tls(Box::new(tls)), h2)
-            }
+            })?;
+        let h2 = if io.is_tls() {
+            io.alpn_protocol() == Some(b"h2")
+        } else {
+            matches!(t.http2, Http2::PriorKnowledge)
         };
         let io = TokioIo::new(io);
         let connect_err = |e: hyper::Error| UpstreamError::Connect(describe(&e));
@@ -678,7 +612,7 @@ impl Lease {
         let outcome = match e {
             UpstreamError::Status(s) => s.to_string(),
             UpstreamError::Timeout(phase) => {
-                metrics::agent_timeout(&label, phase);
+                metrics::agent_timeout(&label, phase.as_str());
                 "timeout".into()
             }
             _ => "error".into(),
@@ -687,13 +621,13 @@ impl Lease {
         let was_open = self.target().breaker.borrow_mut().gauge(now) == 2.0;
         self.target().breaker.borrow_mut().failure(now);
         if !was_open && self.target().breaker.borrow_mut().gauge(now) == 2.0 {
-            tracing::warn!(target_url = %label, shard = self.gw.shard, error = %e.message(), "agent upstream marked down (circuit open)");
+            tracing::warn!(target_url = %label, shard = self.gw.shard, error = %e, "agent upstream marked down (circuit open)");
         }
         self.gw.publish_breaker(self.target);
         if first_verdict {
             metrics::agent_request(&label, self.kind.name(), &outcome);
         }
-        tracing::debug!(target_url = %label, kind = self.kind.name(), error = %e.message(), "agent upstream request failed");
+        tracing::debug!(target_url = %label, kind = self.kind.name(), error = %e, "agent upstream request failed");
     }
 
     fn abort_connection(&mut self) {
@@ -749,7 +683,7 @@ impl Response {
         loop {
             let frame = match tokio::time::timeout(idle, self.body.frame()).await {
                 Err(_) => {
-                    let e = UpstreamError::Timeout("idle");
+                    let e = UpstreamError::Timeout(Phase::Idle);
                     self.lease.failed(&e);
                     return Err(e);
                 }
@@ -808,66 +742,6 @@ impl Drop for Response {
         // A body read to its end (e.g. past `[DONE]`) leaves the connection reusable.
         if hyper::body::Body::is_end_stream(&self.body) {
             self.lease.body_done = true;
-        }
-    }
-}
-
-/// An upstream socket, plain or TLS.
-enum UpIo {
-    Plain(Conn),
-    Tls(Box<tokio_rustls::client::TlsStream<Conn>>),
-}
-
-impl AsyncRead for UpIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_read(cx, buf),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_write(cx, buf),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpIo::Plain(c) => c.is_write_vectored(),
-            UpIo::Tls(t) => t.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_flush(cx),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_shutdown(cx),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
         }
     }
 }

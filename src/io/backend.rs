@@ -1,15 +1,17 @@
 //! The I/O backends, and the one place they differ.
 //!
 //! A shard runs either a tokio-uring runtime (io_uring) or a plain tokio current-thread runtime
-//! (epoll). Everything above the socket sees [`Conn`] and [`Listener`], which implement tokio's
-//! `AsyncRead`/`AsyncWrite` for both, so hyper, the WebSocket session and rustls do not know which
-//! backend they run on.
+//! (epoll). Everything above the socket sees [`Stream`](super::Stream) and [`Listener`]: the
+//! backend is chosen here when a socket is accepted or connected, and nothing above `io`
+//! matches on it, so hyper, the WebSocket session and rustls do not know which one they run on.
 //!
 //! io_uring works on owned buffers, so [`UringStream`] adapts: reads complete into a buffer it
-//! owns and are copied out; writes are submitted at once ("write-behind") as a `writev` of
-//! owned `Bytes`, so all the writes a shard makes in one loop turn reach the kernel in one
+//! owns and are copied out; a write counts as done at once ("write-behind") and goes to the
+//! ring as a `writev` of owned `Bytes` when it is next polled (the flush that follows every
+//! write), so all the writes a shard makes in one loop turn reach the kernel in one
 //! `io_uring_enter` when the runtime parks. A session's outbox hands over its chunks as they
-//! are ([`WriteOutbox`]); borrowed slices (`AsyncWrite`) are copied.
+//! are ([`WriteOutbox`](crate::ws::outbox::WriteOutbox)); borrowed slices (`AsyncWrite`) are
+//! copied.
 
 use std::future::Future;
 use std::io;
@@ -19,9 +21,10 @@ use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::ReadBuf;
 
-use crate::ws::outbox::{write_slices, Outbox, WriteOutbox, MAX_IOVECS};
+use super::Stream;
+use crate::ws::outbox::{Outbox, MAX_IOVECS};
 
 /// The backend a shard runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +131,8 @@ impl Listener {
         Ok(Listener { inner, backend })
     }
 
-    pub async fn accept(&self) -> io::Result<(Conn, SocketAddr)> {
+    /// The next connection, plain: a TLS listener's caller runs [`Stream::accept_tls`].
+    pub async fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
         let (s, addr) = loop {
             let mut ready = self.inner.readable().await?;
             match ready.try_io(|l| l.get_ref().accept()) {
@@ -137,91 +141,34 @@ impl Listener {
             }
         };
         s.set_nodelay(true)?;
-        let conn = match self.backend {
+        let stream = match self.backend {
             Backend::Epoll => {
                 s.set_nonblocking(true)?;
-                Conn::Tcp(tokio::net::TcpStream::from_std(s)?)
+                Stream::tcp(tokio::net::TcpStream::from_std(s)?)
             }
             // io_uring needs no O_NONBLOCK: it polls a socket that is not ready itself.
             Backend::Uring => {
-                Conn::Uring(UringStream::new(tokio_uring::net::TcpStream::from_std(s)))
+                Stream::uring(UringStream::new(tokio_uring::net::TcpStream::from_std(s)))
             }
         };
-        Ok((conn, addr))
+        Ok((stream, addr))
     }
 }
 
-/// An accepted connection on either backend.
-pub enum Conn {
-    Tcp(tokio::net::TcpStream),
-    Uring(UringStream),
-}
-
-impl Conn {
-    /// Opens an outgoing TCP connection on the current shard's backend (upstream requests),
-    /// with `TCP_NODELAY`.
-    pub async fn connect(backend: Backend, addr: SocketAddr) -> io::Result<Conn> {
-        Ok(match backend {
-            Backend::Epoll => {
-                let s = tokio::net::TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                Conn::Tcp(s)
-            }
-            Backend::Uring => {
-                let s = tokio_uring::net::TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                Conn::Uring(UringStream::new(s))
-            }
-        })
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Uring(s) => s.poll_read(cx, buf),
+/// Opens an outgoing TCP connection on `backend`, with `TCP_NODELAY`.
+pub(super) async fn connect_tcp(backend: Backend, addr: SocketAddr) -> io::Result<Stream> {
+    Ok(match backend {
+        Backend::Epoll => {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Stream::tcp(s)
         }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Uring(s) => s.poll_write_vectored(cx, bufs),
+        Backend::Uring => {
+            let s = tokio_uring::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Stream::uring(UringStream::new(s))
         }
-    }
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Conn::Uring(s) => s.poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Uring(s) => s.poll_shutdown(cx),
-        }
-    }
+    })
 }
 
 type OpFuture = Pin<Box<dyn Future<Output = (io::Result<usize>, Vec<u8>)>>>;
@@ -247,7 +194,7 @@ enum WriteState {
 }
 
 /// A tokio-uring socket adapted to `AsyncRead`/`AsyncWrite` (see the module docs).
-pub struct UringStream {
+pub(super) struct UringStream {
     sock: Rc<tokio_uring::net::TcpStream>,
     read: ReadState,
     read_size: usize,
@@ -264,7 +211,11 @@ impl UringStream {
         }
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    pub(super) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             match &mut self.read {
                 ReadState::Filled(buf, pos) => {
@@ -366,7 +317,7 @@ impl UringStream {
     }
 
     /// Borrowed bytes (HTTP, TLS records) are copied: the kernel reads them after we return.
-    fn poll_write_vectored(
+    pub(super) fn poll_write_vectored(
         &mut self,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
@@ -386,7 +337,7 @@ impl UringStream {
 
     /// An outbox's chunks go to the kernel as they are: a broadcast frame shared by 10,000
     /// connections is never copied per connection.
-    fn poll_write_outbox(
+    pub(super) fn poll_write_outbox(
         &mut self,
         cx: &mut Context<'_>,
         out: &mut Outbox,
@@ -394,11 +345,11 @@ impl UringStream {
         self.start_write(cx, |chunks| out.take_chunks(chunks, MAX_IOVECS))
     }
 
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(super) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_write_done(cx)
     }
 
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(super) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_write_done(cx))?;
         Poll::Ready(self.sock.shutdown(Shutdown::Write))
     }
@@ -416,19 +367,6 @@ fn consume(chunks: &mut Vec<Bytes>, mut n: usize) {
         done += 1;
     }
     chunks.drain(..done);
-}
-
-impl WriteOutbox for Conn {
-    fn poll_write_outbox(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut Outbox,
-    ) -> Poll<io::Result<usize>> {
-        match self {
-            Conn::Tcp(s) => write_slices(s, cx, out),
-            Conn::Uring(s) => s.poll_write_outbox(cx, out),
-        }
-    }
 }
 
 impl Drop for UringStream {

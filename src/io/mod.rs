@@ -1,10 +1,14 @@
-//! The I/O layer: the io_uring and epoll backends, the stream type everything above reads and
-//! writes (plain or TLS), TLS set-up, listening sockets and their handover to a successor.
-//! Knows no endpoint.
+//! The I/O layer: the io_uring and epoll backends, [`Stream`] (the one connection type
+//! everything above reads and writes: plain or TLS, accepted or connected, on either backend),
+//! [`connect`] for upstream connections, TLS set-up, listening sockets and their handover to a
+//! successor. Knows no endpoint. The backend is chosen here and nowhere above: see
+//! [`backend`](self::backend) and [`stream`](self::stream).
 
 mod backend;
 pub mod handover;
 pub mod listen;
+mod stream;
 pub mod tls;
 
-pub use backend::{block_on, probe_uring, Backend, Conn, Listener, UringStream};
+pub use backend::{block_on, probe_uring, Backend, Listener};
+pub use stream::{connect, Stream};

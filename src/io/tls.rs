@@ -1,14 +1,11 @@
 //! TLS termination with rustls (ring provider): certificates from PEM files or generated for
-//! development, the stream type the HTTP layer sees, and what a reload builds.
+//! development, and what a reload builds. The TLS streams themselves are [`super::Stream`].
 //!
 //! Reload is message passing, not a lock: the main thread builds a new `TlsAcceptor` and sends
 //! it to every shard; handshakes started afterwards use it, established connections keep theirs.
 
-use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -19,10 +16,9 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use std::collections::HashMap;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
-use crate::io::Conn;
+pub use crate::error::TlsError;
 
 /// Where the server certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,17 +27,6 @@ pub enum CertSource {
     Files { cert: PathBuf, key: PathBuf },
     /// A certificate for localhost generated in memory at start (development only).
     SelfSigned,
-}
-
-/// Why no TLS configuration could be built; always names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {reason}")]
-    File { path: String, reason: String },
-    #[error("certificate and key do not fit together: {0}")]
-    Config(String),
-    #[error("cannot generate a certificate: {0}")]
-    Generate(String),
 }
 
 /// A development CA and a localhost certificate it signed, as PEM.
@@ -192,74 +177,6 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
-}
-
-/// A connection as the HTTP layer sees it: plain or TLS over either io backend.
-pub enum Stream {
-    Plain(Conn),
-    Tls(Box<tokio_rustls::server::TlsStream<Conn>>),
-}
-
-macro_rules! each {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Stream::Plain($s) => $e,
-            Stream::Tls($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_shutdown(cx))
-    }
-}
-
-impl crate::ws::outbox::WriteOutbox for Stream {
-    fn poll_write_outbox(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut crate::ws::outbox::Outbox,
-    ) -> Poll<io::Result<usize>> {
-        match self {
-            Stream::Plain(s) => s.poll_write_outbox(cx, out),
-            // rustls copies into records anyway.
-            Stream::Tls(s) => crate::ws::outbox::write_slices(s, cx, out),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::upstream::UpIo;
+use crate::io::Stream;
 use crate::ws::close::CloseCode;
 use crate::ws::frame::{parse_header, write_masked_frame, OpCode};
 use crate::ws::session::{Close, Handler, Message, Sink};
@@ -200,7 +200,7 @@ fn client_close(code: u16) -> Close {
 /// `leftover` are bytes read past it) to run beside it on the connection's task, so the
 /// connection counts as open (for a drain) until the upstream got its close.
 pub fn start(
-    io: UpIo,
+    io: Stream,
     leftover: Bytes,
     max_message: usize,
     close_timeout: Duration,
@@ -222,7 +222,7 @@ pub fn start(
 pub type UpstreamSide = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 async fn upstream(
-    io: UpIo,
+    io: Stream,
     leftover: Bytes,
     shared: Rc<Shared>,
     max_message: usize,
@@ -252,7 +252,7 @@ async fn upstream(
 
 /// Reads upstream frames until its close (its code) or the connection's end (1006).
 async fn read_upstream(
-    rd: &mut tokio::io::ReadHalf<UpIo>,
+    rd: &mut tokio::io::ReadHalf<Stream>,
     leftover: Bytes,
     shared: &Shared,
     max_message: usize,
@@ -362,7 +362,7 @@ enum Next {
 }
 
 /// Writes the client's messages upstream (masked), then the close.
-async fn write_upstream(wr: &mut tokio::io::WriteHalf<UpIo>, shared: &Shared) {
+async fn write_upstream(wr: &mut tokio::io::WriteHalf<Stream>, shared: &Shared) {
     use std::hash::{BuildHasher, Hasher};
     let mut frame = Vec::new();
     // Masking keys a page cannot predict (RFC 6455 §10.3): a per-connection random hasher

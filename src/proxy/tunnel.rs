@@ -13,8 +13,9 @@ use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::body::Body;
-use super::upstream::{Lease, UpIo};
+use super::upstream::Lease;
 use super::{balance, headers, Client, Failure, RouteState};
+use crate::io::Stream;
 
 /// Largest upstream response head, and largest refusal body passed on.
 const MAX_HEAD: usize = 64 * 1024;
@@ -34,7 +35,7 @@ pub struct RelayHandshake {
 pub struct Upgraded {
     /// Relayed message by message (`mode = "websocket"`), else tunnelled.
     pub relay: bool,
-    io: UpIo,
+    io: Stream,
     /// Bytes the upstream sent right after its 101.
     leftover: Bytes,
     route: Rc<RouteState>,
@@ -308,7 +309,7 @@ fn request_head(path: &str, host: &str, h: &HeaderMap) -> Vec<u8> {
 type Head = (StatusCode, HeaderMap);
 
 /// Reads the upstream's response head: it and the bytes read past it.
-async fn read_head(io: &mut UpIo) -> Result<(Head, BytesMut), Failure> {
+async fn read_head(io: &mut Stream) -> Result<(Head, BytesMut), Failure> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let n = io

@@ -4,21 +4,19 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::AbortHandle;
 
 use super::body::ReqBody;
 use super::config::{Http2, UpstreamUrl};
 use super::Failure;
-use crate::io::{Backend, Conn};
+use crate::error::UpstreamError;
+use crate::io::{self, Backend, Stream};
 
 pub enum Sender {
     H1(http1::SendRequest<ReqBody>),
@@ -128,41 +126,31 @@ impl Upstream {
     }
 
     /// A new socket to the upstream (TLS when `https`/`wss`): `true` when ALPN chose h2.
+    /// Callers bound the whole connect with their own timeout (`connect_timeout`).
     pub async fn connect_io(
         &self,
         backend: Backend,
         h1_only: bool,
-    ) -> Result<(UpIo, bool), Failure> {
-        let mut conn = Err(Failure::Refused("no address".into()));
-        for addr in self.resolve().await? {
-            match Conn::connect(backend, addr).await {
-                Ok(c) => {
-                    conn = Ok(c);
-                    break;
-                }
-                Err(e) => conn = Err(Failure::Refused(e.to_string())),
-            }
-        }
-        let conn = conn.inspect_err(|_| {
-            self.addrs.borrow_mut().take();
-        })?;
+    ) -> Result<(Stream, bool), Failure> {
+        /// Only a ceiling: every caller applies the route's shorter connect timeout.
+        const CEILING: Duration = Duration::from_secs(3600);
+        let addrs = self.resolve().await?;
         let tls = if h1_only { &self.tls_h1 } else { &self.tls };
-        match tls {
-            None => Ok((
-                UpIo::Plain(conn),
-                !h1_only && self.http2 == Http2::PriorKnowledge,
-            )),
-            Some(cfg) => {
-                let name = rustls::pki_types::ServerName::try_from(self.url.host.clone())
-                    .map_err(|e| Failure::Refused(format!("{}: {e}", self.url.host)))?;
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-                    .connect(name, conn)
-                    .await
-                    .map_err(|e| Failure::Refused(format!("TLS: {e}")))?;
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                Ok((UpIo::Tls(Box::new(tls)), h2))
-            }
-        }
+        let host = self.url.host.as_str();
+        let io = io::connect(backend, &addrs, tls.as_ref().map(|c| (c, host)), CEILING)
+            .await
+            .map_err(|e| {
+                self.addrs.borrow_mut().take();
+                match e {
+                    UpstreamError::Timeout(_) => Failure::ConnectTimeout,
+                    e => Failure::Refused(e.to_string()),
+                }
+            })?;
+        let h2 = match tls {
+            None => !h1_only && self.http2 == Http2::PriorKnowledge,
+            Some(_) => io.alpn_protocol() == Some(b"h2"),
+        };
+        Ok((io, h2))
     }
 
     /// A connection for one request: the shared h2 one, an idle pooled HTTP/1.1 one, or a new
@@ -350,66 +338,6 @@ struct LocalExec;
 impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
     fn execute(&self, fut: F) {
         tokio::task::spawn_local(fut);
-    }
-}
-
-/// An upstream socket, plain or TLS.
-pub enum UpIo {
-    Plain(Conn),
-    Tls(Box<tokio_rustls::client::TlsStream<Conn>>),
-}
-
-impl AsyncRead for UpIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_read(cx, buf),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_write(cx, buf),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpIo::Plain(c) => c.is_write_vectored(),
-            UpIo::Tls(t) => t.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_flush(cx),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpIo::Plain(c) => Pin::new(c).poll_shutdown(cx),
-            UpIo::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
-        }
     }
 }
 

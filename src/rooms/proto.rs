@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
-pub use crate::codes::Code;
+pub use crate::error::Code;
 
 /// A client error: the connection stays open and gets an `error` message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,8 +25,8 @@ use super::api;
 use super::endpoint::{self, Endpoint};
 use super::fallback::{self, AnyBody};
 use crate::auth::{self, AuthError, Identity};
-use crate::io::tls::Stream;
-use crate::io::Conn;
+use crate::error::Rejection;
+use crate::io::Stream;
 use crate::metrics;
 use crate::server::config::Listen;
 use crate::server::shard::{Control, Shard, WsSlot};
@@ -59,11 +59,11 @@ struct Upgrade {
 
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
-pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Listen) {
+pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: Listen) {
     let admission = &shard.global.admission;
     let _permit = match admission.admit(remote.ip(), std::time::Instant::now()) {
         Ok(p) => p,
-        Err(refusal) => return refuse(conn, refusal, listen.tls).await,
+        Err(refusal) => return turn_away(conn, refusal, listen.tls).await,
     };
     let reg = shard.register(remote);
     let acceptor = if listen.tls {
@@ -72,14 +72,14 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
         None
     };
     let conn = match acceptor {
-        None => Stream::Plain(conn),
+        None => conn,
         Some(acceptor) => {
             let timeout = shard.global.config.handshake_timeout();
             // Boxed: the handshake and its timer are large and would otherwise size every
             // connection's task, plain ones included, for its whole life.
-            let handshake = Box::pin(tokio::time::timeout(timeout, acceptor.accept(conn)));
+            let handshake = Box::pin(tokio::time::timeout(timeout, conn.accept_tls(&acceptor)));
             let (stream, result) = match handshake.await {
-                Ok(Ok(tls)) => (Some(Stream::Tls(Box::new(tls))), "ok"),
+                Ok(Ok(tls)) => (Some(tls), "ok"),
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
                     (None, "error")
@@ -99,10 +99,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Conn, remote: SocketAddr, listen: Lis
     let upgrade = Rc::new(Cell::new(None));
     let tunnel = Rc::new(Cell::new(None));
     let served = Rc::new(Cell::new(false));
-    let sni = match &conn {
-        Stream::Tls(t) => t.get_ref().1.server_name().map(str::to_owned),
-        Stream::Plain(_) => None,
-    };
+    let sni = conn.server_name().map(str::to_owned);
     let router = Router {
         shard: shard.clone(),
         upgrade: upgrade.clone(),
@@ -362,15 +359,7 @@ impl Router {
                 &[],
             ) {
                 Ok(a) => a,
-                Err(r) => {
-                    counter!(metrics::HANDSHAKES_FAILED, "reason" => "bad_request").increment(1);
-                    let mut resp = text(r.status, &format!("{}\n", r.reason));
-                    resp.headers_mut().insert(
-                        header::SEC_WEBSOCKET_VERSION,
-                        HeaderValue::from_static("13"),
-                    );
-                    return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
-                }
+                Err(r) => return Box::pin(std::future::ready(Ok(refuse(r).map(Into::into)))),
             };
             let deflate = self.negotiate_deflate(&req);
             let relay = tunnel::RelayHandshake {
@@ -458,20 +447,7 @@ impl Router {
             &[],
         ) {
             Ok(a) => a,
-            Err(r) => {
-                let reason = if r.status == StatusCode::FORBIDDEN {
-                    "origin"
-                } else {
-                    "bad_request"
-                };
-                counter!(metrics::HANDSHAKES_FAILED, "reason" => reason).increment(1);
-                let mut resp = text(r.status, &format!("{}\n", r.reason));
-                resp.headers_mut().insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static("13"),
-                );
-                return resp;
-            }
+            Err(r) => return refuse(r),
         };
         let now = std::time::Instant::now();
         if let Err(refusal) = global.admission.handshake(self.remote.ip(), now) {
@@ -486,21 +462,13 @@ impl Router {
         }
         let (identity, token_protocol) = match self.authenticate(req, endpoint) {
             Ok(found) => found,
-            Err(e) => {
-                counter!(metrics::HANDSHAKES_FAILED, "reason" => "auth").increment(1);
-                let mut resp = text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));
-                resp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return resp;
-            }
+            Err(e) => return refuse(e.into()),
         };
         if global.is_draining() {
-            counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
-            return text(StatusCode::SERVICE_UNAVAILABLE, "server is draining\n");
+            return refuse(Rejection::Draining);
         }
         let Some(slot) = global.try_admit_ws() else {
-            counter!(metrics::HANDSHAKES_FAILED, "reason" => "capacity").increment(1);
-            return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+            return refuse(Rejection::AtCapacity);
         };
         let mut resp = Response::new(Body::default());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -573,7 +541,7 @@ impl Router {
 /// Answers a connection that was not admitted, as cheaply as possible: plain HTTP gets a fixed
 /// response (no request parsing) with `Retry-After`; a TLS connection is closed, since an
 /// answer would cost a handshake.
-async fn refuse(mut conn: Conn, refusal: Refusal, tls: bool) {
+async fn turn_away(mut conn: Stream, refusal: Refusal, tls: bool) {
     counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
     if tls {
         return;
@@ -643,6 +611,16 @@ async fn statistics(
     );
     counter!(metrics::HTTP_REQUESTS, "status" => "200").increment(1);
     Ok(resp.map(Into::into))
+}
+
+/// A refused upgrade, counted by reason.
+fn refuse(r: Rejection) -> Response<Body> {
+    counter!(metrics::HANDSHAKES_FAILED, "reason" => r.metric_reason()).increment(1);
+    let mut resp = text(r.status(), &format!("{r}\n"));
+    if let Some((name, value)) = r.header() {
+        resp.headers_mut().insert(name, value);
+    }
+    resp
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {

@@ -18,9 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
-use anyhow::{bail, Context as _};
 use tokio::sync::mpsc;
 
+use crate::error::StartError;
 use crate::io::{self, handover, listen, Backend};
 use crate::server::config::{AdminListen, Config, IoMode, Listen};
 use shard::{Control, Global, Shard};
@@ -37,11 +37,11 @@ pub struct Server {
 }
 
 /// Picks the backend for `mode`, saying why.
-pub fn choose_backend(mode: IoMode) -> anyhow::Result<(Backend, String)> {
+pub fn choose_backend(mode: IoMode) -> Result<(Backend, String), StartError> {
     match (mode, io::probe_uring()) {
         (IoMode::Epoll, _) => Ok((Backend::Epoll, "asked for with --io epoll".into())),
         (IoMode::Uring, Ok(())) => Ok((Backend::Uring, "asked for with --io uring".into())),
-        (IoMode::Uring, Err(why)) => bail!("--io uring: io_uring is not usable here: {why}"),
+        (IoMode::Uring, Err(why)) => Err(StartError::Uring(why)),
         (IoMode::Auto, Ok(())) => Ok((Backend::Uring, "io_uring is available".into())),
         (IoMode::Auto, Err(why)) => Ok((Backend::Epoll, format!("falling back: {why}"))),
     }
@@ -88,7 +88,7 @@ pub fn nofile_limit() -> u64 {
 
 impl Server {
     /// Binds the listeners and starts the shards.
-    pub fn start(config: Config) -> anyhow::Result<Server> {
+    pub fn start(config: Config) -> Result<Server, StartError> {
         failure::install_panic_hook();
         let config_warnings = config.warnings();
         let (backend, why) = choose_backend(config.io)?;
@@ -98,7 +98,7 @@ impl Server {
             n => n,
         };
         let tls = match config.tls_settings() {
-            Some(t) => Some(crate::io::tls::acceptor(&t).context("TLS set-up failed")?),
+            Some(t) => Some(crate::io::tls::acceptor(&t)?),
             None => None,
         };
         let auth = crate::auth::Verifier::from_config(&config.auth)?;
@@ -106,7 +106,10 @@ impl Server {
         // check that can fail comes before: a successor that takes the sockets must start.
         let mut inherited = match &config.handover_socket {
             Some(path) => handover::receive(path)
-                .with_context(|| format!("handover from {} failed", path.display()))?
+                .map_err(StartError::io(format_args!(
+                    "handover from {} failed",
+                    path.display()
+                )))?
                 .unwrap_or_default(),
             None => Vec::new(),
         };
@@ -123,7 +126,10 @@ impl Server {
                 tracing::info!(addr = %spec.addr, sockets = sockets.len(), "took over listening sockets");
             }
             if sockets.len() < shards {
-                let addr = sockets.first().map_or(Ok(spec.addr), |l| l.local_addr())?;
+                let addr = sockets
+                    .first()
+                    .map_or(Ok(spec.addr), |l| l.local_addr())
+                    .map_err(StartError::io("inherited listening socket"))?;
                 match listen::bind_reuseport(addr, shards - sockets.len(), config.backlog) {
                     Ok(more) => sockets.extend(more),
                     // The automatic admin listener is a convenience: a port taken by another
@@ -136,14 +142,27 @@ impl Server {
                         continue;
                     }
                     Err(e) => {
-                        return Err(e).with_context(|| format!("cannot listen on {}", spec.addr))
+                        return Err(StartError::io(format_args!(
+                            "cannot listen on {}",
+                            spec.addr
+                        ))(e))
                     }
                 }
             }
-            addrs.push((sockets[0].local_addr()?, *spec));
+            let local = sockets[0]
+                .local_addr()
+                .map_err(StartError::io(format_args!(
+                    "cannot listen on {}",
+                    spec.addr
+                )))?;
+            addrs.push((local, *spec));
             for (i, l) in sockets.into_iter().enumerate() {
                 if config.handover_socket.is_some() {
-                    offered.push(l.try_clone()?.into());
+                    offered.push(
+                        l.try_clone()
+                            .map_err(StartError::io("cannot offer a listening socket"))?
+                            .into(),
+                    );
                 }
                 per_shard[i % shards].push((l, *spec));
             }
@@ -155,13 +174,13 @@ impl Server {
                  queued on it are reset)"
             );
         }
-        let handover = match &config.handover_socket {
-            Some(path) => Some(
-                handover::Offer::start(path, offered)
-                    .with_context(|| format!("cannot serve {}", path.display()))?,
-            ),
-            None => None,
-        };
+        let handover =
+            match &config.handover_socket {
+                Some(path) => Some(handover::Offer::start(path, offered).map_err(
+                    StartError::io(format_args!("cannot serve {}", path.display())),
+                )?),
+                None => None,
+            };
         let (addr, first) = addrs[0];
         let first_tls = first.tls;
         let pin = config.pin_shards && !cores.is_empty();
@@ -210,7 +229,7 @@ impl Server {
                     }
                     let _ = done_tx.send(id);
                 })
-                .context("cannot start shard thread")?;
+                .map_err(StartError::io("cannot start shard thread"))?;
         }
         for w in config_warnings {
             tracing::warn!("{w}");

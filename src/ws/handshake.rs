@@ -1,11 +1,13 @@
 //! The server side of the opening handshake (RFC 6455 §4.2): validates an upgrade request and
 //! computes the answer. Pure: takes the request head, returns the headers to send or the HTTP
-//! status and reason to refuse with.
+//! [`Rejection`] to refuse with.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use http::{header, HeaderMap, Method, StatusCode, Version};
+use http::{header, HeaderMap, Method, Version};
 use sha1::{Digest, Sha1};
+
+use crate::error::Rejection;
 
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -15,22 +17,6 @@ pub struct Accept {
     pub accept_key: String,
     /// The subprotocol we picked from the client's offer, if any.
     pub protocol: Option<String>,
-}
-
-/// A refused upgrade: the status and a reason for the response body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub reason: &'static str,
-}
-
-impl Refusal {
-    fn bad(reason: &'static str) -> Refusal {
-        Refusal {
-            status: StatusCode::BAD_REQUEST,
-            reason,
-        }
-    }
 }
 
 /// True when the request asks for a WebSocket upgrade at all (`Upgrade: websocket`).
@@ -68,40 +54,48 @@ pub fn accept(
     headers: &HeaderMap,
     origins: &OriginPolicy,
     protocols: &[&str],
-) -> Result<Accept, Refusal> {
+) -> Result<Accept, Rejection> {
     if method != Method::GET {
-        return Err(Refusal::bad("WebSocket upgrade needs GET"));
+        return Err(Rejection::BadRequest("WebSocket upgrade needs GET"));
     }
     if version < Version::HTTP_11 {
-        return Err(Refusal::bad("WebSocket upgrade needs HTTP/1.1"));
+        return Err(Rejection::BadRequest("WebSocket upgrade needs HTTP/1.1"));
     }
     if !wants_websocket(headers) {
-        return Err(Refusal::bad("missing `Upgrade: websocket`"));
+        return Err(Rejection::BadRequest("missing `Upgrade: websocket`"));
     }
     if !has_token(headers, header::CONNECTION, "upgrade") {
-        return Err(Refusal::bad("missing `Connection: upgrade`"));
+        return Err(Rejection::BadRequest("missing `Connection: upgrade`"));
     }
     match headers.get(header::SEC_WEBSOCKET_VERSION) {
         Some(v) if v.as_bytes() == b"13" => {}
-        Some(_) => return Err(Refusal::bad("unsupported Sec-WebSocket-Version (want 13)")),
-        None => return Err(Refusal::bad("missing Sec-WebSocket-Version")),
+        Some(_) => {
+            return Err(Rejection::BadRequest(
+                "unsupported Sec-WebSocket-Version (want 13)",
+            ))
+        }
+        None => return Err(Rejection::BadRequest("missing Sec-WebSocket-Version")),
     }
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or(Refusal::bad("missing Sec-WebSocket-Key"))?;
+        .ok_or(Rejection::BadRequest("missing Sec-WebSocket-Key"))?;
     match B64.decode(key.as_bytes()) {
         Ok(raw) if raw.len() == 16 => {}
-        _ => return Err(Refusal::bad("Sec-WebSocket-Key is not 16 bytes in base64")),
+        _ => {
+            return Err(Rejection::BadRequest(
+                "Sec-WebSocket-Key is not 16 bytes in base64",
+            ))
+        }
     }
     let origin = match headers.get(header::ORIGIN) {
-        Some(o) => Some(o.to_str().map_err(|_| Refusal::bad("unreadable Origin"))?),
+        Some(o) => Some(
+            o.to_str()
+                .map_err(|_| Rejection::BadRequest("unreadable Origin"))?,
+        ),
         None => None,
     };
     if !origins.allows(origin) {
-        return Err(Refusal {
-            status: StatusCode::FORBIDDEN,
-            reason: "origin not allowed",
-        });
+        return Err(Rejection::OriginNotAllowed);
     }
     let protocol = offered_tokens(headers, header::SEC_WEBSOCKET_PROTOCOL)
         .find(|p| protocols.iter().any(|ours| ours == p))
@@ -137,6 +131,7 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::StatusCode;
 
     fn request(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -158,7 +153,7 @@ mod tests {
         ]
     }
 
-    fn check(h: &HeaderMap) -> Result<Accept, Refusal> {
+    fn check(h: &HeaderMap) -> Result<Accept, Rejection> {
         accept(
             &Method::GET,
             Version::HTTP_11,
@@ -185,15 +180,18 @@ mod tests {
         ] {
             let h: Vec<_> = good().into_iter().filter(|(k, _)| *k != drop).collect();
             let r = check(&request(&h)).unwrap_err();
-            assert_eq!(r.status, StatusCode::BAD_REQUEST);
-            assert!(r.reason.contains(reason), "{drop}: {}", r.reason);
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            assert!(r.to_string().contains(reason), "{drop}: {r}");
         }
         let mut h = good();
         h[3].1 = "c2hvcnQ=";
-        assert!(check(&request(&h)).unwrap_err().reason.contains("16 bytes"));
+        assert!(check(&request(&h))
+            .unwrap_err()
+            .to_string()
+            .contains("16 bytes"));
         let mut h = good();
         h[2].1 = "8";
-        assert!(check(&request(&h)).unwrap_err().reason.contains("13"));
+        assert!(check(&request(&h)).unwrap_err().to_string().contains("13"));
         let r = accept(
             &Method::POST,
             Version::HTTP_11,
@@ -201,7 +199,7 @@ mod tests {
             &OriginPolicy::default(),
             &[],
         );
-        assert!(r.unwrap_err().reason.contains("GET"));
+        assert!(r.unwrap_err().to_string().contains("GET"));
     }
 
     #[test]
@@ -213,7 +211,7 @@ mod tests {
         h.pop();
         h.push(("origin", "https://evil.example"));
         let r = accept(&Method::GET, Version::HTTP_11, &request(&h), &p, &[]).unwrap_err();
-        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert_eq!(r, Rejection::OriginNotAllowed);
         h.pop();
         assert!(accept(&Method::GET, Version::HTTP_11, &request(&h), &p, &[]).is_ok());
     }
