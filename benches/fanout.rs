@@ -23,7 +23,7 @@ use ringgate::rooms::{HubMsg, Reply};
 use ringgate::server::config::Config;
 use ringgate::server::shard::{Global, Registration, Shard};
 use ringgate::ws::frame::OpCode;
-use ringgate::ws::mailbox::{Outgoing, Takes};
+use ringgate::ws::mailbox::{FrameForm, Outgoing};
 use ringgate::ws::outbox::{Outbox, MAX_IOVECS};
 
 const SUBSCRIBERS: [usize; 2] = [1_000, 10_000];
@@ -72,7 +72,7 @@ fn setup(n: usize) -> Setup {
 /// What a session does with its queue on its next turn, minus the write.
 fn take(out: &mut Outbox, item: Outgoing) {
     match item {
-        Outgoing::Broadcast(b) => out.shared(b, Takes::Plain),
+        Outgoing::Broadcast(b) => out.shared(b, FrameForm::Plain),
         Outgoing::Text(t) => out.frame(OpCode::Text, &t),
     }
 }

@@ -26,9 +26,9 @@ use bytes::Bytes;
 
 use crate::error::UpstreamError;
 use crate::io::Backend;
+use crate::ws::connection::{Close, Handler, Message, ToClient};
 use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::Outgoing;
-use crate::ws::session::{Close, Handler, Message, Sink};
 use config::AgentConfig;
 use protocol::{Code, Id, Query, Request};
 use upstream::{Gateway, Kind, Outbound, Response};
@@ -140,7 +140,7 @@ impl Agent {
         }
     }
 
-    fn spawn(&self, id: Option<Id>, out: &mut Sink<'_>, work: Work) {
+    fn spawn(&self, id: Option<Id>, out: &mut ToClient<'_>, work: Work) {
         let now = protocol::now();
         if self.conn.in_flight.borrow().len() >= self.gw.cfg.max_in_flight {
             let msg = format!(
@@ -207,7 +207,7 @@ enum Work {
 }
 
 impl Handler for Agent {
-    fn on_open(&mut self, out: &mut Sink<'_>) {
+    fn on_open(&mut self, out: &mut ToClient<'_>) {
         let hello = if self.gw.cfg.demo_active() {
             demo::connected(&self.conn.connection_id)
         } else {
@@ -216,7 +216,7 @@ impl Handler for Agent {
         out.text(hello.as_bytes());
     }
 
-    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+    fn on_message(&mut self, msg: Message<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
         let Message::Text(text) = msg else {
             let e = protocol::error(
                 Code::BadJson,

@@ -16,8 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::io::Stream;
 use crate::ws::close::CloseCode;
+use crate::ws::connection::{Close, Handler, Message, ToClient};
 use crate::ws::frame::{parse_header, write_masked_frame, OpCode};
-use crate::ws::session::{Close, Handler, Message, Sink};
 
 /// Bytes queued per direction before the side filling the queue stops reading.
 pub const QUEUE_LIMIT: usize = 1 << 20;
@@ -105,7 +105,7 @@ pub struct Relay {
 }
 
 impl Handler for Relay {
-    fn on_message(&mut self, msg: Message<'_>, _out: &mut Sink<'_>) -> Result<(), Close> {
+    fn on_message(&mut self, msg: Message<'_>, _out: &mut ToClient<'_>) -> Result<(), Close> {
         let m = match msg {
             Message::Text(t) => Msg::Text(Bytes::copy_from_slice(t)),
             Message::Binary(b) => Msg::Binary(Bytes::copy_from_slice(b)),
@@ -122,7 +122,7 @@ impl Handler for Relay {
         Poll::Ready(())
     }
 
-    fn poll_produce(&mut self, cx: &mut Context<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+    fn poll_produce(&mut self, cx: &mut Context<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
         let q = &self.shared.to_client;
         // A bounded batch per turn; the session comes back while the outbox has room.
         for _ in 0..64 {

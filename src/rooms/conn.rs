@@ -14,9 +14,9 @@ use super::room::Member;
 use super::{ConnRef, HubMsg, Reply, SharedHub};
 use crate::auth::{Identity, TopicAction, ANONYMOUS};
 use crate::ratelimit::TokenBucket;
+use crate::ws::connection::{Close, Handler, Message, ToClient};
 use crate::ws::handle::ConnHandle;
-use crate::ws::mailbox::Takes;
-use crate::ws::session::{Close, Handler, Message, Sink};
+use crate::ws::mailbox::FrameForm;
 
 /// A subscription's state on the subscriber's shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl RoomConn {
     }
 
     pub fn shared_deflate(&self) -> bool {
-        self.entry.mailbox.takes() == Takes::SharedDeflate
+        self.entry.mailbox.frame_form() == FrameForm::SharedDeflate
     }
 
     /// Who published: the user when authenticated, else the connection.
@@ -161,7 +161,7 @@ impl RoomsHandler {
         &mut self,
         id: Option<String>,
         req: Request<'_>,
-        out: &mut Sink<'_>,
+        out: &mut ToClient<'_>,
     ) -> Result<(), ClientError> {
         self.admit(&req)?;
         let cfg = &self.cfg;
@@ -251,12 +251,12 @@ impl RoomsHandler {
 }
 
 impl Handler for RoomsHandler {
-    fn on_open(&mut self, out: &mut Sink<'_>) {
+    fn on_open(&mut self, out: &mut ToClient<'_>) {
         out.text(proto::connected(&self.conn.client_id).as_bytes());
         self.hub.with(|hub, _| hub.attach(self.conn.clone()));
     }
 
-    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+    fn on_message(&mut self, msg: Message<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
         let Message::Text(text) = msg else {
             let e = ClientError::new(Code::BadJson, "messages are JSON text frames");
             out.text(proto::error(&e, None).as_bytes());

@@ -20,8 +20,8 @@ use super::failure::critical;
 use super::io::{Backend, Listener};
 use crate::metrics::Traffic;
 use crate::server::config::Config;
+use crate::ws::connection::Settings;
 use crate::ws::handle::{ConnHandle, ConnInfo, GOING_AWAY};
-use crate::ws::session::Settings;
 
 /// State shared by all shards.
 #[derive(Debug)]

@@ -10,8 +10,8 @@ use std::task::Waker;
 use std::time::{Instant, SystemTime};
 
 use super::close::CloseCode;
+use super::connection::Close;
 use super::mailbox::{Broadcast, Full, Mailbox, Outgoing};
-use super::session::Close;
 
 /// One connection's line in `/ws/statistics`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -87,7 +87,7 @@ impl ConnHandle {
         self.deliver(|m| m.push(item, limit))
     }
 
-    /// [`send`](Self::send) for a broadcast, in the form this connection takes.
+    /// [`send`](Self::send) for a broadcast, in this connection's frame form.
     pub fn send_broadcast(
         &self,
         b: &Rc<Broadcast>,
@@ -188,8 +188,9 @@ impl ConnHandle {
         c.is_some()
     }
 
-    pub fn count_message(&self) {
-        self.messages.set(self.messages.get() + 1);
+    /// Adds `n` messages received to the connection's count.
+    pub fn count_messages(&self, n: u64) {
+        self.messages.set(self.messages.get() + n);
     }
 
     pub fn messages(&self) -> u64 {

@@ -21,7 +21,7 @@ use super::frame::payload_offset;
 /// One item for a connection.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
-    /// A broadcast, written in the form the connection takes (see [`Takes`]). Shared with the
+    /// A broadcast, written in the connection's [`FrameForm`]. Shared with the
     /// shard's other receivers through an `Rc`: queueing it for 10,000 connections is 10,000
     /// plain increments, where cloning `Bytes` would be 10,000 atomic ones, each waiting for
     /// the cache misses of the queue pushes before it.
@@ -46,19 +46,19 @@ impl Broadcast {
         &self.frame[payload_offset(&self.frame)..]
     }
 
-    /// The frame a connection that takes `t` writes (`None`: it frames the payload itself).
-    pub fn frame_for(&self, t: Takes) -> Option<&Bytes> {
+    /// The frame a connection of form `t` writes (`None`: it frames the payload itself).
+    pub fn frame_for(&self, t: FrameForm) -> Option<&Bytes> {
         match (t, &self.deflated) {
-            (Takes::Plain, _) | (Takes::SharedDeflate, None) => Some(&self.frame),
-            (Takes::SharedDeflate, Some(d)) => Some(d),
-            (Takes::OwnDeflate, _) => None,
+            (FrameForm::Plain, _) | (FrameForm::SharedDeflate, None) => Some(&self.frame),
+            (FrameForm::SharedDeflate, Some(d)) => Some(d),
+            (FrameForm::OwnDeflate, _) => None,
         }
     }
 }
 
-/// How a connection takes broadcasts, fixed when its session starts.
+/// Which form of a broadcast's frame a connection writes, fixed when it opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Takes {
+pub enum FrameForm {
     /// Uncompressed frames (no permessage-deflate).
     #[default]
     Plain,
@@ -80,7 +80,7 @@ pub struct Mailbox {
     bytes: Cell<usize>,
     /// Bytes the session holds but has not written (its outbox), as of its last turn.
     unwritten: Cell<usize>,
-    takes: Cell<Takes>,
+    frame_form: Cell<FrameForm>,
     /// Set once the limit was hit: everything after is dropped.
     overflowed: Cell<bool>,
     /// When the oldest broadcast not yet written was published: the publish-to-write latency
@@ -95,12 +95,12 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    pub fn set_takes(&self, t: Takes) {
-        self.takes.set(t);
+    pub fn set_frame_form(&self, t: FrameForm) {
+        self.frame_form.set(t);
     }
 
-    pub fn takes(&self) -> Takes {
-        self.takes.get()
+    pub fn frame_form(&self) -> FrameForm {
+        self.frame_form.get()
     }
 
     /// Bytes waiting for this connection, queued here or in its session.
@@ -166,7 +166,7 @@ impl Mailbox {
     /// scheduled would only cost an atomic on its header per delivery.
     pub fn push(&self, item: Outgoing, limit: usize) -> Result<bool, Full> {
         let len = match &item {
-            Outgoing::Broadcast(b) => b.frame_for(self.takes.get()).unwrap_or(&b.frame).len(),
+            Outgoing::Broadcast(b) => b.frame_for(self.frame_form.get()).unwrap_or(&b.frame).len(),
             Outgoing::Text(t) => t.len(),
         };
         if self.overflowed.get() || self.backlog() + len > limit {
@@ -181,7 +181,7 @@ impl Mailbox {
         Ok(items.len() == 1)
     }
 
-    /// Queues a broadcast (written in the form this connection takes); `published` is when it
+    /// Queues a broadcast (written in this connection's frame form); `published` is when it
     /// was published (none for a replay from history).
     pub fn push_broadcast(
         &self,
@@ -243,21 +243,21 @@ mod tests {
     }
 
     #[test]
-    fn each_connection_gets_the_form_it_takes() {
+    fn each_connection_gets_its_frame_form() {
         let b = broadcast(b"hello");
         assert_eq!(
-            b.frame_for(Takes::Plain).map(|f| &f[..]),
+            b.frame_for(FrameForm::Plain).map(|f| &f[..]),
             Some(&b"\x81\x05hello"[..])
         );
         assert_eq!(
-            b.frame_for(Takes::SharedDeflate).map(|f| &f[..]),
+            b.frame_for(FrameForm::SharedDeflate).map(|f| &f[..]),
             Some(&b"DEFLATED"[..])
         );
-        assert_eq!(b.frame_for(Takes::OwnDeflate), None);
+        assert_eq!(b.frame_for(FrameForm::OwnDeflate), None);
         assert_eq!(b.payload(), b"hello");
         // The queue counts the bytes of the form the connection writes.
         let m = Mailbox::default();
-        m.set_takes(Takes::SharedDeflate);
+        m.set_frame_form(FrameForm::SharedDeflate);
         m.push_broadcast(&b, None, 1000).unwrap();
         assert_eq!(m.backlog(), 8);
         let got = drained(&m);

@@ -13,7 +13,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::AsyncWrite;
 
-use super::mailbox::{Broadcast, Takes};
+use super::mailbox::{Broadcast, FrameForm};
 
 use super::close::{write_close_body, CloseCode};
 use super::frame::{header_len, write_frame, write_header, OpCode};
@@ -26,11 +26,11 @@ pub const MAX_IOVECS: usize = 64;
 enum Chunk {
     /// Frames this connection built (a split-off part of the tail).
     Own(Bytes),
-    /// A broadcast frame shared with the shard's other connections, in the form `takes`
-    /// selects, of which the first `at` bytes are written.
+    /// A broadcast frame shared with the shard's other connections, in form `form`,
+    /// of which the first `at` bytes are written.
     Shared {
         b: Rc<Broadcast>,
-        takes: Takes,
+        form: FrameForm,
         at: usize,
     },
 }
@@ -39,8 +39,8 @@ impl Chunk {
     fn bytes(&self) -> &[u8] {
         match self {
             Chunk::Own(b) => b,
-            Chunk::Shared { b, takes, at } => b
-                .frame_for(*takes)
+            Chunk::Shared { b, form, at } => b
+                .frame_for(*form)
                 .map_or(&[][..], |f| f.get(*at..).unwrap_or_default()),
         }
     }
@@ -56,8 +56,8 @@ impl Chunk {
     fn into_bytes(self) -> Bytes {
         match self {
             Chunk::Own(b) => b,
-            Chunk::Shared { b, takes, at } => b
-                .frame_for(takes)
+            Chunk::Shared { b, form, at } => b
+                .frame_for(form)
                 .map_or_else(Bytes::new, |f| f.slice(at.min(f.len())..)),
         }
     }
@@ -100,17 +100,6 @@ impl Outbox {
         self.queued += len;
     }
 
-    /// Appends a frame whose payload is written by `fill` (exactly `len` bytes).
-    pub fn frame_with(&mut self, opcode: OpCode, len: usize, fill: impl FnOnce(&mut BytesMut)) {
-        let total = header_len(len) + len;
-        self.tail.reserve(total);
-        let start = self.tail.len();
-        write_header(&mut self.tail, true, false, opcode, len);
-        fill(&mut self.tail);
-        debug_assert_eq!(self.tail.len() - start, total);
-        self.queued += self.tail.len() - start;
-    }
-
     /// Appends a close frame with `code` and `reason`.
     pub fn close(&mut self, code: CloseCode, reason: &str) {
         let mut body = Vec::with_capacity(125);
@@ -118,11 +107,11 @@ impl Outbox {
         self.frame(OpCode::Close, &body);
     }
 
-    /// Queues a broadcast's frame in the form `takes` selects (which must be a whole frame:
-    /// not [`Takes::OwnDeflate`]), shared with other connections.
-    pub fn shared(&mut self, b: Rc<Broadcast>, takes: Takes) {
-        let Some(len) = b.frame_for(takes).map(Bytes::len) else {
-            debug_assert!(false, "{takes:?} frames the payload itself");
+    /// Queues a broadcast's frame in form `form` (which must be a whole frame:
+    /// not [`FrameForm::OwnDeflate`]), shared with other connections.
+    pub fn shared(&mut self, b: Rc<Broadcast>, form: FrameForm) {
+        let Some(len) = b.frame_for(form).map(Bytes::len) else {
+            debug_assert!(false, "{form:?} frames the payload itself");
             return;
         };
         if !self.tail.is_empty() {
@@ -130,7 +119,7 @@ impl Outbox {
                 .push_back(Chunk::Own(self.tail.split().freeze()));
         }
         self.queued += len;
-        self.chunks.push_back(Chunk::Shared { b, takes, at: 0 });
+        self.chunks.push_back(Chunk::Shared { b, form, at: 0 });
     }
 
     /// Fills `out` with the slices to write next; returns how many.
@@ -300,7 +289,7 @@ mod tests {
     fn keeps_order_across_local_and_shared_frames() {
         let mut o = Outbox::default();
         o.frame(OpCode::Text, b"a");
-        o.shared(shared(b"SHARED"), Takes::Plain);
+        o.shared(shared(b"SHARED"), FrameForm::Plain);
         o.frame(OpCode::Text, b"b");
         assert_eq!(written(&o), b"\x81\x01aSHARED\x81\x01b");
         assert_eq!(o.queued(), 12);
@@ -312,14 +301,14 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_frame_goes_out_in_the_form_the_connection_takes() {
+    fn a_shared_frame_goes_out_in_the_connections_frame_form() {
         let b = Rc::new(Broadcast {
             frame: Bytes::from_static(b"PLAIN"),
             deflated: Some(Bytes::from_static(b"DEFL")),
         });
         let mut o = Outbox::default();
-        o.shared(b.clone(), Takes::SharedDeflate);
-        o.shared(b.clone(), Takes::Plain);
+        o.shared(b.clone(), FrameForm::SharedDeflate);
+        o.shared(b.clone(), FrameForm::Plain);
         assert_eq!(o.queued(), 9);
         assert_eq!(written(&o), b"DEFLPLAIN");
         o.advance(6);
@@ -334,8 +323,8 @@ mod tests {
     #[test]
     fn discarding_keeps_a_partly_written_frame_whole() {
         let mut o = Outbox::default();
-        o.shared(shared(b"FIRST"), Takes::Plain);
-        o.shared(shared(b"SECOND"), Takes::Plain);
+        o.shared(shared(b"FIRST"), FrameForm::Plain);
+        o.shared(shared(b"SECOND"), FrameForm::Plain);
         o.frame(OpCode::Text, b"c");
         o.advance(2);
         o.discard_unsent();
@@ -344,9 +333,9 @@ mod tests {
         assert_eq!(written(&o), b"RST\x88\x02\x03\xf5");
 
         let mut o = Outbox::default();
-        o.shared(shared(b"FIRST"), Takes::Plain);
+        o.shared(shared(b"FIRST"), FrameForm::Plain);
         o.advance(5);
-        o.shared(shared(b"SECOND"), Takes::Plain);
+        o.shared(shared(b"SECOND"), FrameForm::Plain);
         o.discard_unsent();
         assert!(o.is_empty());
     }
@@ -360,7 +349,7 @@ mod tests {
         });
         let mut o = Outbox::default();
         o.frame(OpCode::Text, b"a");
-        o.shared(b.clone(), Takes::Plain);
+        o.shared(b.clone(), FrameForm::Plain);
         o.frame(OpCode::Text, b"b");
         o.advance(4); // "\x81\x01a" and "S": a short write went before
         let mut chunks = Vec::new();
@@ -379,21 +368,14 @@ mod tests {
             "the outbox let go of the broadcast"
         );
         // At most `max` chunks: the rest stays queued, in order.
-        o.shared(shared(b"ONE"), Takes::Plain);
-        o.shared(shared(b"TWO"), Takes::Plain);
+        o.shared(shared(b"ONE"), FrameForm::Plain);
+        o.shared(shared(b"TWO"), FrameForm::Plain);
         o.frame(OpCode::Text, b"c");
         let mut chunks = Vec::new();
         assert_eq!(o.take_chunks(&mut chunks, 1), 3);
         assert_eq!(&chunks[0][..], b"ONE");
         assert_eq!(o.queued(), 6);
         assert_eq!(written(&o), b"TWO\x81\x01c");
-    }
-
-    #[test]
-    fn frame_with_writes_in_place() {
-        let mut o = Outbox::default();
-        o.frame_with(OpCode::Binary, 3, |b| b.extend_from_slice(b"xyz"));
-        assert_eq!(written(&o), b"\x82\x03xyz");
     }
 
     #[test]

@@ -99,16 +99,6 @@ impl Reader {
         }
     }
 
-    /// True while a fragmented message is being reassembled.
-    pub fn in_message(&self) -> bool {
-        self.partial.is_some()
-    }
-
-    /// Bytes held for a message in reassembly (memory accounting).
-    pub fn buffered(&self) -> usize {
-        self.partial.as_ref().map_or(0, |p| p.data.capacity())
-    }
-
     /// Consumes the complete frames at the front of `buf` (unmasking them in place) and reports
     /// each message or control frame to `on`. Stops early when `on` says so.
     pub fn feed(

@@ -1,130 +1,36 @@
-//! Drives one WebSocket connection: reads into the shard's scratch buffer, parses frames in
-//! place, hands messages to a [`Handler`], and flushes everything queued as one vectored write
-//! per wake-up. Also heartbeats, the close handshake and lingering close.
+//! Drives a [`Connection`] over a stream: reads into the shard's scratch buffer and hands
+//! the bytes to the connection, moves the connection's mail into it, writes everything it
+//! queued as one vectored write per wake-up, and sleeps until its next timeout. The protocol
+//! itself lives in [`Connection`]; this is the I/O around it.
 //!
-//! Memory: an idle connection holds no read buffer here (bytes are read into a per-shard
-//! scratch buffer and only an incomplete frame is copied out), and its outbound buffer is freed
-//! once it has been idle for a heartbeat period.
+//! Memory: an idle connection holds no read buffer (bytes are read into a per-shard scratch
+//! buffer and only an incomplete frame is copied out), and its outbound buffer is freed once
+//! it has been idle for a heartbeat period.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
-use super::close::CloseCode;
-use super::deflate::{ConnDeflate, InflateError, Params, Tuning};
-use super::frame::OpCode;
+use super::connection::{Connection, Handler, Settings, State, Stats};
+use super::deflate::Params;
 use super::handle::ConnHandle;
-use super::mailbox::{Mailbox, Outgoing, Takes};
-use super::outbox::{Outbox, WriteOutbox};
-use super::reader::{Event, Flow, ReadError, Reader};
+use super::outbox::WriteOutbox;
 use crate::metrics::Traffic;
 
 /// Size of the per-shard buffer every connection reads into.
 const SCRATCH: usize = 64 * 1024;
 /// Reads per wake-up before yielding to other connections (fairness).
 const READ_BUDGET: usize = 8;
-/// Stop reading from a client while this much output waits for it (echo backpressure).
-const HIGH_WATER: usize = 256 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
-}
-
-/// A complete data message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Message<'a> {
-    /// Valid UTF-8.
-    Text(&'a [u8]),
-    Binary(&'a [u8]),
-}
-
-/// A request to close the connection with this code and reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Close {
-    pub code: CloseCode,
-    pub reason: &'static str,
-}
-
-/// What an endpoint does with a connection's messages.
-pub trait Handler {
-    /// The session starts; a greeting goes to `out`.
-    fn on_open(&mut self, _out: &mut Sink<'_>) {}
-
-    /// A complete message arrived; replies go to `out`.
-    fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close>;
-
-    // ---- relay hooks (the reverse proxy's `mode = "websocket"`); the defaults do nothing ----
-
-    /// Whether the handler takes more messages now. `Pending` stops reading from the client
-    /// (backpressure); the handler wakes `cx` when it has room again.
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
-        Poll::Ready(())
-    }
-
-    /// Messages from elsewhere (a relay's other side) to send now; polled while the outbox is
-    /// below its high-water mark. `Err` closes the connection with that code.
-    fn poll_produce(&mut self, _cx: &mut Context<'_>, _out: &mut Sink<'_>) -> Result<(), Close> {
-        Ok(())
-    }
-
-    /// The client sent a close frame (its code, when it had one).
-    fn on_close(&mut self, _code: Option<u16>) {}
-}
-
-/// Where a handler's messages go: the connection's outbox, compressed when negotiated.
-pub struct Sink<'a> {
-    out: &'a mut Outbox,
-    deflate: Option<&'a mut ConnDeflate>,
-    traffic: &'a Traffic,
-    /// The session's count of data messages sent.
-    sent: &'a mut u64,
-}
-
-impl Sink<'_> {
-    /// Moves what the connection's mailbox holds into the outbox, in order.
-    fn take_mail(&mut self, mailbox: &Mailbox) {
-        let takes = mailbox.takes();
-        mailbox.drain(|item| match item {
-            Outgoing::Broadcast(b) if takes == Takes::OwnDeflate => self.text(b.payload()),
-            Outgoing::Broadcast(b) => {
-                Traffic::add(&self.traffic.messages_out, 1);
-                *self.sent += 1;
-                self.out.shared(b, takes);
-            }
-            Outgoing::Text(t) => self.text(&t),
-        });
-    }
-
-    pub fn text(&mut self, payload: &[u8]) {
-        self.send(OpCode::Text, payload)
-    }
-    pub fn binary(&mut self, payload: &[u8]) {
-        self.send(OpCode::Binary, payload)
-    }
-    fn send(&mut self, opcode: OpCode, payload: &[u8]) {
-        Traffic::add(&self.traffic.messages_out, 1);
-        *self.sent += 1;
-        match self.deflate.as_deref_mut() {
-            Some(d) => d.frame(self.out, opcode, payload),
-            None => self.out.frame(opcode, payload),
-        }
-    }
-}
-
-/// Settings a session needs, taken from the config once per shard.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub max_message: usize,
-    pub heartbeat: Option<Duration>,
-    pub close_timeout: Duration,
-    pub compression: Tuning,
 }
 
 /// How a session ended, for logs and metrics.
@@ -138,41 +44,24 @@ pub struct Summary {
     pub messages_out: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Open,
-    /// Our close frame is queued: flush it, then shut the write side down.
-    Closing,
-    /// Write side shut: read and discard until the peer closes or the deadline passes, so the
-    /// kernel does not answer unread data with a reset that could destroy our close frame.
-    Lingering,
-    Done,
-}
-
 struct Session<'a, S, H> {
     io: S,
-    handler: H,
-    settings: &'a Settings,
+    conn: Connection<'a, H>,
     entry: &'a ConnHandle,
     traffic: &'a Traffic,
-    reader: Reader,
-    deflate: Option<ConnDeflate>,
-    /// An incomplete frame (or frames) carried over between reads.
-    pending: BytesMut,
-    /// Total size of the frame at the front of `pending`, when known.
-    pending_frame: usize,
-    out: Outbox,
     /// A write may still be in flight in the backend (io_uring write-behind).
     unflushed: bool,
-    phase: Phase,
-    /// The closing deadline; heartbeats need no timer per connection (see `Shard::heartbeats`).
+    /// The close timeout; heartbeats need no timer per connection (see `Shard::heartbeats`).
     timer: Option<Pin<Box<Sleep>>>,
-    heard: bool,
-    silent_ticks: u8,
-    /// Data messages in and out as of the last heartbeat tick: memory is given back after a
-    /// tick without data (pings and pongs do not count, or no live client would ever be idle).
-    data_at_tick: u64,
-    summary: Summary,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// The connection's message counts as last added to `traffic`.
+    reported: Stats,
+}
+
+/// The driver's clock: tokio's, so that tests with paused time drive the connection too.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// Runs a WebSocket session to its end. `early` holds bytes that arrived with the handshake.
@@ -193,238 +82,176 @@ where
     S: AsyncRead + WriteOutbox + 'a,
     H: Handler + 'a,
 {
-    let mut s = Session {
-        io,
-        handler,
-        settings,
-        entry,
-        traffic,
-        reader: match deflate {
-            Some(_) => Reader::with_deflate(settings.max_message),
-            None => Reader::new(settings.max_message),
-        },
-        deflate: deflate.map(|p| ConnDeflate::new(p, settings.compression)),
-        pending: BytesMut::new(),
-        pending_frame: 0,
-        out: Outbox::default(),
-        unflushed: false,
-        phase: Phase::Open,
-        timer: None,
-        heard: false,
-        silent_ticks: 0,
-        data_at_tick: 0,
-        summary: Summary::default(),
-    };
     // A tick from before the upgrade does not count.
     entry.take_heartbeat();
-    entry.mailbox.set_takes(match &deflate {
-        None => Takes::Plain,
-        Some(p) if p.server_no_context_takeover && p.server_max_window_bits == 15 => {
-            Takes::SharedDeflate
-        }
-        Some(_) => Takes::OwnDeflate,
-    });
-    // `early` is a slice of hyper's 8 KiB read buffer and keeps all of it alive, even when
-    // empty: copy what it holds and let it go before the session starts waiting.
-    s.handler.on_open(&mut Sink {
-        out: &mut s.out,
-        deflate: s.deflate.as_mut(),
+    let mut s = Session {
+        io,
+        conn: Connection::new(handler, deflate, settings, &entry.mailbox),
+        entry,
         traffic,
-        sent: &mut s.summary.messages_out,
-    });
-    let had_early = !early.is_empty();
-    s.pending.extend_from_slice(&early);
-    s.summary.bytes_in += early.len() as u64;
+        unflushed: false,
+        timer: None,
+        bytes_in: early.len() as u64,
+        bytes_out: 0,
+        reported: Stats::default(),
+    };
     Traffic::add(&traffic.bytes_in, early.len() as u64);
-    drop(early);
-    if had_early {
-        s.process_pending();
+    // `early` is a slice of hyper's 8 KiB read buffer and keeps all of it alive, even when
+    // empty: its bytes go through the scratch buffer and it is let go before the session waits.
+    if !early.is_empty() {
+        SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            for chunk in early.chunks(SCRATCH) {
+                let buf = &mut scratch[..chunk.len()];
+                buf.copy_from_slice(chunk);
+                s.conn.handle_input(buf, now());
+            }
+        });
     }
+    drop(early);
     async move {
         poll_fn(|cx| s.poll(cx)).await;
-        s.summary
+        Summary {
+            close_code: s.conn.close_code(),
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            messages_in: s.reported.messages_in,
+            messages_out: s.reported.messages_out,
+        }
     }
-}
-
-/// Inflates a compressed message; text must be UTF-8 once inflated.
-fn inflate(
-    deflate: &mut Option<ConnDeflate>,
-    data: &[u8],
-    text: bool,
-    limit: usize,
-) -> Result<super::deflate::Inflated, Close> {
-    // The reader only reports compressed messages when deflate was negotiated.
-    let Some(d) = deflate.as_mut() else {
-        return Err(Close {
-            code: CloseCode::PROTOCOL,
-            reason: "compressed message without permessage-deflate",
-        });
-    };
-    let plain = d.inflate(data, limit).map_err(|e| match e {
-        InflateError::TooBig(_) => Close {
-            code: CloseCode::TOO_BIG,
-            reason: "message too big",
-        },
-        InflateError::Corrupt => Close {
-            code: CloseCode::INVALID_DATA,
-            reason: "invalid compressed data",
-        },
-    })?;
-    if text && simdutf8::basic::from_utf8(&plain).is_err() {
-        return Err(Close {
-            code: CloseCode::INVALID_DATA,
-            reason: "invalid UTF-8",
-        });
-    }
-    Ok(plain)
 }
 
 impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.entry.register_waker(cx.waker());
-        if self.phase == Phase::Open {
+        if self.conn.state() == State::Open {
             if let Some(c) = self.entry.take_close_request() {
-                if c.code == CloseCode::TRY_AGAIN_LATER {
-                    // A slow consumer: what it has not started to receive is dropped.
-                    self.out.discard_unsent();
-                    self.entry.mailbox.clear();
-                }
-                self.close(c.code, c.reason);
+                self.conn.close(c, now());
             }
-        }
-        if self.phase == Phase::Open {
-            self.take_mail();
-            self.poll_produce(cx);
-            self.poll_read(cx);
-        }
-        if self.phase == Phase::Open {
-            self.heartbeat();
+            self.conn.handle_mail();
+            self.conn.handle_produce(cx, now());
+            let held = self.poll_read(cx);
+            // While the handler holds the input back, the client is not silent, only unheard:
+            // its heartbeat tick waits (the mark stays) until reading resumes.
+            if !held && self.entry.take_heartbeat() {
+                self.conn.handle_heartbeat(now());
+            }
         }
         // Reading stopped at the high-water mark, so no read interest is registered with the
         // socket (epoll): once the flush takes the queue below it, poll again to resume reading.
-        let backpressured = self.phase == Phase::Open && self.out.queued() >= HIGH_WATER;
+        let stalled = self.conn.state() == State::Open && !self.conn.wants_input();
         if let Err(e) = self.poll_flush(cx) {
             tracing::debug!(error = %e, "write failed");
-            self.phase = Phase::Done;
+            self.conn.handle_transport_closed();
         }
-        if backpressured && self.phase == Phase::Open && self.out.queued() < HIGH_WATER {
+        if stalled && self.conn.wants_input() {
             cx.waker().wake_by_ref();
         }
-        if let Some(published) = self.entry.mailbox.set_unwritten(self.out.queued()) {
+        if let Some(published) = self
+            .entry
+            .mailbox
+            .set_unwritten(self.conn.outbox().queued())
+        {
             self.traffic.written(published);
         }
-        if self.phase == Phase::Closing && self.out.is_empty() && !self.unflushed {
-            match Pin::new(&mut self.io).poll_shutdown(cx) {
-                Poll::Pending => {}
-                Poll::Ready(_) => self.phase = Phase::Lingering,
+        if self.conn.wants_write_shutdown() && !self.unflushed {
+            // A failed shutdown ends the writing too: lingering then sees the error.
+            if Pin::new(&mut self.io).poll_shutdown(cx).is_ready() {
+                self.conn.handle_write_shutdown();
             }
         }
-        if self.phase == Phase::Lingering {
+        if self.conn.state() == State::Lingering {
             self.poll_linger(cx);
         }
-        if matches!(self.phase, Phase::Closing | Phase::Lingering) {
-            if let Some(t) = self.timer.as_mut() {
-                if t.as_mut().poll(cx).is_ready() {
-                    self.phase = Phase::Done;
-                }
-            }
-        }
-        if self.phase == Phase::Done {
+        self.poll_timer(cx);
+        self.report();
+        if self.conn.is_closed() {
             Poll::Ready(())
         } else {
             Poll::Pending
         }
     }
 
-    /// The relay hook: what the handler's other side sent, while there is room to queue it.
-    fn poll_produce(&mut self, cx: &mut Context<'_>) {
-        if self.out.queued() >= HIGH_WATER {
-            return;
-        }
-        let res = self.handler.poll_produce(
-            cx,
-            &mut Sink {
-                out: &mut self.out,
-                deflate: self.deflate.as_mut(),
-                traffic: self.traffic,
-                sent: &mut self.summary.messages_out,
-            },
+    /// Adds the messages counted since the last turn to the shard's metrics.
+    fn report(&mut self) {
+        let now = self.conn.stats();
+        let new_in = now.messages_in - self.reported.messages_in;
+        Traffic::add(&self.traffic.messages_in, new_in);
+        Traffic::add(
+            &self.traffic.messages_out,
+            now.messages_out - self.reported.messages_out,
         );
-        if let Err(c) = res {
-            self.close(c.code, c.reason);
-        }
+        self.entry.count_messages(new_in);
+        self.reported = now;
     }
 
-    fn take_mail(&mut self) {
-        if !self.entry.mailbox.has_mail() {
+    fn poll_timer(&mut self, cx: &mut Context<'_>) {
+        let Some(deadline) = self.conn.poll_timeout() else {
             return;
-        }
-        Sink {
-            out: &mut self.out,
-            deflate: self.deflate.as_mut(),
-            traffic: self.traffic,
-            sent: &mut self.summary.messages_out,
-        }
-        .take_mail(&self.entry.mailbox);
-    }
-
-    /// Queues a close frame and starts the closing handshake.
-    fn close(&mut self, code: CloseCode, reason: &str) {
-        self.out.close(code, reason);
-        self.begin_closing(code.0);
-    }
-
-    /// Stops reading; the queued output is flushed, then the write side shut, within
-    /// `close_timeout`.
-    fn begin_closing(&mut self, code: u16) {
-        self.summary.close_code = Some(code);
-        self.phase = Phase::Closing;
-        self.pending = BytesMut::new();
-        let deadline = Instant::now() + self.settings.close_timeout;
-        match self.timer.as_mut() {
-            Some(t) => t.as_mut().reset(deadline),
-            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if t.deadline() != deadline {
+                    t.as_mut().reset(deadline);
+                }
+                t
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        if timer.as_mut().poll(cx).is_ready() {
+            self.conn.handle_timeout(now());
         }
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>) {
+    /// Reads and hands the input to the connection; returns whether the handler holds the
+    /// input back ([`Handler::poll_ready`]).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
         for _ in 0..READ_BUDGET {
-            if self.phase != Phase::Open || self.out.queued() >= HIGH_WATER {
-                return;
+            if !self.conn.wants_input() {
+                return false;
             }
-            if self.handler.poll_ready(cx).is_pending() {
-                return;
+            if self.conn.handler_mut().poll_ready(cx).is_pending() {
+                return true;
             }
-            let got = if self.pending.is_empty() {
-                self.read_scratch(cx)
-            } else {
-                self.read_pending(cx)
+            let got = match self.conn.input_buffer() {
+                None => self.read_scratch(cx),
+                // The rest of an incomplete frame goes straight where the frame is held.
+                Some((buf, want)) => {
+                    let got = read_into(&mut self.io, cx, buf, want);
+                    if matches!(got, Poll::Ready(Ok(n)) if n > 0) {
+                        self.conn.handle_buffered_input(now());
+                    }
+                    got
+                }
             };
             match got {
-                Poll::Pending => return,
+                Poll::Pending => return false,
                 Poll::Ready(Ok(0)) => {
                     // The peer went away without a close frame.
-                    self.phase = Phase::Done;
-                    return;
+                    self.conn.handle_transport_closed();
+                    return false;
                 }
                 Poll::Ready(Ok(n)) => {
-                    self.summary.bytes_in += n as u64;
+                    self.bytes_in += n as u64;
                     Traffic::add(&self.traffic.bytes_in, n as u64);
-                    self.heard = true;
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(error = %e, "read failed");
-                    self.phase = Phase::Done;
-                    return;
+                    self.conn.handle_transport_closed();
+                    return false;
                 }
             }
         }
         // Budget used up with data still coming: come back after others had their turn.
         cx.waker().wake_by_ref();
+        false
     }
 
-    /// Reads into the shard's scratch buffer and processes whole frames straight from it;
-    /// only an incomplete tail is copied into `pending`.
+    /// Reads into the shard's scratch buffer and hands what came to the connection, which
+    /// handles whole frames in place.
     fn read_scratch(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         SCRATCH_BUF.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
@@ -435,195 +262,21 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
                 Poll::Ready(Ok(())) => {}
             }
             let n = rb.filled().len();
-            let buf = &mut scratch[..n];
-            let (consumed, next) = self.process(buf);
-            if self.phase == Phase::Open && consumed < n {
-                self.pending.reserve(next.max(n - consumed));
-                self.pending.extend_from_slice(&buf[consumed..]);
-                self.pending_frame = next;
+            if n > 0 {
+                self.conn.handle_input(&mut scratch[..n], now());
             }
             Poll::Ready(Ok(n))
         })
     }
 
-    /// Reads more of an incomplete frame into `pending` (sized for the whole frame when its
-    /// header is known), then processes what is complete.
-    ///
-    /// The read goes into `pending`'s spare capacity as uninitialised memory. Zero-filling the
-    /// rest of the frame before every read (as `resize` would) costs O(frame²/read size): a
-    /// 16 MiB frame arriving in 64 KiB reads meant ~2 GiB of memset.
-    fn read_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let have = self.pending.len();
-        let want = self.pending_frame.saturating_sub(have).max(4096);
-        self.pending.reserve(want);
-        let mut rb = ReadBuf::uninit(&mut self.pending.spare_capacity_mut()[..want]);
-        let start = rb.filled().as_ptr();
-        let res = Pin::new(&mut self.io).poll_read(cx, &mut rb);
-        // A reader may only fill the buffer it was given (as tokio's own `read_buf` checks).
-        assert_eq!(
-            start,
-            rb.filled().as_ptr(),
-            "the reader replaced the read buffer"
-        );
-        let n = rb.filled().len();
-        // SAFETY: `ReadBuf` guarantees that its filled part is initialised, and the assertion
-        // above shows that part starts at `pending`'s spare capacity, i.e. at `have`; so the
-        // bytes `have..have + n` are initialised and within the capacity reserved above.
-        unsafe { self.pending.set_len(have + n) };
-        match res {
-            Poll::Ready(Ok(())) if n > 0 => {
-                self.process_pending();
-                Poll::Ready(Ok(n))
-            }
-            other => other.map_ok(|()| 0),
-        }
-    }
-
-    fn process_pending(&mut self) {
-        let mut pending = std::mem::take(&mut self.pending);
-        let (consumed, next) = self.process(&mut pending);
-        pending.advance(consumed);
-        if self.phase == Phase::Open && !pending.is_empty() {
-            self.pending = pending;
-            self.pending_frame = next;
-        }
-    }
-
-    /// Feeds bytes to the frame reader; returns (bytes consumed, size of the next frame if known).
-    fn process(&mut self, buf: &mut [u8]) -> (usize, usize) {
-        let Session {
-            reader,
-            deflate,
-            out,
-            handler,
-            summary,
-            entry,
-            settings,
-            traffic,
-            ..
-        } = self;
-        let mut close: Option<(CloseCode, &'static str)> = None;
-        let mut peer_close: Option<Option<u16>> = None;
-        let mut deliver =
-            |msg: Message<'_>, out: &mut Outbox, deflate: &mut Option<ConnDeflate>| {
-                summary.messages_in += 1;
-                entry.count_message();
-                Traffic::add(&traffic.messages_in, 1);
-                let mut sink = Sink {
-                    out,
-                    deflate: deflate.as_mut(),
-                    traffic,
-                    sent: &mut summary.messages_out,
-                };
-                let res = handler.on_message(msg, &mut sink);
-                // What the handler sent through the shard (e.g. a reply from a room homed
-                // here) goes out in order with what it wrote directly.
-                if entry.mailbox.has_mail() {
-                    sink.take_mail(&entry.mailbox);
-                }
-                res
-            };
-        let fed = reader.feed(buf, |ev| {
-            let res = match ev {
-                Event::Text(t) => deliver(Message::Text(t), out, deflate),
-                Event::Binary(b) => deliver(Message::Binary(b), out, deflate),
-                Event::Compressed { text, data } => {
-                    match inflate(deflate, data, text, settings.max_message) {
-                        Ok(plain) if text => deliver(Message::Text(&plain), out, deflate),
-                        Ok(plain) => deliver(Message::Binary(&plain), out, deflate),
-                        Err(c) => Err(c),
-                    }
-                }
-                Event::Ping(p) => {
-                    out.frame(OpCode::Pong, p);
-                    Ok(())
-                }
-                Event::Pong(_) => Ok(()),
-                Event::Close(c) => {
-                    peer_close = Some(c.map(|(code, _)| code));
-                    return Flow::Stop;
-                }
-            };
-            match res {
-                Ok(()) => Flow::Continue,
-                Err(c) => {
-                    close = Some((c.code, c.reason));
-                    Flow::Stop
-                }
-            }
-        });
-        match fed {
-            Ok(fed) => {
-                if let Some((code, reason)) = close {
-                    self.close(code, reason);
-                } else if let Some(code) = peer_close {
-                    self.handler.on_close(code);
-                    // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
-                    match code {
-                        Some(c) => self.close(CloseCode(c), ""),
-                        None => {
-                            self.out.frame(OpCode::Close, &[]);
-                            self.begin_closing(1005);
-                        }
-                    }
-                }
-                (fed.consumed, fed.next_frame_len)
-            }
-            Err(e) => {
-                self.fail(&e);
-                (buf.len(), 0)
-            }
-        }
-    }
-
-    fn fail(&mut self, e: &ReadError) {
-        tracing::debug!(error = %e, "failing connection");
-        let reason = match e {
-            ReadError::Protocol(r) => r,
-            ReadError::InvalidUtf8 => "invalid UTF-8",
-            ReadError::TooBig(_) => "message too big",
-        };
-        self.close(e.close_code(), reason);
-    }
-
-    /// Runs when the shard's heartbeat ticker has marked this connection (once per interval).
-    fn heartbeat(&mut self) {
-        if !self.entry.take_heartbeat() {
-            return;
-        }
-        if std::mem::take(&mut self.heard) {
-            self.silent_ticks = 0;
-        } else {
-            self.silent_ticks += 1;
-        }
-        let data = self.summary.messages_in + self.summary.messages_out;
-        if std::mem::replace(&mut self.data_at_tick, data) == data {
-            // No data since the last tick: give back buffer and compressor memory.
-            self.out.shrink();
-            self.entry.mailbox.shrink();
-            if let Some(d) = self.deflate.as_mut() {
-                d.shrink_idle();
-            }
-            if self.pending.is_empty() {
-                self.pending = BytesMut::new();
-            }
-        }
-        // Ticks are shared by the whole shard, so the first silent tick may come right after
-        // the last message: three silent ticks mean at least two full intervals of silence.
-        if self.silent_ticks >= 3 {
-            self.close(CloseCode::GOING_AWAY, "heartbeat timeout");
-        } else {
-            self.out.frame(OpCode::Ping, b"");
-        }
-    }
-
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        while !self.out.is_empty() {
-            match self.io.poll_write_outbox(cx, &mut self.out) {
+        let out = self.conn.outbox();
+        while !out.is_empty() {
+            match self.io.poll_write_outbox(cx, out) {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
-                    self.summary.bytes_out += n as u64;
+                    self.bytes_out += n as u64;
                     Traffic::add(&self.traffic.bytes_out, n as u64);
                     self.unflushed = true;
                 }
@@ -639,6 +292,7 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
         Ok(())
     }
 
+    /// Reads and discards until the peer closes (see [`State::Lingering`]).
     fn poll_linger(&mut self, cx: &mut Context<'_>) {
         SCRATCH_BUF.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
@@ -648,7 +302,7 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
                     Poll::Pending => return,
                     Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
                     Poll::Ready(_) => {
-                        self.phase = Phase::Done;
+                        self.conn.handle_transport_closed();
                         return;
                     }
                 }
@@ -658,11 +312,44 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
     }
 }
 
+/// Reads at most `want` bytes into `buf`'s spare capacity (reserved by the caller) and
+/// extends `buf` by what was read. The memory is offered uninitialised: zero-filling it first
+/// would cost as much as the read again.
+fn read_into<S: AsyncRead + Unpin>(
+    io: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    let have = buf.len();
+    let want = want.min(buf.capacity() - have);
+    let mut rb = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..want]);
+    let start = rb.filled().as_ptr();
+    let res = Pin::new(io).poll_read(cx, &mut rb);
+    // A reader may only fill the buffer it was given (as tokio's own `read_buf` checks).
+    assert_eq!(
+        start,
+        rb.filled().as_ptr(),
+        "the reader replaced the read buffer"
+    );
+    let n = rb.filled().len();
+    // SAFETY: `ReadBuf` guarantees that its filled part is initialised, and the assertion
+    // above shows that part starts at `buf`'s spare capacity, i.e. at `have`; so the bytes
+    // `have..have + n` are initialised and within `buf`'s capacity.
+    unsafe { buf.set_len(have + n) };
+    res.map_ok(|()| n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::write_masked_frame;
+    use crate::ws::connection::{Close, Message, ToClient};
+    use crate::ws::deflate::Tuning;
+    use crate::ws::frame::{write_masked_frame, OpCode};
+    use std::cell::Cell;
     use std::rc::Rc;
+    use std::task::Waker;
+    use std::time::Duration;
     use tokio::io::AsyncWrite;
 
     /// A client that delivers `input` in `chunk`-byte reads, records what the server writes,
@@ -673,6 +360,21 @@ mod tests {
         chunk: usize,
         written: Vec<u8>,
         offered_initialised: usize,
+        /// Reads made, seen from outside while the session holds the stream.
+        reads: Rc<Cell<usize>>,
+    }
+
+    impl Mock {
+        fn new(input: Vec<u8>, chunk: usize) -> Mock {
+            Mock {
+                input,
+                pos: 0,
+                chunk,
+                written: Vec::new(),
+                offered_initialised: 0,
+                reads: Rc::default(),
+            }
+        }
     }
 
     impl AsyncRead for Mock {
@@ -682,6 +384,7 @@ mod tests {
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
             self.offered_initialised += buf.initialized().len();
+            self.reads.set(self.reads.get() + 1);
             let n = self
                 .chunk
                 .min(self.input.len() - self.pos)
@@ -716,12 +419,24 @@ mod tests {
     struct Echo;
 
     impl Handler for Echo {
-        fn on_message(&mut self, msg: Message<'_>, out: &mut Sink<'_>) -> Result<(), Close> {
+        fn on_message(&mut self, msg: Message<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
             match msg {
                 Message::Text(t) => out.text(t),
                 Message::Binary(b) => out.binary(b),
             }
             Ok(())
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            max_message: 16 << 20,
+            heartbeat: None,
+            close_timeout: Duration::from_secs(1),
+            compression: Tuning {
+                level: 1,
+                threshold: 256,
+            },
         }
     }
 
@@ -738,23 +453,9 @@ mod tests {
             [5, 6, 7, 8],
             &1000u16.to_be_bytes(),
         );
-        let mut mock = Mock {
-            input,
-            pos: 0,
-            chunk: 4096,
-            written: Vec::new(),
-            offered_initialised: 0,
-        };
+        let mut mock = Mock::new(input, 4096);
         let entry = Rc::new(ConnHandle::new(1, "127.0.0.1:1".parse().unwrap()));
-        let settings = Settings {
-            max_message: 16 << 20,
-            heartbeat: None,
-            close_timeout: Duration::from_secs(1),
-            compression: Tuning {
-                level: 1,
-                threshold: 256,
-            },
-        };
+        let settings = settings();
         let summary = run(
             &mut mock,
             Bytes::new(),
@@ -783,5 +484,99 @@ mod tests {
             "offered {} initialised bytes for a {len}-byte frame",
             mock.offered_initialised
         );
+    }
+
+    /// Takes messages only while its gate is open; wakes the session when it opens.
+    struct Gated {
+        open: Rc<Cell<bool>>,
+        waker: Rc<RefCell<Option<Waker>>>,
+        got: Rc<Cell<usize>>,
+    }
+
+    impl Handler for Gated {
+        fn on_message(&mut self, _: Message<'_>, _: &mut ToClient<'_>) -> Result<(), Close> {
+            self.got.set(self.got.get() + 1);
+            Ok(())
+        }
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+            if self.open.get() {
+                return Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// Counts wake-ups.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_is_not_ready_stops_reading_until_it_wakes_the_session() {
+        let mut input = Vec::new();
+        for m in [&b"one"[..], b"two", b"three"] {
+            write_masked_frame(&mut input, true, OpCode::Text, [1, 2, 3, 4], m);
+        }
+        let mut mock = Mock::new(input, 64);
+        let reads = mock.reads.clone();
+        let (open, waker, got) = (Rc::new(Cell::new(false)), Rc::default(), Rc::default());
+        let handler = Gated {
+            open: open.clone(),
+            waker: Rc::clone(&waker),
+            got: Rc::clone(&got),
+        };
+        let entry = ConnHandle::new(1, "127.0.0.1:1".parse().unwrap());
+        let (settings, traffic) = (settings(), Traffic::default());
+        let session = run(
+            &mut mock,
+            Bytes::new(),
+            None,
+            handler,
+            &settings,
+            &entry,
+            &traffic,
+        );
+        let mut session = std::pin::pin!(session);
+        let wakes = std::sync::Arc::new(Wakes(Default::default()));
+        let session_waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&session_waker);
+
+        let wakes_now = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(session.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            reads.get(),
+            0,
+            "nothing is read while the handler is not ready"
+        );
+        assert_eq!(got.get(), 0);
+        assert_eq!(wakes_now(), 0, "no busy polling");
+        // A client that is not read is not silent: heartbeat ticks do not time it out.
+        for tick in 1..=4 {
+            entry.mark_heartbeat();
+            assert_eq!(wakes_now(), tick);
+            assert!(session.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(reads.get(), 0);
+
+        open.set(true);
+        waker
+            .borrow_mut()
+            .take()
+            .expect("the handler kept the waker")
+            .wake();
+        assert_eq!(wakes_now(), 5);
+        // The client's input ends without a close frame: the session ends once it is read.
+        let Poll::Ready(summary) = session.as_mut().poll(&mut cx) else {
+            panic!("the session did not end with its input");
+        };
+        assert_eq!(got.get(), 3);
+        assert_eq!(summary.close_code, None, "no heartbeat timeout");
+        assert_eq!(summary.messages_in, 3);
     }
 }

@@ -78,10 +78,6 @@ impl ConnDeflate {
         }
     }
 
-    pub fn params(&self) -> &Params {
-        &self.params
-    }
-
     /// Inflates one compressed message, refusing to produce more than `limit` bytes.
     pub fn inflate(&mut self, data: &[u8], limit: usize) -> Result<Inflated, InflateError> {
         if data.is_empty() {
