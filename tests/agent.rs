@@ -840,7 +840,7 @@ async fn two_targets_balanced(backend: Backend) {
 }
 
 async fn no_upstream_configured(backend: Backend) {
-    let server = Server::start(backend, &[]);
+    let server = Server::start_with_config(backend, "[agent]\ndemo = false\n", &[]);
     let mut ws = agent_ws(&server).await;
     for ty in ["agent_query", "streaming_query"] {
         send(&mut ws, json!({"type": ty, "query": "x", "id": ty})).await;

@@ -123,6 +123,9 @@ pub struct AgentConfig {
     pub stream_path: String,
     /// `{tool_name}` is replaced by the tool's name.
     pub tool_path: String,
+    /// Answer from the built-in demo agent (src/agent/demo.rs) while no upstream is
+    /// configured, so a fresh start works end to end; configuring any upstream turns it off.
+    pub demo: bool,
 }
 
 impl Default for AgentConfig {
@@ -145,6 +148,7 @@ impl Default for AgentConfig {
             query_path: "/agent/query".into(),
             stream_path: "/agent/stream".into(),
             tool_path: "/tools/{tool_name}".into(),
+            demo: true,
         }
     }
 }
@@ -213,6 +217,11 @@ impl BaseUrl {
 }
 
 impl AgentConfig {
+    /// Whether `/ws/agent` is served by the built-in demo agent.
+    pub fn demo_active(&self) -> bool {
+        self.demo && self.upstreams.is_empty()
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.connect_timeout)
     }

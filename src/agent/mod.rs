@@ -12,6 +12,7 @@ pub mod balance;
 pub mod breaker;
 pub mod chunk;
 pub mod config;
+pub mod demo;
 pub mod ndjson;
 pub mod protocol;
 pub mod sse;
@@ -207,7 +208,12 @@ enum Work {
 
 impl Handler for Agent {
     fn on_open(&mut self, out: &mut ToClient<'_>) {
-        out.text(protocol::connected(&self.conn.connection_id).as_bytes());
+        let hello = if self.gw.cfg.demo_active() {
+            demo::connected(&self.conn.connection_id)
+        } else {
+            protocol::connected(&self.conn.connection_id)
+        };
+        out.text(hello.as_bytes());
     }
 
     fn on_message(&mut self, msg: Message<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
@@ -280,6 +286,15 @@ async fn run(
     work: Work,
 ) {
     let cfg = &gw.cfg;
+    if cfg.demo_active() {
+        match &work {
+            Work::Query(q) => demo::query(&conn, id.as_ref(), &q.query),
+            Work::Stream(q) => demo::stream(&conn, id.as_ref(), &q.query).await,
+            Work::Tool { tool_name, params } => demo::tool(&conn, id.as_ref(), tool_name, params),
+        }
+        conn.finished(seq);
+        return;
+    }
     let (kind, path, body, session_id) = match &work {
         Work::Query(q) => (
             Kind::Query,

@@ -66,6 +66,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Serve `/ws/echo`.
     pub echo: bool,
+    /// Serve the files built into the binary at `/static/*` (src/server/static_files.rs).
+    #[serde(rename = "static")]
+    pub static_files: bool,
     pub log_format: LogFormat,
     /// permessage-deflate (RFC 7692).
     pub compression: Compression,
@@ -188,6 +191,7 @@ impl Default for Config {
             max_outbound_bytes: 4 << 20,
             allowed_origins: Vec::new(),
             echo: true,
+            static_files: true,
             log_format: LogFormat::Text,
             compression: Compression::default(),
             admin_listen: AdminListen::Auto,

@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 use super::admission::Refusal;
 use super::api;
 use super::endpoint::{self, Endpoint};
+use super::fallback::{self, AnyBody};
 use crate::auth::{self, AuthError, Identity};
 use crate::error::Rejection;
 use crate::io::Stream;
@@ -37,6 +38,8 @@ pub type Body = Full<Bytes>;
 /// What the server sends: whole bodies, or a proxied upstream's streamed through.
 type ServedBody = crate::proxy::body::Body;
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ServedBody>, Infallible>>>>;
+/// The same, or an event stream (`/sse`, src/server/fallback.rs).
+type AnyResponseFuture = Pin<Box<dyn Future<Output = Result<Response<AnyBody>, Infallible>>>>;
 
 /// A proxied upgrade whose upstream answered 101: the upstream connection, the connection
 /// slot, and the permessage-deflate parameters negotiated with the client (relayed mode).
@@ -247,18 +250,38 @@ struct Router {
 }
 
 impl hyper::service::Service<Request<Incoming>> for Router {
-    type Response = Response<ServedBody>;
+    type Response = Response<AnyBody>;
     type Error = Infallible;
-    type Future = ResponseFuture;
+    type Future = AnyResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.served.set(true);
         if !self.admin {
             let proxy = self.shard.proxy.borrow().clone();
             if let Some(route) = proxy.find(&req, self.client.sni.as_deref()) {
-                return self.proxy(route, req);
+                let answer = self.proxy(route, req);
+                return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
             }
         }
+        // `/sse`, `/poll`, `/publish`, `/presence`, `/history` (src/server/fallback.rs): rooms
+        // without a WebSocket; a `[[route]]` on the same path wins.
+        let rooms = self.shard.global.config.rooms.enabled;
+        if !self.admin && rooms && fallback::handles(req.uri().path()) {
+            let (shard, remote) = (self.shard.clone(), self.remote);
+            return Box::pin(async move {
+                let resp = fallback::serve(shard, remote, req).await;
+                counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                    .increment(1);
+                Ok(resp)
+            });
+        }
+        let answer = self.call_full(req);
+        Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) })
+    }
+}
+
+impl Router {
+    fn call_full(&self, req: Request<Incoming>) -> ResponseFuture {
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
             return Box::pin(statistics(self.shard.global.clone()));
         }
@@ -369,6 +392,9 @@ impl Router {
             (&Method::GET | &Method::HEAD, "/healthz")
             | (&Method::GET | &Method::HEAD, "/readyz") => self.health(req),
             (&Method::GET, "/metrics") if self.private => self.metrics(),
+            (m, p) if p.starts_with("/static/") && global.config.static_files => {
+                super::static_files::serve(m, p, req.headers())
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }

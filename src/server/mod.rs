@@ -7,9 +7,11 @@ pub mod api;
 pub mod config;
 pub mod endpoint;
 pub mod failure;
+pub mod fallback;
 pub mod http;
 pub mod logging;
 pub mod shard;
+pub mod static_files;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -234,6 +236,13 @@ impl Server {
         }
         for (a, spec) in &addrs[1..] {
             tracing::info!(addr = %a, tls = spec.tls, admin = spec.admin, "also listening");
+        }
+        // Before the listening line, which tools (and the tests) wait for.
+        if global.config.agent.demo_active() {
+            tracing::info!(
+                "/ws/agent answers from the built-in demo agent: no agent upstream is configured \
+                 (set [agent] upstreams, or [agent] demo = false)"
+            );
         }
         tracing::info!(
             %addr, tls = first_tls, shards, io = backend.name(), why = %why, pinned = pin,

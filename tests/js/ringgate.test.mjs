@@ -1,0 +1,364 @@
+// Unit tests of static/ringgate.js under Node's test runner (`node --test tests/js/`), with
+// fake WebSocket/EventSource/fetch and mocked timers. Run by tests/js_client.rs.
+import { test, mock } from "node:test";
+import assert from "node:assert/strict";
+import { RinggateClient, backoffDelay, encodeCursor } from "../../static/ringgate.js";
+
+class FakeWs {
+  static all = [];
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.sent = [];
+    this.closed = null;
+    FakeWs.all.push(this);
+  }
+  send(text) {
+    if (this.closed) throw new Error("closed");
+    this.sent.push(JSON.parse(text));
+  }
+  close(code) {
+    if (this.closed) return;
+    this.closed = code ?? 1005;
+    queueMicrotask(() => this.onclose?.({ code }));
+  }
+  // test side
+  open(connectionId = "c1") {
+    this.onopen?.();
+    this.recv({ type: "connected", connection_id: connectionId });
+  }
+  recv(msg) {
+    this.onmessage?.({ data: JSON.stringify(msg) });
+  }
+  fail() {
+    this.closed = 1006;
+    this.onclose?.({ code: 1006 });
+  }
+  last(action) {
+    return [...this.sent].reverse().find((m) => m.action === action);
+  }
+}
+
+class FakeEs {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    FakeEs.all.push(this);
+  }
+  close() {
+    this.readyState = 2;
+  }
+  open() {
+    this.readyState = 1;
+    this.onopen?.();
+  }
+  recv(msg) {
+    this.onmessage?.({ data: JSON.stringify(msg) });
+  }
+}
+
+const flush = () => new Promise((r) => setImmediate(r));
+
+async function client(extra = {}) {
+  FakeWs.all = [];
+  FakeEs.all = [];
+  const statuses = [];
+  const c = new RinggateClient("ws://127.0.0.1:1/ws", {
+    WebSocket: FakeWs,
+    EventSource: FakeEs,
+    fetch: extra.fetch || (async () => ({ ok: true, json: async () => ({ messages: [] }) })),
+    browserEvents: false,
+    random: () => 0.5,
+    probeInterval: 0,
+    pingInterval: 0,
+    ...extra,
+  });
+  c.on("status", (s) => statuses.push(s));
+  await Promise.resolve();
+  return { c, statuses };
+}
+
+test("backoff: full jitter below an exponential ceiling, capped", () => {
+  assert.equal(backoffDelay(0, 500, 30000, () => 0.999), 499);
+  assert.equal(backoffDelay(3, 500, 30000, () => 0.5), 2000);
+  assert.equal(backoffDelay(20, 500, 30000, () => 0.999), 29970);
+  assert.equal(backoffDelay(1000, 500, 30000, () => 0), 0);
+});
+
+test("cursor encoding escapes separators", () => {
+  assert.equal(
+    encodeCursor([["a,b", { seq: 3, epoch: "e:1" }], ["x", { seq: null }]]),
+    "a%2Cb:3:e%3A1",
+  );
+});
+
+test("token goes as the bearer subprotocol, or in the query", async () => {
+  let { c } = await client({ token: "t.k.n" });
+  assert.deepEqual(FakeWs.all[0].protocols, ["bearer.t.k.n"]);
+  c.close();
+  ({ c } = await client({ token: "tok", tokenIn: "query" }));
+  assert.equal(FakeWs.all[0].url, "ws://127.0.0.1:1/ws?token=tok");
+  c.close();
+});
+
+test("subscribe, deliver, publish with ack, request ids", async () => {
+  const { c, statuses } = await client();
+  const ws = FakeWs.all[0];
+  ws.open();
+  const got = [];
+  const p = c.subscribe("room", (m) => got.push(m));
+  const sub = ws.last("subscribe");
+  assert.equal(sub.topic, "room");
+  assert.equal(sub.since, undefined);
+  ws.recv({ type: "subscribed", topic: "room", seq: 4, epoch: "E", id: sub.id });
+  assert.equal((await p).seq, 4);
+  ws.recv({ type: "message", topic: "room", seq: 5, data: 1 });
+  ws.recv({ type: "message", topic: "room", seq: 5, data: 1 }); // duplicate: dropped
+  ws.recv({ type: "message", topic: "room", seq: 6, data: 2 });
+  assert.deepEqual(got.map((m) => m.data), [1, 2]);
+  const ack = c.publish("room", { x: 1 });
+  const pub = ws.last("publish");
+  assert.deepEqual(pub.data, { x: 1 });
+  ws.recv({ type: "ack", id: pub.id, seq: 7 });
+  assert.equal((await ack).seq, 7);
+  const bad = c.publish("room", 1);
+  ws.recv({ type: "error", code: "rate_limited", error: "slow down", id: ws.last("publish").id });
+  await assert.rejects(bad, (e) => e.code === "rate_limited");
+  assert.deepEqual(statuses, ["connecting", "open"]);
+  c.close();
+  assert.equal(statuses.at(-1), "closed");
+});
+
+test("reconnect with backoff restores subscriptions with since and epoch", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  try {
+    const { c, statuses } = await client();
+    FakeWs.all[0].open();
+    const got = [];
+    c.subscribe("room", (m) => got.push(m));
+    let ws = FakeWs.all[0];
+    ws.recv({ type: "subscribed", topic: "room", seq: 0, epoch: "E", id: ws.last("subscribe").id });
+    ws.recv({ type: "message", topic: "room", seq: 1, data: "a" });
+    ws.fail();
+    assert.equal(statuses.at(-1), "reconnecting");
+    assert.equal(FakeWs.all.length, 1);
+    mock.timers.tick(250); // random 0.5 × base 500
+    assert.equal(FakeWs.all.length, 2);
+    ws = FakeWs.all[1];
+    ws.open("c2");
+    const sub = ws.last("subscribe");
+    assert.equal(sub.since, 1);
+    assert.equal(sub.epoch, "E");
+    ws.recv({ type: "subscribed", topic: "room", seq: 3, epoch: "E", recovered: true, id: sub.id });
+    ws.recv({ type: "message", topic: "room", seq: 2, data: "b" });
+    ws.recv({ type: "message", topic: "room", seq: 3, data: "c" });
+    assert.deepEqual(got.map((m) => m.data), ["a", "b", "c"]);
+    assert.equal(statuses.at(-1), "open");
+    // A restart lost history: the handler is told, and delivery resumes from the new seq.
+    ws.fail();
+    mock.timers.tick(30000);
+    ws = FakeWs.all.at(-1);
+    ws.open("c3");
+    const again = ws.last("subscribe");
+    assert.equal(again.since, 3);
+    ws.recv({ type: "subscribed", topic: "room", seq: 0, epoch: "F", recovered: false, id: again.id });
+    ws.recv({ type: "message", topic: "room", seq: 1, data: "d" });
+    assert.equal(got[3].type, "subscribed");
+    assert.equal(got[3].recovered, false);
+    assert.equal(got[4].data, "d");
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("backoff grows per failed attempt up to the cap", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  try {
+    const { c } = await client({ random: () => 0.999, fallbackAfter: 0, backoffCap: 4000 });
+    const waits = [];
+    for (let i = 0; i < 6; i++) {
+      const n = FakeWs.all.length;
+      FakeWs.all.at(-1).fail();
+      let waited = 0;
+      while (FakeWs.all.length === n) {
+        mock.timers.tick(1);
+        waited += 1;
+      }
+      waits.push(waited);
+    }
+    assert.deepEqual(waits, [499, 999, 1998, 3996, 3996, 3996]);
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("bounded send queue while disconnected", async () => {
+  const { c } = await client({ maxQueue: 2 });
+  const a = c.publish("t", 1);
+  const b = c.publish("t", 2);
+  await assert.rejects(c.publish("t", 3), (e) => e.code === "queue_full");
+  const ws = FakeWs.all[0];
+  ws.open();
+  const pubs = ws.sent.filter((m) => m.action === "publish");
+  assert.deepEqual(pubs.map((m) => m.data), [1, 2]);
+  for (const p of pubs) ws.recv({ type: "ack", id: p.id, seq: p.data });
+  assert.equal((await a).seq, 1);
+  assert.equal((await b).seq, 2);
+  c.close();
+});
+
+test("requests time out", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  try {
+    const { c } = await client({ requestTimeout: 1000 });
+    FakeWs.all[0].open();
+    const p = c.presence("t");
+    mock.timers.tick(1000);
+    await assert.rejects(p, (e) => e.code === "timeout");
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("silent connection is replaced after two ping intervals", async () => {
+  mock.timers.enable({ apis: ["setTimeout", "Date"] });
+  try {
+    const { c, statuses } = await client({ pingInterval: 1000 });
+    const ws = FakeWs.all[0];
+    ws.open();
+    mock.timers.tick(1000);
+    assert.ok(ws.last("ping"), "pings when idle");
+    mock.timers.tick(1000);
+    assert.equal(ws.closed, 4000);
+    assert.equal(statuses.at(-1), "reconnecting");
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("falls back to SSE after 3 failed attempts, publishes over HTTP, probes back", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const posts = [];
+  const fetch = async (url, init) => {
+    posts.push({ url, init });
+    return { ok: true, json: async () => ({ seq: 9 }) };
+  };
+  try {
+    const { c, statuses } = await client({ fetch, probeInterval: 5000 });
+    const got = [];
+    c.subscribe("room", (m) => got.push(m));
+    for (let i = 0; i < 3; i++) {
+      FakeWs.all.at(-1).fail();
+      mock.timers.tick(30000);
+    }
+    assert.equal(FakeEs.all.length, 1);
+    const es = FakeEs.all[0];
+    assert.match(es.url, /\/sse\?topics=room$/);
+    es.open();
+    assert.equal(statuses.at(-1), "fallback:sse");
+    es.recv({ type: "subscribed", topic: "room", seq: 2, epoch: "E" });
+    es.recv({ type: "message", topic: "room", seq: 3, data: "x" });
+    assert.deepEqual(got.map((m) => m.data), ["x"]);
+    const ack = await c.publish("room", { y: 1 });
+    assert.equal(ack.seq, 9);
+    assert.equal(posts[0].url, "http://127.0.0.1:1/publish");
+    assert.deepEqual(JSON.parse(posts[0].init.body), { topic: "room", data: { y: 1 } });
+    // The background probe finds WebSocket working again.
+    const before = FakeWs.all.length;
+    mock.timers.tick(5000);
+    assert.equal(FakeWs.all.length, before + 1);
+    const ws = FakeWs.all.at(-1);
+    ws.open();
+    assert.equal(es.readyState, 2, "SSE closed");
+    assert.equal(statuses.at(-1), "open");
+    const sub = ws.last("subscribe");
+    assert.equal(sub.since, 3);
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("SSE that never opens moves to long-poll", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const polls = [];
+  let answer;
+  const fetch = (url) => {
+    polls.push(url);
+    return new Promise((r) => (answer = r));
+  };
+  try {
+    const { c, statuses } = await client({ fetch, fallbackAfter: 1 });
+    const got = [];
+    c.subscribe("room", (m) => got.push(m));
+    FakeWs.all[0].fail();
+    mock.timers.tick(30000);
+    FakeEs.all[0].onerror();
+    assert.equal(statuses.at(-1), "fallback:poll");
+    await flush();
+    assert.match(polls[0], /\/poll\?topics=room&timeout=25$/);
+    answer({
+      ok: true,
+      json: async () => ({
+        messages: [
+          { type: "subscribed", topic: "room", seq: 1, epoch: "E" },
+          { type: "message", topic: "room", seq: 2, data: "p" },
+        ],
+      }),
+    });
+    await flush();
+    await flush();
+    assert.deepEqual(got.map((m) => m.data), ["p"]);
+    assert.match(polls[1], /since=room:2:E/);
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("agent helper: stream as an async iterator, cancel", async () => {
+  const { c } = await client();
+  const agent = c.agent();
+  const s = agent.stream("hello");
+  await flush();
+  const ws = FakeWs.all.at(-1);
+  assert.equal(ws.url, "ws://127.0.0.1:1/ws/agent");
+  ws.recv({ type: "connected", connection_id: "a1", demo: true });
+  await flush();
+  const q = ws.sent[0];
+  assert.equal(q.type, "streaming_query");
+  ws.recv({ type: "stream_start", id: q.id });
+  ws.recv({ type: "stream_chunk", id: q.id, content: "one " });
+  ws.recv({ type: "stream_chunk", id: q.id, content: "two" });
+  ws.recv({ type: "stream_end", id: q.id });
+  const parts = [];
+  for await (const part of s) parts.push(part);
+  assert.deepEqual(parts, ["one ", "two"]);
+  assert.equal(agent.demo, true);
+
+  const s2 = agent.stream("again");
+  await flush();
+  const q2 = ws.sent.at(-1);
+  ws.recv({ type: "stream_chunk", id: q2.id, content: "x" });
+  const cancelled = s2.cancel();
+  await flush();
+  assert.deepEqual(ws.sent.at(-1), { type: "cancel", id: q2.id });
+  ws.recv({ type: "cancelled", id: q2.id });
+  await cancelled;
+  const rest = [];
+  for await (const part of s2) rest.push(part);
+  assert.deepEqual(rest, ["x"]);
+
+  const r = agent.tool("calculator", { expression: "1+1" });
+  await flush();
+  const t = ws.sent.at(-1);
+  ws.recv({ type: "tool_result", id: t.id, tool_name: "calculator", result: 2 });
+  assert.equal(await r, 2);
+  agent.close();
+  c.close();
+});
