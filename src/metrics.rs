@@ -24,6 +24,12 @@ pub const HTTP_REQUESTS: &str = "ringgate_http_requests_total";
 pub const INFO: &str = "ringgate_info";
 pub const SLOW_CONSUMERS: &str = "ringgate_slow_consumer_closes_total";
 pub const PANICS: &str = "ringgate_panics_total";
+// ---- fallback transports (/sse, /poll, POST /publish) ----
+pub const SSE_STREAMS: &str = "ringgate_sse_streams_total";
+pub const SSE_ACTIVE: &str = "ringgate_sse_streams_active";
+pub const SSE_EVENTS: &str = "ringgate_sse_events_total";
+pub const POLL_REQUESTS: &str = "ringgate_poll_requests_total";
+pub const HTTP_PUBLISHES: &str = "ringgate_http_publish_total";
 pub const CONNECTIONS_REFUSED: &str = "ringgate_connections_refused_total";
 pub const TOKENS_EXPIRED: &str = "ringgate_token_expired_closes_total";
 pub const ROOMS: &str = "ringgate_rooms";
@@ -75,6 +81,11 @@ pub const FROM_START: &[&str] = &[
     HISTORY_BYTES,
     AGENT_IN_FLIGHT,
     AGENT_CANCELLED,
+    SSE_STREAMS,
+    SSE_ACTIVE,
+    SSE_EVENTS,
+    POLL_REQUESTS,
+    HTTP_PUBLISHES,
 ];
 
 /// Histograms are exported as Prometheus histograms (buckets add up across shards and hosts;
@@ -160,6 +171,14 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
     describe_counter!(
         SLOW_CONSUMERS,
         "Connections closed with 1013 because their outbound queue went over max_outbound_bytes."
+    );
+    describe_counter!(SSE_STREAMS, "Server-sent event streams opened (/sse).");
+    describe_gauge!(SSE_ACTIVE, "Open server-sent event streams.");
+    describe_counter!(SSE_EVENTS, "Room messages sent as server-sent events.");
+    describe_counter!(POLL_REQUESTS, "Long-poll requests answered (/poll).");
+    describe_counter!(
+        HTTP_PUBLISHES,
+        "POST /publish requests, by result (ok or the error code)."
     );
     describe_counter!(
         PANICS,
@@ -314,6 +333,11 @@ fn export_from_start(shards: usize) {
         }
     }
     gauge!(AGENT_IN_FLIGHT).set(0.0);
+    counter!(SSE_STREAMS).absolute(0);
+    gauge!(SSE_ACTIVE).set(0.0);
+    counter!(SSE_EVENTS).absolute(0);
+    counter!(POLL_REQUESTS).absolute(0);
+    counter!(HTTP_PUBLISHES, "result" => "ok").absolute(0);
     for reason in ["client", "disconnect"] {
         counter!(AGENT_CANCELLED, "reason" => reason).absolute(0);
     }

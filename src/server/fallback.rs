@@ -40,11 +40,7 @@ const SSE_RETRY_MS: u32 = 1000;
 const POLL_TIMEOUT: u64 = 25;
 const POLL_TIMEOUT_MAX: u64 = 60;
 
-pub const SSE_STREAMS: &str = "ringgate_sse_streams_total";
-pub const SSE_ACTIVE: &str = "ringgate_sse_streams_active";
-pub const SSE_EVENTS: &str = "ringgate_sse_events_total";
-pub const POLL_REQUESTS: &str = "ringgate_poll_requests_total";
-pub const HTTP_PUBLISHES: &str = "ringgate_http_publish_total";
+use crate::metrics::{HTTP_PUBLISHES, POLL_REQUESTS, SSE_ACTIVE, SSE_EVENTS, SSE_STREAMS};
 
 /// A refused request: status, code, text (the `/api` error shape).
 struct Refused(StatusCode, &'static str, String);
