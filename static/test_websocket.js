@@ -197,6 +197,8 @@ async function refreshStats() {
     u.pathname = "/ws/statistics";
     u.search = "";
     const r = await fetch(u);
+    // /ws/statistics is part of the admin surface: a public listener answers 404.
+    $("s-note").hidden = r.status !== 404;
     if (!r.ok) return;
     const s = await r.json();
     $("s-active").textContent = s.active_connections;
