@@ -58,6 +58,8 @@ fn differential(data: &[u8], limit: usize) {
         (Ref::Ok(want), Ok(())) => assert_eq!(out, want),
         (Ref::TooBig, Err(InflateError::TooBig(l))) => assert_eq!(l, limit),
         (Ref::Corrupt(_), Err(InflateError::Corrupt)) => {}
+        // Past the limit before the error: either refusal is right.
+        (Ref::Corrupt(before), Err(InflateError::TooBig(_))) if before.len() > limit => {}
         // zlib (so zlib-rs) reports an empty or incomplete Huffman code only when a symbol is
         // decoded with it; miniz_oxide refuses it at once. A message that ends before then is,
         // for zlib, cut inside a block: it inflates to what came before, as any message cut
