@@ -28,7 +28,9 @@ impl TokenBucket {
             return true;
         }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
+        // An earlier `now` than the last one must not move `last` back: the next call would be
+        // credited the same time twice.
+        self.last = self.last.max(now);
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

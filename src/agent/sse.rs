@@ -47,7 +47,8 @@ impl SseDecoder {
 
     /// Feeds the next bytes; complete events go to `out` in order.
     pub fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<Event>) -> Result<(), SseError> {
-        if self.after_cr {
+        // An empty read says nothing about whether an LF follows the CR.
+        if self.after_cr && !bytes.is_empty() {
             self.after_cr = false;
             if let [b'\n', rest @ ..] = bytes {
                 bytes = rest;
@@ -199,6 +200,18 @@ mod tests {
         d.feed(b"\ndata: b\r", &mut out).unwrap();
         d.feed(b"\n\r", &mut out).unwrap();
         d.feed(b"\n", &mut out).unwrap();
+        assert_eq!(data(&out), ["a\nb"]);
+    }
+
+    /// Found by fuzzing: an empty read (an empty body frame) between a CR and its LF made
+    /// the LF a blank line, dispatching the event early.
+    #[test]
+    fn an_empty_read_between_cr_and_lf_changes_nothing() {
+        let mut d = SseDecoder::new(1024);
+        let mut out = Vec::new();
+        for piece in [&b"data: a\r"[..], b"", b"\ndata: b\n\n"] {
+            d.feed(piece, &mut out).unwrap();
+        }
         assert_eq!(data(&out), ["a\nb"]);
     }
 

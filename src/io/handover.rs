@@ -111,8 +111,9 @@ fn receive_all(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     }
 }
 
-/// Whether `data` is a greeting followed by one `F` per chunk of `fds` descriptors.
-fn is_handover(data: &[u8], fds: usize) -> bool {
+/// Whether `data` is a greeting followed by one `F` per chunk of `fds` descriptors. Public for
+/// the fuzz target.
+pub fn is_handover(data: &[u8], fds: usize) -> bool {
     let Some(rest) = data.strip_prefix(GREETING) else {
         return false;
     };

@@ -142,9 +142,9 @@ fn parse_offer(ext: &str) -> Option<Result<Offer, ()>> {
     Some(Ok(offer))
 }
 
-/// A window-bits value: 8 to 15, plain digits.
+/// A window-bits value: 8 to 15, plain digits without leading zeros (RFC 7692 §7.1.2).
 fn window_bits(v: &str) -> Option<u8> {
-    if v.is_empty() || v.len() > 2 || !v.bytes().all(|b| b.is_ascii_digit()) {
+    if v.is_empty() || v.len() > 2 || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     v.parse().ok().filter(|b| (8..=15).contains(b))
@@ -294,6 +294,17 @@ mod tests {
             ),
             (
                 "permessage-deflate; client_max_window_bits=0x9",
+                TAKEOVER,
+                None,
+            ),
+            // Found by fuzzing: a leading zero is not a window-bits value.
+            (
+                "permessage-deflate; server_max_window_bits=09",
+                TAKEOVER,
+                None,
+            ),
+            (
+                "permessage-deflate; client_max_window_bits=09",
                 TAKEOVER,
                 None,
             ),
