@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use ringgate::ratelimit::TokenBucket;
 use ringgate::ws::deflate::{Deflater, InflateError, Inflater};
 use ringgate::ws::frame::{write_masked_frame, OpCode};
-use ringgate::ws::mailbox::{Broadcast, Takes};
+use ringgate::ws::mailbox::{Broadcast, FrameForm};
 use ringgate::ws::outbox::Outbox;
 use ringgate::ws::reader::{Event, Flow, Reader};
 
@@ -236,9 +236,9 @@ proptest! {
                     let plain = Bytes::from(frame);
                     let defl = Bytes::from(plain.iter().rev().copied().collect::<Vec<u8>>());
                     let (takes, sent) = if deflated {
-                        (Takes::SharedDeflate, defl.clone())
+                        (FrameForm::SharedDeflate, defl.clone())
                     } else {
-                        (Takes::Plain, plain.clone())
+                        (FrameForm::Plain, plain.clone())
                     };
                     o.shared(
                         Rc::new(Broadcast { frame: plain, deflated: Some(defl) }),
