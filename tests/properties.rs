@@ -235,14 +235,14 @@ proptest! {
                     // Not a real frame: the outbox must not look inside.
                     let plain = Bytes::from(frame);
                     let defl = Bytes::from(plain.iter().rev().copied().collect::<Vec<u8>>());
-                    let (takes, sent) = if deflated {
+                    let (form, sent) = if deflated {
                         (FrameForm::SharedDeflate, defl.clone())
                     } else {
                         (FrameForm::Plain, plain.clone())
                     };
                     o.shared(
                         Rc::new(Broadcast { frame: plain, deflated: Some(defl) }),
-                        takes,
+                        form,
                     );
                     model.extend(&sent[..]);
                 }
