@@ -26,7 +26,7 @@ use super::balance::{Candidate, Picker};
 use super::breaker::{Admit, Breaker};
 use super::config::{AgentConfig, BaseUrl, HeaderValueSource, Http2, UpstreamEntry};
 use crate::error::{Phase, UpstreamError};
-use crate::io::{self, Backend};
+use crate::io::{self, Backend, LocalExec};
 use crate::metrics;
 
 type Body = Full<Bytes>;
@@ -493,67 +493,18 @@ struct TlsSetup {
 
 impl TlsSetup {
     fn new(cfg: &AgentConfig) -> TlsSetup {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = &cfg.ca_file {
-            match rustls::pki_types::CertificateDer::pem_file_iter(path) {
-                Ok(certs) => {
-                    for c in certs {
-                        match c {
-                            Ok(c) => {
-                                if let Err(e) = roots.add(c) {
-                                    tracing::error!(file = %path.display(), error = %e, "agent.ca_file: certificate skipped");
-                                }
-                            }
-                            Err(e) => {
-                                tracing::error!(file = %path.display(), error = %e, "agent.ca_file: cannot read")
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "agent.ca_file: cannot read")
-                }
-            }
-        }
         TlsSetup {
-            roots: Arc::new(roots),
+            roots: io::tls::client_roots(cfg.ca_file.as_deref(), "agent.ca_file"),
         }
     }
 
     fn config(&self, http2: Http2) -> Arc<rustls::ClientConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut c = match rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-        {
-            Ok(b) => b
-                .with_root_certificates(self.roots.clone())
-                .with_no_client_auth(),
-            // The ring provider supports the default versions; unreachable in practice.
-            Err(e) => {
-                tracing::error!(error = %e, "agent TLS setup failed");
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(self.roots.clone())
-                    .with_no_client_auth()
-            }
+        let alpn: &[&[u8]] = match http2 {
+            Http2::Auto => &[b"h2", b"http/1.1"],
+            Http2::PriorKnowledge => &[b"h2"],
+            Http2::Never => &[b"http/1.1"],
         };
-        c.alpn_protocols = match http2 {
-            Http2::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-            Http2::PriorKnowledge => vec![b"h2".to_vec()],
-            Http2::Never => vec![b"http/1.1".to_vec()],
-        };
-        Arc::new(c)
-    }
-}
-
-/// Spawns HTTP/2 stream tasks on the shard (they need not be `Send`).
-#[derive(Clone, Copy)]
-struct LocalExec;
-
-impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
-    fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
+        io::tls::client_config(&self.roots, alpn)
     }
 }
 

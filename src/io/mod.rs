@@ -10,5 +10,16 @@ pub mod listen;
 mod stream;
 pub mod tls;
 
+/// Runs hyper's background tasks (HTTP/2 streams) on the current shard: they need not be
+/// `Send`, and a shard never hands work to another thread.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalExec;
+
+impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
 pub use backend::{block_on, probe_uring, Backend, Listener};
 pub use stream::{connect, Stream};

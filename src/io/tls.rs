@@ -179,6 +179,55 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
 }
 
+/// Trust roots for connections to upstreams: the webpki roots plus the PEM certificates in
+/// `ca_file`. A file or certificate that cannot be used is logged (naming `key`, the config key)
+/// and skipped, so a bad extra CA never removes the public roots.
+pub fn client_roots(ca_file: Option<&std::path::Path>, key: &str) -> Arc<rustls::RootCertStore> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        match rustls::pki_types::CertificateDer::pem_file_iter(path) {
+            Ok(certs) => {
+                for c in certs {
+                    match c
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| roots.add(c).map_err(|e| e.to_string()))
+                    {
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::error!(file = %path.display(), error = %e, "{key}: certificate skipped")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(file = %path.display(), error = %e, "{key}: cannot read"),
+        }
+    }
+    Arc::new(roots)
+}
+
+/// A client configuration trusting `roots` and offering `alpn` (e.g. `h2`, `http/1.1`).
+pub fn client_config(
+    roots: &Arc<rustls::RootCertStore>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => b
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+        // The ring provider supports the default versions; unreachable in practice.
+        Err(_) => rustls::ClientConfig::builder()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+    };
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use super::body::ReqBody;
 use super::config::{Http2, UpstreamUrl};
 use super::Failure;
 use crate::error::UpstreamError;
-use crate::io::{self, Backend, Stream};
+use crate::io::{self, Backend, LocalExec, Stream};
 
 pub enum Sender {
     H1(http1::SendRequest<ReqBody>),
@@ -291,54 +291,16 @@ impl Upstream {
 
 /// The root store for `https://`/`wss://` upstreams: webpki roots plus the route's `ca_file`.
 pub fn roots(ca_file: Option<&std::path::Path>) -> Arc<rustls::RootCertStore> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        match rustls::pki_types::CertificateDer::pem_file_iter(path) {
-            Ok(certs) => {
-                for c in certs.flatten() {
-                    if let Err(e) = roots.add(c) {
-                        tracing::error!(file = %path.display(), error = %e, "route ca_file: certificate skipped");
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "route ca_file: cannot read")
-            }
-        }
-    }
-    Arc::new(roots)
+    io::tls::client_roots(ca_file, "route ca_file")
 }
 
 fn client_tls(roots: &Arc<rustls::RootCertStore>, http2: Http2) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut c = match rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-    {
-        Ok(b) => b
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth(),
-        Err(_) => rustls::ClientConfig::builder()
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth(),
+    let alpn: &[&[u8]] = match http2 {
+        Http2::Auto => &[b"h2", b"http/1.1"],
+        Http2::PriorKnowledge => &[b"h2"],
+        Http2::Never => &[b"http/1.1"],
     };
-    c.alpn_protocols = match http2 {
-        Http2::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-        Http2::PriorKnowledge => vec![b"h2".to_vec()],
-        Http2::Never => vec![b"http/1.1".to_vec()],
-    };
-    Arc::new(c)
-}
-
-/// Spawns h2 stream tasks on the shard (they need not be `Send`).
-#[derive(Clone, Copy)]
-struct LocalExec;
-
-impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
-    fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
-    }
+    io::tls::client_config(roots, alpn)
 }
 
 /// A request's claim on an upstream: counts it as outstanding and holds its connection until
