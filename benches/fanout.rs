@@ -21,7 +21,7 @@ use ringgate::io::Backend;
 use ringgate::rooms::conn::RoomConn;
 use ringgate::rooms::{HubMsg, Reply};
 use ringgate::server::config::Config;
-use ringgate::server::shard::{Global, Registration, Shard};
+use ringgate::server::shard::{Registration, ServerState, Shard};
 use ringgate::ws::frame::OpCode;
 use ringgate::ws::mailbox::{FrameForm, Outgoing};
 use ringgate::ws::outbox::{Outbox, MAX_IOVECS};
@@ -39,7 +39,7 @@ struct Setup {
 fn setup(n: usize) -> Setup {
     let mut config = Config::default();
     config.rooms.history_size = 0;
-    let shard = Shard::new(0, Arc::new(Global::new(config, Backend::Epoll)), None);
+    let shard = Shard::new(0, Arc::new(ServerState::new(config, Backend::Epoll)), None);
     let mut regs = Vec::with_capacity(n);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {

@@ -692,7 +692,9 @@ async fn target_down_opens_breaker(backend: Backend) {
                 && l.ends_with(" 2")),
         "{metrics}"
     );
-    // Half-open after open_seconds: one probe reaches the target (and fails again).
+    // Half-open after open_seconds: one probe reaches the target (and fails again). The breaker
+    // runs on the server process's clock, which a test cannot pause: wait past it for real
+    // (the breaker's timing itself is unit-tested with time passed in, agent::breaker).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     send(
         &mut ws,
@@ -735,8 +737,9 @@ async fn cancel_mid_stream(backend: Backend) {
     send(&mut ws, json!({"type": "cancel", "id": "c1"})).await;
     recv_until(&mut ws, "cancelled", &json!("c1")).await;
     up.wait_aborted(1).await;
-    // Nothing for c1 after `cancelled`: wait well past several chunk periods, then use a ping
-    // as a barrier.
+    // Nothing for c1 after `cancelled`: wait well past several of the upstream's chunk periods
+    // (it streams on its own clock, in this process but outside the test's paused time), then
+    // use a ping as a barrier.
     tokio::time::sleep(Duration::from_millis(300)).await;
     send(&mut ws, json!({"type": "ping", "id": "barrier"})).await;
     let after = recv_until(&mut ws, "pong", &json!("barrier")).await;
@@ -759,6 +762,7 @@ async fn cancel_mid_stream(backend: Backend) {
     send(&mut ws, json!({"type": "cancel"})).await;
     recv_until(&mut ws, "cancelled", &Value::Null).await;
     up.wait_aborted(3).await;
+    // As above: several chunk periods of the upstream, then the barrier.
     tokio::time::sleep(Duration::from_millis(300)).await;
     send(&mut ws, json!({"type": "ping", "id": "barrier2"})).await;
     let after = recv_until(&mut ws, "pong", &json!("barrier2")).await;

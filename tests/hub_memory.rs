@@ -10,7 +10,7 @@ use ringgate::io::Backend;
 use ringgate::rooms::conn::RoomConn;
 use ringgate::rooms::{HubMsg, Now, Reply};
 use ringgate::server::config::Config;
-use ringgate::server::shard::{Global, Shard};
+use ringgate::server::shard::{ServerState, Shard};
 
 mod counting;
 
@@ -27,7 +27,7 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
     let mut config = Config::default();
     // History is kept (so the room outlives its last subscriber until the TTL sweep).
     config.rooms.history_size = 4;
-    let shard = Shard::new(0, Arc::new(Global::new(config, Backend::Epoll)), None);
+    let shard = Shard::new(0, Arc::new(ServerState::new(config, Backend::Epoll)), None);
     let reg = shard.register("127.0.0.1:9".parse().unwrap());
     let conn = Rc::new(RoomConn {
         entry: reg.entry.clone(),

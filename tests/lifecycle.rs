@@ -40,7 +40,8 @@ async fn sigterm_drains_with_1001(backend: Backend) {
         .write_all(b"GET /readyz HTTP/1.1\r\nHost: test\r\n")
         .await
         .unwrap();
-    // Let the server read that much before the signal.
+    // Let the server read that much before the signal. Nothing observable says a partial head
+    // was read (the server answers only once it is whole), so this waits for real.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     server.signal(libc::SIGTERM);

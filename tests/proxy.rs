@@ -1334,6 +1334,8 @@ async fn relay_backpressure_stalled_upstream_reader(backend: Backend) {
         }
     })
     .await;
+    // Proving that nothing more moves needs time to pass in the server process: give the
+    // stalled pipeline 1.5 s of real time in which 256 MiB would otherwise have gone through.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         !writer.is_finished(),
@@ -1356,6 +1358,7 @@ async fn relay_backpressure_stalled_client_reader(backend: Backend) {
         }
     })
     .await;
+    // As above: real time in which an unbounded relay would have taken all 256 messages.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sent = seen.flooded.load(Ordering::SeqCst);
     assert!(

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 
-use super::shard::Global;
+use super::shard::ServerState;
 use crate::metrics;
 
 /// The exit status after a fatal shard failure (sysexits' EX_SOFTWARE).
@@ -45,7 +45,7 @@ pub fn install_panic_hook() {
 /// Runs `fut`, a part of shard `shard`'s own machinery; a panic in it is fatal (see the module
 /// docs). Returns its output otherwise.
 pub async fn critical<F: Future>(
-    global: Arc<Global>,
+    global: Arc<ServerState>,
     shard: usize,
     what: &'static str,
     fut: F,
@@ -67,7 +67,7 @@ pub async fn critical<F: Future>(
 }
 
 /// Marks the process as not serving and exits with [`EXIT_SHARD_FAILED`].
-pub fn fail(global: &Global, shard: usize, what: &str) -> ! {
+pub fn fail(global: &ServerState, shard: usize, what: &str) -> ! {
     global.failed.store(true, Ordering::Release);
     tracing::error!(
         shard,

@@ -570,7 +570,7 @@ async fn turn_away(mut conn: Stream, refusal: Refusal, tls: bool) {
 /// `GET /ws/statistics`: every shard reports its connections by message; the answer is their
 /// sum (docs/PROTOCOL.md). Each shard lists at most `STATS_LIST_LIMIT` connections.
 async fn statistics(
-    global: std::sync::Arc<crate::server::shard::Global>,
+    global: std::sync::Arc<crate::server::shard::ServerState>,
 ) -> Result<Response<ServedBody>, Infallible> {
     let mut replies = Vec::new();
     for shard in global.shards.get().into_iter().flatten() {

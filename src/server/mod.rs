@@ -23,12 +23,12 @@ use tokio::sync::mpsc;
 use crate::error::StartError;
 use crate::io::{self, handover, listen, Backend};
 use crate::server::config::{AdminListen, Config, IoMode, Listen};
-use shard::{Control, Global, Shard};
+use shard::{Control, ServerState, Shard};
 
 /// A running server: its address and the handles to stop it.
 pub struct Server {
     pub addr: SocketAddr,
-    pub global: Arc<Global>,
+    pub global: Arc<ServerState>,
     controls: Vec<mpsc::UnboundedSender<Control>>,
     done: std_mpsc::Receiver<usize>,
     shards: usize,
@@ -184,7 +184,7 @@ impl Server {
         let (addr, first) = addrs[0];
         let first_tls = first.tls;
         let pin = config.pin_shards && !cores.is_empty();
-        let mut global = Global::new(config, backend);
+        let mut global = ServerState::new(config, backend);
         global.auth = auth;
         if global.config.metrics {
             global.metrics = crate::metrics::install(crate::metrics::UPKEEP, shards);

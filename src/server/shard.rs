@@ -1,5 +1,5 @@
 //! One shard: its listener, its connections, its drain. Everything here is owned by the shard's
-//! thread (`Rc`, `Cell`): no locks. The process-wide [`Global`] holds only what must be shared,
+//! thread (`Rc`, `Cell`): no locks. The process-wide [`ServerState`] holds only what must be shared,
 //! touched once per connection, never per message.
 
 use std::cell::{Cell, RefCell};
@@ -25,7 +25,7 @@ use crate::ws::handle::{ConnHandle, ConnInfo, GOING_AWAY};
 
 /// State shared by all shards.
 #[derive(Debug)]
-pub struct Global {
+pub struct ServerState {
     pub config: Config,
     pub backend: Backend,
     /// Set when a drain starts: `/readyz` answers 503 from then on.
@@ -47,9 +47,9 @@ pub struct Global {
     pub admission: Arc<super::admission::Admission>,
 }
 
-impl Global {
-    pub fn new(config: Config, backend: Backend) -> Global {
-        Global {
+impl ServerState {
+    pub fn new(config: Config, backend: Backend) -> ServerState {
+        ServerState {
             has_admin_listener: config.has_admin_listener(),
             failed: AtomicBool::new(false),
             admission: Arc::new(super::admission::Admission::new(
@@ -86,7 +86,7 @@ impl Global {
 
 /// An admitted WebSocket connection; frees its slot when dropped.
 #[derive(Debug)]
-pub struct WsSlot(Arc<Global>);
+pub struct WsSlot(Arc<ServerState>);
 
 impl Drop for WsSlot {
     fn drop(&mut self) {
@@ -127,7 +127,7 @@ pub const STATS_LIST_LIMIT: usize = 1000;
 /// A shard's own state.
 pub struct Shard {
     pub id: usize,
-    pub global: Arc<Global>,
+    pub global: Arc<ServerState>,
     /// Session settings per endpoint (`Endpoint as usize`): they differ in `max_message`.
     settings: [Settings; Endpoint::ALL.len()],
     /// Message and byte counts per endpoint (`Endpoint as usize`), published once a second.
@@ -152,7 +152,7 @@ pub struct Shard {
 impl Shard {
     pub fn new(
         id: usize,
-        global: Arc<Global>,
+        global: Arc<ServerState>,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Rc<Shard> {
         let c = &global.config;
