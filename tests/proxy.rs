@@ -339,6 +339,9 @@ async fn minimal_route_strips_prefix(backend: Backend) {
     let r = get(&server, "/app/x/y?q=1", "").await;
     assert_eq!((r.status, r.body.as_str()), (200, "a /x/y?q=1"), "{r:?}");
     assert_eq!(r.header("x-upstream"), Some("a"));
+    // The prefix itself keeps its slash: the upstream's root.
+    let r = get(&server, "/app/", "").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "a /"), "{r:?}");
     assert_eq!(get(&server, "/healthz", "").await.body, "ok\n");
     assert_eq!(get(&server, "/other", "").await.status, 404);
     // A `ws://` URL means the same as `http://`.

@@ -142,19 +142,34 @@ fn set(h: &mut HeaderMap, name: HeaderName, v: &str) {
 /// The upstream path: the upstream URL's own path, then the request path (with the route's
 /// prefix removed when `strip_prefix`), then the query.
 pub fn upstream_path(route: &RouteState, base: &str, uri: &http::Uri) -> String {
-    let path = uri.path();
-    let rest = if route.cfg.strip_prefix {
-        path.strip_prefix(route.prefix.as_str()).unwrap_or(path)
-    } else {
-        path
-    };
-    let mut out = String::with_capacity(base.len() + rest.len() + 1);
+    let strip = route.cfg.strip_prefix.then_some(route.prefix.as_str());
+    join_path(base, strip, uri.path(), uri.query())
+}
+
+/// `base` + (`path` less `strip`) + `?query`, joined by one `/`. A prefix's own trailing `/`
+/// stays with the request (`/app/` under `/app/` to `/v1` is `/v1/`, a directory as asked),
+/// and a request for exactly a slash-less prefix reaches `base` as it is (`/app` under `/app`
+/// to `/v1` is `/v1`): what nginx's `proxy_pass` with a URI part does.
+fn join_path(base: &str, strip: Option<&str>, path: &str, query: Option<&str>) -> String {
+    let strip = strip.map(|p| p.strip_suffix('/').unwrap_or(p));
+    let rest = strip.and_then(|p| path.strip_prefix(p)).unwrap_or(path);
+    let mut out = String::with_capacity(base.len() + rest.len() + 2);
     out.push_str(base);
-    if !rest.starts_with('/') {
-        out.push('/');
+    if rest.is_empty() {
+        if out.is_empty() {
+            out.push('/');
+        }
+    } else {
+        match (out.ends_with('/'), rest.starts_with('/')) {
+            (true, true) => out.push_str(&rest[1..]),
+            (false, false) => {
+                out.push('/');
+                out.push_str(rest);
+            }
+            _ => out.push_str(rest),
+        }
     }
-    out.push_str(rest);
-    if let Some(q) = uri.query() {
+    if let Some(q) = query {
         out.push('?');
         out.push_str(q);
     }
@@ -176,6 +191,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upstream_paths() {
+        let j = |base, strip, path, q| join_path(base, strip, path, q);
+        assert_eq!(j("", None, "/app/x", None), "/app/x");
+        assert_eq!(j("", Some("/app/"), "/app/x", Some("a=1")), "/x?a=1");
+        assert_eq!(j("", Some("/app/"), "/app/", None), "/");
+        assert_eq!(j("/v1", Some("/app/"), "/app/x", None), "/v1/x");
+        assert_eq!(j("/v1", Some("/app/"), "/app/", None), "/v1/");
+        assert_eq!(j("/v1", Some("/app"), "/apple", None), "/v1/le");
+        assert_eq!(j("/v1", Some("/app"), "/app", Some("q")), "/v1?q");
+        assert_eq!(j("/v1", Some("/app"), "/app/", None), "/v1/");
+        assert_eq!(j("/v1/", Some("/app/"), "/app/x", None), "/v1/x");
+        assert_eq!(j("/v1", None, "/app/x", None), "/v1/app/x");
     }
 
     #[test]
