@@ -1,5 +1,7 @@
 //! Rate limits: a token bucket with time passed in (plain data, unit-tested without clocks).
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,54 @@ impl TokenBucket {
     }
 }
 
+/// One token bucket per client (an address, a user), for limits that outlive a connection
+/// (HTTP requests). Bounded by the clients that matter: a client whose bucket has refilled has
+/// nothing to be remembered for and is forgotten at the next sweep, which runs once the map has
+/// doubled since the last one (amortised O(1) per call).
+#[derive(Debug)]
+pub struct KeyedBuckets<K> {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<K, TokenBucket>,
+    sweep_at: usize,
+}
+
+impl<K: Hash + Eq> KeyedBuckets<K> {
+    pub fn new(rate: f64, burst: f64) -> KeyedBuckets<K> {
+        KeyedBuckets {
+            rate,
+            burst,
+            buckets: HashMap::new(),
+            sweep_at: 64,
+        }
+    }
+
+    /// Takes one token from `key`'s bucket (a new client starts full).
+    pub fn try_take(&mut self, key: K, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        if self.buckets.len() >= self.sweep_at {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            self.sweep_at = (self.buckets.len() * 2).max(64);
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(rate, burst, now))
+            .try_take(now)
+    }
+
+    /// Clients remembered now.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +124,21 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(0.0, 0.0, t0);
         assert!((0..1000).all(|_| b.try_take(t0)));
+    }
+
+    #[test]
+    fn keyed_buckets_are_per_client_and_forget_refilled_ones() {
+        let t0 = Instant::now();
+        let mut k = KeyedBuckets::new(1.0, 2.0);
+        assert!(k.try_take("a", t0) && k.try_take("a", t0));
+        assert!(!k.try_take("a", t0), "a's burst is spent");
+        assert!(k.try_take("b", t0), "b has its own bucket");
+        // Many one-off clients: the map stays bounded by those still owed a refill.
+        let mut big = KeyedBuckets::new(1.0, 1.0);
+        for i in 0..10_000u32 {
+            // Each client is seen once at its own second: all earlier ones have refilled.
+            assert!(big.try_take(i, t0 + Duration::from_secs(u64::from(i))));
+        }
+        assert!(big.len() <= 128, "{} remembered", big.len());
     }
 }

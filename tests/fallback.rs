@@ -18,6 +18,7 @@ both_backends!(
     poll_batches_and_resumes,
     poll_times_out_empty,
     http_publish_checks_input,
+    http_publish_is_rate_limited_per_client,
     fallbacks_take_the_ws_token,
 );
 
@@ -338,6 +339,56 @@ async fn http_publish_checks_input(backend: Backend) {
         )
         .await;
     assert_eq!(r.status, 200);
+}
+
+/// `POST /publish` takes `[rooms] publish_rate`/`publish_burst` per client: the token's user,
+/// or the address without one. Past the burst: 429 `rate_limited` with `Retry-After`, and the
+/// publish does not happen.
+async fn http_publish_is_rate_limited_per_client(backend: Backend) {
+    // Loopback is `exempt` by default (a proxy on the same host); not here.
+    let limits = "[limits]\nexempt = []\n[rooms]\npublish_rate = 0.01\npublish_burst = 3\n";
+    let server = Server::start_with_config(backend, limits, &[]);
+    let body = r#"{"topic":"t","data":1}"#;
+    for i in 1..=3 {
+        let r = server.post("/publish", "", body).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, format!("{{\"seq\":{i}}}").as_str())
+        );
+    }
+    let r = server.post("/publish", "", body).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["code"], "rate_limited");
+    // The refused publish took no seq.
+    let h = server.get("/history?topic=t&since=0").await;
+    let v: Value = serde_json::from_str(&h.body).unwrap();
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(3), "{v}");
+
+    // With tokens, each user has an allowance of their own.
+    let server = Server::start_with_config(
+        backend,
+        &format!("{limits}[auth]\njwt_secret = \"fallback-secret-of-thirty-two-bytes\"\nrequired = true\n"),
+        &[],
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let bearer = |sub: &str| {
+        format!(
+            "Authorization: Bearer {}\r\n",
+            token(json!({"sub": sub, "exp": exp, "publish": ["t"]}))
+        )
+    };
+    let (ann, bob) = (bearer("ann"), bearer("bob"));
+    for _ in 0..3 {
+        assert_eq!(server.post("/publish", &ann, body).await.status, 200);
+    }
+    assert_eq!(server.post("/publish", &ann, body).await.status, 429);
+    assert_eq!(server.post("/publish", &bob, body).await.status, 200);
 }
 
 fn token(claims: Value) -> String {

@@ -139,7 +139,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// What the per-address limits count by: an IPv4 address or an IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum ClientKey {
+pub enum ClientKey {
     V4(u32),
     V6(u64),
 }
@@ -151,6 +151,13 @@ impl ClientKey {
             IpAddr::V6(v6) => ClientKey::V6((u128::from(v6) >> 64) as u64),
         }
     }
+}
+
+/// A client of the HTTP endpoints, for per-client rate limits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Caller {
+    User(String),
+    Addr(ClientKey),
 }
 
 struct Client {
@@ -263,6 +270,15 @@ impl Admission {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, Client>> {
         // A panic while holding the lock leaves plain counters behind: still usable.
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whom a per-client HTTP limit (`POST /publish`) counts: the token's user when there is
+    /// one (many users can share a NAT address), else the address; `None` for an `exempt` one.
+    pub fn caller(&self, ip: IpAddr, user: Option<&str>) -> Option<Caller> {
+        match user {
+            Some(u) => Some(Caller::User(u.into())),
+            None => self.key(ip).map(Caller::Addr),
+        }
     }
 
     fn key(&self, ip: IpAddr) -> Option<ClientKey> {

@@ -70,6 +70,10 @@ fn error_response(Refused(status, code, text): Refused) -> Response<Body> {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     r
 }
 
@@ -371,7 +375,7 @@ pub async fn serve(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/sse") => sse(&shard, remote, &req),
         (&Method::GET, "/poll") => AnyBody::full(poll(&shard, remote, &req).await),
-        (&Method::POST, "/publish") => AnyBody::full(publish(&shard, req).await),
+        (&Method::POST, "/publish") => AnyBody::full(publish(&shard, remote, req).await),
         (&Method::GET, "/presence" | "/history") => AnyBody::full(read(&shard, &req).await),
         (m, path) => {
             let mut r = error_response(refused(
@@ -623,8 +627,8 @@ fn memchr_false(m: &[u8]) -> bool {
 
 // ---- /publish ------------------------------------------------------------------------------
 
-async fn publish(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
-    match publish_inner(shard, req).await {
+async fn publish(shard: &Rc<Shard>, remote: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    match publish_inner(shard, remote, req).await {
         Ok(r) => {
             counter!(HTTP_PUBLISHES, "result" => "ok").increment(1);
             r
@@ -640,9 +644,31 @@ async fn publish(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
 /// its `publish` claim) rather than the backend API key.
 async fn publish_inner(
     shard: &Rc<Shard>,
+    remote: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refused> {
     let identity = identify(shard, req.uri(), req.headers())?;
+    // Before the body is read: a flood costs a lookup, not a parse.
+    let global = &shard.global;
+    let user = identity.as_ref().map(|i| &*i.user);
+    if let Some(caller) = global.admission.caller(remote.ip(), user) {
+        let allowed = match global.http_publishes.lock() {
+            Ok(mut limits) => limits.try_take(caller, std::time::Instant::now()),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .try_take(caller, std::time::Instant::now()),
+        };
+        if !allowed {
+            return Err(refused(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "more than {} publishes per second from this client",
+                    shard.global.config.rooms.publish_rate
+                ),
+            ));
+        }
+    }
     let cfg = &shard.global.config.rooms;
     let bad = |code, text: String| refused(StatusCode::BAD_REQUEST, code, text);
     let limit = cfg.max_data_size + cfg.max_topic_length + 4096;

@@ -45,6 +45,9 @@ pub struct ServerState {
     pub has_admin_listener: bool,
     /// Connection caps and handshake rates.
     pub admission: Arc<super::admission::Admission>,
+    /// `POST /publish` per client at `[rooms] publish_rate` (a socket's limit, for callers
+    /// without one); process-wide, as a client's requests land on any shard.
+    pub http_publishes: std::sync::Mutex<crate::ratelimit::KeyedBuckets<super::admission::Caller>>,
 }
 
 impl ServerState {
@@ -55,6 +58,10 @@ impl ServerState {
             admission: Arc::new(super::admission::Admission::new(
                 &config.limits,
                 super::nofile_limit(),
+            )),
+            http_publishes: std::sync::Mutex::new(crate::ratelimit::KeyedBuckets::new(
+                config.rooms.publish_rate,
+                config.rooms.publish_burst,
             )),
             config,
             backend,
