@@ -39,7 +39,11 @@ struct Setup {
 fn setup(n: usize) -> Setup {
     let mut config = Config::default();
     config.rooms.history_size = 0;
-    let shard = Shard::new(0, Arc::new(ServerState::new(config, Backend::Epoll)), None);
+    let shard = Shard::new(
+        0,
+        Arc::new(ServerState::new(config, Backend::Epoll, 1)),
+        None,
+    );
     let mut regs = Vec::with_capacity(n);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {

@@ -43,6 +43,8 @@ pub enum Code {
     UpstreamError,
     /// The upstream did not answer in time.
     UpstreamTimeout,
+    /// A shard this request needs is over its backlog (`[rooms] max_shard_backlog`): retry.
+    Overloaded,
     Internal,
 }
 
@@ -58,6 +60,7 @@ impl Code {
             Code::NotSubscribed => "not_subscribed",
             Code::UpstreamError => "upstream_error",
             Code::UpstreamTimeout => "upstream_timeout",
+            Code::Overloaded => "overloaded",
             Code::Internal => "internal",
         }
     }

@@ -35,6 +35,8 @@ pub const TOKENS_EXPIRED: &str = "ringgate_token_expired_closes_total";
 pub const ROOMS: &str = "ringgate_rooms";
 pub const SUBSCRIPTIONS: &str = "ringgate_subscriptions";
 pub const PUBLISHED: &str = "ringgate_room_messages_published_total";
+pub const HUB_OVERLOADED: &str = "ringgate_room_requests_overloaded_total";
+pub const HUB_BACKLOG: &str = "ringgate_shard_backlog";
 pub const FANOUT: &str = "ringgate_fanout_size";
 pub const PUBLISH_LATENCY: &str = "ringgate_publish_to_queue_seconds";
 pub const PUBLISH_TO_WRITE: &str = "ringgate_publish_to_write_seconds";
@@ -77,6 +79,8 @@ pub const FROM_START: &[&str] = &[
     ROOMS,
     SUBSCRIPTIONS,
     PUBLISHED,
+    HUB_OVERLOADED,
+    HUB_BACKLOG,
     OUTBOUND_BYTES,
     HISTORY_BYTES,
     AGENT_IN_FLIGHT,
@@ -198,6 +202,14 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
         "Topic subscriptions of this shard's connections, by shard."
     );
     describe_counter!(PUBLISHED, "Room messages published (seq assigned).");
+    describe_counter!(
+        HUB_OVERLOADED,
+        "Room requests (publish, presence, history) answered `overloaded`: a shard they need was over `max_shard_backlog`."
+    );
+    describe_gauge!(
+        HUB_BACKLOG,
+        "Rooms messages from other shards queued for this shard, not yet handled."
+    );
     describe_histogram!(
         FANOUT,
         "Subscribers one room message was queued for, per shard and message."
@@ -322,13 +334,19 @@ fn export_from_start(shards: usize) {
         counter!(TLS_RELOADS, "result" => result).absolute(0);
     }
     counter!(HTTP_REQUESTS, "status" => "200").absolute(0);
-    for name in [SLOW_CONSUMERS, TOKENS_EXPIRED, PUBLISHED] {
+    for name in [SLOW_CONSUMERS, TOKENS_EXPIRED, PUBLISHED, HUB_OVERLOADED] {
         counter!(name).absolute(0);
     }
     for shard in 0..shards {
         counter!(PANICS, "thread" => format!("shard-{shard}")).absolute(0);
         let shard = shard.to_string();
-        for name in [ROOMS, SUBSCRIPTIONS, HISTORY_BYTES, OUTBOUND_BYTES] {
+        for name in [
+            ROOMS,
+            SUBSCRIPTIONS,
+            HISTORY_BYTES,
+            OUTBOUND_BYTES,
+            HUB_BACKLOG,
+        ] {
             gauge!(name, "shard" => shard.clone()).set(0.0);
         }
     }

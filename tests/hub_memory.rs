@@ -27,7 +27,11 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
     let mut config = Config::default();
     // History is kept (so the room outlives its last subscriber until the TTL sweep).
     config.rooms.history_size = 4;
-    let shard = Shard::new(0, Arc::new(ServerState::new(config, Backend::Epoll)), None);
+    let shard = Shard::new(
+        0,
+        Arc::new(ServerState::new(config, Backend::Epoll, 1)),
+        None,
+    );
     let reg = shard.register("127.0.0.1:9".parse().unwrap());
     let conn = Rc::new(RoomConn {
         entry: reg.entry.clone(),

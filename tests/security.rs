@@ -24,6 +24,7 @@ both_backends!(
     a_panicking_connection_leaves_the_shard_serving,
     a_panicking_shard_ends_the_process,
     message_limits_per_endpoint,
+    a_shard_that_falls_behind_slows_publishers_and_loses_nothing,
 );
 
 const SECRET: &str = "security-test-secret-of-at-least-32-bytes";
@@ -503,5 +504,92 @@ async fn message_limits_per_endpoint(backend: Backend) {
         let _connected = raw.read_frame().await;
         raw.send(&frame(true, 0x1, big.as_bytes())).await;
         assert_eq!(raw.expect_close().await, 1009, "{path}");
+    }
+}
+
+/// `[rooms] max_shard_backlog`: while one shard is stalled (test-only injection), publishes
+/// that would queue for it are answered `overloaded` (nothing is taken, no seq is used);
+/// every publish that was acknowledged is in the history, in order and without a gap; once
+/// the shard has caught up, publishes go through again.
+async fn a_shard_that_falls_behind_slows_publishers_and_loses_nothing(backend: Backend) {
+    let server = Server::start_with_env(
+        backend,
+        "[rooms]\nmax_shard_backlog = 4\n",
+        &[("RINGGATE_TEST_STALL", "3000")],
+        &[],
+    );
+    // One topic homed on each of the two shards: whichever shard this client lands on, the
+    // publish to the other shard's topic crosses shards and stalls that shard.
+    let homed = |shard| {
+        (0..)
+            .map(|i| format!("t{i}"))
+            .find(|t| ringgate::rooms::home_of(t, 2) == shard)
+            .expect("a topic")
+    };
+    let topics = [homed(0), homed(1)];
+    let mut ws = open(&server, None).await.expect("open");
+    let publish = |topic: &str, data: Value, id: usize| {
+        Message::Text(
+            json!({"action": "publish", "topic": topic, "data": data, "id": id}).to_string(),
+        )
+    };
+    // The stalls, then 40 more publishes in the same write, alternating between the topics.
+    let mut sent = Vec::new();
+    for (i, t) in topics.iter().enumerate() {
+        ws.feed(publish(t, json!("stall"), i)).await.expect("feed");
+        sent.push(t.clone());
+    }
+    for i in 2..42 {
+        let t = &topics[i % 2];
+        ws.feed(publish(t, json!(i), i)).await.expect("feed");
+        sent.push(t.clone());
+    }
+    ws.flush().await.expect("flush");
+    let mut acked: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let mut overloaded = 0;
+    let mut answered = 0;
+    while answered < sent.len() {
+        let v = recv(&mut ws).await;
+        let Some(id) = v["id"].as_u64() else { continue };
+        answered += 1;
+        let which = usize::from(sent[id as usize] == topics[1]);
+        match v["type"].as_str() {
+            Some("ack") => acked[which].push(v["seq"].as_u64().expect("seq")),
+            Some("error") => {
+                assert_eq!(v["code"], "overloaded", "{v}");
+                overloaded += 1;
+            }
+            _ => panic!("unexpected answer {v}"),
+        }
+    }
+    assert!(overloaded > 0, "nothing was refused: {acked:?}");
+    for (topic, seqs) in topics.iter().zip(&acked) {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(sorted, expected, "{topic}: acked seqs have a gap");
+        let h = ask(
+            &mut ws,
+            json!({"action": "history", "topic": topic, "since": 0}),
+            1000,
+        )
+        .await;
+        let in_history: Vec<u64> = h["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["seq"].as_u64().expect("seq"))
+            .collect();
+        assert_eq!(in_history, expected, "{topic}: {h}");
+    }
+    // The stalled shard has caught up: both topics take publishes again.
+    for (i, t) in topics.iter().enumerate() {
+        let v = ask(
+            &mut ws,
+            json!({"action": "publish", "topic": t, "data": 0}),
+            2000 + i as u64,
+        )
+        .await;
+        assert_eq!(v["type"], "ack", "{v}");
     }
 }

@@ -50,6 +50,9 @@ pub struct RoomsConfig {
     /// carries the messages of that whole window (CPU for latency at high fan-out); 0 = write
     /// on the next loop turn.
     pub write_delay: f64,
+    /// Rooms messages from other shards queued for one shard before requests that would add to
+    /// its queue are answered `overloaded`; bounds the memory a shard that falls behind costs.
+    pub max_shard_backlog: usize,
 }
 
 impl Default for RoomsConfig {
@@ -73,6 +76,7 @@ impl Default for RoomsConfig {
             api_key: None,
             api_reserved_types: false,
             write_delay: 0.0,
+            max_shard_backlog: 65_536,
         }
     }
 }
@@ -138,6 +142,12 @@ impl RoomsConfig {
                     "{} cannot carry a publish of max_data_size ({}); at least {envelope}",
                     self.max_message_size, self.max_data_size
                 ),
+            );
+        }
+        if self.max_shard_backlog < 2 {
+            return invalid(
+                "rooms.max_shard_backlog",
+                format!("{} is too small; at least 2", self.max_shard_backlog),
             );
         }
         if self.api_key.as_deref() == Some("") {

@@ -38,12 +38,14 @@ use bytes::Bytes;
 use slab::Slab;
 use tokio::sync::oneshot;
 
+use crate::error::Code;
 use crate::metrics as m;
 use crate::ws::deflate::{self, Tuning};
 use crate::ws::frame::{header_len, write_frame, OpCode};
 use crate::ws::handle::ConnHandle;
 use crate::ws::mailbox::{Broadcast, Outgoing};
 use conn::RoomConn;
+use proto::ClientError;
 use room::{Member, Recovery, Room, Stored};
 
 /// The clocks at one input, read by the driver: the hub never reads a clock itself.
@@ -98,6 +100,8 @@ pub enum ApiAnswer {
     },
     /// A JSON document.
     Json(String),
+    /// Not done: a shard it needs is over its backlog (HTTP 503, retry).
+    Overloaded,
 }
 
 /// Messages between shards about rooms.
@@ -205,6 +209,11 @@ pub struct Hub {
     delayed: Vec<Rc<ConnHandle>>,
     /// When `delayed` is released: set by the first message held.
     delay_due: Option<Instant>,
+    /// Shards whose inbound queue is over `max_shard_backlog`, as the driver last saw it:
+    /// requests that would add to one are answered `overloaded` instead of queued, so a shard
+    /// that falls behind slows its publishers rather than growing memory or losing messages.
+    congested: Vec<bool>,
+    congested_count: usize,
 }
 
 impl Hub {
@@ -240,6 +249,8 @@ impl Hub {
             requests: 0,
             delayed: Vec::new(),
             delay_due: None,
+            congested: vec![false; shards.max(1)],
+            congested_count: 0,
         }
     }
 
@@ -286,10 +297,59 @@ impl Hub {
         }
     }
 
-    /// Sends `msg` to the home shard of its topic.
+    /// Sends `msg` to the home shard of its topic. A request for a congested home is answered
+    /// `overloaded` here; other messages (subscriptions, bounded by the request rates) go.
     pub fn route(&mut self, now: Now, topic: &str, msg: HubMsg) {
         let home = self.home_of(topic);
+        if home != self.shard && self.congested[home] {
+            match msg {
+                HubMsg::Publish { reply, .. }
+                | HubMsg::Presence { reply, .. }
+                | HubMsg::History { reply, .. } => return self.overloaded(now, reply, home),
+                msg => return self.send(now, home, msg),
+            }
+        }
         self.send(now, home, msg)
+    }
+
+    /// The driver's view of shard `shard`'s inbound queue: over the bound or not.
+    pub fn set_congested(&mut self, shard: usize, on: bool) {
+        if let Some(c) = self.congested.get_mut(shard) {
+            if *c != on {
+                *c = on;
+                self.congested_count = if on {
+                    self.congested_count + 1
+                } else {
+                    self.congested_count - 1
+                };
+            }
+        }
+    }
+
+    /// Whether any shard is marked congested (then the driver re-checks before each call).
+    pub fn any_congested(&self) -> bool {
+        self.congested_count > 0
+    }
+
+    /// Clears the marks of the congested shards for which `drained` says so.
+    pub fn recheck_congested(&mut self, mut drained: impl FnMut(usize) -> bool) {
+        for s in 0..self.congested.len() {
+            if self.congested[s] && drained(s) {
+                self.set_congested(s, false);
+            }
+        }
+    }
+
+    fn overloaded(&mut self, now: Now, reply: Reply, shard: usize) {
+        ::metrics::counter!(m::HUB_OVERLOADED).increment(1);
+        let text = match &reply {
+            Reply::Conn { id, .. } => proto::error(
+                &ClientError::new(Code::Overloaded, format!("shard {shard} is behind; retry")),
+                id.as_deref(),
+            ),
+            _ => String::new(),
+        };
+        self.answer(now, reply, text, ApiAnswer::Overloaded);
     }
 
     /// One message from another shard, or from this one (handled in place).
@@ -483,6 +543,17 @@ impl Hub {
         from: Option<&str>,
         reply: Reply,
     ) {
+        // Refused before it takes a seq: no subscriber misses a message, nobody waits on a queue.
+        if self.congested_count > 0 {
+            let (me, congested) = (self.shard, &self.congested);
+            let behind = self.rooms.get(&topic).and_then(|r| {
+                r.subscriber_shards()
+                    .find(|&s| s != me && congested.get(s).copied().unwrap_or(false))
+            });
+            if let Some(s) = behind {
+                return self.overloaded(now, reply, s);
+            }
+        }
         let (tuning, cap) = (self.tuning, self.cfg.history_size);
         let room = self.room(&topic);
         let seq = room.next_seq();
@@ -850,6 +921,13 @@ impl SharedHub {
     }
 
     fn run<R>(&self, hub: &mut Hub, f: impl FnOnce(&mut Hub, Now) -> R) -> R {
+        // A congested mark is re-checked before the call too, not only after: a shard that
+        // caught up while this one was quiet must not cost the next request an `overloaded`.
+        if hub.any_congested() {
+            if let Some(flush) = self.flush.get() {
+                flush(hub);
+            }
+        }
         let r = f(hub, Now::system());
         match self.flush.get() {
             Some(flush) => flush(hub),
@@ -1017,6 +1095,78 @@ mod tests {
         assert_eq!(names(1), names(1));
         assert_ne!(names(1), names(2));
         assert_ne!(epoch(1, 0, 1), epoch(1, 1, 1));
+    }
+
+    #[test]
+    fn requests_that_would_queue_for_a_congested_shard_are_answered_overloaded() {
+        let t0 = Instant::now();
+        let mut hub = hub_with(2, config::RoomsConfig::default());
+        let homed = |hub: &Hub, shard| {
+            (0..)
+                .map(|i| format!("t{i}"))
+                .find(|t| hub.home_of(t) == shard)
+                .expect("a topic")
+        };
+        let (remote, local) = (homed(&hub, 1), homed(&hub, 0));
+        let c = conn(&mut hub, 1);
+        hub.set_congested(1, true);
+        assert!(hub.any_congested());
+        // A request for a topic homed on the congested shard: answered here, nothing queued.
+        let (tx, mut rx) = oneshot::channel();
+        let ask = |topic: &str, reply| HubMsg::Publish {
+            topic: topic.into(),
+            kind: "message".into(),
+            data: "1".into(),
+            from: None,
+            reply,
+        };
+        hub.route(at(t0, 0.0), &remote, ask(&remote, Reply::Http(tx)));
+        assert_eq!(rx.try_recv(), Ok(ApiAnswer::Overloaded));
+        let to = ConnRef { shard: 0, conn: 1 };
+        // Ids are kept as the client sent them (raw JSON).
+        let id = Some("\"p1\"".to_string());
+        hub.route(at(t0, 0.0), &remote, ask(&remote, Reply::Conn { to, id }));
+        let r = &drain(&c)[0];
+        assert_eq!(
+            (&r["code"], &r["id"]),
+            (&"overloaded".into(), &"p1".into()),
+            "{r}"
+        );
+        assert!(hub.poll_transmit().is_none());
+        // A local topic with a subscriber on the congested shard: refused before taking a seq.
+        hub.handle(
+            at(t0, 0.0),
+            HubMsg::Subscribe {
+                topic: local.as_str().into(),
+                from: ConnRef { shard: 1, conn: 9 },
+                member: Member {
+                    client_id: "9".into(),
+                    user: "u".into(),
+                    joined_at: 0.0,
+                },
+                since: None,
+                epoch: None,
+                id: None,
+                shared_deflate: false,
+                request: 1,
+            },
+        );
+        while hub.poll_transmit().is_some() {}
+        let (tx, mut rx) = oneshot::channel();
+        hub.route(at(t0, 0.0), &local, ask(&local, Reply::Http(tx)));
+        assert_eq!(rx.try_recv(), Ok(ApiAnswer::Overloaded));
+        assert_eq!(history(&hub, &local), Vec::<u64>::new());
+        assert!(hub.poll_transmit().is_none());
+        // Once the driver sees the shard drained, the same publish goes through with seq 1.
+        hub.recheck_congested(|s| s == 1);
+        assert!(!hub.any_congested());
+        let (tx, mut rx) = oneshot::channel();
+        hub.route(at(t0, 0.0), &local, ask(&local, Reply::Http(tx)));
+        assert_eq!(rx.try_recv(), Ok(ApiAnswer::Published { seq: 1 }));
+        assert!(matches!(
+            hub.poll_transmit(),
+            Some((1, HubMsg::Deliver { .. }))
+        ));
     }
 
     #[test]

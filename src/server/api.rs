@@ -26,10 +26,17 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
         Ok(()) => route(&shard, req).await,
     };
     res.unwrap_or_else(|ApiError(status, code, text)| {
-        json(
+        let mut r = json(
             status,
             format!("{{\"error\":{},\"code\":\"{code}\"}}", json_str(&text)),
-        )
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
+        r
     })
 }
 
@@ -112,13 +119,19 @@ async fn ask(
     let (tx, rx) = oneshot::channel();
     let msg = make(Reply::Http(tx));
     shard.hub.with(|hub, now| hub.route(now, topic, msg));
-    rx.await.map_err(|_| {
-        ApiError(
+    match rx.await {
+        Ok(ApiAnswer::Overloaded) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "a shard this needs is behind (max_shard_backlog); retry".into(),
+        )),
+        Ok(answer) => Ok(answer),
+        Err(_) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
             "the topic's shard is not available".into(),
-        )
-    })
+        )),
+    }
 }
 
 async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
@@ -193,7 +206,7 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
     .await?;
     match answer {
         ApiAnswer::Published { seq } => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
-        ApiAnswer::Json(_) => Err(ApiError(
+        ApiAnswer::Json(_) | ApiAnswer::Overloaded => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "unexpected answer".into(),
@@ -235,7 +248,7 @@ async fn presence(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
     .await?
     {
         ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
-        ApiAnswer::Published { .. } => Err(ApiError(
+        ApiAnswer::Published { .. } | ApiAnswer::Overloaded => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "unexpected answer".into(),
@@ -258,7 +271,7 @@ async fn history(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
     .await?
     {
         ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
-        ApiAnswer::Published { .. } => Err(ApiError(
+        ApiAnswer::Published { .. } | ApiAnswer::Overloaded => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "unexpected answer".into(),

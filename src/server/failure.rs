@@ -78,3 +78,26 @@ pub fn fail(global: &ServerState, shard: usize, what: &str) -> ! {
     std::thread::sleep(std::time::Duration::from_millis(500));
     std::process::exit(EXIT_SHARD_FAILED)
 }
+
+/// Failure injection for the test of the cross-shard bound: a shard handed a publish of the
+/// JSON string `"stall"` by another shard blocks for `RINGGATE_TEST_STALL` milliseconds, as a
+/// shard that falls behind would. Compiled only into debug builds.
+#[inline]
+pub fn inject_stall(msg: &crate::rooms::HubMsg) {
+    #[cfg(debug_assertions)]
+    {
+        static MS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        let ms = MS.get_or_init(|| {
+            std::env::var("RINGGATE_TEST_STALL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if let (Some(ms), crate::rooms::HubMsg::Publish { data, .. }) = (ms, msg) {
+            if &**data == "\"stall\"" {
+                std::thread::sleep(std::time::Duration::from_millis(*ms));
+            }
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = msg;
+}

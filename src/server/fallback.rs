@@ -70,7 +70,7 @@ fn error_response(Refused(status, code, text): Refused) -> Response<Body> {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -760,6 +760,11 @@ async fn publish_inner(
     };
     shard.hub.with(|hub, now| hub.route(now, topic, msg));
     match rx.await {
+        Ok(ApiAnswer::Overloaded) => Err(refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "a shard this needs is behind (max_shard_backlog); retry",
+        )),
         Ok(ApiAnswer::Published { seq }) => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
         Ok(ApiAnswer::Json(_)) => Err(refused(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -850,6 +855,11 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
     };
     shard.hub.with(|hub, now| hub.route(now, topic, msg));
     match rx.await {
+        Ok(ApiAnswer::Overloaded) => Err(refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "a shard this needs is behind (max_shard_backlog); retry",
+        )),
         Ok(ApiAnswer::Json(body)) => Ok(json(StatusCode::OK, body)),
         Ok(ApiAnswer::Published { .. }) => Err(refused(
             StatusCode::INTERNAL_SERVER_ERROR,

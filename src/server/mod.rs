@@ -184,7 +184,7 @@ impl Server {
         let (addr, first) = addrs[0];
         let first_tls = first.tls;
         let pin = config.pin_shards && !cores.is_empty();
-        let mut global = ServerState::new(config, backend);
+        let mut global = ServerState::new(config, backend, shards);
         global.auth = auth;
         if global.config.metrics {
             global.metrics = crate::metrics::install(crate::metrics::UPKEEP, shards);

@@ -48,11 +48,15 @@ pub struct ServerState {
     /// `POST /publish` per client at `[rooms] publish_rate` (a socket's limit, for callers
     /// without one); process-wide, as a client's requests land on any shard.
     pub http_publishes: std::sync::Mutex<crate::ratelimit::KeyedBuckets<super::admission::Caller>>,
+    /// Rooms messages queued for each shard by the others and not yet handled: the bound of
+    /// the cross-shard channels (`[rooms] max_shard_backlog`).
+    pub hub_backlog: Box<[AtomicUsize]>,
 }
 
 impl ServerState {
-    pub fn new(config: Config, backend: Backend) -> ServerState {
+    pub fn new(config: Config, backend: Backend, shards: usize) -> ServerState {
         ServerState {
+            hub_backlog: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             has_admin_listener: config.has_admin_listener(),
             failed: AtomicBool::new(false),
             admission: Arc::new(super::admission::Admission::new(
@@ -267,6 +271,10 @@ impl Shard {
             .sum();
         metrics::gauge!(crate::metrics::OUTBOUND_BYTES, "shard" => self.id.to_string())
             .set(queued as f64);
+        if let Some(backlog) = self.global.hub_backlog.get(self.id) {
+            metrics::gauge!(crate::metrics::HUB_BACKLOG, "shard" => self.id.to_string())
+                .set(backlog.load(Ordering::Relaxed) as f64);
+        }
     }
 
     /// This shard's part of `/ws/statistics`.
@@ -316,6 +324,7 @@ impl Shard {
             })
             .collect();
         let links = Rc::new(HubLinks {
+            global: self.global.clone(),
             peers: self.global.shards.get().cloned().unwrap_or_default(),
             deadline: Cell::new(None),
             changed: Notify::new(),
@@ -357,7 +366,13 @@ impl Shard {
                     crate::error::inject_panic("shard-loop");
                     let _ = reply.send(self.stats());
                 }
-                Some(Control::Hub(msg)) => self.hub.with(|hub, now| hub.handle(now, msg)),
+                Some(Control::Hub(msg)) => {
+                    if let Some(queued) = self.global.hub_backlog.get(self.id) {
+                        queued.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    super::failure::inject_stall(&msg);
+                    self.hub.with(|hub, now| hub.handle(now, msg))
+                }
                 Some(Control::Routes(routes)) => {
                     let c = &self.global.config;
                     let new = crate::proxy::Proxy::new(
@@ -436,6 +451,7 @@ async fn publish_metrics(shard: Rc<Shard>) {
 /// Where this shard's hub outputs go: the shards' control channels, and the deadline of the
 /// write-delay task.
 struct HubLinks {
+    global: Arc<ServerState>,
     peers: Vec<mpsc::UnboundedSender<Control>>,
     /// The hub's [`poll_timeout`](crate::rooms::Hub::poll_timeout) as last seen.
     deadline: Cell<Option<Instant>>,
@@ -445,15 +461,33 @@ struct HubLinks {
 impl HubLinks {
     /// Sends what the hub produced, in order (each pair of shards stays FIFO), and tells the
     /// write-delay task when its deadline changed.
+    ///
+    /// Each message sent counts in its receiver's backlog; a receiver at `max_shard_backlog`
+    /// is marked congested in this hub (which then refuses requests that would add to it)
+    /// until its backlog is down to half, with hysteresis so the mark does not flap.
     fn flush(&self, hub: &mut crate::rooms::Hub) {
+        let backlog = &self.global.hub_backlog;
+        let limit = self.global.config.rooms.max_shard_backlog;
+        if hub.any_congested() {
+            hub.recheck_congested(|s| {
+                backlog
+                    .get(s)
+                    .is_none_or(|q| q.load(Ordering::Relaxed) <= limit / 2)
+            });
+        }
         while let Some((to, msg)) = hub.poll_transmit() {
-            match self.peers.get(to) {
-                Some(tx) => {
+            match (self.peers.get(to), backlog.get(to)) {
+                (Some(tx), Some(queued)) => {
+                    // Counted before the send: the receiver's decrement can never come first.
+                    let now_queued = queued.fetch_add(1, Ordering::Relaxed) + 1;
                     if tx.send(Control::Hub(msg)).is_err() {
+                        queued.fetch_sub(1, Ordering::Relaxed);
                         tracing::debug!(shard = to, "hub message to a stopped shard dropped");
+                    } else if now_queued >= limit {
+                        hub.set_congested(to, true);
                     }
                 }
-                None => tracing::error!(shard = to, "hub message to an unknown shard"),
+                _ => tracing::error!(shard = to, "hub message to an unknown shard"),
             }
         }
         let due = hub.poll_timeout();
