@@ -1,7 +1,9 @@
 //! No leak in the rooms: a million subscribe/unsubscribe cycles (each on a fresh topic, with a
-//! publish in between so history and presence are used) leave the heap where it was. Measured
-//! with a counting allocator around the system one, in process, without sockets: the hub's
-//! state is plain data driven by its public API, as the shards drive it.
+//! publish in between so history and presence are used) leave the heap where it was; and no
+//! amplification: presence churn in a watched room and history requests that are never read
+//! cost at most the readers' outbound bound. Measured with a counting allocator around the
+//! system one, in process, without sockets: the hub's state is plain data driven by its public
+//! API, as the shards drive it.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -106,4 +108,108 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
         "heap grew by {grown} bytes over {CYCLES} cycles"
     );
     println!("heap before {before} B, after {after} B, grown {grown} B over {CYCLES} cycles");
+}
+
+/// Presence churn and history amplification: a room with a subscriber that never reads sees
+/// 20,000 members join and leave (each a presence event for it), and a client that never
+/// reads asks 2,000 times for a 100-message history (~25 KB an answer). What the heap keeps
+/// is bounded by the two readers' `max_outbound_bytes` (64 KiB here, so that a leak of a few
+/// dozen bytes per event would show), not by the events or the requests: over the bound a
+/// reader is a slow consumer and gets nothing more.
+#[test]
+fn presence_churn_and_history_requests_cost_at_most_the_readers_bound() {
+    let mut config = Config::default();
+    config.rooms.history_size = 100;
+    config.max_outbound_bytes = 64 * 1024;
+    let bound = config.max_outbound_bytes;
+    let shard = Shard::new(
+        0,
+        Arc::new(ServerState::new(config, Backend::Epoll, 1)),
+        None,
+    );
+    let new_conn = |name: &str| {
+        let reg = shard.register("127.0.0.1:9".parse().unwrap());
+        let conn = Rc::new(RoomConn {
+            entry: reg.entry.clone(),
+            client_id: name.into(),
+            user: "anonymous".into(),
+            topics: Default::default(),
+        });
+        shard.hub.with(|hub, _| hub.attach(conn.clone()));
+        (reg, conn)
+    };
+    let (_w, watcher) = new_conn("watcher");
+    let (_r, reader) = new_conn("reader");
+    let big = format!("\"{}\"", "x".repeat(200));
+    shard.hub.with(|hub, now| {
+        hub.subscribe(now, &watcher, "busy", None, None, None);
+        for _ in 0..100 {
+            hub.handle(
+                now,
+                HubMsg::Publish {
+                    topic: "busy".into(),
+                    kind: "message".into(),
+                    data: big.as_str().into(),
+                    from: None,
+                    reply: Reply::None,
+                },
+            );
+        }
+    });
+    let churn = |from: usize, to: usize| {
+        for i in from..to {
+            let (reg, member) = new_conn(&format!("m{i}"));
+            shard.hub.with(|hub, now| {
+                hub.subscribe(now, &member, "busy", None, None, None);
+                assert!(hub.unsubscribe(now, &member, "busy"));
+                hub.detach(now, member.entry.id);
+            });
+            member.entry.mailbox.drain(drop);
+            drop(reg);
+        }
+    };
+    let ask_history = |n: usize| {
+        for _ in 0..n {
+            shard.hub.with(|hub, now| {
+                hub.route(
+                    now,
+                    "busy",
+                    HubMsg::History {
+                        topic: "busy".into(),
+                        since: 0,
+                        limit: 100,
+                        reply: Reply::Conn {
+                            to: ringgate::rooms::ConnRef {
+                                shard: 0,
+                                conn: reader.entry.id,
+                            },
+                            id: None,
+                        },
+                    },
+                )
+            });
+        }
+    };
+    // Warm up the maps, then measure.
+    churn(0, 1_000);
+    let before = counting::live();
+    churn(1_000, 21_000);
+    ask_history(2_000);
+    shard.hub.with(|hub, now| hub.sweep(now));
+    let grown = (counting::live() - before).max(0) as usize;
+    println!("heap grown {grown} B (bound {bound} B per reader)");
+    // Both readers hit the bound: slow consumers, cut off (and closed with 1013 by their
+    // sessions), their queues dropped.
+    for c in [&watcher, &reader] {
+        assert!(
+            c.entry.mailbox.overflowed(),
+            "{} was not cut off",
+            c.client_id
+        );
+        assert!(c.entry.mailbox.backlog() <= bound);
+    }
+    assert!(
+        grown < 2 * bound + (1 << 20),
+        "heap grew by {grown} bytes (bound {bound} per reader)"
+    );
 }

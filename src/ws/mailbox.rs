@@ -103,6 +103,11 @@ impl Mailbox {
         self.frame_form.get()
     }
 
+    /// Whether the limit was hit: the connection is a slow consumer and gets nothing more.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.get()
+    }
+
     /// Bytes waiting for this connection, queued here or in its session.
     pub fn backlog(&self) -> usize {
         self.bytes.get() + self.unwritten.get()
