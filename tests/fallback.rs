@@ -17,6 +17,7 @@ both_backends!(
     sse_refuses_bad_input,
     poll_batches_and_resumes,
     poll_times_out_empty,
+    a_long_poll_is_not_a_presence_member,
     http_publish_checks_input,
     http_publish_is_rate_limited_per_client,
     fallbacks_take_the_ws_token,
@@ -265,14 +266,11 @@ async fn poll_batches_and_resumes(backend: Backend) {
             common::read_response(&mut s).await
         })
     };
-    // The poll is subscribed once it shows in presence.
+    // The poll is subscribed once the subscriptions gauge (published once a second by the
+    // server's sweep, which no test clock reaches) counts it.
     within("poll subscribed", async {
-        loop {
-            let p = server.get("/api/presence?topic=p").await;
-            if p.body.contains("client_id") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        while subscriptions(&server).await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
@@ -290,6 +288,62 @@ async fn poll_batches_and_resumes(backend: Backend) {
     // A wrong epoch cannot be recovered: answered at once, `recovered: false`.
     let v = poll(&server, "topics=p&since=p:1:not-the-epoch&timeout=20").await;
     assert_eq!(v["messages"][0]["recovered"], false, "{v}");
+}
+
+/// `ringgate_subscriptions` summed over the shards.
+async fn subscriptions(server: &Server) -> f64 {
+    let m = server.get("/metrics").await;
+    m.body
+        .lines()
+        .filter(|l| l.starts_with("ringgate_subscriptions{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A long-poll client subscribes anew with every poll: it is not listed in presence, and its
+/// polls send the topic's other subscribers no `join` or `leave`.
+async fn a_long_poll_is_not_a_presence_member(backend: Backend) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = Server::start(backend, &[]);
+    let (mut ws, _) = within(
+        "connect",
+        tokio_tungstenite::connect_async(server.url("/ws")),
+    )
+    .await
+    .unwrap();
+    let next = async |ws: &mut common::Ws| loop {
+        match within("next", ws.next()).await {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    let sub = json!({"action": "subscribe", "topic": "q", "id": 1}).to_string();
+    ws.send(Message::text(sub)).await.unwrap();
+    while next(&mut ws).await["type"] != "subscribed" {}
+    for _ in 0..3 {
+        let v = poll(&server, "topics=q&timeout=0").await;
+        assert_eq!(v["messages"][0]["type"], "subscribed", "{v}");
+    }
+    let p: Value = serde_json::from_str(&server.get("/api/presence?topic=q").await.body).unwrap();
+    assert_eq!(p["members"].as_array().map(Vec::len), Some(1), "{p}");
+    // Everything the home shard sent before this ack has arrived by then (one FIFO per pair of
+    // shards): a poll's `join` would be among it.
+    let publish = json!({"action": "publish", "topic": "q", "data": 1, "id": 2}).to_string();
+    ws.send(Message::text(publish)).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let v = next(&mut ws).await;
+        if v["type"] == "ack" {
+            break;
+        }
+        seen.push(v["type"].as_str().unwrap_or("?").to_string());
+    }
+    assert!(
+        seen.iter().all(|t| t != "join" && t != "leave"),
+        "presence events from polls: {seen:?}"
+    );
 }
 
 async fn poll_times_out_empty(backend: Backend) {

@@ -16,6 +16,13 @@ use ringgate::server::shard::{ServerState, Shard};
 
 mod counting;
 
+/// The allocator's count is process-wide: the tests of this file take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A million in release (`cargo test --release --test hub_memory`, which CI runs); fewer in the
 /// debug suite, where a cycle is ten times slower.
 const CYCLES: usize = if cfg!(debug_assertions) {
@@ -26,6 +33,7 @@ const CYCLES: usize = if cfg!(debug_assertions) {
 
 #[test]
 fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
+    let _turn = serial();
     let mut config = Config::default();
     // History is kept (so the room outlives its last subscriber until the TTL sweep).
     config.rooms.history_size = 4;
@@ -118,6 +126,7 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
 /// reader is a slow consumer and gets nothing more.
 #[test]
 fn presence_churn_and_history_requests_cost_at_most_the_readers_bound() {
+    let _turn = serial();
     let mut config = Config::default();
     config.rooms.history_size = 100;
     config.max_outbound_bytes = 64 * 1024;

@@ -44,6 +44,7 @@ impl RoomConn {
             client_id: self.client_id.clone(),
             user: self.user.clone(),
             joined_at: wall,
+            listed: true,
         }
     }
 

@@ -497,7 +497,7 @@ impl Hub {
             .room(topic)
             .join(from.shard, from.conn, member.clone(), shared_deflate);
         // Others hear of the join before the new member is on any delivery list.
-        if joined {
+        if joined && member.listed {
             self.presence_event(now, topic, "join", &member);
         }
         let room = self.room(topic);
@@ -523,7 +523,9 @@ impl Hub {
             return;
         };
         if let Some(member) = room.leave(from.shard, from.conn, shared_deflate) {
-            self.presence_event(now, &topic, "leave", &member);
+            if member.listed {
+                self.presence_event(now, &topic, "leave", &member);
+            }
         }
         self.free_if_idle(&topic);
     }
@@ -726,6 +728,38 @@ impl Hub {
         epoch: Option<&str>,
         id: Option<String>,
     ) {
+        let member = conn.member(now.wall);
+        self.subscribe_as(now, conn, topic, since, epoch, id, member)
+    }
+
+    /// [`subscribe`](Self::subscribe) without a presence listing (no `join`/`leave`): for
+    /// long-poll clients, which subscribe anew with every poll.
+    pub fn subscribe_unlisted(
+        &mut self,
+        now: Now,
+        conn: &RoomConn,
+        topic: &str,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) {
+        let member = Member {
+            listed: false,
+            ..conn.member(now.wall)
+        };
+        self.subscribe_as(now, conn, topic, since, epoch, None, member)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe_as(
+        &mut self,
+        now: Now,
+        conn: &RoomConn,
+        topic: &str,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        id: Option<String>,
+        member: Member,
+    ) {
         let topic: Arc<str> = topic.into();
         // A repeated subscribe keeps the subscription as it is; the home shard answers again.
         self.requests += 1;
@@ -745,7 +779,7 @@ impl Hub {
                 shard: self.shard,
                 conn: conn.entry.id,
             },
-            member: conn.member(now.wall),
+            member,
             since,
             epoch: epoch.map(str::to_owned),
             id,
@@ -1143,6 +1177,7 @@ mod tests {
                     client_id: "9".into(),
                     user: "u".into(),
                     joined_at: 0.0,
+                    listed: true,
                 },
                 since: None,
                 epoch: None,

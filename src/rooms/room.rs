@@ -28,6 +28,10 @@ pub struct Member {
     pub client_id: Arc<str>,
     pub user: Arc<str>,
     pub joined_at: f64,
+    /// Listed in presence, with `join`/`leave` events. A long-poll subscriber is not: it
+    /// subscribes anew with every poll, and listing it would turn each poll into a leave and a
+    /// join for every other subscriber.
+    pub listed: bool,
 }
 
 /// What a subscriber with `since` gets replayed.
@@ -52,8 +56,9 @@ pub struct Room {
     pub seq: u64,
     history: VecDeque<Stored>,
     history_bytes: usize,
-    /// Presence, by connection id.
+    /// Subscribers (and presence: the listed ones), by connection id.
     members: HashMap<u64, Member>,
+    listed: usize,
     /// Subscriptions per shard.
     shards: Vec<u32>,
     /// Subscribers that take the shared compressed frame.
@@ -69,6 +74,7 @@ impl Room {
             history: VecDeque::new(),
             history_bytes: 0,
             members: HashMap::new(),
+            listed: 0,
             shards: vec![0; shards],
             shared_deflate: 0,
         }
@@ -174,6 +180,7 @@ impl Room {
         if self.members.contains_key(&conn) {
             return false;
         }
+        self.listed += usize::from(member.listed);
         self.members.insert(conn, member);
         if let Some(n) = self.shards.get_mut(shard) {
             *n += 1;
@@ -185,6 +192,7 @@ impl Room {
     /// Removes a subscription; returns the member that left, once.
     pub fn leave(&mut self, shard: usize, conn: u64, shared_deflate: bool) -> Option<Member> {
         let m = self.members.remove(&conn)?;
+        self.listed -= usize::from(m.listed);
         if let Some(n) = self.shards.get_mut(shard) {
             *n = n.saturating_sub(1);
         }
@@ -194,12 +202,13 @@ impl Room {
         Some(m)
     }
 
+    /// Presence: the listed members.
     pub fn members(&self) -> impl Iterator<Item = &Member> {
-        self.members.values()
+        self.members.values().filter(|m| m.listed)
     }
 
     pub fn member_count(&self) -> usize {
-        self.members.len()
+        self.listed
     }
 
     /// Shards with at least one subscriber.
@@ -306,6 +315,7 @@ mod tests {
             client_id: "c1".into(),
             user: "u".into(),
             joined_at: 1.0,
+            listed: true,
         };
         assert!(r.join(1, 7, m.clone(), true));
         assert!(!r.join(1, 7, m.clone(), true));

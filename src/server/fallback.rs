@@ -247,8 +247,23 @@ struct Subscriber {
     _slot: WsSlot,
 }
 
+/// Whether a fallback subscriber is listed in presence. An SSE stream is, as a socket is. A
+/// long-poll client is not: each poll is a fresh subscription, so listing it would send every
+/// other subscriber a `leave` and a `join` per poll (per message, on a busy topic).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    Presence,
+    Unlisted,
+}
+
 impl Subscriber {
-    fn start(shard: &Rc<Shard>, remote: SocketAddr, ask: &Ask, slot: WsSlot) -> Subscriber {
+    fn start(
+        shard: &Rc<Shard>,
+        remote: SocketAddr,
+        ask: &Ask,
+        slot: WsSlot,
+        listing: Listing,
+    ) -> Subscriber {
         let reg = shard.register(remote);
         let conn = Rc::new(RoomConn {
             entry: reg.entry.clone(),
@@ -269,7 +284,11 @@ impl Subscriber {
                 let epoch = pos
                     .filter(|p| p.seq > 0 && !p.epoch.is_empty())
                     .map(|p| p.epoch.as_str());
-                h.subscribe(now, &conn, t, pos.map(|p| p.seq), epoch, None);
+                let since = pos.map(|p| p.seq);
+                match listing {
+                    Listing::Presence => h.subscribe(now, &conn, t, since, epoch, None),
+                    Listing::Unlisted => h.subscribe_unlisted(now, &conn, t, since, epoch),
+                }
             }
         });
         Subscriber {
@@ -404,7 +423,7 @@ fn sse(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<Incoming>) -> Respon
     let (ask, slot) = ask;
     counter!(SSE_STREAMS).increment(1);
     gauge!(SSE_ACTIVE).increment(1.0);
-    let sub = Subscriber::start(shard, remote, &ask, slot);
+    let sub = Subscriber::start(shard, remote, &ask, slot, Listing::Presence);
     let mut cursor = BTreeMap::new();
     for (t, p) in &ask.since {
         cursor.insert(t.clone(), p.clone());
@@ -564,7 +583,8 @@ async fn poll_inner(
     }
     .min(POLL_TIMEOUT_MAX);
     let slot = admit(shard)?;
-    let sub = Subscriber::start(shard, remote, &ask, slot);
+    // Not a presence member: it subscribes anew with every poll (see `Listing`).
+    let sub = Subscriber::start(shard, remote, &ask, slot, Listing::Unlisted);
     let mut cursor: BTreeMap<String, Position> = ask
         .since
         .iter()
@@ -573,10 +593,19 @@ async fn poll_inner(
     let mut messages: Vec<Bytes> = Vec::new();
     let mut answered = 0;
     let fresh = ask.topics.iter().any(|t| !ask.since.contains_key(t));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let now = tokio::time::Instant::now();
+    let deadline = now + Duration::from_secs(timeout);
+    // Every topic's `subscribed` (its position) is in the answer, even with `timeout=0`: it
+    // comes from a shard of this process, so waiting for it is bounded (by this, at worst).
+    let positions_by = deadline.max(now + shard.global.config.handshake_timeout());
     loop {
+        let wait_until = if answered >= ask.topics.len() {
+            deadline
+        } else {
+            positions_by
+        };
         let ready = tokio::time::timeout_at(
-            deadline,
+            wait_until,
             poll_fn(|cx| {
                 sub.reg.entry.register_waker(cx.waker());
                 if sub.has_mail() || sub.closing() {
