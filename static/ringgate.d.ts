@@ -26,7 +26,6 @@ export interface ClientOptions {
   /** Seconds a long-poll waits on the server. */
   pollTimeout?: number;
   WebSocket?: unknown;
-  EventSource?: unknown;
   fetch?: typeof fetch;
   random?: () => number;
   /** React to online/offline, page visibility and beforeunload (browsers). Default true. */
@@ -62,6 +61,8 @@ export declare class RinggateError extends Error {
   reply?: unknown;
 }
 
+/** The `data` of each event of a `text/event-stream` body. */
+export declare function sseData(body: ReadableStream<Uint8Array>): AsyncGenerator<string>;
 export declare function backoffDelay(attempt: number, base: number, cap: number, random?: () => number): number;
 
 export declare class RinggateClient {

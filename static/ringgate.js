@@ -26,7 +26,6 @@ const DEFAULTS = {
   probeInterval: 30000,
   pollTimeout: 25,
   WebSocket: undefined,
-  EventSource: undefined,
   fetch: undefined,
   random: Math.random,
   // Browser hooks (online/offline, visibility, beforeunload); false in tests.
@@ -56,6 +55,41 @@ function httpBase(wsUrl) {
   u.search = "";
   u.hash = "";
   return u.toString().replace(/\/$/, "");
+}
+
+/**
+ * The `data` of each event of a `text/event-stream` body (a ReadableStream of bytes): lines
+ * split on LF, CRLF or CR; `data:` lines joined with LF; a blank line ends an event; comments
+ * and other fields are skipped.
+ */
+export async function* sseData(body) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  let data = null;
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += decoder.decode(value, { stream: true });
+      let i;
+      while ((i = buf.search(/\r\n|\r|\n/)) >= 0) {
+        // A CR at the very end may be the first half of a CRLF: wait for the next bytes.
+        if (buf[i] === "\r" && i === buf.length - 1) break;
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + (buf.startsWith("\r\n", i) ? 2 : 1));
+        if (line === "") {
+          if (data !== null) yield data;
+          data = null;
+        } else if (line.startsWith("data:")) {
+          const v = line.slice(line[5] === " " ? 6 : 5);
+          data = data === null ? v : data + "\n" + v;
+        }
+      }
+    }
+  } finally {
+    reader.releaseLock?.();
+  }
 }
 
 class Emitter {
@@ -98,7 +132,6 @@ export class RinggateClient extends Emitter {
     this.options = { ...DEFAULTS, ...options };
     const g = globalThis;
     this._WS = this.options.WebSocket || g.WebSocket;
-    this._ES = this.options.EventSource || g.EventSource;
     this._fetch = this.options.fetch || (g.fetch && g.fetch.bind(g));
     this.base = httpBase(url);
     this.status = "closed";
@@ -246,7 +279,7 @@ export class RinggateClient extends Emitter {
   }
 
   _usable(t) {
-    if (t === "sse") return !!this._ES && !!this._fetch && !this._sseBroken;
+    if (t === "sse") return !!this._fetch && !this._sseBroken;
     if (t === "poll") return !!this._fetch;
     return false;
   }
@@ -362,9 +395,7 @@ export class RinggateClient extends Emitter {
       try {
         c.ws.close(code);
       } catch {}
-    } else if (c.kind === "sse") {
-      c.es.close();
-    } else if (c.kind === "poll") {
+    } else {
       c.stopped = true;
       c.abort?.abort();
     }
@@ -453,11 +484,6 @@ export class RinggateClient extends Emitter {
     } catch (e) {
       q.reject(e);
     }
-  }
-
-  _authQuery(path) {
-    if (!this.options.token) return path;
-    return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(this.options.token);
   }
 
   async _http(path, init = {}) {
@@ -601,50 +627,73 @@ export class RinggateClient extends Emitter {
     this._openSse();
   }
 
+  // SSE is read with fetch rather than EventSource: fetch can send the token as an
+  // `Authorization` header (EventSource cannot send headers, and servers take `?token=` only
+  // with `query_token`), and it runs in Node without a polyfill. A stream that drops after it
+  // opened is reopened after a backoff from the cursors of the messages seen, as EventSource
+  // would with `Last-Event-ID`.
   _openSse() {
+    const conn = { kind: "sse", opened: false, abort: typeof AbortController !== "undefined" ? new AbortController() : null };
+    this._conn = conn;
     if (this.subs.size === 0) {
       // Nothing to stream: idle on this transport until a subscribe.
-      this._conn = { kind: "sse", es: { close() {} } };
-      this._onOpen();
+      this._sseOpened(conn);
       return;
     }
-    const es = new this._ES(this._authQuery(`${this.base}/sse?${this._topicsQuery()}`));
-    const conn = { kind: "sse", es, opened: false };
-    this._conn = conn;
-    es.onopen = () => {
-      if (this._conn !== conn || conn.opened) return;
-      conn.opened = true;
-      this._attempt = 0;
-      this._setStatus("fallback:sse");
-      const queued = this._queue;
-      this._queue = [];
-      for (const q of queued) this._dispatch(q);
-    };
-    es.onmessage = (ev) => {
-      if (this._conn !== conn) return;
-      let msg;
+    const headers = { accept: "text/event-stream" };
+    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
+    (async () => {
+      let r;
       try {
-        msg = JSON.parse(ev.data);
+        r = await this._fetch(`${this.base}/sse?${this._topicsQuery()}`, { headers, signal: conn.abort?.signal });
+        if (!r.ok || !r.body) throw new RinggateError(`HTTP ${r.status}`, "http");
       } catch {
+        if (this._conn === conn) this._sseEnded(conn);
         return;
       }
-      this._onMessage(msg);
-    };
-    es.onerror = () => {
       if (this._conn !== conn) return;
-      // EventSource retries by itself after a drop; a stream that never opened (or was
-      // closed for good) means SSE does not work here: long-poll instead.
-      if (!conn.opened || es.readyState === 2) {
-        this._teardown();
-        this._sseBroken = !conn.opened;
-        const next = this._sseBroken ? "poll" : "sse";
-        if (this._usable(next)) {
-          this.transport = next;
-          if (next === "poll") this._openPoll();
-          else this._openSse();
+      this._sseOpened(conn);
+      try {
+        for await (const data of sseData(r.body)) {
+          if (this._conn !== conn) return;
+          let msg;
+          try {
+            msg = JSON.parse(data);
+          } catch {
+            continue;
+          }
+          this._onMessage(msg);
         }
+      } catch {}
+      if (this._conn === conn) this._sseEnded(conn);
+    })();
+  }
+
+  _sseOpened(conn) {
+    conn.opened = true;
+    this._attempt = 0;
+    this._setStatus("fallback:sse");
+    const queued = this._queue;
+    this._queue = [];
+    for (const q of queued) this._dispatch(q);
+  }
+
+  /** The stream failed to open (SSE does not work here: long-poll) or ended (reopen it). */
+  _sseEnded(conn) {
+    this._teardown();
+    if (!conn.opened) {
+      this._sseBroken = true;
+      if (this._usable("poll")) {
+        this.transport = "poll";
+        this._openPoll();
       }
-    };
+      return;
+    }
+    this._attempt += 1;
+    const o = this.options;
+    this._timer(() => {
+      if (!this._closed && this.transport === "sse" && !this._conn) this._openSse();
+    }, backoffDelay(this._attempt, o.backoffBase, o.backoffCap, o.random));
   }
 
   _restartPoll() {

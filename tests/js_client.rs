@@ -47,3 +47,38 @@ fn ringgate_js_in_node_against_the_server() {
         assert!(text.contains("4 passed, 0 failed"), "{text}");
     }
 }
+
+/// The client on SSE under `[auth]` without `query_token`: the token goes as a header.
+#[test]
+fn ringgate_js_sse_with_a_header_token() {
+    let secret = "js-client-secret-of-at-least-32-bytes";
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "ann", "exp": exp, "channels": ["news"], "publish": ["news"]}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token");
+    let config = format!("[auth]\njwt_secret = \"{secret}\"\nrequired = true\n");
+    for backend in [Backend::Uring, Backend::Epoll] {
+        let server = Server::start_with_config(backend, &config, &[]);
+        let out = Command::new("node")
+            .args(["tests/js_live/sse_auth.mjs"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("RINGGATE_WS", server.url("/ws"))
+            .env("RINGGATE_TOKEN", &token)
+            .output()
+            .expect("run node");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{backend:?}:\n{text}");
+        assert!(text.contains("3 passed, 0 failed"), "{text}");
+    }
+}

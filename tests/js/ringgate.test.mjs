@@ -1,8 +1,9 @@
 // Unit tests of static/ringgate.js under Node's test runner (`node --test tests/js/`), with
-// fake WebSocket/EventSource/fetch and mocked timers. Run by tests/js_client.rs.
+// a fake WebSocket, fake fetch (SSE bodies streamed through real ReadableStreams) and mocked
+// timers. Run by tests/js_client.rs.
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
-import { RinggateClient, backoffDelay, encodeCursor } from "../../static/ringgate.js";
+import { RinggateClient, backoffDelay, encodeCursor, sseData } from "../../static/ringgate.js";
 
 class FakeWs {
   static all = [];
@@ -39,22 +40,20 @@ class FakeWs {
   }
 }
 
-class FakeEs {
-  static all = [];
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    FakeEs.all.push(this);
+/** A `text/event-stream` response whose body the test writes event by event. */
+class SseBody {
+  constructor() {
+    this.body = new ReadableStream({ start: (c) => (this.c = c) });
+    this.enc = new TextEncoder();
   }
-  close() {
-    this.readyState = 2;
+  response() {
+    return { ok: true, status: 200, body: this.body };
   }
-  open() {
-    this.readyState = 1;
-    this.onopen?.();
+  send(msg) {
+    this.c.enqueue(this.enc.encode(`id: x\ndata: ${JSON.stringify(msg)}\n\n`));
   }
-  recv(msg) {
-    this.onmessage?.({ data: JSON.stringify(msg) });
+  end() {
+    this.c.close();
   }
 }
 
@@ -62,11 +61,9 @@ const flush = () => new Promise((r) => setImmediate(r));
 
 async function client(extra = {}) {
   FakeWs.all = [];
-  FakeEs.all = [];
   const statuses = [];
   const c = new RinggateClient("ws://127.0.0.1:1/ws", {
     WebSocket: FakeWs,
-    EventSource: FakeEs,
     fetch: extra.fetch || (async () => ({ ok: true, json: async () => ({ messages: [] }) })),
     browserEvents: false,
     random: () => 0.5,
@@ -241,43 +238,94 @@ test("silent connection is replaced after two ping intervals", async () => {
   }
 });
 
-test("falls back to SSE after 3 failed attempts, publishes over HTTP, probes back", async () => {
+test("SSE data: multi-line data, comments, CRLF, events split across chunks", async () => {
+  const chunks = ["data: a\r\n", "data: b\r", "\n\r\n: heartbeat\n\nid: 1\ndata:", "c\n", "\n", "data: cut"];
+  const enc = new TextEncoder();
+  const body = new ReadableStream({
+    start(c) {
+      for (const x of chunks) c.enqueue(enc.encode(x));
+      c.close();
+    },
+  });
+  const got = [];
+  for await (const d of sseData(body)) got.push(d);
+  assert.deepEqual(got, ["a\nb", "c"]);
+});
+
+test("falls back to SSE after 3 failed attempts, with the token as a header; publishes over HTTP, probes back", async () => {
   mock.timers.enable({ apis: ["setTimeout"] });
-  const posts = [];
+  const calls = [];
+  const sse = new SseBody();
   const fetch = async (url, init) => {
-    posts.push({ url, init });
+    calls.push({ url, init });
+    if (url.includes("/sse?")) return sse.response();
     return { ok: true, json: async () => ({ seq: 9 }) };
   };
   try {
-    const { c, statuses } = await client({ fetch, probeInterval: 5000 });
+    const { c, statuses } = await client({ fetch, probeInterval: 5000, token: "tok" });
     const got = [];
     c.subscribe("room", (m) => got.push(m));
     for (let i = 0; i < 3; i++) {
       FakeWs.all.at(-1).fail();
       mock.timers.tick(30000);
     }
-    assert.equal(FakeEs.all.length, 1);
-    const es = FakeEs.all[0];
-    assert.match(es.url, /\/sse\?topics=room$/);
-    es.open();
+    await flush();
+    const open = calls.find((x) => x.url.includes("/sse?"));
+    assert.match(open.url, /\/sse\?topics=room$/);
+    assert.equal(open.init.headers.authorization, "Bearer tok");
     assert.equal(statuses.at(-1), "fallback:sse");
-    es.recv({ type: "subscribed", topic: "room", seq: 2, epoch: "E" });
-    es.recv({ type: "message", topic: "room", seq: 3, data: "x" });
+    sse.send({ type: "subscribed", topic: "room", seq: 2, epoch: "E" });
+    sse.send({ type: "message", topic: "room", seq: 3, data: "x" });
+    await flush();
+    await flush();
     assert.deepEqual(got.map((m) => m.data), ["x"]);
     const ack = await c.publish("room", { y: 1 });
     assert.equal(ack.seq, 9);
-    assert.equal(posts[0].url, "http://127.0.0.1:1/publish");
-    assert.deepEqual(JSON.parse(posts[0].init.body), { topic: "room", data: { y: 1 } });
+    const post = calls.find((x) => x.url.endsWith("/publish"));
+    assert.equal(post.url, "http://127.0.0.1:1/publish");
+    assert.deepEqual(JSON.parse(post.init.body), { topic: "room", data: { y: 1 } });
     // The background probe finds WebSocket working again.
     const before = FakeWs.all.length;
     mock.timers.tick(5000);
     assert.equal(FakeWs.all.length, before + 1);
     const ws = FakeWs.all.at(-1);
     ws.open();
-    assert.equal(es.readyState, 2, "SSE closed");
+    assert.ok(open.init.signal.aborted, "SSE closed");
     assert.equal(statuses.at(-1), "open");
     const sub = ws.last("subscribe");
     assert.equal(sub.since, 3);
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("an SSE stream that drops is reopened from the last position", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const streams = [];
+  const fetch = async (url) => {
+    const s = new SseBody();
+    streams.push({ url, s });
+    return s.response();
+  };
+  try {
+    const { c, statuses } = await client({ fetch, fallbackAfter: 1, probeInterval: 0 });
+    const got = [];
+    c.subscribe("room", (m) => got.push(m));
+    FakeWs.all[0].fail();
+    mock.timers.tick(30000);
+    await flush();
+    streams[0].s.send({ type: "subscribed", topic: "room", seq: 4, epoch: "E" });
+    streams[0].s.send({ type: "message", topic: "room", seq: 5, data: "a" });
+    streams[0].s.end();
+    await flush();
+    await flush();
+    mock.timers.tick(30000);
+    await flush();
+    assert.equal(streams.length, 2);
+    assert.match(streams[1].url, /since=room:5:E/);
+    assert.equal(statuses.at(-1), "fallback:sse");
+    assert.deepEqual(got.map((m) => m.data), ["a"]);
     c.close();
   } finally {
     mock.timers.reset();
@@ -289,6 +337,7 @@ test("SSE that never opens moves to long-poll", async () => {
   const polls = [];
   let answer;
   const fetch = (url) => {
+    if (url.includes("/sse?")) return Promise.resolve({ ok: false, status: 404 });
     polls.push(url);
     return new Promise((r) => (answer = r));
   };
@@ -298,7 +347,7 @@ test("SSE that never opens moves to long-poll", async () => {
     c.subscribe("room", (m) => got.push(m));
     FakeWs.all[0].fail();
     mock.timers.tick(30000);
-    FakeEs.all[0].onerror();
+    await flush();
     assert.equal(statuses.at(-1), "fallback:poll");
     await flush();
     assert.match(polls[0], /\/poll\?topics=room&timeout=25$/);
