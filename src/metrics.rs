@@ -58,7 +58,8 @@ pub const PROXY_BYTES_IN: &str = "ringgate_proxy_bytes_in_total";
 pub const PROXY_BYTES_OUT: &str = "ringgate_proxy_bytes_out_total";
 pub const PROXY_UPSTREAM_HEALTHY: &str = "ringgate_proxy_upstream_healthy";
 
-/// Every family that is exported from the start (histograms appear with their first sample).
+/// Every family that is exported from the start, at zero (the families labelled by a route:
+/// once per configured route).
 pub const FROM_START: &[&str] = &[
     CONNECTIONS_ACTIVE,
     CONNECTIONS_OPENED,
@@ -90,6 +91,9 @@ pub const FROM_START: &[&str] = &[
     SSE_EVENTS,
     POLL_REQUESTS,
     HTTP_PUBLISHES,
+    FANOUT,
+    PUBLISH_LATENCY,
+    PUBLISH_TO_WRITE,
 ];
 
 /// Histograms are exported as Prometheus histograms (buckets add up across shards and hosts;
@@ -297,8 +301,8 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
 }
 
 /// Every family with zero values for its known label values, so that a fresh node already
-/// exports what dashboards and `absent()` alerts look for. Histograms show up with their first
-/// sample (an empty histogram cannot be exported without recording a fake one).
+/// exports what dashboards and `absent()` alerts look for. Histograms are registered without a
+/// sample: the exporter renders a registered histogram with a zero count.
 fn export_from_start(shards: usize) {
     const ENDPOINTS: [&str; 4] = ["echo", "agent", "rooms", "proxy"];
     for e in ENDPOINTS {
@@ -350,6 +354,9 @@ fn export_from_start(shards: usize) {
             gauge!(name, "shard" => shard.clone()).set(0.0);
         }
     }
+    for name in [FANOUT, PUBLISH_LATENCY, PUBLISH_TO_WRITE] {
+        let _registered = metrics::histogram!(name);
+    }
     gauge!(AGENT_IN_FLIGHT).set(0.0);
     counter!(SSE_STREAMS).absolute(0);
     gauge!(SSE_ACTIVE).set(0.0);
@@ -359,6 +366,18 @@ fn export_from_start(shards: usize) {
     for reason in ["client", "disconnect"] {
         counter!(AGENT_CANCELLED, "reason" => reason).absolute(0);
     }
+}
+
+/// A route's families at zero, so that its series exist before its first request. Called at
+/// start and for every route of a reloaded table: adding zero leaves a series that already
+/// counts as it is.
+pub fn export_route(route: &str) {
+    for name in [PROXY_RETRIES, PROXY_BYTES_IN, PROXY_BYTES_OUT] {
+        counter!(name, "route" => route.to_string()).increment(0);
+    }
+    counter!(PROXY_REQUESTS, "route" => route.to_string(), "class" => "2xx").increment(0);
+    let _registered = metrics::histogram!(PROXY_LATENCY, "route" => route.to_string());
+    gauge!(PROXY_WEBSOCKETS, "route" => route.to_string()).increment(0.0);
 }
 
 // ---- agent gateway ----

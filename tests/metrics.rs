@@ -263,11 +263,23 @@ async fn metrics_can_be_turned_off(backend: Backend) {
 
 /// Dashboards and `absent()` alerts work on a fresh node: every family is there, at zero.
 async fn a_fresh_node_exports_every_family(backend: Backend) {
-    let server = Server::start(backend, &[]);
+    // A route (to nowhere: nothing is sent through it) has its series before any request.
+    let config = "[[route]]\nname = \"app\"\npath_prefix = \"/app/\"\nupstreams = [\"http://127.0.0.1:9\"]\n";
+    let server = Server::start_with_config(backend, config, &[]);
     let body = server.get("/metrics").await.body;
     let missing: Vec<_> = ringgate::metrics::FROM_START
         .iter()
         .filter(|name| !body.contains(&format!("# TYPE {name} ")))
         .collect();
     assert!(missing.is_empty(), "missing {missing:?} in:\n{body}");
+    for series in [
+        "ringgate_fanout_size_count 0",
+        "ringgate_proxy_requests_total{route=\"app\",class=\"2xx\"} 0",
+        "ringgate_proxy_retries_total{route=\"app\"} 0",
+        "ringgate_proxy_bytes_in_total{route=\"app\"} 0",
+        "ringgate_proxy_websockets_active{route=\"app\"} 0",
+        "ringgate_proxy_upstream_latency_seconds_count{route=\"app\"} 0",
+    ] {
+        assert!(body.contains(series), "missing {series} in:\n{body}");
+    }
 }
