@@ -3,6 +3,8 @@
 //! real binary, once per I/O backend. Chromium is installed on first use when running as root;
 //! otherwise the test fails with the command to run. Never skipped.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -50,20 +52,15 @@ fn browser_tests() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     ensure_node_modules(&dir);
     for io in ["uring", "epoll"] {
-        let out = Command::new("node")
-            .args(["--test", "--test-concurrency=1", "browser.test.mjs"])
-            .current_dir(&dir)
-            .env("RINGGATE_BIN", env!("CARGO_BIN_EXE_ringgate"))
-            .env("RINGGATE_IO", io)
-            .env("CHROMIUM", CHROMIUM)
-            .output()
-            .expect("run node");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (ok, text) = common::output_text(
+            Command::new("node")
+                .args(["--test", "--test-concurrency=1", "browser.test.mjs"])
+                .current_dir(&dir)
+                .env("RINGGATE_BIN", env!("CARGO_BIN_EXE_ringgate"))
+                .env("RINGGATE_IO", io)
+                .env("CHROMIUM", CHROMIUM),
         );
-        assert!(out.status.success(), "browser tests ({io}) failed:\n{text}");
+        assert!(ok, "browser tests ({io}) failed:\n{text}");
         assert!(text.contains("# fail 0"), "{text}");
         println!("browser tests on {io}:\n{text}");
     }

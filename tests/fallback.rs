@@ -426,11 +426,7 @@ async fn http_publish_is_rate_limited_per_client(backend: Backend) {
         &format!("{limits}[auth]\njwt_secret = \"fallback-secret-of-thirty-two-bytes\"\nrequired = true\n"),
         &[],
     );
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
+    let exp = common::unix_in(600);
     let bearer = |sub: &str| {
         format!(
             "Authorization: Bearer {}\r\n",
@@ -460,11 +456,7 @@ async fn fallbacks_take_the_ws_token(backend: Backend) {
         "[auth]\njwt_secret = \"fallback-secret-of-thirty-two-bytes\"\nrequired = true\nquery_token = true\n",
         &[],
     );
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
+    let exp = common::unix_in(600);
     let t = token(json!({"sub": "ann", "exp": exp, "channels": ["news"], "publish": ["news"]}));
     // No token, a bad token: 401 with WWW-Authenticate.
     for q in ["topics=news", "topics=news&token=nope"] {

@@ -796,3 +796,25 @@ impl Server {
         self.config.as_ref().map(|c| c.path.as_path())
     }
 }
+
+/// Seconds since the Unix epoch, `secs` from now (a token's `exp`).
+pub fn unix_in(secs: u64) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        + secs
+}
+
+/// Runs `cmd` to its end: whether it succeeded, and its stdout and stderr together.
+pub fn output_text(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
