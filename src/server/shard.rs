@@ -50,13 +50,26 @@ pub struct ServerState {
     pub http_publishes: std::sync::Mutex<crate::ratelimit::KeyedBuckets<super::admission::Caller>>,
     /// Rooms messages queued for each shard by the others and not yet handled: the bound of
     /// the cross-shard channels (`[rooms] max_shard_backlog`).
-    pub hub_backlog: Box<[AtomicUsize]>,
+    pub hub_backlog: Box<[Backlog]>,
+}
+
+/// One shard's inbound rooms backlog, alone on its cache line: every shard writes it, and the
+/// counters of different shards must not contend with each other.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Backlog(pub AtomicUsize);
+
+impl std::ops::Deref for Backlog {
+    type Target = AtomicUsize;
+    fn deref(&self) -> &AtomicUsize {
+        &self.0
+    }
 }
 
 impl ServerState {
     pub fn new(config: Config, backend: Backend, shards: usize) -> ServerState {
         ServerState {
-            hub_backlog: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            hub_backlog: (0..shards).map(|_| Backlog::default()).collect(),
             has_admin_listener: config.has_admin_listener(),
             failed: AtomicBool::new(false),
             admission: Arc::new(super::admission::Admission::new(
