@@ -101,6 +101,7 @@ fn fanout(c: &mut Criterion) {
                             data: DATA.into(),
                             from: None,
                             reply: Reply::None,
+                            opts: Default::default(),
                         },
                     )
                 });
@@ -112,8 +113,15 @@ fn fanout(c: &mut Criterion) {
                 black_box(total)
             })
         });
-        let payload =
-            ringgate::rooms::proto::room_message("message", "bench", 1, DATA, None, 1.7e9);
+        let payload = ringgate::rooms::proto::room_message(
+            "message",
+            "bench",
+            Some(1),
+            DATA,
+            None,
+            1.7e9,
+            None,
+        );
         let mut outboxes: Vec<Outbox> = (0..n).map(|_| Outbox::default()).collect();
         g.bench_with_input(BenchmarkId::new("per_subscriber", n), &n, |b, _| {
             b.iter(|| {

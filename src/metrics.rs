@@ -35,6 +35,7 @@ pub const TOKENS_EXPIRED: &str = "ringgate_token_expired_closes_total";
 pub const ROOMS: &str = "ringgate_rooms";
 pub const SUBSCRIPTIONS: &str = "ringgate_subscriptions";
 pub const PUBLISHED: &str = "ringgate_room_messages_published_total";
+pub const VOLATILE_DROPPED: &str = "ringgate_volatile_dropped_total";
 pub const FANOUT: &str = "ringgate_fanout_size";
 pub const PUBLISH_LATENCY: &str = "ringgate_publish_to_queue_seconds";
 pub const PUBLISH_TO_WRITE: &str = "ringgate_publish_to_write_seconds";
@@ -197,7 +198,14 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
         SUBSCRIPTIONS,
         "Topic subscriptions of this shard's connections, by shard."
     );
-    describe_counter!(PUBLISHED, "Room messages published (seq assigned).");
+    describe_counter!(
+        PUBLISHED,
+        "Room messages published (delivered to subscribers; volatile ones without a seq)."
+    );
+    describe_counter!(
+        VOLATILE_DROPPED,
+        "Volatile room messages not queued for a subscriber already over half its max_outbound_bytes."
+    );
     describe_histogram!(
         FANOUT,
         "Subscribers one room message was queued for, per shard and message."

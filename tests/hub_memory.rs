@@ -60,6 +60,7 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
                     data: "{\"n\":1}".into(),
                     from: None,
                     reply: Reply::None,
+                    opts: Default::default(),
                 },
             );
             assert!(hub.unsubscribe(now, &conn, &topic));

@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::config::RoomsConfig;
 use super::proto::{self, ClientError, Code, Request};
 use super::room::Member;
-use super::{ConnRef, HubMsg, Reply, SharedHub};
+use super::{ConnRef, HubMsg, PublishOpts, Reply, SharedHub};
 use crate::auth::{Identity, TopicAction, ANONYMOUS};
 use crate::ratelimit::TokenBucket;
 use crate::ws::connection::{Close, Handler, Message, ToClient};
@@ -195,7 +195,13 @@ impl RoomsHandler {
                     out.text(proto::unsubscribed(topic, id.as_deref()).as_bytes());
                 }
             }
-            Request::Publish { topic, kind, data } => {
+            Request::Publish {
+                topic,
+                kind,
+                data,
+                volatile,
+                trace,
+            } => {
                 if data.len() > cfg.max_data_size {
                     return Err(ClientError::new(
                         Code::TooLarge,
@@ -215,6 +221,10 @@ impl RoomsHandler {
                     data: data.into(),
                     from: Some(self.conn.from()),
                     reply,
+                    opts: PublishOpts {
+                        volatile,
+                        trace: trace.map(Into::into),
+                    },
                 };
                 hub.with(|hub, now| hub.route(now, topic, msg));
             }

@@ -463,6 +463,7 @@ impl Sim {
             data: data.into(),
             from: None,
             reply,
+            opts: Default::default(),
         };
         self.on_hub(shard, |hub, now| hub.route(now, topic, msg));
     }
@@ -529,7 +530,7 @@ impl Sim {
         for s in 0..self.hubs.len() {
             let now = self.now();
             if self.hubs[s].poll_timeout().is_some_and(|due| due <= now.at) {
-                self.on_hub(s, |hub, now| hub.handle_timeout(now.at));
+                self.on_hub(s, |hub, now| hub.handle_timeout(now));
             }
             if self.next_sweep[s] <= self.elapsed {
                 self.next_sweep[s] += Duration::from_secs(1);
@@ -1042,6 +1043,8 @@ fn describe(msg: &HubMsg) -> String {
             let v: Value = serde_json::from_slice(text).unwrap_or_default();
             format!("Reply {conn:x} {}", v["type"])
         }
+        HubMsg::ToUser { user, text } => format!("ToUser {user} {}", String::from_utf8_lossy(text)),
+        HubMsg::Disconnect { user, code } => format!("Disconnect {user} {code}"),
     }
 }
 
