@@ -1937,3 +1937,357 @@ async fn room_metrics_follow_traffic(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---- volatile, conflation, trace ids, user-directed delivery (docs/PROTOCOL.md) ------------
+
+both_backends!(
+    volatile_publishes_are_never_in_history_nor_replayed,
+    conflation_delivers_the_latest_and_never_an_older_value_after_a_newer,
+    trace_ids_are_delivered_and_logged_from_publish_to_delivery,
+    user_messages_reach_every_connection_of_the_user_across_shards_only,
+);
+
+impl Client {
+    /// Connects to `/ws` with `token` as the `bearer.` subprotocol.
+    async fn connect_with_token(server: &Server, token: &str) -> Client {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = server.url("/ws").into_client_request().expect("request");
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("bearer.{token}").parse().expect("header value"),
+        );
+        let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(req))
+            .await
+            .expect("websocket handshake");
+        let first = read_json(&mut ws, "connected").await;
+        assert_eq!(first["type"], "connected", "{first}");
+        let id = first["connection_id"].as_str().expect("id").to_string();
+        Client {
+            ws,
+            id,
+            stash: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
+    /// The next volatile message of `topic`.
+    async fn volatile_message(&mut self, topic: &str) -> Value {
+        self.until(&format!("a volatile message of {topic}"), |m| {
+            m["topic"] == topic && m["volatile"] == true
+        })
+        .await
+    }
+}
+
+async fn volatile_publishes_are_never_in_history_nor_replayed(backend: Backend) {
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\n[[rooms.topic]]\nprefix = \"typing.\"\nvolatile = true\n",
+    );
+    let topic = "chat.1";
+    let mut sub = Client::connect(&server).await;
+    sub.subscribe(topic).await;
+    let mut p = Client::connect(&server).await;
+    assert_eq!(p.publish(topic, json!("a")).await, 1);
+    // As written in the docs, then with an id to see its ack.
+    p.send_text(
+        r#"{"action": "publish", "topic": "chat.1", "data": {"typing": true}, "volatile": true}"#
+            .into(),
+    )
+    .await;
+    let id = p.fresh_id();
+    let ack = p
+        .call(
+            json!({"action": "publish", "topic": topic, "data": {"typing": false}, "volatile": true}),
+            id,
+        )
+        .await;
+    assert_eq!(
+        (&ack["type"], &ack["volatile"]),
+        (&json!("ack"), &json!(true)),
+        "{ack}"
+    );
+    assert!(ack.get("seq").is_none(), "{ack}");
+    // No seq was taken: the next durable message is 2.
+    assert_eq!(p.publish(topic, json!("b")).await, 2);
+
+    let m = sub.room_message(topic).await;
+    assert_eq!((&m["seq"], &m["data"]), (&json!(1), &json!("a")));
+    let v = sub.volatile_message(topic).await;
+    assert_eq!(v["data"], json!({"typing": true}), "{v}");
+    assert!(v.get("seq").is_none(), "{v}");
+    assert_eq!(sub.volatile_message(topic).await["data"]["typing"], false);
+    assert_eq!(sub.room_message(topic).await["seq"], 2);
+
+    // History and recovery hold only the durable ones.
+    let id = sub.fresh_id();
+    let h = sub
+        .call(json!({"action": "history", "topic": topic}), id)
+        .await;
+    assert_eq!(seqs(&h["messages"]), [1, 2], "{h}");
+    let mut late = Client::connect(&server).await;
+    late.subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 0}))
+        .await;
+    assert_eq!(late.room_message(topic).await["seq"], 1);
+    assert_eq!(late.room_message(topic).await["seq"], 2);
+    late.ping().await;
+    assert!(
+        !late.stash.iter().any(|m| m["volatile"] == true),
+        "{:?}",
+        late.stash
+    );
+
+    // The prefix default, and the API.
+    sub.subscribe("typing.1").await;
+    let id = p.fresh_id();
+    let ack = p
+        .call(
+            json!({"action": "publish", "topic": "typing.1", "data": 1}),
+            id,
+        )
+        .await;
+    assert_eq!(ack["volatile"], true, "{ack}");
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"topic": topic, "data": 3, "volatile": true}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, json_body(&r)),
+        (200, json!({"volatile": true})),
+        "{r:?}"
+    );
+    assert_eq!(sub.volatile_message("typing.1").await["data"], 1);
+    assert_eq!(sub.volatile_message(topic).await["data"], 3);
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"topic": topic, "data": 3, "volatile": "yes"}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    // A durable publish after all of it is still 3: volatile never took a seq.
+    assert_eq!(p.publish(topic, json!("c")).await, 3);
+}
+
+async fn conflation_delivers_the_latest_and_never_an_older_value_after_a_newer(backend: Backend) {
+    // The as-written form, a keyed topic, and a plain one published alongside.
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\n\
+         [[rooms.topic]]\nprefix = \"ticker.\"\nconflate = 0.1     # seconds\nvolatile = true\n\
+         [[rooms.topic]]\nprefix = \"fx.\"\nconflate = 0.2\nconflate_key = \"pair\"\n",
+    );
+    let (ticker, fx, chat) = ("ticker.btc", "fx.quotes", "chat.plain");
+    let mut sub = Client::connect(&server).await;
+    for t in [ticker, fx, chat] {
+        sub.subscribe(t).await;
+    }
+    let mut p = Client::connect(&server).await;
+    const N: u64 = 60;
+    for i in 0..N {
+        p.feed(json!({"action": "publish", "topic": ticker, "data": {"v": i}}))
+            .await;
+        p.feed(json!({"action": "publish", "topic": chat, "data": i}))
+            .await;
+        for pair in ["eur", "gbp"] {
+            p.feed(json!({"action": "publish", "topic": fx, "data": {"pair": pair, "v": i}}))
+                .await;
+        }
+    }
+    p.flush().await;
+
+    // Ticker: increasing values, ending with the last one, far fewer than published.
+    let mut got = Vec::new();
+    while got.last() != Some(&(N - 1)) {
+        let m = sub.volatile_message(ticker).await;
+        got.push(m["data"]["v"].as_u64().expect("v"));
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    assert!(got.len() < N as usize / 2, "not conflated: {got:?}");
+    // Every key ends with its latest, each key's values increasing; seqs without gaps.
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut seq = 0;
+    while last.get("eur") != Some(&(N - 1)) || last.get("gbp") != Some(&(N - 1)) {
+        let m = sub.room_message(fx).await;
+        seq += 1;
+        assert_eq!(m["seq"], seq, "{m}");
+        let pair = m["data"]["pair"].as_str().expect("pair").to_string();
+        let v = m["data"]["v"].as_u64().expect("v");
+        if let Some(prev) = last.insert(pair, v) {
+            assert!(prev < v, "an older value after a newer: {m}");
+        }
+    }
+    assert!(seq < N, "not conflated: {seq} deliveries");
+    // The plain topic got everything, in order.
+    for i in 0..N {
+        let m = sub.room_message(chat).await;
+        assert_eq!((&m["seq"], &m["data"]), (&json!(i + 1), &json!(i)), "{m}");
+    }
+    // History of the conflated topic holds just what was delivered.
+    let id = sub.fresh_id();
+    let h = sub
+        .call(json!({"action": "history", "topic": fx}), id)
+        .await;
+    assert_eq!(seqs(&h["messages"]), (1..=seq).collect::<Vec<_>>());
+}
+
+async fn trace_ids_are_delivered_and_logged_from_publish_to_delivery(backend: Backend) {
+    let server = Server::start_with_env(
+        backend,
+        "",
+        &[("RUST_LOG", "info,ringgate::rooms=debug")],
+        &[],
+    );
+    let topic = "traced";
+    let mut sub = Client::connect(&server).await;
+    sub.subscribe(topic).await;
+    let mut p = Client::connect(&server).await;
+    p.send(json!({"action": "publish", "topic": topic, "data": 1, "trace": "req-7f3a"}))
+        .await;
+    let m = sub.room_message(topic).await;
+    assert_eq!(
+        (&m["trace"], &m["seq"]),
+        (&json!("req-7f3a"), &json!(1)),
+        "{m}"
+    );
+    let long = "x".repeat(129);
+    let id = p.fresh_id();
+    let e = p
+        .call(
+            json!({"action": "publish", "topic": topic, "data": 1, "trace": long}),
+            id,
+        )
+        .await;
+    assert_eq!(
+        (&e["type"], &e["code"]),
+        (&json!("error"), &json!("missing_field")),
+        "{e}"
+    );
+    // Both ends of the message's path name it: topic, seq and trace.
+    let logged = |what: &str| {
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains(what) && l.contains("req-7f3a") && l.contains("traced"))
+    };
+    within("the debug lines", async {
+        while !(logged("room message published") && logged("room message delivered")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+const JWT_SECRET: &str = "rooms-test-secret-of-at-least-32-bytes";
+
+fn user_token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+async fn user_messages_reach_every_connection_of_the_user_across_shards_only(backend: Backend) {
+    let server = start(
+        backend,
+        &format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\nanonymous_channels = [\"*\"]\n"),
+    );
+    // Alice on every shard, Bob, and an anonymous client.
+    let alice_token = user_token("alice");
+    let mut alice: Vec<Client> = Vec::new();
+    let mut shards = BTreeSet::new();
+    for _ in 0..200 {
+        if shards.len() == SHARDS as usize {
+            break;
+        }
+        let c = Client::connect_with_token(&server, &alice_token).await;
+        shards.insert(c.shard());
+        alice.push(c);
+    }
+    assert_eq!(shards.len(), SHARDS as usize, "alice on every shard");
+    let mut bob = Client::connect_with_token(&server, &user_token("bob")).await;
+    let mut anon = Client::connect(&server).await;
+
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"user": "alice", "type": "notice", "data": {"n": 1}, "trace": "u-1"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, json_body(&r)),
+        (200, json!({"user": "alice"})),
+        "{r:?}"
+    );
+    for c in alice.iter_mut() {
+        let m = c.until("alice's message", |m| m["type"] == "notice").await;
+        assert_eq!(
+            (&m["user"], &m["data"], &m["trace"]),
+            (&json!("alice"), &json!({"n": 1}), &json!("u-1")),
+            "{m}"
+        );
+        assert!(m.get("seq").is_none() && m.get("topic").is_none(), "{m}");
+    }
+    // Every shard has handled alice's message (each holds one of her connections): had bob
+    // been given it, it would come before his own.
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"user": "bob", "type": "notice", "data": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let m = bob.until("bob's message", |m| m["type"] == "notice").await;
+    assert_eq!((&m["user"], &m["data"]), (&json!("bob"), &json!(2)), "{m}");
+    anon.ping().await;
+    assert!(anon.stash.is_empty(), "{:?}", anon.stash);
+
+    // Bad requests have their answers.
+    for (body, status) in [
+        (json!({"user": "alice", "topic": "t", "data": 1}), 400),
+        (json!({"user": "", "data": 1}), 400),
+        (json!({"user": 7, "data": 1}), 400),
+        (json!({"user": "alice", "data": 1, "volatile": false}), 400),
+        (json!({"user": "alice", "type": "join", "data": 1}), 403),
+    ] {
+        let r = api_publish(&server, "", &body).await;
+        assert_eq!(r.status, status, "{body}: {r:?}");
+    }
+    for body in [
+        json!({"code": 4001}),
+        json!({"user": "alice", "code": 1234}),
+        json!({"user": "alice", "code": "x"}),
+    ] {
+        let r = server.post("/api/disconnect", "", &body.to_string()).await;
+        assert_eq!(r.status, 400, "{body}: {r:?}");
+    }
+
+    // A server-initiated disconnect closes every connection of alice with its code.
+    let r = server
+        .post(
+            "/api/disconnect",
+            "",
+            &json!({"user": "alice", "code": 4001}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (r.status, json_body(&r)),
+        (200, json!({"user": "alice", "code": 4001})),
+        "{r:?}"
+    );
+    for c in alice.iter_mut() {
+        let code = expect_close(&mut c.ws).await;
+        assert_eq!(u16::from(code), 4001);
+    }
+    bob.ping().await;
+    anon.ping().await;
+}
