@@ -80,6 +80,10 @@ pub struct TopicRule {
     /// Overrides `[rooms] write_delay` for these topics (0: write at once).
     #[serde(default)]
     pub write_delay: Option<f64>,
+    /// Messages are opaque bytes in binary frames (the binary envelope of docs/PROTOCOL.md),
+    /// relayed without interpretation.
+    #[serde(default)]
+    pub binary: bool,
 }
 
 impl TopicRule {
@@ -118,6 +122,8 @@ impl Default for RoomsConfig {
 
 /// Longer than this is an outage, not a delay.
 const MAX_WRITE_DELAY: f64 = 1.0;
+/// Longest binary topic name: the envelope gives it one length byte.
+pub const MAX_BINARY_TOPIC: usize = 255;
 /// A longer conflation interval is a polling period, not a throttle.
 const MAX_CONFLATE: f64 = 60.0;
 
@@ -201,6 +207,20 @@ impl RoomsConfig {
             if rule.conflate_key.as_deref() == Some("") {
                 return invalid("rooms.topic.conflate_key", at("must not be empty".into()));
             }
+            if rule.conflate_key.is_some() && rule.binary {
+                return invalid(
+                    "rooms.topic.conflate_key",
+                    at("a binary topic has no fields to key by".into()),
+                );
+            }
+            if rule.binary && rule.prefix.len() > MAX_BINARY_TOPIC {
+                return invalid(
+                    "rooms.topic.prefix",
+                    at(format!(
+                        "a binary topic is at most {MAX_BINARY_TOPIC} bytes"
+                    )),
+                );
+            }
             if rule.conflate_key.is_some() && rule.conflate == 0.0 {
                 return invalid(
                     "rooms.topic.conflate_key",
@@ -241,6 +261,11 @@ impl RoomsConfig {
             Some(wd) => (wd > 0.0).then(|| Duration::from_secs_f64(wd)),
             None => self.write_delay(),
         }
+    }
+
+    /// Whether `topic` is binary (`[[rooms.topic]] binary`).
+    pub fn is_binary(&self, topic: &str) -> bool {
+        self.rule_for(topic).is_some_and(|r| r.binary)
     }
 
     /// Whether the shards need the hub's timer (a write delay or conflation anywhere).
@@ -323,6 +348,7 @@ mod tests {
             conflate: 0.0,
             conflate_key: None,
             write_delay: None,
+            binary: false,
         }
     }
 
@@ -359,6 +385,27 @@ mod tests {
         );
         assert!(r.uses_timer());
         assert!(!RoomsConfig::default().uses_timer());
+    }
+
+    #[test]
+    fn topic_rules_survive_check_config_output() {
+        let c = RoomsConfig {
+            topic: vec![
+                TopicRule {
+                    conflate: 0.1,
+                    conflate_key: Some("k".into()),
+                    ..rule("a.")
+                },
+                TopicRule {
+                    write_delay: Some(0.0),
+                    volatile: true,
+                    ..rule("b.")
+                },
+            ],
+            ..RoomsConfig::default()
+        };
+        let text = toml::to_string(&c).expect("serialises");
+        assert_eq!(toml::from_str::<RoomsConfig>(&text).expect(&text), c);
     }
 
     #[test]

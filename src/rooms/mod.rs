@@ -123,11 +123,41 @@ pub struct Meta {
     pub trace: Option<Arc<str>>,
 }
 
+/// What a publish carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// JSON text (the `data` of a JSON publish).
+    Json(Box<str>),
+    /// The opaque payload of a binary topic's message, relayed as it came.
+    Binary(Bytes),
+}
+
+impl From<String> for Payload {
+    fn from(s: String) -> Payload {
+        Payload::Json(s.into())
+    }
+}
+
+impl From<&str> for Payload {
+    fn from(s: &str) -> Payload {
+        Payload::Json(s.into())
+    }
+}
+
+impl std::fmt::Display for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::Json(s) => f.write_str(s),
+            Payload::Binary(b) => write!(f, "<{} bytes>", b.len()),
+        }
+    }
+}
+
 /// A publish taken by the home shard, until it is delivered (it may wait for its topic's
 /// conflation window).
 struct Publish {
     kind: Box<str>,
-    data: Box<str>,
+    data: Payload,
     from: Option<Arc<str>>,
     volatile: bool,
     trace: Option<Arc<str>>,
@@ -156,8 +186,7 @@ pub enum HubMsg {
     Publish {
         topic: Arc<str>,
         kind: Box<str>,
-        /// JSON text.
-        data: Box<str>,
+        data: Payload,
         from: Option<Arc<str>>,
         reply: Reply,
         opts: PublishOpts,
@@ -398,7 +427,17 @@ impl Hub {
                 from,
                 reply,
                 opts,
-            } => self.home_publish(now, topic, kind, data, from, reply, opts),
+            } => {
+                let default = || self.cfg.rule_for(&topic).is_some_and(|r| r.volatile);
+                let p = Publish {
+                    kind,
+                    data,
+                    from,
+                    volatile: opts.volatile.unwrap_or_else(default),
+                    trace: opts.trace,
+                };
+                self.home_publish(now, topic, p, reply)
+            }
             HubMsg::Presence { topic, reply } => self.home_presence(now, topic, reply),
             HubMsg::History {
                 topic,
@@ -517,7 +556,7 @@ impl Hub {
         }
         let text = proto::presence_event(kind, topic, &member.client_id, &member.user);
         let msg = Broadcast {
-            frame: text_frame(text.as_bytes()),
+            frame: frame(OpCode::Text, text.as_bytes()),
             deflated: None,
         };
         let shards: Vec<usize> = room.subscriber_shards().collect();
@@ -600,35 +639,16 @@ impl Hub {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn home_publish(
-        &mut self,
-        now: Now,
-        topic: Arc<str>,
-        kind: Box<str>,
-        data: Box<str>,
-        from: Option<Arc<str>>,
-        reply: Reply,
-        opts: PublishOpts,
-    ) {
-        let rule = self.cfg.rule_for(&topic);
-        let volatile = opts
-            .volatile
-            .unwrap_or_else(|| rule.is_some_and(|r| r.volatile));
-        let conflate = rule.and_then(|r| {
-            let key = r.conflate_key.as_deref();
-            Some((
-                r.conflate()?,
-                key.and_then(|k| proto::conflate_key(&data, k)),
-            ))
+    /// A publish reaching its topic's home shard: delivered now, or held by the topic's
+    /// conflation window; answered with its seq, or that it has none.
+    fn home_publish(&mut self, now: Now, topic: Arc<str>, publish: Publish, reply: Reply) {
+        let conflate = self.cfg.rule_for(&topic).and_then(|r| {
+            let key = match (&publish.data, r.conflate_key.as_deref()) {
+                (Payload::Json(json), Some(field)) => proto::conflate_key(json, field),
+                _ => None,
+            };
+            Some((r.conflate()?, key))
         });
-        let publish = Publish {
-            kind,
-            data,
-            from,
-            volatile,
-            trace: opts.trace,
-        };
         let publish = match conflate {
             None => Some(publish),
             Some((interval, key)) => self
@@ -664,20 +684,18 @@ impl Hub {
         let room = self.room(topic);
         let seq = (!p.volatile).then(|| room.next_seq());
         let trace = p.trace.as_deref();
-        let text = proto::room_message(
-            &p.kind,
-            topic,
-            seq,
-            &p.data,
-            p.from.as_deref(),
-            now.wall,
-            trace,
-        );
-        let payload = text.as_bytes();
+        let (payload, opcode) = match &p.data {
+            Payload::Json(data) => {
+                let from = p.from.as_deref();
+                let text = proto::room_message(&p.kind, topic, seq, data, from, now.wall, trace);
+                (text.into_bytes(), OpCode::Text)
+            }
+            Payload::Binary(data) => (proto::binary_message(topic, seq, data), OpCode::Binary),
+        };
         let msg = Broadcast {
-            frame: text_frame(payload),
+            frame: frame(opcode, &payload),
             deflated: if room.shared_deflate > 0 {
-                deflate::conn::shared_frame(payload, tuning)
+                deflate::conn::shared_frame(&payload, tuning, opcode)
             } else {
                 None
             },
@@ -778,9 +796,12 @@ impl Hub {
     fn home_history(&mut self, now: Now, topic: Arc<str>, since: u64, limit: usize, reply: Reply) {
         let (epoch, messages) = match self.rooms.get(&topic) {
             Some(room) => {
+                // A binary topic's messages are not JSON: its history is replayed by
+                // `subscribe` with `since` only.
                 let list: Vec<&[u8]> = room
                     .history_after(since, limit)
-                    .map(|e| &e.msg.frame[crate::ws::frame::payload_offset(&e.msg.frame)..])
+                    .filter(|e| !e.msg.is_binary())
+                    .map(|e| e.msg.payload())
                     .collect();
                 let mut s = String::from("[");
                 for (i, p) in list.iter().enumerate() {
@@ -1091,10 +1112,10 @@ impl SharedHub {
     }
 }
 
-/// An unmasked text frame holding `payload`, as shareable bytes.
-fn text_frame(payload: &[u8]) -> Bytes {
+/// An unmasked frame holding `payload`, as shareable bytes.
+fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut f = Vec::with_capacity(header_len(payload.len()) + payload.len());
-    write_frame(&mut f, OpCode::Text, payload);
+    write_frame(&mut f, opcode, payload);
     Bytes::from(f)
 }
 
@@ -1332,6 +1353,7 @@ mod tests {
             conflate: 0.0,
             conflate_key: None,
             write_delay: None,
+            binary: false,
         }
     }
 

@@ -351,6 +351,72 @@ pub fn user_message(
     o.time("timestamp", timestamp).done()
 }
 
+// ---- the binary envelope (docs/PROTOCOL.md "Binary rooms") -------------------------------
+
+/// First byte of a binary message, both ways: a message that takes a seq, or a volatile one.
+pub const BINARY_DURABLE: u8 = 0x01;
+pub const BINARY_VOLATILE: u8 = 0x02;
+
+/// A client's binary publish: `kind`, topic length, topic, payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryPublish<'a> {
+    pub topic: &'a str,
+    pub volatile: bool,
+    pub payload: &'a [u8],
+}
+
+/// Parses a client's binary message (`[kind][topic length][topic][payload]`).
+pub fn parse_binary(msg: &[u8]) -> Result<BinaryPublish<'_>, ClientError> {
+    let bad = |text: &str| ClientError::new(Code::BadBinary, text);
+    let (&kind, rest) = msg
+        .split_first()
+        .ok_or_else(|| bad("empty binary message"))?;
+    let volatile = match kind {
+        BINARY_DURABLE => false,
+        BINARY_VOLATILE => true,
+        _ => {
+            return Err(bad(
+                "binary message kind must be 1 (publish) or 2 (volatile)",
+            ))
+        }
+    };
+    let (&len, rest) = rest
+        .split_first()
+        .ok_or_else(|| bad("binary message without a topic length"))?;
+    let len = usize::from(len);
+    if len == 0 || rest.len() < len {
+        return Err(bad(
+            "binary message topic length is 0 or beyond the message",
+        ));
+    }
+    let topic = std::str::from_utf8(&rest[..len]).map_err(|_| bad("topic is not UTF-8"))?;
+    Ok(BinaryPublish {
+        topic,
+        volatile,
+        payload: &rest[len..],
+    })
+}
+
+/// A binary room message as delivered: `[kind][topic length][topic][seq: u64 BE, durable
+/// only][payload]`. `topic` is at most 255 bytes (binary topics are published through the
+/// envelope, whose length byte bounds them).
+pub fn binary_message(topic: &str, seq: Option<u64>, payload: &[u8]) -> Vec<u8> {
+    let topic = &topic.as_bytes()[..topic.len().min(255)];
+    let mut v = Vec::with_capacity(2 + topic.len() + 8 + payload.len());
+    v.push(if seq.is_some() {
+        BINARY_DURABLE
+    } else {
+        BINARY_VOLATILE
+    });
+    v.push(topic.len() as u8);
+    v.extend_from_slice(topic);
+    if let Some(seq) = seq {
+        v.extend_from_slice(&seq.to_be_bytes());
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
 /// The answer to a publish that got no `seq`: volatile, or held by conflation.
 pub fn ack_unsequenced(id: &str, conflated: bool) -> String {
     let what = if conflated { "conflated" } else { "volatile" };
@@ -530,6 +596,39 @@ mod tests {
             r.contains("volatile: None") && r.contains(r#"trace: Some("abc")"#),
             "{r}"
         );
+    }
+
+    #[test]
+    fn binary_envelope_round_trip_and_every_malformed_one() {
+        let mut m = vec![BINARY_DURABLE, 5];
+        m.extend_from_slice(b"doc.1\x00\xff\x80");
+        let p = parse_binary(&m).expect("valid");
+        assert_eq!(
+            (p.topic, p.volatile, p.payload),
+            ("doc.1", false, &b"\x00\xff\x80"[..])
+        );
+        let p = parse_binary(&[BINARY_VOLATILE, 1, b't']).expect("valid, empty payload");
+        assert!(p.volatile && p.payload.is_empty());
+        for bad in [
+            &[][..],
+            &[3, 1, b't'][..],
+            &[1][..],
+            &[1, 0, b't'][..],
+            &[1, 4, b't'][..],
+            &[1, 1, 0xff][..],
+        ] {
+            assert_eq!(
+                parse_binary(bad).map_err(|e| e.code),
+                Err(Code::BadBinary),
+                "{bad:?}"
+            );
+        }
+        let out = binary_message("doc.1", Some(258), b"\x00\x01");
+        assert_eq!(
+            out,
+            b"\x01\x05doc.1\x00\x00\x00\x00\x00\x00\x01\x02\x00\x01"
+        );
+        assert_eq!(binary_message("t", None, b"x"), b"\x02\x01tx");
     }
 
     #[test]

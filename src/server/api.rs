@@ -198,6 +198,12 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(_) => return Err(bad("missing_field", "type must be a non-empty string")),
     };
+    if !topic.is_empty() && cfg.is_binary(topic) {
+        return Err(bad(
+            "bad_binary",
+            format!("{} is a binary topic: publish over /ws", json_str(topic)),
+        ));
+    }
     if crate::rooms::proto::is_reserved_type(kind) && !cfg.api_reserved_types {
         return Err(ApiError(
             StatusCode::FORBIDDEN,

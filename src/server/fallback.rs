@@ -202,6 +202,12 @@ fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refus
                 format!("the token does not allow to subscribe to {}", json_str(&t)),
             ));
         }
+        if cfg.is_binary(&t) {
+            return Err(bad(
+                "bad_binary",
+                format!("{} is a binary topic: use /ws", json_str(&t)),
+            ));
+        }
         if !topics.contains(&t) {
             topics.push(t);
         }
@@ -706,6 +712,12 @@ async fn publish_inner(
             ))
         }
     };
+    if shard.global.config.rooms.is_binary(topic) {
+        return Err(bad(
+            "bad_binary",
+            format!("{} is a binary topic: use /ws", json_str(topic)),
+        ));
+    }
     if crate::rooms::proto::is_reserved_type(kind) {
         return Err(refused(
             StatusCode::FORBIDDEN,
