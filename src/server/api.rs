@@ -175,13 +175,18 @@ fn user_of(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Option<&s
 /// Longest user id accepted, in bytes.
 const MAX_USER: usize = 256;
 
+/// Whom a `POST /api/publish` is for.
+#[derive(Clone, Copy)]
+enum To<'a> {
+    /// The topic's subscribers.
+    Topic(&'a str),
+    /// Every connection of the user (the `sub` of its token), on every shard.
+    User(&'a str),
+}
+
 async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
     let cfg = &shard.global.config.rooms;
     let obj = body_object(shard, req).await?;
-    let user = user_of(&obj)?;
-    if user.is_some() && obj.get("topic").is_some() {
-        return Err(bad("bad_request", "give topic or user, not both"));
-    }
     let topic = match obj.get("topic") {
         None => None,
         Some(t) => Some(
@@ -189,20 +194,23 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
                 .ok_or_else(|| bad("missing_field", "topic must be a string"))?,
         ),
     };
-    let topic = match user {
-        Some(_) => "",
-        None => check_topic(shard, topic)?,
+    let to = match (topic, user_of(&obj)?) {
+        (Some(_), Some(_)) => return Err(bad("bad_request", "give topic or user, not both")),
+        (_, Some(user)) => To::User(user),
+        (topic, None) => To::Topic(check_topic(shard, topic)?),
     };
     let kind = match obj.get("type") {
         None | Some(serde_json::Value::Null) => "message",
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(_) => return Err(bad("missing_field", "type must be a non-empty string")),
     };
-    if !topic.is_empty() && cfg.is_binary(topic) {
-        return Err(bad(
-            "bad_binary",
-            format!("{} is a binary topic: publish over /ws", json_str(topic)),
-        ));
+    if let To::Topic(topic) = to {
+        if cfg.is_binary(topic) {
+            return Err(bad(
+                "bad_binary",
+                format!("{} is a binary topic: publish over /ws", json_str(topic)),
+            ));
+        }
     }
     if crate::rooms::proto::is_reserved_type(kind) && !cfg.api_reserved_types {
         return Err(ApiError(
@@ -240,18 +248,21 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
             ))
         }
     };
-    if let Some(user) = user {
-        if volatile == Some(false) {
-            return Err(bad("bad_request", "messages to a user are always volatile"));
+    let topic = match to {
+        To::Topic(topic) => topic,
+        To::User(user) => {
+            if volatile == Some(false) {
+                return Err(bad("bad_request", "messages to a user are always volatile"));
+            }
+            shard
+                .hub
+                .with(|hub, now| hub.publish_to_user(now, user, kind, &data, trace));
+            return Ok(json(
+                StatusCode::OK,
+                format!("{{\"user\":{}}}", json_str(user)),
+            ));
         }
-        shard
-            .hub
-            .with(|hub, now| hub.publish_to_user(now, user, kind, &data, trace));
-        return Ok(json(
-            StatusCode::OK,
-            format!("{{\"user\":{}}}", json_str(user)),
-        ));
-    }
+    };
     let opts = PublishOpts {
         volatile,
         trace: trace.map(Into::into),
