@@ -1945,6 +1945,7 @@ both_backends!(
     conflation_delivers_the_latest_and_never_an_older_value_after_a_newer,
     trace_ids_are_delivered_and_logged_from_publish_to_delivery,
     user_messages_reach_every_connection_of_the_user_across_shards_only,
+    per_prefix_write_delay_keeps_chat_instant_while_tickers_batch,
 );
 
 impl Client {
@@ -2178,6 +2179,54 @@ async fn trace_ids_are_delivered_and_logged_from_publish_to_delivery(backend: Ba
         }
     })
     .await;
+}
+
+async fn per_prefix_write_delay_keeps_chat_instant_while_tickers_batch(backend: Backend) {
+    const DELAY: Duration = Duration::from_secs(1);
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\npresence_events = false\nwrite_delay = 1.0\n\
+         [[rooms.topic]]\nprefix = \"chat.\"\nwrite_delay = 0\n",
+    );
+    let (ticker, chat) = ("ticker.1", "chat.1");
+    // `both` takes the ticker and the chat, `held` only the ticker.
+    let mut both = Client::connect(&server).await;
+    both.subscribe(ticker).await;
+    both.subscribe(chat).await;
+    let mut held = Client::connect(&server).await;
+    held.subscribe(ticker).await;
+    let mut p = Client::connect(&server).await;
+    let t0 = Instant::now();
+    p.publish(ticker, json!("t")).await;
+    p.publish(chat, json!("c")).await;
+    // The chat message goes at once and takes the held ticker message with it, in order.
+    let first = both
+        .until("a room message", |m| {
+            m["seq"].is_u64() && m["type"] == "message"
+        })
+        .await;
+    assert_eq!(
+        (&first["topic"], &first["data"]),
+        (&json!(ticker), &json!("t")),
+        "{first}"
+    );
+    let m = both.room_message(chat).await;
+    assert_eq!(m["data"], "c", "{m}");
+    // Not held: a held message waits the whole second (the other assertions' lower bound).
+    assert!(
+        t0.elapsed() < DELAY,
+        "the chat message waited for the write delay"
+    );
+    // Meanwhile the ticker-only subscriber still waits for the delay.
+    held.ping().await;
+    let early = held.stash.iter().any(|m| is_room_message(m, ticker));
+    assert!(
+        !early || t0.elapsed() >= DELAY,
+        "the ticker message was not held for its write delay"
+    );
+    let m = held.room_message(ticker).await;
+    assert_eq!(m["data"], "t", "{m}");
+    assert!(t0.elapsed() >= DELAY - Duration::from_millis(2));
 }
 
 const JWT_SECRET: &str = "rooms-test-secret-of-at-least-32-bytes";
