@@ -17,7 +17,9 @@ struct Window<T> {
     until: Instant,
     interval: Duration,
     /// The latest value per key, in the order the keys first arrived in this window.
-    pending: Vec<(Option<Box<str>>, T)>,
+    pending: Vec<T>,
+    /// Where each key's value is in `pending` (a topic may have many keys).
+    slots: HashMap<Option<Box<str>>, usize>,
 }
 
 /// The open windows of the topics homed on one shard.
@@ -50,9 +52,12 @@ impl<T> Conflation<T> {
     ) -> Option<T> {
         match self.windows.get_mut(topic) {
             Some(w) => {
-                match w.pending.iter_mut().find(|(k, _)| *k == key) {
-                    Some(slot) => slot.1 = item,
-                    None => w.pending.push((key, item)),
+                match w.slots.get(&key) {
+                    Some(&i) => w.pending[i] = item,
+                    None => {
+                        w.slots.insert(key, w.pending.len());
+                        w.pending.push(item);
+                    }
                 }
                 None
             }
@@ -64,6 +69,7 @@ impl<T> Conflation<T> {
                         until,
                         interval,
                         pending: Vec::new(),
+                        slots: HashMap::new(),
                     },
                 );
                 self.due.push(Reverse((until, topic.clone())));
@@ -97,8 +103,8 @@ impl<T> Conflation<T> {
             }
             w.until = now + w.interval;
             self.due.push(Reverse((w.until, topic.clone())));
-            let items = std::mem::take(&mut w.pending);
-            out.push((topic, items.into_iter().map(|(_, v)| v).collect()));
+            w.slots.clear();
+            out.push((topic, std::mem::take(&mut w.pending)));
         }
         out
     }
