@@ -105,6 +105,7 @@ fn fanout(c: &mut Criterion) {
                             data: DATA.into(),
                             from: None,
                             reply: Reply::None,
+                            opts: Default::default(),
                         },
                     )
                 });
@@ -116,8 +117,15 @@ fn fanout(c: &mut Criterion) {
                 black_box(total)
             })
         });
-        let payload =
-            ringgate::rooms::proto::room_message("message", "bench", 1, DATA, None, 1.7e9);
+        let payload = ringgate::rooms::proto::room_message(
+            "message",
+            "bench",
+            Some(1),
+            DATA,
+            None,
+            1.7e9,
+            None,
+        );
         let mut outboxes: Vec<Outbox> = (0..n).map(|_| Outbox::default()).collect();
         g.bench_with_input(BenchmarkId::new("per_subscriber", n), &n, |b, _| {
             b.iter(|| {

@@ -26,7 +26,7 @@ use http::{header, HeaderName, HeaderValue, StatusCode};
 /// endpoints: `{"type": "error", "error": "…", "code": "…"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
-    /// Not JSON, not an object, or not a text frame.
+    /// Not JSON, not an object, or a binary frame outside a binary topic's envelope.
     BadJson,
     /// An unknown `action` (rooms) or `type` (agent).
     UnknownAction,
@@ -39,6 +39,8 @@ pub enum Code {
     TooLarge,
     /// `unsubscribe` from a topic the connection is not subscribed to.
     NotSubscribed,
+    /// A malformed binary envelope, binary for a JSON topic, or JSON for a binary one.
+    BadBinary,
     /// The upstream failed (connect error, error status, broken stream, open breaker).
     UpstreamError,
     /// The upstream did not answer in time.
@@ -58,6 +60,7 @@ impl Code {
             Code::RateLimited => "rate_limited",
             Code::TooLarge => "too_large",
             Code::NotSubscribed => "not_subscribed",
+            Code::BadBinary => "bad_binary",
             Code::UpstreamError => "upstream_error",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::Overloaded => "overloaded",

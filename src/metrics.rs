@@ -37,6 +37,7 @@ pub const SUBSCRIPTIONS: &str = "ringgate_subscriptions";
 pub const PUBLISHED: &str = "ringgate_room_messages_published_total";
 pub const HUB_OVERLOADED: &str = "ringgate_room_requests_overloaded_total";
 pub const HUB_BACKLOG: &str = "ringgate_shard_backlog";
+pub const VOLATILE_DROPPED: &str = "ringgate_volatile_dropped_total";
 pub const FANOUT: &str = "ringgate_fanout_size";
 pub const PUBLISH_LATENCY: &str = "ringgate_publish_to_queue_seconds";
 pub const PUBLISH_TO_WRITE: &str = "ringgate_publish_to_write_seconds";
@@ -205,7 +206,14 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
         SUBSCRIPTIONS,
         "Topic subscriptions of this shard's connections, by shard."
     );
-    describe_counter!(PUBLISHED, "Room messages published (seq assigned).");
+    describe_counter!(
+        PUBLISHED,
+        "Room messages published (delivered to subscribers; volatile ones without a seq)."
+    );
+    describe_counter!(
+        VOLATILE_DROPPED,
+        "Volatile room messages not queued for a subscriber already over half its max_outbound_bytes."
+    );
     describe_counter!(
         HUB_OVERLOADED,
         "Room requests (publish, presence, history) answered `overloaded`: a shard they need was over `max_shard_backlog`."

@@ -74,6 +74,7 @@ fn a_million_subscribe_unsubscribe_cycles_leave_no_state_behind() {
                     data: "{\"n\":1}".into(),
                     from: None,
                     reply: Reply::None,
+                    opts: Default::default(),
                 },
             );
             assert!(hub.unsubscribe(now, &conn, &topic));
@@ -158,9 +159,10 @@ fn presence_churn_and_history_requests_cost_at_most_the_readers_bound() {
                 HubMsg::Publish {
                     topic: "busy".into(),
                     kind: "message".into(),
-                    data: big.as_str().into(),
+                    data: big.clone().into(),
                     from: None,
                     reply: Reply::None,
+                    opts: Default::default(),
                 },
             );
         }

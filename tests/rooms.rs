@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -1936,4 +1936,714 @@ async fn room_metrics_follow_traffic(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---- volatile, conflation, trace ids, user-directed delivery (docs/PROTOCOL.md) ------------
+
+both_backends!(
+    volatile_publishes_are_never_in_history_nor_replayed,
+    conflation_delivers_the_latest_and_never_an_older_value_after_a_newer,
+    trace_ids_are_delivered_and_logged_from_publish_to_delivery,
+    user_messages_reach_every_connection_of_the_user_across_shards_only,
+    per_prefix_write_delay_keeps_chat_instant_while_tickers_batch,
+);
+
+impl Client {
+    /// Connects to `/ws` with `token` as the `bearer.` subprotocol.
+    async fn connect_with_token(server: &Server, token: &str) -> Client {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = server.url("/ws").into_client_request().expect("request");
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("bearer.{token}").parse().expect("header value"),
+        );
+        let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(req))
+            .await
+            .expect("websocket handshake");
+        let first = read_json(&mut ws, "connected").await;
+        assert_eq!(first["type"], "connected", "{first}");
+        let id = first["connection_id"].as_str().expect("id").to_string();
+        Client {
+            ws,
+            id,
+            stash: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
+    /// The next volatile message of `topic`.
+    async fn volatile_message(&mut self, topic: &str) -> Value {
+        self.until(&format!("a volatile message of {topic}"), |m| {
+            m["topic"] == topic && m["volatile"] == true
+        })
+        .await
+    }
+}
+
+async fn volatile_publishes_are_never_in_history_nor_replayed(backend: Backend) {
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\n[[rooms.topic]]\nprefix = \"typing.\"\nvolatile = true\n",
+    );
+    let topic = "chat.1";
+    let mut sub = Client::connect(&server).await;
+    sub.subscribe(topic).await;
+    let mut p = Client::connect(&server).await;
+    assert_eq!(p.publish(topic, json!("a")).await, 1);
+    // As written in the docs, then with an id to see its ack.
+    p.send_text(
+        r#"{"action": "publish", "topic": "chat.1", "data": {"typing": true}, "volatile": true}"#
+            .into(),
+    )
+    .await;
+    let id = p.fresh_id();
+    let ack = p
+        .call(
+            json!({"action": "publish", "topic": topic, "data": {"typing": false}, "volatile": true}),
+            id,
+        )
+        .await;
+    assert_eq!(
+        (&ack["type"], &ack["volatile"]),
+        (&json!("ack"), &json!(true)),
+        "{ack}"
+    );
+    assert!(ack.get("seq").is_none(), "{ack}");
+    // No seq was taken: the next durable message is 2.
+    assert_eq!(p.publish(topic, json!("b")).await, 2);
+
+    let m = sub.room_message(topic).await;
+    assert_eq!((&m["seq"], &m["data"]), (&json!(1), &json!("a")));
+    let v = sub.volatile_message(topic).await;
+    assert_eq!(v["data"], json!({"typing": true}), "{v}");
+    assert!(v.get("seq").is_none(), "{v}");
+    assert_eq!(sub.volatile_message(topic).await["data"]["typing"], false);
+    assert_eq!(sub.room_message(topic).await["seq"], 2);
+
+    // History and recovery hold only the durable ones.
+    let id = sub.fresh_id();
+    let h = sub
+        .call(json!({"action": "history", "topic": topic}), id)
+        .await;
+    assert_eq!(seqs(&h["messages"]), [1, 2], "{h}");
+    let mut late = Client::connect(&server).await;
+    late.subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 0}))
+        .await;
+    assert_eq!(late.room_message(topic).await["seq"], 1);
+    assert_eq!(late.room_message(topic).await["seq"], 2);
+    late.ping().await;
+    assert!(
+        !late.stash.iter().any(|m| m["volatile"] == true),
+        "{:?}",
+        late.stash
+    );
+
+    // The prefix default, and the API.
+    sub.subscribe("typing.1").await;
+    let id = p.fresh_id();
+    let ack = p
+        .call(
+            json!({"action": "publish", "topic": "typing.1", "data": 1}),
+            id,
+        )
+        .await;
+    assert_eq!(ack["volatile"], true, "{ack}");
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"topic": topic, "data": 3, "volatile": true}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, json_body(&r)),
+        (200, json!({"volatile": true})),
+        "{r:?}"
+    );
+    assert_eq!(sub.volatile_message("typing.1").await["data"], 1);
+    assert_eq!(sub.volatile_message(topic).await["data"], 3);
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"topic": topic, "data": 3, "volatile": "yes"}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    // A durable publish after all of it is still 3: volatile never took a seq.
+    assert_eq!(p.publish(topic, json!("c")).await, 3);
+}
+
+async fn conflation_delivers_the_latest_and_never_an_older_value_after_a_newer(backend: Backend) {
+    // The as-written form, a keyed topic, and a plain one published alongside.
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\n\
+         [[rooms.topic]]\nprefix = \"ticker.\"\nconflate = 0.1     # seconds\nvolatile = true\n\
+         [[rooms.topic]]\nprefix = \"fx.\"\nconflate = 0.2\nconflate_key = \"pair\"\n",
+    );
+    let (ticker, fx, chat) = ("ticker.btc", "fx.quotes", "chat.plain");
+    let mut sub = Client::connect(&server).await;
+    for t in [ticker, fx, chat] {
+        sub.subscribe(t).await;
+    }
+    let mut p = Client::connect(&server).await;
+    const N: u64 = 60;
+    for i in 0..N {
+        p.feed(json!({"action": "publish", "topic": ticker, "data": {"v": i}}))
+            .await;
+        p.feed(json!({"action": "publish", "topic": chat, "data": i}))
+            .await;
+        for pair in ["eur", "gbp"] {
+            p.feed(json!({"action": "publish", "topic": fx, "data": {"pair": pair, "v": i}}))
+                .await;
+        }
+    }
+    p.flush().await;
+
+    // Ticker: increasing values, ending with the last one, far fewer than published.
+    let mut got = Vec::new();
+    while got.last() != Some(&(N - 1)) {
+        let m = sub.volatile_message(ticker).await;
+        got.push(m["data"]["v"].as_u64().expect("v"));
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    assert!(got.len() < N as usize / 2, "not conflated: {got:?}");
+    // Every key ends with its latest, each key's values increasing; seqs without gaps.
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut seq = 0;
+    while last.get("eur") != Some(&(N - 1)) || last.get("gbp") != Some(&(N - 1)) {
+        let m = sub.room_message(fx).await;
+        seq += 1;
+        assert_eq!(m["seq"], seq, "{m}");
+        let pair = m["data"]["pair"].as_str().expect("pair").to_string();
+        let v = m["data"]["v"].as_u64().expect("v");
+        if let Some(prev) = last.insert(pair, v) {
+            assert!(prev < v, "an older value after a newer: {m}");
+        }
+    }
+    assert!(seq < N, "not conflated: {seq} deliveries");
+    // The plain topic got everything, in order.
+    for i in 0..N {
+        let m = sub.room_message(chat).await;
+        assert_eq!((&m["seq"], &m["data"]), (&json!(i + 1), &json!(i)), "{m}");
+    }
+    // History of the conflated topic holds just what was delivered.
+    let id = sub.fresh_id();
+    let h = sub
+        .call(json!({"action": "history", "topic": fx}), id)
+        .await;
+    assert_eq!(seqs(&h["messages"]), (1..=seq).collect::<Vec<_>>());
+}
+
+async fn trace_ids_are_delivered_and_logged_from_publish_to_delivery(backend: Backend) {
+    let server = Server::start_with_env(
+        backend,
+        "",
+        &[("RUST_LOG", "info,ringgate::rooms=debug")],
+        &[],
+    );
+    let topic = "traced";
+    let mut sub = Client::connect(&server).await;
+    sub.subscribe(topic).await;
+    let mut p = Client::connect(&server).await;
+    p.send(json!({"action": "publish", "topic": topic, "data": 1, "trace": "req-7f3a"}))
+        .await;
+    let m = sub.room_message(topic).await;
+    assert_eq!(
+        (&m["trace"], &m["seq"]),
+        (&json!("req-7f3a"), &json!(1)),
+        "{m}"
+    );
+    let long = "x".repeat(129);
+    let id = p.fresh_id();
+    let e = p
+        .call(
+            json!({"action": "publish", "topic": topic, "data": 1, "trace": long}),
+            id,
+        )
+        .await;
+    assert_eq!(
+        (&e["type"], &e["code"]),
+        (&json!("error"), &json!("missing_field")),
+        "{e}"
+    );
+    // Both ends of the message's path name it: topic, seq and trace.
+    let logged = |what: &str| {
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains(what) && l.contains("req-7f3a") && l.contains("traced"))
+    };
+    within("the debug lines", async {
+        while !(logged("room message published") && logged("room message delivered")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+async fn per_prefix_write_delay_keeps_chat_instant_while_tickers_batch(backend: Backend) {
+    const DELAY: Duration = Duration::from_secs(1);
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\npresence_events = false\nwrite_delay = 1.0\n\
+         [[rooms.topic]]\nprefix = \"chat.\"\nwrite_delay = 0\n",
+    );
+    let (ticker, chat) = ("ticker.1", "chat.1");
+    // `both` takes the ticker and the chat, `held` only the ticker.
+    let mut both = Client::connect(&server).await;
+    both.subscribe(ticker).await;
+    both.subscribe(chat).await;
+    let mut held = Client::connect(&server).await;
+    held.subscribe(ticker).await;
+    let mut p = Client::connect(&server).await;
+    let t0 = Instant::now();
+    p.publish(ticker, json!("t")).await;
+    p.publish(chat, json!("c")).await;
+    // The chat message goes at once and takes the held ticker message with it, in order.
+    let first = both
+        .until("a room message", |m| {
+            m["seq"].is_u64() && m["type"] == "message"
+        })
+        .await;
+    assert_eq!(
+        (&first["topic"], &first["data"]),
+        (&json!(ticker), &json!("t")),
+        "{first}"
+    );
+    let m = both.room_message(chat).await;
+    assert_eq!(m["data"], "c", "{m}");
+    // Not held: a held message waits the whole second (the other assertions' lower bound).
+    assert!(
+        t0.elapsed() < DELAY,
+        "the chat message waited for the write delay"
+    );
+    // Meanwhile the ticker-only subscriber still waits for the delay.
+    held.ping().await;
+    let early = held.stash.iter().any(|m| is_room_message(m, ticker));
+    assert!(
+        !early || t0.elapsed() >= DELAY,
+        "the ticker message was not held for its write delay"
+    );
+    let m = held.room_message(ticker).await;
+    assert_eq!(m["data"], "t", "{m}");
+    assert!(t0.elapsed() >= DELAY - Duration::from_millis(2));
+}
+
+const JWT_SECRET: &str = "rooms-test-secret-of-at-least-32-bytes";
+
+fn user_token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+async fn user_messages_reach_every_connection_of_the_user_across_shards_only(backend: Backend) {
+    let server = start(
+        backend,
+        &format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\nanonymous_channels = [\"*\"]\n"),
+    );
+    // Alice on every shard, Bob, and an anonymous client.
+    let alice_token = user_token("alice");
+    let mut alice: Vec<Client> = Vec::new();
+    let mut shards = BTreeSet::new();
+    for _ in 0..200 {
+        if shards.len() == SHARDS as usize {
+            break;
+        }
+        let c = Client::connect_with_token(&server, &alice_token).await;
+        shards.insert(c.shard());
+        alice.push(c);
+    }
+    assert_eq!(shards.len(), SHARDS as usize, "alice on every shard");
+    let mut bob = Client::connect_with_token(&server, &user_token("bob")).await;
+    let mut anon = Client::connect(&server).await;
+
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"user": "alice", "type": "notice", "data": {"n": 1}, "trace": "u-1"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, json_body(&r)),
+        (200, json!({"user": "alice"})),
+        "{r:?}"
+    );
+    for c in alice.iter_mut() {
+        let m = c.until("alice's message", |m| m["type"] == "notice").await;
+        assert_eq!(
+            (&m["user"], &m["data"], &m["trace"]),
+            (&json!("alice"), &json!({"n": 1}), &json!("u-1")),
+            "{m}"
+        );
+        assert!(m.get("seq").is_none() && m.get("topic").is_none(), "{m}");
+    }
+    // Every shard has handled alice's message (each holds one of her connections): had bob
+    // been given it, it would come before his own.
+    let r = api_publish(
+        &server,
+        "",
+        &json!({"user": "bob", "type": "notice", "data": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let m = bob.until("bob's message", |m| m["type"] == "notice").await;
+    assert_eq!((&m["user"], &m["data"]), (&json!("bob"), &json!(2)), "{m}");
+    anon.ping().await;
+    assert!(anon.stash.is_empty(), "{:?}", anon.stash);
+
+    // Bad requests have their answers.
+    for (body, status) in [
+        (json!({"user": "alice", "topic": "t", "data": 1}), 400),
+        (json!({"user": "", "data": 1}), 400),
+        (json!({"user": 7, "data": 1}), 400),
+        (json!({"user": "alice", "data": 1, "volatile": false}), 400),
+        (json!({"user": "alice", "type": "join", "data": 1}), 403),
+    ] {
+        let r = api_publish(&server, "", &body).await;
+        assert_eq!(r.status, status, "{body}: {r:?}");
+    }
+    for body in [
+        json!({"code": 4001}),
+        json!({"user": "alice", "code": 1234}),
+        json!({"user": "alice", "code": "x"}),
+    ] {
+        let r = server.post("/api/disconnect", "", &body.to_string()).await;
+        assert_eq!(r.status, 400, "{body}: {r:?}");
+    }
+
+    // A server-initiated disconnect closes every connection of alice with its code.
+    let r = server
+        .post(
+            "/api/disconnect",
+            "",
+            &json!({"user": "alice", "code": 4001}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (r.status, json_body(&r)),
+        (200, json!({"user": "alice", "code": 4001})),
+        "{r:?}"
+    );
+    for c in alice.iter_mut() {
+        let code = expect_close(&mut c.ws).await;
+        assert_eq!(u16::from(code), 4001);
+    }
+    bob.ping().await;
+    anon.ping().await;
+}
+
+// ---- binary rooms: a Yjs-style sync through a relayed binary topic ---------------------------
+
+both_backends!(binary_rooms_relay_a_yjs_style_sync_byte_exact_with_recovery);
+
+/// One binary room message as delivered (docs/PROTOCOL.md, "Binary rooms").
+#[derive(Debug, Clone, PartialEq)]
+struct BinMsg {
+    topic: String,
+    /// `None`: volatile.
+    seq: Option<u64>,
+    payload: Vec<u8>,
+}
+
+fn parse_bin(m: &[u8]) -> BinMsg {
+    let (kind, len) = (m[0], m[1] as usize);
+    let topic = String::from_utf8(m[2..2 + len].to_vec()).expect("topic");
+    let rest = &m[2 + len..];
+    match kind {
+        1 => BinMsg {
+            topic,
+            seq: Some(u64::from_be_bytes(rest[..8].try_into().expect("seq"))),
+            payload: rest[8..].to_vec(),
+        },
+        2 => BinMsg {
+            topic,
+            seq: None,
+            payload: rest.to_vec(),
+        },
+        k => panic!("binary message kind {k}: {m:?}"),
+    }
+}
+
+impl Client {
+    /// Publishes `payload` to the binary `topic` (durable, or volatile).
+    async fn send_bin(&mut self, topic: &str, volatile: bool, payload: &[u8]) {
+        let mut m = vec![if volatile { 2 } else { 1 }, topic.len() as u8];
+        m.extend_from_slice(topic.as_bytes());
+        m.extend_from_slice(payload);
+        within("send", self.ws.send(Message::binary(m)))
+            .await
+            .expect("send");
+    }
+
+    /// The next binary message; JSON messages that come first are stashed.
+    async fn next_bin(&mut self) -> BinMsg {
+        loop {
+            let m = match tokio::time::timeout(PATIENCE, self.ws.next()).await {
+                Ok(Some(Ok(m))) => m,
+                other => panic!("waiting for a binary message: {other:?}"),
+            };
+            match m {
+                Message::Binary(b) => return parse_bin(&b),
+                Message::Text(t) => self
+                    .stash
+                    .push_back(serde_json::from_str(&t).expect("JSON")),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A toy CRDT with the shape of Yjs and its sync protocol (y-protocols): every client numbers
+/// its inserts with its own clock; the state vector holds each client's highest clock; an
+/// update is a list of inserts; the text orders inserts by (clock, client). Applying an update
+/// twice, or out of order, changes nothing: the server only relays bytes.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Doc {
+    me: u8,
+    inserts: BTreeMap<(u8, u32), u8>,
+}
+
+/// Sync message types, as in y-protocols.
+const SYNC_STEP1: u8 = 0;
+const SYNC_STEP2: u8 = 1;
+const UPDATE: u8 = 2;
+
+impl Doc {
+    fn new(me: u8) -> Doc {
+        Doc {
+            me,
+            inserts: BTreeMap::new(),
+        }
+    }
+
+    fn clock(&self, client: u8) -> u32 {
+        self.inserts
+            .range((client, 0)..=(client, u32::MAX))
+            .next_back()
+            .map_or(0, |((_, c), _)| *c)
+    }
+
+    /// Inserts `byte`; returns the sync `Update` message to publish.
+    fn edit(&mut self, byte: u8) -> Vec<u8> {
+        let clock = self.clock(self.me) + 1;
+        self.inserts.insert((self.me, clock), byte);
+        self.message(UPDATE, &encode_inserts([(self.me, clock, byte)]))
+    }
+
+    /// `[sender][type][body]`.
+    fn message(&self, kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![self.me, kind];
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn step1(&self) -> Vec<u8> {
+        let mut sv = Vec::new();
+        let clients: BTreeSet<u8> = self.inserts.keys().map(|(c, _)| *c).collect();
+        for c in clients {
+            sv.push(c);
+            sv.extend_from_slice(&self.clock(c).to_be_bytes());
+        }
+        self.message(SYNC_STEP1, &sv)
+    }
+
+    /// Handles a sync message from another client; returns the answer to publish, if any.
+    fn receive(&mut self, m: &[u8]) -> Option<Vec<u8>> {
+        let (sender, kind, body) = (m[0], m[1], &m[2..]);
+        if sender == self.me {
+            return None;
+        }
+        match kind {
+            SYNC_STEP1 => {
+                let sv: HashMap<u8, u32> = body
+                    .chunks(5)
+                    .map(|c| (c[0], u32::from_be_bytes(c[1..5].try_into().expect("clock"))))
+                    .collect();
+                let missing = self
+                    .inserts
+                    .iter()
+                    .filter(|((c, k), _)| *k > sv.get(c).copied().unwrap_or(0))
+                    .map(|((c, k), b)| (*c, *k, *b));
+                Some(self.message(SYNC_STEP2, &encode_inserts(missing)))
+            }
+            SYNC_STEP2 | UPDATE => {
+                for i in body.chunks(6) {
+                    let clock = u32::from_be_bytes(i[1..5].try_into().expect("clock"));
+                    self.inserts.insert((i[0], clock), i[5]);
+                }
+                None
+            }
+            k => panic!("sync message type {k}"),
+        }
+    }
+
+    fn text(&self) -> Vec<u8> {
+        let mut v: Vec<_> = self.inserts.iter().collect();
+        v.sort_by_key(|((c, k), _)| (*k, *c));
+        v.into_iter().map(|(_, b)| *b).collect()
+    }
+}
+
+fn encode_inserts(inserts: impl IntoIterator<Item = (u8, u32, u8)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (c, k, b) in inserts {
+        out.push(c);
+        out.extend_from_slice(&k.to_be_bytes());
+        out.push(b);
+    }
+    out
+}
+
+async fn binary_rooms_relay_a_yjs_style_sync_byte_exact_with_recovery(backend: Backend) {
+    let server = start(
+        backend,
+        "[rooms]\npublish_rate = 0\n[[rooms.topic]]\nprefix = \"doc.\"\nbinary = true\n",
+    );
+    let topic = "doc.1";
+    let (mut a, mut b, mut c) = (Doc::new(1), Doc::new(2), Doc::new(3));
+    let mut ca = Client::connect(&server).await;
+    ca.subscribe(topic).await;
+    // A edits alone: bytes that are no valid UTF-8 and every edge value.
+    let mut sent = Vec::new();
+    for byte in [0x00, 0xff, b'h', 0x80, b'i'] {
+        let u = a.edit(byte);
+        ca.send_bin(topic, false, &u).await;
+        sent.push(u);
+    }
+    for (i, u) in sent.iter().enumerate() {
+        let m = ca.next_bin().await;
+        assert_eq!(
+            m,
+            BinMsg {
+                topic: topic.into(),
+                seq: Some(i as u64 + 1),
+                payload: u.clone()
+            }
+        );
+    }
+
+    // B recovers everything from history, byte for byte, in order.
+    let mut cb = Client::connect(&server).await;
+    let r = cb
+        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 0}))
+        .await;
+    assert_eq!(
+        (&r["recovered"], &r["seq"]),
+        (&json!(true), &json!(5)),
+        "{r}"
+    );
+    let epoch = r["epoch"].clone();
+    for (i, u) in sent.iter().enumerate() {
+        let m = cb.next_bin().await;
+        assert_eq!((m.seq, &m.payload), (Some(i as u64 + 1), u), "replay {i}");
+        assert_eq!(b.receive(&m.payload), None);
+    }
+    assert_eq!(b.text(), a.text());
+
+    // C joins without history and syncs with a step 1 that A answers (both volatile).
+    let mut cc = Client::connect(&server).await;
+    cc.subscribe(topic).await;
+    cc.send_bin(topic, true, &c.step1()).await;
+    let step1 = ca.next_bin().await;
+    assert_eq!(step1.seq, None, "volatile: {step1:?}");
+    let step2 = a.receive(&step1.payload).expect("A answers step 1");
+    ca.send_bin(topic, true, &step2).await;
+    loop {
+        let m = cc.next_bin().await;
+        if m.payload[1] == SYNC_STEP2 {
+            c.receive(&m.payload);
+            break;
+        }
+    }
+    assert_eq!(c.text(), a.text());
+    // B's copy of the step 1 and step 2 change nothing for it.
+    for _ in 0..2 {
+        let m = cb.next_bin().await;
+        assert_eq!(m.seq, None);
+        b.receive(&m.payload);
+    }
+    assert_eq!(b.text(), a.text());
+
+    // B edits; everyone converges.
+    for byte in [b'!', 0x01] {
+        let u = b.edit(byte);
+        cb.send_bin(topic, false, &u).await;
+    }
+    let mut last = 0;
+    for (client, doc) in [(&mut ca, &mut a), (&mut cb, &mut b), (&mut cc, &mut c)] {
+        let mut got = 0;
+        while got < 2 {
+            // Volatile sync messages still queued (a client's own echo) are skipped.
+            let m = client.next_bin().await;
+            if let Some(seq) = m.seq {
+                last = seq;
+                got += 1;
+                doc.receive(&m.payload);
+            }
+        }
+    }
+    assert_eq!(last, 7);
+    assert_eq!((a.text(), c.text()), (b.text(), b.text()));
+
+    // B goes away, A edits, B comes back with since/epoch: exactly the missed updates.
+    drop(cb);
+    let mut missed = Vec::new();
+    for byte in [b'x', 0xfe, b'y'] {
+        let u = a.edit(byte);
+        ca.send_bin(topic, false, &u).await;
+        missed.push(u);
+    }
+    let mut cb = Client::connect(&server).await;
+    let r = cb
+        .subscribe_with(
+            json!({"action": "subscribe", "topic": topic, "since": last, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(r["recovered"], true, "{r}");
+    for (i, u) in missed.iter().enumerate() {
+        let m = cb.next_bin().await;
+        assert_eq!((m.seq, &m.payload), (Some(last + 1 + i as u64), u));
+        b.receive(&m.payload);
+    }
+    assert_eq!(b.text(), a.text());
+    // Inserts ordered by (clock, client): A's 1..8 interleaved with B's 1..2.
+    assert_eq!(
+        b.text(),
+        [0x00, b'!', 0xff, 0x01, b'h', 0x80, b'i', b'x', 0xfe, b'y']
+    );
+
+    // Wrong ways in: each has its error, the connection stays open.
+    let id = cb.fresh_id();
+    let e = cb
+        .call(json!({"action": "publish", "topic": topic, "data": 1}), id)
+        .await;
+    assert_eq!(e["code"], "bad_binary", "{e}");
+    for bad in [&[][..], &[9, 1, b't'][..], &[1, 200, b't'][..]] {
+        within("send", cb.ws.send(Message::binary(bad.to_vec())))
+            .await
+            .expect("send");
+        let e = cb.until("an error", |m| m["type"] == "error").await;
+        assert_eq!(e["code"], "bad_binary", "{bad:?}: {e}");
+    }
+    cb.send_bin("chat", false, b"x").await;
+    let e = cb.until("an error", |m| m["type"] == "error").await;
+    assert_eq!(e["code"], "bad_binary", "{e}");
+    let r = api_publish(&server, "", &json!({"topic": topic, "data": 1})).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    // The JSON history of a binary topic lists none (replay is by `subscribe` with `since`).
+    let id = cb.fresh_id();
+    let h = cb
+        .call(json!({"action": "history", "topic": topic}), id)
+        .await;
+    assert_eq!(h["messages"], json!([]), "{h}");
+    cb.ping().await;
 }

@@ -48,15 +48,18 @@ both_backends!(
     takeover_compressor_freed_when_idle,
     interop_python_broadcast_friendly,
     interop_python_context_takeover,
+    compress_once_is_the_ws_default,
 );
 
 /// `broadcast_friendly`: the server answers `server_no_context_takeover` to every offer.
 const BROADCAST: &str = "[compression]\nbroadcast_friendly = true\n[rooms]\npublish_rate = 0\n";
-/// The default: the server keeps its context when the client allows it.
-const TAKEOVER: &str = "[rooms]\npublish_rate = 0\n";
+/// `compress_once` off: the server keeps its context when the client allows it.
+const TAKEOVER: &str = "[rooms]\npublish_rate = 0\ncompress_once = false\n";
+/// The defaults: `/ws` answers browsers' offers without server context takeover.
+const DEFAULTS: &str = "[rooms]\npublish_rate = 0\n";
 /// What browsers and the interop libraries offer by default.
 const OFFER: &str = "permessage-deflate; client_max_window_bits";
-/// The answer to [`OFFER`] under [`BROADCAST`].
+/// The answer to [`OFFER`] under [`BROADCAST`], and on `/ws` under [`DEFAULTS`].
 const SHARED_EXT: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 /// The answer to [`OFFER`] under [`TAKEOVER`].
@@ -598,7 +601,7 @@ async fn broadcast_friendly_compresses_once_for_all_shards(backend: Backend) {
 
 // ---- 2. context takeover ---------------------------------------------------------------------
 
-/// The default config (server context takeover): deflate subscribers on both shards and one
+/// `compress_once = false` (server context takeover): deflate subscribers on both shards and one
 /// with a 10-bit window decode everything with one inflater per connection, and the context is
 /// really used (later messages refer back into earlier ones); a subscriber that asked for
 /// `server_no_context_takeover` (shared frames) and a plain one get the same texts. Large direct
@@ -1158,4 +1161,40 @@ async fn interop_python_broadcast_friendly(backend: Backend) {
 async fn interop_python_context_takeover(backend: Backend) {
     let server = Server::start_with_config(backend, TAKEOVER, &[]);
     interop_python(&server, "interop.takeover", TAKEOVER_EXT).await;
+}
+
+// ---- compress_once: the /ws default ------------------------------------------------------------
+
+/// With the defaults, a browser's offer on `/ws` is answered with `server_no_context_takeover`
+/// (the shared compressed frame: byte-identical for every subscriber), while `/ws/echo` keeps
+/// server context takeover.
+async fn compress_once_is_the_ws_default(backend: Backend) {
+    let server = Server::start_with_config(backend, DEFAULTS, &[]);
+    let topic = "deflate.default";
+    let mut subs = Vec::new();
+    for name in ["browser1", "browser2"] {
+        let mut c = DClient::open(&server, name, Some(OFFER)).await;
+        assert_eq!(c.extensions.as_deref(), Some(SHARED_EXT), "{name}");
+        c.subscribe(topic, None).await;
+        subs.push(c);
+    }
+    let (_, head) = RawWs::upgrade(
+        server.tcp().await,
+        "/ws/echo",
+        &format!("Sec-WebSocket-Extensions: {OFFER}\r\n"),
+    )
+    .await;
+    assert_eq!(head.header("sec-websocket-extensions"), Some(TAKEOVER_EXT));
+
+    let sent = publish_range(&server, topic, 0..9).await;
+    let mut got = Vec::new();
+    for c in &mut subs {
+        let g = c.room_messages(topic, sent.len()).await;
+        check_content(&c.name, topic, &g, &sent);
+        check_compression(&c.name, &g, Expect::FromThreshold);
+        got.push(g);
+    }
+    for (a, b) in got[0].iter().zip(&got[1]) {
+        assert_eq!(a.frame, b.frame, "seq {}: one shared frame", a.seq());
+    }
 }

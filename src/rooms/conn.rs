@@ -8,10 +8,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use super::config::RoomsConfig;
 use super::proto::{self, ClientError, Code, Request};
 use super::room::Member;
-use super::{ConnRef, HubMsg, Reply, SharedHub};
+use super::{ConnRef, HubMsg, Payload, PublishOpts, Reply, SharedHub};
 use crate::auth::{Identity, TopicAction, ANONYMOUS};
 use crate::ratelimit::TokenBucket;
 use crate::ws::connection::{Close, Handler, Message, ToClient};
@@ -121,8 +123,20 @@ impl RoomsHandler {
     /// The checks every request passes, in one place: topic length, the one authorization
     /// rule of `auth`, and the connection's rate limits.
     fn admit(&mut self, req: &Request<'_>) -> Result<(), ClientError> {
+        let publish = matches!(req, Request::Publish { .. });
+        self.check(req.topic(), req.topic_action(), publish)
+    }
+
+    /// [`admit`](Self::admit) for the parts of a request: the topic it names, what it does
+    /// with it (for authorization), and whether it is a publish (which rate limit).
+    fn check(
+        &mut self,
+        topic: Option<&str>,
+        action: Option<(TopicAction, &str)>,
+        publish: bool,
+    ) -> Result<(), ClientError> {
         let cfg = &self.cfg;
-        if let Some(topic) = req.topic() {
+        if let Some(topic) = topic {
             if topic.len() > cfg.max_topic_length {
                 return Err(ClientError::new(
                     Code::TooLarge,
@@ -130,7 +144,7 @@ impl RoomsHandler {
                 ));
             }
         }
-        if let Some((action, topic)) = req.topic_action() {
+        if let Some((action, topic)) = action {
             if let Some(identity) = &self.identity {
                 if !identity.may(action, topic) {
                     return Err(ClientError::new(
@@ -145,9 +159,10 @@ impl RoomsHandler {
             }
         }
         let now = Instant::now();
-        let (bucket, rate, what) = match req {
-            Request::Publish { .. } => (&mut self.publishes, cfg.publish_rate, "publishes"),
-            _ => (&mut self.requests, cfg.request_rate, "requests"),
+        let (bucket, rate, what) = if publish {
+            (&mut self.publishes, cfg.publish_rate, "publishes")
+        } else {
+            (&mut self.requests, cfg.request_rate, "requests")
         };
         if !bucket.try_take(now) {
             return Err(ClientError::new(
@@ -196,11 +211,26 @@ impl RoomsHandler {
                     out.text(proto::unsubscribed(topic, id.as_deref()).as_bytes());
                 }
             }
-            Request::Publish { topic, kind, data } => {
+            Request::Publish {
+                topic,
+                kind,
+                data,
+                volatile,
+                trace,
+            } => {
                 if data.len() > cfg.max_data_size {
                     return Err(ClientError::new(
                         Code::TooLarge,
                         format!("data is larger than {} bytes", cfg.max_data_size),
+                    ));
+                }
+                if cfg.is_binary(topic) {
+                    return Err(ClientError::new(
+                        Code::BadBinary,
+                        format!(
+                            "{} is a binary topic: publish binary messages",
+                            proto::json_str(topic)
+                        ),
                     ));
                 }
                 if proto::is_reserved_type(kind) {
@@ -216,6 +246,10 @@ impl RoomsHandler {
                     data: data.into(),
                     from: Some(self.conn.from()),
                     reply,
+                    opts: PublishOpts {
+                        volatile,
+                        trace: trace.map(Into::into),
+                    },
                 };
                 hub.with(|hub, now| hub.route(now, topic, msg));
             }
@@ -246,6 +280,47 @@ impl RoomsHandler {
         Ok(())
     }
 
+    /// A binary message: a publish to a binary topic in the binary envelope, relayed as it is.
+    fn binary(&mut self, msg: &[u8]) -> Result<(), ClientError> {
+        if !self.cfg.topic.iter().any(|r| r.binary) {
+            return Err(ClientError::new(
+                Code::BadJson,
+                "messages are JSON text frames",
+            ));
+        }
+        let p = proto::parse_binary(msg)?;
+        let topic = p.topic;
+        self.check(Some(topic), Some((TopicAction::Publish, topic)), true)?;
+        if !self.cfg.is_binary(topic) {
+            return Err(ClientError::new(
+                Code::BadBinary,
+                format!(
+                    "{} is not a binary topic: messages are JSON text frames",
+                    proto::json_str(topic)
+                ),
+            ));
+        }
+        if p.payload.len() > self.cfg.max_data_size {
+            return Err(ClientError::new(
+                Code::TooLarge,
+                format!("payload is larger than {} bytes", self.cfg.max_data_size),
+            ));
+        }
+        let msg = HubMsg::Publish {
+            topic: topic.into(),
+            kind: "message".into(),
+            data: Payload::Binary(Bytes::copy_from_slice(p.payload)),
+            from: Some(self.conn.from()),
+            reply: Reply::None,
+            opts: PublishOpts {
+                volatile: Some(p.volatile),
+                trace: None,
+            },
+        };
+        self.hub.with(|hub, now| hub.route(now, topic, msg));
+        Ok(())
+    }
+
     fn subscribed(&self, topic: &str) -> bool {
         self.conn.topics.borrow().contains_key(topic)
     }
@@ -258,10 +333,14 @@ impl Handler for RoomsHandler {
     }
 
     fn on_message(&mut self, msg: Message<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
-        let Message::Text(text) = msg else {
-            let e = ClientError::new(Code::BadJson, "messages are JSON text frames");
-            out.text(proto::error(&e, None).as_bytes());
-            return Ok(());
+        let text = match msg {
+            Message::Text(text) => text,
+            Message::Binary(bin) => {
+                if let Err(e) = self.binary(bin) {
+                    out.text(proto::error(&e, None).as_bytes());
+                }
+                return Ok(());
+            }
         };
         PARSE_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();

@@ -20,6 +20,7 @@
 //! call it. docs/ARCHITECTURE.md ("The rooms hub as a state machine") has the ordering argument; `sim.rs` checks it.
 
 pub mod config;
+pub mod conflate;
 pub mod conn;
 pub mod proto;
 pub mod room;
@@ -40,6 +41,8 @@ use tokio::sync::oneshot;
 
 use crate::error::Code;
 use crate::metrics as m;
+use crate::ws::close::CloseCode;
+use crate::ws::connection::Close;
 use crate::ws::deflate::{self, Tuning};
 use crate::ws::frame::{header_len, write_frame, OpCode};
 use crate::ws::handle::ConnHandle;
@@ -104,6 +107,66 @@ pub enum ApiAnswer {
     Overloaded,
 }
 
+/// What a publish asks for beyond its topic and content.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishOpts {
+    /// Volatile (no seq, no history) or not, as the publisher said; `None`: the topic's
+    /// default (`[[rooms.topic]] volatile`).
+    pub volatile: Option<bool>,
+    /// The publisher's trace id: carried in every delivery and in the debug logs.
+    pub trace: Option<Arc<str>>,
+}
+
+/// What the subscriber's shard knows of a delivery besides its bytes.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    /// The room message's seq (none: volatile, or a presence event).
+    pub seq: Option<u64>,
+    /// Dropped rather than queued for a connection already behind (see [`Hub::handle`]).
+    pub volatile: bool,
+    pub trace: Option<Arc<str>>,
+}
+
+/// What a publish carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// JSON text (the `data` of a JSON publish).
+    Json(Box<str>),
+    /// The opaque payload of a binary topic's message, relayed as it came.
+    Binary(Bytes),
+}
+
+impl From<String> for Payload {
+    fn from(s: String) -> Payload {
+        Payload::Json(s.into())
+    }
+}
+
+impl From<&str> for Payload {
+    fn from(s: &str) -> Payload {
+        Payload::Json(s.into())
+    }
+}
+
+impl std::fmt::Display for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::Json(s) => f.write_str(s),
+            Payload::Binary(b) => write!(f, "<{} bytes>", b.len()),
+        }
+    }
+}
+
+/// A publish taken by the home shard, until it is delivered (it may wait for its topic's
+/// conflation window).
+struct Publish {
+    kind: Box<str>,
+    data: Payload,
+    from: Option<Arc<str>>,
+    volatile: bool,
+    trace: Option<Arc<str>>,
+}
+
 /// Messages between shards about rooms.
 #[derive(Debug)]
 pub enum HubMsg {
@@ -127,10 +190,10 @@ pub enum HubMsg {
     Publish {
         topic: Arc<str>,
         kind: Box<str>,
-        /// JSON text.
-        data: Box<str>,
+        data: Payload,
         from: Option<Arc<str>>,
         reply: Reply,
+        opts: PublishOpts,
     },
     Presence {
         topic: Arc<str>,
@@ -157,11 +220,23 @@ pub enum HubMsg {
         msg: Broadcast,
         /// When the home shard took the publish (publish-to-queue latency).
         at: Instant,
+        meta: Meta,
     },
     /// A reply for one connection (JSON text).
     Reply {
         conn: u64,
         text: Bytes,
+    },
+    // To every shard.
+    /// A message (JSON text) for every connection of `user` on the receiving shard.
+    ToUser {
+        user: Arc<str>,
+        text: Bytes,
+    },
+    /// Closes every connection of `user` on the receiving shard with `code`.
+    Disconnect {
+        user: Arc<str>,
+        code: u16,
     },
 }
 
@@ -180,8 +255,6 @@ pub struct Hub {
     tuning: Tuning,
     /// `max_outbound_bytes`.
     limit: usize,
-    /// `[rooms] write_delay`, when set.
-    write_delay: Option<Duration>,
     /// Messages for other shards, in the order they were made (see [`Hub::poll_transmit`]).
     outbox: VecDeque<(usize, HubMsg)>,
     // Home side.
@@ -197,17 +270,21 @@ pub struct Hub {
     lives: u64,
     /// Makes epochs unique per process run (drawn by the driver).
     epoch_seed: u64,
+    /// Publishes held for their topic's conflation window (`[[rooms.topic]] conflate`).
+    conflation: conflate::Conflation<Publish>,
     // Subscriber side.
     /// This shard's subscribers per topic.
     local: HashMap<Arc<str>, Slab<Rc<ConnHandle>>>,
     /// This shard's `/ws` connections, for replies by id.
     conns: HashMap<u64, Rc<RoomConn>>,
+    /// This shard's connections of each authenticated user (the token's `sub`).
+    users: HashMap<Arc<str>, Vec<u64>>,
     subscriptions: usize,
     /// Numbers this shard's subscribe requests.
     requests: u64,
     /// With `write_delay`: connections holding room messages not yet handed to their session.
     delayed: Vec<Rc<ConnHandle>>,
-    /// When `delayed` is released: set by the first message held.
+    /// When `delayed` is released: the earliest end of the write delays of the messages held.
     delay_due: Option<Instant>,
     /// Shards whose inbound queue is over `max_shard_backlog`, as the driver last saw it:
     /// requests that would add to one are answered `overloaded` instead of queued, so a shard
@@ -231,7 +308,6 @@ impl Hub {
         Hub {
             shard,
             shards: shards.max(1),
-            write_delay: cfg.write_delay(),
             cfg,
             tuning,
             limit,
@@ -243,8 +319,10 @@ impl Hub {
             history_budget,
             lives: 0,
             epoch_seed,
+            conflation: conflate::Conflation::default(),
             local: HashMap::new(),
             conns: HashMap::new(),
+            users: HashMap::new(),
             subscriptions: 0,
             requests: 0,
             delayed: Vec::new(),
@@ -272,15 +350,25 @@ impl Hub {
         self.outbox.pop_front()
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) is due: the end of the write delay of the
-    /// messages held now. Set by the first held message and unchanged until it is handled.
+    /// When [`handle_timeout`](Self::handle_timeout) is due: the earliest of the end of the
+    /// write delay of the messages held now and the end of a conflation window. It only ever
+    /// moves earlier until it is handled.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.delay_due
+        match (self.delay_due, self.conflation.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// The write delay is over: every connection holding room messages writes them.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if self.delay_due.is_some_and(|due| due <= now) {
+    /// Conflation windows that ended deliver the values that won; a write delay that is over
+    /// lets every connection holding room messages write them.
+    pub fn handle_timeout(&mut self, now: Now) {
+        for (topic, publishes) in self.conflation.expire(now.at) {
+            for p in publishes {
+                self.deliver_publish(now, &topic, &p);
+            }
+        }
+        if self.delay_due.is_some_and(|due| due <= now.at) {
             self.delay_due = None;
             for entry in self.delayed.drain(..) {
                 entry.release_held();
@@ -398,7 +486,18 @@ impl Hub {
                 data,
                 from,
                 reply,
-            } => self.home_publish(now, topic, &kind, &data, from.as_deref(), reply),
+                opts,
+            } => {
+                let default = || self.cfg.rule_for(&topic).is_some_and(|r| r.volatile);
+                let p = Publish {
+                    kind,
+                    data,
+                    from,
+                    volatile: opts.volatile.unwrap_or_else(default),
+                    trace: opts.trace,
+                };
+                self.home_publish(now, topic, p, reply)
+            }
             HubMsg::Presence { topic, reply } => self.home_presence(now, topic, reply),
             HubMsg::History {
                 topic,
@@ -413,12 +512,70 @@ impl Hub {
                 replay,
                 request,
             } => self.local_subscribed(topic, conn, reply, replay, request),
-            HubMsg::Deliver { topic, msg, at } => self.local_deliver(now.at, &topic, msg, at),
+            HubMsg::Deliver {
+                topic,
+                msg,
+                at,
+                meta,
+            } => self.local_deliver(now.at, &topic, msg, at, &meta),
             HubMsg::Reply { conn, text } => {
                 if let Some(c) = self.conns.get(&conn) {
                     c.entry.send(Outgoing::Text(text), self.limit);
                 }
             }
+            HubMsg::ToUser { user, text } => {
+                for c in self.user_conns(&user) {
+                    c.entry.send(Outgoing::Text(text.clone()), self.limit);
+                }
+            }
+            HubMsg::Disconnect { user, code } => {
+                for c in self.user_conns(&user) {
+                    c.entry.request_close(Close {
+                        code: CloseCode(code),
+                        reason: "disconnected by the server",
+                    });
+                }
+            }
+        }
+    }
+
+    /// This shard's connections of `user`.
+    fn user_conns(&self, user: &str) -> impl Iterator<Item = &Rc<RoomConn>> {
+        let ids = self.users.get(user).map_or(&[][..], |v| &v[..]);
+        ids.iter().filter_map(|id| self.conns.get(id))
+    }
+
+    /// A message for every connection of `user` (the token's `sub`) on every shard: encoded
+    /// once, not kept in history, no seq.
+    pub fn publish_to_user(
+        &mut self,
+        now: Now,
+        user: &str,
+        kind: &str,
+        data: &str,
+        trace: Option<&str>,
+    ) {
+        let text = Bytes::from(proto::user_message(kind, user, data, now.wall, trace));
+        tracing::debug!(user, trace, "user message published");
+        let user: Arc<str> = user.into();
+        for s in 0..self.shards {
+            let msg = HubMsg::ToUser {
+                user: user.clone(),
+                text: text.clone(),
+            };
+            self.send(now, s, msg);
+        }
+    }
+
+    /// Closes every connection of `user` on every shard with `code`.
+    pub fn disconnect_user(&mut self, now: Now, user: &str, code: u16) {
+        let user: Arc<str> = user.into();
+        for s in 0..self.shards {
+            let msg = HubMsg::Disconnect {
+                user: user.clone(),
+                code,
+            };
+            self.send(now, s, msg);
         }
     }
 
@@ -459,14 +616,21 @@ impl Hub {
         }
         let text = proto::presence_event(kind, topic, &member.client_id, &member.user);
         let msg = Broadcast {
-            frame: text_frame(text.as_bytes()),
+            frame: frame(OpCode::Text, text.as_bytes()),
             deflated: None,
         };
         let shards: Vec<usize> = room.subscriber_shards().collect();
-        self.fan_out(now, topic, &shards, msg);
+        self.fan_out(now, topic, &shards, msg, Meta::default());
     }
 
-    fn fan_out(&mut self, now: Now, topic: &Arc<str>, shards: &[usize], msg: Broadcast) {
+    fn fan_out(
+        &mut self,
+        now: Now,
+        topic: &Arc<str>,
+        shards: &[usize],
+        msg: Broadcast,
+        meta: Meta,
+    ) {
         for &s in shards {
             self.send(
                 now,
@@ -475,6 +639,7 @@ impl Hub {
                     topic: topic.clone(),
                     msg: msg.clone(),
                     at: now.at,
+                    meta: meta.clone(),
                 },
             );
         }
@@ -536,15 +701,9 @@ impl Hub {
         }
     }
 
-    fn home_publish(
-        &mut self,
-        now: Now,
-        topic: Arc<str>,
-        kind: &str,
-        data: &str,
-        from: Option<&str>,
-        reply: Reply,
-    ) {
+    /// A publish reaching its topic's home shard: delivered now, or held by the topic's
+    /// conflation window; answered with its seq, or that it has none.
+    fn home_publish(&mut self, now: Now, topic: Arc<str>, publish: Publish, reply: Reply) {
         // Refused before it takes a seq: no subscriber misses a message, nobody waits on a queue.
         if self.congested_count > 0 {
             let (me, congested) = (self.shard, &self.congested);
@@ -556,21 +715,66 @@ impl Hub {
                 return self.overloaded(now, reply, s);
             }
         }
+        let conflate = self.cfg.rule_for(&topic).and_then(|r| {
+            let key = match (&publish.data, r.conflate_key.as_deref()) {
+                (Payload::Json(json), Some(field)) => proto::conflate_key(json, field),
+                _ => None,
+            };
+            Some((r.conflate()?, key))
+        });
+        let publish = match conflate {
+            None => Some(publish),
+            Some((interval, key)) => self
+                .conflation
+                .offer(&topic, key, publish, now.at, interval),
+        };
+        let (seq, conflated) = match &publish {
+            Some(p) => (self.deliver_publish(now, &topic, p), false),
+            None => (None, true),
+        };
+        let id = match &reply {
+            Reply::Conn { id: Some(id), .. } => id.as_str(),
+            Reply::Conn { id: None, .. } => return,
+            _ => "",
+        };
+        let (ack, api) = match seq {
+            Some(seq) => (proto::ack(id, seq), ApiAnswer::Published { seq }),
+            None => {
+                let what = if conflated { "conflated" } else { "volatile" };
+                (
+                    proto::ack_unsequenced(id, conflated),
+                    ApiAnswer::Json(format!("{{\"{what}\":true}}")),
+                )
+            }
+        };
+        self.answer(now, reply, ack, api);
+    }
+
+    /// Delivers a publish to the topic's subscribers: encoded once, with the next seq and
+    /// kept in history unless it is volatile. Returns its seq.
+    fn deliver_publish(&mut self, now: Now, topic: &Arc<str>, p: &Publish) -> Option<u64> {
         let (tuning, cap) = (self.tuning, self.cfg.history_size);
-        let room = self.room(&topic);
-        let seq = room.next_seq();
-        let text = proto::room_message(kind, &topic, seq, data, from, now.wall);
-        let payload = text.as_bytes();
+        let room = self.room(topic);
+        let seq = (!p.volatile).then(|| room.next_seq());
+        let trace = p.trace.as_deref();
+        let (payload, opcode) = match &p.data {
+            Payload::Json(data) => {
+                let from = p.from.as_deref();
+                let text = proto::room_message(&p.kind, topic, seq, data, from, now.wall, trace);
+                (text.into_bytes(), OpCode::Text)
+            }
+            Payload::Binary(data) => (proto::binary_message(topic, seq, data), OpCode::Binary),
+        };
         let msg = Broadcast {
-            frame: text_frame(payload),
+            frame: frame(opcode, &payload),
             deflated: if room.shared_deflate > 0 {
-                deflate::conn::shared_frame(payload, tuning)
+                deflate::conn::shared_frame(&payload, tuning, opcode)
             } else {
                 None
             },
         };
         let shards: Vec<usize> = room.subscriber_shards().collect();
-        if cap > 0 {
+        if let Some(seq) = seq.filter(|_| cap > 0) {
             let stored = Stored {
                 seq,
                 at: now.at,
@@ -590,16 +794,17 @@ impl Hub {
             });
             self.enforce_budget();
         }
+        tracing::debug!(%topic, seq, trace, shards = shards.len(), "room message published");
         ::metrics::counter!(m::PUBLISHED).increment(1);
-        self.fan_out(now, &topic, &shards, msg);
-        // No history kept and nobody listening: nothing to remember.
-        self.free_if_idle(&topic);
-        let ack = match &reply {
-            Reply::Conn { id: Some(id), .. } => proto::ack(id, seq),
-            Reply::Conn { id: None, .. } => return,
-            _ => String::new(),
+        let meta = Meta {
+            seq,
+            volatile: p.volatile,
+            trace: p.trace.clone(),
         };
-        self.answer(now, reply, ack, ApiAnswer::Published { seq });
+        self.fan_out(now, topic, &shards, msg, meta);
+        // No history kept and nobody listening: nothing to remember.
+        self.free_if_idle(topic);
+        seq
     }
     /// Drops the oldest history over all rooms until the shard is within its byte budget.
     fn enforce_budget(&mut self) {
@@ -664,9 +869,12 @@ impl Hub {
     fn home_history(&mut self, now: Now, topic: Arc<str>, since: u64, limit: usize, reply: Reply) {
         let (epoch, messages) = match self.rooms.get(&topic) {
             Some(room) => {
+                // A binary topic's messages are not JSON: its history is replayed by
+                // `subscribe` with `since` only.
                 let list: Vec<&[u8]> = room
                     .history_after(since, limit)
-                    .map(|e| &e.msg.frame[crate::ws::frame::payload_offset(&e.msg.frame)..])
+                    .filter(|e| !e.msg.is_binary())
+                    .map(|e| e.msg.payload())
                     .collect();
                 let mut s = String::from("[");
                 for (i, p) in list.iter().enumerate() {
@@ -702,6 +910,12 @@ impl Hub {
 
     /// A `/ws` connection opened on this shard.
     pub fn attach(&mut self, conn: Rc<RoomConn>) {
+        if &*conn.user != crate::auth::ANONYMOUS {
+            self.users
+                .entry(conn.user.clone())
+                .or_default()
+                .push(conn.entry.id);
+        }
         self.conns.insert(conn.entry.id, conn);
     }
 
@@ -711,6 +925,12 @@ impl Hub {
         let Some(conn) = self.conns.remove(&conn_id) else {
             return;
         };
+        if let Some(ids) = self.users.get_mut(&conn.user) {
+            ids.retain(|&id| id != conn_id);
+            if ids.is_empty() {
+                self.users.remove(&conn.user);
+            }
+        }
         let mut topics: Vec<Arc<str>> = conn.topics.borrow().keys().cloned().collect();
         topics.sort_unstable();
         for t in topics {
@@ -846,25 +1066,54 @@ impl Hub {
         self.subscriptions += 1;
     }
 
-    fn local_deliver(&mut self, now: Instant, topic: &str, msg: Broadcast, at: Instant) {
+    fn local_deliver(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        msg: Broadcast,
+        at: Instant,
+        meta: &Meta,
+    ) {
         let Some(list) = self.local.get(topic) else {
             return;
         };
         let msg = &Rc::new(msg);
-        if let Some(delay) = self.write_delay {
+        // A volatile message is not worth queueing behind half a slow consumer's limit: it
+        // is dropped for that connection, which stays open for what it cannot miss.
+        let behind = |entry: &ConnHandle| meta.volatile && entry.mailbox.backlog() > self.limit / 2;
+        let mut dropped = 0u64;
+        if let Some(delay) = self.cfg.write_delay_for(topic) {
             for (_, entry) in list.iter() {
-                if entry.queue_broadcast(msg, Some(at), self.limit) {
+                if behind(entry) {
+                    dropped += 1;
+                } else if entry.queue_broadcast(msg, Some(at), self.limit) {
                     self.delayed.push(entry.clone());
                 }
             }
-            if self.delay_due.is_none() && !self.delayed.is_empty() {
-                self.delay_due = Some(now + delay);
+            if !self.delayed.is_empty() {
+                let due = now + delay;
+                self.delay_due = Some(self.delay_due.map_or(due, |d| d.min(due)));
             }
         } else {
             for (_, entry) in list.iter() {
-                entry.send_broadcast(msg, Some(at), self.limit);
+                if behind(entry) {
+                    dropped += 1;
+                } else {
+                    entry.send_broadcast(msg, Some(at), self.limit);
+                }
             }
         }
+        if dropped > 0 {
+            ::metrics::counter!(m::VOLATILE_DROPPED).increment(dropped);
+        }
+        tracing::debug!(
+            topic,
+            seq = meta.seq,
+            trace = meta.trace.as_deref(),
+            subscribers = list.len(),
+            dropped,
+            "room message delivered"
+        );
         ::metrics::histogram!(m::FANOUT).record(list.len() as f64);
         ::metrics::histogram!(m::PUBLISH_LATENCY)
             .record(now.saturating_duration_since(at).as_secs_f64());
@@ -975,16 +1224,17 @@ impl SharedHub {
     }
 }
 
-/// An unmasked text frame holding `payload`, as shareable bytes.
-fn text_frame(payload: &[u8]) -> Bytes {
+/// An unmasked frame holding `payload`, as shareable bytes.
+fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut f = Vec::with_capacity(header_len(payload.len()) + payload.len());
-    write_frame(&mut f, OpCode::Text, payload);
+    write_frame(&mut f, opcode, payload);
     Bytes::from(f)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn hub_with(shards: usize, cfg: config::RoomsConfig) -> Hub {
         let tuning = Tuning {
@@ -1021,6 +1271,7 @@ mod tests {
                 data: data.into(),
                 from: None,
                 reply: Reply::None,
+                opts: PublishOpts::default(),
             },
         );
     }
@@ -1150,9 +1401,10 @@ mod tests {
         let ask = |topic: &str, reply| HubMsg::Publish {
             topic: topic.into(),
             kind: "message".into(),
-            data: "1".into(),
+            data: String::from("1").into(),
             from: None,
             reply,
+            opts: PublishOpts::default(),
         };
         hub.route(at(t0, 0.0), &remote, ask(&remote, Reply::Http(tx)));
         assert_eq!(rx.try_recv(), Ok(ApiAnswer::Overloaded));
@@ -1250,12 +1502,317 @@ mod tests {
         // The first held message sets the deadline; the second rides along.
         assert_eq!(hub.poll_timeout(), Some(at(t0, 1.1).at));
         assert!(!c.entry.mailbox.has_mail());
-        hub.handle_timeout(at(t0, 1.09).at);
+        hub.handle_timeout(at(t0, 1.09));
         assert!(!c.entry.mailbox.has_mail(), "released early");
-        hub.handle_timeout(at(t0, 1.1).at);
+        hub.handle_timeout(at(t0, 1.1));
         assert_eq!(hub.poll_timeout(), None);
         assert!(c.entry.mailbox.has_mail());
         let seqs: Vec<_> = drain(&c).iter().map(|m| m["seq"].clone()).collect();
         assert_eq!(seqs, [1, 2]);
+    }
+
+    fn publish_with(hub: &mut Hub, now: Now, topic: &str, data: &str, opts: PublishOpts) {
+        hub.handle(
+            now,
+            HubMsg::Publish {
+                topic: topic.into(),
+                kind: "message".into(),
+                data: data.into(),
+                from: None,
+                reply: Reply::None,
+                opts,
+            },
+        );
+    }
+
+    fn volatile() -> PublishOpts {
+        PublishOpts {
+            volatile: Some(true),
+            trace: None,
+        }
+    }
+
+    fn rule(prefix: &str) -> config::TopicRule {
+        config::TopicRule {
+            prefix: prefix.into(),
+            volatile: false,
+            conflate: 0.0,
+            conflate_key: None,
+            write_delay: None,
+            binary: false,
+        }
+    }
+
+    fn quiet(topic: Vec<config::TopicRule>) -> config::RoomsConfig {
+        config::RoomsConfig {
+            presence_events: false,
+            topic,
+            ..config::RoomsConfig::default()
+        }
+    }
+
+    #[test]
+    fn volatile_messages_skip_seq_and_history_and_are_never_replayed() {
+        let t0 = Instant::now();
+        let mut hub = hub_with(
+            1,
+            quiet(vec![config::TopicRule {
+                volatile: true,
+                ..rule("typing.")
+            }]),
+        );
+        let c = conn(&mut hub, 1);
+        hub.subscribe(at(t0, 0.0), &c, "chat.1", None, None, None);
+        hub.subscribe(at(t0, 0.0), &c, "typing.1", None, None, None);
+        drain(&c);
+        publish(&mut hub, at(t0, 0.0), "chat.1", "1");
+        publish_with(
+            &mut hub,
+            at(t0, 0.0),
+            "chat.1",
+            r#"{"typing":true}"#,
+            volatile(),
+        );
+        publish(&mut hub, at(t0, 0.0), "chat.1", "2");
+        // The prefix default, and a publisher overriding it.
+        publish(&mut hub, at(t0, 0.0), "typing.1", "3");
+        let durable = PublishOpts {
+            volatile: Some(false),
+            trace: Some("t-1".into()),
+        };
+        publish_with(&mut hub, at(t0, 0.0), "typing.1", "4", durable);
+        let got = drain(&c);
+        let seqs: Vec<_> = got.iter().map(|m| m["seq"].clone()).collect();
+        assert_eq!(
+            seqs,
+            [1.into(), Value::Null, 2.into(), Value::Null, 1.into()]
+        );
+        assert_eq!(got[1]["volatile"], true);
+        assert_eq!(got[1]["data"]["typing"], true);
+        assert_eq!(got[3]["volatile"], true);
+        assert_eq!(got[4]["trace"], "t-1");
+        assert_eq!(history(&hub, "chat.1"), [1, 2]);
+        assert_eq!(history(&hub, "typing.1"), [1]);
+        // Recovery from 0 replays only what has a seq.
+        let r = conn(&mut hub, 2);
+        hub.subscribe(at(t0, 1.0), &r, "chat.1", Some(0), None, None);
+        let replay: Vec<_> = drain(&r)
+            .iter()
+            .skip(1)
+            .map(|m| m["data"].clone())
+            .collect();
+        assert_eq!(replay, [1, 2]);
+    }
+
+    #[test]
+    fn volatile_messages_are_dropped_first_for_a_connection_behind() {
+        let t0 = Instant::now();
+        let mut hub = hub_with(1, quiet(Vec::new()));
+        hub.limit = 1000;
+        let c = conn(&mut hub, 1);
+        hub.subscribe(at(t0, 0.0), &c, "t", None, None, None);
+        drain(&c);
+        let big = format!("\"{}\"", "x".repeat(300));
+        publish(&mut hub, at(t0, 0.0), "t", &big);
+        publish(&mut hub, at(t0, 0.0), "t", &big);
+        assert!(c.entry.mailbox.backlog() > 500);
+        publish_with(&mut hub, at(t0, 0.0), "t", "1", volatile());
+        assert!(
+            !c.entry.close_requested(),
+            "a volatile message never closes it"
+        );
+        publish(&mut hub, at(t0, 0.0), "t", "2");
+        let got: Vec<_> = drain(&c).iter().map(|m| m["seq"].clone()).collect();
+        assert_eq!(
+            got,
+            [1, 2, 3],
+            "the volatile one was dropped, the rest kept"
+        );
+    }
+
+    #[test]
+    fn conflation_delivers_the_latest_once_per_interval_with_gap_free_seqs() {
+        let t0 = Instant::now();
+        let mut hub = hub_with(
+            1,
+            quiet(vec![config::TopicRule {
+                conflate: 0.1,
+                ..rule("ticker.")
+            }]),
+        );
+        let c = conn(&mut hub, 1);
+        hub.subscribe(at(t0, 0.0), &c, "ticker.btc", None, None, None);
+        hub.subscribe(at(t0, 0.0), &c, "chat", None, None, None);
+        drain(&c);
+        for (i, t) in [0.0, 0.01, 0.02, 0.03].iter().enumerate() {
+            publish(&mut hub, at(t0, *t), "ticker.btc", &i.to_string());
+            publish(&mut hub, at(t0, *t), "chat", &i.to_string());
+        }
+        let data = |got: &[Value]| -> Vec<(String, Value, Value)> {
+            got.iter()
+                .map(|m| {
+                    (
+                        m["topic"].as_str().unwrap_or("").to_owned(),
+                        m["seq"].clone(),
+                        m["data"].clone(),
+                    )
+                })
+                .collect()
+        };
+        // The first at once; chat untouched.
+        let got = drain(&c);
+        assert_eq!(
+            data(&got),
+            [
+                ("ticker.btc".into(), 1.into(), 0.into()),
+                ("chat".into(), 1.into(), 0.into()),
+                ("chat".into(), 2.into(), 1.into()),
+                ("chat".into(), 3.into(), 2.into()),
+                ("chat".into(), 4.into(), 3.into()),
+            ]
+        );
+        assert_eq!(hub.poll_timeout(), Some(at(t0, 0.1).at));
+        hub.handle_timeout(at(t0, 0.05));
+        assert!(drain(&c).is_empty());
+        hub.handle_timeout(at(t0, 0.1));
+        assert_eq!(
+            data(&drain(&c)),
+            [("ticker.btc".into(), 2.into(), 3.into())]
+        );
+        assert_eq!(history(&hub, "ticker.btc"), [1, 2]);
+        // The window reopened and ends empty: closed, no timer.
+        hub.handle_timeout(at(t0, 0.2));
+        assert_eq!(hub.poll_timeout(), None);
+    }
+
+    #[test]
+    fn conflation_keeps_the_latest_per_key_and_acks_held_publishes() {
+        let t0 = Instant::now();
+        let mut hub = hub_with(
+            1,
+            quiet(vec![config::TopicRule {
+                conflate: 0.1,
+                conflate_key: Some("pair".into()),
+                ..rule("fx")
+            }]),
+        );
+        let c = conn(&mut hub, 1);
+        hub.subscribe(at(t0, 0.0), &c, "fx", None, None, None);
+        drain(&c);
+        let me = ConnRef { shard: 0, conn: 1 };
+        for (pair, p) in [("eur", 1), ("gbp", 1), ("eur", 2), ("gbp", 2), ("eur", 3)] {
+            hub.handle(
+                at(t0, 0.0),
+                HubMsg::Publish {
+                    topic: "fx".into(),
+                    kind: "quote".into(),
+                    data: format!(r#"{{"pair":"{pair}","p":{p}}}"#).into(),
+                    from: None,
+                    reply: Reply::Conn {
+                        to: me,
+                        id: Some(p.to_string()),
+                    },
+                    opts: PublishOpts::default(),
+                },
+            );
+        }
+        let acks: Vec<_> = drain(&c)
+            .into_iter()
+            .filter(|m| m["type"] == "ack")
+            .map(|m| (m["seq"].clone(), m["conflated"].clone()))
+            .collect();
+        assert_eq!(acks[0], (1.into(), Value::Null));
+        assert!(
+            acks[1..].iter().all(|a| a == &(Value::Null, true.into())),
+            "{acks:?}"
+        );
+        hub.handle_timeout(at(t0, 0.1));
+        let got: Vec<_> = drain(&c)
+            .iter()
+            .map(|m| {
+                (
+                    m["seq"].clone(),
+                    m["data"]["pair"].clone(),
+                    m["data"]["p"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2.into(), "gbp".into(), 2.into()),
+                (3.into(), "eur".into(), 3.into())
+            ]
+        );
+    }
+
+    #[test]
+    fn per_prefix_write_delay_holds_tickers_and_chat_goes_at_once() {
+        let t0 = Instant::now();
+        let mut hub = hub_with(
+            1,
+            quiet(vec![config::TopicRule {
+                write_delay: Some(0.2),
+                ..rule("ticker.")
+            }]),
+        );
+        let (a, b) = (conn(&mut hub, 1), conn(&mut hub, 2));
+        hub.subscribe(at(t0, 0.0), &a, "ticker.1", None, None, None);
+        hub.subscribe(at(t0, 0.0), &b, "ticker.1", None, None, None);
+        hub.subscribe(at(t0, 0.0), &b, "chat", None, None, None);
+        drain(&a);
+        drain(&b);
+        publish(&mut hub, at(t0, 1.0), "ticker.1", "1");
+        assert_eq!(hub.poll_timeout(), Some(at(t0, 1.2).at));
+        assert!(!a.entry.mailbox.has_mail() && !b.entry.mailbox.has_mail());
+        // Chat is instant: it goes now and takes what b held with it.
+        publish(&mut hub, at(t0, 1.05), "chat", "2");
+        assert!(b.entry.mailbox.has_mail());
+        assert_eq!(drain(&b).len(), 2);
+        assert!(!a.entry.mailbox.has_mail());
+        hub.handle_timeout(at(t0, 1.2));
+        assert_eq!(drain(&a).len(), 1);
+    }
+
+    #[test]
+    fn user_messages_and_disconnects_reach_every_connection_of_the_user_only() {
+        let t0 = Instant::now();
+        let mut hub = hub_with(2, quiet(Vec::new()));
+        let user_conn = |hub: &mut Hub, id: u64, user: &str| {
+            let c = Rc::new(RoomConn {
+                entry: Rc::new(ConnHandle::new(id, "127.0.0.1:9".parse().expect("address"))),
+                client_id: format!("{id:x}").into(),
+                user: user.into(),
+                topics: Default::default(),
+            });
+            hub.attach(c.clone());
+            c
+        };
+        let (a1, a2, b) = (
+            user_conn(&mut hub, 1, "alice"),
+            user_conn(&mut hub, 2, "alice"),
+            user_conn(&mut hub, 3, "bob"),
+        );
+        let anon = conn(&mut hub, 4);
+        hub.publish_to_user(at(t0, 0.0), "alice", "notice", r#"{"n":1}"#, Some("t9"));
+        for c in [&a1, &a2] {
+            let got = drain(c);
+            assert_eq!(got.len(), 1);
+            assert_eq!(
+                (&got[0]["user"], &got[0]["data"]["n"]),
+                (&"alice".into(), &1.into())
+            );
+            assert_eq!(got[0]["trace"], "t9");
+        }
+        assert!(drain(&b).is_empty() && drain(&anon).is_empty());
+        // The other shard is told too.
+        let sent: Vec<_> = std::iter::from_fn(|| hub.poll_transmit()).collect();
+        assert!(matches!(&sent[..], [(1, HubMsg::ToUser { user, .. })] if &**user == "alice"));
+        // A closed connection is forgotten; a disconnect closes the rest with its code.
+        hub.detach(at(t0, 0.0), 1);
+        hub.disconnect_user(at(t0, 0.0), "alice", 4001);
+        assert!(!a1.entry.close_requested());
+        assert_eq!(a2.entry.take_close_request().map(|c| c.code.0), Some(4001));
+        assert!(!b.entry.close_requested());
     }
 }

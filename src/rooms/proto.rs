@@ -41,6 +41,10 @@ pub enum Request<'a> {
         kind: &'a str,
         /// `data` re-encoded as compact JSON.
         data: String,
+        /// `volatile` as given (absent: the topic's default).
+        volatile: Option<bool>,
+        /// The publisher's `trace` id, carried to every delivery.
+        trace: Option<&'a str>,
     },
     Presence {
         topic: &'a str,
@@ -113,10 +117,19 @@ fn request<'v>(v: &'v BorrowedValue<'v>) -> Result<Request<'v>, ClientError> {
             let data = v
                 .get("data")
                 .ok_or_else(|| ClientError::new(Code::MissingField, "data is required"))?;
+            let trace = opt_str(v, "trace")?;
+            if trace.is_some_and(|t| t.is_empty() || t.len() > MAX_TRACE) {
+                return Err(ClientError::new(
+                    Code::MissingField,
+                    format!("trace must be a string of 1 to {MAX_TRACE} bytes"),
+                ));
+            }
             Request::Publish {
                 topic,
                 kind,
                 data: data.encode(),
+                volatile: opt_bool(v, "volatile")?,
+                trace,
             }
         }
         "presence" => Request::Presence { topic: topic()? },
@@ -156,6 +169,30 @@ fn opt_str<'v>(v: &'v BorrowedValue<'v>, key: &str) -> Result<Option<&'v str>, C
             .as_str()
             .map(Some)
             .ok_or_else(|| ClientError::new(Code::MissingField, format!("{key} must be a string"))),
+    }
+}
+
+fn opt_bool(v: &BorrowedValue<'_>, key: &str) -> Result<Option<bool>, ClientError> {
+    match v.get(key) {
+        None => Ok(None),
+        Some(x) if x.is_null() => Ok(None),
+        Some(x) => x.as_bool().map(Some).ok_or_else(|| {
+            ClientError::new(Code::MissingField, format!("{key} must be a boolean"))
+        }),
+    }
+}
+
+/// Longest `trace` id a publisher may attach, in bytes.
+pub const MAX_TRACE: usize = 128;
+
+/// The value of the top-level field `field` of `data` (JSON text), as the key it conflates
+/// by: a string's contents, any other value's JSON text; `None` when `data` is not an object
+/// or lacks the field.
+pub fn conflate_key(data: &str, field: &str) -> Option<Box<str>> {
+    let v: serde_json::Value = serde_json::from_str(data).ok()?;
+    match v.get(field)? {
+        serde_json::Value::String(s) => Some(s.as_str().into()),
+        other => Some(other.to_string().into()),
     }
 }
 
@@ -271,23 +308,119 @@ pub fn unsubscribed(topic: &str, id: Option<&str>) -> String {
 }
 
 /// A room message as delivered; `data` is JSON text, `timestamp` seconds since the Unix epoch.
+/// A volatile message (no `seq`) says `"volatile":true` in its place.
 pub fn room_message(
     kind: &str,
     topic: &str,
-    seq: u64,
+    seq: Option<u64>,
     data: &str,
     from: Option<&str>,
     timestamp: f64,
+    trace: Option<&str>,
 ) -> String {
-    let o = Obj::new(kind)
-        .str("topic", topic)
-        .num("seq", seq)
-        .raw("data", data);
+    let o = Obj::new(kind).str("topic", topic);
+    let o = match seq {
+        Some(seq) => o.num("seq", seq),
+        None => o.raw("volatile", "true"),
+    };
+    let o = o.raw("data", data);
     let o = match from {
         Some(f) => o.str("from", f),
         None => o,
     };
+    let o = match trace {
+        Some(t) => o.str("trace", t),
+        None => o,
+    };
     o.time("timestamp", timestamp).done()
+}
+
+/// A message for one user (every connection of the user), from `/api/publish` with `user`.
+pub fn user_message(
+    kind: &str,
+    user: &str,
+    data: &str,
+    timestamp: f64,
+    trace: Option<&str>,
+) -> String {
+    let o = Obj::new(kind).str("user", user).raw("data", data);
+    let o = match trace {
+        Some(t) => o.str("trace", t),
+        None => o,
+    };
+    o.time("timestamp", timestamp).done()
+}
+
+// ---- the binary envelope (docs/PROTOCOL.md "Binary rooms") -------------------------------
+
+/// First byte of a binary message, both ways: a message that takes a seq, or a volatile one.
+pub const BINARY_DURABLE: u8 = 0x01;
+pub const BINARY_VOLATILE: u8 = 0x02;
+
+/// A client's binary publish: `kind`, topic length, topic, payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryPublish<'a> {
+    pub topic: &'a str,
+    pub volatile: bool,
+    pub payload: &'a [u8],
+}
+
+/// Parses a client's binary message (`[kind][topic length][topic][payload]`).
+pub fn parse_binary(msg: &[u8]) -> Result<BinaryPublish<'_>, ClientError> {
+    let bad = |text: &str| ClientError::new(Code::BadBinary, text);
+    let (&kind, rest) = msg
+        .split_first()
+        .ok_or_else(|| bad("empty binary message"))?;
+    let volatile = match kind {
+        BINARY_DURABLE => false,
+        BINARY_VOLATILE => true,
+        _ => {
+            return Err(bad(
+                "binary message kind must be 1 (publish) or 2 (volatile)",
+            ))
+        }
+    };
+    let (&len, rest) = rest
+        .split_first()
+        .ok_or_else(|| bad("binary message without a topic length"))?;
+    let len = usize::from(len);
+    if len == 0 || rest.len() < len {
+        return Err(bad(
+            "binary message topic length is 0 or beyond the message",
+        ));
+    }
+    let topic = std::str::from_utf8(&rest[..len]).map_err(|_| bad("topic is not UTF-8"))?;
+    Ok(BinaryPublish {
+        topic,
+        volatile,
+        payload: &rest[len..],
+    })
+}
+
+/// A binary room message as delivered: `[kind][topic length][topic][seq: u64 BE, durable
+/// only][payload]`. `topic` is at most 255 bytes (binary topics are published through the
+/// envelope, whose length byte bounds them).
+pub fn binary_message(topic: &str, seq: Option<u64>, payload: &[u8]) -> Vec<u8> {
+    let topic = &topic.as_bytes()[..topic.len().min(255)];
+    let mut v = Vec::with_capacity(2 + topic.len() + 8 + payload.len());
+    v.push(if seq.is_some() {
+        BINARY_DURABLE
+    } else {
+        BINARY_VOLATILE
+    });
+    v.push(topic.len() as u8);
+    v.extend_from_slice(topic);
+    if let Some(seq) = seq {
+        v.extend_from_slice(&seq.to_be_bytes());
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+/// The answer to a publish that got no `seq`: volatile, or held by conflation.
+pub fn ack_unsequenced(id: &str, conflated: bool) -> String {
+    let what = if conflated { "conflated" } else { "volatile" };
+    Obj::new("ack").raw("id", id).raw(what, "true").done()
 }
 
 pub fn ack(id: &str, seq: u64) -> String {
@@ -430,6 +563,84 @@ mod tests {
             code(r#"{"action":"publish","topic":"t","type":3,"data":1}"#),
             Code::MissingField
         );
+        assert_eq!(
+            code(r#"{"action":"publish","topic":"t","data":1,"volatile":"yes"}"#),
+            Code::MissingField
+        );
+        assert_eq!(
+            code(r#"{"action":"publish","topic":"t","data":1,"trace":""}"#),
+            Code::MissingField
+        );
+        let long = format!(
+            r#"{{"action":"publish","topic":"t","data":1,"trace":"{}"}}"#,
+            "x".repeat(MAX_TRACE + 1)
+        );
+        assert_eq!(code(&long), Code::MissingField);
+    }
+
+    #[test]
+    fn volatile_and_trace_as_written() {
+        let r = parse_str(
+            r#"{"action": "publish", "topic": "chat.1", "data": {"typing": true}, "volatile": true}"#,
+        )
+        .1
+        .unwrap();
+        assert!(
+            r.contains("volatile: Some(true)") && r.contains("trace: None"),
+            "{r}"
+        );
+        let r = parse_str(r#"{"action":"publish","topic":"t","data":1,"trace":"abc"}"#)
+            .1
+            .unwrap();
+        assert!(
+            r.contains("volatile: None") && r.contains(r#"trace: Some("abc")"#),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn binary_envelope_round_trip_and_every_malformed_one() {
+        let mut m = vec![BINARY_DURABLE, 5];
+        m.extend_from_slice(b"doc.1\x00\xff\x80");
+        let p = parse_binary(&m).expect("valid");
+        assert_eq!(
+            (p.topic, p.volatile, p.payload),
+            ("doc.1", false, &b"\x00\xff\x80"[..])
+        );
+        let p = parse_binary(&[BINARY_VOLATILE, 1, b't']).expect("valid, empty payload");
+        assert!(p.volatile && p.payload.is_empty());
+        for bad in [
+            &[][..],
+            &[3, 1, b't'][..],
+            &[1][..],
+            &[1, 0, b't'][..],
+            &[1, 4, b't'][..],
+            &[1, 1, 0xff][..],
+        ] {
+            assert_eq!(
+                parse_binary(bad).map_err(|e| e.code),
+                Err(Code::BadBinary),
+                "{bad:?}"
+            );
+        }
+        let out = binary_message("doc.1", Some(258), b"\x00\x01");
+        assert_eq!(
+            out,
+            b"\x01\x05doc.1\x00\x00\x00\x00\x00\x00\x01\x02\x00\x01"
+        );
+        assert_eq!(binary_message("t", None, b"x"), b"\x02\x01tx");
+    }
+
+    #[test]
+    fn conflate_keys() {
+        assert_eq!(
+            conflate_key(r#"{"pair":"eur","p":1}"#, "pair").as_deref(),
+            Some("eur")
+        );
+        assert_eq!(conflate_key(r#"{"id":7}"#, "id").as_deref(), Some("7"));
+        assert_eq!(conflate_key(r#"{"id":7}"#, "pair"), None);
+        assert_eq!(conflate_key("[1]", "pair"), None);
+        assert_eq!(conflate_key("not json", "pair"), None);
     }
 
     #[test]
@@ -450,11 +661,15 @@ mod tests {
             room_message(
                 "stats_update",
                 "t",
-                58,
+                Some(58),
                 r#"{"cpu":45.2}"#,
                 Some("user-7"),
                 now(),
+                Some("req-\"1"),
             ),
+            room_message("typing", "t", None, "true", None, now(), None),
+            ack_unsequenced("1", true),
+            user_message("notice", "u\"1", "{}", now(), Some("t")),
             ack("\"a\"", 3),
             presence_event("join", "t", "c1", "u"),
             presence("t", &format!("[{}]", member("c1", "u", 1.5)), None),
@@ -466,12 +681,24 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&m).expect(&m);
             assert!(v["type"].is_string(), "{m}");
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&room_message("m", "t", 58, r#"{"cpu":45.2}"#, None, now()))
-                .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&room_message(
+            "m",
+            "t",
+            Some(58),
+            r#"{"cpu":45.2}"#,
+            None,
+            now(),
+            None,
+        ))
+        .unwrap();
         assert_eq!(v["seq"], 58);
         assert_eq!(v["data"]["cpu"], 45.2);
-        assert!(v.get("from").is_none());
+        assert!(v.get("from").is_none() && v.get("volatile").is_none());
+        let v: serde_json::Value =
+            serde_json::from_str(&room_message("m", "t", None, "1", None, now(), Some("x")))
+                .unwrap();
+        assert_eq!((&v["volatile"], &v["trace"]), (&true.into(), &"x".into()));
+        assert!(v.get("seq").is_none());
         assert!(v["timestamp"].as_f64().unwrap() > 1.7e9);
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! * room messages of a subscription come in seq order without gap or duplicate, from `since + 1`
 //!   when the `subscribed` reply said `recovered: true`, else from the reply's `seq + 1`; none
-//!   before that reply; each publisher's messages in its order;
+//!   before that reply; each publisher's messages in its order, volatile ones (no seq, never
+//!   replayed, never in history) among them;
 //! * `recovered` is `false` exactly when the home shard's history no longer held `since + 1`
 //!   (or the epoch was another, or `since` was ahead) when the subscribe arrived there;
 //! * an observer subscribed from the start sees one `join` per subscription episode of every
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::conn::{RoomConn, Sub};
-use super::{config::RoomsConfig, ConnHandle, ConnRef, Hub, HubMsg, Now, Reply};
+use super::{config::RoomsConfig, ConnHandle, ConnRef, Hub, HubMsg, Now, PublishOpts, Reply};
 use crate::ws::deflate::Tuning;
 use crate::ws::mailbox::Outgoing;
 
@@ -78,6 +79,8 @@ struct Stats {
     by_budget: u64,
     /// Answers that came for a subscribe given up or repeated since.
     stale_answers: u64,
+    /// Volatile messages checked at a subscriber.
+    volatile: u64,
 }
 
 impl Stats {
@@ -91,6 +94,7 @@ impl Stats {
         self.by_ttl += o.by_ttl;
         self.by_budget += o.by_budget;
         self.stale_answers += o.stale_answers;
+        self.volatile += o.volatile;
     }
 }
 
@@ -455,7 +459,9 @@ impl Sim {
                 )
             }
         };
-        self.note(format!("{who} publish {topic} n {n}"));
+        let volatile = self.rng.chance(15);
+        let v = if volatile { " volatile" } else { "" };
+        self.note(format!("{who} publish{v} {topic} n {n}"));
         let data = format!("{{\"p\":\"{who}\",\"n\":{n}}}");
         let msg = HubMsg::Publish {
             topic: topic.into(),
@@ -463,6 +469,10 @@ impl Sim {
             data: data.into(),
             from: None,
             reply,
+            opts: PublishOpts {
+                volatile: volatile.then_some(true),
+                trace: None,
+            },
         };
         self.on_hub(shard, |hub, now| hub.route(now, topic, msg));
     }
@@ -529,7 +539,7 @@ impl Sim {
         for s in 0..self.hubs.len() {
             let now = self.now();
             if self.hubs[s].poll_timeout().is_some_and(|due| due <= now.at) {
-                self.on_hub(s, |hub, now| hub.handle_timeout(now.at));
+                self.on_hub(s, |hub, now| hub.handle_timeout(now));
             }
             if self.next_sweep[s] <= self.elapsed {
                 self.next_sweep[s] += Duration::from_secs(1);
@@ -615,6 +625,28 @@ impl Sim {
                 });
                 track.epoch = v["epoch"].as_str().map(str::to_owned);
             }
+            ("message", true) if v["volatile"] == true => {
+                ensure!(
+                    v.get("seq").is_none(),
+                    "{name}: a volatile message with a seq: {v}"
+                );
+                let track = client.tracks.get_mut(&topic).ok_or(format!(
+                    "{name}: a volatile message of {topic} while not subscribed: {v}"
+                ))?;
+                ensure!(
+                    track.next.is_some(),
+                    "{name}: a volatile message of {topic} before the subscription was \
+                     answered: {v}"
+                );
+                self.stats.volatile += 1;
+                let who = v["data"]["p"].as_str().unwrap_or_default().to_string();
+                let n = v["data"]["n"].as_u64().unwrap_or_default();
+                let last = track.from.insert(who.clone(), n);
+                ensure!(
+                    last.is_none_or(|l| l < n),
+                    "{name}: {topic}: {who}'s message {n} after its {last:?}: {v}"
+                );
+            }
             ("message", true) => {
                 let seq = v["seq"].as_u64().ok_or(format!("{name}: no seq: {v}"))?;
                 let track = client.tracks.get_mut(&topic).ok_or(format!(
@@ -674,6 +706,13 @@ impl Sim {
                     };
                     *counts.entry(who).or_default() += 1;
                 }
+            }
+            ("ack", false) if v["volatile"] == true => {
+                let id = v["id"].as_u64().ok_or(format!("{name}: no id: {v}"))?;
+                client
+                    .unacked
+                    .remove(&id)
+                    .ok_or(format!("{name}: an ack for no publish: {v}"))?;
             }
             ("ack", false) => {
                 let seq = v["seq"].as_u64().ok_or(format!("{name}: no seq: {v}"))?;
@@ -1042,6 +1081,8 @@ fn describe(msg: &HubMsg) -> String {
             let v: Value = serde_json::from_slice(text).unwrap_or_default();
             format!("Reply {conn:x} {}", v["type"])
         }
+        HubMsg::ToUser { user, text } => format!("ToUser {user} {}", String::from_utf8_lossy(text)),
+        HubMsg::Disconnect { user, code } => format!("Disconnect {user} {code}"),
     }
 }
 
@@ -1099,6 +1140,7 @@ fn random_operations_keep_order_recovery_presence_and_history_rules() {
             t.by_ttl,
             t.by_budget,
             t.stale_answers,
+            t.volatile,
         ];
         assert!(each.iter().all(|&n| n > 0), "a rule never came up: {t:?}");
     }

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::http::Body;
 use crate::rooms::proto::json_str;
-use crate::rooms::{ApiAnswer, HubMsg, Reply};
+use crate::rooms::{ApiAnswer, HubMsg, PublishOpts, Reply};
 use crate::server::shard::Shard;
 
 /// A refused request: status, machine-readable code, text.
@@ -43,13 +43,16 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
 async fn route(shard: &Shard, req: Request<Incoming>) -> ApiResult {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/api/publish") => publish(shard, req).await,
+        (&Method::POST, "/api/disconnect") => disconnect(shard, req).await,
         (&Method::GET, "/api/presence") => presence(shard, &req).await,
         (&Method::GET, "/api/history") => history(shard, &req).await,
-        (_, "/api/publish" | "/api/presence" | "/api/history") => Err(ApiError(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{} is not allowed here", req.method()),
-        )),
+        (_, "/api/publish" | "/api/presence" | "/api/history" | "/api/disconnect") => {
+            Err(ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed here", req.method()),
+            ))
+        }
         _ => Err(ApiError(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -134,7 +137,11 @@ async fn ask(
     }
 }
 
-async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+/// The JSON object a POST carries, read within `handshake_timeout` and its size limit.
+async fn body_object(
+    shard: &Shard,
+    req: Request<Incoming>,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
     let cfg = &shard.global.config.rooms;
     // Room for the envelope around the largest allowed `data`.
     let limit = cfg.max_data_size + cfg.max_topic_length + 4096;
@@ -160,9 +167,39 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
     };
     let v: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
-    let serde_json::Value::Object(obj) = v else {
-        return Err(bad("bad_json", "body must be a JSON object"));
-    };
+    match v {
+        serde_json::Value::Object(obj) => Ok(obj),
+        _ => Err(bad("bad_json", "body must be a JSON object")),
+    }
+}
+
+/// A user id as `/api/publish` and `/api/disconnect` take it: the `sub` of the user's tokens.
+fn user_of(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Option<&str>, ApiError> {
+    match obj.get("user") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(u)) if !u.is_empty() && u.len() <= MAX_USER => Ok(Some(u)),
+        Some(_) => Err(bad(
+            "missing_field",
+            format!("user must be a string of 1 to {MAX_USER} bytes"),
+        )),
+    }
+}
+
+/// Longest user id accepted, in bytes.
+const MAX_USER: usize = 256;
+
+/// Whom a `POST /api/publish` is for.
+#[derive(Clone, Copy)]
+enum To<'a> {
+    /// The topic's subscribers.
+    Topic(&'a str),
+    /// Every connection of the user (the `sub` of its token), on every shard.
+    User(&'a str),
+}
+
+async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+    let cfg = &shard.global.config.rooms;
+    let obj = body_object(shard, req).await?;
     let topic = match obj.get("topic") {
         None => None,
         Some(t) => Some(
@@ -170,12 +207,24 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
                 .ok_or_else(|| bad("missing_field", "topic must be a string"))?,
         ),
     };
-    let topic = check_topic(shard, topic)?;
+    let to = match (topic, user_of(&obj)?) {
+        (Some(_), Some(_)) => return Err(bad("bad_request", "give topic or user, not both")),
+        (_, Some(user)) => To::User(user),
+        (topic, None) => To::Topic(check_topic(shard, topic)?),
+    };
     let kind = match obj.get("type") {
         None | Some(serde_json::Value::Null) => "message",
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(_) => return Err(bad("missing_field", "type must be a non-empty string")),
     };
+    if let To::Topic(topic) = to {
+        if cfg.is_binary(topic) {
+            return Err(bad(
+                "bad_binary",
+                format!("{} is a binary topic: publish over /ws", json_str(topic)),
+            ));
+        }
+    }
     if crate::rooms::proto::is_reserved_type(kind) && !cfg.api_reserved_types {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
@@ -196,22 +245,81 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
             format!("data is larger than {} bytes", cfg.max_data_size),
         ));
     }
+    let volatile = match obj.get("volatile") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Bool(b)) => Some(*b),
+        Some(_) => return Err(bad("missing_field", "volatile must be a boolean")),
+    };
+    let max = crate::rooms::proto::MAX_TRACE;
+    let trace = match obj.get("trace") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= max => Some(s.as_str()),
+        Some(_) => {
+            return Err(bad(
+                "missing_field",
+                format!("trace must be a string of 1 to {max} bytes"),
+            ))
+        }
+    };
+    let topic = match to {
+        To::Topic(topic) => topic,
+        To::User(user) => {
+            if volatile == Some(false) {
+                return Err(bad("bad_request", "messages to a user are always volatile"));
+            }
+            shard
+                .hub
+                .with(|hub, now| hub.publish_to_user(now, user, kind, &data, trace));
+            return Ok(json(
+                StatusCode::OK,
+                format!("{{\"user\":{}}}", json_str(user)),
+            ));
+        }
+    };
+    let opts = PublishOpts {
+        volatile,
+        trace: trace.map(Into::into),
+    };
     let answer = ask(shard, topic, |reply| HubMsg::Publish {
         topic: topic.into(),
         kind: kind.into(),
         data: data.into(),
         from: None,
         reply,
+        opts,
     })
     .await?;
     match answer {
         ApiAnswer::Published { seq } => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
-        ApiAnswer::Json(_) | ApiAnswer::Overloaded => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected answer".into(),
+        // Volatile, or held by conflation: `{"volatile":true}` / `{"conflated":true}`.
+        ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
+        // `ask` answers it as an error already.
+        ApiAnswer::Overloaded => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "a shard this needs is behind (max_shard_backlog); retry".into(),
         )),
     }
+}
+
+/// `POST /api/disconnect`: closes every connection of a user, on every shard, with a code.
+async fn disconnect(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+    let obj = body_object(shard, req).await?;
+    let user = user_of(&obj)?.ok_or_else(|| bad("missing_field", "user is required"))?;
+    let code = match obj.get("code") {
+        None | Some(serde_json::Value::Null) => 1000,
+        Some(c) => match c.as_u64() {
+            Some(c @ (1000 | 1008 | 3000..=4999)) => c as u16,
+            _ => return Err(bad("bad_request", "code must be 1000, 1008 or 3000-4999")),
+        },
+    };
+    shard
+        .hub
+        .with(|hub, now| hub.disconnect_user(now, user, code));
+    Ok(json(
+        StatusCode::OK,
+        format!("{{\"user\":{},\"code\":{code}}}", json_str(user)),
+    ))
 }
 
 /// The query parameters of `req`, decoded.

@@ -93,7 +93,7 @@ pub fn inject_stall(msg: &crate::rooms::HubMsg) {
                 .and_then(|v| v.parse().ok())
         });
         if let (Some(ms), crate::rooms::HubMsg::Publish { data, .. }) = (ms, msg) {
-            if &**data == "\"stall\"" {
+            if matches!(data, crate::rooms::Payload::Json(d) if &**d == "\"stall\"") {
                 std::thread::sleep(std::time::Duration::from_millis(*ms));
             }
         }

@@ -206,6 +206,12 @@ fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refus
                 format!("the token does not allow to subscribe to {}", json_str(&t)),
             ));
         }
+        if cfg.is_binary(&t) {
+            return Err(bad(
+                "bad_binary",
+                format!("{} is a binary topic: use /ws", json_str(&t)),
+            ));
+        }
         if !topics.contains(&t) {
             topics.push(t);
         }
@@ -761,6 +767,12 @@ async fn publish_inner(
             ))
         }
     };
+    if shard.global.config.rooms.is_binary(topic) {
+        return Err(bad(
+            "bad_binary",
+            format!("{} is a binary topic: use /ws", json_str(topic)),
+        ));
+    }
     if crate::rooms::proto::is_reserved_type(kind) {
         return Err(refused(
             StatusCode::FORBIDDEN,
@@ -786,6 +798,7 @@ async fn publish_inner(
         data: data.into(),
         from,
         reply: Reply::Http(tx),
+        opts: Default::default(),
     };
     shard.hub.with(|hub, now| hub.route(now, topic, msg));
     match rx.await {
@@ -795,11 +808,8 @@ async fn publish_inner(
             "a shard this needs is behind (max_shard_backlog); retry",
         )),
         Ok(ApiAnswer::Published { seq }) => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
-        Ok(ApiAnswer::Json(_)) => Err(refused(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected answer",
-        )),
+        // Volatile or conflated by the topic's `[[rooms.topic]]`: no seq.
+        Ok(ApiAnswer::Json(body)) => Ok(json(StatusCode::OK, body)),
         Err(_) => Err(refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",

@@ -361,7 +361,7 @@ impl Router {
                 Ok(a) => a,
                 Err(r) => return Box::pin(std::future::ready(Ok(refuse(r).map(Into::into)))),
             };
-            let deflate = self.negotiate_deflate(&req);
+            let deflate = self.negotiate_deflate(&req, Endpoint::Proxy);
             let relay = tunnel::RelayHandshake {
                 accept_key: accept.accept_key,
                 extensions: deflate.as_ref().map(|p| p.response()),
@@ -484,7 +484,7 @@ impl Router {
         if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
         }
-        let deflate = self.negotiate_deflate(req);
+        let deflate = self.negotiate_deflate(req, endpoint);
         if let Some(p) = &deflate {
             if let Ok(v) = HeaderValue::from_str(&p.response()) {
                 h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
@@ -519,14 +519,22 @@ impl Router {
     }
 
     /// permessage-deflate parameters for this upgrade, when enabled and offered.
-    fn negotiate_deflate(&self, req: &Request<Incoming>) -> Option<deflate::Params> {
-        let c = &self.shard.global.config.compression;
+    fn negotiate_deflate(
+        &self,
+        req: &Request<Incoming>,
+        endpoint: Endpoint,
+    ) -> Option<deflate::Params> {
+        let config = &self.shard.global.config;
+        let c = &config.compression;
         if !c.enabled {
             return None;
         }
+        // Rooms broadcast: without context takeover a room message is compressed once for
+        // every subscriber instead of once per subscriber (bench/COMPRESS_ONCE.md).
+        let compress_once = endpoint == Endpoint::Rooms && config.rooms.compress_once;
         let policy = deflate::Policy {
             server_max_window_bits: c.server_max_window_bits,
-            server_no_context_takeover: c.broadcast_friendly,
+            server_no_context_takeover: c.broadcast_friendly || compress_once,
             client_no_context_takeover: c.client_no_context_takeover,
         };
         let offers = req

@@ -360,7 +360,7 @@ impl Shard {
                 heartbeats(self.clone(), period),
             ));
         }
-        if self.global.config.rooms.write_delay().is_some() {
+        if self.global.config.rooms.uses_timer() {
             tokio::task::spawn_local(critical(
                 g.clone(),
                 id,
@@ -511,16 +511,21 @@ impl HubLinks {
     }
 }
 
-/// `[rooms] write_delay`: sleeps until the hub's deadline (the first held message's delay),
-/// then lets it release every connection holding room messages. One timer per shard, and none
-/// while nothing is held. A deadline, once set, does not move until it is handled.
+/// `write_delay` and conflation: sleeps until the hub's deadline, then lets it release the
+/// connections holding room messages and end its conflation windows. One timer per shard, and
+/// none while nothing waits. A deadline only moves earlier until it is handled: the sleep
+/// starts again when it does.
 async fn delayed_writes(shard: Rc<Shard>, links: Rc<HubLinks>) {
     loop {
         match links.deadline.get() {
             None => links.changed.notified().await,
             Some(due) => {
-                tokio::time::sleep_until(due.into()).await;
-                shard.hub.with(|hub, now| hub.handle_timeout(now.at));
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {
+                        shard.hub.with(|hub, now| hub.handle_timeout(now));
+                    }
+                    _ = links.changed.notified() => {}
+                }
             }
         }
     }

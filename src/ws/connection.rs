@@ -115,7 +115,14 @@ impl ToClient<'_> {
     fn take_mail(&mut self, mailbox: &Mailbox) {
         let form = mailbox.frame_form();
         mailbox.drain(|item| match item {
-            Outgoing::Broadcast(b) if form == FrameForm::OwnDeflate => self.text(b.payload()),
+            Outgoing::Broadcast(b) if form == FrameForm::OwnDeflate => {
+                let opcode = if b.is_binary() {
+                    OpCode::Binary
+                } else {
+                    OpCode::Text
+                };
+                self.send(opcode, b.payload())
+            }
             Outgoing::Broadcast(b) => {
                 *self.sent += 1;
                 self.out.shared(b, form);
@@ -938,6 +945,37 @@ mod tests {
         assert_eq!(
             sent(&mut c),
             vec![(CLOSE, close_body(1007, "invalid compressed data"))]
+        );
+    }
+
+    #[test]
+    fn broadcasts_keep_their_opcode_when_compressed_with_the_connections_own_context() {
+        let (s, m, _) = (settings(1 << 20), Mailbox::default(), Instant::now());
+        let params = negotiate(["permessage-deflate"], &Policy::default()).unwrap();
+        let mut c = Connection::new(Echo::default(), Some(params), &s, &m);
+        let payload = vec![0xfe; 512];
+        for opcode in [OpCode::Binary, OpCode::Text] {
+            let mut f = Vec::new();
+            crate::ws::frame::write_frame(&mut f, opcode, &payload);
+            let b = std::rc::Rc::new(crate::ws::mailbox::Broadcast {
+                frame: Bytes::from(f),
+                deflated: None,
+            });
+            m.push_broadcast(&b, None, 1 << 20).unwrap();
+        }
+        c.handle_mail();
+        let mut inflater = Inflater::new(!params.server_no_context_takeover);
+        let got: Vec<(u8, Vec<u8>)> = sent(&mut c)
+            .into_iter()
+            .map(|(first, z)| {
+                let mut plain = Vec::new();
+                inflater.inflate(&z, 1 << 20, &mut plain).unwrap();
+                (first, plain)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [(BINARY | 0x40, payload.clone()), (TEXT | 0x40, payload)]
         );
     }
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::frame::payload_offset;
+use super::frame::{payload_offset, OpCode};
 
 /// One item for a connection.
 #[derive(Debug, Clone)]
@@ -44,6 +44,13 @@ impl Broadcast {
     /// The message itself (the frame without its header).
     pub fn payload(&self) -> &[u8] {
         &self.frame[payload_offset(&self.frame)..]
+    }
+
+    /// Whether the message is binary (else text).
+    pub fn is_binary(&self) -> bool {
+        self.frame
+            .first()
+            .is_some_and(|b| b & 0x0f == OpCode::Binary.as_u8())
     }
 
     /// The frame a connection of form `t` writes (`None`: it frames the payload itself).

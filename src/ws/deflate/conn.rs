@@ -147,9 +147,9 @@ impl ConnDeflate {
 }
 
 /// Compresses a broadcast message once for every connection that takes shared frames
-/// (no server context takeover, 15-bit window): the whole text frame with RSV1, or `None` when
-/// the message is under `threshold` or would not shrink.
-pub fn shared_frame(payload: &[u8], tuning: Tuning) -> Option<bytes::Bytes> {
+/// (no server context takeover, 15-bit window): the whole frame (text or binary, as `opcode`)
+/// with RSV1, or `None` when the message is under `threshold` or would not shrink.
+pub fn shared_frame(payload: &[u8], tuning: Tuning, opcode: OpCode) -> Option<bytes::Bytes> {
     if payload.len() < tuning.threshold {
         return None;
     }
@@ -169,7 +169,7 @@ pub fn shared_frame(payload: &[u8], tuning: Tuning) -> Option<bytes::Bytes> {
         }
         let mut frame =
             bytes::BytesMut::with_capacity(header_len(s.compressed.len()) + s.compressed.len());
-        write_header(&mut frame, true, true, OpCode::Text, s.compressed.len());
+        write_header(&mut frame, true, true, opcode, s.compressed.len());
         frame.extend_from_slice(&s.compressed);
         Some(frame.freeze())
     })

@@ -65,6 +65,14 @@ pub struct FanoutArgs {
     concurrency: usize,
     #[command(flatten)]
     tls: TlsArgs,
+    /// `data` carries realistic JSON of about --size bytes (varied values, as
+    /// `--payload json` of the echo load), instead of padding.
+    #[arg(long)]
+    json: bool,
+    /// Subscribers offer permessage-deflate as browsers do (`permessage-deflate;
+    /// client_max_window_bits`) and inflate what comes compressed.
+    #[arg(long)]
+    deflate: bool,
     /// Server process to measure: CPU time from the first publish to the last delivery.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -167,7 +175,10 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     let base = seed();
     let (subs, failed, first) = bounded(a.subscribers, a.concurrency, deadline, |i| {
         let (t, topics) = (t.clone(), topics.clone());
-        async move { subscribe(&t, base ^ ((i as u64) << 20), &topics, i % topics.len()).await }
+        async move {
+            let sd = base ^ ((i as u64) << 20);
+            subscribe(&t, sd, &topics, i % topics.len(), a.deflate).await
+        }
     })
     .await;
     if let Some(e) = first {
@@ -241,6 +252,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         topics: topics.clone(),
         sent: (0..a.topics).map(|_| Cell::new(0)).collect(),
         size: a.size,
+        realistic: a.json,
         rate: a.rate / p as f64,
         epoch,
         t0,
@@ -357,7 +369,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         "RESULT subscribers={} topics={} publishers={} published={published} \
          expected={expected} delivered={delivered} secs={span:.3} delivered_per_s={rate:.0} \
          p50_us={:.0} p99_us={:.0} p999_us={:.0} gaps={} dups={} reordered={} wrong_topic={} \
-         server_errors={} failed_conns={conn_failures}",
+         server_errors={} failed_conns={conn_failures} wire_bytes_per_delivery={:.0}",
         a.subscribers,
         a.topics,
         a.publishers,
@@ -368,7 +380,8 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         st.dups.get(),
         st.reordered.get(),
         st.wrong_topic.get(),
-        st.server_errors.get()
+        st.server_errors.get(),
+        st.delivered_bytes.get() as f64 / delivered.max(1) as f64
     );
     if let (Some((secs, _)), Some(pid)) = (server, a.server_pid) {
         let per = 1e6 * secs / delivered.max(1) as f64;

@@ -44,8 +44,20 @@ pub fn text_frame(out: &mut Vec<u8>, mask: [u8; 4], json: &str) {
 }
 
 /// The JSON of one publish; `data` is padded to `size` bytes when the timestamp leaves room.
-pub fn publish_json(out: &mut String, topic: &str, ts: u64, size: usize) {
+/// With `realistic` (the message's number), `data` is `{"ts":…,"m":…}` with `m` a realistic
+/// JSON message of about `size` bytes (`ringgate::payload::json_message`: varied values, as
+/// `--payload json` sends), instead of a run of `x` that compresses unrealistically well.
+pub fn publish_json(out: &mut String, topic: &str, ts: u64, size: usize, realistic: Option<u64>) {
     out.clear();
+    if let Some(n) = realistic {
+        let m = ringgate::payload::json_message(n, size.saturating_sub(30).max(64));
+        let _ = write!(
+            out,
+            r#"{{"action":"publish","topic":"{topic}","data":{{"ts":{ts},"m":{}}}}}"#,
+            String::from_utf8_lossy(&m)
+        );
+        return;
+    }
     let _ = write!(
         out,
         r#"{{"action":"publish","topic":"{topic}","data":{{"ts":{ts},"pad":""#

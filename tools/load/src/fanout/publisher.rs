@@ -31,6 +31,8 @@ pub struct PubPlan {
     /// Messages sent per topic.
     pub sent: Rc<[Cell<u64>]>,
     pub size: usize,
+    /// Realistic JSON `data` (`--json`).
+    pub realistic: bool,
     /// Messages per second for one publisher.
     pub rate: f64,
     /// Timestamps are nanoseconds since this instant.
@@ -55,7 +57,8 @@ impl Publisher {
                 for k in sent..due {
                     let n = k * self.count + self.index;
                     let topic = (n % plan.topics.len() as u64) as usize;
-                    publish_json(&mut json, &plan.topics[topic], ts, plan.size);
+                    let realistic = plan.realistic.then_some(n);
+                    publish_json(&mut json, &plan.topics[topic], ts, plan.size, realistic);
                     text_frame(&mut wbuf, self.mask, &json);
                     let c = &plan.sent[topic];
                     c.set(c.get() + 1);

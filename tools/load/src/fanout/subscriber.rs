@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 use std::rc::Rc;
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
+use ringgate::ws::deflate::Inflater;
 use ringgate::ws::frame::{write_masked_frame, OpCode};
 use tokio::time::Instant;
 
@@ -12,6 +13,7 @@ use super::FanStats;
 use crate::stream::Stream;
 use crate::target::{connect_timeout, Target, HANDSHAKE_TIMEOUT};
 use crate::wire::{mask_from, FrameBuf};
+use crate::MAX_SIZE;
 
 /// Most missing seqs one subscriber tracks individually.
 const MAX_MISSING: usize = 1 << 16;
@@ -25,11 +27,23 @@ pub struct Subscriber {
     /// sets it).
     next: Option<u64>,
     missing: BTreeSet<u64>,
+    /// With permessage-deflate: the inflater (in the context mode the server answered) and
+    /// its output buffer.
+    inflate: Option<(Inflater, Vec<u8>)>,
 }
 
 /// Connects, subscribes to `topics[topic]` and waits for the `subscribed` reply.
-pub async fn subscribe(t: &Target, sd: u64, topics: &[String], topic: usize) -> Result<Subscriber> {
-    let u = connect_timeout(t, sd, false).await?;
+pub async fn subscribe(
+    t: &Target,
+    sd: u64,
+    topics: &[String],
+    topic: usize,
+    deflate: bool,
+) -> Result<Subscriber> {
+    let u = connect_timeout(t, sd, deflate).await?;
+    let inflate = u
+        .pmd
+        .map(|p| (Inflater::new(!p.server_no_context_takeover), Vec::new()));
     let mask = mask_from(sd);
     let mut sub = Subscriber {
         s: u.s,
@@ -38,6 +52,7 @@ pub async fn subscribe(t: &Target, sd: u64, topics: &[String], topic: usize) -> 
         topic,
         next: None,
         missing: BTreeSet::new(),
+        inflate,
     };
     let name = &topics[topic];
     let mut f = Vec::new();
@@ -113,14 +128,21 @@ impl Subscriber {
             let now_ns = epoch.elapsed().as_nanos() as u64;
             let topic = topics[self.topic].as_str();
             let (next, missing) = (&mut self.next, &mut self.missing);
+            let inflate = &mut self.inflate;
             let mask = self.mask;
-            self.fb.each(|op, fin, rsv, body| {
+            self.fb.each(|op, fin, rsv, wire| {
                 match op {
                     OpCode::Text | OpCode::Binary if fin => {
-                        ensure!(
-                            rsv == 0,
-                            "reserved bits {rsv:#b} set (no extension offered)"
-                        );
+                        let body = match (rsv, inflate.as_mut()) {
+                            (0, _) => wire,
+                            (0b100, Some((z, out))) => {
+                                out.clear();
+                                z.inflate(wire, MAX_SIZE, out)
+                                    .map_err(|e| anyhow::anyhow!("inflate: {e:?}"))?;
+                                &out[..]
+                            }
+                            _ => bail!("reserved bits {rsv:#b} set"),
+                        };
                         let m = parse_incoming(body)?;
                         if m.ty != "message" {
                             st.other_message(&m);
@@ -170,17 +192,18 @@ impl Subscriber {
                         };
                         if fresh {
                             st.delivered.set(st.delivered.get() + 1);
+                            // Bytes on the wire (compressed, when it came so).
                             st.delivered_bytes
-                                .set(st.delivered_bytes.get() + body.len() as u64);
+                                .set(st.delivered_bytes.get() + wire.len() as u64);
                             st.hist
                                 .borrow_mut()
                                 .saturating_record(now_ns.saturating_sub(ts).max(1));
                         }
                         st.last_ns.set(now_ns);
                     }
-                    OpCode::Ping => write_masked_frame(&mut pong, true, OpCode::Pong, mask, body),
+                    OpCode::Ping => write_masked_frame(&mut pong, true, OpCode::Pong, mask, wire),
                     OpCode::Pong => {}
-                    OpCode::Close => bail!("server closed the subscriber: {}", close_text(body)),
+                    OpCode::Close => bail!("server closed the subscriber: {}", close_text(wire)),
                     op => bail!("unexpected {op:?} frame (fin={fin}); fragments are not supported"),
                 }
                 Ok(true)
