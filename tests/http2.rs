@@ -32,6 +32,7 @@ both_backends!(
     websocket_refusals_over_h2,
     frame_sequences_over_h2,
     rooms_over_h2,
+    agent_streaming_over_h2,
     many_websockets_one_connection_and_a_slow_reader,
     closing_one_stream_leaves_the_others,
     drain_sends_goaway_and_closes_websockets,
@@ -653,6 +654,39 @@ async fn rooms_over_h2(backend: Backend) {
     .unwrap();
     let v = json(&mut sub).await;
     assert_eq!(v["data"]["x"], 2, "{v}");
+}
+
+/// Two streaming agent queries at once, on two WebSockets of one connection (the built-in demo
+/// agent answers word by word).
+async fn agent_streaming_over_h2(backend: Backend) {
+    let (server, certs) = start_tls(backend, "").await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let mut sockets = Vec::new();
+    for i in 0..2 {
+        let mut ws = h2.websocket("/ws/agent").await;
+        assert_eq!(json(&mut ws).await["type"], "connected");
+        let q = format!(r#"{{"type":"streaming_query","query":"q{i}","id":"s{i}"}}"#);
+        ws.send(Message::text(q)).await.unwrap();
+        sockets.push(ws);
+    }
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let start = json(ws).await;
+        assert_eq!(
+            (start["type"].as_str(), start["id"].as_str()),
+            (Some("stream_start"), Some(format!("s{i}").as_str())),
+            "{start}"
+        );
+        let mut text = String::new();
+        loop {
+            let v = json(ws).await;
+            match v["type"].as_str() {
+                Some("stream_chunk") => text.push_str(v["content"].as_str().unwrap()),
+                Some("stream_end") => break,
+                _ => panic!("{v}"),
+            }
+        }
+        assert!(text.contains(&format!("q{i}")), "{text}");
+    }
 }
 
 async fn many_websockets_one_connection_and_a_slow_reader(backend: Backend) {

@@ -927,6 +927,44 @@ mod tests {
     }
 
     #[test]
+    fn http2_per_listener_and_its_limits() {
+        let c = Config::from_toml(
+            "[[listen]]\naddr = \"127.0.0.1:80\"\nh2c = true\n\
+             [[listen]]\naddr = \"127.0.0.1:443\"\ntls = true\nhttp2 = false\n\
+             [http2]\nmax_concurrent_streams = 10\nkeep_alive_interval = 0",
+        )
+        .unwrap();
+        let l = &c.listen;
+        assert_eq!(
+            (l[0].h2c, l[0].http2, l[1].h2c, l[1].http2),
+            (true, true, false, false)
+        );
+        assert_eq!(c.http2.max_concurrent_streams, 10);
+        assert_eq!(c.http2.keep_alive_interval(), None);
+        for (table, key) in [
+            ("max_concurrent_streams = 0", "http2.max_concurrent_streams"),
+            (
+                "initial_stream_window_size = 100",
+                "http2.initial_stream_window_size",
+            ),
+            (
+                "initial_connection_window_size = 2147483648",
+                "http2.initial_connection_window_size",
+            ),
+            ("max_frame_size = 1000", "http2.max_frame_size"),
+            ("max_header_list_size = 10", "http2.max_header_list_size"),
+            ("max_send_buf_size = 0", "http2.max_send_buf_size"),
+            ("keep_alive_timeout = 0", "http2.keep_alive_timeout"),
+        ] {
+            let c = Config::from_toml(&format!("[http2]\n{table}")).unwrap();
+            assert!(
+                matches!(c.validate(), Err(ConfigError::Invalid { key: k, .. }) if k == key),
+                "{table}"
+            );
+        }
+    }
+
+    #[test]
     fn rendered_config_parses_back() {
         let c = Config {
             allowed_origins: vec!["https://a.example".into()],
