@@ -33,6 +33,7 @@ both_backends!(
     frame_sequences_over_h2,
     rooms_over_h2,
     agent_streaming_over_h2,
+    proxy_routes_over_h2,
     many_websockets_one_connection_and_a_slow_reader,
     closing_one_stream_leaves_the_others,
     drain_sends_goaway_and_closes_websockets,
@@ -687,6 +688,63 @@ async fn agent_streaming_over_h2(backend: Backend) {
         }
         assert!(text.contains(&format!("q{i}")), "{text}");
     }
+}
+
+/// A `[[route]]` to an HTTP/1.1 upstream started here, asked over HTTP/2: forwarded with the
+/// client's host; a WebSocket over HTTP/2 to the route is refused (501), not forwarded.
+async fn proxy_routes_over_h2(backend: Backend) {
+    use hyper::service::service_fn;
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = upstream.accept().await {
+            let answer = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                let body = format!(
+                    "{} {} {} {}",
+                    req.uri().path(),
+                    h("host"),
+                    h("x-forwarded-host"),
+                    h("x-forwarded-proto")
+                );
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(sock), answer),
+            );
+        }
+    });
+    let routes = format!(
+        "[[route]]\npath_prefix = \"/app/\"\nupstreams = [\"http://{up_addr}\"]\nstrip_prefix = true\n\
+         [[route]]\npath_prefix = \"/kept/\"\nupstreams = [\"http://{up_addr}\"]\npreserve_host = true\n"
+    );
+    let (server, certs) = start_tls(backend, &routes).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let (status, _, body) = h2.get("/app/x?y=1").await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    let up_host = up_addr.to_string();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("/x {up_host} localhost https")
+    );
+    let (_, _, body) = h2.get("/kept/z").await;
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "/kept/z localhost localhost https"
+    );
+    let (resp, ws) = h2
+        .connect("/app/ws", &[("sec-websocket-version", "13")])
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+    assert!(ws.is_none());
+    assert_eq!(h2.get("/healthz").await.0, StatusCode::OK);
 }
 
 async fn many_websockets_one_connection_and_a_slow_reader(backend: Backend) {

@@ -379,8 +379,15 @@ impl hyper::service::Service<Request<Incoming>> for Router {
     type Error = Infallible;
     type Future = AnyResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.served.set(true);
+        // HTTP/2 carries the host in `:authority`; routes, forwarding headers and
+        // `preserve_host` read `Host`, as they do for HTTP/1.1.
+        if req.version() == Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
+            if let Some(host) = req.uri().authority().and_then(|a| a.as_str().parse().ok()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
         if !self.admin {
             let proxy = self.shard.proxy.borrow().clone();
             if let Some(route) = proxy.find(&req, self.client.sni.as_deref()) {
