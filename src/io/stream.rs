@@ -250,6 +250,10 @@ impl WriteOutbox for Stream {
         cx: &mut Context<'_>,
         out: &mut Outbox,
     ) -> Poll<io::Result<usize>> {
+        // The stream's own way (io_uring's without a copy), not the generic one.
+        if let Inner::Prefixed(p) = &mut self.0 {
+            return p.1.poll_write_outbox(cx, out);
+        }
         each!(&mut self.0,
             s => write_slices(s, cx, out),
             u => u.poll_write_outbox(cx, out))
