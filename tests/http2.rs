@@ -39,6 +39,7 @@ both_backends!(
     drain_sends_goaway_and_closes_websockets,
     rapid_reset_is_answered_with_goaway,
     continuation_flood_is_refused,
+    streams_over_the_limit_are_refused,
     settings_and_ping_floods_stay_bounded,
     silent_connection_is_dropped,
 );
@@ -844,6 +845,7 @@ struct RawH2 {
     buf: Vec<u8>,
 }
 
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
@@ -984,6 +986,58 @@ async fn continuation_flood_is_refused(backend: Backend) {
     );
     let mut h2 = H2::tls(server.addr, &certs).await;
     assert_eq!(h2.get("/healthz").await.0, StatusCode::OK);
+}
+
+/// `[http2] max_concurrent_streams`: a stream past it is refused on its own (RST_STREAM
+/// REFUSED_STREAM); the connection and its other streams go on.
+async fn streams_over_the_limit_are_refused(backend: Backend) {
+    let (server, certs) = start_tls(backend, "[http2]\nmax_concurrent_streams = 2\n").await;
+    let mut raw = RawH2::open(server.addr, &certs).await;
+    // Wait for the server's SETTINGS (the limit) and acknowledge them.
+    loop {
+        let (ty, flags, _, _) = raw.frame().await.expect("server SETTINGS");
+        if ty == SETTINGS && flags & 1 == 0 {
+            raw.send(&h2_frame(SETTINGS, 1, 0, &[])).await;
+            break;
+        }
+    }
+    // Three requests whose bodies never end: each keeps its stream open.
+    let mut batch = Vec::new();
+    for stream in [1, 3, 5] {
+        batch.extend(h2_frame(HEADERS, END_HEADERS, stream, &get_healthz()));
+    }
+    assert!(raw.send(&batch).await);
+    let (mut answered, mut refused) = (Vec::new(), Vec::new());
+    while answered.len() + refused.len() < 3 {
+        match raw.frame().await.expect("connection open") {
+            (HEADERS, _, s, _) => answered.push(s),
+            (RST_STREAM, _, s, p) => {
+                assert_eq!(p, 7u32.to_be_bytes(), "REFUSED_STREAM");
+                refused.push(s);
+            }
+            (GOAWAY, ..) => panic!("GOAWAY for one stream too many"),
+            _ => {}
+        }
+    }
+    assert_eq!((answered, refused), (vec![1, 3], vec![5]));
+    // Ending one stream makes room for another.
+    assert!(raw.send(&h2_frame(DATA, END_STREAM, 1, &[])).await);
+    assert!(
+        raw.send(&h2_frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            7,
+            &get_healthz()
+        ))
+        .await
+    );
+    loop {
+        match raw.frame().await.expect("connection open") {
+            (HEADERS, _, 7, _) => break,
+            (RST_STREAM, _, 7, p) => panic!("stream 7 refused: {p:?}"),
+            _ => {}
+        }
+    }
 }
 
 /// SETTINGS and PING frames each ask for an answer: a client that floods them without reading
