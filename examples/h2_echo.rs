@@ -6,6 +6,7 @@
 //! h2_echo --port 8443 --ca ca.pem --mode h2 --sockets 100 --connections 1 \
 //!     --messages 200000 --server-pid PID            # echo: CPU per message
 //! h2_echo ... --mode h2 --sockets 100 --idle        # memory per idle socket
+//! h2_echo ... --idle --messages 0                     # the same, no message exchanged
 //! ```
 //!
 //! `--mode h1`: one TLS connection per socket (ALPN http/1.1, GET upgrade). `--mode h2`: the
@@ -225,8 +226,11 @@ fn main() {
         let mode = if a.h2 { "h2" } else { "h1" };
         let conns = if a.h2 { a.connections } else { a.sockets };
         if a.idle {
-            // One message each (every session has run), then idle.
-            echo(&mut sockets, a.sockets as u64, a.size).await;
+            // One message each (every session has run; `--messages 0`: none), then idle.
+            let each = a.messages.min(a.sockets as u64);
+            if each > 0 {
+                echo(&mut sockets, each, a.size).await;
+            }
             tokio::time::sleep(Duration::from_secs(2)).await;
             let (Some(pid), Some(rss0)) = (pid, rss0) else {
                 panic!("--idle needs --server-pid")
