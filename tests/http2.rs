@@ -483,6 +483,17 @@ async fn websocket_refusals_over_h2(backend: Backend) {
         resp.headers()
     );
     drop(ws);
+    // An extended CONNECT to what is not a WebSocket endpoint opens no tunnel.
+    for path in [
+        "/healthz",
+        "/static/ringgate.js",
+        "/sse?topics=a",
+        "/api/history?topic=a",
+    ] {
+        let (resp, ws) = h2.connect(path, &[("sec-websocket-version", "13")]).await;
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert!(ws.is_none());
+    }
     // A plain CONNECT (no `:protocol`) is not a WebSocket.
     let req = Request::builder()
         .method(Method::CONNECT)

@@ -404,6 +404,20 @@ impl hyper::service::Service<Request<Incoming>> for Router {
                 return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
             }
         }
+        // A 2xx to a CONNECT opens a tunnel (hyper hands the stream over): only the WebSocket
+        // endpoints take one.
+        if req.method() == Method::CONNECT
+            && !matches!(req.uri().path(), "/ws" | "/ws/agent" | "/ws/echo")
+        {
+            counter!(metrics::HTTP_REQUESTS, "status" => "405").increment(1);
+            let resp = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT opens WebSockets only\n",
+            );
+            return Box::pin(std::future::ready(Ok(
+                resp.map(|b| AnyBody::Served(b.into()))
+            )));
+        }
         // `/sse`, `/poll`, `/publish`, `/presence`, `/history` (src/server/fallback.rs): rooms
         // without a WebSocket; a `[[route]]` on the same path wins.
         let rooms = self.shard.global.config.rooms.enabled;
