@@ -21,6 +21,8 @@ pub const BYTES_OUT: &str = "ringgate_bytes_out_total";
 pub const TLS_HANDSHAKES: &str = "ringgate_tls_handshakes_total";
 pub const TLS_RELOADS: &str = "ringgate_tls_reloads_total";
 pub const HTTP_REQUESTS: &str = "ringgate_http_requests_total";
+pub const HTTP2_CONNECTIONS: &str = "ringgate_http2_connections_total";
+pub const HTTP2_WEBSOCKETS: &str = "ringgate_http2_websockets_total";
 pub const INFO: &str = "ringgate_info";
 pub const SLOW_CONSUMERS: &str = "ringgate_slow_consumer_closes_total";
 pub const PANICS: &str = "ringgate_panics_total";
@@ -74,6 +76,8 @@ pub const FROM_START: &[&str] = &[
     TLS_HANDSHAKES,
     TLS_RELOADS,
     HTTP_REQUESTS,
+    HTTP2_CONNECTIONS,
+    HTTP2_WEBSOCKETS,
     INFO,
     SLOW_CONSUMERS,
     TOKENS_EXPIRED,
@@ -175,6 +179,14 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
     describe_counter!(
         HTTP_REQUESTS,
         "Plain HTTP requests answered, by status code."
+    );
+    describe_counter!(
+        HTTP2_CONNECTIONS,
+        "Connections served with HTTP/2 (ALPN h2 or h2c prior knowledge)."
+    );
+    describe_counter!(
+        HTTP2_WEBSOCKETS,
+        "WebSockets opened over HTTP/2 streams (RFC 8441 extended CONNECT)."
     );
     describe_gauge!(INFO, "Build and runtime information (always 1).");
     describe_counter!(
@@ -346,7 +358,14 @@ fn export_from_start(shards: usize) {
         counter!(TLS_RELOADS, "result" => result).absolute(0);
     }
     counter!(HTTP_REQUESTS, "status" => "200").absolute(0);
-    for name in [SLOW_CONSUMERS, TOKENS_EXPIRED, PUBLISHED, HUB_OVERLOADED] {
+    for name in [
+        SLOW_CONSUMERS,
+        TOKENS_EXPIRED,
+        PUBLISHED,
+        HUB_OVERLOADED,
+        HTTP2_CONNECTIONS,
+        HTTP2_WEBSOCKETS,
+    ] {
         counter!(name).absolute(0);
     }
     for shard in 0..shards {

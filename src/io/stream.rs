@@ -47,6 +47,12 @@ enum Inner {
     // state in its size.
     TlsServer(Box<tokio_rustls::server::TlsStream<Stream>>),
     TlsClient(Box<tokio_rustls::client::TlsStream<Stream>>),
+    // One stream of an HTTP/2 connection (a WebSocket over RFC 8441): its bytes travel through
+    // hyper's HTTP/2 connection, which its own task drives.
+    H2(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
+    // Bytes already read from the stream (looking for the HTTP/2 preface on an h2c listener),
+    // read again before the stream's own.
+    Prefixed(Box<(bytes::Bytes, Stream)>),
 }
 
 impl Stream {
@@ -58,6 +64,19 @@ impl Stream {
         Stream(Inner::Uring(s))
     }
 
+    /// An HTTP/2 stream hyper handed over after answering an extended CONNECT (RFC 8441).
+    pub fn h2(upgraded: hyper::upgrade::Upgraded) -> Stream {
+        Stream(Inner::H2(Box::new(hyper_util::rt::TokioIo::new(upgraded))))
+    }
+
+    /// This stream with `read` put back in front of what is still to come.
+    pub fn unread(self, read: bytes::Bytes) -> Stream {
+        if read.is_empty() {
+            return self;
+        }
+        Stream(Inner::Prefixed(Box::new((read, self))))
+    }
+
     /// Runs the server side of a TLS handshake on this (plain, accepted) stream. The caller
     /// bounds it with its handshake timeout.
     pub async fn accept_tls(self, acceptor: &TlsAcceptor) -> io::Result<Stream> {
@@ -66,7 +85,10 @@ impl Stream {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self.0, Inner::TlsServer(_) | Inner::TlsClient(_))
+        match &self.0 {
+            Inner::Prefixed(p) => p.1.is_tls(),
+            i => matches!(i, Inner::TlsServer(_) | Inner::TlsClient(_)),
+        }
     }
 
     /// The protocol ALPN settled on (`h2`, `http/1.1`), if TLS and the peers agreed on one.
@@ -74,7 +96,8 @@ impl Stream {
         match &self.0 {
             Inner::TlsServer(s) => s.get_ref().1.alpn_protocol(),
             Inner::TlsClient(s) => s.get_ref().1.alpn_protocol(),
-            Inner::Tcp(_) | Inner::Uring(_) => None,
+            Inner::Prefixed(p) => p.1.alpn_protocol(),
+            Inner::Tcp(_) | Inner::Uring(_) | Inner::H2(_) => None,
         }
     }
 
@@ -82,6 +105,7 @@ impl Stream {
     pub fn server_name(&self) -> Option<&str> {
         match &self.0 {
             Inner::TlsServer(s) => s.get_ref().1.server_name(),
+            Inner::Prefixed(p) => p.1.server_name(),
             _ => None,
         }
     }
@@ -150,6 +174,11 @@ macro_rules! each {
             Inner::Uring($u) => $ue,
             Inner::TlsServer($s) => $e,
             Inner::TlsClient($s) => $e,
+            Inner::H2($s) => $e,
+            Inner::Prefixed(p) => {
+                let $s = &mut p.1;
+                $e
+            }
         }
     };
 }
@@ -160,7 +189,15 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        each!(&mut self.get_mut().0,
+        let this = self.get_mut();
+        if let Inner::Prefixed(p) = &mut this.0 {
+            if !p.0.is_empty() {
+                let n = p.0.len().min(buf.remaining());
+                buf.put_slice(&p.0.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+        }
+        each!(&mut this.0,
             s => Pin::new(s).poll_read(cx, buf),
             u => u.poll_read(cx, buf))
     }
@@ -186,7 +223,14 @@ impl AsyncWrite for Stream {
             u => u.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        each!(&self.0, s => s.is_write_vectored(), _u => true)
+        match &self.0 {
+            Inner::Prefixed(p) => p.1.is_write_vectored(),
+            Inner::Uring(_) => true,
+            Inner::Tcp(s) => s.is_write_vectored(),
+            Inner::TlsServer(s) => s.is_write_vectored(),
+            Inner::TlsClient(s) => s.is_write_vectored(),
+            Inner::H2(s) => s.is_write_vectored(),
+        }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each!(&mut self.get_mut().0,
@@ -206,6 +250,10 @@ impl WriteOutbox for Stream {
         cx: &mut Context<'_>,
         out: &mut Outbox,
     ) -> Poll<io::Result<usize>> {
+        // The stream's own way (io_uring's without a copy), not the generic one.
+        if let Inner::Prefixed(p) = &mut self.0 {
+            return p.1.poll_write_outbox(cx, out);
+        }
         each!(&mut self.0,
             s => write_slices(s, cx, out),
             u => u.poll_write_outbox(cx, out))
@@ -236,7 +284,7 @@ mod tests {
         l.local_addr().unwrap()
     }
 
-    /// A TLS acceptor for localhost (ALPN `http/1.1`) and a client config that trusts it.
+    /// A TLS acceptor for localhost (ALPN `h2`, `http/1.1`) and a client config that trusts it.
     fn tls_pair(alpn: &[&[u8]]) -> (TlsAcceptor, Arc<rustls::ClientConfig>) {
         use rustls::pki_types::pem::PemObject;
         let d = dev_cert().unwrap();
@@ -351,8 +399,8 @@ mod tests {
                     .await
                     .unwrap();
                 assert!(s.is_tls());
-                // The server speaks http/1.1 only.
-                assert_eq!(s.alpn_protocol(), Some(&b"http/1.1"[..]));
+                // The server's preference.
+                assert_eq!(s.alpn_protocol(), Some(&b"h2"[..]));
                 assert_eq!(s.server_name(), None);
                 round_trip(s, server).await;
             })

@@ -78,7 +78,8 @@ pub struct TlsSettings {
     pub client_ca: Option<PathBuf>,
 }
 
-/// Builds the acceptor (ALPN `http/1.1`, TLS 1.2 and 1.3) from the files named in `settings`.
+/// Builds the acceptor (ALPN `h2` and `http/1.1`, TLS 1.2 and 1.3) from the files named in
+/// `settings`.
 pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let load = |source: &CertSource| -> Result<Arc<CertifiedKey>, TlsError> {
@@ -119,8 +120,37 @@ pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, TlsError> {
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// One acceptor as a shard's listeners use it: with `h2` in ALPN, or (listeners with
+/// `http2 = false`) the same certificates offering `http/1.1` only.
+#[derive(Clone)]
+pub struct Acceptors {
+    with_h2: TlsAcceptor,
+    http1: TlsAcceptor,
+}
+
+impl From<TlsAcceptor> for Acceptors {
+    fn from(with_h2: TlsAcceptor) -> Acceptors {
+        let mut config = (**with_h2.config()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Acceptors {
+            with_h2,
+            http1: TlsAcceptor::from(Arc::new(config)),
+        }
+    }
+}
+
+impl Acceptors {
+    pub fn get(&self, http2: bool) -> &TlsAcceptor {
+        if http2 {
+            &self.with_h2
+        } else {
+            &self.http1
+        }
+    }
 }
 
 fn load_source(

@@ -74,6 +74,8 @@ pub struct Config {
     pub compression: Compression,
     /// TLS certificates (wss://, https://).
     pub tls: Tls,
+    /// HTTP/2 server settings and abuse limits (every listener that speaks h2).
+    pub http2: Http2,
     /// Listeners; when empty, one on `host:port`, with TLS when `[tls]` has a certificate.
     pub listen: Vec<Listen>,
     /// The admin listener (`/metrics`, `/ws/statistics`, `/api/*`, health): an address,
@@ -137,6 +139,110 @@ pub struct Listen {
     /// `[rooms] api_key` is set).
     #[serde(default)]
     pub admin: bool,
+    /// On a TLS listener, offer `h2` in ALPN next to `http/1.1`.
+    #[serde(default = "yes")]
+    pub http2: bool,
+    /// On a plain listener, accept HTTP/2 with prior knowledge (h2c) next to HTTP/1.1.
+    #[serde(default)]
+    pub h2c: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The `[http2]` table: settings every HTTP/2 connection is served with. The limits bound what
+/// one connection can make the server hold or do (RFC 9113 §10.5; rapid reset, CVE-2023-44487;
+/// CONTINUATION floods, CVE-2024-27316 and kin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2 {
+    /// Streams a client may have open at once (requests and WebSockets together).
+    pub max_concurrent_streams: u32,
+    /// Bytes a client may send on one stream before the server reads them (per-stream
+    /// backpressure: a WebSocket that is not being read stops only itself).
+    pub initial_stream_window_size: u32,
+    /// Bytes a client may send on the whole connection before the server reads them.
+    pub initial_connection_window_size: u32,
+    /// Largest frame payload the server accepts.
+    pub max_frame_size: u32,
+    /// Largest header block (HEADERS plus CONTINUATION, decoded) the server accepts.
+    pub max_header_list_size: u32,
+    /// Bytes buffered per stream for sending before the writer waits for the client's window.
+    pub max_send_buf_size: usize,
+    /// Streams a client may reset before the server has accepted them; more is a GOAWAY.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset for a client's protocol errors; more is a GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    /// Seconds between PINGs on a connection; 0 = none.
+    pub keep_alive_interval: f64,
+    /// Seconds to wait for a PING's answer before closing the connection.
+    pub keep_alive_timeout: f64,
+}
+
+impl Default for Http2 {
+    fn default() -> Self {
+        Http2 {
+            max_concurrent_streams: 128,
+            initial_stream_window_size: 256 * 1024,
+            initial_connection_window_size: 1 << 20,
+            max_frame_size: 16 * 1024,
+            max_header_list_size: 16 * 1024,
+            max_send_buf_size: 256 * 1024,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 256,
+            keep_alive_interval: 30.0,
+            keep_alive_timeout: 20.0,
+        }
+    }
+}
+
+impl Http2 {
+    pub fn keep_alive_interval(&self) -> Option<Duration> {
+        (self.keep_alive_interval > 0.0).then(|| Duration::from_secs_f64(self.keep_alive_interval))
+    }
+    pub fn keep_alive_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.keep_alive_timeout)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.into(),
+        };
+        const WINDOW: std::ops::RangeInclusive<u32> = 65_535..=(1 << 31) - 1;
+        if self.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "http2.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if !WINDOW.contains(&self.initial_stream_window_size) {
+            return Err(invalid(
+                "http2.initial_stream_window_size",
+                "must be 65535 to 2147483647",
+            ));
+        }
+        if !WINDOW.contains(&self.initial_connection_window_size) {
+            return Err(invalid(
+                "http2.initial_connection_window_size",
+                "must be 65535 to 2147483647",
+            ));
+        }
+        if !(16_384..=16_777_215).contains(&self.max_frame_size) {
+            return Err(invalid("http2.max_frame_size", "must be 16384 to 16777215"));
+        }
+        if self.max_header_list_size < 1024 {
+            return Err(invalid(
+                "http2.max_header_list_size",
+                "must be at least 1024",
+            ));
+        }
+        if self.max_send_buf_size < 16 * 1024 {
+            return Err(invalid("http2.max_send_buf_size", "must be at least 16384"));
+        }
+        Ok(())
+    }
 }
 
 /// The `[compression]` table.
@@ -201,6 +307,7 @@ impl Default for Config {
             auth: crate::auth::AuthConfig::default(),
             limits: super::admission::LimitsConfig::default(),
             tls: Tls::default(),
+            http2: Http2::default(),
             listen: Vec::new(),
             // ---- agent gateway ----
             agent: Default::default(),
@@ -418,6 +525,8 @@ impl Config {
                 addr: std::net::SocketAddr::new(self.host, self.port),
                 tls: self.tls_settings().is_some(),
                 admin: false,
+                http2: true,
+                h2c: false,
             }]
         } else {
             self.listen.clone()
@@ -437,6 +546,8 @@ impl Config {
                 addr,
                 tls: false,
                 admin: true,
+                http2: true,
+                h2c: false,
             });
         }
         all
@@ -509,6 +620,17 @@ impl Config {
         seconds("handshake_timeout", self.handshake_timeout, false)?;
         seconds("drain_timeout", self.drain_timeout, true)?;
         seconds("close_timeout", self.close_timeout, false)?;
+        seconds(
+            "http2.keep_alive_interval",
+            self.http2.keep_alive_interval,
+            true,
+        )?;
+        seconds(
+            "http2.keep_alive_timeout",
+            self.http2.keep_alive_timeout,
+            false,
+        )?;
+        self.http2.validate()?;
         if self.max_message_size < 125 {
             return Err(ConfigError::Invalid {
                 key: "max_message_size",
@@ -802,6 +924,44 @@ mod tests {
             c.validate(),
             Err(ConfigError::Invalid { key: "listen", .. })
         ));
+    }
+
+    #[test]
+    fn http2_per_listener_and_its_limits() {
+        let c = Config::from_toml(
+            "[[listen]]\naddr = \"127.0.0.1:80\"\nh2c = true\n\
+             [[listen]]\naddr = \"127.0.0.1:443\"\ntls = true\nhttp2 = false\n\
+             [http2]\nmax_concurrent_streams = 10\nkeep_alive_interval = 0",
+        )
+        .unwrap();
+        let l = &c.listen;
+        assert_eq!(
+            (l[0].h2c, l[0].http2, l[1].h2c, l[1].http2),
+            (true, true, false, false)
+        );
+        assert_eq!(c.http2.max_concurrent_streams, 10);
+        assert_eq!(c.http2.keep_alive_interval(), None);
+        for (table, key) in [
+            ("max_concurrent_streams = 0", "http2.max_concurrent_streams"),
+            (
+                "initial_stream_window_size = 100",
+                "http2.initial_stream_window_size",
+            ),
+            (
+                "initial_connection_window_size = 2147483648",
+                "http2.initial_connection_window_size",
+            ),
+            ("max_frame_size = 1000", "http2.max_frame_size"),
+            ("max_header_list_size = 10", "http2.max_header_list_size"),
+            ("max_send_buf_size = 0", "http2.max_send_buf_size"),
+            ("keep_alive_timeout = 0", "http2.keep_alive_timeout"),
+        ] {
+            let c = Config::from_toml(&format!("[http2]\n{table}")).unwrap();
+            assert!(
+                matches!(c.validate(), Err(ConfigError::Invalid { key: k, .. }) if k == key),
+                "{table}"
+            );
+        }
     }
 
     #[test]

@@ -1,9 +1,16 @@
-//! HTTP/1.1 on every connection (hyper), and the hand-over to a WebSocket session on upgrade.
+//! HTTP/1.1 and HTTP/2 on every connection (hyper), and the hand-over to a WebSocket session on
+//! upgrade.
 //!
-//! hyper's own upgrade machinery needs `Send` I/O, which io_uring sockets are not. Instead the
-//! router answers a valid upgrade with 101 and records what to run; once hyper has written the
-//! 101 and returned (`poll_without_shutdown`), we take the socket and any bytes already read
-//! back with `into_parts` and run the session on the same task.
+//! HTTP/1.1: hyper's own upgrade machinery needs `Send` I/O, which io_uring sockets are not.
+//! Instead the router answers a valid upgrade with 101 and records what to run; once hyper has
+//! written the 101 and returned (`poll_without_shutdown`), we take the socket and any bytes
+//! already read back with `into_parts` and run the session on the same task.
+//!
+//! HTTP/2 (ALPN `h2`, or prior knowledge on an `h2c` listener): the connection stays hyper's,
+//! driven by this task; each request is a stream. A WebSocket is an extended CONNECT (RFC
+//! 8441): the router answers 200 and spawns a task that takes the stream from hyper
+//! (`hyper::upgrade::on`, whose bytes do not touch the socket's type) and runs the same
+//! session over it, so many WebSockets share the connection, each with its own flow control.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -13,10 +20,10 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
@@ -26,11 +33,12 @@ use super::endpoint::{self, Endpoint};
 use super::fallback::{self, AnyBody};
 use crate::auth::{self, AuthError, Identity};
 use crate::error::Rejection;
-use crate::io::Stream;
+use crate::io::{LocalExec, Stream};
 use crate::metrics;
 use crate::server::config::Listen;
-use crate::server::shard::{Control, Shard, WsSlot};
+use crate::server::shard::{Control, Registration, Shard, WsSlot};
 use crate::ws::deflate;
+use crate::ws::handle::ConnHandle;
 use crate::ws::handshake::{self, OriginPolicy};
 use ::metrics::{counter, gauge};
 
@@ -66,10 +74,9 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         Err(refusal) => return turn_away(conn, refusal, listen.tls).await,
     };
     let reg = shard.register(remote);
-    let acceptor = if listen.tls {
-        shard.tls.borrow().clone()
-    } else {
-        None
+    let acceptor = match &*shard.tls.borrow() {
+        Some(a) if listen.tls => Some(a.get(listen.http2).clone()),
+        _ => None,
     };
     let conn = match acceptor {
         None => conn,
@@ -115,6 +122,20 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
             sni,
         },
     };
+    let (conn, h2) = if conn.alpn_protocol() == Some(b"h2") {
+        (conn, true)
+    } else if !listen.tls && listen.h2c {
+        let timeout = shard.global.config.handshake_timeout();
+        match tokio::time::timeout(timeout, super::h2c::sniff(conn)).await {
+            Ok(Ok(sniffed)) => sniffed,
+            _ => return,
+        }
+    } else {
+        (conn, false)
+    };
+    if h2 {
+        return serve_h2(conn, router, &reg).await;
+    }
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
         http1::Builder::new()
@@ -178,57 +199,161 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
     };
     match session {
         Some((endpoint, relay, deflate, identity, _slot)) => {
-            let name = endpoint.name();
-            reg.entry.set_endpoint(endpoint.name());
-            if let Some(exp) = identity.as_ref().and_then(|i| i.expires) {
-                reg.entry.set_expiry(exp);
-            }
-            counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
-            gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-            let summary = match relay {
-                // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
-                Some((relay, upstream)) => {
-                    let session = crate::ws::session::run(
-                        io,
-                        read_buf,
-                        deflate,
-                        relay,
-                        shard.settings(endpoint),
-                        &reg.entry,
-                        shard.traffic(endpoint),
-                    );
-                    tokio::join!(session, upstream).0
-                }
-                None => {
-                    endpoint::serve(
-                        endpoint, io, read_buf, deflate, &shard, &reg.entry, identity,
-                    )
-                    .await
-                }
+            let ws = WebSocket {
+                endpoint,
+                deflate,
+                identity,
             };
-            gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
-            let code = summary.close_code.map_or("none".into(), |c| c.to_string());
-            // The access log: one line per closed WebSocket (target `access`, filterable with
-            // RUST_LOG=access=off).
-            let duration = reg.entry.connected_at.elapsed().unwrap_or_default();
-            tracing::info!(
-                target: "access",
-                %remote,
-                endpoint = name,
-                duration_ms = duration.as_millis() as u64,
-                bytes_in = summary.bytes_in,
-                bytes_out = summary.bytes_out,
-                messages_in = summary.messages_in,
-                messages_out = summary.messages_out,
-                close_code = %code,
-                "websocket closed"
-            );
-            counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
+            websocket(&shard, &reg.entry, io, read_buf, ws, relay).await;
         }
         None => {
             let _ = io.shutdown().await;
         }
     }
+}
+
+/// What a WebSocket session runs with, once its handshake is accepted.
+struct WebSocket {
+    endpoint: Endpoint,
+    deflate: Option<deflate::Params>,
+    identity: Option<Identity>,
+}
+
+/// Runs a WebSocket session on `io` (an upgraded HTTP/1.1 connection or an HTTP/2 stream) to
+/// its end: metrics, statistics and the access log around the endpoint's session.
+async fn websocket(
+    shard: &Rc<Shard>,
+    entry: &Rc<ConnHandle>,
+    io: Stream,
+    read_buf: Bytes,
+    ws: WebSocket,
+    relay: Option<(
+        crate::proxy::relay::Relay,
+        crate::proxy::relay::UpstreamSide,
+    )>,
+) {
+    let WebSocket {
+        endpoint,
+        deflate,
+        identity,
+    } = ws;
+    let name = endpoint.name();
+    entry.set_endpoint(name);
+    if let Some(exp) = identity.as_ref().and_then(|i| i.expires) {
+        entry.set_expiry(exp);
+    }
+    counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
+    gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
+    let summary = match relay {
+        // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
+        Some((relay, upstream)) => {
+            let session = crate::ws::session::run(
+                io,
+                read_buf,
+                deflate,
+                relay,
+                shard.settings(endpoint),
+                entry,
+                shard.traffic(endpoint),
+            );
+            tokio::join!(session, upstream).0
+        }
+        None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity).await,
+    };
+    gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
+    let code = summary.close_code.map_or("none".into(), |c| c.to_string());
+    // The access log: one line per closed WebSocket (target `access`, filterable with
+    // RUST_LOG=access=off).
+    let duration = entry.connected_at.elapsed().unwrap_or_default();
+    tracing::info!(
+        target: "access",
+        remote = %entry.remote,
+        endpoint = name,
+        duration_ms = duration.as_millis() as u64,
+        bytes_in = summary.bytes_in,
+        bytes_out = summary.bytes_out,
+        messages_in = summary.messages_in,
+        messages_out = summary.messages_out,
+        close_code = %code,
+        "websocket closed"
+    );
+    counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
+}
+
+/// Serves an HTTP/2 connection until it ends: requests as streams, WebSockets (RFC 8441) as
+/// streams handed to their own tasks (see `Router::call_full`). A drain sends GOAWAY; a
+/// connection without a request within `handshake_timeout` is dropped (slowloris).
+async fn serve_h2(conn: Stream, router: Router, reg: &Registration) {
+    let shard = router.shard.clone();
+    let config = &shard.global.config;
+    let c = &config.http2;
+    let mut builder = http2::Builder::new(LocalExec);
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(c.max_concurrent_streams)
+        .initial_stream_window_size(c.initial_stream_window_size)
+        .initial_connection_window_size(c.initial_connection_window_size)
+        .max_frame_size(c.max_frame_size)
+        .max_header_list_size(c.max_header_list_size)
+        .max_send_buf_size(c.max_send_buf_size)
+        .max_pending_accept_reset_streams(c.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(c.max_local_error_reset_streams)
+        .keep_alive_interval(c.keep_alive_interval())
+        .keep_alive_timeout(c.keep_alive_timeout());
+    counter!(metrics::HTTP2_CONNECTIONS).increment(1);
+    let served = router.served.clone();
+    let remote = router.remote;
+    let mut http = builder.serve_connection(TokioIo::new(conn), router);
+    let mut first_request = Box::pin(tokio::time::sleep(config.handshake_timeout()));
+    let mut shutting_down = false;
+    let res = poll_fn(|cx| {
+        reg.entry.register_waker(cx.waker());
+        if !shutting_down && reg.entry.close_requested() {
+            shutting_down = true;
+            Pin::new(&mut http).graceful_shutdown();
+        }
+        if !served.get() && first_request.as_mut().poll(cx).is_ready() {
+            tracing::debug!(%remote, "no HTTP/2 request within the handshake timeout");
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut http).poll(cx)
+    })
+    .await;
+    if let Err(e) = res {
+        tracing::debug!(%remote, error = %e, "http2 connection error");
+    }
+}
+
+/// An accepted WebSocket over HTTP/2: waits for hyper to hand over the stream (after the 200
+/// is sent), then runs the session on it as its own connection.
+async fn h2_websocket_task(
+    shard: Rc<Shard>,
+    remote: SocketAddr,
+    stream: hyper::upgrade::OnUpgrade,
+    up: Upgrade,
+) {
+    let reg = shard.register(remote);
+    reg.entry.set_http2();
+    let io = match stream.await {
+        Ok(upgraded) => Stream::h2(upgraded),
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "HTTP/2 stream not handed over");
+            return;
+        }
+    };
+    let Upgrade {
+        endpoint,
+        deflate,
+        identity,
+        _slot,
+    } = up;
+    let ws = WebSocket {
+        endpoint,
+        deflate,
+        identity,
+    };
+    websocket(&shard, &reg.entry, io, Bytes::new(), ws, None).await;
 }
 
 #[derive(Clone)]
@@ -254,14 +379,44 @@ impl hyper::service::Service<Request<Incoming>> for Router {
     type Error = Infallible;
     type Future = AnyResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.served.set(true);
+        // HTTP/2 carries the host in `:authority`; routes, forwarding headers and
+        // `preserve_host` read `Host`, as they do for HTTP/1.1.
+        if req.version() == Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
+            if let Some(host) = req.uri().authority().and_then(|a| a.as_str().parse().ok()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
         if !self.admin {
             let proxy = self.shard.proxy.borrow().clone();
             if let Some(route) = proxy.find(&req, self.client.sni.as_deref()) {
+                if is_extended_connect(&req) {
+                    counter!(metrics::HANDSHAKES_FAILED, "reason" => "bad_request").increment(1);
+                    let resp = text(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "WebSockets over HTTP/2 are not relayed to routes; use HTTP/1.1\n",
+                    );
+                    let resp = resp.map(|b| AnyBody::Served(b.into()));
+                    return Box::pin(std::future::ready(Ok(resp)));
+                }
                 let answer = self.proxy(route, req);
                 return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
             }
+        }
+        // A 2xx to a CONNECT opens a tunnel (hyper hands the stream over): only the WebSocket
+        // endpoints take one.
+        if req.method() == Method::CONNECT
+            && !matches!(req.uri().path(), "/ws" | "/ws/agent" | "/ws/echo")
+        {
+            counter!(metrics::HTTP_REQUESTS, "status" => "405").increment(1);
+            let resp = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT opens WebSockets only\n",
+            );
+            return Box::pin(std::future::ready(Ok(
+                resp.map(|b| AnyBody::Served(b.into()))
+            )));
         }
         // `/sse`, `/poll`, `/publish`, `/presence`, `/history` (src/server/fallback.rs): rooms
         // without a WebSocket; a `[[route]]` on the same path wins.
@@ -281,7 +436,7 @@ impl hyper::service::Service<Request<Incoming>> for Router {
 }
 
 impl Router {
-    fn call_full(&self, req: Request<Incoming>) -> ResponseFuture {
+    fn call_full(&self, mut req: Request<Incoming>) -> ResponseFuture {
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
             return Box::pin(statistics(self.shard.global.clone()));
         }
@@ -299,14 +454,26 @@ impl Router {
                 Ok(resp.map(Into::into))
             });
         }
+        // RFC 8441: the stream becomes the WebSocket once hyper has sent the 200.
+        let h2_stream = is_extended_connect(&req).then(|| hyper::upgrade::on(&mut req));
         let resp = if self.admin {
             self.route_admin(&req)
         } else {
             self.route(&req)
         };
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
-                .increment(1);
+        // (Taken at once: the streams of an HTTP/2 connection share the router.)
+        let h2_websocket = h2_stream.and_then(|stream| Some((stream, self.upgrade.take()?)));
+        match h2_websocket {
+            Some((stream, up)) => {
+                counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
+                let task = h2_websocket_task(self.shard.clone(), self.remote, stream, up);
+                tokio::task::spawn_local(task);
+            }
+            None if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
+                counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
+                    .increment(1);
+            }
+            None => {}
         }
         Box::pin(std::future::ready(Ok(resp.map(Into::into))))
     }
@@ -438,14 +605,23 @@ impl Router {
     fn upgrade(&self, req: &Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
         let global = &self.shard.global;
         let origins = OriginPolicy::new(&global.config.allowed_origins);
-        let accept = match handshake::accept(
-            req.method(),
-            req.version(),
-            req.headers(),
-            &origins,
-            // The built-in endpoints speak no subprotocol (a `bearer.` token is not one).
-            &[],
-        ) {
+        let h2 = req.version() == Version::HTTP_2;
+        // The built-in endpoints speak no subprotocol (a `bearer.` token is not one).
+        let accepted = if h2 {
+            let protocol = req.extensions().get::<hyper::ext::Protocol>();
+            handshake::accept_h2(
+                req.method(),
+                protocol.map(|p| p.as_str()),
+                req.headers(),
+                &origins,
+                &[],
+            )
+            .map(|protocol| (None, protocol))
+        } else {
+            handshake::accept(req.method(), req.version(), req.headers(), &origins, &[])
+                .map(|a| (Some(a.accept_key), a.protocol))
+        };
+        let (accept_key, protocol) = match accepted {
             Ok(a) => a,
             Err(r) => return refuse(r),
         };
@@ -471,16 +647,20 @@ impl Router {
             return refuse(Rejection::AtCapacity);
         };
         let mut resp = Response::new(Body::default());
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = resp.headers_mut();
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Ok(v) = HeaderValue::from_str(&accept.accept_key) {
-            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        // HTTP/2 (RFC 8441 §5): 200, and no Upgrade, Connection or key to answer.
+        if let Some(key) = accept_key {
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         }
+        let h = resp.headers_mut();
         // A token sent as the `bearer.<token>` subprotocol is echoed: browsers fail the
         // connection when none of the subprotocols they offered comes back.
-        let protocol = accept.protocol.or(token_protocol);
+        let protocol = protocol.or(token_protocol);
         if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
         }
@@ -544,6 +724,11 @@ impl Router {
             .filter_map(|v| v.to_str().ok());
         deflate::negotiate(offers, &policy)
     }
+}
+
+/// An HTTP/2 extended CONNECT (RFC 8441): a WebSocket asked for over an HTTP/2 stream.
+fn is_extended_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
 }
 
 /// Answers a connection that was not admitted, as cheaply as possible: plain HTTP gets a fixed

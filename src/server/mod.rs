@@ -8,6 +8,7 @@ pub mod config;
 pub mod endpoint;
 pub mod failure;
 pub mod fallback;
+mod h2c;
 pub mod http;
 pub mod logging;
 pub mod shard;

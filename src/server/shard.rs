@@ -157,7 +157,7 @@ pub struct Shard {
     /// Message and byte counts per endpoint (`Endpoint as usize`), published once a second.
     traffic: [Traffic; Endpoint::ALL.len()],
     /// The TLS acceptor new connections use, when the listener is TLS.
-    pub tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
+    pub tls: RefCell<Option<crate::io::tls::Acceptors>>,
     conns: RefCell<Slab<Rc<ConnHandle>>>,
     draining: Cell<bool>,
     /// Wakes the drain when the last connection leaves.
@@ -223,7 +223,7 @@ impl Shard {
             proxy: RefCell::new(Rc::new(proxy)),
             settings,
             global,
-            tls: RefCell::new(tls),
+            tls: RefCell::new(tls.map(Into::into)),
             traffic: Default::default(),
             conns: RefCell::new(Slab::new()),
             draining: Cell::new(false),
@@ -372,7 +372,7 @@ impl Shard {
         loop {
             match control.recv().await {
                 Some(Control::Tls(acceptor)) => {
-                    *self.tls.borrow_mut() = Some(acceptor);
+                    *self.tls.borrow_mut() = Some(acceptor.into());
                     tracing::info!(shard = self.id, "TLS certificate reloaded");
                 }
                 Some(Control::Stats(reply)) => {

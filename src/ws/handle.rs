@@ -24,6 +24,8 @@ pub struct ConnInfo {
     pub uptime: f64,
     pub endpoint: &'static str,
     pub remote: String,
+    /// The WebSocket is one stream of an HTTP/2 connection (RFC 8441).
+    pub http2: bool,
 }
 
 /// A connection as the shard sees it: enough to ask it to close and to report on it.
@@ -35,6 +37,7 @@ pub struct ConnHandle {
     messages: Cell<u64>,
     /// The endpoint's name, set when the connection became a WebSocket.
     endpoint: Cell<Option<&'static str>>,
+    http2: Cell<bool>,
     heartbeat_due: Cell<bool>,
     /// When the client's token expires, in seconds since the Unix epoch.
     expires: Cell<Option<u64>>,
@@ -52,6 +55,7 @@ impl ConnHandle {
             connected_at: SystemTime::now(),
             messages: Cell::new(0),
             endpoint: Cell::new(None),
+            http2: Cell::new(false),
             heartbeat_due: Cell::new(false),
             expires: Cell::new(None),
             close: Cell::new(None),
@@ -201,6 +205,11 @@ impl ConnHandle {
         self.endpoint.set(Some(name));
     }
 
+    /// Marks the connection as a stream of an HTTP/2 connection (for `/ws/statistics`).
+    pub fn set_http2(&self) {
+        self.http2.set(true);
+    }
+
     pub fn info(&self, now: SystemTime) -> Option<ConnInfo> {
         let endpoint = self.endpoint.get()?;
         let since = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -214,6 +223,7 @@ impl ConnHandle {
                 .as_secs_f64(),
             endpoint,
             remote: self.remote.to_string(),
+            http2: self.http2.get(),
         })
     }
 }

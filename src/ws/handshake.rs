@@ -67,15 +67,7 @@ pub fn accept(
     if !has_token(headers, header::CONNECTION, "upgrade") {
         return Err(Rejection::BadRequest("missing `Connection: upgrade`"));
     }
-    match headers.get(header::SEC_WEBSOCKET_VERSION) {
-        Some(v) if v.as_bytes() == b"13" => {}
-        Some(_) => {
-            return Err(Rejection::BadRequest(
-                "unsupported Sec-WebSocket-Version (want 13)",
-            ))
-        }
-        None => return Err(Rejection::BadRequest("missing Sec-WebSocket-Version")),
-    }
+    check_version(headers)?;
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .ok_or(Rejection::BadRequest("missing Sec-WebSocket-Key"))?;
@@ -87,6 +79,56 @@ pub fn accept(
             ))
         }
     }
+    Ok(Accept {
+        accept_key: accept_key(key.as_bytes()),
+        protocol: check_origin_pick_protocol(headers, origins, protocols)?,
+    })
+}
+
+/// Validates a WebSocket over HTTP/2 (RFC 8441 §4): an extended CONNECT whose `:protocol` is
+/// `websocket`. There is no key to answer (the stream itself is the proof) and the answer is
+/// 200; version, origin and subprotocol are as for HTTP/1.1. Returns the subprotocol picked.
+pub fn accept_h2(
+    method: &Method,
+    protocol: Option<&str>,
+    headers: &HeaderMap,
+    origins: &OriginPolicy,
+    protocols: &[&str],
+) -> Result<Option<String>, Rejection> {
+    if method != Method::CONNECT {
+        return Err(Rejection::BadRequest(
+            "WebSocket over HTTP/2 needs an extended CONNECT",
+        ));
+    }
+    match protocol {
+        Some(p) if p.eq_ignore_ascii_case("websocket") => {}
+        Some(_) => return Err(Rejection::BadRequest("`:protocol` is not `websocket`")),
+        None => {
+            return Err(Rejection::BadRequest(
+                "extended CONNECT without `:protocol`",
+            ))
+        }
+    }
+    check_version(headers)?;
+    check_origin_pick_protocol(headers, origins, protocols)
+}
+
+fn check_version(headers: &HeaderMap) -> Result<(), Rejection> {
+    match headers.get(header::SEC_WEBSOCKET_VERSION) {
+        Some(v) if v.as_bytes() == b"13" => Ok(()),
+        Some(_) => Err(Rejection::BadRequest(
+            "unsupported Sec-WebSocket-Version (want 13)",
+        )),
+        None => Err(Rejection::BadRequest("missing Sec-WebSocket-Version")),
+    }
+}
+
+/// Refuses a browser `Origin` the policy does not allow; picks the subprotocol.
+fn check_origin_pick_protocol(
+    headers: &HeaderMap,
+    origins: &OriginPolicy,
+    protocols: &[&str],
+) -> Result<Option<String>, Rejection> {
     let origin = match headers.get(header::ORIGIN) {
         Some(o) => Some(
             o.to_str()
@@ -97,13 +139,9 @@ pub fn accept(
     if !origins.allows(origin) {
         return Err(Rejection::OriginNotAllowed);
     }
-    let protocol = offered_tokens(headers, header::SEC_WEBSOCKET_PROTOCOL)
+    Ok(offered_tokens(headers, header::SEC_WEBSOCKET_PROTOCOL)
         .find(|p| protocols.iter().any(|ours| ours == p))
-        .map(str::to_string);
-    Ok(Accept {
-        accept_key: accept_key(key.as_bytes()),
-        protocol,
-    })
+        .map(str::to_string))
 }
 
 /// `base64(sha1(key + GUID))`.
@@ -230,5 +268,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.protocol.as_deref(), Some("chat.v2"));
+    }
+
+    #[test]
+    fn extended_connect_over_h2() {
+        let p = OriginPolicy::new(&["https://app.example".into()]);
+        let h = request(&[
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-protocol", "chat.v1"),
+            ("origin", "https://app.example"),
+        ]);
+        let ok = accept_h2(&Method::CONNECT, Some("websocket"), &h, &p, &["chat.v1"]);
+        assert_eq!(ok.unwrap().as_deref(), Some("chat.v1"));
+        let r = accept_h2(&Method::GET, Some("websocket"), &h, &p, &[]).unwrap_err();
+        assert!(r.to_string().contains("CONNECT"), "{r}");
+        let r = accept_h2(&Method::CONNECT, None, &h, &p, &[]).unwrap_err();
+        assert!(r.to_string().contains(":protocol"), "{r}");
+        let r = accept_h2(&Method::CONNECT, Some("webtransport"), &h, &p, &[]).unwrap_err();
+        assert!(r.to_string().contains("websocket"), "{r}");
+        let old = request(&[("sec-websocket-version", "8")]);
+        let r = accept_h2(&Method::CONNECT, Some("websocket"), &old, &p, &[]).unwrap_err();
+        assert!(r.to_string().contains("13"), "{r}");
+        let evil = request(&[
+            ("sec-websocket-version", "13"),
+            ("origin", "https://evil.example"),
+        ]);
+        let r = accept_h2(&Method::CONNECT, Some("websocket"), &evil, &p, &[]).unwrap_err();
+        assert_eq!(r, Rejection::OriginNotAllowed);
     }
 }

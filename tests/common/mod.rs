@@ -818,3 +818,27 @@ pub fn output_text(cmd: &mut Command) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// A directory with a fresh dev CA and certificate from `ringgate dev-cert`.
+pub struct CertDir(pub PathBuf);
+
+impl CertDir {
+    pub async fn new() -> CertDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("certs-{}-{n}", std::process::id()));
+        let out = run_to_exit(ringgate_command().arg("dev-cert").arg(&dir)).await;
+        assert!(out.status.success(), "dev-cert failed: {out:?}");
+        CertDir(dir)
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for CertDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
