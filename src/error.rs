@@ -43,6 +43,8 @@ pub enum Code {
     UpstreamError,
     /// The upstream did not answer in time.
     UpstreamTimeout,
+    /// The rooms' Redis is down or too slow (`[cluster] engine = "redis"`).
+    Unavailable,
     Internal,
 }
 
@@ -58,6 +60,7 @@ impl Code {
             Code::NotSubscribed => "not_subscribed",
             Code::UpstreamError => "upstream_error",
             Code::UpstreamTimeout => "upstream_timeout",
+            Code::Unavailable => "unavailable",
             Code::Internal => "internal",
         }
     }

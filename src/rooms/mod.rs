@@ -22,6 +22,7 @@
 pub mod config;
 pub mod conn;
 pub mod proto;
+mod redis;
 pub mod room;
 #[cfg(test)]
 mod sim;
@@ -98,6 +99,8 @@ pub enum ApiAnswer {
     },
     /// A JSON document.
     Json(String),
+    /// `[cluster] engine = "redis"` and Redis is down or too slow: why.
+    Unavailable(String),
 }
 
 /// Messages between shards about rooms.
@@ -205,6 +208,8 @@ pub struct Hub {
     delayed: Vec<Rc<ConnHandle>>,
     /// When `delayed` is released: set by the first message held.
     delay_due: Option<Instant>,
+    /// `[cluster] engine = "redis"`: rooms mirror Redis ([`Hub::with_redis`]).
+    cluster: Option<redis::Cluster>,
 }
 
 impl Hub {
@@ -240,6 +245,7 @@ impl Hub {
             requests: 0,
             delayed: Vec::new(),
             delay_due: None,
+            cluster: None,
         }
     }
 
@@ -295,6 +301,7 @@ impl Hub {
     /// One message from another shard, or from this one (handled in place).
     pub fn handle(&mut self, now: Now, msg: HubMsg) {
         match msg {
+            msg if self.needs_mirror(&msg) => self.wait_for_mirror(now, msg),
             HubMsg::Subscribe {
                 topic,
                 from,
@@ -469,6 +476,9 @@ impl Hub {
     }
 
     fn free_if_idle(&mut self, topic: &Arc<str>) {
+        if self.cluster.is_some() {
+            return self.release_if_unused(topic);
+        }
         if self.rooms.get(topic).is_some_and(|r| r.is_idle()) {
             self.rooms.remove(topic);
         }
@@ -483,7 +493,10 @@ impl Hub {
         from: Option<&str>,
         reply: Reply,
     ) {
-        let (tuning, cap) = (self.tuning, self.cfg.history_size);
+        if self.cluster.is_some() {
+            return self.redis_publish(now, &topic, kind, data, from, reply);
+        }
+        let tuning = self.tuning;
         let room = self.room(&topic);
         let seq = room.next_seq();
         let text = proto::room_message(kind, &topic, seq, data, from, now.wall);
@@ -497,26 +510,12 @@ impl Hub {
             },
         };
         let shards: Vec<usize> = room.subscriber_shards().collect();
-        if cap > 0 {
-            let stored = Stored {
-                seq,
-                at: now.at,
-                msg: msg.clone(),
-            };
-            let added = stored.size();
-            let len = room.history_len();
-            let freed = room.record(stored, cap);
-            let grown = room.history_len() - len;
-            let life = room.life;
-            self.history_len += grown;
-            self.history_bytes = self.history_bytes + added - freed;
-            self.recorded.push_back(Recorded {
-                topic: topic.clone(),
-                life,
-                seq,
-            });
-            self.enforce_budget();
-        }
+        let stored = Stored {
+            seq,
+            at: now.at,
+            msg: msg.clone(),
+        };
+        self.keep(&topic, stored);
         ::metrics::counter!(m::PUBLISHED).increment(1);
         self.fan_out(now, &topic, &shards, msg);
         // No history kept and nobody listening: nothing to remember.
@@ -528,6 +527,27 @@ impl Hub {
         };
         self.answer(now, reply, ack, ApiAnswer::Published { seq });
     }
+    /// Keeps `stored` in its room's history (up to `history_size`, within the byte budget).
+    fn keep(&mut self, topic: &Arc<str>, stored: Stored) {
+        let cap = self.cfg.history_size;
+        let Some(room) = self.rooms.get_mut(topic).filter(|_| cap > 0) else {
+            return;
+        };
+        let (added, seq) = (stored.size(), stored.seq);
+        let len = room.history_len();
+        let freed = room.record(stored, cap);
+        let grown = room.history_len() - len;
+        let life = room.life;
+        self.history_len += grown;
+        self.history_bytes = self.history_bytes + added - freed;
+        self.recorded.push_back(Recorded {
+            topic: topic.clone(),
+            life,
+            seq,
+        });
+        self.enforce_budget();
+    }
+
     /// Drops the oldest history over all rooms until the shard is within its byte budget.
     fn enforce_budget(&mut self) {
         while self.history_bytes > self.history_budget {

@@ -112,13 +112,19 @@ async fn ask(
     let (tx, rx) = oneshot::channel();
     let msg = make(Reply::Http(tx));
     shard.hub.with(|hub, now| hub.route(now, topic, msg));
-    rx.await.map_err(|_| {
-        ApiError(
+    match rx.await {
+        Ok(ApiAnswer::Unavailable(why)) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            why,
+        )),
+        Ok(answer) => Ok(answer),
+        Err(_) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
             "the topic's shard is not available".into(),
-        )
-    })
+        )),
+    }
 }
 
 async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
@@ -193,7 +199,7 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
     .await?;
     match answer {
         ApiAnswer::Published { seq } => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
-        ApiAnswer::Json(_) => Err(ApiError(
+        ApiAnswer::Json(_) | ApiAnswer::Unavailable(_) => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "unexpected answer".into(),
@@ -235,7 +241,7 @@ async fn presence(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
     .await?
     {
         ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
-        ApiAnswer::Published { .. } => Err(ApiError(
+        ApiAnswer::Published { .. } | ApiAnswer::Unavailable(_) => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "unexpected answer".into(),
@@ -258,7 +264,7 @@ async fn history(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
     .await?
     {
         ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
-        ApiAnswer::Published { .. } => Err(ApiError(
+        ApiAnswer::Published { .. } | ApiAnswer::Unavailable(_) => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "unexpected answer".into(),

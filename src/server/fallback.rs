@@ -740,6 +740,9 @@ async fn publish_inner(
             "internal",
             "unexpected answer",
         )),
+        Ok(ApiAnswer::Unavailable(why)) => {
+            Err(refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why))
+        }
         Err(_) => Err(refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
@@ -830,6 +833,9 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
             "internal",
             "unexpected answer",
         )),
+        Ok(ApiAnswer::Unavailable(why)) => {
+            Err(refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why))
+        }
         Err(_) => Err(refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
