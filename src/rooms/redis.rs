@@ -447,3 +447,234 @@ fn age(now: Now, wall_ms: u64) -> std::time::Instant {
         .checked_sub(Duration::from_secs_f64(ago))
         .unwrap_or(now.at)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::cluster::Value;
+    use crate::rooms::config::RoomsConfig;
+    use crate::rooms::conn::RoomConn;
+    use crate::ws::handle::ConnHandle;
+    use crate::ws::mailbox::Outgoing;
+
+    fn hub() -> Hub {
+        let tuning = deflate::Tuning {
+            level: 1,
+            threshold: 64,
+        };
+        let rooms = RoomsConfig {
+            presence_events: false,
+            ..RoomsConfig::default()
+        };
+        Hub::new(0, 1, rooms, tuning, 1 << 20, 7).with_redis(&ClusterConfig::default())
+    }
+
+    fn now() -> Now {
+        Now::system()
+    }
+
+    fn conn(hub: &mut Hub, id: u64) -> Rc<RoomConn> {
+        let c = Rc::new(RoomConn {
+            entry: Rc::new(ConnHandle::new(id, "127.0.0.1:9".parse().expect("address"))),
+            client_id: format!("{id:x}").into(),
+            user: crate::auth::ANONYMOUS.into(),
+            topics: Default::default(),
+        });
+        hub.attach(c.clone());
+        c
+    }
+
+    fn drain(c: &RoomConn) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        c.entry.mailbox.drain(|item| {
+            let text = match &item {
+                Outgoing::Text(t) => t.to_vec(),
+                Outgoing::Broadcast(b) => b.payload().to_vec(),
+            };
+            out.push(serde_json::from_slice(&text).expect("JSON"));
+        });
+        out
+    }
+
+    /// The commands the hub sent, as text, with their tags.
+    fn sent(hub: &mut Hub) -> Vec<(Option<Tag>, String)> {
+        std::iter::from_fn(|| hub.poll_cluster())
+            .map(|c| (c.tag, String::from_utf8_lossy(&c.bytes).into_owned()))
+            .collect()
+    }
+
+    fn msg(seq: u64) -> String {
+        proto::room_message("message", "t", seq, &seq.to_string(), None, 1.0)
+    }
+
+    fn push(hub: &mut Hub, epoch: &str, seq: u64) {
+        let payload = format!("{epoch}\n{seq}\n{}", msg(seq));
+        hub.handle_cluster(
+            now(),
+            Event::Message {
+                channel: Bytes::from_static(b"ringgate:c:t"),
+                payload: Bytes::from(payload),
+            },
+        );
+    }
+
+    fn state(epoch: &str, seq: u64, history: &[u64]) -> Value {
+        let wall = (now().wall * 1000.0) as u64;
+        let entries = history
+            .iter()
+            .map(|s| Value::Str(Bytes::from(format!("{s}\n{wall}\n{}", msg(*s)))))
+            .collect();
+        Value::Array(vec![
+            Value::Int(seq as i64),
+            Value::Str(Bytes::copy_from_slice(epoch.as_bytes())),
+            Value::Array(entries),
+        ])
+    }
+
+    fn seqs(c: &RoomConn) -> Vec<u64> {
+        drain(c).iter().filter_map(|m| m["seq"].as_u64()).collect()
+    }
+
+    #[test]
+    fn a_mirror_follows_redis_exactly_through_reconnections_and_lost_state() {
+        let mut hub = hub();
+        hub.handle_cluster(now(), Event::Up);
+        let c = conn(&mut hub, 1);
+        hub.subscribe(now(), &c, "t", Some(1), Some("E"), Some("1".into()));
+        let cmds = sent(&mut hub);
+        assert!(
+            cmds[0].0.is_none() && cmds[0].1.contains("SUBSCRIBE"),
+            "{cmds:?}"
+        );
+        assert_eq!(cmds[1].0, Some(Tag::Sync("t".into())));
+        assert!(drain(&c).is_empty(), "the subscribe waits for the read");
+        // Pushed before the read's answer: the read covers it.
+        push(&mut hub, "E", 3);
+        let t = Tag::Sync("t".into());
+        hub.handle_cluster(now(), Event::Reply(t.clone(), Ok(state("E", 3, &[2, 3]))));
+        let got = drain(&c);
+        assert_eq!(
+            (&got[0]["type"], &got[0]["recovered"]),
+            (&"subscribed".into(), &true.into())
+        );
+        assert_eq!(
+            got[1..]
+                .iter()
+                .map(|m| m["seq"].clone())
+                .collect::<Vec<_>>(),
+            [2, 3]
+        );
+        // Live, no duplicate.
+        push(&mut hub, "E", 3);
+        push(&mut hub, "E", 4);
+        assert_eq!(seqs(&c), [4]);
+        // Cut off while 5 and 6 were published; 7 arrives during the read again.
+        hub.handle_cluster(now(), Event::Down("gone".into()));
+        hub.handle_cluster(now(), Event::Up);
+        assert_eq!(
+            sent(&mut hub)[1].0,
+            Some(t.clone()),
+            "the mirror is read again"
+        );
+        push(&mut hub, "E", 7);
+        hub.handle_cluster(
+            now(),
+            Event::Reply(t.clone(), Ok(state("E", 7, &[4, 5, 6, 7]))),
+        );
+        push(&mut hub, "E", 8);
+        assert_eq!(seqs(&c), [5, 6, 7, 8]);
+        // Redis lost the topic: a new epoch from seq 1, and the mirror follows it.
+        push(&mut hub, "F", 1);
+        assert_eq!(seqs(&c), [1]);
+        let c2 = conn(&mut hub, 2);
+        hub.subscribe(now(), &c2, "t", Some(8), Some("E"), None);
+        let r = &drain(&c2)[0];
+        assert_eq!(
+            (&r["recovered"], &r["epoch"]),
+            (&false.into(), &"F".into()),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn without_redis_requests_are_refused_and_nothing_is_queued() {
+        let mut hub = hub();
+        let c = conn(&mut hub, 1);
+        hub.subscribe(now(), &c, "t", None, None, Some("1".into()));
+        hub.route(
+            now(),
+            "t",
+            HubMsg::Publish {
+                topic: "t".into(),
+                kind: "message".into(),
+                data: "1".into(),
+                from: None,
+                reply: Reply::Conn {
+                    to: super::super::ConnRef { shard: 0, conn: 1 },
+                    id: Some("2".into()),
+                },
+            },
+        );
+        let got = drain(&c);
+        let codes: Vec<_> = got
+            .iter()
+            .map(|m| (m["code"].clone(), m["id"].clone()))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                ("unavailable".into(), 1.into()),
+                ("unavailable".into(), 2.into())
+            ]
+        );
+        assert!(sent(&mut hub).is_empty());
+    }
+
+    #[test]
+    fn past_max_pending_publishes_are_refused_until_answers_come() {
+        let tuning = deflate::Tuning {
+            level: 1,
+            threshold: 64,
+        };
+        let cluster = ClusterConfig {
+            max_pending: 2,
+            ..ClusterConfig::default()
+        };
+        let mut hub =
+            Hub::new(0, 1, RoomsConfig::default(), tuning, 1 << 20, 7).with_redis(&cluster);
+        hub.handle_cluster(now(), Event::Up);
+        let mut answers: Vec<_> = (0..3)
+            .map(|_| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let publish = HubMsg::Publish {
+                    topic: "t".into(),
+                    kind: "message".into(),
+                    data: "1".into(),
+                    from: None,
+                    reply: Reply::Http(tx),
+                };
+                hub.handle(now(), publish);
+                rx
+            })
+            .collect();
+        assert_eq!(
+            sent(&mut hub).len(),
+            2,
+            "one command per publish, two in flight"
+        );
+        assert!(matches!(
+            answers[2].try_recv(),
+            Ok(ApiAnswer::Unavailable(_))
+        ));
+        let answer = Value::Array(vec![Value::Int(1), Value::Str(Bytes::from_static(b"E"))]);
+        hub.handle_cluster(now(), Event::Reply(Tag::Publish(1), Ok(answer)));
+        assert_eq!(answers[0].try_recv(), Ok(ApiAnswer::Published { seq: 1 }));
+        hub.handle_cluster(now(), Event::Reply(Tag::Publish(2), Err("gone".into())));
+        assert!(matches!(
+            answers[1].try_recv(),
+            Ok(ApiAnswer::Unavailable(_))
+        ));
+    }
+}
