@@ -41,26 +41,15 @@ pub async fn run(
     let mut delay = FIRST_DELAY;
     let mut was_up = true; // the first failure is logged
     loop {
-        let conn = tokio::time::timeout(cfg.connect_timeout(), connect(backend, &target)).await;
-        let e = match conn {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(format!(
-                "no answer from {} within connect_timeout",
-                target.addr
-            )),
-        };
-        let stream = match e {
+        let timeout = cfg.connect_timeout();
+        let conn = tokio::time::timeout(timeout, connect(backend, &target, timeout))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from {} within connect_timeout", target.addr)));
+        let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                fail(
-                    &on,
-                    &mut commands,
-                    &mut VecDeque::new(),
-                    &e,
-                    &mut was_up,
-                    shard,
-                );
+                let mut none = VecDeque::new();
+                fail(&on, &mut commands, &mut none, &e, &mut was_up, shard);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(cfg.reconnect_max_delay());
                 continue;
@@ -108,7 +97,7 @@ fn fail(
 
 /// Opens the connection and says hello: RESP3 (for pushes and replies on one connection),
 /// credentials, the database, the scripts.
-async fn connect(backend: Backend, t: &RedisTarget) -> Result<Stream, String> {
+async fn connect(backend: Backend, t: &RedisTarget, timeout: Duration) -> Result<Stream, String> {
     let addrs: Vec<SocketAddr> = match t.addr.parse() {
         Ok(a) => vec![a],
         Err(_) => tokio::net::lookup_host(&t.addr)
@@ -116,7 +105,7 @@ async fn connect(backend: Backend, t: &RedisTarget) -> Result<Stream, String> {
             .map_err(|e| format!("resolving {}: {e}", t.addr))?
             .collect(),
     };
-    let mut stream = crate::io::connect(backend, &addrs, None, Duration::from_secs(3600))
+    let mut stream = crate::io::connect(backend, &addrs, None, timeout)
         .await
         .map_err(|e| format!("connecting to {}: {e}", t.addr))?;
     let mut hello = Vec::new();
