@@ -44,7 +44,12 @@ pub async fn run(
         let timeout = cfg.connect_timeout();
         let conn = tokio::time::timeout(timeout, connect(backend, &target, timeout))
             .await
-            .unwrap_or_else(|_| Err(format!("no answer from {} within connect_timeout", target.addr)));
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer from {} within connect_timeout",
+                    target.addr
+                ))
+            });
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
