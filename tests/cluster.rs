@@ -18,6 +18,8 @@ both_backends!(
     reconnecting_to_another_node_recovers_exactly_what_was_missed,
     redis_unreachable_at_start_degrades_and_recovers,
     redis_restarted_under_traffic_keeps_or_loses_history_as_redis_did,
+    a_password_is_sent_and_a_wrong_one_is_named,
+    a_node_killed_abruptly_does_not_disturb_the_others,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -361,4 +363,57 @@ async fn redis_restarted_under_traffic_keeps_or_loses_history_as_redis_did(backe
             assert_ne!(r["epoch"], json!(epoch), "{r}");
         }
     }
+}
+
+async fn a_password_is_sent_and_a_wrong_one_is_named(backend: Backend) {
+    let port = Redis::unused_port();
+    let _redis = Redis::start_with(port, false, &["--requirepass", "s3cret"]);
+    let wrong = node(backend, &format!("redis://:nope@127.0.0.1:{port}"));
+    ready_becomes(&wrong, 503).await;
+    let deadline = Instant::now() + PATIENCE;
+    while !wrong.log().contains("refused the hello") {
+        assert!(Instant::now() < deadline, "log:\n{}", wrong.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(wrong.log().contains("WRONGPASS"), "{}", wrong.log());
+    // The default user by name, or by a password alone.
+    for url in [
+        format!("redis://default:s3cret@127.0.0.1:{port}"),
+        format!("redis://:s3cret@127.0.0.1:{port}/1"),
+    ] {
+        let right = node(backend, &url);
+        ready_becomes(&right, 200).await;
+        let (status, v) = api_publish(&right, "t", json!(1)).await;
+        assert_eq!(status, 200, "{url}: {v}");
+    }
+}
+
+async fn a_node_killed_abruptly_does_not_disturb_the_others(backend: Backend) {
+    let redis = Redis::start(false);
+    let (a, b, c) = (
+        node(backend, &redis.url()),
+        node(backend, &redis.url()),
+        node(backend, &redis.url()),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    let mut on_a = Client::connect(&a).await;
+    on_a.subscribe("room", None).await;
+    let mut on_b = Client::connect(&b).await;
+    on_b.subscribe("room", None).await;
+    api_publish(&a, "room", json!(1)).await;
+    assert_eq!(on_b.messages("room", 1).await, [(1, json!(1))]);
+    // A dies without a goodbye (its Redis connections reset mid-subscription).
+    a.signal(libc::SIGKILL);
+    drop(on_a);
+    for i in 2..=4 {
+        let (status, v) = api_publish(&c, "room", json!(i)).await;
+        assert_eq!((status, v["seq"].as_u64()), (200, Some(i)), "{v}");
+    }
+    assert_eq!(
+        on_b.messages("room", 3).await,
+        [(2, json!(2)), (3, json!(3)), (4, json!(4))]
+    );
+    assert_eq!(b.get("/readyz").await.status, 200);
 }

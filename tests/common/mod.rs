@@ -808,6 +808,8 @@ pub struct Redis {
     dir: PathBuf,
     /// With an append-only file: a restart keeps the data (a clean stop or a kill alike).
     persistent: bool,
+    /// More `redis-server` arguments (`--requirepass`, …).
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -818,6 +820,11 @@ impl Redis {
 
     /// [`Redis::start`] on `port`.
     pub fn start_on(port: u16, persistent: bool) -> Redis {
+        Redis::start_with(port, persistent, &[])
+    }
+
+    /// [`Redis::start_on`] with more `redis-server` arguments.
+    pub fn start_with(port: u16, persistent: bool, args: &[&str]) -> Redis {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "redis-{}-{}",
@@ -831,6 +838,7 @@ impl Redis {
             port,
             dir,
             persistent,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         r.spawn();
         r
@@ -853,6 +861,7 @@ impl Redis {
             .args(["--appendonly", aof, "--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -860,7 +869,11 @@ impl Redis {
             .expect("spawn redis-server");
         self.child = Some(child);
         let deadline = Instant::now() + PATIENCE;
-        while self.command(&["PING"]).as_deref() != Some("+PONG") {
+        // Without the password PING answers -NOAUTH: up all the same.
+        while !self
+            .command(&["PING"])
+            .is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
+        {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer PING"
