@@ -47,6 +47,8 @@ pub enum Code {
     UpstreamTimeout,
     /// A shard this request needs is over its backlog (`[rooms] max_shard_backlog`): retry.
     Overloaded,
+    /// The rooms' Redis is down or too slow (`[cluster] engine = "redis"`).
+    Unavailable,
     Internal,
 }
 
@@ -64,6 +66,7 @@ impl Code {
             Code::UpstreamError => "upstream_error",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::Overloaded => "overloaded",
+            Code::Unavailable => "unavailable",
             Code::Internal => "internal",
         }
     }

@@ -5,8 +5,9 @@
 //! 1. foundation: [`error`] (with the protocol error codes), [`metrics`], [`ratelimit`], [`payload`];
 //! 2. protocol cores, plain types driven by bytes and time: [`ws`], [`auth`];
 //! 3. I/O: [`io`] (backends, the stream type, TLS, listeners, handover); knows no endpoint;
-//! 4. endpoints: [`rooms`], [`agent`], [`echo`], [`proxy`];
-//! 5. the server: [`server`] (config assembly, shards, HTTP routing, lifecycle).
+//! 4. cluster: [`cluster`] (the rooms' Redis engine: what is stored in Redis, the connection);
+//! 5. endpoints: [`rooms`], [`agent`], [`echo`], [`proxy`];
+//! 6. the server: [`server`] (config assembly, shards, HTTP routing, lifecycle).
 //!
 //! See docs/ARCHITECTURE.md.
 
@@ -19,6 +20,8 @@ pub mod auth;
 pub mod ws;
 
 pub mod io;
+
+pub mod cluster;
 
 pub mod agent;
 pub mod echo;

@@ -45,6 +45,10 @@ pub const PUBLISH_LATENCY: &str = "ringgate_publish_to_queue_seconds";
 pub const PUBLISH_TO_WRITE: &str = "ringgate_publish_to_write_seconds";
 pub const OUTBOUND_BYTES: &str = "ringgate_outbound_queue_bytes";
 pub const HISTORY_BYTES: &str = "ringgate_history_bytes";
+pub const REDIS_UP: &str = "ringgate_redis_up";
+pub const REDIS_CONNECTS: &str = "ringgate_redis_connects_total";
+pub const REDIS_COMMANDS: &str = "ringgate_redis_commands_total";
+pub const CLUSTER_UNAVAILABLE: &str = "ringgate_cluster_unavailable_total";
 // ---- agent gateway ----
 pub const AGENT_UPSTREAM_REQUESTS: &str = "ringgate_agent_upstream_requests_total";
 pub const AGENT_UPSTREAM_LATENCY: &str = "ringgate_agent_upstream_latency_seconds";
@@ -157,6 +161,16 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
         "Refused WebSocket upgrades, by reason (bad_request, origin, capacity, draining)."
     );
     describe_counter!(MESSAGES_IN, "Data messages received, by endpoint.");
+    describe_gauge!(
+        REDIS_UP,
+        "1 while the shard is connected to Redis ([cluster] engine = \"redis\")."
+    );
+    describe_counter!(REDIS_CONNECTS, "Connections made to Redis, by shard.");
+    describe_counter!(REDIS_COMMANDS, "Commands sent to Redis, by shard.");
+    describe_counter!(
+        CLUSTER_UNAVAILABLE,
+        "Rooms requests answered `unavailable` because Redis was down or too slow."
+    );
     describe_counter!(MESSAGES_OUT, "Data messages sent, by endpoint.");
     describe_counter!(
         BYTES_IN,

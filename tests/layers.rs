@@ -10,6 +10,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("foundation", &["error", "metrics", "ratelimit", "payload"]),
     ("protocol cores", &["ws", "auth"]),
     ("I/O", &["io"]),
+    ("cluster", &["cluster"]),
     ("endpoints", &["rooms", "agent", "echo", "proxy"]),
     ("server", &["server"]),
 ];

@@ -23,6 +23,7 @@ pub mod config;
 pub mod conflate;
 pub mod conn;
 pub mod proto;
+mod redis;
 pub mod room;
 #[cfg(test)]
 mod sim;
@@ -105,6 +106,8 @@ pub enum ApiAnswer {
     Json(String),
     /// Not done: a shard it needs is over its backlog (HTTP 503, retry).
     Overloaded,
+    /// `[cluster] engine = "redis"` and Redis is down or too slow: why.
+    Unavailable(String),
 }
 
 /// What a publish asks for beyond its topic and content.
@@ -291,6 +294,8 @@ pub struct Hub {
     /// that falls behind slows its publishers rather than growing memory or losing messages.
     congested: Vec<bool>,
     congested_count: usize,
+    /// `[cluster] engine = "redis"`: rooms mirror Redis ([`Hub::with_redis`]).
+    cluster: Option<redis::Cluster>,
 }
 
 impl Hub {
@@ -329,6 +334,7 @@ impl Hub {
             delay_due: None,
             congested: vec![false; shards.max(1)],
             congested_count: 0,
+            cluster: None,
         }
     }
 
@@ -443,6 +449,7 @@ impl Hub {
     /// One message from another shard, or from this one (handled in place).
     pub fn handle(&mut self, now: Now, msg: HubMsg) {
         match msg {
+            msg if self.needs_mirror(&msg) => self.wait_for_mirror(now, msg),
             HubMsg::Subscribe {
                 topic,
                 from,
@@ -696,6 +703,9 @@ impl Hub {
     }
 
     fn free_if_idle(&mut self, topic: &Arc<str>) {
+        if self.cluster.is_some() {
+            return self.release_if_unused(topic);
+        }
         if self.rooms.get(topic).is_some_and(|r| r.is_idle()) {
             self.rooms.remove(topic);
         }
@@ -714,6 +724,18 @@ impl Hub {
             if let Some(s) = behind {
                 return self.overloaded(now, reply, s);
             }
+        }
+        // Redis mode: Redis assigns the seq and keeps the history, and every node delivers the
+        // message when it comes back on the topic's channel (rooms/redis.rs). Volatile,
+        // conflated and binary publishes are not carried across nodes yet (docs/CLUSTER.md).
+        if self.cluster.is_some() {
+            let Payload::Json(data) = &publish.data else {
+                let why =
+                    "binary topics are not carried across nodes ([cluster] engine = \"redis\")";
+                return self.unavailable(now, reply, why);
+            };
+            let from = publish.from.as_deref();
+            return self.redis_publish(now, &topic, &publish.kind, data, from, reply);
         }
         let conflate = self.cfg.rule_for(&topic).and_then(|r| {
             let key = match (&publish.data, r.conflate_key.as_deref()) {
@@ -753,7 +775,7 @@ impl Hub {
     /// Delivers a publish to the topic's subscribers: encoded once, with the next seq and
     /// kept in history unless it is volatile. Returns its seq.
     fn deliver_publish(&mut self, now: Now, topic: &Arc<str>, p: &Publish) -> Option<u64> {
-        let (tuning, cap) = (self.tuning, self.cfg.history_size);
+        let tuning = self.tuning;
         let room = self.room(topic);
         let seq = (!p.volatile).then(|| room.next_seq());
         let trace = p.trace.as_deref();
@@ -774,25 +796,13 @@ impl Hub {
             },
         };
         let shards: Vec<usize> = room.subscriber_shards().collect();
-        if let Some(seq) = seq.filter(|_| cap > 0) {
+        if let Some(seq) = seq {
             let stored = Stored {
                 seq,
                 at: now.at,
                 msg: msg.clone(),
             };
-            let added = stored.size();
-            let len = room.history_len();
-            let freed = room.record(stored, cap);
-            let grown = room.history_len() - len;
-            let life = room.life;
-            self.history_len += grown;
-            self.history_bytes = self.history_bytes + added - freed;
-            self.recorded.push_back(Recorded {
-                topic: topic.clone(),
-                life,
-                seq,
-            });
-            self.enforce_budget();
+            self.keep(topic, stored);
         }
         tracing::debug!(%topic, seq, trace, shards = shards.len(), "room message published");
         ::metrics::counter!(m::PUBLISHED).increment(1);
@@ -806,6 +816,27 @@ impl Hub {
         self.free_if_idle(topic);
         seq
     }
+    /// Keeps `stored` in its room's history (up to `history_size`, within the byte budget).
+    fn keep(&mut self, topic: &Arc<str>, stored: Stored) {
+        let cap = self.cfg.history_size;
+        let Some(room) = self.rooms.get_mut(topic).filter(|_| cap > 0) else {
+            return;
+        };
+        let (added, seq) = (stored.size(), stored.seq);
+        let len = room.history_len();
+        let freed = room.record(stored, cap);
+        let grown = room.history_len() - len;
+        let life = room.life;
+        self.history_len += grown;
+        self.history_bytes = self.history_bytes + added - freed;
+        self.recorded.push_back(Recorded {
+            topic: topic.clone(),
+            life,
+            seq,
+        });
+        self.enforce_budget();
+    }
+
     /// Drops the oldest history over all rooms until the shard is within its byte budget.
     fn enforce_budget(&mut self) {
         while self.history_bytes > self.history_budget {

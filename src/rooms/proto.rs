@@ -423,6 +423,25 @@ pub fn ack_unsequenced(id: &str, conflated: bool) -> String {
     Obj::new("ack").raw("id", id).raw(what, "true").done()
 }
 
+/// [`room_message`] cut where the seq goes, for a seq assigned elsewhere (Redis): the message
+/// is `head`, the seq in decimal, `tail`.
+pub fn room_message_around_seq(
+    kind: &str,
+    topic: &str,
+    data: &str,
+    from: Option<&str>,
+    timestamp: f64,
+) -> (String, String) {
+    let mut head = Obj::new(kind).str("topic", topic).0;
+    head.push_str(",\"seq\":");
+    let tail = Obj(String::new()).raw("data", data);
+    let tail = match from {
+        Some(f) => tail.str("from", f),
+        None => tail,
+    };
+    (head, tail.time("timestamp", timestamp).done())
+}
+
 pub fn ack(id: &str, seq: u64) -> String {
     Obj::new("ack").raw("id", id).num("seq", seq).done()
 }
@@ -479,6 +498,17 @@ pub fn error(e: &ClientError, id: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_cut_around_its_seq_is_the_same_message() {
+        for from in [None, Some("u\"1")] {
+            let (head, tail) = room_message_around_seq("m", "a\"b", "{\"x\":[1]}", from, 1.5);
+            assert_eq!(
+                format!("{head}42{tail}"),
+                room_message("m", "a\"b", Some(42), "{\"x\":[1]}", from, 1.5, None)
+            );
+        }
+    }
 
     fn parse_str(s: &str) -> (Option<String>, Result<String, (Code, String)>) {
         let mut buf = s.as_bytes().to_vec();

@@ -128,6 +128,11 @@ async fn ask(
             "overloaded",
             "a shard this needs is behind (max_shard_backlog); retry".into(),
         )),
+        Ok(ApiAnswer::Unavailable(why)) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            why,
+        )),
         Ok(answer) => Ok(answer),
         Err(_) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -293,11 +298,11 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
         ApiAnswer::Published { seq } => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
         // Volatile, or held by conflation: `{"volatile":true}` / `{"conflated":true}`.
         ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
-        // `ask` answers it as an error already.
-        ApiAnswer::Overloaded => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "a shard this needs is behind (max_shard_backlog); retry".into(),
+        // `ask` answers these as errors already.
+        ApiAnswer::Overloaded | ApiAnswer::Unavailable(_) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected answer".into(),
         )),
     }
 }
@@ -356,11 +361,13 @@ async fn presence(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
     .await?
     {
         ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
-        ApiAnswer::Published { .. } | ApiAnswer::Overloaded => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected answer".into(),
-        )),
+        ApiAnswer::Published { .. } | ApiAnswer::Overloaded | ApiAnswer::Unavailable(_) => {
+            Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "unexpected answer".into(),
+            ))
+        }
     }
 }
 
@@ -379,11 +386,13 @@ async fn history(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
     .await?
     {
         ApiAnswer::Json(body) => Ok(json(StatusCode::OK, body)),
-        ApiAnswer::Published { .. } | ApiAnswer::Overloaded => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected answer".into(),
-        )),
+        ApiAnswer::Published { .. } | ApiAnswer::Overloaded | ApiAnswer::Unavailable(_) => {
+            Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "unexpected answer".into(),
+            ))
+        }
     }
 }
 

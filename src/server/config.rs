@@ -92,6 +92,8 @@ pub struct Config {
     pub agent: crate::agent::config::AgentConfig,
     /// Rooms: `/ws`, `/api/publish`, `/api/presence`, `/api/history`.
     pub rooms: crate::rooms::config::RoomsConfig,
+    /// Rooms across nodes (`[cluster]`, docs/CLUSTER.md): in memory, or through Redis.
+    pub cluster: crate::cluster::config::ClusterConfig,
     /// JWT authentication of `/ws` (and `/ws/agent`) clients.
     pub auth: crate::auth::AuthConfig,
     /// Connection caps and rates per client address.
@@ -304,6 +306,7 @@ impl Default for Config {
             handover_socket: None,
             metrics: true,
             rooms: crate::rooms::config::RoomsConfig::default(),
+            cluster: crate::cluster::config::ClusterConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             limits: super::admission::LimitsConfig::default(),
             tls: Tls::default(),
@@ -438,6 +441,12 @@ impl Config {
         }
         if let Some(v) = env("WS_MAX_CONNECTIONS") {
             self.max_connections = parse("WS_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = env("CLUSTER_ENGINE") {
+            self.cluster.engine = parse("CLUSTER_ENGINE", &v)?;
+        }
+        if let Some(v) = env("REDIS_URL") {
+            self.cluster.redis_url = v.trim().to_string();
         }
         // ---- agent gateway ----
         if let Some(v) = env("AGENT_UPSTREAM") {
@@ -692,6 +701,7 @@ impl Config {
             });
         }
         self.rooms.validate()?;
+        self.cluster.validate()?;
         self.auth.validate()?;
         self.limits.validate()?;
         if self.backlog == 0 {
@@ -792,6 +802,32 @@ mod tests {
         assert_eq!(c.max_message_size, 16 << 20);
         assert_eq!(c.max_connections, 0);
         assert!(c.echo);
+    }
+
+    #[test]
+    fn the_cluster_table_in_its_minimal_form_and_from_the_environment() {
+        let c = Config::from_toml(
+            "[cluster]\nengine = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"",
+        )
+        .unwrap();
+        assert!(c.cluster.is_redis());
+        assert_eq!(c.cluster.target().unwrap().addr, "127.0.0.1:6379");
+        let mut c = Config::default();
+        assert!(!c.cluster.is_redis(), "memory is the default");
+        c.apply_env(env(&[
+            ("CLUSTER_ENGINE", "redis"),
+            ("REDIS_URL", "redis://:pw@10.0.0.5:7000/2"),
+        ]))
+        .unwrap();
+        let t = c.cluster.target().unwrap();
+        assert!(c.cluster.is_redis());
+        assert_eq!(
+            (t.addr.as_str(), t.password.as_deref(), t.db),
+            ("10.0.0.5:7000", Some("pw"), 2)
+        );
+        c.apply_env(env(&[("REDIS_URL", "rediss://x")])).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("cluster.redis_url"), "{err}");
     }
 
     #[test]

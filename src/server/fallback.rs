@@ -810,6 +810,9 @@ async fn publish_inner(
         Ok(ApiAnswer::Published { seq }) => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
         // Volatile or conflated by the topic's `[[rooms.topic]]`: no seq.
         Ok(ApiAnswer::Json(body)) => Ok(json(StatusCode::OK, body)),
+        Ok(ApiAnswer::Unavailable(why)) => {
+            Err(refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why))
+        }
         Err(_) => Err(refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
@@ -905,6 +908,9 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
             "internal",
             "unexpected answer",
         )),
+        Ok(ApiAnswer::Unavailable(why)) => {
+            Err(refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why))
+        }
         Err(_) => Err(refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",

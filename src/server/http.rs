@@ -581,6 +581,11 @@ impl Router {
             text(StatusCode::SERVICE_UNAVAILABLE, "a shard failed\n")
         } else if req.uri().path() == "/readyz" && global.is_draining() {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if req.uri().path() == "/readyz"
+            && global.config.cluster.ready_requires_redis
+            && global.redis_down.load(std::sync::atomic::Ordering::Acquire) > 0
+        {
+            text(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable\n")
         } else if req.uri().path() == "/readyz" {
             text(StatusCode::OK, "ready\n")
         } else {

@@ -51,6 +51,8 @@ pub struct ServerState {
     /// Rooms messages queued for each shard by the others and not yet handled: the bound of
     /// the cross-shard channels (`[rooms] max_shard_backlog`).
     pub hub_backlog: Box<[Backlog]>,
+    /// Shards without a connection to Redis (`[cluster] engine = "redis"`).
+    pub redis_down: AtomicUsize,
 }
 
 /// One shard's inbound rooms backlog, alone on its cache line: every shard writes it, and the
@@ -72,6 +74,7 @@ impl ServerState {
             hub_backlog: (0..shards).map(|_| Backlog::default()).collect(),
             has_admin_listener: config.has_admin_listener(),
             failed: AtomicBool::new(false),
+            redis_down: AtomicUsize::new(0),
             admission: Arc::new(super::admission::Admission::new(
                 &config.limits,
                 super::nofile_limit(),
@@ -196,7 +199,7 @@ impl Shard {
             SystemTime::now(),
             std::process::id(),
         ));
-        let hub = crate::rooms::Hub::new(
+        let mut hub = crate::rooms::Hub::new(
             id,
             global.shards.get().map_or(1, |s| s.len()),
             c.rooms.clone(),
@@ -204,6 +207,9 @@ impl Shard {
             c.max_outbound_bytes,
             epoch_seed,
         );
+        if c.cluster.is_redis() {
+            hub = hub.with_redis(&c.cluster);
+        }
         let with_max = |max_message: usize| Settings {
             max_message,
             ..settings.clone()
@@ -336,9 +342,15 @@ impl Shard {
                 l
             })
             .collect();
+        let redis = self.global.config.cluster.is_redis().then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::task::spawn_local(redis_link(self.clone(), rx));
+            tx
+        });
         let links = Rc::new(HubLinks {
             global: self.global.clone(),
             peers: self.global.shards.get().cloned().unwrap_or_default(),
+            redis,
             deadline: Cell::new(None),
             changed: Notify::new(),
         });
@@ -466,6 +478,9 @@ async fn publish_metrics(shard: Rc<Shard>) {
 struct HubLinks {
     global: Arc<ServerState>,
     peers: Vec<mpsc::UnboundedSender<Control>>,
+    /// This shard's connection to Redis, with `[cluster] engine = "redis"`. Unbounded as a
+    /// channel, bounded by the hub (`max_pending`).
+    redis: Option<mpsc::UnboundedSender<crate::cluster::Command>>,
     /// The hub's [`poll_timeout`](crate::rooms::Hub::poll_timeout) as last seen.
     deadline: Cell<Option<Instant>>,
     changed: Notify,
@@ -503,12 +518,40 @@ impl HubLinks {
                 _ => tracing::error!(shard = to, "hub message to an unknown shard"),
             }
         }
+        while let Some(c) = hub.poll_cluster() {
+            if let Some(tx) = &self.redis {
+                // Fails only once the link has stopped with the shard.
+                let _ = tx.send(c);
+            }
+        }
         let due = hub.poll_timeout();
         if due != self.deadline.get() {
             self.deadline.set(due);
             self.changed.notify_one();
         }
     }
+}
+
+/// The shard's connection to Redis: its events go to the hub, its state to `/readyz`.
+async fn redis_link(shard: Rc<Shard>, commands: mpsc::UnboundedReceiver<crate::cluster::Command>) {
+    let global = shard.global.clone();
+    global.redis_down.fetch_add(1, Ordering::AcqRel);
+    let down = Cell::new(true);
+    let on = |event: crate::cluster::Event| {
+        use crate::cluster::Event;
+        match &event {
+            Event::Up if down.replace(false) => {
+                global.redis_down.fetch_sub(1, Ordering::AcqRel);
+            }
+            Event::Down(_) if !down.replace(true) => {
+                global.redis_down.fetch_add(1, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+        shard.hub.with(|hub, now| hub.handle_cluster(now, event));
+    };
+    let cfg = global.config.cluster.clone();
+    crate::cluster::link::run(global.backend, cfg, shard.id, commands, on).await;
 }
 
 /// `write_delay` and conflation: sleeps until the hub's deadline, then lets it release the

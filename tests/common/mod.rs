@@ -298,6 +298,8 @@ pub fn ringgate_command() -> Command {
         "PORT",
         "WS_HEARTBEAT_INTERVAL",
         "WS_MAX_CONNECTIONS",
+        "CLUSTER_ENGINE",
+        "REDIS_URL",
         "AGENT_UPSTREAM",
     ] {
         cmd.env_remove(var);
@@ -841,4 +843,151 @@ impl Drop for CertDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+// ---- Redis ---------------------------------------------------------------------------------
+
+/// A real `redis-server` on 127.0.0.1, on a free port, with its own directory; killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    /// With an append-only file: a restart keeps the data (a clean stop or a kill alike).
+    persistent: bool,
+    /// More `redis-server` arguments (`--requirepass`, …).
+    args: Vec<String>,
+}
+
+impl Redis {
+    /// Starts `redis-server` (installed with apt-get on first use when running as root).
+    pub fn start(persistent: bool) -> Redis {
+        Redis::start_on(free_port(), persistent)
+    }
+
+    /// [`Redis::start`] on `port`.
+    pub fn start_on(port: u16, persistent: bool) -> Redis {
+        Redis::start_with(port, persistent, &[])
+    }
+
+    /// [`Redis::start_on`] with more `redis-server` arguments.
+    pub fn start_with(port: u16, persistent: bool, args: &[&str]) -> Redis {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "redis-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut r = Redis {
+            child: None,
+            port,
+            dir,
+            persistent,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        r.spawn();
+        r
+    }
+
+    /// A port nothing listens on (for "Redis is down" tests).
+    pub fn unused_port() -> u16 {
+        free_port()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let aof = if self.persistent { "yes" } else { "no" };
+        let child = Command::new(redis_server())
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", aof, "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        // Without the password PING answers -NOAUTH: up all the same.
+        while !self
+            .command(&["PING"])
+            .is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL): without an append-only file its data is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs one command (inline form); the first line of the answer, or `None` when the
+    /// server is not reachable.
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(PATIENCE)).ok()?;
+        s.write_all(format!("{}\r\n", args.join(" ")).as_bytes())
+            .ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_string())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// `redis-server`, installed from the Debian packages on first use when running as root.
+fn redis_server() -> &'static str {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    let found = || {
+        Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    INSTALL.call_once(|| {
+        // SAFETY: geteuid has no preconditions.
+        if !found() && unsafe { libc::geteuid() } == 0 {
+            let _ = Command::new("apt-get")
+                .args(["install", "-y", "redis-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+        }
+    });
+    assert!(
+        found(),
+        "these tests need redis-server: apt-get install redis-server"
+    );
+    "redis-server"
 }

@@ -34,6 +34,10 @@ pub struct FanoutArgs {
     /// ws:// or wss://127.0.0.1:PORT/ws (only 127.0.0.1 / localhost).
     #[arg(long)]
     url: String,
+    /// Where subscribers connect, round robin (repeatable; several nodes of a cluster);
+    /// publishers stay on --url. Default: --url.
+    #[arg(long)]
+    subscriber_url: Vec<String>,
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
     #[arg(long, default_value_t = 1)]
@@ -76,6 +80,9 @@ pub struct FanoutArgs {
     /// Server process to measure: CPU time from the first publish to the last delivery.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// More server processes to measure the same way (the other nodes of a cluster).
+    #[arg(long)]
+    also_server_pid: Vec<u32>,
     /// After the drain, keep every connection open this many seconds and report the server's
     /// VmRSS before and after (needs --server-pid): what connections keep once traffic stops.
     #[arg(long, default_value_t = 0.0)]
@@ -119,6 +126,14 @@ impl FanStats {
 
 pub async fn run(a: FanoutArgs) -> Result<()> {
     let t = Target::parse(&a.url, &a.tls)?;
+    let sub_targets = match a.subscriber_url.is_empty() {
+        true => vec![t.clone()],
+        false => a
+            .subscriber_url
+            .iter()
+            .map(|u| Target::parse(u, &a.tls))
+            .collect::<Result<Vec<_>>>()?,
+    };
     ensure!(
         a.subscribers >= 1 && a.publishers >= 1,
         "--subscribers and --publishers must be at least 1"
@@ -174,7 +189,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     // Subscribers: connect and subscribe, `concurrency` at a time.
     let base = seed();
     let (subs, failed, first) = bounded(a.subscribers, a.concurrency, deadline, |i| {
-        let (t, topics) = (t.clone(), topics.clone());
+        let (t, topics) = (sub_targets[i % sub_targets.len()].clone(), topics.clone());
         async move {
             let sd = base ^ ((i as u64) << 20);
             subscribe(&t, sd, &topics, i % topics.len(), a.deflate).await
@@ -244,6 +259,11 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     tokio::task::yield_now().await;
 
     let server_before = a.server_pid.map(ServerCpu::sample).transpose()?;
+    let others_before = a
+        .also_server_pid
+        .iter()
+        .map(|&p| ServerCpu::sample(p))
+        .collect::<Result<Vec<_>>>()?;
     let client_before = self_cpu();
     let machine_before = machine_busy_ticks();
     let t0 = Instant::now();
@@ -308,6 +328,10 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         Some(b) => Some(b.since()?),
         None => None,
     };
+    let others = others_before
+        .iter()
+        .map(|b| b.since())
+        .collect::<Result<Vec<_>>>()?;
     let machine_cpu = machine_busy_secs(machine_before);
     let held = match a.server_pid {
         Some(pid) if a.hold > 0.0 => {
@@ -393,6 +417,14 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
             kv,
             " server_cpu_s={secs:.3} server_us_per_delivery={per:.4}"
         );
+    }
+    for (&pid, (secs, _)) in a.also_server_pid.iter().zip(&others) {
+        let per = 1e6 * secs / delivered.max(1) as f64;
+        println!(
+            "server cpu (pid {pid}): {secs:.3}s ({:.0}% of one core), {per:.3} us per delivered msg of all",
+            100.0 * secs / elapsed
+        );
+        let _ = write!(kv, " server_{pid}_cpu_s={secs:.3}");
     }
     if let Some(m) = machine_cpu {
         let server_s = server.map_or(0.0, |(s, _)| s);
