@@ -14,7 +14,7 @@
 //!   empty the kernel ends a receive with `ENOBUFS`; the connection waits until a buffer comes
 //!   back, then re-arms. Nothing is lost: the bytes stay in the socket.
 //! - **Writes**: write-behind as before. A write hands its chunks (owned `Bytes`) to the driver
-//!   as one `sendmsg` and counts as done; a flush returns at once. The driver resubmits short
+//!   as one `send` (`sendmsg` for several chunks) and counts as done; a flush returns at once. The driver resubmits short
 //!   writes itself and wakes the connection only if it waits (a second write, a shutdown), so a
 //!   request/response costs one wake-up. An error shows at the next write or flush.
 //! - **Close**: dropping the stream cancels its receive and returns its queued buffers; the fd
@@ -89,6 +89,7 @@ pub(super) fn probe() -> Result<(), String> {
         .map_err(|e| format!("io_uring probe failed: {e}"))?;
     for (name, code) in [
         ("recv", opcode::RecvMulti::CODE),
+        ("send", opcode::Send::CODE),
         ("sendmsg", opcode::SendMsg::CODE),
         ("async_cancel", opcode::AsyncCancel::CODE),
     ] {
@@ -263,8 +264,16 @@ impl SendBuf {
         })
     }
 
-    /// Points the iovecs and the header at the chunks (again, after a short write).
+    /// The send of the chunks (again, after a short write): a plain `SEND` for one chunk (the
+    /// common case: one frame, or a shared broadcast), else a `SENDMSG` over iovecs.
     fn entry(&mut self, fd: RawFd) -> squeue::Entry {
+        if let [one] = &self.chunks[..] {
+            if let Ok(len) = u32::try_from(one.len()) {
+                return opcode::Send::new(types::Fd(fd), one.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build();
+            }
+        }
         self.iov.clear();
         self.iov.extend(self.chunks.iter().map(|c| libc::iovec {
             iov_base: c.as_ptr() as *mut _,
@@ -723,7 +732,7 @@ impl UringStream {
     }
 
     /// Once the previous send is done, hands the chunks `fill` adds (returning their length)
-    /// to the driver as one `sendmsg`. The bytes count as written now.
+    /// to the driver as one send. The bytes count as written now.
     fn start_write(
         &mut self,
         cx: &mut Context<'_>,
