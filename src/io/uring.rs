@@ -10,7 +10,7 @@
 //!   on the connection; `poll_read` copies out of them and gives each buffer back to the ring as
 //!   soon as it is emptied, so an idle connection holds no read buffer. A connection that stops
 //!   reading holds at most [`MAX_QUEUED`] buffers: its receive is cancelled and re-armed when
-//!   it reads again, so it cannot drain the ring (TCP flow control takes over). When the ring is
+//!   it reads again, so it alone cannot drain the ring (TCP flow control takes over). When the ring is
 //!   empty the kernel ends a receive with `ENOBUFS`; the connection waits until a buffer comes
 //!   back, then re-arms. Nothing is lost: the bytes stay in the socket.
 //! - **Writes**: write-behind as before. A write hands its chunks (owned `Bytes`) to the driver
@@ -58,8 +58,9 @@ impl Config {
     };
 }
 
-/// Buffers a connection may hold unread before its receive is paused.
-const MAX_QUEUED: usize = 16;
+/// Buffers a connection may hold unread before its receive is paused (16 KiB): small, so
+/// that connections which stop reading (backpressure) hold at most a small share of the ring.
+const MAX_QUEUED: usize = 4;
 /// The buffer group of the shard's provided-buffer ring.
 const BGID: u16 = 0;
 /// `io_uring_enter` flag: also process completions (not re-exported by the io-uring crate).
@@ -847,6 +848,10 @@ impl Drop for UringStream {
         let Ok(mut inner) = self.driver.inner.try_borrow_mut() else {
             return; // dropped from inside the driver: it is shutting down
         };
+        if matches!(self.conn.st.borrow().recv, Recv::NoBufs) {
+            // Its fd closes now rather than at the next buffer's return.
+            inner.buf_waiters.retain(|c| !Rc::ptr_eq(c, &self.conn));
+        }
         let mut wake = Vec::new();
         if !queued.is_empty() {
             inner.stats.held -= queued.len();
