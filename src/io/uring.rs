@@ -187,6 +187,8 @@ struct BufRing {
     size: u32,
     count: u16,
     tail: u16,
+    /// Set when the kernel may still use the memory at drop (operations did not end).
+    leak: bool,
 }
 
 impl BufRing {
@@ -209,6 +211,7 @@ impl BufRing {
             size,
             count,
             tail: 0,
+            leak: false,
         };
         // SAFETY: the entries stay allocated (and registered) until `unregister` and drop.
         unsafe {
@@ -243,6 +246,10 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
+        if self.leak {
+            std::mem::forget(std::mem::take(&mut self.mem));
+            return;
+        }
         // SAFETY: allocated in `new` with this layout.
         unsafe { std::alloc::dealloc(self.entries.cast(), self.layout) }
     }
@@ -481,10 +488,8 @@ impl Driver {
             }
         }
         if !inner.ops.is_empty() {
-            let ops = std::mem::take(&mut inner.ops);
-            std::mem::forget(ops);
-            let mem = std::mem::take(&mut inner.bufs.mem);
-            std::mem::forget(mem);
+            std::mem::forget(std::mem::take(&mut inner.ops));
+            inner.bufs.leak = true;
         }
     }
 }
