@@ -10,7 +10,8 @@
 //!   on the connection; `poll_read` copies out of them and gives each buffer back to the ring as
 //!   soon as it is emptied, so an idle connection holds no read buffer. A connection that stops
 //!   reading holds at most [`MAX_QUEUED`] buffers: its receive is cancelled and re-armed when
-//!   it reads again, so it alone cannot drain the ring (TCP flow control takes over). When the ring is
+//!   it reads again (TCP flow control takes over), and what the kernel delivered in the same
+//!   burst beyond that is copied to the connection's heap overflow, its buffers returned. When the ring is
 //!   empty the kernel ends a receive with `ENOBUFS`; the connection waits until a buffer comes
 //!   back, then re-arms. Nothing is lost: the bytes stay in the socket.
 //! - **Writes**: write-behind as before. A write hands its chunks (owned `Bytes`) to the driver
@@ -316,9 +317,11 @@ enum Recv {
 
 struct ConnState {
     recv: Recv,
-    /// Received, unread: (buffer id, length); `head` bytes of the first are read.
+    /// Received, unread: (buffer id, length); `head` bytes of the first are read. At most
+    /// [`MAX_QUEUED`]; what a burst brings beyond that waits in `overflow`, after them.
     queue: VecDeque<(u16, u32)>,
     head: usize,
+    overflow: BytesMut,
     reader: Option<Waker>,
     /// A `sendmsg` in flight.
     sending: bool,
@@ -359,6 +362,8 @@ pub(super) struct Stats {
     pub short_writes: u64,
     /// Provided buffers out of the ring (filled, not yet read).
     pub held: usize,
+    /// Buffers copied to a connection's overflow (a burst beyond its share).
+    pub overflowed: u64,
 }
 
 pub(super) struct Driver {
@@ -606,6 +611,7 @@ impl Inner {
         wake: &mut Vec<Waker>,
     ) {
         let mut st = conn.st.borrow_mut();
+        let mut returned = false;
         if res > 0 {
             let Some(bid) = cqueue::buffer_select(flags) else {
                 st.recv = Recv::Failed(io::Error::other("receive without a buffer"));
@@ -616,7 +622,18 @@ impl Inner {
                 self.bufs.push(bid);
                 self.stats.held -= 1;
             } else {
-                st.queue.push_back((bid, res as u32));
+                if st.queue.len() < MAX_QUEUED && st.overflow.is_empty() {
+                    st.queue.push_back((bid, res as u32));
+                } else {
+                    // Over its share of the ring: a burst the kernel delivered before the pause
+                    // below took effect. The bytes move to the heap, the buffer goes back.
+                    st.overflow
+                        .extend_from_slice(self.bufs.buf(bid, res as usize));
+                    self.bufs.push(bid);
+                    self.stats.held -= 1;
+                    self.stats.overflowed += 1;
+                    returned = true;
+                }
                 if st.queue.len() >= MAX_QUEUED && more && matches!(st.recv, Recv::Armed(_)) {
                     // Unread data piles up: pause until the reader catches up.
                     st.recv = Recv::Cancelling;
@@ -632,9 +649,15 @@ impl Inner {
             st.recv = Recv::Eof;
         } else if res == -libc::ENOBUFS {
             self.stats.nobufs += 1;
-            st.recv = Recv::NoBufs;
-            if !st.closed {
-                self.buf_waiters.push(conn.clone());
+            if self.stats.held < self.bufs.count as usize {
+                // Buffers came back since the kernel ran out (a burst moved to a heap
+                // overflow): the next read re-arms at once.
+                st.recv = Recv::Off;
+            } else {
+                st.recv = Recv::NoBufs;
+                if !st.closed {
+                    self.buf_waiters.push(conn.clone());
+                }
             }
         } else if res == -libc::ECANCELED {
             st.recv = Recv::Off;
@@ -643,6 +666,10 @@ impl Inner {
         }
         if !st.closed {
             wake.extend(st.reader.take());
+        }
+        drop(st);
+        if returned {
+            self.wake_buf_waiters(wake);
         }
     }
 
@@ -672,6 +699,7 @@ impl UringStream {
                 st: RefCell::new(ConnState {
                     recv: Recv::Off,
                     queue: VecDeque::new(),
+                    overflow: BytesMut::new(),
                     head: 0,
                     reader: None,
                     sending: false,
@@ -691,7 +719,7 @@ impl UringStream {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let mut st = self.conn.st.borrow_mut();
-        if !st.queue.is_empty() {
+        if !st.queue.is_empty() || !st.overflow.is_empty() {
             let mut inner = self.driver.inner.borrow_mut();
             let mut freed = false;
             while out.remaining() > 0 {
@@ -709,6 +737,14 @@ impl UringStream {
                     inner.bufs.push(bid);
                     inner.stats.held -= 1;
                     freed = true;
+                }
+            }
+            if st.queue.is_empty() && !st.overflow.is_empty() && out.remaining() > 0 {
+                let n = st.overflow.len().min(out.remaining());
+                out.put_slice(&st.overflow[..n]);
+                st.overflow.advance(n);
+                if st.overflow.is_empty() {
+                    st.overflow = BytesMut::new(); // give the memory back
                 }
             }
             drop(st);
@@ -1026,6 +1062,57 @@ mod tests {
                 "no short write happened: {:?}",
                 stats()
             );
+        });
+    }
+
+    #[test]
+    fn a_reader_that_stops_holds_few_buffers_and_loses_nothing() {
+        const LEN: usize = 200_000;
+        let config = Config {
+            entries: 64,
+            buffers: 64,
+            buffer_size: 1024,
+        };
+        run(config, async {
+            let (mut server, mut client) = pair(None).await;
+            let data: Vec<u8> = (0..LEN).map(|i| pattern(1, i)).collect();
+            let sent = data.clone();
+            let writer = tokio::task::spawn_local(async move {
+                client.write_all(&sent).await.unwrap();
+                client.shutdown().await.unwrap();
+                client
+            });
+            // One read arms the receive; then nothing is read until it has paused itself.
+            let mut got = vec![0u8; 1];
+            assert_eq!(read_some(&mut server, &mut got).await, 1);
+            for _ in 0..10_000 {
+                if matches!(server.conn.st.borrow().recv, Recv::Off) && stats().1 == 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let state = format!("{:?} {:?}", server.conn.st.borrow().recv, stats());
+            assert!(matches!(server.conn.st.borrow().recv, Recv::Off), "{state}");
+            let (st, _) = stats();
+            assert!(
+                st.held <= MAX_QUEUED,
+                "{st:?}: too many buffers held by one reader"
+            );
+            assert!(
+                st.overflowed > 0,
+                "{st:?}: the burst never went past the reader's share"
+            );
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = read_some(&mut server, &mut buf).await;
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got == data, "the stream arrived altered");
+            drop(writer.await.unwrap());
+            assert_eq!(stats().0.held, 0);
         });
     }
 
