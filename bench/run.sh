@@ -7,7 +7,9 @@
 #   bash bench/run.sh [REPS] > bench/raw.log
 #
 # Env: BIN (default target-bench/release), REPS (3), MESSAGES (200000), IDLE (1 = also run the
-# idle-memory part), IDLE_CONNS (10000), ECHO_ARGS (extra echo options, e.g. "--pipeline 8").
+# idle-memory part), IDLE_CONNS (10000), ECHO_ARGS (extra echo options, e.g. "--pipeline 8"),
+# CFGS (servers, default "uring epoll tungstenite"; "uws" runs uWebSockets from $UWS_BIN, built
+# with ../shared/peers/uws/build.sh).
 set -u
 . "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target-bench/release}
@@ -23,6 +25,7 @@ start() { # NAME
     uring) taskset -c 0 "$BIN/ringgate" --host 127.0.0.1 --shards 1 --port 8003 --io uring >/tmp/bench-server.log 2>&1 & PORT=8003 ;;
     epoll) taskset -c 0 "$BIN/ringgate" --host 127.0.0.1 --shards 1 --port 8003 --io epoll >/tmp/bench-server.log 2>&1 & PORT=8003 ;;
     tungstenite) taskset -c 0 "$BIN/examples/tungstenite_echo" --port 8004 >/tmp/bench-server.log 2>&1 & PORT=8004 ;;
+    uws) taskset -c 0 "${UWS_BIN:?set UWS_BIN}" 8005 echo >/tmp/bench-server.log 2>&1 & PORT=8005 ;;
     esac
     PID=$!
     up "$1" "$PORT"
@@ -31,7 +34,7 @@ trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null' EXIT
 
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) $(uname -r) nproc=$(nproc)"
 for rep in $(seq "$REPS"); do
-    for cfg in uring epoll tungstenite; do
+    for cfg in ${CFGS:-uring epoll tungstenite}; do
         start $cfg || continue
         sleep 0.3
         echo "## echo cfg=$cfg rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -42,7 +45,7 @@ for rep in $(seq "$REPS"); do
     done
 done
 if [ "$IDLE" = 1 ]; then
-    for cfg in uring epoll tungstenite; do
+    for cfg in ${CFGS:-uring epoll tungstenite}; do
         for touch in "" "--touch"; do
             start $cfg || continue
             sleep 0.3

@@ -7,7 +7,7 @@ import re
 import statistics
 import sys
 
-CFGS = ["uring", "epoll", "tungstenite"]
+CFGS = ["uring", "epoll", "tungstenite", "uws"]
 KEYS = [
     ("msgs_per_s", "msgs/s", "{:.0f}"),
     ("server_us_per_msg", "server CPU µs/msg", "{:.2f}"),
@@ -42,12 +42,14 @@ def parse(path):
 
 def main():
     echo, idle = parse(sys.argv[1])
+    cfgs = [c for c in CFGS if echo[c]] or CFGS
     med = {c: {} for c in CFGS}
-    print("| | " + " | ".join(f"ringgate {c}" if c != "tungstenite" else c for c in CFGS) + " |")
-    print("|---" * (len(CFGS) + 1) + "|")
+    name = {"uring": "ringgate io_uring", "epoll": "ringgate epoll", "uws": "uWebSockets"}
+    print("| | " + " | ".join(name.get(c, c) for c in cfgs) + " |")
+    print("|---" * (len(cfgs) + 1) + "|")
     for key, label, fmt in KEYS:
         row = []
-        for c in CFGS:
+        for c in cfgs:
             vals = [r[key] for r in echo[c] if key in r]
             if not vals:
                 row.append("–")
@@ -60,7 +62,8 @@ def main():
     print()
     print("| ratio (of medians) | msgs/s | server CPU µs/msg |")
     print("|---|---|---|")
-    for a, b in [("uring", "tungstenite"), ("epoll", "tungstenite"), ("uring", "epoll")]:
+    for a, b in [("uring", "tungstenite"), ("epoll", "tungstenite"), ("uring", "uws"),
+                 ("epoll", "uws"), ("uring", "epoll")]:
         try:
             r1 = med[a]["msgs_per_s"] / med[b]["msgs_per_s"]
             r2 = med[a]["server_us_per_msg"] / med[b]["server_us_per_msg"]

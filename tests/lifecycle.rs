@@ -21,6 +21,7 @@ both_backends!(
     check_config_names_unknown_key,
     restart_under_load_loses_no_connection,
     restart_with_handover_keeps_the_listening_sockets,
+    handover_drain_closes_connections_with_receives_in_flight,
 );
 
 /// SIGTERM: every WebSocket gets close 1001, `/readyz` answers 503 while the drain waits for a
@@ -355,6 +356,59 @@ async fn restart_with_handover_keeps_the_listening_sockets(backend: Backend) {
     );
     // The new process offers them on the same path for the next restart.
     assert!(path.exists(), "the successor serves {}", path.display());
+    drop(new);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A handover restart while the old process holds idle WebSockets (on io_uring each has a
+/// multishot receive armed) and one that stopped in the middle of a frame: each gets close
+/// 1001 and then the end of the stream, the old process exits 0, the new one serves.
+async fn handover_drain_closes_connections_with_receives_in_flight(backend: Backend) {
+    let path = std::env::temp_dir().join(format!(
+        "ringgate-handover-rx-{}-{}.sock",
+        std::process::id(),
+        backend.log_name()
+    ));
+    let handover = format!(
+        "handover_socket = \"{}\"\nclose_timeout = 2.0\n",
+        path.display()
+    );
+    let mut old = Server::start_with_config(backend, &handover, &["--drain-timeout", "10"]);
+    let addr = old.addr;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let mut ws = old.raw_ws().await;
+        // An echo: the server has read from this connection and waits for more.
+        ws.send(&encode_frame(0x82, Some([1, 2, 3, 4]), b"up"))
+            .await;
+        assert_eq!(
+            ws.read_frame().await.map(|f| f.payload),
+            Some(b"up".to_vec())
+        );
+        idle.push(ws);
+    }
+    let mut partial = old.raw_ws().await;
+    let frame = encode_frame(0x82, Some([5, 6, 7, 8]), &[7u8; 100]);
+    partial.send(&frame[..40]).await;
+
+    let config = format!("{handover}[[listen]]\naddr = \"{addr}\"\n");
+    let new = Server::start_sharded(backend, 2, &config, &[]);
+    old.signal(libc::SIGTERM);
+    for ws in idle.iter_mut().chain([&mut partial]) {
+        assert_eq!(ws.expect_close().await, 1001);
+    }
+    for mut ws in idle {
+        // Our close reply; then the server ends the connection.
+        ws.send(&encode_frame(0x88, Some([0; 4]), &1001u16.to_be_bytes()))
+            .await;
+        ws.expect_eof().await;
+    }
+    // Mid-frame, it cannot reply: the server gives up after close_timeout.
+    partial.expect_eof().await;
+    let status = old.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "old process log:\n{}", old.log());
+    let mut ws = new.ws().await;
+    echo(&mut ws, Message::text("after")).await;
     drop(new);
     let _ = std::fs::remove_file(&path);
 }

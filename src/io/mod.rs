@@ -9,6 +9,7 @@ pub mod handover;
 pub mod listen;
 mod stream;
 pub mod tls;
+mod uring;
 
 /// Runs hyper's background tasks (HTTP/2 streams) on the current shard: they need not be
 /// `Send`, and a shard never hands work to another thread.
