@@ -8,7 +8,7 @@
 #   cargo build --release --workspace --bins
 #   bash bench/proxy.sh [REPS] > bench/raw-proxy.log
 #
-# Env: BIN (default target/release), REPS (1), PARTS ("echo idle http body"), IDLE_CONNS
+# Env: BIN (default target/release), REPS (1), PARTS ("echo tunnel idle http body"), IDLE_CONNS
 # (5000), BODY_MB (1024), CERTS (default /tmp/ringgate-bench-certs).
 #
 # Upstreams (core 1): a ringgate serving /ws/echo on :9101 (epoll, one shard), and an nginx
@@ -18,7 +18,7 @@ set -u
 . "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release}
 REPS=${1:-${REPS:-1}}
-PARTS=${PARTS:-"echo idle http body"}
+PARTS=${PARTS:-"echo tunnel idle http body"}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 BODY_MB=${BODY_MB:-1024}
 CERTS=${CERTS:-/tmp/ringgate-bench-certs}
@@ -83,6 +83,11 @@ path = "/echo"
 upstreams = ["ws://127.0.0.1:9101/ws/echo"]
 strip_prefix = true
 [[route]]
+path = "/tunnel"
+upstreams = ["ws://127.0.0.1:9101/ws/echo"]
+strip_prefix = true
+mode = "tunnel"
+[[route]]
 path_prefix = "/h/"
 upstreams = ["http://127.0.0.1:9102"]
 strip_prefix = true
@@ -117,6 +122,13 @@ http {
             proxy_set_header Connection \$connection_upgrade;
             proxy_read_timeout 600s;
         }
+        location = /tunnel {
+            proxy_pass http://127.0.0.1:9101/ws/echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_read_timeout 600s;
+        }
         location /h/ {
             proxy_pass http://h/;
             proxy_http_version 1.1;
@@ -138,7 +150,13 @@ start() { # ringgate|nginx: sets PID to the process whose CPU and memory count
         taskset -c 0 nginx -c "$WORK/ngx/nginx.conf" -p "$WORK/ngx" >"$WORK/ngx/out.log" 2>&1 &
         NGX_MASTER=$!
         up nginx 9104 || return 1
-        PID=$(pgrep -P "$NGX_MASTER" | head -1)
+        # The master listens before it forks its worker: wait for the worker.
+        for _ in $(seq 50); do
+            PID=$(pgrep -P "$NGX_MASTER" | head -1)
+            [ -n "$PID" ] && break
+            sleep 0.1
+        done
+        [ -n "$PID" ] || return 1
     fi
     up "$1" 9103 && up "$1" 9104
 }
@@ -166,12 +184,14 @@ for rep in $(seq "$REPS"); do
             start $p || { halt; continue; }
             sleep 0.3
             case $part in
-            echo)
+            echo | tunnel)
+                # /echo: ringgate relays message by message (mode = "websocket"); /tunnel:
+                # it copies bytes (mode = "tunnel"). nginx copies bytes on both.
                 for inflight in 1 8; do
                     msgs=100000
                     [ "$inflight" = 8 ] && msgs=200000
-                    echo "## echo proxy=$p pipeline=$inflight rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
-                    taskset -c 1 timeout 120 "$LOAD" echo --url wss://127.0.0.1:9103/echo \
+                    echo "## $part proxy=$p pipeline=$inflight rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
+                    taskset -c 1 timeout 120 "$LOAD" echo --url "wss://127.0.0.1:9103/$part" \
                         --ca "$CERTS/ca.pem" --connections 100 --size 32 --messages $msgs \
                         --pipeline "$inflight" --warmup 2000 --server-pid "$PID"
                 done

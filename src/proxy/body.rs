@@ -84,7 +84,7 @@ pub enum ReqBody {
 }
 
 pub struct Upload {
-    pub route: std::rc::Rc<str>,
+    pub metrics: Rc<super::RouteMetrics>,
     pub inner: Incoming,
     /// 0: no limit.
     pub limit: u64,
@@ -155,7 +155,7 @@ impl HttpBody for ReqBody {
 /// the whole by the total one. At its end the connection goes back to the pool; dropped
 /// before (the client went away) it closes the upstream connection.
 pub struct Relay {
-    pub route: std::rc::Rc<str>,
+    pub metrics: Rc<super::RouteMetrics>,
     /// Bytes passed so far (published when the body ends or goes).
     pub sent: u64,
     pub inner: Incoming,
@@ -232,15 +232,13 @@ impl HttpBody for Relay {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        ::metrics::counter!(crate::metrics::PROXY_BYTES_IN, "route" => self.route.to_string())
-            .increment(self.seen);
+        self.metrics.bytes_in.increment(self.seen);
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        ::metrics::counter!(crate::metrics::PROXY_BYTES_OUT, "route" => self.route.to_string())
-            .increment(self.sent);
+        self.metrics.bytes_out.increment(self.sent);
         if let Some(a) = self.access.take() {
             a.log(self.sent, self.ended || self.inner.is_end_stream());
         }

@@ -5,7 +5,6 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use ::metrics::{counter, histogram};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
@@ -39,16 +38,6 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-fn class(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 /// Forwards `req` along `route` and answers with the upstream's response, or with the status
 /// that names what failed (502, 503, 504, 413, 408).
 pub async fn forward(
@@ -59,8 +48,6 @@ pub async fn forward(
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let request_id = headers::request_id(&parts.headers);
-    let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
     let result = exchange(&route, &mut parts, body, &client, &request_id).await;
     let (mut resp, upstream) = match result {
         Ok((resp, label)) => (resp, label),
@@ -72,13 +59,17 @@ pub async fn forward(
         }
     };
     let status = resp.status();
-    counter!(super::REQUESTS, "route" => route.name.clone(), "class" => class(status)).increment(1);
+    route.metrics.requests(status).increment(1);
+    // The line is built only when it is logged (the exchange left method and URI as they were).
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return resp;
+    }
     let line = Access {
         remote: client.remote,
         route: route.name.clone(),
         upstream: upstream.unwrap_or_else(|| "-".into()),
-        method,
-        path,
+        method: parts.method,
+        path: parts.uri.path().to_string(),
         status: status.as_u16(),
         request_id,
         started,
@@ -159,7 +150,7 @@ async fn exchange(
     let fault = Rc::new(Cell::new(None));
     let mut upload = (!empty).then(|| {
         ReqBody::Stream(Box::new(Upload {
-            route: route.name.as_str().into(),
+            metrics: route.metrics.clone(),
             inner: body,
             limit,
             seen: 0,
@@ -183,7 +174,7 @@ async fn exchange(
             break;
         }
         if attempt > 0 {
-            counter!(super::RETRIES, "route" => route.name.clone()).increment(1);
+            route.metrics.retries.increment(1);
         }
         attempt += 1;
         let Some(i) = balance::pick(route, hash, &tried) else {
@@ -226,8 +217,7 @@ async fn exchange(
         {
             Ok(resp) => {
                 up.success();
-                histogram!(super::LATENCY, "route" => route.name.clone())
-                    .record(sent.elapsed().as_secs_f64());
+                route.metrics.latency.record(sent.elapsed().as_secs_f64());
                 return Ok((respond(route, resp, lease, deadline), label));
             }
             Err((f, unsent_body)) => {
@@ -378,7 +368,7 @@ fn respond(
     parts.version = Version::HTTP_11;
     let idle = route.cfg.idle_timeout();
     let relay = Relay {
-        route: route.name.as_str().into(),
+        metrics: route.metrics.clone(),
         sent: 0,
         inner,
         lease: Some(lease),

@@ -135,8 +135,44 @@ pub struct RouteState {
     pub backend: Backend,
     pub shard: usize,
     pub counted: Rc<Bytes2>,
+    /// The route's metric handles, looked up once: a labelled `counter!` builds and hashes
+    /// its key on every call.
+    pub metrics: Rc<RouteMetrics>,
     /// Cleared when the table is replaced: health checks of the old table stop.
     pub live: Cell<bool>,
+}
+
+/// One route's metrics.
+pub struct RouteMetrics {
+    /// By status class: 1xx to 5xx.
+    requests: [::metrics::Counter; 5],
+    pub retries: ::metrics::Counter,
+    pub latency: ::metrics::Histogram,
+    pub bytes_in: ::metrics::Counter,
+    pub bytes_out: ::metrics::Counter,
+    pub websockets: ::metrics::Gauge,
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> RouteMetrics {
+        use ::metrics::{counter, gauge, histogram};
+        let r = route.to_string();
+        RouteMetrics {
+            requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| counter!(REQUESTS, "route" => r.clone(), "class" => class)),
+            retries: counter!(RETRIES, "route" => r.clone()),
+            latency: histogram!(LATENCY, "route" => r.clone()),
+            bytes_in: counter!(BYTES_IN, "route" => r.clone()),
+            bytes_out: counter!(BYTES_OUT, "route" => r.clone()),
+            websockets: gauge!(WEBSOCKETS, "route" => r),
+        }
+    }
+
+    /// The request counter for a response with `status`.
+    pub fn requests(&self, status: ::http::StatusCode) -> &::metrics::Counter {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize;
+        &self.requests[class - 1]
+    }
 }
 
 impl RouteState {
@@ -214,6 +250,7 @@ impl Proxy {
                 backend,
                 shard,
                 counted: Rc::default(),
+                metrics: Rc::new(RouteMetrics::new(&r.label(i))),
                 live: Cell::new(true),
             }));
             // The matcher's index becomes the position in `states` (a skipped route shifts it).

@@ -1,69 +1,43 @@
 //! `mode = "websocket"`: the client side is ringgate's own session (a [`Handler`]), the
 //! upstream side a small WebSocket client on the upstream connection. Messages are relayed
 //! with their opcode; close codes cross both ways. Each direction queues at most
-//! [`QUEUE_LIMIT`] bytes (plus the message that crossed it): a full queue stops reading on the
-//! side that fills it, so a slow reader on one side holds back the other.
+//! [`QUEUE_LIMIT`] bytes (plus one read's worth): a full queue stops reading on the side that
+//! fills it, so a slow reader on one side holds back the other.
+//!
+//! Per message the relay does no allocation and no system call of its own: the client's
+//! messages are masked straight into one buffer of upstream frames, which goes out in one
+//! write per wake-up; the upstream's frames are read into a per-shard scratch buffer (only an
+//! incomplete frame is kept) and their payloads queued back to back for the client session,
+//! which sends a batch as one vectored write. An idle relay holds no read buffer.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::io::Stream;
 use crate::ws::close::CloseCode;
 use crate::ws::connection::{Close, Handler, Message, ToClient};
 use crate::ws::frame::{parse_header, write_masked_frame, OpCode};
+use crate::ws::session::read_into;
 
 /// Bytes queued per direction before the side filling the queue stops reading.
 pub const QUEUE_LIMIT: usize = 1 << 20;
+/// Size of the per-shard buffer every relay reads its upstream into.
+const SCRATCH: usize = 64 * 1024;
+/// Reads per wake-up before yielding to other connections (fairness).
+const READ_BUDGET: usize = 8;
+/// Queue capacity kept once a queue is drained; more is given back (idle relays stay small).
+const KEEP: usize = 512;
 
-#[derive(Debug, Clone)]
-enum Msg {
-    Text(Bytes),
-    Binary(Bytes),
-}
-
-impl Msg {
-    fn len(&self) -> usize {
-        match self {
-            Msg::Text(b) | Msg::Binary(b) => b.len(),
-        }
-    }
-}
-
-/// One direction's queue.
-#[derive(Default)]
-struct Queue {
-    msgs: RefCell<VecDeque<Msg>>,
-    bytes: Cell<usize>,
-    /// The consumer, waiting for a message.
-    consumer: RefCell<Option<Waker>>,
-    /// The producer, waiting for room.
-    producer: RefCell<Option<Waker>>,
-}
-
-impl Queue {
-    fn push(&self, m: Msg) {
-        self.bytes.set(self.bytes.get() + m.len());
-        self.msgs.borrow_mut().push_back(m);
-        wake(&self.consumer);
-    }
-    fn pop(&self) -> Option<Msg> {
-        let m = self.msgs.borrow_mut().pop_front()?;
-        self.bytes.set(self.bytes.get() - m.len());
-        if self.bytes.get() < QUEUE_LIMIT {
-            wake(&self.producer);
-        }
-        Some(m)
-    }
-    fn full(&self) -> bool {
-        self.bytes.get() >= QUEUE_LIMIT
-    }
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
 fn wake(w: &RefCell<Option<Waker>>) {
@@ -76,16 +50,129 @@ fn park(slot: &RefCell<Option<Waker>>, cx: &Context<'_>) {
     *slot.borrow_mut() = Some(cx.waker().clone());
 }
 
+/// Empties `v`, giving its memory back when it grew past [`KEEP`].
+fn reset(v: &mut Vec<u8>) {
+    if v.capacity() > KEEP {
+        *v = Vec::new();
+    } else {
+        v.clear();
+    }
+}
+
+/// Client to upstream: whole masked frames, ready to be written.
+#[derive(Default)]
+struct ToUpstream {
+    frames: RefCell<Vec<u8>>,
+    /// Masking keys a page cannot predict (RFC 6455 §10.3): a per-connection random hasher
+    /// over a counter.
+    keys: std::collections::hash_map::RandomState,
+    count: Cell<u64>,
+    /// The writer, waiting for frames.
+    consumer: RefCell<Option<Waker>>,
+    /// The client session, waiting for room.
+    producer: RefCell<Option<Waker>>,
+}
+
+impl ToUpstream {
+    fn mask(&self) -> [u8; 4] {
+        use std::hash::{BuildHasher, Hasher};
+        self.count.set(self.count.get() + 1);
+        let mut h = self.keys.build_hasher();
+        h.write_u64(self.count.get());
+        (h.finish() as u32).to_be_bytes()
+    }
+
+    fn push(&self, opcode: OpCode, payload: &[u8]) {
+        let mask = self.mask();
+        write_masked_frame(&mut self.frames.borrow_mut(), true, opcode, mask, payload);
+        wake(&self.consumer);
+    }
+
+    fn full(&self) -> bool {
+        self.frames.borrow().len() >= QUEUE_LIMIT
+    }
+
+    /// Swaps the queued frames into `out` (written out, so empty); its memory is reused.
+    fn take(&self, out: &mut Vec<u8>) {
+        let mut frames = self.frames.borrow_mut();
+        std::mem::swap(&mut *frames, out);
+        reset(&mut frames);
+        wake(&self.producer);
+    }
+}
+
+/// Upstream to client: the messages' payloads back to back, and each one's kind and length.
+#[derive(Default)]
+struct ToClientQueue {
+    data: RefCell<Vec<u8>>,
+    /// Bytes at the front of `data` already taken.
+    head: Cell<usize>,
+    /// Each message: whether it is text, its length.
+    msgs: RefCell<VecDeque<(bool, usize)>>,
+    /// The client session, waiting for messages.
+    consumer: RefCell<Option<Waker>>,
+    /// The upstream reader, waiting for room.
+    producer: RefCell<Option<Waker>>,
+}
+
+impl ToClientQueue {
+    fn push(&self, text: bool, payload: &[u8]) {
+        let mut data = self.data.borrow_mut();
+        // Taken bytes go once they are the larger part (the queue never grows past twice its
+        // limit, however the two sides interleave).
+        let head = self.head.get();
+        if head > 0 && head >= data.len() - head {
+            data.drain(..head);
+            self.head.set(0);
+        }
+        data.extend_from_slice(payload);
+        self.msgs.borrow_mut().push_back((text, payload.len()));
+        wake(&self.consumer);
+    }
+
+    fn bytes(&self) -> usize {
+        self.data.borrow().len() - self.head.get()
+    }
+
+    fn full(&self) -> bool {
+        self.bytes() >= QUEUE_LIMIT
+    }
+
+    fn is_empty(&self) -> bool {
+        self.msgs.borrow().is_empty()
+    }
+
+    /// Hands up to `max` messages to `send`.
+    fn take(&self, max: usize, mut send: impl FnMut(bool, &[u8])) {
+        let mut data = self.data.borrow_mut();
+        let mut msgs = self.msgs.borrow_mut();
+        let mut head = self.head.get();
+        for _ in 0..max {
+            let Some((text, len)) = msgs.pop_front() else {
+                break;
+            };
+            send(text, &data[head..head + len]);
+            head += len;
+        }
+        if msgs.is_empty() {
+            head = 0;
+            reset(&mut data);
+        }
+        self.head.set(head);
+        if data.len() - head < QUEUE_LIMIT {
+            wake(&self.producer);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shared {
-    to_up: Queue,
-    to_client: Queue,
+    to_up: ToUpstream,
+    to_client: ToClientQueue,
     /// The client side ended: the code to send upstream.
     client_gone: Cell<Option<u16>>,
     /// The upstream side ended: its close code (1005 none, 1006 no close frame).
     upstream_gone: Cell<Option<u16>>,
-    /// Pongs owed to the upstream.
-    pongs: RefCell<Vec<Bytes>>,
 }
 
 /// What the relay keeps for its metrics and access log line.
@@ -106,11 +193,10 @@ pub struct Relay {
 
 impl Handler for Relay {
     fn on_message(&mut self, msg: Message<'_>, _out: &mut ToClient<'_>) -> Result<(), Close> {
-        let m = match msg {
-            Message::Text(t) => Msg::Text(Bytes::copy_from_slice(t)),
-            Message::Binary(b) => Msg::Binary(Bytes::copy_from_slice(b)),
-        };
-        self.shared.to_up.push(m);
+        match msg {
+            Message::Text(t) => self.shared.to_up.push(OpCode::Text, t),
+            Message::Binary(b) => self.shared.to_up.push(OpCode::Binary, b),
+        }
         Ok(())
     }
 
@@ -125,14 +211,14 @@ impl Handler for Relay {
     fn poll_produce(&mut self, cx: &mut Context<'_>, out: &mut ToClient<'_>) -> Result<(), Close> {
         let q = &self.shared.to_client;
         // A bounded batch per turn; the session comes back while the outbox has room.
-        for _ in 0..64 {
-            match q.pop() {
-                Some(Msg::Text(t)) => out.text(&t),
-                Some(Msg::Binary(b)) => out.binary(&b),
-                None => break,
+        q.take(64, |text, payload| {
+            if text {
+                out.text(payload)
+            } else {
+                out.binary(payload)
             }
-        }
-        if !q.msgs.borrow().is_empty() {
+        });
+        if !q.is_empty() {
             cx.waker().wake_by_ref();
             return Ok(());
         }
@@ -158,7 +244,7 @@ impl Drop for Relay {
         }
         wake(&self.shared.to_up.consumer);
         let e = &self.ends;
-        ::metrics::gauge!(super::WEBSOCKETS, "route" => e.route.name.clone()).decrement(1.0);
+        e.route.metrics.websockets.decrement(1.0);
         tracing::info!(
             target: "access",
             remote = %e.remote,
@@ -206,213 +292,297 @@ pub fn start(
     close_timeout: Duration,
     ends: Ends,
 ) -> (Relay, UpstreamSide) {
-    ::metrics::gauge!(super::WEBSOCKETS, "route" => ends.route.name.clone()).increment(1.0);
+    ends.route.metrics.websockets.increment(1.0);
     let shared = Rc::new(Shared::default());
-    let side = Box::pin(upstream(
+    let mut side = Upstream {
         io,
-        leftover,
-        shared.clone(),
+        shared: shared.clone(),
         max_message,
-        close_timeout,
-    ));
-    (Relay { shared, ends }, side)
+        partial: BytesMut::new(),
+        message: None,
+        out: Vec::new(),
+        written: 0,
+        unflushed: false,
+        close_queued: false,
+    };
+    let early = side.input(&leftover).err();
+    (
+        Relay { shared, ends },
+        Box::pin(side.run(early, close_timeout)),
+    )
 }
 
 /// The upstream half of a relay, to be awaited beside the client session.
 pub type UpstreamSide = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
-async fn upstream(
+/// The upstream connection's side of a relay.
+struct Upstream {
     io: Stream,
-    leftover: Bytes,
     shared: Rc<Shared>,
     max_message: usize,
-    close_timeout: Duration,
-) {
-    let (mut rd, mut wr) = tokio::io::split(io);
-    {
-        let reader = read_upstream(&mut rd, leftover, &shared, max_message);
-        let writer = write_upstream(&mut wr, &shared);
-        tokio::pin!(reader, writer);
-        tokio::select! {
-            () = &mut writer => {
-                // Our close went upstream: its answer, bounded.
-                let _ = tokio::time::timeout(close_timeout, &mut reader).await;
+    /// An incomplete frame, held until the rest arrives (empty, and without memory, otherwise).
+    partial: BytesMut,
+    /// A fragmented message being put together: whether it is text, its bytes so far.
+    message: Option<(bool, Vec<u8>)>,
+    /// Frames being written; `written` of them are.
+    out: Vec<u8>,
+    written: usize,
+    /// A write may still be buffered in the stream (TLS, io_uring write-behind).
+    unflushed: bool,
+    /// Our close frame is in `out`: nothing more goes after it.
+    close_queued: bool,
+}
+
+enum Ended {
+    /// Our close frame was written (or writing failed).
+    Wrote,
+    /// The upstream's close frame came, with this code (1006: the connection ended).
+    Read(u16),
+}
+
+impl Upstream {
+    /// `early`: the code the bytes read past the upstream's 101 already ended with.
+    async fn run(mut self, early: Option<u16>, close_timeout: Duration) {
+        let ended = match early {
+            Some(code) => Ended::Read(code),
+            None => {
+                poll_fn(|cx| {
+                    if self.poll_write(cx).is_ready() {
+                        return Poll::Ready(Ended::Wrote);
+                    }
+                    self.poll_read(cx).map(Ended::Read)
+                })
+                .await
             }
-            code = &mut reader => {
+        };
+        let shared = self.shared.clone();
+        match ended {
+            Ended::Wrote => {
+                // Our close went upstream: its answer, bounded.
+                let code = tokio::time::timeout(close_timeout, poll_fn(|cx| self.poll_read(cx)))
+                    .await
+                    .unwrap_or(1006);
+                // A client still there (the write failed) is told the upstream is gone.
+                if shared.upstream_gone.get().is_none() {
+                    shared.upstream_gone.set(Some(code));
+                    wake(&shared.to_client.consumer);
+                }
+            }
+            Ended::Read(code) => {
                 shared.upstream_gone.set(Some(code));
                 wake(&shared.to_client.consumer);
                 // The client session closes with the upstream's code; its end lets the writer
                 // echo the close upstream.
-                let _ = tokio::time::timeout(close_timeout * 2, &mut writer).await;
+                let _ = tokio::time::timeout(close_timeout * 2, poll_fn(|cx| self.poll_write(cx)))
+                    .await;
             }
         }
+        let _ = poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
     }
-    let _ = wr.shutdown().await;
-}
 
-/// Reads upstream frames until its close (its code) or the connection's end (1006).
-async fn read_upstream(
-    rd: &mut tokio::io::ReadHalf<Stream>,
-    leftover: Bytes,
-    shared: &Shared,
-    max_message: usize,
-) -> u16 {
-    let mut buf = BytesMut::from(&leftover[..]);
-    let mut message: Option<(bool, BytesMut)> = None;
-    loop {
-        // Whole frames in the buffer first.
+    /// Writes the client's frames upstream, all that are queued in one write; `Ready` once our
+    /// close frame is written or writing failed.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let h = match parse_header(&buf) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(_) => return 1002,
+            while self.written < self.out.len() {
+                match Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(n)) => {
+                        self.written += n;
+                        self.unflushed = true;
+                    }
+                }
+            }
+            if self.unflushed {
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                }
+            }
+            if self.close_queued {
+                return Poll::Ready(());
+            }
+            self.written = 0;
+            reset(&mut self.out);
+            let to_up = &self.shared.to_up;
+            to_up.take(&mut self.out);
+            if !self.out.is_empty() {
+                continue;
+            }
+            // Everything the client sent is upstream: its close goes last.
+            let Some(code) = self.shared.client_gone.get() else {
+                park(&to_up.consumer, cx);
+                return Poll::Pending;
             };
-            if h.mask.is_some() || h.rsv != 0 {
-                return 1002;
-            }
-            let len = h.payload_len as usize;
-            if h.payload_len > max_message as u64 {
-                return 1009;
-            }
-            if buf.len() < h.header_len + len {
-                buf.reserve(h.header_len + len - buf.len());
-                break;
-            }
-            buf.advance(h.header_len);
-            let payload = buf.split_to(len).freeze();
-            match h.opcode {
-                OpCode::Ping => {
-                    shared.pongs.borrow_mut().push(payload);
-                    wake(&shared.to_up.consumer);
-                }
-                OpCode::Pong => {}
-                OpCode::Close => {
-                    return match payload.len() {
-                        0 => 1005,
-                        1 => 1002,
-                        _ => u16::from_be_bytes([payload[0], payload[1]]),
-                    };
-                }
-                OpCode::Text | OpCode::Binary => {
-                    if message.is_some() {
-                        return 1002;
-                    }
-                    let text = h.opcode == OpCode::Text;
-                    if h.fin {
-                        if !deliver(shared, text, payload).await {
-                            return 1007;
-                        }
-                    } else {
-                        message = Some((text, BytesMut::from(&payload[..])));
-                    }
-                }
-                OpCode::Continuation => {
-                    let Some((text, mut acc)) = message.take() else {
-                        return 1002;
-                    };
-                    if acc.len() + payload.len() > max_message {
-                        return 1009;
-                    }
-                    acc.extend_from_slice(&payload);
-                    if h.fin {
-                        if !deliver(shared, text, acc.freeze()).await {
-                            return 1007;
-                        }
-                    } else {
-                        message = Some((text, acc));
-                    }
-                }
-            }
-        }
-        match rd.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return 1006,
-            Ok(_) => {}
+            let code = match code {
+                1005 | 1006 | 1015 => 1001,
+                c => c,
+            };
+            let mask = to_up.mask();
+            write_masked_frame(
+                &mut self.out,
+                true,
+                OpCode::Close,
+                mask,
+                &code.to_be_bytes(),
+            );
+            self.close_queued = true;
         }
     }
-}
 
-/// Queues a message for the client, waiting for room first (backpressure on the upstream);
-/// `false` for text that is not UTF-8.
-async fn deliver(shared: &Shared, text: bool, payload: Bytes) -> bool {
-    let q = &shared.to_client;
-    poll_fn(|cx| {
-        if q.full() && shared.client_gone.get().is_none() {
-            park(&q.producer, cx);
-            Poll::Pending
-        } else {
-            Poll::Ready(())
+    /// Reads upstream frames; `Ready` with the upstream's close code, or 1006 when the
+    /// connection ended without one (or a code of ours for a protocol error).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<u16> {
+        let shared = self.shared.clone();
+        let q = &shared.to_client;
+        for _ in 0..READ_BUDGET {
+            // Backpressure: a full queue for a client still there stops reading.
+            if q.full() && shared.client_gone.get().is_none() {
+                park(&q.producer, cx);
+                return Poll::Pending;
+            }
+            let got = if self.partial.is_empty() {
+                self.read_scratch(cx)
+            } else {
+                self.read_partial(cx)
+            };
+            match got {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(code)) => return Poll::Ready(code),
+                Poll::Ready(Ok(())) => {}
+            }
         }
-    })
-    .await;
-    if text {
-        if simdutf8::basic::from_utf8(&payload).is_err() {
-            return false;
-        }
-        q.push(Msg::Text(payload));
-    } else {
-        q.push(Msg::Binary(payload));
+        // Budget used up with data still coming: come back after others had their turn.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
-    true
-}
 
-enum Next {
-    Data(Msg),
-    Pong(Bytes),
-    Close(u16),
-}
-
-/// Writes the client's messages upstream (masked), then the close.
-async fn write_upstream(wr: &mut tokio::io::WriteHalf<Stream>, shared: &Shared) {
-    use std::hash::{BuildHasher, Hasher};
-    let mut frame = Vec::new();
-    // Masking keys a page cannot predict (RFC 6455 §10.3): a per-connection random hasher
-    // over a counter.
-    let keys = std::collections::hash_map::RandomState::new();
-    let mut n: u64 = 0;
-    loop {
-        let next = poll_fn(|cx| {
-            if let Some(p) = shared.pongs.borrow_mut().pop() {
-                return Poll::Ready(Next::Pong(p));
+    /// Reads into the shard's scratch buffer; whole frames are handled in place.
+    fn read_scratch(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), u16>> {
+        SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(_)) => Poll::Ready(Err(1006)),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(1006)),
+                Poll::Ready(Ok(())) => Poll::Ready(self.input(rb.filled())),
             }
-            if let Some(m) = shared.to_up.pop() {
-                return Poll::Ready(Next::Data(m));
-            }
-            if let Some(code) = shared.client_gone.get() {
-                return Poll::Ready(Next::Close(code));
-            }
-            park(&shared.to_up.consumer, cx);
-            Poll::Pending
         })
-        .await;
-        frame.clear();
-        n += 1;
-        let mut h = keys.build_hasher();
-        h.write_u64(n);
-        let mask = (h.finish() as u32).to_be_bytes();
-        let close = matches!(next, Next::Close(_));
-        match next {
-            Next::Data(Msg::Text(t)) => {
-                write_masked_frame(&mut frame, true, OpCode::Text, mask, &t)
+    }
+
+    /// Reads the rest of an incomplete frame straight into where it is held.
+    fn read_partial(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), u16>> {
+        let held = self.partial.len();
+        // The frame's size, once its header is here (a header is at most 14 bytes).
+        let want = match parse_header(&self.partial) {
+            Ok(Some(h)) => (h.header_len + h.payload_len as usize).saturating_sub(held),
+            _ => 14,
+        }
+        .max(1);
+        self.partial.reserve(want);
+        match read_into(&mut self.io, cx, &mut self.partial, want) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(1006)),
+            Poll::Ready(Ok(_)) => {}
+        }
+        let used = frames(
+            &self.shared,
+            &mut self.message,
+            self.max_message,
+            &self.partial,
+        )?;
+        self.partial.advance(used);
+        if self.partial.is_empty() {
+            self.partial = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Handles the whole frames in `bytes` and keeps an incomplete one (`partial` is empty).
+    fn input(&mut self, bytes: &[u8]) -> Result<(), u16> {
+        let used = frames(&self.shared, &mut self.message, self.max_message, bytes)?;
+        self.partial.extend_from_slice(&bytes[used..]);
+        Ok(())
+    }
+}
+
+/// Passes the whole frames at the start of `buf` on; returns the bytes they took, or the code
+/// the upstream side ends with.
+fn frames(
+    shared: &Shared,
+    message: &mut Option<(bool, Vec<u8>)>,
+    max_message: usize,
+    buf: &[u8],
+) -> Result<usize, u16> {
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let h = match parse_header(rest) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(at),
+            Err(_) => return Err(1002),
+        };
+        if h.mask.is_some() || h.rsv != 0 {
+            return Err(1002);
+        }
+        if h.payload_len > max_message as u64 {
+            return Err(1009);
+        }
+        let end = h.header_len + h.payload_len as usize;
+        if rest.len() < end {
+            return Ok(at);
+        }
+        let payload = &rest[h.header_len..end];
+        at += end;
+        match h.opcode {
+            OpCode::Ping => shared.to_up.push(OpCode::Pong, payload),
+            OpCode::Pong => {}
+            OpCode::Close => {
+                return Err(match payload {
+                    [] => 1005,
+                    [_] => 1002,
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                });
             }
-            Next::Data(Msg::Binary(b)) => {
-                write_masked_frame(&mut frame, true, OpCode::Binary, mask, &b)
+            OpCode::Text | OpCode::Binary => {
+                if message.is_some() {
+                    return Err(1002);
+                }
+                let text = h.opcode == OpCode::Text;
+                if h.fin {
+                    deliver(shared, text, payload)?;
+                } else {
+                    *message = Some((text, payload.to_vec()));
+                }
             }
-            Next::Pong(p) => write_masked_frame(&mut frame, true, OpCode::Pong, mask, &p),
-            Next::Close(code) => {
-                let code = match code {
-                    1005 | 1006 | 1015 => 1001,
-                    c => c,
+            OpCode::Continuation => {
+                let Some((_, acc)) = message.as_mut() else {
+                    return Err(1002);
                 };
-                write_masked_frame(&mut frame, true, OpCode::Close, mask, &code.to_be_bytes())
+                if acc.len() + payload.len() > max_message {
+                    return Err(1009);
+                }
+                acc.extend_from_slice(payload);
+                if h.fin {
+                    if let Some((text, acc)) = message.take() {
+                        deliver(shared, text, &acc)?;
+                    }
+                }
             }
-        }
-        if wr.write_all(&frame).await.is_err() || wr.flush().await.is_err() {
-            return;
-        }
-        if close {
-            return;
         }
     }
+}
+
+/// Queues a message for the client; 1007 for text that is not UTF-8.
+fn deliver(shared: &Shared, text: bool, payload: &[u8]) -> Result<(), u16> {
+    if text && simdutf8::basic::from_utf8(payload).is_err() {
+        return Err(1007);
+    }
+    shared.to_client.push(text, payload);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -431,11 +601,37 @@ mod tests {
 
     #[test]
     fn a_queue_wakes_its_producer_below_the_limit() {
-        let q = Queue::default();
-        q.push(Msg::Binary(Bytes::from(vec![0; QUEUE_LIMIT])));
+        let q = ToClientQueue::default();
+        q.push(false, &vec![0; QUEUE_LIMIT]);
         assert!(q.full());
-        assert!(q.pop().is_some());
+        let mut got = Vec::new();
+        q.take(1, |text, p| got.push((text, p.len())));
+        assert_eq!(got, [(false, QUEUE_LIMIT)]);
         assert!(!q.full());
-        assert_eq!(q.bytes.get(), 0);
+        assert_eq!(q.bytes(), 0);
+        assert_eq!(
+            q.data.borrow().capacity(),
+            0,
+            "a drained queue holds no memory"
+        );
+    }
+
+    #[test]
+    fn a_queue_taken_in_part_reclaims_the_taken_bytes() {
+        let q = ToClientQueue::default();
+        for i in 0..4u8 {
+            q.push(i % 2 == 0, &[i; 100]);
+        }
+        let mut got = Vec::new();
+        q.take(3, |text, p| got.push((text, p.to_vec())));
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1], (false, vec![1; 100]));
+        // Taken bytes go before new ones are added once they are the larger part.
+        q.push(false, &[4; 100]);
+        assert_eq!(q.data.borrow().len(), 200);
+        got.clear();
+        q.take(64, |text, p| got.push((text, p.to_vec())));
+        assert_eq!(got, [(false, vec![3; 100]), (false, vec![4; 100])]);
+        assert!(q.is_empty());
     }
 }

@@ -6,7 +6,6 @@
 use std::rc::Rc;
 use std::time::Instant;
 
-use ::metrics::gauge;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
@@ -84,19 +83,8 @@ pub async fn handshake(
         duration_ms = started.elapsed().as_millis() as u64,
         "proxied upgrade"
     );
-    ::metrics::counter!(super::REQUESTS, "route" => route.name.clone(), "class" => class(status))
-        .increment(1);
+    route.metrics.requests(status).increment(1);
     (resp, up)
-}
-
-fn class(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 type Outcome = Result<(Response<Body>, Option<Upgraded>, String), (Failure, Option<String>)>;
@@ -411,7 +399,7 @@ where
         request_id,
         remote,
     } = up;
-    let g = gauge!(super::WEBSOCKETS, "route" => route.name.clone());
+    let g = route.metrics.websockets.clone();
     g.increment(1.0);
     let copy = async {
         if !leftover.is_empty() {
@@ -435,8 +423,8 @@ where
     let c = &route.counted;
     c.bytes_in.set(c.bytes_in.get() + to_up);
     c.bytes_out.set(c.bytes_out.get() + to_client);
-    ::metrics::counter!(super::BYTES_IN, "route" => route.name.clone()).increment(to_up);
-    ::metrics::counter!(super::BYTES_OUT, "route" => route.name.clone()).increment(to_client);
+    route.metrics.bytes_in.increment(to_up);
+    route.metrics.bytes_out.increment(to_client);
     tracing::info!(
         target: "access",
         %remote,

@@ -315,7 +315,7 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
 /// Reads at most `want` bytes into `buf`'s spare capacity (reserved by the caller) and
 /// extends `buf` by what was read. The memory is offered uninitialised: zero-filling it first
 /// would cost as much as the read again.
-fn read_into<S: AsyncRead + Unpin>(
+pub fn read_into<S: AsyncRead + Unpin>(
     io: &mut S,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
