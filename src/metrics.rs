@@ -409,18 +409,6 @@ fn export_from_start(shards: usize) {
     }
 }
 
-/// A route's families at zero, so that its series exist before its first request. Called at
-/// start and for every route of a reloaded table: adding zero leaves a series that already
-/// counts as it is.
-pub fn export_route(route: &str) {
-    for name in [PROXY_RETRIES, PROXY_BYTES_IN, PROXY_BYTES_OUT] {
-        counter!(name, "route" => route.to_string()).increment(0);
-    }
-    counter!(PROXY_REQUESTS, "route" => route.to_string(), "class" => "2xx").increment(0);
-    let _registered = metrics::histogram!(PROXY_LATENCY, "route" => route.to_string());
-    gauge!(PROXY_WEBSOCKETS, "route" => route.to_string()).increment(0.0);
-}
-
 // ---- agent gateway ----
 pub fn agent_request(target: &str, kind: &'static str, status: &str) {
     counter!(AGENT_UPSTREAM_REQUESTS, "target" => target.to_string(), "kind" => kind, "status" => status.to_string())

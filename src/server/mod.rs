@@ -191,9 +191,6 @@ impl Server {
             global.metrics = crate::metrics::install(crate::metrics::UPKEEP, shards);
         }
         crate::metrics::record_info(backend.name(), shards);
-        for (i, r) in global.config.route.iter().enumerate() {
-            crate::metrics::export_route(&r.label(i));
-        }
         let global = Arc::new(global);
         let (done_tx, done) = std_mpsc::channel();
         let (controls, receivers): (Vec<_>, Vec<_>) =
@@ -286,9 +283,6 @@ impl Server {
     /// Hands a new route table to every shard: new requests use it, requests in flight finish
     /// on the old one.
     pub fn reload_routes(&self, routes: Vec<crate::proxy::config::Route>) {
-        for (i, r) in routes.iter().enumerate() {
-            crate::metrics::export_route(&r.label(i));
-        }
         let routes = Arc::new(routes);
         for c in &self.controls {
             let _ = c.send(Control::Routes(routes.clone()));
