@@ -33,9 +33,11 @@ command -v wrk >/dev/null || { echo "needs wrk: apt-get install wrk" >&2; exit 1
 
 UP_WS=; UP_HTTP=; PID=; NGX_MASTER=
 cleanup() {
+    # nginx's workers outlive a killed master (and keep listening, SO_REUSEPORT): them first.
+    for p in $UP_HTTP $NGX_MASTER; do pkill -9 -P "$p" 2>/dev/null; done
     for p in $PID $UP_WS $UP_HTTP $NGX_MASTER; do kill -9 "$p" 2>/dev/null; done
     pkill -9 -f "$WORK/" 2>/dev/null
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -57,7 +59,7 @@ http {
     server {
         listen 127.0.0.1:9102 reuseport backlog=4096;
         location = /small { return 200 "hello, proxy\n"; }
-        location = /big { alias $WORK/big; }
+        location = /big { root $WORK; }
         location = /sink { client_max_body_size 0; return 200 "ok\n"; }
     }
 }
@@ -164,6 +166,7 @@ halt() {
     if [ -n "$NGX_MASTER" ]; then
         kill -QUIT "$NGX_MASTER" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$NGX_MASTER" 2>/dev/null || break; sleep 0.1; done
+        pkill -9 -P "$NGX_MASTER" 2>/dev/null
         kill -9 "$NGX_MASTER" 2>/dev/null; wait "$NGX_MASTER" 2>/dev/null
         NGX_MASTER=; PID=
     else
