@@ -1314,7 +1314,7 @@ mod tests {
         room.history_after(0, usize::MAX).map(|m| m.seq).collect()
     }
 
-    fn conn(hub: &mut Hub, id: u64) -> Rc<RoomConn> {
+    pub(super) fn conn(hub: &mut Hub, id: u64) -> Rc<RoomConn> {
         let c = Rc::new(RoomConn {
             entry: Rc::new(ConnHandle::new(id, "127.0.0.1:9".parse().expect("address"))),
             client_id: format!("{id:x}").into(),
@@ -1326,7 +1326,7 @@ mod tests {
     }
 
     /// The JSON texts queued for `c`, replies and broadcasts alike.
-    fn drain(c: &RoomConn) -> Vec<serde_json::Value> {
+    pub(super) fn drain(c: &RoomConn) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         c.entry.mailbox.drain(|item| {
             let text = match &item {

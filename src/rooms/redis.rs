@@ -455,14 +455,12 @@ fn age(now: Now, wall_ms: u64) -> std::time::Instant {
 
 #[cfg(test)]
 mod tests {
-    use std::rc::Rc;
 
     use super::*;
     use crate::cluster::Value;
     use crate::rooms::config::RoomsConfig;
     use crate::rooms::conn::RoomConn;
-    use crate::ws::handle::ConnHandle;
-    use crate::ws::mailbox::Outgoing;
+    use crate::rooms::tests::{conn, drain};
 
     fn hub() -> Hub {
         let tuning = deflate::Tuning {
@@ -478,29 +476,6 @@ mod tests {
 
     fn now() -> Now {
         Now::system()
-    }
-
-    fn conn(hub: &mut Hub, id: u64) -> Rc<RoomConn> {
-        let c = Rc::new(RoomConn {
-            entry: Rc::new(ConnHandle::new(id, "127.0.0.1:9".parse().expect("address"))),
-            client_id: format!("{id:x}").into(),
-            user: crate::auth::ANONYMOUS.into(),
-            topics: Default::default(),
-        });
-        hub.attach(c.clone());
-        c
-    }
-
-    fn drain(c: &RoomConn) -> Vec<serde_json::Value> {
-        let mut out = Vec::new();
-        c.entry.mailbox.drain(|item| {
-            let text = match &item {
-                Outgoing::Text(t) => t.to_vec(),
-                Outgoing::Broadcast(b) => b.payload().to_vec(),
-            };
-            out.push(serde_json::from_slice(&text).expect("JSON"));
-        });
-        out
     }
 
     /// The commands the hub sent, as text, with their tags.
