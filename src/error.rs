@@ -158,6 +158,8 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 3] = [Phase::Connect, Phase::FirstByte, Phase::Idle];
+
     /// The `phase` label in metrics.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -65,8 +65,8 @@ pub const PROXY_BYTES_IN: &str = "ringgate_proxy_bytes_in_total";
 pub const PROXY_BYTES_OUT: &str = "ringgate_proxy_bytes_out_total";
 pub const PROXY_UPSTREAM_HEALTHY: &str = "ringgate_proxy_upstream_healthy";
 
-/// Every family that is exported from the start, at zero (the families labelled by a route:
-/// once per configured route).
+/// Every family that is exported from the start, at zero (the families labelled by a route or
+/// an agent upstream: once per configured one).
 pub const FROM_START: &[&str] = &[
     CONNECTIONS_ACTIVE,
     CONNECTIONS_OPENED,
@@ -410,6 +410,20 @@ fn export_from_start(shards: usize) {
 }
 
 // ---- agent gateway ----
+/// An agent upstream's families at zero, before its first request: requests (status `200`),
+/// latency and timeouts by kind and phase. The breaker gauge is published by each shard.
+pub fn export_agent_target(target: &str, kinds: &[&'static str], phases: &[&'static str]) {
+    for &kind in kinds {
+        counter!(AGENT_UPSTREAM_REQUESTS, "target" => target.to_string(), "kind" => kind, "status" => "200")
+            .increment(0);
+        let _registered = metrics::histogram!(AGENT_UPSTREAM_LATENCY, "target" => target.to_string(), "kind" => kind);
+    }
+    for &phase in phases {
+        counter!(AGENT_UPSTREAM_TIMEOUTS, "target" => target.to_string(), "phase" => phase)
+            .increment(0);
+    }
+}
+
 pub fn agent_request(target: &str, kind: &'static str, status: &str) {
     counter!(AGENT_UPSTREAM_REQUESTS, "target" => target.to_string(), "kind" => kind, "status" => status.to_string())
         .increment(1);

@@ -264,7 +264,9 @@ async fn metrics_can_be_turned_off(backend: Backend) {
 /// Dashboards and `absent()` alerts work on a fresh node: every family is there, at zero.
 async fn a_fresh_node_exports_every_family(backend: Backend) {
     // A route (to nowhere: nothing is sent through it) has its series before any request.
-    let config = "[[route]]\nname = \"app\"\npath_prefix = \"/app/\"\nupstreams = [\"http://127.0.0.1:9\"]\n";
+    // So does an agent upstream.
+    let config = "[[route]]\nname = \"app\"\npath_prefix = \"/app/\"\nupstreams = [\"http://127.0.0.1:9\"]\n\
+                  [agent]\nupstreams = [\"http://127.0.0.1:9\"]\n";
     let server = Server::start_with_config(backend, config, &[]);
     let body = server.get("/metrics").await.body;
     let missing: Vec<_> = ringgate::metrics::FROM_START
@@ -279,6 +281,10 @@ async fn a_fresh_node_exports_every_family(backend: Backend) {
         "ringgate_proxy_bytes_in_total{route=\"app\"} 0",
         "ringgate_proxy_websockets_active{route=\"app\"} 0",
         "ringgate_proxy_upstream_latency_seconds_count{route=\"app\"} 0",
+        "ringgate_agent_upstream_requests_total{target=\"http://127.0.0.1:9",
+        "ringgate_agent_upstream_timeouts_total{target=\"http://127.0.0.1:9",
+        "ringgate_agent_upstream_latency_seconds_count{target=\"http://127.0.0.1:9",
+        "ringgate_agent_breaker_state{target=\"http://127.0.0.1:9",
     ] {
         assert!(body.contains(series), "missing {series} in:\n{body}");
     }

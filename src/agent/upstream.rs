@@ -87,6 +87,28 @@ struct Target {
     h2: RefCell<Option<(http2::SendRequest<Body>, AbortHandle)>>,
 }
 
+/// `scheme://authority/path`: a target's name in metrics and logs.
+fn target_label(base: &BaseUrl) -> String {
+    format!("{}{}", base.origin(), base.path)
+}
+
+/// Every configured target's metric series at zero, before its first request (dashboards,
+/// `absent()` alerts): called once at start, as each shard makes its gateway on first use.
+pub fn export_metrics(cfg: &AgentConfig, shards: usize) {
+    let kinds = [Kind::Query, Kind::Stream, Kind::Tool].map(Kind::name);
+    let phases = crate::error::Phase::ALL.map(crate::error::Phase::as_str);
+    for u in &cfg.upstreams {
+        let Ok(base) = BaseUrl::parse(u.url()) else {
+            continue;
+        };
+        let label = target_label(&base);
+        metrics::export_agent_target(&label, &kinds, &phases);
+        for shard in 0..shards {
+            metrics::agent_breaker(&label, shard, 0.0);
+        }
+    }
+}
+
 /// A shard's upstream client for `/ws/agent`.
 pub struct Gateway {
     pub cfg: AgentConfig,
@@ -469,7 +491,7 @@ impl Target {
                 }
             }
         }
-        let label = format!("{}{}", base.origin(), base.path);
+        let label = target_label(&base);
         let tls = base.tls.then(|| tls.config(http2));
         Target {
             label,

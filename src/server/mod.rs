@@ -191,6 +191,7 @@ impl Server {
             global.metrics = crate::metrics::install(crate::metrics::UPKEEP, shards);
         }
         crate::metrics::record_info(backend.name(), shards);
+        crate::agent::upstream::export_metrics(&global.config.agent, shards);
         let global = Arc::new(global);
         let (done_tx, done) = std_mpsc::channel();
         let (controls, receivers): (Vec<_>, Vec<_>) =
