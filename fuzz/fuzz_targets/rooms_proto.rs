@@ -35,11 +35,23 @@ fn write(r: &Request<'_>, id: Option<&str>) -> String {
             put("action", json_str("unsubscribe"));
             put("topic", json_str(topic));
         }
-        Request::Publish { topic, kind, data } => {
+        Request::Publish {
+            topic,
+            kind,
+            data,
+            volatile,
+            trace,
+        } => {
             put("action", json_str("publish"));
             put("topic", json_str(topic));
             put("type", json_str(kind));
             put("data", data.clone());
+            if let Some(v) = volatile {
+                put("volatile", v.to_string());
+            }
+            if let Some(t) = trace {
+                put("trace", json_str(t));
+            }
         }
         Request::Presence { topic } => {
             put("action", json_str("presence"));
