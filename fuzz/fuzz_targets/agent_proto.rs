@@ -52,10 +52,17 @@ fn write(r: &Request) -> String {
             id
         }
     };
-    if let Some(v) = id_value(id.as_ref()) {
-        m.insert("id".into(), v);
+    // The id goes back as the text the server kept, not through serde_json: its float parsing
+    // is not correctly rounded by default, so a long decimal id could come back as another
+    // number than the one the server parsed.
+    let mut text = Value::Object(m).to_string();
+    if let Some(id) = id {
+        text.pop();
+        text.push_str(",\"id\":");
+        text.push_str(id.json());
+        text.push('}');
     }
-    Value::Object(m).to_string()
+    text
 }
 
 fn check_reply(reply: &str, id: Option<&Id>) {

@@ -287,6 +287,33 @@ mod tests {
         serde_json::from_str(s).unwrap()
     }
 
+    /// Found by the `agent_proto` fuzz target: a decimal id echoed back must parse to itself
+    /// (the default serde_json float parse is not correctly rounded).
+    #[test]
+    fn a_decimal_id_is_echoed_as_the_same_number() {
+        for sent in [
+            "1.518546744073709551615",
+            "1.5185467440737095",
+            "0.1",
+            "1e300",
+        ] {
+            let msg = format!("{{\"type\":\"ping\",\"id\":{sent}}}");
+            let Ok(Request::Ping { id: Some(id) }) = parse(msg.as_bytes()) else {
+                panic!("{msg}")
+            };
+            let again = format!("{{\"type\":\"ping\",\"id\":{}}}", id.json());
+            assert_eq!(
+                parse(again.as_bytes()),
+                Ok(Request::Ping {
+                    id: Some(id.clone())
+                }),
+                "{sent} → {}",
+                id.json()
+            );
+            assert_eq!(id.json().parse::<f64>().ok(), sent.parse::<f64>().ok());
+        }
+    }
+
     #[test]
     fn requests() {
         assert_eq!(
