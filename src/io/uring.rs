@@ -634,8 +634,11 @@ impl Inner {
                     self.stats.overflowed += 1;
                     returned = true;
                 }
-                if st.queue.len() >= MAX_QUEUED && more && matches!(st.recv, Recv::Armed(_)) {
-                    // Unread data piles up: pause until the reader catches up.
+                // Unread data piles up (the queue is full, or bytes went to the overflow: a
+                // receive re-armed while the overflow was still being read puts every new
+                // buffer there and never fills the queue): pause until the reader catches up.
+                let piling = st.queue.len() >= MAX_QUEUED || !st.overflow.is_empty();
+                if piling && more && matches!(st.recv, Recv::Armed(_)) {
                     st.recv = Recv::Cancelling;
                     drop(st);
                     self.push(Op::Cancel, opcode::AsyncCancel::new(ud).build());
