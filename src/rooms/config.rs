@@ -90,6 +90,18 @@ pub struct TopicRule {
 }
 
 impl TopicRule {
+    /// A rule for `prefix` that changes nothing (every key at its default).
+    pub fn for_prefix(prefix: &str) -> TopicRule {
+        TopicRule {
+            prefix: prefix.into(),
+            volatile: false,
+            conflate: 0.0,
+            conflate_key: None,
+            write_delay: None,
+            binary: false,
+        }
+    }
+
     /// The conflation interval, when these topics conflate.
     pub fn conflate(&self) -> Option<Duration> {
         (self.conflate > 0.0).then(|| Duration::from_secs_f64(self.conflate))
@@ -352,14 +364,7 @@ mod tests {
     }
 
     fn rule(prefix: &str) -> TopicRule {
-        TopicRule {
-            prefix: prefix.into(),
-            volatile: false,
-            conflate: 0.0,
-            conflate_key: None,
-            write_delay: None,
-            binary: false,
-        }
+        TopicRule::for_prefix(prefix)
     }
 
     #[test]

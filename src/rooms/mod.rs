@@ -1294,17 +1294,7 @@ mod tests {
     }
 
     fn publish(hub: &mut Hub, now: Now, topic: &str, data: &str) {
-        hub.handle(
-            now,
-            HubMsg::Publish {
-                topic: topic.into(),
-                kind: "message".into(),
-                data: data.into(),
-                from: None,
-                reply: Reply::None,
-                opts: PublishOpts::default(),
-            },
-        );
+        publish_with(hub, now, topic, data, PublishOpts::default());
     }
 
     fn history(hub: &Hub, topic: &str) -> Vec<u64> {
@@ -1564,14 +1554,7 @@ mod tests {
     }
 
     fn rule(prefix: &str) -> config::TopicRule {
-        config::TopicRule {
-            prefix: prefix.into(),
-            volatile: false,
-            conflate: 0.0,
-            conflate_key: None,
-            write_delay: None,
-            binary: false,
-        }
+        config::TopicRule::for_prefix(prefix)
     }
 
     fn quiet(topic: Vec<config::TopicRule>) -> config::RoomsConfig {
