@@ -44,6 +44,9 @@ pub struct ClusterConfig {
     pub reconnect_max_delay: f64,
     /// `/readyz` answers 503 while a shard has no connection to Redis.
     pub ready_requires_redis: bool,
+    /// Seconds after a node's last heartbeat (sent every third of it) that its presence
+    /// members are removed, with a `leave` each, by another node.
+    pub presence_ttl: f64,
 }
 
 impl Default for ClusterConfig {
@@ -57,6 +60,7 @@ impl Default for ClusterConfig {
             max_pending: 10_000,
             reconnect_max_delay: 5.0,
             ready_requires_redis: true,
+            presence_ttl: 15.0,
         }
     }
 }
@@ -86,6 +90,16 @@ impl ClusterConfig {
             if !v.is_finite() || v <= 0.0 || v > 3600.0 {
                 return invalid(key, format!("{v} is not a number of seconds in (0, 3600]"));
             }
+        }
+        // Heartbeats go out on the hub's once-a-second sweep: a shorter TTL would lapse.
+        if !(2.0..=3600.0).contains(&self.presence_ttl) {
+            return invalid(
+                "cluster.presence_ttl",
+                format!(
+                    "{} is not a number of seconds in [2, 3600]",
+                    self.presence_ttl
+                ),
+            );
         }
         if self.max_pending == 0 {
             return invalid("cluster.max_pending", "must be at least 1".into());
@@ -154,6 +168,10 @@ impl ClusterConfig {
 
     pub fn command_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.command_timeout)
+    }
+
+    pub fn presence_ttl(&self) -> Duration {
+        Duration::from_secs_f64(self.presence_ttl)
     }
 
     pub fn reconnect_max_delay(&self) -> Duration {

@@ -2,12 +2,23 @@
 //! stores in Redis and how, as plain types ([`Keys`] builds commands and reads their answers),
 //! and the connection that carries them ([`link`]).
 //!
-//! Per topic Redis holds a hash (`e`: the epoch, `s`: the last seq) and a list (the history,
-//! `seq \n wall-ms \n message` per entry, trimmed to `history_size`), and a channel carries
-//! `epoch \n seq \n message` for every publish. One Lua script per publish assigns the seq,
-//! appends to history and publishes, atomically: the channel's order is the seq order on every
-//! node. Another script reads a topic's epoch, seq and history, creating the epoch when the
-//! topic has none (so an epoch changes only when Redis really lost the topic's state).
+//! Per topic Redis holds a hash (`e`: the epoch, `s`: the last seq), a list (the history,
+//! `seq \n wall-ms \n message` per entry, trimmed to `history_size`) and a hash of presence
+//! members (`owner:conn` → member JSON), and a channel carries, one per line then the rest:
+//!
+//! - `m`, epoch, seq, trace, message: a publish, in seq order. One Lua script per publish
+//!   assigns the seq, appends to history and publishes, atomically: the channel's order is the
+//!   seq order on every node;
+//! - `v`, trace, message: a volatile publish (no seq, no history);
+//! - `j` or `l`, `owner:conn`, member JSON: a presence member joined or left, published once
+//!   by the script that changed the presence hash.
+//!
+//! Another script reads a topic's epoch, seq, history and members, creating the epoch when the
+//! topic has none (so an epoch changes only when Redis really lost the topic's state). The
+//! presence script heartbeats one owner (a shard of a node) in a sorted set of deadlines and
+//! sweeps the owners past theirs, so a node that dies without a goodbye loses its members
+//! within its `presence_ttl`. The users channel carries `u`, user, message and `d`, user, code
+//! (user-directed delivery) to one shard of every node.
 //!
 //! Each shard holds one RESP3 connection, which carries its commands and the pub/sub messages
 //! of the topics it is home to. Because both travel one connection, a `SUBSCRIBE` followed by a
@@ -42,6 +53,11 @@ pub enum Tag {
     Publish(u64),
     /// The read of a topic's state after subscribing to it.
     Sync(Arc<str>),
+    /// A heartbeat (`None`) or a change to this shard's presence members in a topic
+    /// ([`Keys::presence`]).
+    Presence(Option<Arc<str>>),
+    /// A message for the users channel: only an error matters.
+    ToUsers,
 }
 
 /// What the link tells the hub.
@@ -73,14 +89,66 @@ pub struct Snapshot {
     pub seq: u64,
     /// Oldest first.
     pub history: Vec<Entry>,
+    /// The topic's presence members, of every node.
+    pub members: Vec<PresenceEntry>,
 }
 
-/// A message from a topic's channel.
+/// A presence member as Redis holds it: the shard that owns it (one shard of one node, see
+/// [`Keys::presence`]), its connection there, and the member as JSON.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Published {
-    pub epoch: Arc<str>,
-    pub seq: u64,
-    pub msg: Bytes,
+pub struct PresenceEntry {
+    pub owner: Arc<str>,
+    pub conn: u64,
+    pub json: Bytes,
+}
+
+/// What a topic's channel carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pushed {
+    /// A message with its seq (it is in history too).
+    Message {
+        epoch: Arc<str>,
+        seq: u64,
+        trace: Option<Arc<str>>,
+        msg: Bytes,
+    },
+    /// A volatile message: no seq, no history.
+    Volatile { trace: Option<Arc<str>>, msg: Bytes },
+    /// A presence member joined, announced once for the cluster.
+    Join(PresenceEntry),
+    /// A presence member left (or its owner stopped heartbeating), announced once.
+    Leave(PresenceEntry),
+}
+
+/// What the users channel carries: for every connection of a user, on every node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserMsg {
+    /// A message (JSON text) for each connection.
+    Message { user: Arc<str>, text: Bytes },
+    /// Close each connection with `code`.
+    Disconnect { user: Arc<str>, code: u16 },
+}
+
+/// A message to publish with a seq Redis assigns: `head`, the seq, `tail`. The seq is written
+/// in decimal, or for a binary topic as 8 bytes big-endian (docs/PROTOCOL.md "Binary rooms").
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub head: &'a [u8],
+    pub tail: &'a [u8],
+    pub binary: bool,
+    pub trace: Option<&'a str>,
+}
+
+/// A change to one shard's presence members of one topic ([`Keys::presence`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceChange<'a> {
+    pub topic: &'a str,
+    /// The members in `join` are all the shard has in the topic: any other leaves.
+    pub replace: bool,
+    /// Connections whose member leaves.
+    pub leave: &'a [u64],
+    /// Connections whose member joins, with the member as JSON.
+    pub join: &'a [(u64, String)],
 }
 
 const PUBLISH: &str = r"
@@ -91,7 +159,11 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
-local msg = ARGV[2] .. seq .. ARGV[3]
+local written = seq
+if ARGV[9] == 'b' then
+  written = struct.pack('>I8', seq)
+end
+local msg = ARGV[2] .. written .. ARGV[3]
 local cap = tonumber(ARGV[5])
 if cap > 0 then
   redis.call('RPUSH', KEYS[2], seq .. '\n' .. ARGV[4] .. '\n' .. msg)
@@ -99,23 +171,85 @@ if cap > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('PUBLISH', ARGV[1], epoch .. '\n' .. seq .. '\n' .. msg)
+redis.call('PUBLISH', ARGV[1], 'm\n' .. epoch .. '\n' .. seq .. '\n' .. ARGV[10] .. '\n' .. msg)
 return {seq, epoch}
 ";
 
 const SYNC: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'e', 's')
+local members = redis.call('HGETALL', KEYS[3])
 if not m[1] then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {0, ARGV[1], {}}
+  return {0, ARGV[1], {}, members}
 end
-return {tonumber(m[2]), m[1], redis.call('LRANGE', KEYS[2], 0, -1)}
+return {tonumber(m[2]), m[1], redis.call('LRANGE', KEYS[2], 0, -1), members}
+";
+
+/// Presence: a heartbeat of one owner (a shard of a node), the sweep of the owners whose
+/// heartbeats stopped, and optionally a change to the owner's members of one topic. Members
+/// live in a hash per topic (`owner:conn` → member JSON) and are indexed per owner
+/// (`conn \n topic`), so the sweep finds a dead owner's members without a scan. Every join and
+/// leave is published once, by the script that made it. Keys are named from the prefix, so
+/// this script needs one Redis, not a Redis Cluster.
+const PRESENCE: &str = r"
+local prefix, owner = ARGV[1], ARGV[2]
+local nodes = prefix .. 'nodes'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local missing = redis.call('ZADD', nodes, now + tonumber(ARGV[3]), owner)
+local function leave(topic, field, index, entry)
+  local key = prefix .. 'p:' .. topic
+  local member = redis.call('HGET', key, field)
+  if member then
+    redis.call('HDEL', key, field)
+    redis.call('SREM', index, entry)
+    redis.call('PUBLISH', prefix .. 'c:' .. topic, 'l\n' .. field .. '\n' .. member)
+  end
+end
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 16)) do
+  local index = prefix .. 'o:' .. dead
+  for _, entry in ipairs(redis.call('SMEMBERS', index)) do
+    local conn, topic = string.match(entry, '^(%d+)\n(.*)$')
+    if conn then
+      leave(topic, dead .. ':' .. conn, index, entry)
+    end
+  end
+  redis.call('DEL', index)
+  redis.call('ZREM', nodes, dead)
+end
+local topic = ARGV[4]
+if topic ~= '' then
+  local key, index, mine = prefix .. 'p:' .. topic, prefix .. 'o:' .. owner, owner .. ':'
+  local gone = tonumber(ARGV[6])
+  local kept = {}
+  for i = 7 + gone, #ARGV, 2 do
+    kept[mine .. ARGV[i]] = true
+  end
+  if ARGV[5] == '1' then
+    for _, field in ipairs(redis.call('HKEYS', key)) do
+      if string.sub(field, 1, #mine) == mine and not kept[field] then
+        leave(topic, field, index, string.sub(field, #mine + 1) .. '\n' .. topic)
+      end
+    end
+  end
+  for i = 7, 6 + gone do
+    leave(topic, mine .. ARGV[i], index, ARGV[i] .. '\n' .. topic)
+  end
+  for i = 7 + gone, #ARGV, 2 do
+    local field = mine .. ARGV[i]
+    if redis.call('HSET', key, field, ARGV[i + 1]) == 1 then
+      redis.call('SADD', index, ARGV[i] .. '\n' .. topic)
+      redis.call('PUBLISH', prefix .. 'c:' .. topic, 'j\n' .. field .. '\n' .. ARGV[i + 1])
+    end
+  end
+end
+return missing
 ";
 
 /// The scripts the link loads on every connection (so `EVALSHA` always finds them).
-pub const SCRIPTS: &[&str] = &[PUBLISH, SYNC];
+pub const SCRIPTS: &[&str] = &[PUBLISH, SYNC, PRESENCE];
 
 /// How long a topic's epoch and seq outlive its last publish: much longer than its history,
 /// so that history running out is told apart from the topic's state being lost.
@@ -134,6 +268,7 @@ pub struct Keys {
     prefix: String,
     publish_sha: String,
     sync_sha: String,
+    presence_sha: String,
 }
 
 impl Keys {
@@ -142,6 +277,7 @@ impl Keys {
             prefix: prefix.to_string(),
             publish_sha: sha(PUBLISH),
             sync_sha: sha(SYNC),
+            presence_sha: sha(PRESENCE),
         }
     }
 
@@ -153,26 +289,33 @@ impl Keys {
         self.key("c", topic)
     }
 
+    /// The channel of messages to users, which one shard of every node follows.
+    fn users(&self) -> Vec<u8> {
+        format!("{}users", self.prefix).into_bytes()
+    }
+
     /// The topic a channel carries, when it is one of ours.
     pub fn topic_of<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
         let rest = channel.strip_prefix(self.prefix.as_bytes())?;
         std::str::from_utf8(rest.strip_prefix(b"c:")?).ok()
     }
 
-    /// Publishes the message `head` + seq + `tail` (the seq is assigned by Redis), keeping at
-    /// most `cap` messages for `ttl_ms`. `epoch` is the epoch to create if the topic has none.
-    #[allow(clippy::too_many_arguments)]
+    pub fn is_users(&self, channel: &[u8]) -> bool {
+        channel == self.users()
+    }
+
+    /// Publishes `m`, keeping at most `cap` messages for `ttl_ms`. `epoch` is the epoch to
+    /// create if the topic has none.
     pub fn publish(
         &self,
         topic: &str,
-        head: &str,
-        tail: &str,
+        m: &Message,
         wall_ms: u64,
         cap: usize,
         ttl_ms: u64,
         epoch: &str,
     ) -> Vec<u8> {
-        let mut out = Vec::with_capacity(head.len() + tail.len() + 160);
+        let mut out = Vec::with_capacity(m.head.len() + m.tail.len() + 160);
         resp::command(
             &mut out,
             &[
@@ -182,15 +325,26 @@ impl Keys {
                 &self.key("s", topic),
                 &self.key("h", topic),
                 &self.channel(topic),
-                head.as_bytes(),
-                tail.as_bytes(),
+                m.head,
+                m.tail,
                 wall_ms.to_string().as_bytes(),
                 cap.to_string().as_bytes(),
                 ttl_ms.max(1).to_string().as_bytes(),
                 epoch.as_bytes(),
                 META_TTL_MS.to_string().as_bytes(),
+                if m.binary { b"b" } else { b"" },
+                trace_line(m.trace).as_bytes(),
             ],
         );
+        out
+    }
+
+    /// Publishes the volatile message `msg` (as delivered: it has no seq to add).
+    pub fn publish_volatile(&self, topic: &str, msg: &[u8], trace: Option<&str>) -> Vec<u8> {
+        let mut payload = format!("v\n{}\n", trace_line(trace)).into_bytes();
+        payload.extend_from_slice(msg);
+        let mut out = Vec::with_capacity(payload.len() + 64);
+        resp::command(&mut out, &[b"PUBLISH", &self.channel(topic), &payload]);
         out
     }
 
@@ -204,9 +358,10 @@ impl Keys {
             &[
                 b"EVALSHA",
                 self.sync_sha.as_bytes(),
-                b"2",
+                b"3",
                 &self.key("s", topic),
                 &self.key("h", topic),
+                &self.key("p", topic),
                 epoch.as_bytes(),
                 META_TTL_MS.to_string().as_bytes(),
             ],
@@ -217,6 +372,73 @@ impl Keys {
     pub fn unfollow(&self, topic: &str) -> Vec<u8> {
         let mut out = Vec::new();
         resp::command(&mut out, &[b"UNSUBSCRIBE", &self.channel(topic)]);
+        out
+    }
+
+    /// A heartbeat of `owner`, which is alive for `ttl_ms` more, with `change` to its members
+    /// if any. Owners whose heartbeats stopped are swept on the way: their members leave.
+    /// [`Keys::presence_answer`] reads the answer.
+    pub fn presence(&self, owner: &str, ttl_ms: u64, change: Option<&PresenceChange>) -> Vec<u8> {
+        let ttl = ttl_ms.to_string();
+        let mut args: Vec<Vec<u8>> = vec![
+            b"EVALSHA".to_vec(),
+            self.presence_sha.as_bytes().to_vec(),
+            b"0".to_vec(),
+            self.prefix.as_bytes().to_vec(),
+            owner.as_bytes().to_vec(),
+            ttl.into_bytes(),
+        ];
+        match change {
+            None => args.extend([Vec::new(), b"0".to_vec(), b"0".to_vec()]),
+            Some(c) => {
+                args.push(c.topic.as_bytes().to_vec());
+                args.push(if c.replace { b"1" } else { b"0" }.to_vec());
+                args.push(c.leave.len().to_string().into_bytes());
+                args.extend(c.leave.iter().map(|conn| conn.to_string().into_bytes()));
+                for (conn, json) in c.join {
+                    args.push(conn.to_string().into_bytes());
+                    args.push(json.as_bytes().to_vec());
+                }
+            }
+        }
+        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let mut out = Vec::new();
+        resp::command(&mut out, &refs);
+        out
+    }
+
+    /// Whether the presence script found its owner missing from the live owners: its first
+    /// heartbeat, or it was swept as dead, or Redis lost its state. Its members then need
+    /// writing again.
+    pub fn presence_answer(v: &Value) -> Result<bool, String> {
+        match v {
+            Value::Int(missing) => Ok(*missing != 0),
+            Value::Error(e) => Err(e.clone()),
+            _ => Err(format!("unexpected presence answer {v:?}")),
+        }
+    }
+
+    /// Follows the users channel.
+    pub fn follow_users(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        resp::command(&mut out, &[b"SUBSCRIBE", &self.users()]);
+        out
+    }
+
+    /// Publishes `m` on the users channel.
+    pub fn to_users(&self, m: &UserMsg) -> Vec<u8> {
+        let payload = match m {
+            UserMsg::Message { user, text } => {
+                let mut p = format!("u\n{}\n", json_line(user)).into_bytes();
+                p.extend_from_slice(text);
+                p
+            }
+            UserMsg::Disconnect { user, code } => {
+                format!("d\n{}\n{code}", json_line(user)).into_bytes()
+            }
+        };
+        let mut out = Vec::new();
+        resp::command(&mut out, &[b"PUBLISH", &self.users(), &payload]);
         out
     }
 
@@ -242,7 +464,7 @@ impl Keys {
                 _ => bad(),
             });
         };
-        let [seq, epoch, history] = &a[..] else {
+        let [seq, epoch, history, members] = &a[..] else {
             return Err(bad());
         };
         let seq = seq
@@ -253,28 +475,110 @@ impl Keys {
             .as_bytes()
             .and_then(|e| std::str::from_utf8(e).ok())
             .ok_or_else(bad)?;
-        let history = match history {
-            Value::Array(items) => items.iter().filter_map(|i| entry(i.as_bytes()?)).collect(),
-            Value::Nil => Vec::new(),
-            _ => return Err(bad()),
+        let items = |v: &Value| match v {
+            Value::Array(items) => Ok(items.clone()),
+            Value::Nil => Ok(Vec::new()),
+            _ => Err(bad()),
         };
+        let history = items(history)?
+            .iter()
+            .filter_map(|i| entry(i.as_bytes()?))
+            .collect();
+        // HGETALL: a map in RESP3 (keys and values in turn here), a flat array in RESP2.
+        let members = items(members)?
+            .chunks_exact(2)
+            .filter_map(|kv| {
+                let field = kv[0].as_bytes()?;
+                presence_entry(field, Bytes::copy_from_slice(kv[1].as_bytes()?))
+            })
+            .collect();
         Ok(Snapshot {
             epoch: epoch.into(),
             seq,
             history,
+            members,
         })
     }
 
-    /// A channel message; `None` when it is not one ringgate wrote.
-    pub fn message(payload: &Bytes) -> Option<Published> {
-        let (epoch, rest) = split_line(payload)?;
-        let (seq, msg) = split_line(&rest)?;
-        Some(Published {
-            epoch: std::str::from_utf8(&epoch).ok()?.into(),
-            seq: std::str::from_utf8(&seq).ok()?.parse().ok()?,
-            msg,
-        })
+    /// A topic channel's message; `None` when it is not one ringgate wrote.
+    pub fn pushed(payload: &Bytes) -> Option<Pushed> {
+        let (kind, rest) = split_line(payload)?;
+        match &kind[..] {
+            b"m" => {
+                let (epoch, rest) = split_line(&rest)?;
+                let (seq, rest) = split_line(&rest)?;
+                let (trace, msg) = split_line(&rest)?;
+                Some(Pushed::Message {
+                    epoch: std::str::from_utf8(&epoch).ok()?.into(),
+                    seq: std::str::from_utf8(&seq).ok()?.parse().ok()?,
+                    trace: parse_trace(&trace)?,
+                    msg,
+                })
+            }
+            b"v" => {
+                let (trace, msg) = split_line(&rest)?;
+                Some(Pushed::Volatile {
+                    trace: parse_trace(&trace)?,
+                    msg,
+                })
+            }
+            b"j" | b"l" => {
+                let (field, json) = split_line(&rest)?;
+                let e = presence_entry(&field, json)?;
+                Some(if &kind[..] == b"j" {
+                    Pushed::Join(e)
+                } else {
+                    Pushed::Leave(e)
+                })
+            }
+            _ => None,
+        }
     }
+
+    /// A users channel message; `None` when it is not one ringgate wrote.
+    pub fn user_msg(payload: &Bytes) -> Option<UserMsg> {
+        let (kind, rest) = split_line(payload)?;
+        let (user, rest) = split_line(&rest)?;
+        let user: Arc<str> = serde_json::from_slice::<String>(&user).ok()?.into();
+        match &kind[..] {
+            b"u" => Some(UserMsg::Message { user, text: rest }),
+            b"d" => Some(UserMsg::Disconnect {
+                user,
+                code: std::str::from_utf8(&rest).ok()?.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A string on one line of a channel message (JSON-quoted: it may hold a newline).
+fn json_line(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// A trace on its line: empty when there is none.
+fn trace_line(trace: Option<&str>) -> String {
+    trace.map(json_line).unwrap_or_default()
+}
+
+/// `Some(None)` for an empty line, `None` for one that is not a JSON string.
+fn parse_trace(line: &[u8]) -> Option<Option<Arc<str>>> {
+    if line.is_empty() {
+        return Some(None);
+    }
+    let s: String = serde_json::from_slice(line).ok()?;
+    Some(Some(s.into()))
+}
+
+/// `owner:conn` and the member's JSON.
+fn presence_entry(field: &[u8], json: Bytes) -> Option<PresenceEntry> {
+    let field = std::str::from_utf8(field).ok()?;
+    let (owner, conn) = field.rsplit_once(':')?;
+    Some(PresenceEntry {
+        owner: owner.into(),
+        conn: conn.parse().ok()?,
+        json,
+    })
 }
 
 /// `seq \n wall-ms \n message`.
@@ -321,23 +625,73 @@ mod tests {
                 s("garbage"),
                 s("3\n1701\n{}"),
             ]),
+            Value::Array(vec![s("ab12:7"), s("{}"), s("no-conn"), s("{}")]),
         ]);
         let snap = Keys::snapshot(&v).expect("snapshot");
         assert_eq!((snap.seq, &*snap.epoch), (3, "ep"));
         let seqs: Vec<_> = snap.history.iter().map(|e| (e.seq, e.wall_ms)).collect();
         assert_eq!(seqs, [(2, 1700), (3, 1701)]);
         assert_eq!(&snap.history[0].msg[..], b"{\"a\":\n1}");
+        let owners: Vec<_> = snap.members.iter().map(|m| (&*m.owner, m.conn)).collect();
+        assert_eq!(owners, [("ab12", 7)]);
         assert!(Keys::snapshot(&Value::Error("NOSCRIPT".into())).is_err());
         assert_eq!(
             Keys::published(&Value::Array(vec![Value::Int(9), s("e")])),
             Ok(9)
         );
-        let m = Keys::message(&Bytes::from_static(b"ep\n12\n{\"x\":1}")).expect("ours");
+        let pushed = |p: &'static [u8]| Keys::pushed(&Bytes::from_static(p));
         assert_eq!(
-            (&*m.epoch, m.seq, &m.msg[..]),
-            ("ep", 12, &b"{\"x\":1}"[..])
+            pushed(b"m\nep\n12\n\"t\\n1\"\n{\"x\":\n1}"),
+            Some(Pushed::Message {
+                epoch: "ep".into(),
+                seq: 12,
+                trace: Some("t\n1".into()),
+                msg: Bytes::from_static(b"{\"x\":\n1}"),
+            })
         );
-        assert_eq!(Keys::message(&Bytes::from_static(b"hello")), None);
-        assert_eq!(Keys::message(&Bytes::from_static(b"ep\nx\n{}")), None);
+        assert_eq!(
+            pushed(b"v\n\n\x02\x01tx"),
+            Some(Pushed::Volatile {
+                trace: None,
+                msg: Bytes::from_static(b"\x02\x01tx"),
+            })
+        );
+        assert!(matches!(pushed(b"l\nab:3\n{}"), Some(Pushed::Leave(e)) if e.conn == 3));
+        for foreign in [
+            &b"hello"[..],
+            b"m\nep\nx\n\n{}",
+            b"m\nep\n1\nnot-json\n{}",
+            b"j\nab\n{}",
+            b"x\n1",
+        ] {
+            assert_eq!(Keys::pushed(&Bytes::copy_from_slice(foreign)), None);
+        }
+    }
+
+    #[test]
+    fn user_messages_round_trip_through_the_users_channel() {
+        let k = Keys::new("rg:");
+        for m in [
+            UserMsg::Message {
+                user: "a\nb".into(),
+                text: Bytes::from_static(b"{\"type\":\"x\"}"),
+            },
+            UserMsg::Disconnect {
+                user: "u".into(),
+                code: 4001,
+            },
+        ] {
+            let cmd = k.to_users(&m);
+            // The payload is the command's last argument.
+            let (v, _) = resp::parse(&cmd).expect("RESP").expect("complete");
+            let Value::Array(args) = v else {
+                panic!("{v:?}")
+            };
+            let payload = Bytes::copy_from_slice(args[2].as_bytes().expect("payload"));
+            assert!(k.is_users(args[1].as_bytes().expect("channel")));
+            assert_eq!(Keys::user_msg(&payload), Some(m));
+        }
+        assert_eq!(Keys::user_msg(&Bytes::from_static(b"d\n\"u\"\nx")), None);
+        assert_eq!(Keys::user_msg(&Bytes::from_static(b"u\nu\n{}")), None);
     }
 }

@@ -40,6 +40,7 @@ use bytes::Bytes;
 use slab::Slab;
 use tokio::sync::oneshot;
 
+use crate::cluster::UserMsg;
 use crate::error::Code;
 use crate::metrics as m;
 use crate::ws::close::CloseCode;
@@ -128,6 +129,8 @@ pub struct Meta {
     /// Dropped rather than queued for a connection already behind (see [`Hub::handle`]).
     pub volatile: bool,
     pub trace: Option<Arc<str>>,
+    /// A connection (on the receiving shard) not to deliver to: a member's own `join`.
+    pub skip: Option<u64>,
 }
 
 /// What a publish carries.
@@ -243,6 +246,36 @@ pub enum HubMsg {
     },
 }
 
+impl Publish {
+    /// The message as delivered, with `seq` (none: volatile), and its frame's opcode.
+    fn encode(&self, topic: &str, seq: Option<u64>, wall: f64) -> (Vec<u8>, OpCode) {
+        match &self.data {
+            Payload::Json(data) => {
+                let (from, trace) = (self.from.as_deref(), self.trace.as_deref());
+                let text = proto::room_message(&self.kind, topic, seq, data, from, wall, trace);
+                (text.into_bytes(), OpCode::Text)
+            }
+            Payload::Binary(data) => (proto::binary_message(topic, seq, data), OpCode::Binary),
+        }
+    }
+}
+
+/// What waits for a conflation window: a publish that will take its seq when it goes (memory
+/// mode), or a message from Redis, encoded, for this node's subscribers (Redis mode).
+enum Held {
+    Publish(Publish),
+    Delivery(Broadcast, Meta),
+}
+
+impl Held {
+    fn into_publish(self) -> Option<Publish> {
+        match self {
+            Held::Publish(p) => Some(p),
+            Held::Delivery(..) => None,
+        }
+    }
+}
+
 /// One history entry in the shard's recording order (the byte budget's queue).
 struct Recorded {
     topic: Arc<str>,
@@ -273,8 +306,8 @@ pub struct Hub {
     lives: u64,
     /// Makes epochs unique per process run (drawn by the driver).
     epoch_seed: u64,
-    /// Publishes held for their topic's conflation window (`[[rooms.topic]] conflate`).
-    conflation: conflate::Conflation<Publish>,
+    /// What waits for its topic's conflation window (`[[rooms.topic]] conflate`).
+    conflation: conflate::Conflation<Held>,
     // Subscriber side.
     /// This shard's subscribers per topic.
     local: HashMap<Arc<str>, Slab<Rc<ConnHandle>>>,
@@ -369,9 +402,14 @@ impl Hub {
     /// Conflation windows that ended deliver the values that won; a write delay that is over
     /// lets every connection holding room messages write them.
     pub fn handle_timeout(&mut self, now: Now) {
-        for (topic, publishes) in self.conflation.expire(now.at) {
-            for p in publishes {
-                self.deliver_publish(now, &topic, &p);
+        for (topic, held) in self.conflation.expire(now.at) {
+            for h in held {
+                match h {
+                    Held::Publish(p) => {
+                        self.deliver_publish(now, &topic, &p);
+                    }
+                    Held::Delivery(msg, meta) => self.deliver_mirrored_now(now, &topic, msg, meta),
+                }
             }
         }
         if self.delay_due.is_some_and(|due| due <= now.at) {
@@ -553,7 +591,8 @@ impl Hub {
     }
 
     /// A message for every connection of `user` (the token's `sub`) on every shard: encoded
-    /// once, not kept in history, no seq.
+    /// once, not kept in history, no seq. In Redis mode on every node; `Err` says why Redis
+    /// cannot take it.
     pub fn publish_to_user(
         &mut self,
         now: Now,
@@ -561,26 +600,39 @@ impl Hub {
         kind: &str,
         data: &str,
         trace: Option<&str>,
-    ) {
+    ) -> Result<(), String> {
         let text = Bytes::from(proto::user_message(kind, user, data, now.wall, trace));
         tracing::debug!(user, trace, "user message published");
-        let user: Arc<str> = user.into();
-        for s in 0..self.shards {
-            let msg = HubMsg::ToUser {
-                user: user.clone(),
-                text: text.clone(),
-            };
-            self.send(now, s, msg);
-        }
+        self.send_to_users(
+            now,
+            UserMsg::Message {
+                user: user.into(),
+                text,
+            },
+        )
     }
 
-    /// Closes every connection of `user` on every shard with `code`.
-    pub fn disconnect_user(&mut self, now: Now, user: &str, code: u16) {
-        let user: Arc<str> = user.into();
+    /// Closes every connection of `user` on every shard (in Redis mode of every node) with
+    /// `code`.
+    pub fn disconnect_user(&mut self, now: Now, user: &str, code: u16) -> Result<(), String> {
+        let user = user.into();
+        self.send_to_users(now, UserMsg::Disconnect { user, code })
+    }
+
+    fn send_to_users(&mut self, now: Now, msg: UserMsg) -> Result<(), String> {
+        if self.cluster.is_some() {
+            return self.redis_to_users(msg);
+        }
+        self.users_on_every_shard(now, &msg);
+        Ok(())
+    }
+
+    /// `msg` for every shard of this node.
+    fn users_on_every_shard(&mut self, now: Now, msg: &UserMsg) {
         for s in 0..self.shards {
-            let msg = HubMsg::Disconnect {
-                user: user.clone(),
-                code,
+            let msg = match msg.clone() {
+                UserMsg::Message { user, text } => HubMsg::ToUser { user, text },
+                UserMsg::Disconnect { user, code } => HubMsg::Disconnect { user, code },
             };
             self.send(now, s, msg);
         }
@@ -613,8 +665,26 @@ impl Hub {
         })
     }
 
-    /// Broadcasts a presence event to the room's subscribers, when the room emits them.
-    fn presence_event(&mut self, now: Now, topic: &Arc<str>, kind: &str, member: &Member) {
+    /// A listed member joined or left this node's room. Memory mode tells the subscribers
+    /// now; Redis mode writes it to Redis, which announces it once to every node.
+    fn member_changed(&mut self, now: Now, topic: &Arc<str>, joined: bool, conn: u64, m: &Member) {
+        if self.cluster.is_some() {
+            return self.redis_member_changed(now, topic, joined, conn, m);
+        }
+        let kind = if joined { "join" } else { "leave" };
+        self.presence_event(now, topic, kind, m, None);
+    }
+
+    /// Broadcasts a presence event to the room's subscribers (but `skip`), when the room
+    /// emits them.
+    fn presence_event(
+        &mut self,
+        now: Now,
+        topic: &Arc<str>,
+        kind: &str,
+        member: &Member,
+        skip: Option<u64>,
+    ) {
         let Some(room) = self.rooms.get(topic) else {
             return;
         };
@@ -627,7 +697,11 @@ impl Hub {
             deflated: None,
         };
         let shards: Vec<usize> = room.subscriber_shards().collect();
-        self.fan_out(now, topic, &shards, msg, Meta::default());
+        let meta = Meta {
+            skip,
+            ..Meta::default()
+        };
+        self.fan_out(now, topic, &shards, msg, meta);
     }
 
     fn fan_out(
@@ -668,9 +742,10 @@ impl Hub {
         let joined = self
             .room(topic)
             .join(from.shard, from.conn, member.clone(), shared_deflate);
-        // Others hear of the join before the new member is on any delivery list.
+        // Others hear of the join before the new member is on any delivery list (in Redis
+        // mode the member's own join is skipped for it).
         if joined && member.listed {
-            self.presence_event(now, topic, "join", &member);
+            self.member_changed(now, topic, true, from.conn, &member);
         }
         let room = self.room(topic);
         let recovery = room.recover(since, epoch.as_deref());
@@ -696,7 +771,7 @@ impl Hub {
         };
         if let Some(member) = room.leave(from.shard, from.conn, shared_deflate) {
             if member.listed {
-                self.presence_event(now, &topic, "leave", &member);
+                self.member_changed(now, &topic, false, from.conn, &member);
             }
         }
         self.free_if_idle(&topic);
@@ -726,16 +801,9 @@ impl Hub {
             }
         }
         // Redis mode: Redis assigns the seq and keeps the history, and every node delivers the
-        // message when it comes back on the topic's channel (rooms/redis.rs). Volatile,
-        // conflated and binary publishes are not carried across nodes yet (docs/CLUSTER.md).
+        // message (conflated there) when it comes back on the topic's channel (rooms/redis.rs).
         if self.cluster.is_some() {
-            let Payload::Json(data) = &publish.data else {
-                let why =
-                    "binary topics are not carried across nodes ([cluster] engine = \"redis\")";
-                return self.unavailable(now, reply, why);
-            };
-            let from = publish.from.as_deref();
-            return self.redis_publish(now, &topic, &publish.kind, data, from, reply);
+            return self.redis_publish(now, &topic, &publish, reply);
         }
         let conflate = self.cfg.rule_for(&topic).and_then(|r| {
             let key = match (&publish.data, r.conflate_key.as_deref()) {
@@ -748,16 +816,24 @@ impl Hub {
             None => Some(publish),
             Some((interval, key)) => self
                 .conflation
-                .offer(&topic, key, publish, now.at, interval),
+                .offer(&topic, key, Held::Publish(publish), now.at, interval)
+                .and_then(Held::into_publish),
         };
-        let (seq, conflated) = match &publish {
-            Some(p) => (self.deliver_publish(now, &topic, p), false),
-            None => (None, true),
-        };
+        match &publish {
+            Some(p) => {
+                let seq = self.deliver_publish(now, &topic, p);
+                self.ack_publish(now, reply, seq, false)
+            }
+            None => self.ack_publish(now, reply, None, true),
+        }
+    }
+
+    /// Answers a publish: its seq, or that it has none (volatile, or held by conflation).
+    fn ack_publish(&mut self, now: Now, reply: Reply, seq: Option<u64>, conflated: bool) {
         let id = match &reply {
             Reply::Conn { id: Some(id), .. } => id.as_str(),
-            Reply::Conn { id: None, .. } => return,
-            _ => "",
+            Reply::Conn { id: None, .. } | Reply::None => return,
+            Reply::Http(_) => "",
         };
         let (ack, api) = match seq {
             Some(seq) => (proto::ack(id, seq), ApiAnswer::Published { seq }),
@@ -775,25 +851,13 @@ impl Hub {
     /// Delivers a publish to the topic's subscribers: encoded once, with the next seq and
     /// kept in history unless it is volatile. Returns its seq.
     fn deliver_publish(&mut self, now: Now, topic: &Arc<str>, p: &Publish) -> Option<u64> {
-        let tuning = self.tuning;
         let room = self.room(topic);
         let seq = (!p.volatile).then(|| room.next_seq());
         let trace = p.trace.as_deref();
-        let (payload, opcode) = match &p.data {
-            Payload::Json(data) => {
-                let from = p.from.as_deref();
-                let text = proto::room_message(&p.kind, topic, seq, data, from, now.wall, trace);
-                (text.into_bytes(), OpCode::Text)
-            }
-            Payload::Binary(data) => (proto::binary_message(topic, seq, data), OpCode::Binary),
-        };
-        let msg = Broadcast {
-            frame: frame(opcode, &payload),
-            deflated: if room.shared_deflate > 0 {
-                deflate::conn::shared_frame(&payload, tuning, opcode)
-            } else {
-                None
-            },
+        let (payload, opcode) = p.encode(topic, seq, now.wall);
+        let msg = self.broadcast(topic, &payload, opcode);
+        let Some(room) = self.rooms.get(topic) else {
+            return seq;
         };
         let shards: Vec<usize> = room.subscriber_shards().collect();
         if let Some(seq) = seq {
@@ -810,12 +874,28 @@ impl Hub {
             seq,
             volatile: p.volatile,
             trace: p.trace.clone(),
+            skip: None,
         };
         self.fan_out(now, topic, &shards, msg, meta);
         // No history kept and nobody listening: nothing to remember.
         self.free_if_idle(topic);
         seq
     }
+
+    /// The frame of `payload` for the room's subscribers (and its compressed form once, when
+    /// some take it).
+    fn broadcast(&self, topic: &Arc<str>, payload: &[u8], opcode: OpCode) -> Broadcast {
+        let shared = self.rooms.get(topic).is_some_and(|r| r.shared_deflate > 0);
+        Broadcast {
+            frame: frame(opcode, payload),
+            deflated: if shared {
+                deflate::conn::shared_frame(payload, self.tuning, opcode)
+            } else {
+                None
+            },
+        }
+    }
+
     /// Keeps `stored` in its room's history (up to `history_size`, within the byte budget).
     fn keep(&mut self, topic: &Arc<str>, stored: Stored) {
         let cap = self.cfg.history_size;
@@ -1112,9 +1192,13 @@ impl Hub {
         // A volatile message is not worth queueing behind half a slow consumer's limit: it
         // is dropped for that connection, which stays open for what it cannot miss.
         let behind = |entry: &ConnHandle| meta.volatile && entry.mailbox.backlog() > self.limit / 2;
+        let targets = list
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| meta.skip != Some(e.id));
         let mut dropped = 0u64;
         if let Some(delay) = self.cfg.write_delay_for(topic) {
-            for (_, entry) in list.iter() {
+            for entry in targets {
                 if behind(entry) {
                     dropped += 1;
                 } else if entry.queue_broadcast(msg, Some(at), self.limit) {
@@ -1126,7 +1210,7 @@ impl Hub {
                 self.delay_due = Some(self.delay_due.map_or(due, |d| d.min(due)));
             }
         } else {
-            for (_, entry) in list.iter() {
+            for entry in targets {
                 if behind(entry) {
                     dropped += 1;
                 } else {
@@ -1152,6 +1236,7 @@ impl Hub {
 
     /// Once a second: expire history, free idle rooms, publish gauges.
     pub fn sweep(&mut self, now: Now) {
+        self.cluster_tick(now);
         let ttl = Duration::from_secs_f64(self.cfg.history_ttl);
         let mut freed = 0;
         let mut emptied = Vec::new();
@@ -1808,7 +1893,8 @@ mod tests {
             user_conn(&mut hub, 3, "bob"),
         );
         let anon = conn(&mut hub, 4);
-        hub.publish_to_user(at(t0, 0.0), "alice", "notice", r#"{"n":1}"#, Some("t9"));
+        hub.publish_to_user(at(t0, 0.0), "alice", "notice", r#"{"n":1}"#, Some("t9"))
+            .expect("memory mode");
         for c in [&a1, &a2] {
             let got = drain(c);
             assert_eq!(got.len(), 1);
@@ -1824,7 +1910,8 @@ mod tests {
         assert!(matches!(&sent[..], [(1, HubMsg::ToUser { user, .. })] if &**user == "alice"));
         // A closed connection is forgotten; a disconnect closes the rest with its code.
         hub.detach(at(t0, 0.0), 1);
-        hub.disconnect_user(at(t0, 0.0), "alice", 4001);
+        hub.disconnect_user(at(t0, 0.0), "alice", 4001)
+            .expect("memory mode");
         assert!(!a1.entry.close_requested());
         assert_eq!(a2.entry.take_close_request().map(|c| c.code.0), Some(4001));
         assert!(!b.entry.close_requested());

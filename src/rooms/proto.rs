@@ -190,7 +190,17 @@ pub const MAX_TRACE: usize = 128;
 /// or lacks the field.
 pub fn conflate_key(data: &str, field: &str) -> Option<Box<str>> {
     let v: serde_json::Value = serde_json::from_str(data).ok()?;
-    match v.get(field)? {
+    key_in(&v, field)
+}
+
+/// [`conflate_key`] of a room message as delivered (its `data`'s `field`).
+pub fn message_conflate_key(msg: &[u8], field: &str) -> Option<Box<str>> {
+    let v: serde_json::Value = serde_json::from_slice(msg).ok()?;
+    key_in(v.get("data")?, field)
+}
+
+fn key_in(data: &serde_json::Value, field: &str) -> Option<Box<str>> {
+    match data.get(field)? {
         serde_json::Value::String(s) => Some(s.as_str().into()),
         other => Some(other.to_string().into()),
     }
@@ -401,19 +411,26 @@ pub fn parse_binary(msg: &[u8]) -> Result<BinaryPublish<'_>, ClientError> {
 /// only][payload]`. `topic` is at most 255 bytes (binary topics are published through the
 /// envelope, whose length byte bounds them).
 pub fn binary_message(topic: &str, seq: Option<u64>, payload: &[u8]) -> Vec<u8> {
+    let mut v = binary_head(topic, seq.is_some(), 8 + payload.len());
+    if let Some(seq) = seq {
+        v.extend_from_slice(&seq.to_be_bytes());
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A binary room message up to its seq (durable) or payload (volatile), with room for `more`
+/// bytes: for a seq assigned elsewhere (Redis), the message is this, the seq, the payload.
+pub fn binary_head(topic: &str, durable: bool, more: usize) -> Vec<u8> {
     let topic = &topic.as_bytes()[..topic.len().min(255)];
-    let mut v = Vec::with_capacity(2 + topic.len() + 8 + payload.len());
-    v.push(if seq.is_some() {
+    let mut v = Vec::with_capacity(2 + topic.len() + more);
+    v.push(if durable {
         BINARY_DURABLE
     } else {
         BINARY_VOLATILE
     });
     v.push(topic.len() as u8);
     v.extend_from_slice(topic);
-    if let Some(seq) = seq {
-        v.extend_from_slice(&seq.to_be_bytes());
-    }
-    v.extend_from_slice(payload);
     v
 }
 
@@ -431,12 +448,17 @@ pub fn room_message_around_seq(
     data: &str,
     from: Option<&str>,
     timestamp: f64,
+    trace: Option<&str>,
 ) -> (String, String) {
     let mut head = Obj::new(kind).str("topic", topic).0;
     head.push_str(",\"seq\":");
     let tail = Obj(String::new()).raw("data", data);
     let tail = match from {
         Some(f) => tail.str("from", f),
+        None => tail,
+    };
+    let tail = match trace {
+        Some(t) => tail.str("trace", t),
         None => tail,
     };
     (head, tail.time("timestamp", timestamp).done())
@@ -501,11 +523,12 @@ mod tests {
 
     #[test]
     fn a_message_cut_around_its_seq_is_the_same_message() {
-        for from in [None, Some("u\"1")] {
-            let (head, tail) = room_message_around_seq("m", "a\"b", "{\"x\":[1]}", from, 1.5);
+        for (from, trace) in [(None, None), (Some("u\"1"), Some("t\n"))] {
+            let (head, tail) =
+                room_message_around_seq("m", "a\"b", "{\"x\":[1]}", from, 1.5, trace);
             assert_eq!(
                 format!("{head}42{tail}"),
-                room_message("m", "a\"b", Some(42), "{\"x\":[1]}", from, 1.5, None)
+                room_message("m", "a\"b", Some(42), "{\"x\":[1]}", from, 1.5, trace)
             );
         }
     }
@@ -671,6 +694,12 @@ mod tests {
         assert_eq!(conflate_key(r#"{"id":7}"#, "pair"), None);
         assert_eq!(conflate_key("[1]", "pair"), None);
         assert_eq!(conflate_key("not json", "pair"), None);
+        let msg = room_message("m", "fx", Some(3), r#"{"pair":"eur"}"#, None, 1.0, None);
+        assert_eq!(
+            message_conflate_key(msg.as_bytes(), "pair").as_deref(),
+            Some("eur")
+        );
+        assert_eq!(message_conflate_key(b"\x01\x01t", "pair"), None);
     }
 
     #[test]

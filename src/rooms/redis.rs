@@ -4,37 +4,53 @@
 //! - A publish becomes one script run in Redis, which assigns the seq cluster-wide, keeps the
 //!   history and publishes the message; the hub acks with Redis's seq. It is not delivered
 //!   here directly: it comes back on the topic's channel like everyone else's, so every node
-//!   delivers every topic in one order.
+//!   delivers every topic in one order. A volatile publish is a plain `PUBLISH` on the same
+//!   channel: no seq, no history, in order with the others.
 //! - While the node has subscribers of a topic, its room here is a mirror of the topic in
-//!   Redis: the home shard follows the topic's channel, and the room holds Redis's epoch, seq
-//!   and (a copy of) its history. Subscribes, recovery, history and presence then run on the
-//!   mirror exactly as in memory mode. The first request for a topic not followed yet waits for
+//!   Redis: the home shard follows the topic's channel, and the room holds Redis's epoch, seq,
+//!   (a copy of) its history and the other nodes' presence members. Subscribes, recovery,
+//!   history and presence then run on the mirror exactly as in memory mode; conflation holds
+//!   this node's deliveries back. The first request for a topic not followed yet waits for
 //!   the mirror: `SUBSCRIBE` and a read of the topic's state, on the one connection, so that
 //!   the read covers every message before it and the channel every message after it.
+//! - Presence: this shard's members are written to Redis under its owner name, and Redis
+//!   announces each join and leave once on the topic's channel; every node (this one too)
+//!   tells its subscribers from there. The shard heartbeats its owner name once every third
+//!   of `presence_ttl`; whichever shard's heartbeat finds an owner past its deadline removes
+//!   that owner's members and announces their leaves. A change Redis could not take marks the
+//!   topic stale: its members are written whole when Redis can take it again, and all of them
+//!   when a heartbeat finds this owner swept (or Redis emptied).
+//! - Messages to users go on one channel that shard 0 of every node follows, and it hands
+//!   them to each of its node's shards.
 //! - When the connection to Redis fails, mirrors keep serving what they hold, publishes and
 //!   requests that need Redis are answered `unavailable`, and once reconnected every mirror is
 //!   followed and read again: messages missed meanwhile are delivered in order, and a new epoch
 //!   (Redis lost the topic) replaces the mirror's history.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::room::{Room, Stored};
-use super::{epoch, frame, proto, ApiAnswer, Hub, HubMsg, Meta, Now, Reply};
+use super::room::{Member, Room, Stored};
+use super::{epoch, proto, ApiAnswer, Held, Hub, HubMsg, Meta, Now, Payload, Publish, Reply};
 use crate::cluster::config::ClusterConfig;
-use crate::cluster::{Command, Event, Keys, Snapshot, Tag};
+use crate::cluster::{
+    Command, Event, Keys, Message, PresenceChange, PresenceEntry, Pushed, Snapshot, Tag, UserMsg,
+    Value,
+};
 use crate::error::Code;
 use crate::metrics as m;
-use crate::ws::deflate;
 use crate::ws::frame::OpCode;
 use crate::ws::mailbox::Broadcast;
 
 /// The hub's Redis state.
 pub struct Cluster {
     keys: Keys,
+    /// This shard's name in Redis's presence (unique to this run): its members are
+    /// `owner:conn` there.
+    owner: Arc<str>,
     /// The link is connected.
     up: bool,
     /// Tagged commands awaiting their answer.
@@ -42,17 +58,26 @@ pub struct Cluster {
     max_pending: usize,
     /// Commands for the link, in order ([`Hub::poll_cluster`]).
     out: VecDeque<Command>,
-    /// Who gets the ack of each publish in flight.
-    publishes: HashMap<u64, Reply>,
+    /// Who gets the ack of each publish in flight, and whether it is volatile.
+    publishes: HashMap<u64, (Reply, bool)>,
     next_publish: u64,
     /// Topics whose state is being read, with the requests waiting for it.
     syncing: HashMap<Arc<str>, Vec<HubMsg>>,
+    presence_ttl: Duration,
+    /// When the next heartbeat is due.
+    next_beat: Option<Instant>,
+    /// Topics whose members in Redis may differ from this shard's: written whole when Redis
+    /// can take it.
+    stale: BTreeSet<Arc<str>>,
+    /// This shard follows the users channel for its node.
+    users: bool,
 }
 
 impl Cluster {
-    pub fn new(cfg: &ClusterConfig) -> Cluster {
+    fn new(cfg: &ClusterConfig, owner: Arc<str>, users: bool) -> Cluster {
         Cluster {
             keys: Keys::new(&cfg.key_prefix),
+            owner,
             up: false,
             in_flight: 0,
             max_pending: cfg.max_pending,
@@ -60,6 +85,10 @@ impl Cluster {
             publishes: HashMap::new(),
             next_publish: 0,
             syncing: HashMap::new(),
+            presence_ttl: cfg.presence_ttl(),
+            next_beat: None,
+            stale: BTreeSet::new(),
+            users,
         }
     }
 
@@ -74,17 +103,23 @@ impl Cluster {
         }
     }
 
+    fn send(&mut self, tag: Option<Tag>, bytes: Vec<u8>) {
+        self.in_flight += usize::from(tag.is_some());
+        self.out.push_back(Command { tag, bytes });
+    }
+
     fn follow(&mut self, topic: &str, epoch: &str) {
         let (sub, read) = self.keys.follow(topic, epoch);
-        self.out.push_back(Command {
-            tag: None,
-            bytes: sub,
-        });
-        self.out.push_back(Command {
-            tag: Some(Tag::Sync(topic.into())),
-            bytes: read,
-        });
-        self.in_flight += 1;
+        self.send(None, sub);
+        self.send(Some(Tag::Sync(topic.into())), read);
+    }
+
+    /// Heartbeats this owner (and writes `change`); due again a third of the TTL later.
+    fn presence(&mut self, at: Instant, change: Option<&PresenceChange>) {
+        let ttl_ms = self.presence_ttl.as_millis() as u64;
+        let bytes = self.keys.presence(&self.owner, ttl_ms, change);
+        self.send(Some(Tag::Presence(change.map(|c| c.topic.into()))), bytes);
+        self.next_beat = Some(at + self.presence_ttl / 3);
     }
 }
 
@@ -97,10 +132,30 @@ fn topic_of(msg: &HubMsg) -> Option<&Arc<str>> {
     }
 }
 
+/// A member as Redis holds it (written by [`proto::member`]).
+#[derive(serde::Deserialize)]
+struct MemberJson {
+    client_id: String,
+    user: String,
+    joined_at: f64,
+}
+
+fn member_of(json: &[u8]) -> Option<Member> {
+    let m: MemberJson = serde_json::from_slice(json).ok()?;
+    Some(Member {
+        client_id: m.client_id.into(),
+        user: m.user.into(),
+        joined_at: m.joined_at,
+        listed: true,
+    })
+}
+
 impl Hub {
     /// Carries the rooms over Redis: publishes go to Redis, and rooms mirror Redis's topics.
     pub fn with_redis(mut self, cfg: &ClusterConfig) -> Hub {
-        self.cluster = Some(Cluster::new(cfg));
+        // Life 0 is no room's: the owner name is this run's and shard's alone.
+        let owner = epoch(self.epoch_seed, self.shard, 0);
+        self.cluster = Some(Cluster::new(cfg, owner, self.shard == 0));
         self
     }
 
@@ -160,16 +215,9 @@ impl Hub {
         self.answer(now, reply, text, ApiAnswer::Unavailable(why.into()));
     }
 
-    /// A publish, in Redis mode: one script run; the ack follows Redis's answer.
-    pub(super) fn redis_publish(
-        &mut self,
-        now: Now,
-        topic: &str,
-        kind: &str,
-        data: &str,
-        from: Option<&str>,
-        reply: Reply,
-    ) {
+    /// A publish, in Redis mode: one script run (a plain `PUBLISH` when volatile); the ack
+    /// follows Redis's answer.
+    pub(super) fn redis_publish(&mut self, now: Now, topic: &str, p: &Publish, reply: Reply) {
         self.lives += 1;
         let fresh = epoch(self.epoch_seed, self.shard, self.lives);
         let (cap, ttl) = (self.cfg.history_size, self.cfg.history_ttl);
@@ -179,19 +227,114 @@ impl Hub {
         if let Some(why) = c.refusal() {
             return self.unavailable(now, reply, why);
         }
-        let (head, tail) = proto::room_message_around_seq(kind, topic, data, from, now.wall);
-        let wall_ms = (now.wall * 1000.0) as u64;
-        let ttl_ms = (ttl * 1000.0) as u64;
-        let bytes = c
-            .keys
-            .publish(topic, &head, &tail, wall_ms, cap, ttl_ms, &fresh);
+        let trace = p.trace.as_deref();
+        let bytes = if p.volatile {
+            let (msg, _) = p.encode(topic, None, now.wall);
+            c.keys.publish_volatile(topic, &msg, trace)
+        } else {
+            let (head, tail, binary) = match &p.data {
+                Payload::Json(data) => {
+                    let from = p.from.as_deref();
+                    let (head, tail) =
+                        proto::room_message_around_seq(&p.kind, topic, data, from, now.wall, trace);
+                    (head.into_bytes(), Bytes::from(tail), false)
+                }
+                Payload::Binary(data) => (proto::binary_head(topic, true, 0), data.clone(), true),
+            };
+            let m = Message {
+                head: &head,
+                tail: &tail,
+                binary,
+                trace,
+            };
+            let wall_ms = (now.wall * 1000.0) as u64;
+            let ttl_ms = (ttl * 1000.0) as u64;
+            c.keys.publish(topic, &m, wall_ms, cap, ttl_ms, &fresh)
+        };
         c.next_publish += 1;
-        c.publishes.insert(c.next_publish, reply);
-        c.out.push_back(Command {
-            tag: Some(Tag::Publish(c.next_publish)),
-            bytes,
-        });
-        c.in_flight += 1;
+        c.publishes.insert(c.next_publish, (reply, p.volatile));
+        c.send(Some(Tag::Publish(c.next_publish)), bytes);
+    }
+
+    /// A message for users on every node, through Redis.
+    pub(super) fn redis_to_users(&mut self, msg: UserMsg) -> Result<(), String> {
+        let Some(c) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        if let Some(why) = c.refusal() {
+            ::metrics::counter!(m::CLUSTER_UNAVAILABLE).increment(1);
+            return Err(why.into());
+        }
+        let bytes = c.keys.to_users(&msg);
+        c.send(Some(Tag::ToUsers), bytes);
+        Ok(())
+    }
+
+    /// A member joined or left this node's room: written to Redis, which announces it; if
+    /// Redis cannot take it now, the topic's members are written whole later.
+    pub(super) fn redis_member_changed(
+        &mut self,
+        now: Now,
+        topic: &Arc<str>,
+        joined: bool,
+        conn: u64,
+        member: &Member,
+    ) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        if c.refusal().is_some() {
+            c.stale.insert(topic.clone());
+            return;
+        }
+        let (join, leave) = if joined {
+            let json = proto::member(&member.client_id, &member.user, member.joined_at);
+            (vec![(conn, json)], vec![])
+        } else {
+            (vec![], vec![conn])
+        };
+        let change = PresenceChange {
+            topic,
+            replace: false,
+            leave: &leave,
+            join: &join,
+        };
+        c.presence(now.at, Some(&change));
+    }
+
+    /// Writes the members of the stale topics whole, as long as Redis takes commands.
+    fn rewrite_stale(&mut self, now: Now) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        while c.refusal().is_none() {
+            let Some(topic) = c.stale.pop_first() else {
+                break;
+            };
+            let join: Vec<(u64, String)> = self.rooms.get(&topic).map_or(Vec::new(), |r| {
+                r.listed()
+                    .map(|(conn, m)| (conn, proto::member(&m.client_id, &m.user, m.joined_at)))
+                    .collect()
+            });
+            let change = PresenceChange {
+                topic: &topic,
+                replace: true,
+                leave: &[],
+                join: &join,
+            };
+            c.presence(now.at, Some(&change));
+        }
+    }
+
+    /// From the once-a-second sweep: the heartbeat, when due, and stale topics' members.
+    pub(super) fn cluster_tick(&mut self, now: Now) {
+        let Some(c) = self.cluster.as_mut().filter(|c| c.up) else {
+            return;
+        };
+        if c.next_beat.is_none_or(|due| due <= now.at) {
+            c.presence(now.at, None);
+        }
+        self.rewrite_stale(now);
     }
 
     /// In Redis mode a room is a mirror: it goes when its last subscriber does (history stays
@@ -203,14 +346,12 @@ impl Hub {
         let Some(room) = self.rooms.get(topic) else {
             return;
         };
-        if room.member_count() > 0 || c.syncing.contains_key(topic) {
+        if room.subscribers() > 0 || c.syncing.contains_key(topic) {
             return;
         }
         if c.up {
-            c.out.push_back(Command {
-                tag: None,
-                bytes: c.keys.unfollow(topic),
-            });
+            let bytes = c.keys.unfollow(topic);
+            c.send(None, bytes);
         }
         self.history_bytes -= room.history_bytes();
         self.history_len -= room.history_len();
@@ -230,6 +371,12 @@ impl Hub {
                     return;
                 };
                 c.up = true;
+                // First the heartbeat: no member of this owner is written before it is alive.
+                c.presence(now.at, None);
+                if c.users {
+                    let bytes = c.keys.follow_users();
+                    c.send(None, bytes);
+                }
                 // A new connection follows nothing: follow and read every mirror again.
                 for (t, fresh) in topics {
                     if !c.syncing.contains_key(&t) {
@@ -237,6 +384,7 @@ impl Hub {
                         c.syncing.insert(t, Vec::new());
                     }
                 }
+                self.rewrite_stale(now);
             }
             Event::Down(_) => {
                 if let Some(c) = self.cluster.as_mut() {
@@ -250,52 +398,144 @@ impl Hub {
                 match tag {
                     Tag::Publish(n) => self.published(now, n, answer),
                     Tag::Sync(topic) => self.synced(now, topic, answer),
+                    Tag::Presence(topic) => self.presence_written(now, topic, answer),
+                    Tag::ToUsers => {
+                        if let Err(e) = answer.and_then(|v| match v {
+                            Value::Error(e) => Err(e),
+                            _ => Ok(()),
+                        }) {
+                            tracing::warn!("a message to users through Redis failed: {e}");
+                        }
+                    }
                 }
             }
-            Event::Message { channel, payload } => {
-                let Some(c) = self.cluster.as_ref() else {
-                    return;
-                };
-                let Some(topic) = c.keys.topic_of(&channel) else {
-                    return;
-                };
-                // A read in flight covers every message before its answer.
-                if c.syncing.contains_key(topic) {
-                    return;
-                }
-                let Some(p) = Keys::message(&payload) else {
-                    tracing::warn!(
-                        topic,
-                        "a message on a ringgate channel not written by ringgate"
-                    );
-                    return;
-                };
-                let Some((topic, room)) = self.rooms.get_key_value(topic) else {
-                    return;
-                };
-                let topic = topic.clone();
-                if room.epoch != p.epoch {
+            Event::Message { channel, payload } => self.pushed(now, &channel, &payload),
+        }
+    }
+
+    /// A pub/sub message: a topic's, or one for users.
+    fn pushed(&mut self, now: Now, channel: &[u8], payload: &Bytes) {
+        let Some(c) = self.cluster.as_ref() else {
+            return;
+        };
+        if c.users && c.keys.is_users(channel) {
+            match Keys::user_msg(payload) {
+                Some(msg) => self.users_on_every_shard(now, &msg),
+                None => tracing::warn!("a message on ringgate's users channel not written by it"),
+            }
+            return;
+        }
+        let Some(topic) = c.keys.topic_of(channel) else {
+            return;
+        };
+        // A read in flight covers every message before its answer.
+        if c.syncing.contains_key(topic) {
+            return;
+        }
+        let Some(p) = Keys::pushed(payload) else {
+            tracing::warn!(
+                topic,
+                "a message on a ringgate channel not written by ringgate"
+            );
+            return;
+        };
+        let Some((topic, room)) = self.rooms.get_key_value(topic) else {
+            return;
+        };
+        let topic = topic.clone();
+        match p {
+            Pushed::Message {
+                epoch,
+                seq,
+                trace,
+                msg,
+            } => {
+                if room.epoch != epoch {
                     // Redis lost the topic and it started again: so does the mirror.
-                    self.restart_mirror(&topic, p.epoch, 0);
+                    self.restart_mirror(&topic, epoch, 0);
                 }
-                self.deliver_mirrored(now, &topic, p.seq, p.msg, now.at);
+                self.deliver_mirrored(now, &topic, seq, msg, now.at, trace);
+            }
+            Pushed::Volatile { trace, msg } => {
+                let meta = Meta {
+                    volatile: true,
+                    trace,
+                    ..Meta::default()
+                };
+                self.fan_out_mirrored(now, &topic, &msg, meta);
+            }
+            Pushed::Join(e) => self.presence_pushed(now, &topic, true, e),
+            Pushed::Leave(e) => self.presence_pushed(now, &topic, false, e),
+        }
+    }
+
+    /// A join or leave Redis announced: into the mirror's members (another owner's), and out
+    /// to this node's subscribers but the member itself.
+    fn presence_pushed(&mut self, now: Now, topic: &Arc<str>, joined: bool, e: PresenceEntry) {
+        let Some(c) = self.cluster.as_ref() else {
+            return;
+        };
+        let mine = e.owner == c.owner;
+        let Some(member) = member_of(&e.json) else {
+            tracing::warn!(%topic, "a presence member in Redis not written by ringgate");
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(topic) else {
+            return;
+        };
+        let news = if mine {
+            true
+        } else if joined {
+            room.remote
+                .insert((e.owner, e.conn), member.clone())
+                .is_none()
+        } else {
+            room.remote.remove(&(e.owner, e.conn)).is_some()
+        };
+        if news {
+            let kind = if joined { "join" } else { "leave" };
+            self.presence_event(now, topic, kind, &member, mine.then_some(e.conn));
+        }
+    }
+
+    /// The answer to a heartbeat or a presence change. This owner missing from Redis's live
+    /// owners (swept, or Redis emptied): every topic's members are written again.
+    fn presence_written(
+        &mut self,
+        now: Now,
+        topic: Option<Arc<str>>,
+        answer: Result<Value, String>,
+    ) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        match answer.and_then(|v| Keys::presence_answer(&v)) {
+            Ok(false) => {}
+            Ok(true) => {
+                c.stale.extend(self.rooms.keys().cloned());
+                self.rewrite_stale(now);
+            }
+            Err(e) => {
+                tracing::debug!(?topic, "writing presence to Redis failed: {e}");
+                c.stale.extend(topic);
             }
         }
     }
 
-    fn published(&mut self, now: Now, n: u64, answer: Result<crate::cluster::Value, String>) {
-        let Some(reply) = self.cluster.as_mut().and_then(|c| c.publishes.remove(&n)) else {
+    fn published(&mut self, now: Now, n: u64, answer: Result<Value, String>) {
+        let Some((reply, volatile)) = self.cluster.as_mut().and_then(|c| c.publishes.remove(&n))
+        else {
             return;
         };
-        match answer.and_then(|v| Keys::published(&v)) {
+        let seq = answer.and_then(|v| match v {
+            Value::Error(e) => Err(e),
+            _ if volatile => Ok(None),
+            v => Keys::published(&v).map(Some),
+        });
+        match seq {
             Ok(seq) => {
                 ::metrics::counter!(m::PUBLISHED).increment(1);
-                let ack = match &reply {
-                    Reply::Conn { id: Some(id), .. } => proto::ack(id, seq),
-                    Reply::Conn { id: None, .. } | Reply::None => return,
-                    Reply::Http(_) => String::new(),
-                };
-                self.answer(now, reply, ack, ApiAnswer::Published { seq });
+                self.ack_publish(now, reply, seq, false);
             }
             Err(e) => {
                 tracing::warn!("publish through Redis failed: {e}");
@@ -305,7 +545,7 @@ impl Hub {
     }
 
     /// A topic's state read: make or update its mirror, then serve the requests that waited.
-    fn synced(&mut self, now: Now, topic: Arc<str>, answer: Result<crate::cluster::Value, String>) {
+    fn synced(&mut self, now: Now, topic: Arc<str>, answer: Result<Value, String>) {
         let waiting = match answer.and_then(|v| Keys::snapshot(&v)) {
             Ok(snap) => {
                 self.mirror(now, &topic, snap);
@@ -327,10 +567,8 @@ impl Hub {
         }
         if !self.rooms.contains_key(&topic) {
             if let Some(c) = self.cluster.as_mut().filter(|c| c.up) {
-                c.out.push_back(Command {
-                    tag: None,
-                    bytes: c.keys.unfollow(&topic),
-                });
+                let bytes = c.keys.unfollow(&topic);
+                c.send(None, bytes);
             }
         }
     }
@@ -341,23 +579,27 @@ impl Hub {
         let wall_ms = (now.wall * 1000.0) as u64;
         let fresh = |e: &crate::cluster::Entry| wall_ms.saturating_sub(e.wall_ms) <= ttl_ms;
         let Some(same) = self.rooms.get(topic).map(|r| r.epoch == snap.epoch) else {
-            // A new mirror: history only, nobody to deliver to yet.
+            // A new mirror: history and members only, nobody to deliver to yet.
             self.lives += 1;
             let mut room = Room::new(self.lives, snap.epoch.clone(), self.shards);
             room.seq = snap.seq;
             self.rooms.insert(topic.clone(), room);
+            self.set_remote(now, topic, snap.members, false);
+            let opcode = self.opcode(topic);
             for e in snap.history.into_iter().filter(fresh) {
                 let stored = Stored {
                     seq: e.seq,
                     at: age(now, e.wall_ms),
-                    msg: self.broadcast(topic, &e.msg),
+                    msg: self.broadcast(topic, &e.msg, opcode),
                 };
                 self.keep(topic, stored);
             }
             return;
         };
         // Read again after a reconnection. A new epoch: Redis lost the topic, the mirror starts
-        // over with it. Either way the subscribers get what was published meanwhile, in order.
+        // over with it. Either way the subscribers get what was published meanwhile, in order,
+        // and hear of who joined and left.
+        self.set_remote(now, topic, snap.members, true);
         if !same {
             self.restart_mirror(topic, snap.epoch.clone(), 0);
         }
@@ -372,10 +614,53 @@ impl Hub {
             .filter(fresh)
         {
             let at = age(now, e.wall_ms);
-            self.deliver_mirrored(now, topic, e.seq, e.msg, at);
+            self.deliver_mirrored(now, topic, e.seq, e.msg, at, None);
         }
         if let Some(room) = self.rooms.get_mut(topic) {
             room.seq = room.seq.max(snap.seq);
+        }
+    }
+
+    /// The mirror's members of other owners become `members`; with `announce`, this node's
+    /// subscribers hear of each difference (what they missed while the node was cut off).
+    fn set_remote(
+        &mut self,
+        now: Now,
+        topic: &Arc<str>,
+        members: Vec<PresenceEntry>,
+        announce: bool,
+    ) {
+        let Some(c) = self.cluster.as_ref() else {
+            return;
+        };
+        let remote: HashMap<(Arc<str>, u64), Member> = members
+            .into_iter()
+            .filter(|e| e.owner != c.owner)
+            .filter_map(|e| Some(((e.owner, e.conn), member_of(&e.json)?)))
+            .collect();
+        let Some(room) = self.rooms.get_mut(topic) else {
+            return;
+        };
+        let old = std::mem::replace(&mut room.remote, remote);
+        if !announce {
+            return;
+        }
+        let new = &room.remote;
+        let left: Vec<Member> = old
+            .iter()
+            .filter(|(k, _)| !new.contains_key(*k))
+            .map(|(_, m)| m.clone())
+            .collect();
+        let joined: Vec<Member> = new
+            .iter()
+            .filter(|(k, _)| !old.contains_key(*k))
+            .map(|(_, m)| m.clone())
+            .collect();
+        for m in left {
+            self.presence_event(now, topic, "leave", &m, None);
+        }
+        for m in joined {
+            self.presence_event(now, topic, "join", &m, None);
         }
     }
 
@@ -393,17 +678,13 @@ impl Hub {
         room.seq = seq;
     }
 
-    /// The frame of `msg` for the room's subscribers (and its compressed form once, when some
-    /// take it).
-    fn broadcast(&self, topic: &Arc<str>, msg: &[u8]) -> Broadcast {
-        let shared = self.rooms.get(topic).is_some_and(|r| r.shared_deflate > 0);
-        Broadcast {
-            frame: frame(OpCode::Text, msg),
-            deflated: if shared {
-                deflate::conn::shared_frame(msg, self.tuning, OpCode::Text)
-            } else {
-                None
-            },
+    /// A topic's frames are binary when the topic is (the same `[[rooms.topic]]` on every
+    /// node).
+    fn opcode(&self, topic: &str) -> OpCode {
+        if self.cfg.is_binary(topic) {
+            OpCode::Binary
+        } else {
+            OpCode::Text
         }
     }
 
@@ -415,9 +696,10 @@ impl Hub {
         topic: &Arc<str>,
         seq: u64,
         msg: Bytes,
-        at: std::time::Instant,
+        at: Instant,
+        trace: Option<Arc<str>>,
     ) {
-        let msg = self.broadcast(topic, &msg);
+        let frame = self.broadcast(topic, &msg, self.opcode(topic));
         let Some(room) = self.rooms.get_mut(topic) else {
             return;
         };
@@ -428,20 +710,54 @@ impl Hub {
             tracing::warn!(%topic, after = room.seq, seq, "a gap in a topic's messages from Redis");
         }
         room.seq = seq;
-        let shards: Vec<usize> = room.subscriber_shards().collect();
-        self.keep(
-            topic,
-            Stored {
-                seq,
-                at,
-                msg: msg.clone(),
-            },
-        );
+        let stored = Stored {
+            seq,
+            at,
+            msg: frame,
+        };
+        self.keep(topic, stored);
         let meta = Meta {
             seq: Some(seq),
+            trace,
             ..Meta::default()
         };
-        self.fan_out(now, topic, &shards, msg, meta);
+        self.fan_out_mirrored(now, topic, &msg, meta);
+    }
+
+    /// A message from Redis out to this node's subscribers: now, or at the end of its topic's
+    /// conflation window if one is open (the latest per key wins).
+    fn fan_out_mirrored(&mut self, now: Now, topic: &Arc<str>, msg: &[u8], meta: Meta) {
+        let frame = self.broadcast(topic, msg, self.opcode(topic));
+        let conflate = self.cfg.rule_for(topic).and_then(|r| {
+            let key = r
+                .conflate_key
+                .as_deref()
+                .and_then(|field| proto::message_conflate_key(msg, field));
+            Some((r.conflate()?, key))
+        });
+        let held = Held::Delivery(frame, meta);
+        let now_go = match conflate {
+            None => Some(held),
+            Some((interval, key)) => self.conflation.offer(topic, key, held, now.at, interval),
+        };
+        if let Some(Held::Delivery(frame, meta)) = now_go {
+            self.deliver_mirrored_now(now, topic, frame, meta);
+        }
+    }
+
+    /// `frame` to every shard with subscribers of the mirror.
+    pub(super) fn deliver_mirrored_now(
+        &mut self,
+        now: Now,
+        topic: &Arc<str>,
+        frame: Broadcast,
+        meta: Meta,
+    ) {
+        let Some(room) = self.rooms.get(topic) else {
+            return;
+        };
+        let shards: Vec<usize> = room.subscriber_shards().collect();
+        self.fan_out(now, topic, &shards, frame, meta);
     }
 }
 
@@ -461,6 +777,7 @@ mod tests {
     use crate::rooms::config::RoomsConfig;
     use crate::rooms::conn::RoomConn;
     use crate::rooms::tests::{conn, drain};
+    use crate::ws::deflate;
 
     fn hub() -> Hub {
         let tuning = deflate::Tuning {
@@ -485,12 +802,26 @@ mod tests {
             .collect()
     }
 
+    /// Connected: a heartbeat is sent and answered (this owner was alive); returns the
+    /// commands sent.
+    fn up(hub: &mut Hub) -> Vec<(Option<Tag>, String)> {
+        hub.handle_cluster(now(), Event::Up);
+        let cmds = sent(hub);
+        assert!(
+            cmds.iter().any(|c| c.0 == Some(Tag::Presence(None))),
+            "{cmds:?}"
+        );
+        let alive = Event::Reply(Tag::Presence(None), Ok(Value::Int(0)));
+        hub.handle_cluster(now(), alive);
+        cmds
+    }
+
     fn msg(seq: u64) -> String {
         proto::room_message("message", "t", Some(seq), &seq.to_string(), None, 1.0, None)
     }
 
     fn push(hub: &mut Hub, epoch: &str, seq: u64) {
-        let payload = format!("{epoch}\n{seq}\n{}", msg(seq));
+        let payload = format!("m\n{epoch}\n{seq}\n\n{}", msg(seq));
         hub.handle_cluster(
             now(),
             Event::Message {
@@ -510,6 +841,7 @@ mod tests {
             Value::Int(seq as i64),
             Value::Str(Bytes::copy_from_slice(epoch.as_bytes())),
             Value::Array(entries),
+            Value::Array(vec![]),
         ])
     }
 
@@ -520,7 +852,7 @@ mod tests {
     #[test]
     fn a_mirror_follows_redis_exactly_through_reconnections_and_lost_state() {
         let mut hub = hub();
-        hub.handle_cluster(now(), Event::Up);
+        up(&mut hub);
         let c = conn(&mut hub, 1);
         hub.subscribe(now(), &c, "t", Some(1), Some("E"), Some("1".into()));
         let cmds = sent(&mut hub);
@@ -552,10 +884,8 @@ mod tests {
         assert_eq!(seqs(&c), [4]);
         // Cut off while 5 and 6 were published; 7 arrives during the read again.
         hub.handle_cluster(now(), Event::Down("gone".into()));
-        hub.handle_cluster(now(), Event::Up);
-        assert_eq!(
-            sent(&mut hub)[1].0,
-            Some(t.clone()),
+        assert!(
+            up(&mut hub).iter().any(|c| c.0 == Some(t.clone())),
             "the mirror is read again"
         );
         push(&mut hub, "E", 7);
@@ -625,7 +955,7 @@ mod tests {
         };
         let mut hub =
             Hub::new(0, 1, RoomsConfig::default(), tuning, 1 << 20, 7).with_redis(&cluster);
-        hub.handle_cluster(now(), Event::Up);
+        up(&mut hub);
         let mut answers: Vec<_> = (0..3)
             .map(|_| {
                 let (tx, rx) = tokio::sync::oneshot::channel();

@@ -59,6 +59,9 @@ pub struct Room {
     /// Subscribers (and presence: the listed ones), by connection id.
     members: HashMap<u64, Member>,
     listed: usize,
+    /// Redis mode: the members of the other nodes (and other shards' lives), by owner and
+    /// connection, as Redis announced them.
+    pub remote: HashMap<(Arc<str>, u64), Member>,
     /// Subscriptions per shard.
     shards: Vec<u32>,
     /// Subscribers that take the shared compressed frame.
@@ -75,6 +78,7 @@ impl Room {
             history_bytes: 0,
             members: HashMap::new(),
             listed: 0,
+            remote: HashMap::new(),
             shards: vec![0; shards],
             shared_deflate: 0,
         }
@@ -202,13 +206,30 @@ impl Room {
         Some(m)
     }
 
-    /// Presence: the listed members.
+    /// Presence: the listed members, this node's and the others'.
     pub fn members(&self) -> impl Iterator<Item = &Member> {
-        self.members.values().filter(|m| m.listed)
+        self.members
+            .values()
+            .filter(|m| m.listed)
+            .chain(self.remote.values())
     }
 
+    /// How many [`members`](Self::members) there are.
     pub fn member_count(&self) -> usize {
-        self.listed
+        self.listed + self.remote.len()
+    }
+
+    /// This node's listed members, by connection id.
+    pub fn listed(&self) -> impl Iterator<Item = (u64, &Member)> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.listed)
+            .map(|(c, m)| (*c, m))
+    }
+
+    /// This node's subscribers, listed or not.
+    pub fn subscribers(&self) -> usize {
+        self.members.len()
     }
 
     /// Shards with at least one subscriber.

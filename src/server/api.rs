@@ -113,6 +113,11 @@ fn check_topic<'a>(shard: &Shard, topic: Option<&'a str>) -> Result<&'a str, Api
     }
 }
 
+/// `[cluster] engine = "redis"` and Redis cannot take the request: why.
+fn unavailable(why: String) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why)
+}
+
 /// Sends `msg` to the topic's home shard and waits for its answer.
 async fn ask(
     shard: &Shard,
@@ -128,11 +133,7 @@ async fn ask(
             "overloaded",
             "a shard this needs is behind (max_shard_backlog); retry".into(),
         )),
-        Ok(ApiAnswer::Unavailable(why)) => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            why,
-        )),
+        Ok(ApiAnswer::Unavailable(why)) => Err(unavailable(why)),
         Ok(answer) => Ok(answer),
         Err(_) => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -274,7 +275,8 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
             }
             shard
                 .hub
-                .with(|hub, now| hub.publish_to_user(now, user, kind, &data, trace));
+                .with(|hub, now| hub.publish_to_user(now, user, kind, &data, trace))
+                .map_err(unavailable)?;
             return Ok(json(
                 StatusCode::OK,
                 format!("{{\"user\":{}}}", json_str(user)),
@@ -320,7 +322,8 @@ async fn disconnect(shard: &Shard, req: Request<Incoming>) -> ApiResult {
     };
     shard
         .hub
-        .with(|hub, now| hub.disconnect_user(now, user, code));
+        .with(|hub, now| hub.disconnect_user(now, user, code))
+        .map_err(unavailable)?;
     Ok(json(
         StatusCode::OK,
         format!("{{\"user\":{},\"code\":{code}}}", json_str(user)),
