@@ -1,7 +1,9 @@
 //! Rooms across nodes through Redis (`[cluster] engine = "redis"`, docs/CLUSTER.md): a real
 //! `redis-server` started by each test, and several real ringgate nodes on it. One seq order
-//! for every node, recovery on another node, a node without Redis (degraded, `/readyz`), and
-//! Redis restarted under the nodes with and without its data.
+//! for every node, recovery on another node, a node without Redis (degraded, `/readyz`),
+//! Redis restarted under the nodes with and without its data, presence across nodes (and a
+//! node killed without a goodbye), and the realtime features across nodes: volatile
+//! messages, traces, binary topics, conflation, messages to users and disconnects.
 
 mod common;
 
@@ -20,32 +22,67 @@ both_backends!(
     redis_restarted_under_traffic_keeps_or_loses_history_as_redis_did,
     a_password_is_sent_and_a_wrong_one_is_named,
     a_node_killed_abruptly_does_not_disturb_the_others,
+    presence_lists_every_node_and_a_killed_node_s_members_leave_once,
+    volatile_and_traced_messages_cross_nodes_without_touching_seq_or_history,
+    binary_topics_cross_nodes_byte_exact_with_recovery,
+    conflation_holds_back_each_receiving_node,
+    user_messages_and_disconnects_reach_every_node,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
 fn node(backend: Backend, redis_url: &str) -> Server {
+    node_with(backend, redis_url, "", "")
+}
+
+/// [`node`] with more `[cluster]` keys, and more tables after `[rooms]`.
+fn node_with(backend: Backend, redis_url: &str, cluster: &str, more: &str) -> Server {
     let config = format!(
         "[cluster]\nengine = \"redis\"\nredis_url = \"{redis_url}\"\nreconnect_max_delay = 0.2\n\
-         [rooms]\npublish_rate = 0\nrequest_rate = 0\n"
+         {cluster}\n[rooms]\npublish_rate = 0\nrequest_rate = 0\n{more}"
     );
     Server::start_sharded(backend, 2, &config, &[])
 }
 
-/// A `/ws` client speaking JSON; what arrives while waiting for something else is stashed.
+/// A `/ws` client speaking JSON; what arrives while waiting for something else is stashed
+/// (binary messages apart).
 struct Client {
     ws: Ws,
+    /// The server's name for this connection (its `client_id` in presence).
+    id: String,
     stash: VecDeque<Value>,
+    binary: VecDeque<Vec<u8>>,
 }
 
 impl Client {
     async fn connect(server: &Server) -> Client {
         let ws = server.ws_path("/ws").await;
+        Client::hello(ws).await
+    }
+
+    /// Connects with `token` as the `bearer.` subprotocol.
+    async fn connect_with_token(server: &Server, token: &str) -> Client {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = server.url("/ws").into_client_request().expect("request");
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("bearer.{token}").parse().expect("header value"),
+        );
+        let (ws, _) = within("connect", tokio_tungstenite::connect_async(req))
+            .await
+            .expect("websocket handshake");
+        Client::hello(ws).await
+    }
+
+    async fn hello(ws: Ws) -> Client {
         let mut c = Client {
             ws,
+            id: String::new(),
             stash: VecDeque::new(),
+            binary: VecDeque::new(),
         };
         let hello = c.next().await;
         assert_eq!(hello["type"], "connected", "{hello}");
+        c.id = hello["connection_id"].as_str().expect("id").to_string();
         c
     }
 
@@ -62,17 +99,93 @@ impl Client {
         }
     }
 
-    /// The next message from the socket.
+    /// The next text message from the socket (binary ones are kept for [`Client::next_bin`]).
     async fn read(&mut self) -> Value {
         loop {
-            match within("a message", self.ws.next()).await {
-                Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(&t).expect("JSON from the server")
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                other => panic!("expected a text message, got {other:?}"),
+            if let Some(v) = self.read_message().await {
+                return v;
             }
         }
+    }
+
+    /// The next message from the socket: a text one, or `None` (a binary one, kept).
+    async fn read_message(&mut self) -> Option<Value> {
+        match within("a message", self.ws.next()).await {
+            Some(Ok(Message::Text(t))) => Some(serde_json::from_str(&t).expect("JSON")),
+            Some(Ok(Message::Binary(b))) => {
+                self.binary.push_back(b.to_vec());
+                None
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// The next binary message: `(seq, payload)` of the binary envelope (no seq: volatile).
+    async fn next_bin(&mut self) -> (Option<u64>, Vec<u8>) {
+        while self.binary.is_empty() {
+            if let Some(v) = self.read_message().await {
+                self.stash.push_back(v);
+            }
+        }
+        let m = self.binary.pop_front().expect("a binary message");
+        let len = usize::from(m[1]);
+        let rest = &m[2 + len..];
+        match m[0] {
+            1 => (
+                Some(u64::from_be_bytes(rest[..8].try_into().expect("seq"))),
+                rest[8..].to_vec(),
+            ),
+            2 => (None, rest.to_vec()),
+            k => panic!("binary message kind {k}: {m:?}"),
+        }
+    }
+
+    /// Publishes `payload` to the binary topic `topic`.
+    async fn send_bin(&mut self, topic: &str, volatile: bool, payload: &[u8]) {
+        let mut m = vec![if volatile { 2 } else { 1 }, topic.len() as u8];
+        m.extend_from_slice(topic.as_bytes());
+        m.extend_from_slice(payload);
+        within("send", self.ws.send(Message::binary(m)))
+            .await
+            .expect("send");
+    }
+
+    /// A round trip: everything the server queued for this client before the pong is stashed.
+    async fn ping(&mut self) {
+        self.send(json!({"action": "ping", "id": "sync"})).await;
+        self.until(|v| v["id"] == "sync").await;
+    }
+
+    /// The `client_id`s of a topic's members, as this client's node lists them, sorted.
+    async fn presence(&mut self, topic: &str) -> Vec<String> {
+        self.send(json!({"action": "presence", "topic": topic, "id": "p"}))
+            .await;
+        let r = self.until(|v| v["id"] == "p").await;
+        let mut ids: Vec<String> = r["members"]
+            .as_array()
+            .unwrap_or_else(|| panic!("members: {r}"))
+            .iter()
+            .map(|m| m["client_id"].as_str().expect("client_id").to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The presence events (`join`/`leave`) stashed so far, as `(type, client_id)`.
+    fn presence_events(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        self.stash.retain(|v| {
+            let is_event = v["type"] == "join" || v["type"] == "leave";
+            if is_event {
+                out.push((
+                    v["type"].as_str().unwrap_or_default().to_string(),
+                    v["client_id"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+            !is_event
+        });
+        out
     }
 
     /// The first message `pred` accepts; others stay stashed, in order.
@@ -115,8 +228,17 @@ impl Client {
 
 /// `POST /api/publish` on `server`: the status and the body.
 async fn api_publish(server: &Server, topic: &str, data: Value) -> (u16, Value) {
-    let body = json!({"topic": topic, "data": data}).to_string();
-    let r = server.post("/api/publish", "", &body).await;
+    api_post(
+        server,
+        "/api/publish",
+        json!({"topic": topic, "data": data}),
+    )
+    .await
+}
+
+/// `POST path` with a JSON body on `server`: the status and the body.
+async fn api_post(server: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = server.post(path, "", &body.to_string()).await;
     let v = serde_json::from_str(&r.body).unwrap_or(Value::Null);
     (r.status, v)
 }
@@ -416,4 +538,364 @@ async fn a_node_killed_abruptly_does_not_disturb_the_others(backend: Backend) {
         [(2, json!(2)), (3, json!(3)), (4, json!(4))]
     );
     assert_eq!(b.get("/readyz").await.status, 200);
+}
+
+/// Asks `client`'s node for the members of `topic` until they are `expected` (each node's
+/// view follows Redis's announcements, which the other nodes make on their own).
+async fn presence_becomes(client: &mut Client, topic: &str, expected: &[&str]) {
+    let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = client.presence(topic).await;
+        if got == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence stayed {got:?}, not {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn presence_lists_every_node_and_a_killed_node_s_members_leave_once(backend: Backend) {
+    let redis = Redis::start(false);
+    // Heartbeats every second or so; a node silent for 4 s loses its members.
+    let ttl = "presence_ttl = 4";
+    let (a, b, c) = (
+        node_with(backend, &redis.url(), ttl, ""),
+        node_with(backend, &redis.url(), ttl, ""),
+        node_with(backend, &redis.url(), ttl, ""),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    let topic = "lobby";
+    let mut on_b = Client::connect(&b).await;
+    on_b.subscribe(topic, None).await;
+    let mut on_c = Client::connect(&c).await;
+    on_c.subscribe(topic, None).await;
+    let mut on_a = Client::connect(&a).await;
+    on_a.subscribe(topic, None).await;
+    let (ida, idb, idc) = (on_a.id.clone(), on_b.id.clone(), on_c.id.clone());
+    let joined = |id: &str| {
+        let id = id.to_string();
+        move |v: &Value| v["type"] == "join" && v["client_id"] == id.as_str()
+    };
+    on_b.until(joined(&idc)).await;
+    on_b.until(joined(&ida)).await;
+    on_c.until(joined(&ida)).await;
+    // Every node lists the members of every node.
+    for client in [&mut on_a, &mut on_b, &mut on_c] {
+        presence_becomes(client, topic, &[&ida, &idb, &idc]).await;
+    }
+    let api = b.get(&format!("/api/presence?topic={topic}")).await;
+    let api: Value = serde_json::from_str(&api.body).expect("presence JSON");
+    assert_eq!(api["members"].as_array().map(Vec::len), Some(3), "{api}");
+
+    // A member that says goodbye leaves at once, announced on every node.
+    let mut leaving = Client::connect(&c).await;
+    leaving.subscribe(topic, None).await;
+    let idl = leaving.id.clone();
+    on_a.until(joined(&idl)).await;
+    drop(leaving);
+    let left = |id: &str| {
+        let id = id.to_string();
+        move |v: &Value| v["type"] == "leave" && v["client_id"] == id.as_str()
+    };
+    on_a.until(left(&idl)).await;
+    on_b.until(left(&idl)).await;
+    presence_becomes(&mut on_b, topic, &[&ida, &idb, &idc]).await;
+
+    // A dies without a goodbye: a surviving node sweeps its member once its heartbeats have
+    // stopped for presence_ttl (the wait is the TTL on the servers' clocks).
+    a.signal(libc::SIGKILL);
+    drop(on_a);
+    on_b.until(left(&ida)).await;
+    on_c.until(left(&ida)).await;
+    presence_becomes(&mut on_b, topic, &[&idb, &idc]).await;
+    presence_becomes(&mut on_c, topic, &[&idb, &idc]).await;
+    // Each event came once: nothing else stashed after a message published since.
+    api_publish(&b, topic, json!("after")).await;
+    for client in [&mut on_b, &mut on_c] {
+        client.messages(topic, 1).await;
+        let events = client.presence_events();
+        assert_eq!(
+            events.iter().filter(|(_, id)| *id == ida).count(),
+            0,
+            "a second join or leave of the killed node's member: {events:?}"
+        );
+    }
+    // Both of A's shards are gone from Redis's live owners (each node has two).
+    let deadline = Instant::now() + PATIENCE;
+    while redis.command(&["ZCARD", "ringgate:nodes"]).as_deref() != Some(":4") {
+        assert!(Instant::now() < deadline, "A's owners were not swept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn volatile_and_traced_messages_cross_nodes_without_touching_seq_or_history(
+    backend: Backend,
+) {
+    let redis = Redis::start(false);
+    let (a, b, c) = (
+        node(backend, &redis.url()),
+        node(backend, &redis.url()),
+        node(backend, &redis.url()),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    let mut sub = Client::connect(&b).await;
+    let r = sub.subscribe("chat", None).await;
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    let mut publisher = Client::connect(&a).await;
+    publisher
+        .send(
+            json!({"action": "publish", "topic": "chat", "data": {"typing": true},
+                     "volatile": true, "trace": "v-1", "id": "v"}),
+        )
+        .await;
+    let ack = publisher.until(|v| v["id"] == "v").await;
+    assert_eq!(
+        (&ack["type"], &ack["volatile"], ack.get("seq")),
+        (&json!("ack"), &json!(true), None),
+        "{ack}"
+    );
+    let (status, v) = api_post(
+        &c,
+        "/api/publish",
+        json!({"topic": "chat", "data": 2, "volatile": true}),
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({"volatile": true})));
+    publisher
+        .send(json!({"action": "publish", "topic": "chat", "data": "kept",
+                     "trace": "t-7", "id": "d"}))
+        .await;
+    let ack = publisher.until(|v| v["id"] == "d").await;
+    assert_eq!(ack["seq"], 1, "volatile messages took no seq: {ack}");
+    // Delivered on another node in publish order, with their traces.
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(sub.until(|v| v["topic"] == "chat").await);
+    }
+    assert_eq!(
+        (&got[0]["volatile"], &got[0]["data"], &got[0]["trace"]),
+        (&json!(true), &json!({"typing": true}), &json!("v-1")),
+        "{}",
+        got[0]
+    );
+    assert!(got[0].get("seq").is_none(), "{}", got[0]);
+    assert_eq!(
+        (&got[1]["volatile"], &got[1]["data"]),
+        (&json!(true), &json!(2))
+    );
+    assert_eq!(
+        (
+            &got[2]["seq"],
+            &got[2]["data"],
+            &got[2]["trace"],
+            got[2].get("volatile")
+        ),
+        (&json!(1), &json!("kept"), &json!("t-7"), None),
+        "{}",
+        got[2]
+    );
+    // History holds the kept message only: read where the topic is not followed, and
+    // replayed on a third node.
+    let h = a.get("/api/history?topic=chat&since=0").await;
+    let h: Value = serde_json::from_str(&h.body).expect("history JSON");
+    assert_eq!(
+        h["messages"].as_array().map(|m| m
+            .iter()
+            .map(|m| (m["seq"].clone(), m["data"].clone()))
+            .collect::<Vec<_>>()),
+        Some(vec![(json!(1), json!("kept"))]),
+        "{h}"
+    );
+    let mut late = Client::connect(&c).await;
+    let r = late.subscribe("chat", Some((0, &epoch))).await;
+    assert_eq!(
+        (&r["recovered"], &r["seq"]),
+        (&json!(true), &json!(1)),
+        "{r}"
+    );
+    late.ping().await;
+    let replayed: Vec<_> = late
+        .stash
+        .iter()
+        .filter(|v| v["topic"] == "chat" && v["type"] == "message")
+        .map(|v| v["data"].clone())
+        .collect();
+    assert_eq!(replayed, [json!("kept")]);
+}
+
+async fn binary_topics_cross_nodes_byte_exact_with_recovery(backend: Backend) {
+    let redis = Redis::start(false);
+    let binary = "[[rooms.topic]]\nprefix = \"doc.\"\nbinary = true\n";
+    let (a, b, c) = (
+        node_with(backend, &redis.url(), "", binary),
+        node_with(backend, &redis.url(), "", binary),
+        node_with(backend, &redis.url(), "", binary),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    let topic = "doc.1";
+    let mut sub = Client::connect(&b).await;
+    let r = sub.subscribe(topic, None).await;
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    let mut writer = Client::connect(&a).await;
+    // Bytes that are no UTF-8, a newline (the channel's separator) and digits after the seq.
+    let updates: [&[u8]; 3] = [b"\x00\xff\n\x80", b"\n\n", b"123"];
+    for u in updates {
+        writer.send_bin(topic, false, u).await;
+    }
+    writer.send_bin(topic, true, b"\x01state").await;
+    for (i, u) in updates.iter().enumerate() {
+        assert_eq!(sub.next_bin().await, (Some(i as u64 + 1), u.to_vec()));
+    }
+    assert_eq!(sub.next_bin().await, (None, b"\x01state".to_vec()));
+    // Recovered on a third node from Redis's history, byte for byte; the volatile one is not.
+    let mut late = Client::connect(&c).await;
+    let r = late.subscribe(topic, Some((0, &epoch))).await;
+    assert_eq!(
+        (&r["recovered"], &r["seq"]),
+        (&json!(true), &json!(3)),
+        "{r}"
+    );
+    for (i, u) in updates.iter().enumerate() {
+        assert_eq!(late.next_bin().await, (Some(i as u64 + 1), u.to_vec()));
+    }
+    writer.send_bin(topic, false, b"live").await;
+    assert_eq!(late.next_bin().await, (Some(4), b"live".to_vec()));
+    assert_eq!(sub.next_bin().await, (Some(4), b"live".to_vec()));
+}
+
+async fn conflation_holds_back_each_receiving_node(backend: Backend) {
+    let redis = Redis::start(false);
+    // A window far longer than a burst of publishes takes.
+    let ticker = "[[rooms.topic]]\nprefix = \"ticker.\"\nconflate = 2.0\n";
+    let (a, b) = (
+        node_with(backend, &redis.url(), "", ticker),
+        node_with(backend, &redis.url(), "", ticker),
+    );
+    ready_becomes(&a, 200).await;
+    ready_becomes(&b, 200).await;
+    let topic = "ticker.eur";
+    let mut subs = [Client::connect(&a).await, Client::connect(&b).await];
+    for s in subs.iter_mut() {
+        s.subscribe(topic, None).await;
+    }
+    let mut publisher = Client::connect(&a).await;
+    const N: u64 = 20;
+    for i in 1..=N {
+        publisher
+            .send(json!({"action": "publish", "topic": topic, "data": i, "id": i}))
+            .await;
+    }
+    for i in 1..=N {
+        let ack = publisher.until(|v| v["id"] == i).await;
+        assert_eq!(ack["seq"], i, "every publish takes its seq in Redis: {ack}");
+    }
+    for (n, s) in subs.iter_mut().enumerate() {
+        let mut values = Vec::new();
+        while values.last() != Some(&N) {
+            let m = s
+                .until(|v| v["topic"] == topic && v["type"] == "message")
+                .await;
+            values.push(m["data"].as_u64().expect("data"));
+        }
+        assert!(
+            values.windows(2).all(|w| w[0] < w[1]),
+            "node {n}: an older value after a newer: {values:?}"
+        );
+        assert!(
+            values.len() < N as usize,
+            "node {n}: nothing conflated: {values:?}"
+        );
+        assert_eq!(values[0], 1, "node {n}: the first goes at once: {values:?}");
+    }
+}
+
+const JWT_SECRET: &str = "cluster-test-secret-of-at-least-32-bytes";
+
+fn user_token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+async fn user_messages_and_disconnects_reach_every_node(backend: Backend) {
+    let redis = Redis::start(false);
+    let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\nanonymous_channels = [\"*\"]\n");
+    let (a, b, c) = (
+        node_with(backend, &redis.url(), "", &auth),
+        node_with(backend, &redis.url(), "", &auth),
+        node_with(backend, &redis.url(), "", &auth),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    let alice_token = user_token("alice");
+    let mut alice = [
+        Client::connect_with_token(&a, &alice_token).await,
+        Client::connect_with_token(&b, &alice_token).await,
+    ];
+    let mut bob = Client::connect_with_token(&b, &user_token("bob")).await;
+    // Published on a node where alice has no connection.
+    let (status, v) = api_post(
+        &c,
+        "/api/publish",
+        json!({"user": "alice", "type": "notice", "data": {"n": 1}, "trace": "u-1"}),
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({"user": "alice"})));
+    for client in alice.iter_mut() {
+        let m = client.until(|v| v["type"] == "notice").await;
+        assert_eq!(
+            (&m["user"], &m["data"], &m["trace"]),
+            (&json!("alice"), &json!({"n": 1}), &json!("u-1")),
+            "{m}"
+        );
+    }
+    // Bob's message goes the same way after alice's: had bob been given hers, it came first.
+    api_post(
+        &a,
+        "/api/publish",
+        json!({"user": "bob", "type": "notice", "data": 2}),
+    )
+    .await;
+    let m = bob.until(|v| v["type"] == "notice").await;
+    assert_eq!((&m["user"], &m["data"]), (&json!("bob"), &json!(2)), "{m}");
+
+    let (status, v) = api_post(
+        &c,
+        "/api/disconnect",
+        json!({"user": "alice", "code": 4001}),
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({"user": "alice", "code": 4001})));
+    for client in alice.iter_mut() {
+        assert_eq!(u16::from(expect_close(&mut client.ws).await), 4001);
+    }
+    bob.ping().await;
+
+    // Without Redis the request is refused, not half-delivered.
+    drop(redis);
+    ready_becomes(&c, 503).await;
+    let (status, v) = api_post(&c, "/api/publish", json!({"user": "bob", "data": 3})).await;
+    assert_eq!((status, &v["code"]), (503, &json!("unavailable")), "{v}");
+    let (status, v) = api_post(&c, "/api/disconnect", json!({"user": "bob"})).await;
+    assert_eq!((status, &v["code"]), (503, &json!("unavailable")), "{v}");
 }
