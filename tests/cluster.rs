@@ -484,6 +484,11 @@ async fn redis_restarted_under_traffic_keeps_or_loses_history_as_redis_did(backe
             assert_eq!(r["recovered"], false, "{r}");
             assert_ne!(r["epoch"], json!(epoch), "{r}");
         }
+        // Presence too: B's member, written before the restart, is in Redis again (B writes
+        // its members anew when Redis no longer knows B), and A lists it.
+        let (ida, idb) = (back.id.clone(), live.id.clone());
+        presence_becomes(&mut back, "news", &[&ida, &idb]).await;
+        presence_becomes(&mut live, "news", &[&ida, &idb]).await;
     }
 }
 

@@ -989,4 +989,128 @@ mod tests {
             Ok(ApiAnswer::Unavailable(_))
         ));
     }
+
+    /// A presence announcement on `t`'s channel.
+    fn presence_push(hub: &mut Hub, kind: &str, field: &str, client: &str) {
+        let payload = format!("{kind}\n{field}\n{}", proto::member(client, "u", 1.0));
+        hub.handle_cluster(
+            now(),
+            Event::Message {
+                channel: Bytes::from_static(b"ringgate:c:t"),
+                payload: Bytes::from(payload),
+            },
+        );
+    }
+
+    /// The `client_id`s `hub` lists for `t`, sorted.
+    fn listed(hub: &mut Hub) -> Vec<String> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let reply = Reply::Http(tx);
+        hub.handle(
+            now(),
+            HubMsg::Presence {
+                topic: "t".into(),
+                reply,
+            },
+        );
+        let Ok(ApiAnswer::Json(body)) = rx.try_recv() else {
+            panic!("no presence answer")
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let mut ids: Vec<String> = v["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| m["client_id"].as_str().expect("id").to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn events(c: &RoomConn) -> Vec<(String, String)> {
+        drain(c)
+            .iter()
+            .map(|m| {
+                (
+                    m["type"].as_str().unwrap_or("").into(),
+                    m["client_id"].as_str().unwrap_or("").into(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn presence_mirrors_every_owner_and_rewrites_what_redis_missed() {
+        let tuning = deflate::Tuning {
+            level: 1,
+            threshold: 64,
+        };
+        let mut hub = Hub::new(0, 1, RoomsConfig::default(), tuning, 1 << 20, 7)
+            .with_redis(&ClusterConfig::default());
+        let owner = hub
+            .cluster
+            .as_ref()
+            .map(|c| c.owner.clone())
+            .expect("redis");
+        up(&mut hub);
+        let c1 = conn(&mut hub, 1);
+        hub.subscribe(now(), &c1, "t", None, None, None);
+        sent(&mut hub);
+        // Another node's member was there before this node followed the topic.
+        let mut state = state("E", 0, &[]);
+        if let Value::Array(a) = &mut state {
+            let json = proto::member("far", "u", 1.0);
+            a[3] = Value::Array(vec![Value::Str("other:5".into()), Value::Str(json.into())]);
+        }
+        let t = Tag::Sync("t".into());
+        hub.handle_cluster(now(), Event::Reply(t, Ok(state)));
+        assert_eq!(drain(&c1)[0]["type"], "subscribed");
+        let cmds = sent(&mut hub);
+        assert_eq!(cmds.len(), 1, "{cmds:?}");
+        assert_eq!(cmds[0].0, Some(Tag::Presence(Some("t".into()))));
+        assert!(
+            cmds[0].1.contains("\"client_id\":\"1\""),
+            "the join: {cmds:?}"
+        );
+        assert_eq!(listed(&mut hub), ["1", "far"]);
+        // Redis announces c1's own join: not to c1. Other owners' joins and leaves, once.
+        presence_push(&mut hub, "j", &format!("{owner}:1"), "1");
+        assert_eq!(events(&c1), []);
+        presence_push(&mut hub, "j", "other:6", "near");
+        presence_push(&mut hub, "j", "other:6", "near");
+        presence_push(&mut hub, "l", "other:5", "far");
+        presence_push(&mut hub, "l", "other:5", "far");
+        let want = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(events(&c1), want(&[("join", "near"), ("leave", "far")]));
+        assert_eq!(listed(&mut hub), ["1", "near"]);
+        presence_push(&mut hub, "j", "other:7", "{bad");
+        // A leave Redis cannot take now is written with the topic's whole membership later.
+        let c2 = conn(&mut hub, 2);
+        hub.subscribe(now(), &c2, "t", None, None, None);
+        sent(&mut hub);
+        hub.handle_cluster(now(), Event::Down("gone".into()));
+        hub.detach(now(), 2);
+        assert!(sent(&mut hub).is_empty(), "nothing queued while down");
+        let cmds = up(&mut hub);
+        let rewrite: Vec<_> = cmds
+            .iter()
+            .filter(|c| c.0 == Some(Tag::Presence(Some("t".into()))))
+            .collect();
+        assert_eq!(rewrite.len(), 1, "{cmds:?}");
+        assert!(
+            rewrite[0].1.contains("\"client_id\":\"1\"")
+                && !rewrite[0].1.contains("\"client_id\":\"2\""),
+            "{rewrite:?}"
+        );
+        // A heartbeat that finds this owner swept (or Redis emptied) rewrites every topic.
+        let swept = Event::Reply(Tag::Presence(None), Ok(Value::Int(1)));
+        hub.handle_cluster(now(), swept);
+        let cmds = sent(&mut hub);
+        assert_eq!(cmds.len(), 1, "{cmds:?}");
+        assert_eq!(cmds[0].0, Some(Tag::Presence(Some("t".into()))));
+    }
 }
