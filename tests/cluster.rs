@@ -61,16 +61,7 @@ impl Client {
 
     /// Connects with `token` as the `bearer.` subprotocol.
     async fn connect_with_token(server: &Server, token: &str) -> Client {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = server.url("/ws").into_client_request().expect("request");
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            format!("bearer.{token}").parse().expect("header value"),
-        );
-        let (ws, _) = within("connect", tokio_tungstenite::connect_async(req))
-            .await
-            .expect("websocket handshake");
-        Client::hello(ws).await
+        Client::hello(server.ws_with_token(token).await).await
     }
 
     async fn hello(ws: Ws) -> Client {
@@ -143,12 +134,8 @@ impl Client {
 
     /// Publishes `payload` to the binary topic `topic`.
     async fn send_bin(&mut self, topic: &str, volatile: bool, payload: &[u8]) {
-        let mut m = vec![if volatile { 2 } else { 1 }, topic.len() as u8];
-        m.extend_from_slice(topic.as_bytes());
-        m.extend_from_slice(payload);
-        within("send", self.ws.send(Message::binary(m)))
-            .await
-            .expect("send");
+        let m = binary_publish(topic, volatile, payload);
+        within("send", self.ws.send(m)).await.expect("send");
     }
 
     /// A round trip: everything the server queued for this client before the pong is stashed.
@@ -823,22 +810,6 @@ async fn conflation_holds_back_each_receiving_node(backend: Backend) {
         );
         assert_eq!(values[0], 1, "node {n}: the first goes at once: {values:?}");
     }
-}
-
-const JWT_SECRET: &str = "cluster-test-secret-of-at-least-32-bytes";
-
-fn user_token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": sub, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .expect("token")
 }
 
 async fn user_messages_and_disconnects_reach_every_node(backend: Backend) {

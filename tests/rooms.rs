@@ -1951,15 +1951,7 @@ both_backends!(
 impl Client {
     /// Connects to `/ws` with `token` as the `bearer.` subprotocol.
     async fn connect_with_token(server: &Server, token: &str) -> Client {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = server.url("/ws").into_client_request().expect("request");
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            format!("bearer.{token}").parse().expect("header value"),
-        );
-        let (mut ws, _) = within("connect", tokio_tungstenite::connect_async(req))
-            .await
-            .expect("websocket handshake");
+        let mut ws = server.ws_with_token(token).await;
         let first = read_json(&mut ws, "connected").await;
         assert_eq!(first["type"], "connected", "{first}");
         let id = first["connection_id"].as_str().expect("id").to_string();
@@ -2229,22 +2221,6 @@ async fn per_prefix_write_delay_keeps_chat_instant_while_tickers_batch(backend: 
     assert!(t0.elapsed() >= DELAY - Duration::from_millis(2));
 }
 
-const JWT_SECRET: &str = "rooms-test-secret-of-at-least-32-bytes";
-
-fn user_token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": sub, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .expect("token")
-}
-
 async fn user_messages_reach_every_connection_of_the_user_across_shards_only(backend: Backend) {
     let server = start(
         backend,
@@ -2376,12 +2352,8 @@ fn parse_bin(m: &[u8]) -> BinMsg {
 impl Client {
     /// Publishes `payload` to the binary `topic` (durable, or volatile).
     async fn send_bin(&mut self, topic: &str, volatile: bool, payload: &[u8]) {
-        let mut m = vec![if volatile { 2 } else { 1 }, topic.len() as u8];
-        m.extend_from_slice(topic.as_bytes());
-        m.extend_from_slice(payload);
-        within("send", self.ws.send(Message::binary(m)))
-            .await
-            .expect("send");
+        let m = binary_publish(topic, volatile, payload);
+        within("send", self.ws.send(m)).await.expect("send");
     }
 
     /// The next binary message; JSON messages that come first are stashed.

@@ -724,6 +724,32 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 // ---- additions for the rooms tests (`/ws`, `/api/*`) -----------------------------------------
 
+/// The HS256 secret of [`user_token`]: `[auth] jwt_secret` of servers that take its tokens.
+pub const JWT_SECRET: &str = "rooms-test-secret-of-at-least-32-bytes";
+
+/// A token for user `sub` (its `sub` claim), valid for ten minutes.
+pub fn user_token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+/// A binary publish to `topic` in the binary envelope (docs/PROTOCOL.md "Binary rooms").
+pub fn binary_publish(topic: &str, volatile: bool, payload: &[u8]) -> Message {
+    let mut m = vec![if volatile { 2 } else { 1 }, topic.len() as u8];
+    m.extend_from_slice(topic.as_bytes());
+    m.extend_from_slice(payload);
+    Message::binary(m)
+}
+
 impl Server {
     /// A tokio-tungstenite client on `path` (e.g. `/ws`).
     pub async fn ws_path(&self, path: &str) -> Ws {
@@ -734,6 +760,20 @@ impl Server {
         .await
         .expect("websocket handshake");
         assert_eq!(resp.status(), 101);
+        ws
+    }
+
+    /// A tokio-tungstenite client on `/ws` with `token` as the `bearer.` subprotocol.
+    pub async fn ws_with_token(&self, token: &str) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = self.url("/ws").into_client_request().expect("request");
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("bearer.{token}").parse().expect("header value"),
+        );
+        let (ws, _) = within("connect", tokio_tungstenite::connect_async(req))
+            .await
+            .expect("websocket handshake");
         ws
     }
 
