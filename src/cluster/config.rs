@@ -223,4 +223,17 @@ mod tests {
             assert!(e.contains(says), "{url}: {e}");
         }
     }
+
+    #[test]
+    fn presence_ttl_leaves_room_for_heartbeats() {
+        let with = |presence_ttl| ClusterConfig {
+            presence_ttl,
+            ..ClusterConfig::default()
+        };
+        for bad in [1.0, 0.0, -3.0, f64::NAN, 3601.0] {
+            let e = with(bad).validate().expect_err("refused").to_string();
+            assert!(e.contains("cluster.presence_ttl"), "{bad}: {e}");
+        }
+        assert!(with(2.0).validate().is_ok());
+    }
 }
