@@ -71,6 +71,9 @@ pub struct Cluster {
     stale: BTreeSet<Arc<str>>,
     /// This shard follows the users channel for its node.
     users: bool,
+    /// Redis has answered a heartbeat of this owner: from then on, Redis not knowing it means
+    /// it was swept or Redis lost its data.
+    known: bool,
 }
 
 impl Cluster {
@@ -89,6 +92,7 @@ impl Cluster {
             next_beat: None,
             stale: BTreeSet::new(),
             users,
+            known: false,
         }
     }
 
@@ -510,8 +514,15 @@ impl Hub {
             return;
         };
         match answer.and_then(|v| Keys::presence_answer(&v)) {
-            Ok(false) => {}
+            Ok(false) => c.known = true,
             Ok(true) => {
+                if std::mem::replace(&mut c.known, true) {
+                    tracing::warn!(
+                        owner = %c.owner,
+                        "Redis no longer knew this shard's presence (its heartbeats lapsed past \
+                         presence_ttl, or Redis lost its data): writing its members again"
+                    );
+                }
                 c.stale.extend(self.rooms.keys().cloned());
                 self.rewrite_stale(now);
             }
