@@ -36,11 +36,20 @@ fn node(backend: Backend, redis_url: &str) -> Server {
 
 /// [`node`] with more `[cluster]` keys, and more tables after `[rooms]`.
 fn node_with(backend: Backend, redis_url: &str, cluster: &str, more: &str) -> Server {
-    let config = format!(
+    Server::start_sharded(backend, 2, &config(redis_url, cluster, more), &[])
+}
+
+/// [`node`] logging the rooms' debug lines (the path of each message).
+fn node_debug(backend: Backend, redis_url: &str) -> Server {
+    let env = [("RUST_LOG", "info,ringgate::rooms=debug")];
+    Server::start_with_env(backend, &config(redis_url, "", ""), &env, &[])
+}
+
+fn config(redis_url: &str, cluster: &str, more: &str) -> String {
+    format!(
         "[cluster]\nengine = \"redis\"\nredis_url = \"{redis_url}\"\nreconnect_max_delay = 0.2\n\
          {cluster}\n[rooms]\npublish_rate = 0\nrequest_rate = 0\n{more}"
-    );
-    Server::start_sharded(backend, 2, &config, &[])
+    )
 }
 
 /// A `/ws` client speaking JSON; what arrives while waiting for something else is stashed
@@ -632,8 +641,8 @@ async fn volatile_and_traced_messages_cross_nodes_without_touching_seq_or_histor
 ) {
     let redis = Redis::start(false);
     let (a, b, c) = (
-        node(backend, &redis.url()),
-        node(backend, &redis.url()),
+        node_debug(backend, &redis.url()),
+        node_debug(backend, &redis.url()),
         node(backend, &redis.url()),
     );
     for n in [&a, &b, &c] {
@@ -680,6 +689,18 @@ async fn volatile_and_traced_messages_cross_nodes_without_touching_seq_or_histor
         got[0]
     );
     assert!(got[0].get("seq").is_none(), "{}", got[0]);
+    // Both ends of the path log the trace: the publishing node and the delivering one.
+    within("the debug lines", async {
+        let logged = |n: &Server, what: &str| {
+            n.log()
+                .lines()
+                .any(|l| l.contains(what) && l.contains("t-7") && l.contains("chat"))
+        };
+        while !(logged(&a, "room message sent to Redis") && logged(&b, "room message delivered")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert_eq!(
         (&got[1]["volatile"], &got[1]["data"]),
         (&json!(true), &json!(2))

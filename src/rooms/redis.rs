@@ -232,6 +232,12 @@ impl Hub {
             return self.unavailable(now, reply, why);
         }
         let trace = p.trace.as_deref();
+        tracing::debug!(
+            topic,
+            trace,
+            volatile = p.volatile,
+            "room message sent to Redis"
+        );
         let bytes = if p.volatile {
             let (msg, _) = p.encode(topic, None, now.wall);
             c.keys.publish_volatile(topic, &msg, trace)
