@@ -95,7 +95,7 @@ impl RoomsHandler {
         let publishes = TokenBucket::new(cfg.publish_rate, cfg.publish_burst, now);
         let requests = TokenBucket::new(cfg.request_rate, cfg.request_burst, now);
         let conn = Rc::new(RoomConn {
-            client_id: format!("{:x}", entry.id).into(),
+            client_id: hub.client_id(entry.id),
             user: identity
                 .as_ref()
                 .map_or_else(|| ANONYMOUS.into(), |i| i.user.clone()),

@@ -1289,13 +1289,26 @@ pub type Flush = Box<dyn Fn(&mut Hub)>;
 pub struct SharedHub {
     hub: RefCell<Hub>,
     flush: OnceCell<Flush>,
+    /// What [`client_id`](Self::client_id) puts before a connection's number.
+    id_prefix: Option<Arc<str>>,
 }
 
 impl SharedHub {
     pub fn new(hub: Hub) -> SharedHub {
         SharedHub {
+            id_prefix: hub.client_id_prefix(),
             hub: RefCell::new(hub),
             flush: OnceCell::new(),
+        }
+    }
+
+    /// The name a connection goes by (`connection_id`, presence's `client_id`): its number in
+    /// hex, unique in this process; in Redis mode after its shard's owner name, so that it is
+    /// unique across the cluster's nodes too.
+    pub fn client_id(&self, conn: u64) -> Arc<str> {
+        match &self.id_prefix {
+            Some(prefix) => format!("{prefix}-{conn:x}").into(),
+            None => format!("{conn:x}").into(),
         }
     }
 

@@ -163,6 +163,12 @@ impl Hub {
         self
     }
 
+    /// In Redis mode, connections are named after their shard's owner name (see
+    /// [`SharedHub::client_id`](super::SharedHub::client_id)).
+    pub(super) fn client_id_prefix(&self) -> Option<Arc<str>> {
+        self.cluster.as_ref().map(|c| c.owner.clone())
+    }
+
     /// The next command for Redis. The driver sends them in this order after each call.
     pub fn poll_cluster(&mut self) -> Option<Command> {
         self.cluster.as_mut()?.out.pop_front()

@@ -273,7 +273,7 @@ impl Subscriber {
         let reg = shard.register(remote);
         let conn = Rc::new(RoomConn {
             entry: reg.entry.clone(),
-            client_id: format!("{:x}", reg.entry.id).into(),
+            client_id: shard.hub.client_id(reg.entry.id),
             user: ask
                 .identity
                 .as_ref()
