@@ -580,6 +580,8 @@ async fn presence_lists_every_node_and_a_killed_node_s_members_leave_once(backen
     let mut on_a = Client::connect(&a).await;
     on_a.subscribe(topic, None).await;
     let (ida, idb, idc) = (on_a.id.clone(), on_b.id.clone(), on_c.id.clone());
+    // Each node numbers its connections alike: the names differ by node all the same.
+    assert!(ida != idb && idb != idc && ida != idc, "{ida} {idb} {idc}");
     let joined = |id: &str| {
         let id = id.to_string();
         move |v: &Value| v["type"] == "join" && v["client_id"] == id.as_str()
