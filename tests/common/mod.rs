@@ -901,7 +901,17 @@ pub struct Redis {
 impl Redis {
     /// Starts `redis-server` (installed with apt-get on first use when running as root).
     pub fn start(persistent: bool) -> Redis {
-        Redis::start_on(free_port(), persistent)
+        // A free port can be taken again before redis-server binds it (as the source port of
+        // any outgoing connection of the parallel tests): then another one.
+        let mut r = Redis::unstarted(free_port(), persistent, &[]);
+        for _ in 0..3 {
+            if r.try_spawn() {
+                return r;
+            }
+            r.kill();
+            r.port = free_port();
+        }
+        panic!("redis-server did not start on three free ports");
     }
 
     /// [`Redis::start`] on `port`.
@@ -911,6 +921,12 @@ impl Redis {
 
     /// [`Redis::start_on`] with more `redis-server` arguments.
     pub fn start_with(port: u16, persistent: bool, args: &[&str]) -> Redis {
+        let mut r = Redis::unstarted(port, persistent, args);
+        r.spawn();
+        r
+    }
+
+    fn unstarted(port: u16, persistent: bool, args: &[&str]) -> Redis {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "redis-{}-{}",
@@ -919,15 +935,13 @@ impl Redis {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut r = Redis {
+        Redis {
             child: None,
             port,
             dir,
             persistent,
             args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        r.spawn();
-        r
+        }
     }
 
     /// A port nothing listens on (for "Redis is down" tests).
@@ -940,6 +954,15 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server did not answer PING on port {}",
+            self.port
+        );
+    }
+
+    /// Starts redis-server; false when it exits (its port was taken) or does not answer.
+    fn try_spawn(&mut self) -> bool {
         let port = self.port.to_string();
         let aof = if self.persistent { "yes" } else { "no" };
         let child = Command::new(redis_server())
@@ -960,12 +983,16 @@ impl Redis {
             .command(&["PING"])
             .is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
         {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some()));
+            if exited || Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Kills the server (SIGKILL): without an append-only file its data is gone.
