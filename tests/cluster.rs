@@ -507,7 +507,7 @@ async fn a_password_is_sent_and_a_wrong_one_is_named(backend: Backend) {
         let right = node(backend, &url);
         ready_becomes(&right, 200).await;
         let (status, v) = api_publish(&right, "t", json!(1)).await;
-        assert_eq!(status, 200, "{url}: {v}");
+        assert_eq!(status, 200, "{url}: {v}\n{}", right.log());
     }
 }
 

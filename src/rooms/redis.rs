@@ -478,7 +478,8 @@ impl Hub {
                     trace,
                     ..Meta::default()
                 };
-                self.fan_out_mirrored(now, &topic, &msg, meta);
+                let frame = self.broadcast(&topic, &msg, self.opcode(&topic));
+                self.fan_out_mirrored(now, &topic, &msg, frame, meta);
             }
             Pushed::Join(e) => self.presence_pushed(now, &topic, true, e),
             Pushed::Leave(e) => self.presence_pushed(now, &topic, false, e),
@@ -736,7 +737,7 @@ impl Hub {
         let stored = Stored {
             seq,
             at,
-            msg: frame,
+            msg: frame.clone(),
         };
         self.keep(topic, stored);
         let meta = Meta {
@@ -744,13 +745,19 @@ impl Hub {
             trace,
             ..Meta::default()
         };
-        self.fan_out_mirrored(now, topic, &msg, meta);
+        self.fan_out_mirrored(now, topic, &msg, frame, meta);
     }
 
-    /// A message from Redis out to this node's subscribers: now, or at the end of its topic's
-    /// conflation window if one is open (the latest per key wins).
-    fn fan_out_mirrored(&mut self, now: Now, topic: &Arc<str>, msg: &[u8], meta: Meta) {
-        let frame = self.broadcast(topic, msg, self.opcode(topic));
+    /// A message from Redis (`msg`, framed as `frame`) out to this node's subscribers: now, or
+    /// at the end of its topic's conflation window if one is open (the latest per key wins).
+    fn fan_out_mirrored(
+        &mut self,
+        now: Now,
+        topic: &Arc<str>,
+        msg: &[u8],
+        frame: Broadcast,
+        meta: Meta,
+    ) {
         let conflate = self.cfg.rule_for(topic).and_then(|r| {
             let key = r
                 .conflate_key

@@ -74,7 +74,8 @@ impl ServerState {
             hub_backlog: (0..shards).map(|_| Backlog::default()).collect(),
             has_admin_listener: config.has_admin_listener(),
             failed: AtomicBool::new(false),
-            redis_down: AtomicUsize::new(0),
+            // Every shard counts as down until its link is up: none is ready before it started.
+            redis_down: AtomicUsize::new(if config.cluster.is_redis() { shards } else { 0 }),
             admission: Arc::new(super::admission::Admission::new(
                 &config.limits,
                 super::nofile_limit(),
@@ -535,20 +536,19 @@ impl HubLinks {
 /// The shard's connection to Redis: its events go to the hub, its state to `/readyz`.
 async fn redis_link(shard: Rc<Shard>, commands: mpsc::UnboundedReceiver<crate::cluster::Command>) {
     let global = shard.global.clone();
-    global.redis_down.fetch_add(1, Ordering::AcqRel);
+    // Counted as down from the start (`ServerState::new`).
     let down = Cell::new(true);
+    // `/readyz` is never ahead of the hub: down before the hub hears of it, up after.
     let on = |event: crate::cluster::Event| {
         use crate::cluster::Event;
-        match &event {
-            Event::Up if down.replace(false) => {
-                global.redis_down.fetch_sub(1, Ordering::AcqRel);
-            }
-            Event::Down(_) if !down.replace(true) => {
-                global.redis_down.fetch_add(1, Ordering::AcqRel);
-            }
-            _ => {}
+        let up = matches!(event, Event::Up);
+        if matches!(event, Event::Down(_)) && !down.replace(true) {
+            global.redis_down.fetch_add(1, Ordering::AcqRel);
         }
         shard.hub.with(|hub, now| hub.handle_cluster(now, event));
+        if up && down.replace(false) {
+            global.redis_down.fetch_sub(1, Ordering::AcqRel);
+        }
     };
     let cfg = global.config.cluster.clone();
     crate::cluster::link::run(global.backend, cfg, shard.id, commands, on).await;
