@@ -20,15 +20,52 @@ both_backends!(
     redis_restarted_under_traffic_keeps_or_loses_history_as_redis_did,
     a_password_is_sent_and_a_wrong_one_is_named,
     a_node_killed_abruptly_does_not_disturb_the_others,
+    an_acl_user_connects_and_a_refused_one_is_named,
+    tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server,
+    sentinel_failover_moves_every_node_to_the_new_master,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
 fn node(backend: Backend, redis_url: &str) -> Server {
+    node_with(backend, redis_url, "")
+}
+
+/// [`node`] with more `[cluster]` keys (TOML lines).
+fn node_with(backend: Backend, redis_url: &str, cluster: &str) -> Server {
     let config = format!(
         "[cluster]\nengine = \"redis\"\nredis_url = \"{redis_url}\"\nreconnect_max_delay = 0.2\n\
-         [rooms]\npublish_rate = 0\nrequest_rate = 0\n"
+         {cluster}\n[rooms]\npublish_rate = 0\nrequest_rate = 0\n"
     );
     Server::start_sharded(backend, 2, &config, &[])
+}
+
+/// `redis-server` arguments, from one line.
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// Waits until the node's log has `text` (the link logs each state change once).
+async fn log_says(server: &Server, text: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !server.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in the log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A subscriber on `sub` gets what `POST /api/publish` on `publish` sent.
+async fn delivers(publish: &Server, sub: &Server, topic: &str) {
+    let mut c = Client::connect(sub).await;
+    let r = c.subscribe(topic, None).await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    let (status, v) = api_publish(publish, topic, json!("hi")).await;
+    assert_eq!(status, 200, "{v}");
+    let seq = v["seq"].as_u64().expect("seq");
+    assert_eq!(c.messages(topic, 1).await, [(seq, json!("hi"))]);
 }
 
 /// A `/ws` client speaking JSON; what arrives while waiting for something else is stashed.
@@ -370,11 +407,7 @@ async fn a_password_is_sent_and_a_wrong_one_is_named(backend: Backend) {
     let _redis = Redis::start_with(port, false, &["--requirepass", "s3cret"]);
     let wrong = node(backend, &format!("redis://:nope@127.0.0.1:{port}"));
     ready_becomes(&wrong, 503).await;
-    let deadline = Instant::now() + PATIENCE;
-    while !wrong.log().contains("refused the hello") {
-        assert!(Instant::now() < deadline, "log:\n{}", wrong.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    log_says(&wrong, "refused the hello").await;
     assert!(wrong.log().contains("WRONGPASS"), "{}", wrong.log());
     // The default user by name, or by a password alone.
     for url in [
@@ -416,4 +449,128 @@ async fn a_node_killed_abruptly_does_not_disturb_the_others(backend: Backend) {
         [(2, json!(2)), (3, json!(3)), (4, json!(4))]
     );
     assert_eq!(b.get("/readyz").await.status, 200);
+}
+
+async fn an_acl_user_connects_and_a_refused_one_is_named(backend: Backend) {
+    let port = Redis::unused_port();
+    // No default user: only `app` (everything) and `reader` (reads only) exist.
+    let acl = "--user default off --user app on >app-pw ~* &* +@all \
+               --user reader on >read-pw ~* &* +@read +hello";
+    let _redis = Redis::start_with(port, false, &words(acl));
+    let app = node(backend, &format!("redis://app:app-pw@127.0.0.1:{port}"));
+    ready_becomes(&app, 200).await;
+    delivers(&app, &app, "acl").await;
+    // A wrong password, and a user that may not load the scripts: not ready, and the log
+    // says what Redis refused.
+    for (url, says) in [
+        (format!("redis://app:nope@127.0.0.1:{port}"), "WRONGPASS"),
+        (format!("redis://reader:read-pw@127.0.0.1:{port}"), "NOPERM"),
+    ] {
+        let refused = node(backend, &url);
+        ready_becomes(&refused, 503).await;
+        log_says(&refused, says).await;
+        assert!(
+            refused.log().contains("refused the hello"),
+            "{}",
+            refused.log()
+        );
+        assert!(
+            !refused.log().contains("-pw"),
+            "a password in the log: {}",
+            refused.log()
+        );
+    }
+}
+
+async fn tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server(backend: Backend) {
+    let certs = CertDir::new().await;
+    let (port, tls_port) = (Redis::unused_port(), Redis::unused_port());
+    let path = |f: &str| certs.file(f).display().to_string();
+    let tls = format!(
+        "--tls-port {tls_port} --tls-cert-file {} --tls-key-file {} --tls-ca-cert-file {} \
+         --tls-auth-clients no",
+        path("cert.pem"),
+        path("key.pem"),
+        path("ca.pem")
+    );
+    let _redis = Redis::start_with(port, false, &words(&tls));
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let ca = format!("redis_ca_file = \"{}\"", path("ca.pem"));
+    let (a, b) = (node_with(backend, &url, &ca), node_with(backend, &url, &ca));
+    ready_becomes(&a, 200).await;
+    ready_becomes(&b, 200).await;
+    delivers(&a, &b, "secure").await;
+    // Without the CA the server's certificate is not trusted: degraded, and the log says why.
+    let untrusted = node(backend, &url);
+    ready_becomes(&untrusted, 503).await;
+    log_says(&untrusted, "UnknownIssuer").await;
+    // TLS to the plain port fails the handshake the same way: not ready, never a hang.
+    let plain = node_with(backend, &format!("rediss://127.0.0.1:{port}"), &ca);
+    ready_becomes(&plain, 503).await;
+    log_says(&plain, "Redis unavailable").await;
+}
+
+async fn sentinel_failover_moves_every_node_to_the_new_master(backend: Backend) {
+    let mut master = Redis::start(false);
+    let master_port = master.port.to_string();
+    let replica = Redis::start_with(
+        Redis::unused_port(),
+        false,
+        &["--replicaof", "127.0.0.1", &master_port],
+    );
+    let sentinel = Sentinel::start("main", master.port);
+    // Sentinel learns of replicas from the master's INFO, every 10 s: the test waits for it.
+    let deadline = Instant::now() + TEST_LIMIT / 3;
+    while !sentinel
+        .command(&["INFO", "sentinel"])
+        .is_some_and(|i| i.contains("slaves=1"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sentinel never saw the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("redis+sentinel://127.0.0.1:{}/main", sentinel.port);
+    let (a, b) = (node(backend, &url), node(backend, &url));
+    ready_becomes(&a, 200).await;
+    ready_becomes(&b, 200).await;
+    let mut live = Client::connect(&b).await;
+    live.subscribe("ha", None).await;
+    let (status, v) = api_publish(&a, "ha", json!(1)).await;
+    assert_eq!((status, v["seq"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(live.messages("ha", 1).await, [(1, json!(1))]);
+    // The replica has every write before the master goes.
+    assert_eq!(
+        master.command(&["WAIT", "1", "5000"]).as_deref(),
+        Some(":1")
+    );
+    master.kill();
+    // The sentinel promotes the replica; publishes fail until a node reaches it, then go on
+    // with the same sequence.
+    let deadline = Instant::now() + TEST_LIMIT / 2;
+    let seq = loop {
+        let (status, v) = api_publish(&a, "ha", json!("after")).await;
+        if status == 200 {
+            break v["seq"].as_u64().expect("seq");
+        }
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(Instant::now() < deadline, "no failover; log:\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(seq, 2);
+    assert_eq!(live.messages("ha", 1).await, [(2, json!("after"))]);
+    assert!(
+        replica
+            .command(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("role:master")),
+        "the replica was promoted"
+    );
+    // A master the sentinels do not know: not ready, and the log says so.
+    let unknown = node(
+        backend,
+        &format!("redis+sentinel://127.0.0.1:{}/other", sentinel.port),
+    );
+    ready_becomes(&unknown, 503).await;
+    log_says(&unknown, "does not know the master").await;
 }
