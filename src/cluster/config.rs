@@ -273,7 +273,13 @@ mod tests {
     fn urls_give_address_credentials_and_database() {
         let t = target("redis://127.0.0.1:6380").expect("valid");
         assert_eq!(
-            (direct(&t), t.tls, t.user.as_deref(), t.password.as_deref(), t.db),
+            (
+                direct(&t),
+                t.tls,
+                t.user.as_deref(),
+                t.password.as_deref(),
+                t.db
+            ),
             ("127.0.0.1:6380", false, None, None, 0)
         );
         let t = target("redis://:secret@localhost/3").expect("valid");

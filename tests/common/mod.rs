@@ -926,6 +926,16 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Answered by this server, not by another process that holds the port.
+        let exited = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        assert!(
+            exited.is_none(),
+            "redis-server on port {} exited ({exited:?}): port taken by another process",
+            self.port
+        );
     }
 
     /// Kills the server (SIGKILL): without an append-only file its data is gone.
@@ -1039,9 +1049,20 @@ impl Drop for Sentinel {
     }
 }
 
+/// A port free now and never handed out before in this process: tests running at once must
+/// not start two servers on one port (the second would fail to bind, and its test would talk
+/// to the first).
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = l.local_addr().expect("local addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `redis-server`, installed from the Debian packages on first use when running as root.
