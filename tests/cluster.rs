@@ -23,6 +23,7 @@ both_backends!(
     an_acl_user_connects_and_a_refused_one_is_named,
     tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server,
     sentinel_failover_moves_every_node_to_the_new_master,
+    sentinels_with_a_password_are_asked_with_sentinel_password,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -518,7 +519,7 @@ async fn sentinel_failover_moves_every_node_to_the_new_master(backend: Backend) 
         false,
         &["--replicaof", "127.0.0.1", &master_port],
     );
-    let sentinel = Sentinel::start("main", master.port);
+    let sentinel = Sentinel::start("main", master.port, "");
     // Sentinel learns of replicas from the master's INFO, every 10 s: the test waits for it.
     let deadline = Instant::now() + TEST_LIMIT / 3;
     while !sentinel
@@ -573,4 +574,18 @@ async fn sentinel_failover_moves_every_node_to_the_new_master(backend: Backend) 
     );
     ready_becomes(&unknown, 503).await;
     log_says(&unknown, "does not know the master").await;
+}
+
+async fn sentinels_with_a_password_are_asked_with_sentinel_password(backend: Backend) {
+    let master = Redis::start(false);
+    let sentinel = Sentinel::start("main", master.port, "requirepass s-pw");
+    let url = format!("redis+sentinel://127.0.0.1:{}/main", sentinel.port);
+    let asked = node_with(backend, &url, "sentinel_password = \"s-pw\"");
+    ready_becomes(&asked, 200).await;
+    delivers(&asked, &asked, "guarded").await;
+    // Without it the sentinel refuses: not ready, and the log says what was refused.
+    let refused = node(backend, &url);
+    ready_becomes(&refused, 503).await;
+    log_says(&refused, "refused SENTINEL GET-MASTER-ADDR-BY-NAME").await;
+    assert!(refused.log().contains("NOAUTH"), "{}", refused.log());
 }

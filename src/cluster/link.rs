@@ -265,20 +265,24 @@ async fn ask_sentinel(
         &mut ask,
         &[b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", name.as_bytes()],
     );
-    let answers = exchange(&mut stream, &ask, count, sentinel, "the question").await?;
-    match answers.last() {
-        Some(Value::Array(a)) => match &a[..] {
-            [Value::Str(ip), port] if port.as_int().is_some() => {
-                let ip = String::from_utf8_lossy(ip);
-                let port = port.as_int().unwrap_or_default();
-                Ok(match ip.contains(':') {
-                    true => format!("[{ip}]:{port}"),
-                    false => format!("{ip}:{port}"),
-                })
-            }
+    let answers = exchange(
+        &mut stream,
+        &ask,
+        count,
+        sentinel,
+        "SENTINEL GET-MASTER-ADDR-BY-NAME",
+    )
+    .await?;
+    let Some(Value::Array(a)) = answers.last() else {
+        return Err(format!("{sentinel} does not know the master {name:?}"));
+    };
+    match &a[..] {
+        [Value::Str(ip), port] => match (std::str::from_utf8(ip), port.as_int()) {
+            (Ok(ip), Some(port)) if ip.contains(':') => Ok(format!("[{ip}]:{port}")),
+            (Ok(ip), Some(port)) => Ok(format!("{ip}:{port}")),
             _ => Err(format!("{sentinel} answered {a:?}")),
         },
-        _ => Err(format!("{sentinel} does not know the master {name:?}")),
+        _ => Err(format!("{sentinel} answered {a:?}")),
     }
 }
 

@@ -988,7 +988,8 @@ impl Drop for Redis {
 }
 
 /// A real Redis Sentinel (`redis-server CONF --sentinel`) on 127.0.0.1 watching the master
-/// `name` at `master_port` (quorum 1, down after 500 ms); killed on drop.
+/// `name` at `master_port` (quorum 1, down after 500 ms), with the more lines `more` of
+/// sentinel.conf; killed on drop.
 pub struct Sentinel {
     child: Child,
     pub port: u16,
@@ -996,7 +997,7 @@ pub struct Sentinel {
 }
 
 impl Sentinel {
-    pub fn start(name: &str, master_port: u16) -> Sentinel {
+    pub fn start(name: &str, master_port: u16, more: &str) -> Sentinel {
         let port = free_port();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("sentinel-{}-{port}", std::process::id()));
@@ -1010,7 +1011,7 @@ impl Sentinel {
                 "port {port}\nbind 127.0.0.1\ndir {}\n\
                  sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
                  sentinel down-after-milliseconds {name} 500\n\
-                 sentinel failover-timeout {name} 5000\n",
+                 sentinel failover-timeout {name} 5000\n{more}\n",
                 dir.display()
             ),
         )
@@ -1025,7 +1026,10 @@ impl Sentinel {
             .expect("spawn redis-server --sentinel");
         let s = Sentinel { child, port, dir };
         let deadline = Instant::now() + PATIENCE;
-        while redis_command(port, &["PING"]).as_deref() != Some("+PONG") {
+        // Without the password PING answers -NOAUTH: up all the same.
+        while !redis_command(port, &["PING"])
+            .is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
+        {
             assert!(
                 Instant::now() < deadline,
                 "the sentinel did not answer PING"
