@@ -62,7 +62,7 @@ async fn log_says(server: &Server, text: &str) {
 async fn delivers(publish: &Server, sub: &Server, topic: &str) {
     let mut c = Client::connect(sub).await;
     let r = c.subscribe(topic, None).await;
-    assert_eq!(r["type"], "subscribed", "{r}");
+    assert_eq!(r["type"], "subscribed", "{r}; log:\n{}", sub.log());
     let (status, v) = api_publish(publish, topic, json!("hi")).await;
     assert_eq!(status, 200, "{v}");
     let seq = v["seq"].as_u64().expect("seq");
@@ -520,15 +520,17 @@ async fn sentinel_failover_moves_every_node_to_the_new_master(backend: Backend) 
         &["--replicaof", "127.0.0.1", &master_port],
     );
     let sentinel = Sentinel::start("main", master.port, "");
-    // Sentinel learns of replicas from the master's INFO, every 10 s: the test waits for it.
+    // Neither the replica's first sync nor the sentinel learning of it (from the master's
+    // INFO, every 10 s) is announced to a client: the test polls for both.
     let deadline = Instant::now() + TEST_LIMIT / 3;
-    while !sentinel
-        .command(&["INFO", "sentinel"])
-        .is_some_and(|i| i.contains("slaves=1"))
+    let synced = |i: Option<String>| i.is_some_and(|i| i.contains("master_link_status:up"));
+    let seen = |i: Option<String>| i.is_some_and(|i| i.contains("slaves=1"));
+    while !(synced(replica.command(&["INFO", "replication"]))
+        && seen(sentinel.command(&["INFO", "sentinel"])))
     {
         assert!(
             Instant::now() < deadline,
-            "the sentinel never saw the replica"
+            "the replica never synced, or the sentinel never saw it"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -537,7 +539,8 @@ async fn sentinel_failover_moves_every_node_to_the_new_master(backend: Backend) 
     ready_becomes(&a, 200).await;
     ready_becomes(&b, 200).await;
     let mut live = Client::connect(&b).await;
-    live.subscribe("ha", None).await;
+    let r = live.subscribe("ha", None).await;
+    assert_eq!(r["type"], "subscribed", "{r}; log:\n{}", b.log());
     let (status, v) = api_publish(&a, "ha", json!(1)).await;
     assert_eq!((status, v["seq"].as_u64()), (200, Some(1)), "{v}");
     assert_eq!(live.messages("ha", 1).await, [(1, json!(1))]);

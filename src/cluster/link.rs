@@ -273,8 +273,18 @@ async fn ask_sentinel(
         "SENTINEL GET-MASTER-ADDR-BY-NAME",
     )
     .await?;
-    let Some(Value::Array(a)) = answers.last() else {
-        return Err(format!("{sentinel} does not know the master {name:?}"));
+    master_named(answers.last(), sentinel, name)
+}
+
+/// The master's `host:port` from a sentinel's answer to `GET-MASTER-ADDR-BY-NAME`: `[ip,
+/// port]`, or nil when it does not know the master; anything else is named in the error.
+fn master_named(answer: Option<&Value>, sentinel: &str, name: &str) -> Result<String, String> {
+    let a = match answer {
+        Some(Value::Array(a)) => a,
+        Some(Value::Nil) | None => {
+            return Err(format!("{sentinel} does not know the master {name:?}"))
+        }
+        Some(other) => return Err(format!("{sentinel} answered {other:?}")),
     };
     match &a[..] {
         [Value::Str(ip), port] => match (std::str::from_utf8(ip), port.as_int()) {
@@ -384,4 +394,38 @@ fn answer(
     };
     on(Event::Reply(tag, Ok(v)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn s(x: &str) -> Value {
+        Value::Str(Bytes::copy_from_slice(x.as_bytes()))
+    }
+
+    #[test]
+    fn a_sentinels_answer_gives_the_master_or_says_what_was_wrong() {
+        let named = |v: Value| master_named(Some(&v), "s:1", "main");
+        let ok = named(Value::Array(vec![s("10.0.0.7"), s("6380")]));
+        assert_eq!(ok.as_deref(), Ok("10.0.0.7:6380"));
+        let ok = named(Value::Array(vec![s("::1"), Value::Int(7000)]));
+        assert_eq!(ok.as_deref(), Ok("[::1]:7000"));
+        let unknown = named(Value::Nil).expect_err("nil");
+        assert!(
+            unknown.contains("does not know the master \"main\""),
+            "{unknown}"
+        );
+        for bad in [
+            Value::Array(vec![s("10.0.0.7")]),
+            Value::Array(vec![s("10.0.0.7"), s("port")]),
+            Value::Array(vec![Value::Int(1), s("6379")]),
+            Value::Array(vec![Value::Str(Bytes::from_static(b"\xff")), s("1")]),
+            s("OK"),
+        ] {
+            let e = named(bad.clone()).expect_err("bad answer");
+            assert!(e.starts_with("s:1 answered"), "{bad:?}: {e}");
+        }
+    }
 }

@@ -51,7 +51,8 @@ pub struct ServerState {
     /// Rooms messages queued for each shard by the others and not yet handled: the bound of
     /// the cross-shard channels (`[rooms] max_shard_backlog`).
     pub hub_backlog: Box<[Backlog]>,
-    /// Shards without a connection to Redis (`[cluster] engine = "redis"`).
+    /// Shards without a connection to Redis (`[cluster] engine = "redis"`). Every shard
+    /// counts from the start, so a shard whose link has not run yet is not taken for ready.
     pub redis_down: AtomicUsize,
 }
 
@@ -74,7 +75,7 @@ impl ServerState {
             hub_backlog: (0..shards).map(|_| Backlog::default()).collect(),
             has_admin_listener: config.has_admin_listener(),
             failed: AtomicBool::new(false),
-            redis_down: AtomicUsize::new(0),
+            redis_down: AtomicUsize::new(if config.cluster.is_redis() { shards } else { 0 }),
             admission: Arc::new(super::admission::Admission::new(
                 &config.limits,
                 super::nofile_limit(),
@@ -535,7 +536,7 @@ impl HubLinks {
 /// The shard's connection to Redis: its events go to the hub, its state to `/readyz`.
 async fn redis_link(shard: Rc<Shard>, commands: mpsc::UnboundedReceiver<crate::cluster::Command>) {
     let global = shard.global.clone();
-    global.redis_down.fetch_add(1, Ordering::AcqRel);
+    // Counted down from the start (`ServerState::redis_down`).
     let down = Cell::new(true);
     let on = |event: crate::cluster::Event| {
         use crate::cluster::Event;
