@@ -27,6 +27,10 @@ both_backends!(
     binary_topics_cross_nodes_byte_exact_with_recovery,
     conflation_holds_back_each_receiving_node,
     user_messages_and_disconnects_reach_every_node,
+    an_acl_user_connects_and_a_refused_one_is_named,
+    tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server,
+    sentinel_failover_moves_every_node_to_the_new_master,
+    sentinels_with_a_password_are_asked_with_sentinel_password,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -50,6 +54,35 @@ fn config(redis_url: &str, cluster: &str, more: &str) -> String {
         "[cluster]\nengine = \"redis\"\nredis_url = \"{redis_url}\"\nreconnect_max_delay = 0.2\n\
          {cluster}\n[rooms]\npublish_rate = 0\nrequest_rate = 0\n{more}"
     )
+}
+
+/// `redis-server` arguments, from one line.
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// Waits until the node's log has `text` (the link logs each state change once).
+async fn log_says(server: &Server, text: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !server.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in the log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A subscriber on `sub` gets what `POST /api/publish` on `publish` sent.
+async fn delivers(publish: &Server, sub: &Server, topic: &str) {
+    let mut c = Client::connect(sub).await;
+    let r = c.subscribe(topic, None).await;
+    assert_eq!(r["type"], "subscribed", "{r}; log:\n{}", sub.log());
+    let (status, v) = api_publish(publish, topic, json!("hi")).await;
+    assert_eq!(status, 200, "{v}");
+    let seq = v["seq"].as_u64().expect("seq");
+    assert_eq!(c.messages(topic, 1).await, [(seq, json!("hi"))]);
 }
 
 /// A `/ws` client speaking JSON; what arrives while waiting for something else is stashed
@@ -493,11 +526,7 @@ async fn a_password_is_sent_and_a_wrong_one_is_named(backend: Backend) {
     let _redis = Redis::start_with(port, false, &["--requirepass", "s3cret"]);
     let wrong = node(backend, &format!("redis://:nope@127.0.0.1:{port}"));
     ready_becomes(&wrong, 503).await;
-    let deadline = Instant::now() + PATIENCE;
-    while !wrong.log().contains("refused the hello") {
-        assert!(Instant::now() < deadline, "log:\n{}", wrong.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    log_says(&wrong, "refused the hello").await;
     assert!(wrong.log().contains("WRONGPASS"), "{}", wrong.log());
     // The default user by name, or by a password alone.
     for url in [
@@ -897,4 +926,148 @@ async fn user_messages_and_disconnects_reach_every_node(backend: Backend) {
     assert_eq!((status, &v["code"]), (503, &json!("unavailable")), "{v}");
     let (status, v) = api_post(&c, "/api/disconnect", json!({"user": "bob"})).await;
     assert_eq!((status, &v["code"]), (503, &json!("unavailable")), "{v}");
+}
+
+async fn an_acl_user_connects_and_a_refused_one_is_named(backend: Backend) {
+    let port = Redis::unused_port();
+    // No default user: only `app` (everything) and `reader` (reads only) exist.
+    let acl = "--user default off --user app on >app-pw ~* &* +@all \
+               --user reader on >read-pw ~* &* +@read +hello";
+    let _redis = Redis::start_with(port, false, &words(acl));
+    let app = node(backend, &format!("redis://app:app-pw@127.0.0.1:{port}"));
+    ready_becomes(&app, 200).await;
+    delivers(&app, &app, "acl").await;
+    // A wrong password, and a user that may not load the scripts: not ready, and the log
+    // says what Redis refused.
+    for (url, says) in [
+        (format!("redis://app:nope@127.0.0.1:{port}"), "WRONGPASS"),
+        (format!("redis://reader:read-pw@127.0.0.1:{port}"), "NOPERM"),
+    ] {
+        let refused = node(backend, &url);
+        ready_becomes(&refused, 503).await;
+        log_says(&refused, says).await;
+        assert!(
+            refused.log().contains("refused the hello"),
+            "{}",
+            refused.log()
+        );
+        assert!(
+            !refused.log().contains("-pw"),
+            "a password in the log: {}",
+            refused.log()
+        );
+    }
+}
+
+async fn tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server(backend: Backend) {
+    let certs = CertDir::new().await;
+    let (port, tls_port) = (Redis::unused_port(), Redis::unused_port());
+    let path = |f: &str| certs.file(f).display().to_string();
+    let tls = format!(
+        "--tls-port {tls_port} --tls-cert-file {} --tls-key-file {} --tls-ca-cert-file {} \
+         --tls-auth-clients no",
+        path("cert.pem"),
+        path("key.pem"),
+        path("ca.pem")
+    );
+    let _redis = Redis::start_with(port, false, &words(&tls));
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let ca = format!("redis_ca_file = \"{}\"", path("ca.pem"));
+    let (a, b) = (
+        node_with(backend, &url, &ca, ""),
+        node_with(backend, &url, &ca, ""),
+    );
+    ready_becomes(&a, 200).await;
+    ready_becomes(&b, 200).await;
+    delivers(&a, &b, "secure").await;
+    // Without the CA the server's certificate is not trusted: degraded, and the log says why.
+    let untrusted = node(backend, &url);
+    ready_becomes(&untrusted, 503).await;
+    log_says(&untrusted, "UnknownIssuer").await;
+    // TLS to the plain port fails the handshake the same way: not ready, never a hang.
+    let plain = node_with(backend, &format!("rediss://127.0.0.1:{port}"), &ca, "");
+    ready_becomes(&plain, 503).await;
+    log_says(&plain, "Redis unavailable").await;
+}
+
+async fn sentinel_failover_moves_every_node_to_the_new_master(backend: Backend) {
+    let mut master = Redis::start(false);
+    let master_port = master.port.to_string();
+    let replica = Redis::start_with(
+        Redis::unused_port(),
+        false,
+        &["--replicaof", "127.0.0.1", &master_port],
+    );
+    let sentinel = Sentinel::start("main", master.port, "");
+    // Neither the replica's first sync nor the sentinel learning of it (from the master's
+    // INFO, every 10 s) is announced to a client: the test polls for both.
+    let deadline = Instant::now() + TEST_LIMIT / 3;
+    let synced = |i: Option<String>| i.is_some_and(|i| i.contains("master_link_status:up"));
+    let seen = |i: Option<String>| i.is_some_and(|i| i.contains("slaves=1"));
+    while !(synced(replica.command(&["INFO", "replication"]))
+        && seen(sentinel.command(&["INFO", "sentinel"])))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never synced, or the sentinel never saw it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("redis+sentinel://127.0.0.1:{}/main", sentinel.port);
+    let (a, b) = (node(backend, &url), node(backend, &url));
+    ready_becomes(&a, 200).await;
+    ready_becomes(&b, 200).await;
+    let mut live = Client::connect(&b).await;
+    let r = live.subscribe("ha", None).await;
+    assert_eq!(r["type"], "subscribed", "{r}; log:\n{}", b.log());
+    let (status, v) = api_publish(&a, "ha", json!(1)).await;
+    assert_eq!((status, v["seq"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(live.messages("ha", 1).await, [(1, json!(1))]);
+    // The replica has every write before the master goes.
+    assert_eq!(
+        master.command(&["WAIT", "1", "5000"]).as_deref(),
+        Some(":1")
+    );
+    master.kill();
+    // The sentinel promotes the replica; publishes fail until a node reaches it, then go on
+    // with the same sequence.
+    let deadline = Instant::now() + TEST_LIMIT / 2;
+    let seq = loop {
+        let (status, v) = api_publish(&a, "ha", json!("after")).await;
+        if status == 200 {
+            break v["seq"].as_u64().expect("seq");
+        }
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(Instant::now() < deadline, "no failover; log:\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(seq, 2);
+    assert_eq!(live.messages("ha", 1).await, [(2, json!("after"))]);
+    assert!(
+        replica
+            .command(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("role:master")),
+        "the replica was promoted"
+    );
+    // A master the sentinels do not know: not ready, and the log says so.
+    let unknown = node(
+        backend,
+        &format!("redis+sentinel://127.0.0.1:{}/other", sentinel.port),
+    );
+    ready_becomes(&unknown, 503).await;
+    log_says(&unknown, "does not know the master").await;
+}
+
+async fn sentinels_with_a_password_are_asked_with_sentinel_password(backend: Backend) {
+    let master = Redis::start(false);
+    let sentinel = Sentinel::start("main", master.port, "requirepass s-pw");
+    let url = format!("redis+sentinel://127.0.0.1:{}/main", sentinel.port);
+    let asked = node_with(backend, &url, "sentinel_password = \"s-pw\"", "");
+    ready_becomes(&asked, 200).await;
+    delivers(&asked, &asked, "guarded").await;
+    // Without it the sentinel refuses: not ready, and the log says what was refused.
+    let refused = node(backend, &url);
+    ready_becomes(&refused, 503).await;
+    log_says(&refused, "refused SENTINEL GET-MASTER-ADDR-BY-NAME").await;
+    assert!(refused.log().contains("NOAUTH"), "{}", refused.log());
 }

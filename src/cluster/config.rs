@@ -1,6 +1,7 @@
 //! The `[cluster]` table: which engine carries the rooms, and how to reach Redis.
 
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::ConfigError;
@@ -29,8 +30,14 @@ impl std::str::FromStr for Engine {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     pub engine: Engine,
-    /// `redis://[user[:password]@]host[:port][/db]` (`REDIS_URL`).
+    /// `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS) or
+    /// `redis+sentinel://[user[:password]@]host[:port][,host[:port]…]/master[/db]`
+    /// (`REDIS_URL`).
     pub redis_url: String,
+    /// PEM certificates trusted for `rediss://`, besides the public roots (`REDIS_CA_FILE`).
+    pub redis_ca_file: Option<PathBuf>,
+    /// The sentinels' password (`requirepass` in sentinel.conf), when they have one.
+    pub sentinel_password: Option<String>,
     /// Prefix of every key and channel ringgate uses, so several deployments can share a Redis.
     pub key_prefix: String,
     /// Seconds to open a connection to Redis and say hello.
@@ -54,6 +61,8 @@ impl Default for ClusterConfig {
         ClusterConfig {
             engine: Engine::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_ca_file: None,
+            sentinel_password: None,
             key_prefix: "ringgate:".into(),
             connect_timeout: 2.0,
             command_timeout: 2.0,
@@ -68,11 +77,25 @@ impl Default for ClusterConfig {
 /// Where and how to connect, from `redis_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisTarget {
-    /// `host:port`, resolved at each connection attempt.
-    pub addr: String,
+    pub endpoint: Endpoint,
+    /// `rediss://`: TLS, the server's certificate checked against `host`.
+    pub tls: bool,
     pub user: Option<String>,
     pub password: Option<String>,
     pub db: u32,
+}
+
+/// Which Redis to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `host:port`, resolved at each connection attempt.
+    Direct(String),
+    /// Asks these sentinels (`host:port`, in turn) for the address of the master `name` at
+    /// each connection attempt, so a failover is followed by the next reconnection.
+    Sentinel {
+        sentinels: Vec<String>,
+        name: String,
+    },
 }
 
 impl ClusterConfig {
@@ -104,8 +127,20 @@ impl ClusterConfig {
         if self.max_pending == 0 {
             return invalid("cluster.max_pending", "must be at least 1".into());
         }
-        if let Err(reason) = self.target() {
-            return invalid("cluster.redis_url", reason);
+        let target = match self.target() {
+            Ok(t) => t,
+            Err(reason) => return invalid("cluster.redis_url", reason),
+        };
+        if let Some(path) = &self.redis_ca_file {
+            if !target.tls {
+                return invalid(
+                    "cluster.redis_ca_file",
+                    "set, but redis_url is not rediss://".into(),
+                );
+            }
+            if let Err(e) = std::fs::metadata(path) {
+                return invalid("cluster.redis_ca_file", format!("{}: {e}", path.display()));
+            }
         }
         Ok(())
     }
@@ -113,39 +148,57 @@ impl ClusterConfig {
     /// Parses `redis_url`.
     pub fn target(&self) -> Result<RedisTarget, String> {
         let url = self.redis_url.trim();
-        let rest = match url.split_once("://") {
-            Some(("redis", rest)) => rest,
-            Some(("rediss", _)) => {
+        let (tls, sentinel, rest) = match url.split_once("://") {
+            Some(("redis", rest)) => (false, false, rest),
+            Some(("rediss", rest)) => (true, false, rest),
+            Some(("redis+sentinel", rest)) => (false, true, rest),
+            _ => {
                 return Err(format!(
-                    "{url:?}: TLS to Redis (rediss://) is not supported yet; use redis:// on a \
-                     private network or a TLS tunnel"
+                    "{url:?} is not a redis://, rediss:// or redis+sentinel:// URL"
                 ))
             }
-            _ => return Err(format!("{url:?} is not a redis:// URL")),
         };
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((auth, rest)) => (Some(auth), rest),
             None => (None, rest),
         };
-        let (hostport, db) = match rest.split_once('/') {
-            Some((h, "")) => (h, 0),
-            Some((h, db)) => (
-                h,
-                db.parse()
-                    .map_err(|_| format!("{url:?}: database {db:?} is not a number"))?,
-            ),
-            None => (rest, 0),
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut path = path.split('/').filter(|p| !p.is_empty());
+        // A sentinel URL names the master first: `/name[/db]`.
+        let name =
+            match sentinel {
+                true => Some(path.next().ok_or_else(|| {
+                    format!("{url:?} names no master (redis+sentinel://host/name)")
+                })?),
+                false => None,
+            };
+        let db = match path.next() {
+            None => 0,
+            Some(db) => db
+                .parse()
+                .map_err(|_| format!("{url:?}: database {db:?} is not a number"))?,
         };
-        if hostport.is_empty() {
-            return Err(format!("{url:?} has no host"));
+        if let Some(extra) = path.next() {
+            return Err(format!("{url:?}: unexpected {extra:?} after the database"));
         }
-        let addr = if hostport
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| !p.contains(']'))
-        {
-            hostport.to_string()
-        } else {
-            format!("{hostport}:6379")
+        let port = if sentinel { 26379 } else { 6379 };
+        let addrs = hosts
+            .split(',')
+            .map(|h| with_port(h, port).ok_or_else(|| format!("{url:?} has no host")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let endpoint = match name {
+            Some(name) => Endpoint::Sentinel {
+                sentinels: addrs,
+                name: name.to_string(),
+            },
+            None => match &addrs[..] {
+                [one] => Endpoint::Direct(one.clone()),
+                _ => {
+                    return Err(format!(
+                        "{url:?}: one host only (a list of hosts is for redis+sentinel://)"
+                    ))
+                }
+            },
         };
         let (user, password) = match auth {
             None => (None, None),
@@ -155,7 +208,8 @@ impl ClusterConfig {
             },
         };
         Ok(RedisTarget {
-            addr,
+            endpoint,
+            tls,
             user,
             password,
             db,
@@ -179,6 +233,41 @@ impl ClusterConfig {
     }
 }
 
+/// Names where the link connects, for the log (never the credentials).
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Direct(addr) => f.write_str(addr),
+            Endpoint::Sentinel { sentinels, name } => {
+                write!(f, "master {name:?} of sentinels {}", sentinels.join(","))
+            }
+        }
+    }
+}
+
+/// `host:port`, with `port` when `hostport` has none; `None` when there is no host.
+fn with_port(hostport: &str, port: u16) -> Option<String> {
+    if hostport.is_empty() || hostport.starts_with(':') {
+        return None;
+    }
+    Some(
+        match hostport
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.contains(']'))
+        {
+            true => hostport.to_string(),
+            false => format!("{hostport}:{port}"),
+        },
+    )
+}
+
+/// The host of `host:port`, without the brackets of an IPv6 address: the name a TLS
+/// certificate is checked against.
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,33 +280,69 @@ mod tests {
         .target()
     }
 
+    fn direct(t: &RedisTarget) -> &str {
+        match &t.endpoint {
+            Endpoint::Direct(a) => a,
+            other => panic!("not direct: {other:?}"),
+        }
+    }
+
     #[test]
     fn urls_give_address_credentials_and_database() {
         let t = target("redis://127.0.0.1:6380").expect("valid");
         assert_eq!(
-            (t.addr.as_str(), t.user, t.password, t.db),
-            ("127.0.0.1:6380", None, None, 0)
+            (
+                direct(&t),
+                t.tls,
+                t.user.as_deref(),
+                t.password.as_deref(),
+                t.db
+            ),
+            ("127.0.0.1:6380", false, None, None, 0)
         );
         let t = target("redis://:secret@localhost/3").expect("valid");
         assert_eq!(
-            (t.addr.as_str(), t.user, t.password.as_deref(), t.db),
+            (direct(&t), t.user.as_deref(), t.password.as_deref(), t.db),
             ("localhost:6379", None, Some("secret"), 3)
         );
-        let t = target("redis://app:p@ss@[::1]:7000/").expect("valid");
+        let t = target("rediss://app:p@ss@[::1]:7000/").expect("valid");
         assert_eq!(
-            (t.addr.as_str(), t.user.as_deref(), t.password.as_deref()),
-            ("[::1]:7000", Some("app"), Some("p@ss"))
+            (direct(&t), t.tls, t.user.as_deref(), t.password.as_deref()),
+            ("[::1]:7000", true, Some("app"), Some("p@ss"))
         );
-        assert_eq!(target("redis://[::1]").expect("valid").addr, "[::1]:6379");
+        assert_eq!(
+            direct(&target("redis://[::1]").expect("valid")),
+            "[::1]:6379"
+        );
+        assert_eq!(
+            (host_of("[::1]:7000"), host_of("db.local:6379")),
+            ("::1", "db.local")
+        );
+    }
+
+    #[test]
+    fn sentinel_urls_list_the_sentinels_then_name_the_master() {
+        let t = target("redis+sentinel://:pw@10.0.0.1,10.0.0.2:5000/main/2").expect("valid");
+        assert_eq!(
+            t.endpoint,
+            Endpoint::Sentinel {
+                sentinels: vec!["10.0.0.1:26379".into(), "10.0.0.2:5000".into()],
+                name: "main".into()
+            }
+        );
+        assert_eq!((t.password.as_deref(), t.db, t.tls), (Some("pw"), 2, false));
     }
 
     #[test]
     fn bad_urls_say_why() {
         for (url, says) in [
-            ("http://x", "not a redis:// URL"),
-            ("rediss://x", "not supported yet"),
+            ("http://x", "not a redis://"),
             ("redis://", "no host"),
+            ("redis://a,,b", "no host"),
             ("redis://x/db", "not a number"),
+            ("redis://x/1/2", "unexpected"),
+            ("redis://a,b", "one host only"),
+            ("redis+sentinel://a:26379", "names no master"),
         ] {
             let e = target(url).expect_err(url);
             assert!(e.contains(says), "{url}: {e}");
@@ -235,5 +360,22 @@ mod tests {
             assert!(e.contains("cluster.presence_ttl"), "{bad}: {e}");
         }
         assert!(with(2.0).validate().is_ok());
+    }
+
+    #[test]
+    fn a_ca_file_needs_tls_and_must_exist() {
+        let c = |url: &str, ca: &str| ClusterConfig {
+            engine: Engine::Redis,
+            redis_url: url.into(),
+            redis_ca_file: Some(ca.into()),
+            ..ClusterConfig::default()
+        };
+        let e = c("redis://x", "/").validate().expect_err("plain");
+        assert!(e.to_string().contains("not rediss://"), "{e}");
+        let e = c("rediss://x", "/no/such/ca.pem")
+            .validate()
+            .expect_err("missing");
+        assert!(e.to_string().contains("/no/such/ca.pem"), "{e}");
+        assert!(c("rediss://x", "/").validate().is_ok());
     }
 }

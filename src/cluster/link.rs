@@ -4,16 +4,17 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::config::{ClusterConfig, RedisTarget};
+use super::config::{host_of, ClusterConfig, Endpoint, RedisTarget};
 use super::resp::{self, Value};
 use super::{Command, Event, Tag, SCRIPTS};
-use crate::io::{Backend, Stream};
+use crate::io::{tls, Backend, Stream};
 use crate::metrics as m;
 
 const FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -36,21 +37,27 @@ pub async fn run(
             return;
         }
     };
+    let tls = target.tls.then(|| {
+        let roots = tls::client_roots(cfg.redis_ca_file.as_deref(), "cluster.redis_ca_file");
+        tls::client_config(&roots, &[])
+    });
     let label = shard.to_string();
     let up = ::metrics::gauge!(m::REDIS_UP, "shard" => label.clone());
     let mut delay = FIRST_DELAY;
     let mut was_up = true; // the first failure is logged
     loop {
-        let timeout = cfg.connect_timeout();
-        let conn = tokio::time::timeout(timeout, connect(backend, &target, timeout))
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "no answer from {} within connect_timeout",
-                    target.addr
-                ))
-            });
-        let stream = match conn {
+        let conn = tokio::time::timeout(
+            cfg.connect_timeout(),
+            connect(backend, &target, &cfg, tls.as_ref()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer from {} within connect_timeout",
+                target.endpoint
+            ))
+        });
+        let (stream, addr) = match conn {
             Ok(s) => s,
             Err(e) => {
                 let mut none = VecDeque::new();
@@ -62,7 +69,7 @@ pub async fn run(
         };
         delay = FIRST_DELAY;
         was_up = true;
-        tracing::info!(shard, addr = %target.addr, "connected to Redis");
+        tracing::info!(shard, %addr, "connected to Redis");
         ::metrics::counter!(m::REDIS_CONNECTS, "shard" => label.clone()).increment(1);
         up.set(1.0);
         on(Event::Up);
@@ -100,19 +107,24 @@ fn fail(
     on(Event::Down(why.to_string()));
 }
 
-/// Opens the connection and says hello: RESP3 (for pushes and replies on one connection),
-/// credentials, the database, the scripts.
-async fn connect(backend: Backend, t: &RedisTarget, timeout: Duration) -> Result<Stream, String> {
-    let addrs: Vec<SocketAddr> = match t.addr.parse() {
-        Ok(a) => vec![a],
-        Err(_) => tokio::net::lookup_host(&t.addr)
-            .await
-            .map_err(|e| format!("resolving {}: {e}", t.addr))?
-            .collect(),
+/// Finds Redis (asking the sentinels, with Sentinel), opens the connection and says hello:
+/// RESP3 (for pushes and replies on one connection), credentials, the database, the scripts;
+/// with Sentinel, checks that the server is still the master. Returns the stream and the
+/// address it reached.
+async fn connect(
+    backend: Backend,
+    t: &RedisTarget,
+    cfg: &ClusterConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<(Stream, String), String> {
+    let timeout = cfg.connect_timeout();
+    let addr = match &t.endpoint {
+        Endpoint::Direct(addr) => addr.clone(),
+        Endpoint::Sentinel { sentinels, name } => {
+            master_addr(backend, sentinels, name, cfg, timeout).await?
+        }
     };
-    let mut stream = crate::io::connect(backend, &addrs, None, timeout)
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", t.addr))?;
+    let mut stream = open(backend, &addr, tls, timeout).await?;
     let mut hello = Vec::new();
     let mut args: Vec<&[u8]> = vec![b"HELLO", b"3"];
     if let Some(p) = &t.password {
@@ -124,45 +136,164 @@ async fn connect(backend: Backend, t: &RedisTarget, timeout: Duration) -> Result
     }
     resp::command(&mut hello, &args);
     let db = t.db.to_string();
-    let mut expected = 1;
+    let mut count = 1;
     if t.db != 0 {
         resp::command(&mut hello, &[b"SELECT", db.as_bytes()]);
-        expected += 1;
+        count += 1;
     }
     for s in SCRIPTS {
         resp::command(&mut hello, &[b"SCRIPT", b"LOAD", s.as_bytes()]);
-        expected += 1;
+        count += 1;
     }
+    let sentinel = matches!(t.endpoint, Endpoint::Sentinel { .. });
+    if sentinel {
+        resp::command(&mut hello, &[b"ROLE"]);
+        count += 1;
+    }
+    let answers = exchange(&mut stream, &hello, count, &addr, "the hello").await?;
+    if sentinel {
+        // Between a failover and the sentinels' next answer, the address may be a replica's.
+        let role = match answers.last() {
+            Some(Value::Array(a)) => a.first().and_then(Value::as_bytes),
+            _ => None,
+        };
+        if role != Some(b"master") {
+            return Err(format!(
+                "{addr}, named by the sentinels, is not a master (yet)"
+            ));
+        }
+    }
+    Ok((stream, addr))
+}
+
+/// A connection to `addr` (`host:port`, resolved now), with TLS when `tls` is set.
+async fn open(
+    backend: Backend,
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<Stream, String> {
+    let addrs: Vec<SocketAddr> = match addr.parse() {
+        Ok(a) => vec![a],
+        Err(_) => tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| format!("resolving {addr}: {e}"))?
+            .collect(),
+    };
+    let tls = tls.map(|c| (c, host_of(addr)));
+    crate::io::connect(backend, &addrs, tls, timeout)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))
+}
+
+/// Writes `commands` and reads the answers to the `count` of them; an error answer fails,
+/// naming `what` was refused.
+async fn exchange(
+    stream: &mut Stream,
+    commands: &[u8],
+    count: usize,
+    addr: &str,
+    what: &str,
+) -> Result<Vec<Value>, String> {
     // A flush too: the io_uring stream writes on flush.
-    let wrote = match stream.write_all(&hello).await {
+    let wrote = match stream.write_all(commands).await {
         Ok(()) => stream.flush().await,
         Err(e) => Err(e),
     };
-    wrote.map_err(|e| format!("writing to {}: {e}", t.addr))?;
+    wrote.map_err(|e| format!("writing to {addr}: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = vec![0; 4096];
-    while expected > 0 {
+    let mut answers = Vec::with_capacity(count);
+    while answers.len() < count {
         match resp::parse(&buf).map_err(|e| e.to_string())? {
-            Some((Value::Error(e), _)) => {
-                return Err(format!("Redis at {} refused the hello: {e}", t.addr))
-            }
-            Some((_, used)) => {
+            Some((Value::Error(e), _)) => return Err(format!("{addr} refused {what}: {e}")),
+            Some((v, used)) => {
                 buf.drain(..used);
-                expected -= 1;
+                answers.push(v);
             }
             None => {
                 let n = stream
                     .read(&mut chunk)
                     .await
-                    .map_err(|e| format!("reading from {}: {e}", t.addr))?;
+                    .map_err(|e| format!("reading from {addr}: {e}"))?;
                 if n == 0 {
-                    return Err(format!("{} closed the connection", t.addr));
+                    return Err(format!("{addr} closed the connection"));
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
         }
     }
-    Ok(stream)
+    Ok(answers)
+}
+
+/// The master's address, from the first sentinel that knows it.
+async fn master_addr(
+    backend: Backend,
+    sentinels: &[String],
+    name: &str,
+    cfg: &ClusterConfig,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut why = Vec::new();
+    for sentinel in sentinels {
+        match ask_sentinel(backend, sentinel, name, cfg, timeout).await {
+            Ok(addr) => return Ok(addr),
+            Err(e) => why.push(e),
+        }
+    }
+    Err(format!(
+        "no sentinel named the master {name:?}: {}",
+        why.join("; ")
+    ))
+}
+
+async fn ask_sentinel(
+    backend: Backend,
+    sentinel: &str,
+    name: &str,
+    cfg: &ClusterConfig,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut stream = open(backend, sentinel, None, timeout).await?;
+    let mut ask = Vec::new();
+    let mut count = 1;
+    if let Some(p) = &cfg.sentinel_password {
+        resp::command(&mut ask, &[b"AUTH", p.as_bytes()]);
+        count += 1;
+    }
+    resp::command(
+        &mut ask,
+        &[b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", name.as_bytes()],
+    );
+    let answers = exchange(
+        &mut stream,
+        &ask,
+        count,
+        sentinel,
+        "SENTINEL GET-MASTER-ADDR-BY-NAME",
+    )
+    .await?;
+    master_named(answers.last(), sentinel, name)
+}
+
+/// The master's `host:port` from a sentinel's answer to `GET-MASTER-ADDR-BY-NAME`: `[ip,
+/// port]`, or nil when it does not know the master; anything else is named in the error.
+fn master_named(answer: Option<&Value>, sentinel: &str, name: &str) -> Result<String, String> {
+    let a = match answer {
+        Some(Value::Array(a)) => a,
+        Some(Value::Nil) | None => {
+            return Err(format!("{sentinel} does not know the master {name:?}"))
+        }
+        Some(other) => return Err(format!("{sentinel} answered {other:?}")),
+    };
+    match &a[..] {
+        [Value::Str(ip), port] => match (std::str::from_utf8(ip), port.as_int()) {
+            (Ok(ip), Some(port)) if ip.contains(':') => Ok(format!("[{ip}]:{port}")),
+            (Ok(ip), Some(port)) => Ok(format!("{ip}:{port}")),
+            _ => Err(format!("{sentinel} answered {a:?}")),
+        },
+        _ => Err(format!("{sentinel} answered {a:?}")),
+    }
 }
 
 /// Carries commands and answers until the connection fails (`Some(why)`) or `commands`
@@ -263,4 +394,38 @@ fn answer(
     };
     on(Event::Reply(tag, Ok(v)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn s(x: &str) -> Value {
+        Value::Str(Bytes::copy_from_slice(x.as_bytes()))
+    }
+
+    #[test]
+    fn a_sentinels_answer_gives_the_master_or_says_what_was_wrong() {
+        let named = |v: Value| master_named(Some(&v), "s:1", "main");
+        let ok = named(Value::Array(vec![s("10.0.0.7"), s("6380")]));
+        assert_eq!(ok.as_deref(), Ok("10.0.0.7:6380"));
+        let ok = named(Value::Array(vec![s("::1"), Value::Int(7000)]));
+        assert_eq!(ok.as_deref(), Ok("[::1]:7000"));
+        let unknown = named(Value::Nil).expect_err("nil");
+        assert!(
+            unknown.contains("does not know the master \"main\""),
+            "{unknown}"
+        );
+        for bad in [
+            Value::Array(vec![s("10.0.0.7")]),
+            Value::Array(vec![s("10.0.0.7"), s("port")]),
+            Value::Array(vec![Value::Int(1), s("6379")]),
+            Value::Array(vec![Value::Str(Bytes::from_static(b"\xff")), s("1")]),
+            s("OK"),
+        ] {
+            let e = named(bad.clone()).expect_err("bad answer");
+            assert!(e.starts_with("s:1 answered"), "{bad:?}: {e}");
+        }
+    }
 }

@@ -448,6 +448,24 @@ impl Config {
         if let Some(v) = env("REDIS_URL") {
             self.cluster.redis_url = v.trim().to_string();
         }
+        if let Some(v) = env("REDIS_CA_FILE") {
+            self.cluster.redis_ca_file = Some(v.trim().into());
+        }
+        if let Some(v) = env("REDIS_SENTINEL_PASSWORD") {
+            self.cluster.sentinel_password = Some(v);
+        }
+        if let Some(v) = env("REDIS_KEY_PREFIX") {
+            self.cluster.key_prefix = v;
+        }
+        if let Some(v) = env("REDIS_CONNECT_TIMEOUT") {
+            self.cluster.connect_timeout = parse("REDIS_CONNECT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = env("REDIS_COMMAND_TIMEOUT") {
+            self.cluster.command_timeout = parse("REDIS_COMMAND_TIMEOUT", &v)?;
+        }
+        if let Some(v) = env("REDIS_MAX_PENDING") {
+            self.cluster.max_pending = parse("REDIS_MAX_PENDING", &v)?;
+        }
         // ---- agent gateway ----
         if let Some(v) = env("AGENT_UPSTREAM") {
             self.agent.upstreams = crate::agent::config::parse_upstream_list(&v);
@@ -783,6 +801,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::config::Endpoint;
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -811,21 +830,39 @@ mod tests {
         )
         .unwrap();
         assert!(c.cluster.is_redis());
-        assert_eq!(c.cluster.target().unwrap().addr, "127.0.0.1:6379");
+        assert_eq!(
+            c.cluster.target().unwrap().endpoint,
+            Endpoint::Direct("127.0.0.1:6379".into())
+        );
         let mut c = Config::default();
         assert!(!c.cluster.is_redis(), "memory is the default");
         c.apply_env(env(&[
             ("CLUSTER_ENGINE", "redis"),
             ("REDIS_URL", "redis://:pw@10.0.0.5:7000/2"),
+            ("REDIS_CONNECT_TIMEOUT", "0.5"),
+            ("REDIS_COMMAND_TIMEOUT", "3"),
+            ("REDIS_MAX_PENDING", "99"),
+            ("REDIS_KEY_PREFIX", "app1:"),
         ]))
         .unwrap();
         let t = c.cluster.target().unwrap();
         assert!(c.cluster.is_redis());
         assert_eq!(
-            (t.addr.as_str(), t.password.as_deref(), t.db),
-            ("10.0.0.5:7000", Some("pw"), 2)
+            (t.endpoint, t.password.as_deref(), t.db),
+            (Endpoint::Direct("10.0.0.5:7000".into()), Some("pw"), 2)
         );
-        c.apply_env(env(&[("REDIS_URL", "rediss://x")])).unwrap();
+        let k = &c.cluster;
+        assert_eq!(
+            (
+                k.connect_timeout,
+                k.command_timeout,
+                k.max_pending,
+                k.key_prefix.as_str()
+            ),
+            (0.5, 3.0, 99, "app1:")
+        );
+        assert!(c.apply_env(env(&[("REDIS_MAX_PENDING", "many")])).is_err());
+        c.apply_env(env(&[("REDIS_URL", "mysql://x")])).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("cluster.redis_url"), "{err}");
     }

@@ -51,7 +51,8 @@ pub struct ServerState {
     /// Rooms messages queued for each shard by the others and not yet handled: the bound of
     /// the cross-shard channels (`[rooms] max_shard_backlog`).
     pub hub_backlog: Box<[Backlog]>,
-    /// Shards without a connection to Redis (`[cluster] engine = "redis"`).
+    /// Shards without a connection to Redis (`[cluster] engine = "redis"`). Every shard
+    /// counts from the start, so a shard whose link has not run yet is not taken for ready.
     pub redis_down: AtomicUsize,
 }
 

@@ -992,7 +992,11 @@ impl Redis {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        true
+        // Answered by this server, not by another process that holds the port.
+        !self
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some()))
     }
 
     /// Kills the server (SIGKILL): without an append-only file its data is gone.
@@ -1012,13 +1016,28 @@ impl Redis {
     /// Runs one command (inline form); the first line of the answer, or `None` when the
     /// server is not reachable.
     pub fn command(&self, args: &[&str]) -> Option<String> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(PATIENCE)).ok()?;
-        s.write_all(format!("{}\r\n", args.join(" ")).as_bytes())
-            .ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        Some(line.trim_end().to_string())
+        redis_command(self.port, args)
+    }
+}
+
+/// One command (inline form) to the server on `port`: the first line of the answer (the whole
+/// text of a bulk string, such as `INFO`'s), or `None` when the server is not reachable.
+pub fn redis_command(port: u16, args: &[&str]) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(PATIENCE)).ok()?;
+    s.write_all(format!("{}\r\n", args.join(" ")).as_bytes())
+        .ok()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let line = line.trim_end();
+    match line.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+        Some(len) => {
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).ok()?;
+            Some(String::from_utf8_lossy(&body).into_owned())
+        }
+        None => Some(line.to_string()),
     }
 }
 
@@ -1029,9 +1048,86 @@ impl Drop for Redis {
     }
 }
 
+/// A real Redis Sentinel (`redis-server CONF --sentinel`) on 127.0.0.1 watching the master
+/// `name` at `master_port` (quorum 1, down after 500 ms), with the more lines `more` of
+/// sentinel.conf; killed on drop.
+pub struct Sentinel {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    pub fn start(name: &str, master_port: u16, more: &str) -> Sentinel {
+        let port = free_port();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("sentinel-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("sentinel dir");
+        // Sentinel rewrites its config file: it must be its own, writable.
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {name} 500\n\
+                 sentinel failover-timeout {name} 5000\n{more}\n",
+                dir.display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new(redis_server())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server --sentinel");
+        let s = Sentinel { child, port, dir };
+        let deadline = Instant::now() + PATIENCE;
+        // Without the password PING answers -NOAUTH: up all the same.
+        while !redis_command(port, &["PING"])
+            .is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// One command to the sentinel, as [`redis_command`].
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        redis_command(self.port, args)
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port free now and never handed out before in this process: tests running at once must
+/// not start two servers on one port (the second would fail to bind, and its test would talk
+/// to the first).
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = l.local_addr().expect("local addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `redis-server`, installed from the Debian packages on first use when running as root.
