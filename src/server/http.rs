@@ -249,7 +249,8 @@ async fn websocket(
                 entry,
                 shard.traffic(endpoint),
             );
-            tokio::join!(session, upstream).0
+            // Boxed: the relay's two sides would otherwise size every WebSocket's task.
+            Box::pin(async { tokio::join!(session, upstream).0 }).await
         }
         None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity).await,
     };
@@ -345,7 +346,11 @@ async fn h2_websocket_task(
     };
     match session {
         H2Session::Endpoint(up) => websocket(&shard, &reg.entry, io, Bytes::new(), up, None).await,
-        H2Session::Proxied(p) => proxied_session(&shard, &reg.entry, io, Bytes::new(), p).await,
+        // Boxed: a relay's or tunnel's state would otherwise size every HTTP/2 WebSocket's
+        // task, those of the built-in endpoints included, for its whole life.
+        H2Session::Proxied(p) => {
+            Box::pin(proxied_session(&shard, &reg.entry, io, Bytes::new(), p)).await
+        }
     }
 }
 
