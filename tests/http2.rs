@@ -41,6 +41,7 @@ both_backends!(
     route_websockets_one_connection_and_a_slow_reader,
     closing_one_route_stream_leaves_the_others,
     tunnel_route_over_h2_is_byte_exact,
+    drain_closes_route_websockets_over_h2,
     many_websockets_one_connection_and_a_slow_reader,
     closing_one_stream_leaves_the_others,
     drain_sends_goaway_and_closes_websockets,
@@ -242,6 +243,20 @@ async fn next_data_h2(ws: &mut WsH2) -> Message {
             other => panic!("stream ended: {other:?}"),
         }
     }
+}
+
+/// The code of the close the server sends (data messages before it are skipped).
+async fn close_code_h2(ws: &mut WsH2) -> Option<u16> {
+    within("close", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+                Some(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+    })
+    .await
 }
 
 async fn json(ws: &mut WsH2) -> serde_json::Value {
@@ -830,16 +845,7 @@ async fn websocket_route_over_h2(backend: Backend) {
     );
     // The upstream closes with 4001: the client gets 4001.
     ws.send(Message::text("close:4001")).await.unwrap();
-    let code = within("close", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
-                Some(Ok(_)) => {}
-                _ => return None,
-            }
-        }
-    })
-    .await;
+    let code = close_code_h2(&mut ws).await;
     assert_eq!(code, Some(4001));
     // The client closes with 4002: the upstream gets 4002.
     let mut ws = h2.websocket("/app/b").await;
@@ -950,6 +956,19 @@ async fn closing_one_route_stream_leaves_the_others(backend: Backend) {
     echo_h2(&mut c, Message::text("still here")).await;
 }
 
+/// A drain closes a relayed WebSocket over HTTP/2 on both sides with 1001, as over HTTP/1.1.
+async fn drain_closes_route_websockets_over_h2(backend: Backend) {
+    let (addr, seen) = ws_upstream().await;
+    let (server, certs) = start_tls(backend, &ws_route(addr, "websocket")).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let mut ws = h2.websocket("/app/d").await;
+    echo_h2(&mut ws, Message::text("x")).await;
+    server.signal(libc::SIGTERM);
+    let code = close_code_h2(&mut ws).await;
+    assert_eq!(code, Some(1001));
+    wait_close(&seen, 1001).await;
+}
+
 /// `mode = "tunnel"` over RFC 8441: after the upstream's 101 (to a key of ringgate's own) the
 /// stream's bytes are copied as they are, both ways, and the client's end of stream reaches
 /// the upstream as a half-close.
@@ -1056,16 +1075,7 @@ async fn drain_sends_goaway_and_closes_websockets(backend: Backend) {
     let mut ws = h2.websocket("/ws/echo").await;
     server.signal(libc::SIGTERM);
     // The WebSocket gets its 1001 over its stream.
-    let code = within("close", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
-                Some(Ok(_)) => {}
-                _ => return None,
-            }
-        }
-    })
-    .await;
+    let code = close_code_h2(&mut ws).await;
     assert_eq!(code, Some(1001));
     // An idle connection gets GOAWAY.
     assert_eq!(raw.until_goaway().await, Some(0), "GOAWAY NO_ERROR");
