@@ -57,7 +57,8 @@ type ProxiedUpgrade = (
     Option<deflate::Params>,
 );
 
-/// An accepted upgrade waiting for hyper to finish writing the 101.
+/// An accepted WebSocket handshake: what its session runs with, and its connection slot (held
+/// until the session ends). Recorded by the router until hyper has written its answer.
 struct Upgrade {
     endpoint: Endpoint,
     deflate: Option<deflate::Params>,
