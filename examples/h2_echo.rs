@@ -7,6 +7,7 @@
 //!     --messages 200000 --server-pid PID            # echo: CPU per message
 //! h2_echo ... --mode h2 --sockets 100 --idle        # memory per idle socket
 //! h2_echo ... --idle --messages 0                     # the same, no message exchanged
+//! h2_echo ... --idle --hold 30                        # then keep the sockets 30 s (heap profile)
 //! ```
 //!
 //! `--mode h1`: one TLS connection per socket (ALPN http/1.1, GET upgrade). `--mode h2`: the
@@ -44,6 +45,8 @@ struct Args {
     size: usize,
     server_pid: Option<u32>,
     idle: bool,
+    /// Seconds to keep the idle sockets open after measuring (at most 600).
+    hold: u64,
 }
 
 fn args() -> Args {
@@ -57,6 +60,7 @@ fn args() -> Args {
         size: 32,
         server_pid: None,
         idle: false,
+        hold: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -71,6 +75,7 @@ fn args() -> Args {
             "--size" => a.size = v().parse().expect("--size"),
             "--server-pid" => a.server_pid = Some(v().parse().expect("--server-pid")),
             "--idle" => a.idle = true,
+            "--hold" => a.hold = v().parse::<u64>().expect("--hold").min(600),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -242,6 +247,7 @@ fn main() {
                 a.sockets,
                 (rss as f64 - rss0 as f64) / a.sockets as f64
             );
+            tokio::time::sleep(Duration::from_secs(a.hold)).await;
             return;
         }
         echo(&mut sockets, (a.messages / 10).max(1000), a.size).await;

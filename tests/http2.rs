@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::upstreams::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
@@ -19,7 +20,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -34,6 +36,12 @@ both_backends!(
     rooms_over_h2,
     agent_streaming_over_h2,
     proxy_routes_over_h2,
+    websocket_route_over_h2,
+    websocket_route_refusals_over_h2,
+    route_websockets_one_connection_and_a_slow_reader,
+    closing_one_route_stream_leaves_the_others,
+    tunnel_route_over_h2_is_byte_exact,
+    drain_closes_route_websockets_over_h2,
     many_websockets_one_connection_and_a_slow_reader,
     closing_one_stream_leaves_the_others,
     drain_sends_goaway_and_closes_websockets,
@@ -162,12 +170,16 @@ impl H2 {
         self.request(Method::GET, path, "").await
     }
 
-    /// An extended CONNECT (RFC 8441) to `path` with `headers`: the response, and the stream.
-    async fn connect(
+    /// An extended CONNECT (RFC 8441) to `path` with `headers`: the response, and the stream
+    /// as bytes when it is a 200.
+    async fn connect_raw(
         &mut self,
         path: &str,
         headers: &[(&str, &str)],
-    ) -> (http::Response<hyper::body::Incoming>, Option<WsH2>) {
+    ) -> (
+        http::Response<hyper::body::Incoming>,
+        Option<hyper::upgrade::Upgraded>,
+    ) {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(self.uri(path));
@@ -187,8 +199,24 @@ impl H2 {
         let upgraded = within("upgraded stream", hyper::upgrade::on(&mut resp))
             .await
             .expect("upgraded stream");
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
-        (resp, Some(ws))
+        (resp, Some(upgraded))
+    }
+
+    /// An extended CONNECT (RFC 8441) to `path` with `headers`: the response, and the
+    /// WebSocket when it is a 200.
+    async fn connect(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (http::Response<hyper::body::Incoming>, Option<WsH2>) {
+        let (resp, stream) = self.connect_raw(path, headers).await;
+        let ws = match stream {
+            Some(s) => {
+                Some(WebSocketStream::from_raw_socket(TokioIo::new(s), Role::Client, None).await)
+            }
+            None => None,
+        };
+        (resp, ws)
     }
 
     /// A WebSocket over a new stream of this connection.
@@ -215,6 +243,20 @@ async fn next_data_h2(ws: &mut WsH2) -> Message {
             other => panic!("stream ended: {other:?}"),
         }
     }
+}
+
+/// The code of the close the server sends (data messages before it are skipped).
+async fn close_code_h2(ws: &mut WsH2) -> Option<u16> {
+    within("close", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+                Some(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+    })
+    .await
 }
 
 async fn json(ws: &mut WsH2) -> serde_json::Value {
@@ -703,7 +745,7 @@ async fn agent_streaming_over_h2(backend: Backend) {
 }
 
 /// A `[[route]]` to an HTTP/1.1 upstream started here, asked over HTTP/2: forwarded with the
-/// client's host; a WebSocket over HTTP/2 to the route is refused (501), not forwarded.
+/// client's host, request bodies included.
 async fn proxy_routes_over_h2(backend: Backend) {
     use hyper::service::service_fn;
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -711,19 +753,26 @@ async fn proxy_routes_over_h2(backend: Backend) {
     tokio::spawn(async move {
         while let Ok((sock, _)) = upstream.accept().await {
             let answer = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let (req, body) = req.into_parts();
                 let h = |n: &str| {
-                    req.headers()
+                    req.headers
                         .get(n)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-")
                         .to_owned()
                 };
+                let got = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 let body = format!(
-                    "{} {} {} {}",
-                    req.uri().path(),
+                    "{} {} {} {}{}",
+                    req.uri.path(),
                     h("host"),
                     h("x-forwarded-host"),
-                    h("x-forwarded-proto")
+                    h("x-forwarded-proto"),
+                    String::from_utf8_lossy(&got)
                 );
                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
             });
@@ -751,12 +800,203 @@ async fn proxy_routes_over_h2(backend: Backend) {
         String::from_utf8_lossy(&body),
         "/kept/z localhost localhost https"
     );
-    let (resp, ws) = h2
-        .connect("/app/ws", &[("sec-websocket-version", "13")])
-        .await;
-    assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
-    assert!(ws.is_none());
+    let upload = "x".repeat(200_000);
+    let (status, _, body) = h2.request(Method::POST, "/app/up", &upload).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("/up {up_host} localhost https{upload}")
+    );
     assert_eq!(h2.get("/healthz").await.0, StatusCode::OK);
+}
+
+/// A `[[route]]` with `strip_prefix` to a WebSocket upstream started here.
+fn ws_route(addr: SocketAddr, mode: &str) -> String {
+    format!("[[route]]\npath_prefix = \"/app/\"\nupstreams = [\"http://{addr}\"]\nstrip_prefix = true\nmode = \"{mode}\"\n")
+}
+
+const VERSION_13: (&str, &str) = ("sec-websocket-version", "13");
+
+/// RFC 8441 through a route (`mode = "websocket"`): the upstream's handshake comes first, the
+/// subprotocol crosses both ways, messages are relayed, close codes cross both ways, and the
+/// socket is listed as a proxied HTTP/2 WebSocket.
+async fn websocket_route_over_h2(backend: Backend) {
+    let (addr, seen) = ws_upstream().await;
+    let (server, certs) = start_tls(backend, &ws_route(addr, "websocket")).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let protocols = ("sec-websocket-protocol", "superchat, chat");
+    let (resp, ws) = h2
+        .connect("/app/chat?room=1", &[VERSION_13, protocols])
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "superchat");
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let mut ws = ws.expect("websocket");
+    assert_eq!(seen.paths.lock().unwrap().as_slice(), ["/chat?room=1"]);
+    echo_h2(&mut ws, Message::text("hello")).await;
+    echo_h2(&mut ws, Message::binary(pseudo_random(1 << 20, 7))).await;
+    let (_, _, body) = h2.get("/ws/statistics").await;
+    let stats: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let conn = &stats["connections"][0];
+    assert_eq!(
+        (&conn["endpoint"], &conn["http2"]),
+        (&"proxy".into(), &true.into()),
+        "{stats}"
+    );
+    // The upstream closes with 4001: the client gets 4001.
+    ws.send(Message::text("close:4001")).await.unwrap();
+    let code = close_code_h2(&mut ws).await;
+    assert_eq!(code, Some(4001));
+    // The client closes with 4002: the upstream gets 4002.
+    let mut ws = h2.websocket("/app/b").await;
+    echo_h2(&mut ws, Message::text("b")).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4002),
+        reason: "client".into(),
+    }))
+    .await
+    .unwrap();
+    wait_close(&seen, 4002).await;
+}
+
+/// The upstream's refusal reaches the stream as its status and body; an upstream that cannot
+/// be reached is a 502; a bad extended CONNECT is refused before any upstream is asked.
+async fn websocket_route_refusals_over_h2(backend: Backend) {
+    let (addr, seen) = ws_upstream().await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let routes = format!(
+        "{}[[route]]\npath_prefix = \"/dead/\"\nupstreams = [\"http://{dead_addr}\"]\n",
+        ws_route(addr, "websocket")
+    );
+    let (server, certs) = start_tls(backend, &routes).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let (resp, ws) = h2.connect("/app/forbidden", &[VERSION_13]).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(ws.is_none());
+    let body = within("body", resp.into_body().collect()).await.unwrap();
+    assert_eq!(body.to_bytes(), "go away");
+    let (resp, _) = h2.connect("/dead/x", &[VERSION_13]).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let (resp, _) = h2
+        .connect("/app/x", &[("sec-websocket-version", "8")])
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(seen.paths.lock().unwrap().as_slice(), ["/forbidden"]);
+    // The connection serves on.
+    let mut ws = h2.websocket("/app/ok").await;
+    echo_h2(&mut ws, Message::text("fine")).await;
+}
+
+/// Many relayed sockets share one connection; one whose reader stops (its upstream floods it)
+/// holds back only itself, and catches up losslessly once read.
+async fn route_websockets_one_connection_and_a_slow_reader(backend: Backend) {
+    let (addr, seen) = ws_upstream().await;
+    let (server, certs) = start_tls(backend, &ws_route(addr, "websocket")).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let mut slow = h2.websocket("/app/slow").await;
+    let mut others = Vec::new();
+    for i in 0..20 {
+        others.push(h2.websocket(&format!("/app/{i}")).await);
+    }
+    const FLOOD: usize = 32;
+    slow.send(Message::text(format!("flood:{FLOOD}")))
+        .await
+        .unwrap();
+    // The upstream gets some way into the flood before the queues fill.
+    within("flood started", async {
+        while seen.flooded.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    for round in 0..3 {
+        for (i, ws) in others.iter_mut().enumerate() {
+            echo_h2(ws, Message::text(format!("{round}:{i}"))).await;
+        }
+    }
+    // The flood was still held back while the others went through.
+    let flooded = seen.flooded.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        flooded < FLOOD,
+        "the whole flood went to a client reading nothing"
+    );
+    let mut got = 0;
+    while got < FLOOD {
+        match next_data_h2(&mut slow).await {
+            Message::Binary(b) => {
+                assert_eq!(b.len(), 1 << 20);
+                got += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// One relayed socket reset by the client and one closed cleanly: the upstream sees 1001 and
+/// the client's code; the socket left on the connection relays on.
+async fn closing_one_route_stream_leaves_the_others(backend: Backend) {
+    let (addr, seen) = ws_upstream().await;
+    let (server, certs) = start_tls(backend, &ws_route(addr, "websocket")).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let mut a = h2.websocket("/app/a").await;
+    let mut b = h2.websocket("/app/b").await;
+    let mut c = h2.websocket("/app/c").await;
+    echo_h2(&mut b, Message::text("b")).await;
+    drop(b);
+    wait_close(&seen, 1001).await;
+    a.close(Some(CloseFrame {
+        code: CloseCode::from(4003),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    wait_close(&seen, 4003).await;
+    echo_h2(&mut c, Message::text("still here")).await;
+}
+
+/// A drain closes a relayed WebSocket over HTTP/2 on both sides with 1001, as over HTTP/1.1.
+async fn drain_closes_route_websockets_over_h2(backend: Backend) {
+    let (addr, seen) = ws_upstream().await;
+    let (server, certs) = start_tls(backend, &ws_route(addr, "websocket")).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let mut ws = h2.websocket("/app/d").await;
+    echo_h2(&mut ws, Message::text("x")).await;
+    server.signal(libc::SIGTERM);
+    let code = close_code_h2(&mut ws).await;
+    assert_eq!(code, Some(1001));
+    wait_close(&seen, 1001).await;
+}
+
+/// `mode = "tunnel"` over RFC 8441: after the upstream's 101 (to a key of ringgate's own) the
+/// stream's bytes are copied as they are, both ways, and the client's end of stream reaches
+/// the upstream as a half-close.
+async fn tunnel_route_over_h2_is_byte_exact(backend: Backend) {
+    let addr = tunnel_upstream().await;
+    let (server, certs) = start_tls(backend, &ws_route(addr, "tunnel")).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let (resp, stream) = h2.connect_raw("/app/t", &[VERSION_13]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(stream.expect("stream")));
+    let data = pseudo_random(3 << 20, 11);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&sent).await.unwrap();
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut got = Vec::new();
+    within("echo and total", rd.read_to_end(&mut got))
+        .await
+        .unwrap();
+    let _wr = writer.await.unwrap();
+    let mut want = b"early".to_vec();
+    want.extend_from_slice(&data);
+    want.extend_from_slice(format!("total {}", data.len()).as_bytes());
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "bytes differ");
 }
 
 async fn many_websockets_one_connection_and_a_slow_reader(backend: Backend) {
@@ -835,16 +1075,7 @@ async fn drain_sends_goaway_and_closes_websockets(backend: Backend) {
     let mut ws = h2.websocket("/ws/echo").await;
     server.signal(libc::SIGTERM);
     // The WebSocket gets its 1001 over its stream.
-    let code = within("close", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
-                Some(Ok(_)) => {}
-                _ => return None,
-            }
-        }
-    })
-    .await;
+    let code = close_code_h2(&mut ws).await;
     assert_eq!(code, Some(1001));
     // An idle connection gets GOAWAY.
     assert_eq!(raw.until_goaway().await, Some(0), "GOAWAY NO_ERROR");

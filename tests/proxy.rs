@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::upstreams::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::combinators::BoxBody;
@@ -20,9 +21,6 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::handshake::server::{
-    Request as WsRequest, Response as WsResponse,
-};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -809,114 +807,6 @@ async fn health_check_ejects_and_restores(backend: Backend) {
 
 // ---- WebSocket ------------------------------------------------------------------------------
 
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
-#[derive(Default)]
-struct WsSeen {
-    /// Close codes the upstream received.
-    closes: Mutex<Vec<u16>>,
-    paths: Mutex<Vec<String>>,
-    /// 1 MiB messages the upstream got out for `flood:N`.
-    flooded: AtomicUsize,
-    /// `Sec-WebSocket-Extensions` offered to the upstream, per handshake.
-    extensions: Mutex<Vec<Option<String>>>,
-}
-
-/// A tokio-tungstenite upstream: picks `superchat` when offered, echoes data messages; the
-/// text `close:N` makes it close with code N; refuses `/forbidden` with 403.
-#[allow(clippy::result_large_err)] // tungstenite's callback signature
-async fn ws_upstream() -> (SocketAddr, Arc<WsSeen>) {
-    ws_upstream_tls(None).await
-}
-
-#[allow(clippy::result_large_err)] // tungstenite's callback signature
-async fn ws_upstream_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Arc<WsSeen>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = Arc::new(WsSeen::default());
-    let s2 = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = l.accept().await {
-            let seen = s2.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let sock: Box<dyn Io> = match tls {
-                    None => Box::new(sock),
-                    Some(a) => match a.accept(sock).await {
-                        Ok(t) => Box::new(t),
-                        Err(_) => return,
-                    },
-                };
-                let cb = |req: &WsRequest, mut resp: WsResponse| {
-                    seen.paths.lock().unwrap().push(req.uri().to_string());
-                    seen.extensions.lock().unwrap().push(
-                        req.headers()
-                            .get("sec-websocket-extensions")
-                            .map(|v| v.to_str().unwrap_or("?").to_string()),
-                    );
-                    if req.uri().path() == "/forbidden" {
-                        let mut r = http::Response::new(Some("go away".to_string()));
-                        *r.status_mut() = http::StatusCode::FORBIDDEN;
-                        return Err(r);
-                    }
-                    let offered = req
-                        .headers()
-                        .get("sec-websocket-protocol")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    if offered.split(',').any(|p| p.trim() == "superchat") {
-                        resp.headers_mut()
-                            .insert("sec-websocket-protocol", "superchat".parse().unwrap());
-                    }
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(sock, cb).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    match m {
-                        // Gone without a close frame.
-                        Message::Text(t) if t == "drop" => return,
-                        Message::Text(t) if t.starts_with("flood:") => {
-                            let n: usize = t[6..].parse().unwrap_or(0);
-                            for _ in 0..n {
-                                if ws.send(Message::binary(vec![1u8; 1 << 20])).await.is_err() {
-                                    return;
-                                }
-                                seen.flooded.fetch_add(1, Ordering::SeqCst);
-                            }
-                        }
-                        Message::Text(t) if t.starts_with("close:") => {
-                            let code: u16 = t[6..].parse().unwrap_or(1000);
-                            let _ = ws
-                                .close(Some(CloseFrame {
-                                    code: CloseCode::from(code),
-                                    reason: "bye".into(),
-                                }))
-                                .await;
-                        }
-                        Message::Close(f) => {
-                            seen.closes
-                                .lock()
-                                .unwrap()
-                                .push(f.map_or(1005, |f| u16::from(f.code)));
-                        }
-                        m @ (Message::Text(_) | Message::Binary(_)) => {
-                            let sent = ws.send(m).await;
-                            if sent.is_err() {
-                                return;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 async fn ws_connect(
     server: &Server,
     path: &str,
@@ -999,36 +889,7 @@ async fn websocket_dead_upstream_is_502(backend: Backend) {
 /// arbitrary (non-frame) bytes; the client's half-close reaches it and its answer still
 /// comes back.
 async fn tunnel_is_byte_exact_with_half_close(backend: Backend) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let Ok((mut s, _)) = l.accept().await else {
-            return;
-        };
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut b).await.unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(b[0]);
-        }
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nearly").await.unwrap();
-        // Echo everything until the client's half-close, then say how much came.
-        let mut all = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            all.extend_from_slice(&buf[..n]);
-            s.write_all(&buf[..n]).await.unwrap();
-        }
-        s.write_all(format!("total {}", all.len()).as_bytes())
-            .await
-            .unwrap();
-    });
+    let addr = tunnel_upstream().await;
     let server = Server::start_with_config(
         backend,
         &route("mode = \"tunnel\"", &[format!("http://{addr}")]),
@@ -1219,15 +1080,6 @@ async fn relay_server(backend: Backend) -> (Server, Arc<WsSeen>) {
     let (addr, seen) = ws_upstream().await;
     let server = Server::start_with_config(backend, &route("", &[format!("ws://{addr}")]), &[]);
     (server, seen)
-}
-
-async fn wait_close(seen: &WsSeen, code: u16) {
-    within(&format!("upstream sees {code}"), async {
-        while !seen.closes.lock().unwrap().contains(&code) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
 }
 
 async fn relay_close_codes_both_ways(backend: Backend) {

@@ -2,12 +2,17 @@
 //! first and answers the client with the upstream's answer (its 101, its refusal, or 502/504
 //! when it cannot be reached); after a 101 the bytes are copied both ways as they are, with
 //! bounded buffers, each direction's end passed on as a half-close.
+//!
+//! A WebSocket asked for over HTTP/2 (RFC 8441, an extended CONNECT) reaches the upstream as
+//! an HTTP/1.1 upgrade with a key of ringgate's own; the upstream's 101 becomes the stream's
+//! 200. The frames are the same on both (RFC 8441 §5), so a tunnel still copies them as they
+//! are.
 
 use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -24,8 +29,8 @@ const COPY_BUF: usize = 16 * 1024;
 /// For `mode = "websocket"`: ringgate answers the client's handshake itself (the upstream's
 /// handshake is ringgate's own, with its own key and no extensions).
 pub struct RelayHandshake {
-    /// `Sec-WebSocket-Accept` for the client's key.
-    pub accept_key: String,
+    /// `Sec-WebSocket-Accept` for the client's key (none over HTTP/2: there is no key).
+    pub accept_key: Option<String>,
     /// `Sec-WebSocket-Extensions` negotiated with the client (permessage-deflate at the edge).
     pub extensions: Option<String>,
 }
@@ -101,21 +106,23 @@ async fn attempt(
         return Err((Failure::HeadTooLarge, None));
     }
     let client_host = parts.headers.get(header::HOST).cloned();
+    let h2 = parts.version == Version::HTTP_2;
     let mut h = parts.headers.clone();
     headers::upstream_request(route, &mut h, client, request_id);
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    // A relay speaks its own WebSocket upstream: its own key, no extensions.
-    let own_key = relay.as_ref().map(|_| {
+    // A relay speaks its own WebSocket upstream (its own key, no extensions); a client over
+    // HTTP/2 has no key to pass on.
+    let own_key = (relay.is_some() || h2).then(|| {
         use base64::Engine as _;
         let id = headers::new_request_id();
         base64::engine::general_purpose::STANDARD.encode(&id.as_bytes()[..16])
     });
-    if let Some(k) = &own_key {
+    if relay.is_some() {
         h.remove(header::SEC_WEBSOCKET_EXTENSIONS);
-        if let Ok(v) = HeaderValue::from_str(k) {
-            h.insert(header::SEC_WEBSOCKET_KEY, v);
-        }
+    }
+    if let Some(v) = own_key.as_ref().and_then(|k| HeaderValue::from_str(k).ok()) {
+        h.insert(header::SEC_WEBSOCKET_KEY, v);
     }
     let hash = route
         .hash
@@ -184,7 +191,7 @@ async fn attempt(
         let (status, mut upstream_headers) = resp;
         let label = up.label.clone();
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            if let (Some(key), Some(r)) = (&own_key, &relay) {
+            if let Some(key) = &own_key {
                 let want = crate::ws::handshake::accept_key(key.as_bytes());
                 let got = upstream_headers.get(header::SEC_WEBSOCKET_ACCEPT);
                 if got.is_none_or(|g| g.as_bytes() != want.as_bytes()) {
@@ -193,6 +200,8 @@ async fn attempt(
                         Some(label),
                     ));
                 }
+            }
+            if let Some(r) = &relay {
                 if upstream_headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
                     return Err((
                         Failure::Broken(
@@ -205,7 +214,11 @@ async fn attempt(
                     .get(header::SEC_WEBSOCKET_PROTOCOL)
                     .cloned();
                 upstream_headers = HeaderMap::new();
-                if let Ok(v) = HeaderValue::from_str(&r.accept_key) {
+                if let Some(v) = r
+                    .accept_key
+                    .as_deref()
+                    .and_then(|k| HeaderValue::from_str(k).ok())
+                {
                     upstream_headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
                 }
                 if let Some(p) = protocol {
@@ -221,12 +234,15 @@ async fn attempt(
             }
             headers::client_response(route, &mut upstream_headers);
             let mut out = Response::new(Body::default());
-            *out.status_mut() = status;
+            if h2 {
+                // RFC 8441 §5: a 200, and no key to answer.
+                upstream_headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+            } else {
+                *out.status_mut() = status;
+                upstream_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                upstream_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            }
             *out.headers_mut() = upstream_headers;
-            out.headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            out.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
             let upgraded = Upgraded {
                 relay: relay.is_some(),
                 io,

@@ -57,7 +57,8 @@ type ProxiedUpgrade = (
     Option<deflate::Params>,
 );
 
-/// An accepted upgrade waiting for hyper to finish writing the 101.
+/// An accepted WebSocket handshake: what its session runs with, and its connection slot (held
+/// until the session ends). Recorded by the router until hyper has written its answer.
 struct Upgrade {
     endpoint: Endpoint,
     deflate: Option<deflate::Params>,
@@ -165,58 +166,50 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
     // the upgrade cell) goes now rather than living as long as the WebSocket.
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
     let mut io = io.into_inner();
-    let relayed = match tunnel.take() {
-        Some((t, slot, deflate)) if t.relay => {
-            let s = shard.settings(Endpoint::Proxy);
-            Some((t.into_relay(s.max_message, s.close_timeout), slot, deflate))
-        }
-        Some((t, _slot, _)) => {
-            drop(tunnel);
-            let entry = reg.entry.clone();
-            // A drain ends the tunnel (its bytes are not ours to frame a close into).
-            let stop = poll_fn(move |cx| {
-                entry.register_waker(cx.waker());
-                if entry.close_requested() {
-                    std::task::Poll::Ready(())
-                } else {
-                    std::task::Poll::Pending
-                }
-            });
-            crate::proxy::tunnel::run(io, read_buf, t, stop).await;
-            return;
-        }
-        None => None,
-    };
+    let proxied = tunnel.take();
     drop(tunnel);
     let up = upgrade.take();
     drop(upgrade);
-    let session = match (up, relayed) {
-        (_, Some((relay, slot, deflate))) => {
-            Some((Endpoint::Proxy, Some(relay), deflate, None, slot))
-        }
-        (Some(u), None) => Some((u.endpoint, None, u.deflate, u.identity, u._slot)),
-        (None, None) => None,
-    };
-    match session {
-        Some((endpoint, relay, deflate, identity, _slot)) => {
-            let ws = WebSocket {
-                endpoint,
-                deflate,
-                identity,
-            };
-            websocket(&shard, &reg.entry, io, read_buf, ws, relay).await;
-        }
-        None => {
+    match (proxied, up) {
+        (Some(p), _) => proxied_session(&shard, &reg.entry, io, read_buf, p).await,
+        (None, Some(u)) => websocket(&shard, &reg.entry, io, read_buf, u, None).await,
+        (None, None) => {
             let _ = io.shutdown().await;
         }
     }
 }
 
-/// What a WebSocket session runs with, once its handshake is accepted.
-struct WebSocket {
-    endpoint: Endpoint,
-    deflate: Option<deflate::Params>,
-    identity: Option<Identity>,
+/// Runs a proxied upgrade whose upstream answered 101 on the client's `io` (an upgraded
+/// HTTP/1.1 connection or an HTTP/2 stream): relayed through a session of ours, or tunnelled.
+async fn proxied_session(
+    shard: &Rc<Shard>,
+    entry: &Rc<ConnHandle>,
+    io: Stream,
+    read_buf: Bytes,
+    (upstream, slot, deflate): ProxiedUpgrade,
+) {
+    if upstream.relay {
+        let s = shard.settings(Endpoint::Proxy);
+        let relay = upstream.into_relay(s.max_message, s.close_timeout);
+        let ws = Upgrade {
+            endpoint: Endpoint::Proxy,
+            deflate,
+            identity: None,
+            _slot: slot,
+        };
+        return websocket(shard, entry, io, read_buf, ws, Some(relay)).await;
+    }
+    // A drain ends the tunnel (its bytes are not ours to frame a close into).
+    let stop = poll_fn(|cx| {
+        entry.register_waker(cx.waker());
+        if entry.close_requested() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    crate::proxy::tunnel::run(io, read_buf, upstream, stop).await;
+    drop(slot);
 }
 
 /// Runs a WebSocket session on `io` (an upgraded HTTP/1.1 connection or an HTTP/2 stream) to
@@ -226,16 +219,17 @@ async fn websocket(
     entry: &Rc<ConnHandle>,
     io: Stream,
     read_buf: Bytes,
-    ws: WebSocket,
+    ws: Upgrade,
     relay: Option<(
         crate::proxy::relay::Relay,
         crate::proxy::relay::UpstreamSide,
     )>,
 ) {
-    let WebSocket {
+    let Upgrade {
         endpoint,
         deflate,
         identity,
+        _slot,
     } = ws;
     let name = endpoint.name();
     entry.set_endpoint(name);
@@ -256,7 +250,8 @@ async fn websocket(
                 entry,
                 shard.traffic(endpoint),
             );
-            tokio::join!(session, upstream).0
+            // Boxed: the relay's two sides would otherwise size every WebSocket's task.
+            Box::pin(async { tokio::join!(session, upstream).0 }).await
         }
         None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity).await,
     };
@@ -325,13 +320,21 @@ async fn serve_h2(conn: Stream, router: Router, reg: &Registration) {
     }
 }
 
+/// What an HTTP/2 stream becomes once hyper has sent the 200 to its extended CONNECT.
+enum H2Session {
+    /// A WebSocket of one of ringgate's endpoints.
+    Endpoint(Upgrade),
+    /// A WebSocket through a route, whose upstream answered 101.
+    Proxied(ProxiedUpgrade),
+}
+
 /// An accepted WebSocket over HTTP/2: waits for hyper to hand over the stream (after the 200
 /// is sent), then runs the session on it as its own connection.
 async fn h2_websocket_task(
     shard: Rc<Shard>,
     remote: SocketAddr,
     stream: hyper::upgrade::OnUpgrade,
-    up: Upgrade,
+    session: H2Session,
 ) {
     let reg = shard.register(remote);
     reg.entry.set_http2();
@@ -342,18 +345,14 @@ async fn h2_websocket_task(
             return;
         }
     };
-    let Upgrade {
-        endpoint,
-        deflate,
-        identity,
-        _slot,
-    } = up;
-    let ws = WebSocket {
-        endpoint,
-        deflate,
-        identity,
-    };
-    websocket(&shard, &reg.entry, io, Bytes::new(), ws, None).await;
+    match session {
+        H2Session::Endpoint(up) => websocket(&shard, &reg.entry, io, Bytes::new(), up, None).await,
+        // Boxed: a relay's or tunnel's state would otherwise size every HTTP/2 WebSocket's
+        // task, those of the built-in endpoints included, for its whole life.
+        H2Session::Proxied(p) => {
+            Box::pin(proxied_session(&shard, &reg.entry, io, Bytes::new(), p)).await
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -391,15 +390,6 @@ impl hyper::service::Service<Request<Incoming>> for Router {
         if !self.admin {
             let proxy = self.shard.proxy.borrow().clone();
             if let Some(route) = proxy.find(&req, self.client.sni.as_deref()) {
-                if is_extended_connect(&req) {
-                    counter!(metrics::HANDSHAKES_FAILED, "reason" => "bad_request").increment(1);
-                    let resp = text(
-                        StatusCode::NOT_IMPLEMENTED,
-                        "WebSockets over HTTP/2 are not relayed to routes; use HTTP/1.1\n",
-                    );
-                    let resp = resp.map(|b| AnyBody::Served(b.into()));
-                    return Box::pin(std::future::ready(Ok(resp)));
-                }
                 let answer = self.proxy(route, req);
                 return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
             }
@@ -466,7 +456,8 @@ impl Router {
         match h2_websocket {
             Some((stream, up)) => {
                 counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
-                let task = h2_websocket_task(self.shard.clone(), self.remote, stream, up);
+                let session = H2Session::Endpoint(up);
+                let task = h2_websocket_task(self.shard.clone(), self.remote, stream, session);
                 tokio::task::spawn_local(task);
             }
             None if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
@@ -480,12 +471,18 @@ impl Router {
 }
 
 impl Router {
-    /// A request a `[[route]]` takes: forwarded; a WebSocket upgrade relayed through a session
-    /// of ours (`mode = "websocket"`, the default) or tunnelled (`mode = "tunnel"`).
-    fn proxy(&self, route: Rc<crate::proxy::RouteState>, req: Request<Incoming>) -> ResponseFuture {
+    /// A request a `[[route]]` takes: forwarded; a WebSocket (an HTTP/1.1 upgrade or an
+    /// HTTP/2 extended CONNECT) relayed through a session of ours (`mode = "websocket"`, the
+    /// default) or tunnelled (`mode = "tunnel"`).
+    fn proxy(
+        &self,
+        route: Rc<crate::proxy::RouteState>,
+        mut req: Request<Incoming>,
+    ) -> ResponseFuture {
         use crate::proxy::{http::error_response, tunnel, Failure};
         let client = self.client.clone();
-        if !tunnel::is_websocket_upgrade(&req) {
+        let h2 = is_extended_connect(&req);
+        if !h2 && !tunnel::is_websocket_upgrade(&req) {
             return Box::pin(
                 async move { Ok(crate::proxy::http::forward(route, req, client).await) },
             );
@@ -515,34 +512,48 @@ impl Router {
             return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
         };
         let relayed = route.cfg.mode != Some(crate::proxy::config::Mode::Tunnel);
+        // The client's handshake is checked here when our session answers it, and always over
+        // HTTP/2 (the upstream sees an upgrade of ours, not the client's CONNECT). The origin
+        // is the upstream's to judge.
+        let any_origin = OriginPolicy::new(&[]);
+        let (m, hd) = (req.method(), req.headers());
+        let checked = if h2 {
+            let protocol = req.extensions().get::<hyper::ext::Protocol>();
+            handshake::accept_h2(m, protocol.map(|p| p.as_str()), hd, &any_origin, &[])
+                .map(|_| None)
+        } else if relayed {
+            handshake::accept(m, req.version(), hd, &any_origin, &[]).map(|a| Some(a.accept_key))
+        } else {
+            Ok(None)
+        };
+        let accept_key = match checked {
+            Ok(k) => k,
+            Err(r) => return Box::pin(std::future::ready(Ok(refuse(r).map(Into::into)))),
+        };
         let (relay, deflate) = if relayed {
-            // Our session answers the client: its handshake is checked here (the origin is
-            // the upstream's to judge).
-            let accept = match handshake::accept(
-                req.method(),
-                req.version(),
-                req.headers(),
-                &OriginPolicy::new(&[]),
-                &[],
-            ) {
-                Ok(a) => a,
-                Err(r) => return Box::pin(std::future::ready(Ok(refuse(r).map(Into::into)))),
-            };
             let deflate = self.negotiate_deflate(&req, Endpoint::Proxy);
             let relay = tunnel::RelayHandshake {
-                accept_key: accept.accept_key,
+                accept_key,
                 extensions: deflate.as_ref().map(|p| p.response()),
             };
             (Some(relay), deflate)
         } else {
             (None, None)
         };
-        let cell = self.tunnel.clone();
+        // Over HTTP/2 the stream is handed over once hyper has sent the 200.
+        let stream = h2.then(|| hyper::upgrade::on(&mut req));
+        let (cell, shard, remote) = (self.tunnel.clone(), self.shard.clone(), self.remote);
         let (parts, _body) = req.into_parts();
         Box::pin(async move {
             let (resp, upgraded) = tunnel::handshake(route, parts, client, relay).await;
-            if let Some(u) = upgraded {
-                cell.set(Some((u, slot, deflate)));
+            match (upgraded, stream) {
+                (Some(u), Some(stream)) => {
+                    counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
+                    let session = H2Session::Proxied((u, slot, deflate));
+                    tokio::task::spawn_local(h2_websocket_task(shard, remote, stream, session));
+                }
+                (Some(u), None) => cell.set(Some((u, slot, deflate))),
+                (None, _) => {}
             }
             Ok(resp)
         })
