@@ -25,6 +25,7 @@ both_backends!(
     recovery_lost_after_history_overflow_or_wrong_epoch,
     recovery_after_history_expired_gets_a_new_epoch,
     resubscribe_with_since_while_a_subscribe_is_in_flight,
+    a_repeated_subscribe_replays_nothing_of_its_own,
     ids_and_json_escaping_round_trip,
     presence_join_leave_and_query,
     presence_events_off_by_prefix_and_member_cap,
@@ -960,6 +961,47 @@ async fn resubscribe_with_since_while_a_subscribe_is_in_flight(backend: Backend)
             "round {round}: after subscribe, unsubscribe, subscribe since=5: replay 6..=10, \
              then live 11 (stash: {:?})",
             c.stash
+        );
+    }
+}
+
+/// Two subscribes with different `since` back to back (the second sent before the first is
+/// answered), then one more once subscribed: the first decides the replay; the repeats are
+/// answered without `recovered` and replay nothing, so every message arrives exactly once.
+async fn a_repeated_subscribe_replays_nothing_of_its_own(backend: Backend) {
+    let server = start(backend, "[rooms]\npublish_rate = 0\n");
+    let mut publisher = Client::connect(&server).await;
+    for round in 0..10 {
+        let topic = format!("repeat.{round}");
+        let epoch = publisher.subscribe(&topic).await["epoch"].clone();
+        for i in 1..=10u64 {
+            assert_eq!(publisher.publish(&topic, json!(i)).await, i);
+        }
+        let mut c = Client::connect(&server).await;
+        let sub = |since: u64, id: &str| {
+            json!({"action": "subscribe", "topic": topic, "since": since, "epoch": epoch,
+                   "id": id})
+        };
+        c.feed(sub(2, "first")).await;
+        c.feed(sub(6, "second")).await;
+        c.flush().await;
+        let first = c.until("the first answer", |m| m["id"] == "first").await;
+        assert_eq!(first["recovered"], true, "{first}");
+        let second = c.until("the second answer", |m| m["id"] == "second").await;
+        assert_eq!(second["type"], "subscribed", "{second}");
+        assert!(second.get("recovered").is_none(), "a repeat: {second}");
+        let third = c.call(sub(9, "third"), json!("third")).await;
+        assert_eq!(third["type"], "subscribed", "{third}");
+        assert!(third.get("recovered").is_none(), "a repeat: {third}");
+        assert_eq!(publisher.publish(&topic, json!(11)).await, 11);
+        let mut got = Vec::new();
+        while got.last() != Some(&11) {
+            got.push(c.room_message(&topic).await["seq"].as_u64().unwrap());
+        }
+        assert_eq!(
+            got,
+            (3..=11).collect::<Vec<u64>>(),
+            "round {round}: the first subscribe's replay (since 2), then live, once each"
         );
     }
 }
