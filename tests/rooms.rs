@@ -33,6 +33,7 @@ both_backends!(
     fanout_2000_subscribers_exact_counts,
     write_delay_holds_room_messages_not_replies,
     every_client_error_keeps_the_connection_open,
+    integers_beyond_64_bits_are_bad_json,
     publish_rate_limited,
     subscribe_unsubscribe_cycles_leave_no_rooms,
     api_publish_presence_history,
@@ -1467,6 +1468,28 @@ async fn expect_error_reply(c: &mut Client, sent: &str, code: &str, id: Option<V
         stray.is_empty(),
         "unexpected replies after {sent:.200}: {stray:?}"
     );
+}
+
+/// An integer beyond 64 bits anywhere in a message is refused, without its id (the message was
+/// not read); the largest and smallest 64-bit integers are published and delivered exactly.
+async fn integers_beyond_64_bits_are_bad_json(backend: Backend) {
+    let server = start(backend, "");
+    let mut c = Client::connect(&server).await;
+    c.subscribe("wide").await;
+    for text in [
+        r#"{"action":"publish","topic":"wide","data":18446744073709551616,"id":"a"}"#,
+        r#"{"action":"publish","topic":"wide","data":{"n":[-9223372036854775809]},"id":"b"}"#,
+        r#"{"action":"ping","id":100000000000000000000}"#,
+    ] {
+        expect_error(&mut c, text, "bad_json", None).await;
+    }
+    let data = json!({"max": u64::MAX, "min": i64::MIN});
+    assert_eq!(
+        c.publish("wide", data.clone()).await,
+        1,
+        "the refused ones took no seq"
+    );
+    assert_eq!(c.room_message("wide").await["data"], data);
 }
 
 async fn every_client_error_keeps_the_connection_open(backend: Backend) {
