@@ -22,6 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod rooms;
+
 /// Generous bound for anything the server should do "promptly" (a noisy 2-core CI box).
 pub const PATIENCE: Duration = Duration::from_secs(10);
 /// Upper bound for a whole test body; a hang fails the test instead of stalling the run.
