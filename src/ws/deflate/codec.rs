@@ -1,8 +1,9 @@
 //! Compressing and inflating message bodies (RFC 7692 §7.2): raw deflate, sync flush, the
 //! `00 00 ff ff` tail stripped after compressing and appended before inflating.
 //!
-//! Backend: flate2 on zlib-rs (pure Rust, zlib-compatible, faster than miniz_oxide and able to
-//! compress with a window below 15 bits, which clients may ask for).
+//! Backend: zlib-rs (pure Rust, zlib-compatible, faster than miniz_oxide and able to compress
+//! with a window below 15 bits, which clients may ask for), through flate2 for compressing and
+//! directly for inflating ([`Inflater`]).
 
 use flate2::{Compress, Compression, FlushCompress};
 use zlib_rs::{InflateFlush, Status};
