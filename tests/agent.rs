@@ -38,6 +38,7 @@ both_backends!(
     no_upstream_configured,
     several_requests_in_flight,
     bad_input_errors,
+    integers_beyond_64_bits_are_bad_json,
     h2c_prior_knowledge,
     https_upstream_h2_by_alpn,
     backpressure_holds_the_upstream,
@@ -916,6 +917,43 @@ async fn several_requests_in_flight(backend: Backend) {
         .filter_map(|m| m["id"].as_str())
         .collect();
     assert_ne!(order[..5], ["s1"; 5], "{order:?}");
+}
+
+/// An integer beyond 64 bits anywhere in a message is refused (not rounded to a float and
+/// passed on); the largest and smallest 64-bit integers reach the upstream exactly.
+async fn integers_beyond_64_bits_are_bad_json(backend: Backend) {
+    let up = Upstream::start(|s| Reply::Json(200, format!(r#"{{"result": {}}}"#, s.body))).await;
+    let server = start(backend, &[&up.url()]);
+    let mut ws = agent_ws(&server).await;
+    for text in [
+        r#"{"type":"tool_call","tool_name":"echo","params":{"n":18446744073709551616},"id":"a"}"#,
+        r#"{"type":"tool_call","tool_name":"echo","params":{"n":[-9223372036854775809]},"id":"b"}"#,
+        r#"{"type":"ping","id":100000000000000000000}"#,
+    ] {
+        within("send", ws.send(Message::text(text))).await.unwrap();
+        let e = recv(&mut ws).await;
+        assert_eq!(
+            (&e["type"], &e["code"]),
+            (&json!("error"), &json!("bad_json")),
+            "{text}: {e}"
+        );
+        assert!(e.get("id").is_none(), "{text}: {e}");
+    }
+    let edge = r#"{"type":"tool_call","tool_name":"echo","params":{"max":18446744073709551615,"min":-9223372036854775808},"id":18446744073709551615}"#;
+    within("send", ws.send(Message::text(edge))).await.unwrap();
+    let r = recv(&mut ws).await;
+    assert_eq!(r["type"], "tool_result", "{r}");
+    assert_eq!(r["id"], json!(u64::MAX), "{r}");
+    assert_eq!(
+        r["result"],
+        json!({"max": u64::MAX, "min": i64::MIN}),
+        "{r}"
+    );
+    assert_eq!(
+        up.seen().len(),
+        1,
+        "only the message within 64 bits reached the upstream"
+    );
 }
 
 async fn bad_input_errors(backend: Backend) {

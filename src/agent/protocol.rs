@@ -75,6 +75,14 @@ pub fn parse(text: &[u8]) -> Result<Request, Rejected> {
         error: format!("invalid JSON: {e}"),
         id: None,
     })?;
+    // serde_json reads such integers as floats: refused, as on `/ws`, rather than rounded.
+    if has_wide_integer(text) {
+        return Err(reject(
+            Code::BadJson,
+            "integers must fit in 64 bits (send larger ones as strings)",
+            &None,
+        ));
+    }
     let Value::Object(mut m) = v else {
         return Err(reject(
             Code::BadJson,
@@ -161,6 +169,37 @@ pub fn parse(text: &[u8]) -> Result<Request, Rejected> {
             &id,
         )),
     }
+}
+
+/// Whether valid JSON `text` holds an integer literal (no fraction, no exponent) outside
+/// `i64::MIN..=u64::MAX`.
+fn has_wide_integer(text: &[u8]) -> bool {
+    let mut i = 0;
+    let mut in_string = false;
+    while i < text.len() {
+        let b = text[i];
+        i += 1;
+        match b {
+            b'\\' if in_string => i += 1,
+            b'"' => in_string = !in_string,
+            b'-' | b'0'..=b'9' if !in_string => {
+                let start = i - 1;
+                while text
+                    .get(i)
+                    .is_some_and(|c| matches!(c, b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-'))
+                {
+                    i += 1;
+                }
+                let number = std::str::from_utf8(&text[start..i]).unwrap_or_default();
+                let integer = !number.contains(['.', 'e', 'E']);
+                if integer && number.parse::<u64>().is_err() && number.parse::<i64>().is_err() {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 // ---- replies -------------------------------------------------------------------------------
@@ -311,6 +350,31 @@ mod tests {
                 id.json()
             );
             assert_eq!(id.json().parse::<f64>().ok(), sent.parse::<f64>().ok());
+        }
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_are_refused() {
+        for wide in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            "1000000000000000000000",
+        ] {
+            for msg in [
+                format!(r#"{{"type":"ping","id":{wide}}}"#),
+                format!(r#"{{"type":"tool_call","tool_name":"t","params":{{"a":[1,{wide}]}}}}"#),
+            ] {
+                let e = parse(msg.as_bytes()).unwrap_err();
+                assert_eq!((e.code, e.id), (Code::BadJson, None), "{msg}");
+            }
+        }
+        for fits in [
+            r#"{"type":"ping","id":18446744073709551615}"#,
+            r#"{"type":"ping","id":-9223372036854775808}"#,
+            r#"{"type":"ping","id":1e300,"n":100000000000000000000.0}"#,
+            r#"{"type":"ping","id":"18446744073709551616","x":"\"-99999999999999999999"}"#,
+        ] {
+            assert!(parse(fits.as_bytes()).is_ok(), "{fits}");
         }
     }
 

@@ -29,7 +29,7 @@ pub mod room;
 mod sim;
 
 use std::cell::{OnceCell, RefCell};
-use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
@@ -1092,17 +1092,18 @@ impl Hub {
         member: Member,
     ) {
         let topic: Arc<str> = topic.into();
-        // A repeated subscribe keeps the subscription as it is; the home shard answers again.
+        // A repeated subscribe (active, or its first answer still on the way) keeps the
+        // subscription as it is: the home shard answers it again, without `since`, so it gets
+        // no `recovered` and no replay of its own. The first subscribe's replay is the one
+        // delivered, and from there the connection misses nothing.
         self.requests += 1;
         let fresh = self.requests;
-        let request = match *conn
-            .topics
-            .borrow_mut()
-            .entry(topic.clone())
-            .or_insert(conn::Sub::Pending(fresh))
-        {
-            conn::Sub::Pending(n) => n,
-            conn::Sub::Active(_) => 0,
+        let (request, since, epoch) = match conn.topics.borrow_mut().entry(topic.clone()) {
+            Entry::Vacant(e) => {
+                e.insert(conn::Sub::Pending(fresh));
+                (fresh, since, epoch)
+            }
+            Entry::Occupied(_) => (0, None, None),
         };
         let msg = HubMsg::Subscribe {
             topic: topic.clone(),

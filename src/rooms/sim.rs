@@ -11,7 +11,8 @@
 //!   before that reply; each publisher's messages in its order, volatile ones (no seq, never
 //!   replayed, never in history) among them;
 //! * `recovered` is `false` exactly when the home shard's history no longer held `since + 1`
-//!   (or the epoch was another, or `since` was ahead) when the subscribe arrived there;
+//!   (or the epoch was another, or `since` was ahead) when the subscribe arrived there, and
+//!   absent for a subscribe repeated while the topic was subscribed or being subscribed;
 //! * an observer subscribed from the start sees one `join` per subscription episode of every
 //!   other connection and one `leave` per ended episode, alternating; nobody hears of itself;
 //! * history is a run of consecutive seqs ending at the room's seq, within its count cap, TTL
@@ -371,8 +372,9 @@ impl Sim {
                     conn: conn.entry.id,
                 },
                 member: conn.member(0.0),
-                since,
-                epoch: epoch.clone(),
+                // A repeated subscribe is answered without recovery.
+                since: since.filter(|_| !pending),
+                epoch: epoch.clone().filter(|_| !pending),
                 id: Some(id.to_string()),
                 shared_deflate: false,
                 request: 0,

@@ -1,10 +1,12 @@
 //! Compressing and inflating message bodies (RFC 7692 §7.2): raw deflate, sync flush, the
 //! `00 00 ff ff` tail stripped after compressing and appended before inflating.
 //!
-//! Backend: flate2 on zlib-rs (pure Rust, zlib-compatible, faster than miniz_oxide and able to
-//! compress with a window below 15 bits, which clients may ask for).
+//! Backend: zlib-rs (pure Rust, zlib-compatible, faster than miniz_oxide and able to compress
+//! with a window below 15 bits, which clients may ask for), through flate2 for compressing and
+//! directly for inflating ([`Inflater`]).
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, FlushCompress};
+use zlib_rs::{InflateFlush, Status};
 
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
@@ -80,8 +82,11 @@ impl Deflater {
 }
 
 /// A decompression context; see [`Deflater`].
+///
+/// zlib-rs directly rather than through flate2: checking that a message ends on a block
+/// boundary needs zlib's `Z_BLOCK` flush, which flate2 does not offer.
 pub struct Inflater {
-    z: Decompress,
+    z: zlib_rs::Inflate,
     takeover: bool,
 }
 
@@ -89,70 +94,112 @@ impl Inflater {
     /// Inflates with a 15-bit window, which decodes any window the client may use.
     pub fn new(takeover: bool) -> Inflater {
         Inflater {
-            z: Decompress::new_with_window_bits(false, 15),
+            z: zlib_rs::Inflate::new(false, 15),
             takeover,
         }
     }
 
     /// Appends the inflated message to `out`, failing as soon as it would exceed `limit` bytes:
     /// the output is grown step by step, so a compression bomb never allocates more than that.
+    ///
+    /// The appended tail must complete the empty stored block a sync flush ends the message
+    /// with (RFC 7692 §7.2.1): a message cut inside a block, or whose tail would decode to data,
+    /// is `Corrupt`, not the part that was decoded. A message that ends the deflate stream (a
+    /// final block) needs no tail. An empty payload is an empty message and leaves the context
+    /// as it was (zlib's sync flush produces nothing when no input came since the last one, so
+    /// a client with takeover may send that).
     pub fn inflate(
         &mut self,
         input: &[u8],
         limit: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), InflateError> {
-        let res = self.inflate_inner(input, limit, out);
+        if input.is_empty() {
+            return Ok(());
+        }
+        let start = out.len();
+        let res = self.inflate_inner(input, limit, out, start);
+        out.truncate(*res.as_ref().unwrap_or(&start));
         if res.is_err() || !self.takeover {
             self.z.reset(false);
         }
-        res
+        res.map(|_| ())
     }
 
+    /// Returns where the output ends in `out` (which is zero-filled past that).
     fn inflate_inner(
         &mut self,
         input: &[u8],
         limit: usize,
         out: &mut Vec<u8>,
-    ) -> Result<(), InflateError> {
-        let start = out.len();
-        for chunk in [input, &TAIL[..]] {
-            let base = self.z.total_in();
-            loop {
-                let done = (self.z.total_in() - base) as usize;
-                let produced = out.len() - start;
-                if out.len() == out.capacity() {
-                    if produced > limit {
-                        return Err(InflateError::TooBig(limit));
-                    }
-                    // Grow geometrically, but never past one byte over the limit.
-                    let room = produced.clamp(4096, 1 << 20).min(limit + 1 - produced);
-                    out.reserve_exact(room.max(1));
-                }
-                let before = (self.z.total_in(), self.z.total_out());
-                let status = self
-                    .z
-                    .decompress_vec(&chunk[done..], out, FlushDecompress::Sync)
-                    .map_err(|_| InflateError::Corrupt)?;
-                if out.len() - start > limit {
+        start: usize,
+    ) -> Result<usize, InflateError> {
+        let mut written = start;
+        let mut rest = input;
+        // All of the message, and all of its output: zlib stops with room left only when it
+        // needs more input.
+        loop {
+            if written == out.len() {
+                let produced = written - start;
+                if produced > limit {
                     return Err(InflateError::TooBig(limit));
                 }
-                let done = (self.z.total_in() - base) as usize;
-                if status == Status::StreamEnd {
-                    // A final block ends the deflate stream: what follows must be nothing but
-                    // our appended tail.
-                    self.z.reset(false);
-                    return Ok(());
-                }
-                if done == chunk.len() && out.len() < out.capacity() {
-                    break;
-                }
-                if before == (self.z.total_in(), self.z.total_out()) && out.len() < out.capacity() {
-                    return Err(InflateError::Corrupt);
-                }
+                // Grow geometrically, but never past one byte over the limit.
+                let room = produced.clamp(4096, 1 << 20).min(limit + 1 - produced);
+                out.reserve_exact(room.max(1));
+                out.resize(written + room.max(1), 0);
+            }
+            let (status, used, made) =
+                self.decompress(rest, &mut out[written..], InflateFlush::NoFlush)?;
+            rest = &rest[used..];
+            written += made;
+            if written - start > limit {
+                return Err(InflateError::TooBig(limit));
+            }
+            if status == Status::StreamEnd {
+                // A final block ends the deflate stream: anything after it is ignored.
+                self.z.reset(false);
+                return Ok(written);
+            }
+            if rest.is_empty() && written < out.len() {
+                break;
+            }
+            if used == 0 && made == 0 {
+                return Err(InflateError::Corrupt);
             }
         }
-        Ok(())
+        // Then the tail, with `Block`, which stops at a block boundary without reading on. One
+        // byte more (the start of another empty stored block) tells a stop right after the
+        // tail, which leaves that byte unread, from a message cut inside a block, which reads
+        // it. The tail decodes to nothing in a valid message, so there is no output to wait for.
+        const PROBE: [u8; 5] = [0x00, 0x00, 0xff, 0xff, 0x00];
+        let (status, used, made) =
+            self.decompress(&PROBE, &mut out[written..], InflateFlush::Block)?;
+        match status {
+            _ if made > 0 => Err(InflateError::Corrupt),
+            Status::StreamEnd => {
+                self.z.reset(false);
+                Ok(written)
+            }
+            _ if used == PROBE.len() - 1 => Ok(written),
+            _ => Err(InflateError::Corrupt),
+        }
+    }
+
+    /// One call into zlib: (status, bytes consumed, bytes written).
+    fn decompress(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        flush: InflateFlush,
+    ) -> Result<(Status, usize, usize), InflateError> {
+        let (in0, out0) = (self.z.total_in(), self.z.total_out());
+        let status = self
+            .z
+            .decompress(input, output, flush)
+            .map_err(|_| InflateError::Corrupt)?;
+        let used = (self.z.total_in() - in0) as usize;
+        Ok((status, used, (self.z.total_out() - out0) as usize))
     }
 }
 
@@ -261,5 +308,60 @@ mod tests {
         out.clear();
         i.inflate(&c, 1000, &mut out).unwrap();
         assert_eq!(out, b"hello");
+    }
+
+    #[test]
+    fn a_message_cut_inside_a_block_is_corrupt() {
+        let msg = json(3).repeat(20);
+        let mut c = Vec::new();
+        Deflater::new(6, 15, false).compress(&msg, &mut c);
+        for takeover in [false, true] {
+            let mut i = Inflater::new(takeover);
+            for cut in 1..c.len() {
+                let mut out = Vec::new();
+                let got = i.inflate(&c[..cut], 1 << 20, &mut out);
+                assert_eq!(
+                    got,
+                    Err(InflateError::Corrupt),
+                    "cut at {cut} of {}",
+                    c.len()
+                );
+                assert!(out.is_empty());
+            }
+            // A failure resets the context: the whole message still inflates.
+            let mut out = Vec::new();
+            i.inflate(&c, 1 << 20, &mut out).unwrap();
+            assert_eq!(out, msg);
+        }
+    }
+
+    #[test]
+    fn the_tail_must_decode_to_nothing() {
+        // A stored block of 5 bytes cut after 1: the tail would be copied as data.
+        let cut = [0x00, 0x05, 0x00, 0xfa, 0xff, b'a'];
+        assert_eq!(
+            Inflater::new(false).inflate(&cut, 100, &mut Vec::new()),
+            Err(InflateError::Corrupt)
+        );
+        // The same message ended with a final block needs no tail.
+        let whole = [0x01, 0x01, 0x00, 0xfe, 0xff, b'a'];
+        let mut out = Vec::new();
+        Inflater::new(true).inflate(&whole, 100, &mut out).unwrap();
+        assert_eq!(out, b"a");
+    }
+
+    #[test]
+    fn an_empty_payload_leaves_a_takeover_stream_alone() {
+        let mut d = Deflater::new(6, 15, true);
+        let mut i = Inflater::new(true);
+        for msg in [&b"hello hello"[..], b"hello hello again"] {
+            let mut c = Vec::new();
+            d.compress(msg, &mut c);
+            let mut out = Vec::new();
+            i.inflate(&[], 100, &mut out).unwrap();
+            assert!(out.is_empty());
+            i.inflate(&c, 100, &mut out).unwrap();
+            assert_eq!(out, msg);
+        }
     }
 }

@@ -80,11 +80,6 @@ impl ConnDeflate {
 
     /// Inflates one compressed message, refusing to produce more than `limit` bytes.
     pub fn inflate(&mut self, data: &[u8], limit: usize) -> Result<Inflated, InflateError> {
-        if data.is_empty() {
-            // Nothing to inflate: feeding only the sync-flush tail would leave the context in
-            // the middle of a stored block and break the next message under takeover.
-            return Ok(Inflated(Vec::new()));
-        }
         SHARED.with(|s| {
             let mut s = s.borrow_mut();
             let mut out = std::mem::take(&mut s.inflated);
