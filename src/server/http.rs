@@ -67,11 +67,14 @@ struct Upgrade {
 
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
+///
+/// An idle WebSocket's task is this future: every other path (refusal, TLS handshake, h2c
+/// sniffing, HTTP/2, HTTP/1.1, a tunnel, a relay) is boxed, so its size is not theirs.
 pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: Listen) {
     let admission = &shard.global.admission;
     let _permit = match admission.admit(remote.ip(), std::time::Instant::now()) {
         Ok(p) => p,
-        Err(refusal) => return turn_away(conn, refusal, listen.tls).await,
+        Err(refusal) => return Box::pin(turn_away(conn, refusal, listen.tls)).await,
     };
     let reg = shard.register(remote);
     let acceptor = match &*shard.tls.borrow() {
@@ -126,7 +129,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         (conn, true)
     } else if !listen.tls && listen.h2c {
         let timeout = shard.global.config.handshake_timeout();
-        match tokio::time::timeout(timeout, super::h2c::sniff(conn)).await {
+        match Box::pin(tokio::time::timeout(timeout, super::h2c::sniff(conn))).await {
             Ok(Ok(sniffed)) => sniffed,
             _ => return,
         }
@@ -134,7 +137,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         (conn, false)
     };
     if h2 {
-        return serve_h2(conn, router, &reg).await;
+        return Box::pin(serve_h2(conn, router, &reg)).await;
     }
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -163,16 +166,43 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
     }
     // Keep only the socket and the bytes read past the request head; the router (and with it
     // the upgrade cell) goes now rather than living as long as the WebSocket.
-    let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
-    let mut io = io.into_inner();
-    let relayed = match tunnel.take() {
-        Some((t, slot, deflate)) if t.relay => {
+    // (Out of its box in a block of its own: moving out of a box frees its memory only when the
+    // box goes out of scope, which would be at the end of the WebSocket.)
+    let hyper::server::conn::http1::Parts { io, read_buf, .. } = {
+        let http = http;
+        (*http).into_parts()
+    };
+    let rest = after_upgrade(
+        &shard,
+        &reg.entry,
+        io.into_inner(),
+        read_buf,
+        tunnel.take(),
+        upgrade.take(),
+    );
+    drop((tunnel, upgrade));
+    rest.await;
+}
+
+/// What runs on an HTTP/1.1 connection once hyper has let go of it: the WebSocket session, a
+/// proxied tunnel, or nothing (the socket is shut). A plain function returning one boxed
+/// future, so none of the values it chose from stays in the connection's task.
+fn after_upgrade<'a>(
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
+    mut io: Stream,
+    read_buf: Bytes,
+    tunnel: Option<ProxiedUpgrade>,
+    upgrade: Option<Upgrade>,
+) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+    let (endpoint, relay, deflate, identity, slot) = match (tunnel, upgrade) {
+        (Some((t, slot, deflate)), _) if t.relay => {
             let s = shard.settings(Endpoint::Proxy);
-            Some((t.into_relay(s.max_message, s.close_timeout), slot, deflate))
+            let relay = t.into_relay(s.max_message, s.close_timeout);
+            (Endpoint::Proxy, Some(relay), deflate, None, slot)
         }
-        Some((t, _slot, _)) => {
-            drop(tunnel);
-            let entry = reg.entry.clone();
+        (Some((t, slot, _)), _) => {
+            let entry = entry.clone();
             // A drain ends the tunnel (its bytes are not ours to frame a close into).
             let stop = poll_fn(move |cx| {
                 entry.register_waker(cx.waker());
@@ -182,34 +212,24 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
                     std::task::Poll::Pending
                 }
             });
-            crate::proxy::tunnel::run(io, read_buf, t, stop).await;
-            return;
+            return Box::pin(async move {
+                crate::proxy::tunnel::run(io, read_buf, t, stop).await;
+                drop(slot);
+            });
         }
-        None => None,
+        (None, Some(u)) => (u.endpoint, None, u.deflate, u.identity, u._slot),
+        (None, None) => {
+            return Box::pin(async move {
+                let _ = io.shutdown().await;
+            })
+        }
     };
-    drop(tunnel);
-    let up = upgrade.take();
-    drop(upgrade);
-    let session = match (up, relayed) {
-        (_, Some((relay, slot, deflate))) => {
-            Some((Endpoint::Proxy, Some(relay), deflate, None, slot))
-        }
-        (Some(u), None) => Some((u.endpoint, None, u.deflate, u.identity, u._slot)),
-        (None, None) => None,
+    let ws = WebSocket {
+        endpoint,
+        deflate,
+        identity,
     };
-    match session {
-        Some((endpoint, relay, deflate, identity, _slot)) => {
-            let ws = WebSocket {
-                endpoint,
-                deflate,
-                identity,
-            };
-            websocket(&shard, &reg.entry, io, read_buf, ws, relay).await;
-        }
-        None => {
-            let _ = io.shutdown().await;
-        }
-    }
+    Box::pin(websocket(shard, entry, io, read_buf, ws, relay, slot))
 }
 
 /// What a WebSocket session runs with, once its handshake is accepted.
@@ -221,9 +241,12 @@ struct WebSocket {
 
 /// Runs a WebSocket session on `io` (an upgraded HTTP/1.1 connection or an HTTP/2 stream) to
 /// its end: metrics, statistics and the access log around the endpoint's session.
-async fn websocket(
-    shard: &Rc<Shard>,
-    entry: &Rc<ConnHandle>,
+///
+/// A plain function returning the future, like `session::run`: the future an idle connection's
+/// task holds is the boxed session and a few references, not the arguments it was made from.
+fn websocket<'a>(
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
     io: Stream,
     read_buf: Bytes,
     ws: WebSocket,
@@ -231,7 +254,8 @@ async fn websocket(
         crate::proxy::relay::Relay,
         crate::proxy::relay::UpstreamSide,
     )>,
-) {
+    slot: WsSlot,
+) -> impl Future<Output = ()> + 'a {
     let WebSocket {
         endpoint,
         deflate,
@@ -244,7 +268,7 @@ async fn websocket(
     }
     counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
     gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-    let summary = match relay {
+    let session: Pin<Box<dyn Future<Output = crate::ws::session::Summary> + 'a>> = match relay {
         // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
         Some((relay, upstream)) => {
             let session = crate::ws::session::run(
@@ -256,28 +280,32 @@ async fn websocket(
                 entry,
                 shard.traffic(endpoint),
             );
-            tokio::join!(session, upstream).0
+            Box::pin(async { tokio::join!(session, upstream).0 })
         }
-        None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity).await,
+        None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity),
     };
-    gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
-    let code = summary.close_code.map_or("none".into(), |c| c.to_string());
-    // The access log: one line per closed WebSocket (target `access`, filterable with
-    // RUST_LOG=access=off).
-    let duration = entry.connected_at.elapsed().unwrap_or_default();
-    tracing::info!(
-        target: "access",
-        remote = %entry.remote,
-        endpoint = name,
-        duration_ms = duration.as_millis() as u64,
-        bytes_in = summary.bytes_in,
-        bytes_out = summary.bytes_out,
-        messages_in = summary.messages_in,
-        messages_out = summary.messages_out,
-        close_code = %code,
-        "websocket closed"
-    );
-    counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
+    async move {
+        let _slot = slot;
+        let summary = session.await;
+        gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
+        let code = summary.close_code.map_or("none".into(), |c| c.to_string());
+        // The access log: one line per closed WebSocket (target `access`, filterable with
+        // RUST_LOG=access=off).
+        let duration = entry.connected_at.elapsed().unwrap_or_default();
+        tracing::info!(
+            target: "access",
+            remote = %entry.remote,
+            endpoint = name,
+            duration_ms = duration.as_millis() as u64,
+            bytes_in = summary.bytes_in,
+            bytes_out = summary.bytes_out,
+            messages_in = summary.messages_in,
+            messages_out = summary.messages_out,
+            close_code = %code,
+            "websocket closed"
+        );
+        counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
+    }
 }
 
 /// Serves an HTTP/2 connection until it ends: requests as streams, WebSockets (RFC 8441) as
@@ -353,7 +381,7 @@ async fn h2_websocket_task(
         deflate,
         identity,
     };
-    websocket(&shard, &reg.entry, io, Bytes::new(), ws, None).await;
+    websocket(&shard, &reg.entry, io, Bytes::new(), ws, None, _slot).await;
 }
 
 #[derive(Clone)]
@@ -596,6 +624,7 @@ impl Router {
     fn metrics(&self) -> Response<Body> {
         match &self.shard.global.metrics {
             Some(h) => {
+                metrics::record_heap();
                 let mut resp = Response::new(Full::new(Bytes::from(h.render())));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
