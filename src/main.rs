@@ -9,8 +9,15 @@ use ringgate::server::{raise_nofile_limit, Server};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+#[cfg(all(not(feature = "system-alloc"), not(debug_assertions)))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Debug builds count the heap for `/metrics` (tests/idle_memory.rs).
+#[cfg(all(not(feature = "system-alloc"), debug_assertions))]
+#[global_allocator]
+static GLOBAL: ringgate::metrics::CountingAlloc<mimalloc::MiMalloc> =
+    ringgate::metrics::CountingAlloc(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(

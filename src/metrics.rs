@@ -4,7 +4,9 @@
 //! ([`Traffic`]) and publishes the deltas to the recorder once a second. Per-connection events
 //! (open, close, handshake failures) go to the recorder directly; they are rare next to messages.
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
@@ -64,6 +66,10 @@ pub const PROXY_WEBSOCKETS: &str = "ringgate_proxy_websockets_active";
 pub const PROXY_BYTES_IN: &str = "ringgate_proxy_bytes_in_total";
 pub const PROXY_BYTES_OUT: &str = "ringgate_proxy_bytes_out_total";
 pub const PROXY_UPSTREAM_HEALTHY: &str = "ringgate_proxy_upstream_healthy";
+// ---- debug builds only ----
+/// Heap bytes in use, exported only where [`CountingAlloc`] is the global allocator (the
+/// binary's debug builds): tests/idle_memory.rs bounds what an idle connection holds with it.
+pub const DEBUG_HEAP_BYTES: &str = "ringgate_debug_heap_bytes";
 
 /// Every family that is exported from the start, at zero (the families labelled by a route or
 /// an agent upstream: once per configured one).
@@ -504,5 +510,39 @@ impl Traffic {
                 counter!(name, "endpoint" => endpoint).increment(n);
             }
         }
+    }
+}
+
+/// The allocator `A`, counting the bytes it has handed out and not yet taken back (one relaxed
+/// atomic add per call: the binary installs it in debug builds only).
+pub struct CountingAlloc<A>(pub A);
+
+static HEAP_LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards every call to `A` unchanged and only counts sizes.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for CountingAlloc<A> {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        HEAP_LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        self.0.alloc(l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        HEAP_LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        self.0.alloc_zeroed(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        HEAP_LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        self.0.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        HEAP_LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        self.0.realloc(p, l, new)
+    }
+}
+
+/// Sets [`DEBUG_HEAP_BYTES`] to the heap in use, when a [`CountingAlloc`] counts it.
+pub fn record_heap() {
+    let live = HEAP_LIVE.load(Ordering::Relaxed);
+    if live > 0 {
+        gauge!(DEBUG_HEAP_BYTES).set(live as f64);
     }
 }

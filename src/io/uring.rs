@@ -326,8 +326,6 @@ struct ConnState {
     /// A `sendmsg` in flight.
     sending: bool,
     send_err: Option<io::Error>,
-    /// The emptied chunk box of the last send, reused by the next.
-    spare: Option<Box<SendBuf>>,
     writer: Option<Waker>,
     closed: bool,
 }
@@ -350,8 +348,18 @@ struct Inner {
     task: Option<Waker>,
     queued: bool,
     sends: usize,
+    /// Emptied send records, reused by the next sends of any connection: an idle connection
+    /// holds none. At most [`SPARE_SENDS`]. Boxes, because a send in flight needs its record
+    /// at a fixed address (the kernel reads its `msghdr`): the box moves between this pool and
+    /// the operation as it is.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<SendBuf>>,
     stats: Stats,
 }
+
+/// Emptied send records a driver keeps for reuse: as many as sends are usually in flight in
+/// one loop turn; a burst beyond that allocates.
+const SPARE_SENDS: usize = 256;
 
 /// What the driver did, for tests: proof that a path under test was taken.
 #[derive(Debug, Default, Clone, Copy)]
@@ -393,6 +401,7 @@ impl Driver {
                 task: None,
                 queued: false,
                 sends: 0,
+                spare: Vec::new(),
                 stats: Stats::default(),
             }),
         }))
@@ -512,6 +521,14 @@ fn user_data(key: usize, generation: u32) -> u64 {
 }
 
 impl Inner {
+    /// Keeps an emptied send record for the next send, up to [`SPARE_SENDS`].
+    fn give_back(&mut self, mut buf: Box<SendBuf>) {
+        if self.spare.len() < SPARE_SENDS {
+            buf.chunks.clear();
+            self.spare.push(buf);
+        }
+    }
+
     fn push(&mut self, op: Op, sqe: squeue::Entry) -> u64 {
         self.generation = self.generation.wrapping_add(1);
         let key = self.ops.insert((self.generation, op));
@@ -590,7 +607,7 @@ impl Inner {
                             self.push(Op::Send(conn.clone(), buf), sqe);
                             return;
                         }
-                        st.spare = Some(buf);
+                        self.give_back(buf);
                     }
                     0 => st.send_err = Some(io::ErrorKind::WriteZero.into()),
                     e => st.send_err = Some(io::Error::from_raw_os_error(-e)),
@@ -707,7 +724,6 @@ impl UringStream {
                     reader: None,
                     sending: false,
                     send_err: None,
-                    spare: None,
                     writer: None,
                     closed: false,
                 }),
@@ -791,15 +807,15 @@ impl UringStream {
             st.writer = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let mut buf = st.spare.take().unwrap_or_else(SendBuf::new);
-        buf.chunks.clear();
+        drop(st);
+        let spare = self.driver.inner.borrow_mut().spare.pop();
+        let mut buf = spare.unwrap_or_else(SendBuf::new);
         let n = fill(&mut buf.chunks);
         if n == 0 {
-            st.spare = Some(buf);
+            self.driver.inner.borrow_mut().give_back(buf);
             return Poll::Ready(Ok(0));
         }
-        st.sending = true;
-        drop(st);
+        self.conn.st.borrow_mut().sending = true;
         let sqe = buf.entry(self.conn.fd.as_raw_fd());
         self.driver.push(Op::Send(self.conn.clone(), buf), sqe);
         Poll::Ready(Ok(n))

@@ -68,11 +68,14 @@ struct Upgrade {
 
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
+///
+/// An idle WebSocket's task is this future: every other path (refusal, TLS handshake, h2c
+/// sniffing, HTTP/2, HTTP/1.1, a tunnel, a relay) is boxed, so its size is not theirs.
 pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: Listen) {
     let admission = &shard.global.admission;
     let _permit = match admission.admit(remote.ip(), std::time::Instant::now()) {
         Ok(p) => p,
-        Err(refusal) => return turn_away(conn, refusal, listen.tls).await,
+        Err(refusal) => return Box::pin(turn_away(conn, refusal, listen.tls)).await,
     };
     let reg = shard.register(remote);
     let acceptor = match &*shard.tls.borrow() {
@@ -127,7 +130,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         (conn, true)
     } else if !listen.tls && listen.h2c {
         let timeout = shard.global.config.handshake_timeout();
-        match tokio::time::timeout(timeout, super::h2c::sniff(conn)).await {
+        match Box::pin(tokio::time::timeout(timeout, super::h2c::sniff(conn))).await {
             Ok(Ok(sniffed)) => sniffed,
             _ => return,
         }
@@ -135,7 +138,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         (conn, false)
     };
     if h2 {
-        return serve_h2(conn, router, &reg).await;
+        return Box::pin(serve_h2(conn, router, &reg)).await;
     }
     // Boxed so an upgraded connection's task does not keep hyper's state around.
     let mut http = Box::new(
@@ -164,18 +167,41 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
     }
     // Keep only the socket and the bytes read past the request head; the router (and with it
     // the upgrade cell) goes now rather than living as long as the WebSocket.
-    let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
-    let mut io = io.into_inner();
-    let proxied = tunnel.take();
-    drop(tunnel);
-    let up = upgrade.take();
-    drop(upgrade);
-    match (proxied, up) {
-        (Some(p), _) => proxied_session(&shard, &reg.entry, io, read_buf, p).await,
-        (None, Some(u)) => websocket(&shard, &reg.entry, io, read_buf, u, None).await,
-        (None, None) => {
+    // (Out of its box in a block of its own: moving out of a box frees its memory only when the
+    // box goes out of scope, which would be at the end of the WebSocket.)
+    let hyper::server::conn::http1::Parts { io, read_buf, .. } = {
+        let http = http;
+        (*http).into_parts()
+    };
+    let rest = after_upgrade(
+        &shard,
+        &reg.entry,
+        io.into_inner(),
+        read_buf,
+        tunnel.take(),
+        upgrade.take(),
+    );
+    drop((tunnel, upgrade));
+    rest.await;
+}
+
+/// What runs on an HTTP/1.1 connection once hyper has let go of it: the WebSocket session, a
+/// proxied session, or nothing (the socket is shut). A plain function returning one boxed
+/// future, so none of the values it chose from stays in the connection's task.
+fn after_upgrade<'a>(
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
+    mut io: Stream,
+    read_buf: Bytes,
+    proxied: Option<ProxiedUpgrade>,
+    upgrade: Option<Upgrade>,
+) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+    match (proxied, upgrade) {
+        (Some(p), _) => Box::pin(proxied_session(shard, entry, io, read_buf, p)),
+        (None, Some(u)) => Box::pin(websocket(shard, entry, io, read_buf, u, None)),
+        (None, None) => Box::pin(async move {
             let _ = io.shutdown().await;
-        }
+        }),
     }
 }
 
@@ -214,9 +240,12 @@ async fn proxied_session(
 
 /// Runs a WebSocket session on `io` (an upgraded HTTP/1.1 connection or an HTTP/2 stream) to
 /// its end: metrics, statistics and the access log around the endpoint's session.
-async fn websocket(
-    shard: &Rc<Shard>,
-    entry: &Rc<ConnHandle>,
+///
+/// A plain function returning the future, like `session::run`: the future an idle connection's
+/// task holds is the boxed session and a few references, not the arguments it was made from.
+fn websocket<'a>(
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
     io: Stream,
     read_buf: Bytes,
     ws: Upgrade,
@@ -224,12 +253,12 @@ async fn websocket(
         crate::proxy::relay::Relay,
         crate::proxy::relay::UpstreamSide,
     )>,
-) {
+) -> impl Future<Output = ()> + 'a {
     let Upgrade {
         endpoint,
         deflate,
         identity,
-        _slot,
+        _slot: slot,
     } = ws;
     let name = endpoint.name();
     entry.set_endpoint(name);
@@ -238,7 +267,7 @@ async fn websocket(
     }
     counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
     gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
-    let summary = match relay {
+    let session: Pin<Box<dyn Future<Output = crate::ws::session::Summary> + 'a>> = match relay {
         // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
         Some((relay, upstream)) => {
             let session = crate::ws::session::run(
@@ -250,29 +279,32 @@ async fn websocket(
                 entry,
                 shard.traffic(endpoint),
             );
-            // Boxed: the relay's two sides would otherwise size every WebSocket's task.
-            Box::pin(async { tokio::join!(session, upstream).0 }).await
+            Box::pin(async { tokio::join!(session, upstream).0 })
         }
-        None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity).await,
+        None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity),
     };
-    gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
-    let code = summary.close_code.map_or("none".into(), |c| c.to_string());
-    // The access log: one line per closed WebSocket (target `access`, filterable with
-    // RUST_LOG=access=off).
-    let duration = entry.connected_at.elapsed().unwrap_or_default();
-    tracing::info!(
-        target: "access",
-        remote = %entry.remote,
-        endpoint = name,
-        duration_ms = duration.as_millis() as u64,
-        bytes_in = summary.bytes_in,
-        bytes_out = summary.bytes_out,
-        messages_in = summary.messages_in,
-        messages_out = summary.messages_out,
-        close_code = %code,
-        "websocket closed"
-    );
-    counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
+    async move {
+        let _slot = slot;
+        let summary = session.await;
+        gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
+        let code = summary.close_code.map_or("none".into(), |c| c.to_string());
+        // The access log: one line per closed WebSocket (target `access`, filterable with
+        // RUST_LOG=access=off).
+        let duration = entry.connected_at.elapsed().unwrap_or_default();
+        tracing::info!(
+            target: "access",
+            remote = %entry.remote,
+            endpoint = name,
+            duration_ms = duration.as_millis() as u64,
+            bytes_in = summary.bytes_in,
+            bytes_out = summary.bytes_out,
+            messages_in = summary.messages_in,
+            messages_out = summary.messages_out,
+            close_code = %code,
+            "websocket closed"
+        );
+        counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
+    }
 }
 
 /// Serves an HTTP/2 connection until it ends: requests as streams, WebSockets (RFC 8441) as
@@ -607,6 +639,7 @@ impl Router {
     fn metrics(&self) -> Response<Body> {
         match &self.shard.global.metrics {
             Some(h) => {
+                metrics::record_heap();
                 let mut resp = Response::new(Full::new(Bytes::from(h.render())));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,

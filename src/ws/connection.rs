@@ -183,7 +183,8 @@ pub struct Connection<'a, H> {
     /// What the rest of the shard sends this connection.
     mailbox: &'a Mailbox,
     reader: Reader,
-    deflate: Option<ConnDeflate>,
+    /// Boxed: a plain connection does not carry a compressor's size.
+    deflate: Option<Box<ConnDeflate>>,
     /// An incomplete frame (or frames) carried over between reads.
     partial: BytesMut,
     /// Total size of the frame at the front of `partial`, when known.
@@ -222,7 +223,7 @@ impl<'a, H: Handler> Connection<'a, H> {
                 Some(_) => Reader::with_deflate(settings.max_message),
                 None => Reader::new(settings.max_message),
             },
-            deflate: deflate.map(|p| ConnDeflate::new(p, settings.compression)),
+            deflate: deflate.map(|p| Box::new(ConnDeflate::new(p, settings.compression))),
             partial: BytesMut::new(),
             partial_frame: 0,
             out: Outbox::default(),
@@ -234,7 +235,7 @@ impl<'a, H: Handler> Connection<'a, H> {
         };
         c.handler.on_open(&mut ToClient {
             out: &mut c.out,
-            deflate: c.deflate.as_mut(),
+            deflate: c.deflate.as_deref_mut(),
             sent: &mut c.stats.messages_out,
         });
         c
@@ -335,7 +336,7 @@ impl<'a, H: Handler> Connection<'a, H> {
             cx,
             &mut ToClient {
                 out: &mut self.out,
-                deflate: self.deflate.as_mut(),
+                deflate: self.deflate.as_deref_mut(),
                 sent: &mut self.stats.messages_out,
             },
         );
@@ -351,7 +352,7 @@ impl<'a, H: Handler> Connection<'a, H> {
         }
         ToClient {
             out: &mut self.out,
-            deflate: self.deflate.as_mut(),
+            deflate: self.deflate.as_deref_mut(),
             sent: &mut self.stats.messages_out,
         }
         .take_mail(self.mailbox);
@@ -464,11 +465,11 @@ impl<'a, H: Handler> Connection<'a, H> {
         let mut close: Option<Close> = None;
         let mut peer_close: Option<Option<u16>> = None;
         let mut deliver =
-            |msg: Message<'_>, out: &mut Outbox, deflate: &mut Option<ConnDeflate>| {
+            |msg: Message<'_>, out: &mut Outbox, deflate: &mut Option<Box<ConnDeflate>>| {
                 stats.messages_in += 1;
                 let mut sink = ToClient {
                     out,
-                    deflate: deflate.as_mut(),
+                    deflate: deflate.as_deref_mut(),
                     sent: &mut stats.messages_out,
                 };
                 let res = handler.on_message(msg, &mut sink);
@@ -541,7 +542,7 @@ impl<'a, H: Handler> Connection<'a, H> {
 
 /// Inflates a compressed message; text must be UTF-8 once inflated.
 fn inflate(
-    deflate: &mut Option<ConnDeflate>,
+    deflate: &mut Option<Box<ConnDeflate>>,
     data: &[u8],
     text: bool,
     limit: usize,

@@ -22,8 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub mod upstreams;
 pub mod rooms;
+pub mod upstreams;
 
 /// Generous bound for anything the server should do "promptly" (a noisy 2-core CI box).
 pub const PATIENCE: Duration = Duration::from_secs(10);
