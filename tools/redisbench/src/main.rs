@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ringgate::cluster::config::{ClusterConfig, Engine};
-use ringgate::cluster::{link, Command, Event, Keys, Tag};
+use ringgate::cluster::{link, Command, Event, Keys, Message, Tag};
 use ringgate::io::Backend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -147,7 +147,19 @@ async fn publish_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let (head, tail) = body(a.size);
     let command = |i| Command {
         tag: Some(Tag::Publish(i)),
-        bytes: keys.publish(TOPIC, &head, &tail, wall_ms(), 100, 60_000, "E"),
+        bytes: keys.publish(
+            TOPIC,
+            &Message {
+                head: head.as_bytes(),
+                tail: tail.as_bytes(),
+                binary: false,
+                trace: None,
+            },
+            wall_ms(),
+            100,
+            60_000,
+            "E",
+        ),
     };
     for i in 0..a.window.min(a.n) {
         let _ = tx.send(command(i));
@@ -268,7 +280,7 @@ async fn receive_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let failed = RefCell::new(None);
     let on = |e: Event| match e {
         Event::Message { channel, payload } => {
-            if keys.topic_of(&channel).is_some() && Keys::message(&payload).is_some() {
+            if keys.topic_of(&channel).is_some() && Keys::pushed(&payload).is_some() {
                 got.set(got.get() + 1);
             }
             if got.get() == a.n {
@@ -308,7 +320,7 @@ async fn receive_redis(a: &Args, keys: &Keys) -> Result<(), String> {
             &mut push.data.into_iter().collect::<Vec<_>>()[..]
         {
             let payload = Bytes::from(std::mem::take(payload));
-            if keys.topic_of(channel).is_some() && Keys::message(&payload).is_some() {
+            if keys.topic_of(channel).is_some() && Keys::pushed(&payload).is_some() {
                 got += 1;
             }
         }
