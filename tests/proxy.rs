@@ -1378,6 +1378,8 @@ async fn relay_backpressure_stalled_client_reader(backend: Backend) {
                 assert_eq!(b.len(), 1 << 20);
                 got += 1;
             }
+            // A heartbeat (every 30 s) may fall inside a slow run, e.g. under a sanitizer.
+            Some(Ok(Message::Ping(_))) => {}
             other => panic!("expected the flood, got {other:?}"),
         }
     }
