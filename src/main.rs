@@ -9,15 +9,22 @@ use ringgate::server::{raise_nofile_limit, Server};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-#[cfg(all(not(feature = "system-alloc"), not(debug_assertions)))]
+// mimalloc, unless built with `--features system-alloc`: heap profilers (bench/IDLE.md) and
+// AddressSanitizer (docs/FUZZING.md) see only what goes through malloc, and mimalloc takes its
+// memory from mmap.
+#[cfg(not(feature = "system-alloc"))]
+use mimalloc::MiMalloc as Alloc;
+#[cfg(feature = "system-alloc")]
+use std::alloc::System as Alloc;
+
+#[cfg(not(debug_assertions))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Alloc = Alloc;
 
 /// Debug builds count the heap for `/metrics` (tests/idle_memory.rs).
-#[cfg(all(not(feature = "system-alloc"), debug_assertions))]
+#[cfg(debug_assertions)]
 #[global_allocator]
-static GLOBAL: ringgate::metrics::CountingAlloc<mimalloc::MiMalloc> =
-    ringgate::metrics::CountingAlloc(mimalloc::MiMalloc);
+static GLOBAL: ringgate::metrics::CountingAlloc<Alloc> = ringgate::metrics::CountingAlloc(Alloc);
 
 #[derive(Parser)]
 #[command(

@@ -8,19 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ringgate::agent::ndjson::{NdjsonDecoder, NdjsonError};
-use ringgate_fuzz::{split, Params};
-
-fn run(pieces: &[&[u8]], max: usize) -> (Vec<String>, Option<NdjsonError>) {
-    let mut d = NdjsonDecoder::new(max);
-    let mut out = Vec::new();
-    for p in pieces {
-        if let Err(e) = d.feed(p, &mut out) {
-            return (out, Some(e));
-        }
-    }
-    let end = d.finish(&mut out).err();
-    (out, end)
-}
+use ringgate_fuzz::body::whole_and_chunked;
 
 /// The obvious reading of the whole body.
 fn reference(body: &[u8], max: usize) -> (Vec<String>, Option<NdjsonError>) {
@@ -42,11 +30,6 @@ fn reference(body: &[u8], max: usize) -> (Vec<String>, Option<NdjsonError>) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut p = Params(data);
-    let max = usize::from(p.u16());
-    let seed = p.u8();
-    let body = p.rest();
-    let whole = run(&[body], max);
+    let (body, max, whole) = whole_and_chunked::<NdjsonDecoder>(data);
     assert_eq!(whole, reference(body, max));
-    assert_eq!(run(&split(body, seed), max), whole);
 });

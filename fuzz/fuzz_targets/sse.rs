@@ -7,33 +7,16 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringgate::agent::sse::{Event, SseDecoder, SseError};
-use ringgate_fuzz::{split, Params};
-
-fn run(pieces: &[&[u8]], max: usize) -> (Vec<Event>, Option<SseError>) {
-    let mut d = SseDecoder::new(max);
-    let mut out = Vec::new();
-    for p in pieces {
-        if let Err(e) = d.feed(p, &mut out) {
-            return (out, Some(e));
-        }
-    }
-    let end = d.finish(&mut out).err();
-    (out, end)
-}
+use ringgate::agent::sse::SseDecoder;
+use ringgate_fuzz::body::whole_and_chunked;
 
 fuzz_target!(|data: &[u8]| {
-    let mut p = Params(data);
-    let max = usize::from(p.u16());
-    let seed = p.u8();
-    let body = p.rest();
-    let whole = run(&[body], max);
-    for e in &whole.0 {
+    let (_, max, (events, _)) = whole_and_chunked::<SseDecoder>(data);
+    for e in &events {
         assert!(e.data.len() <= max, "{} > {max}", e.data.len());
         assert!(
             !e.data.contains('\r') && !e.event.contains(['\r', '\n']),
             "{e:?}"
         );
     }
-    assert_eq!(run(&split(body, seed), max), whole);
 });

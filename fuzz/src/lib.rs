@@ -4,6 +4,7 @@
 //! Target inputs are plain bytes with a few leading parameter bytes (documented per target), so
 //! that seeds are easy to write by hand or from a script (`scripts/fuzz-seeds`).
 
+pub mod body;
 pub mod ws_ref;
 
 /// Reads parameter bytes off the front of an input; missing bytes read as zero.

@@ -220,6 +220,15 @@ pub enum HubMsg {
         replay: Vec<Broadcast>,
         request: u64,
     },
+    /// A subscribe the home shard could not take (Redis mode, Redis unavailable): the error
+    /// reply, and the pending subscription given up, so that the next subscribe is a first
+    /// one again (with its own `since`/`epoch`).
+    SubscribeRefused {
+        topic: Arc<str>,
+        conn: u64,
+        reply: Bytes,
+        request: u64,
+    },
     /// A message for every subscriber of `topic` on the receiving shard.
     Deliver {
         topic: Arc<str>,
@@ -557,6 +566,12 @@ impl Hub {
                 replay,
                 request,
             } => self.local_subscribed(topic, conn, reply, replay, request),
+            HubMsg::SubscribeRefused {
+                topic,
+                conn,
+                reply,
+                request,
+            } => self.local_refused(&topic, conn, reply, request),
             HubMsg::Deliver {
                 topic,
                 msg,
@@ -1176,6 +1191,17 @@ impl Hub {
         let key = self.local.entry(topic).or_default().insert(entry.clone());
         *sub = conn::Sub::Active(key);
         self.subscriptions += 1;
+    }
+
+    fn local_refused(&mut self, topic: &str, conn: u64, reply: Bytes, request: u64) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let mut topics = c.topics.borrow_mut();
+        if topics.get(topic) == Some(&conn::Sub::Pending(request)) {
+            topics.remove(topic);
+        }
+        c.entry.send(Outgoing::Text(reply), self.limit);
     }
 
     fn local_deliver(

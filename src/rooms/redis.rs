@@ -204,7 +204,22 @@ impl Hub {
     /// Answers a request that needed Redis with `unavailable`.
     fn refuse(&mut self, now: Now, msg: HubMsg, why: &str) {
         let reply = match msg {
-            HubMsg::Subscribe { from, id, .. } => Reply::Conn { to: from, id },
+            HubMsg::Subscribe {
+                topic,
+                from,
+                id,
+                request,
+                ..
+            } => {
+                let reply = Bytes::from(unavailable_text(why, id.as_deref()));
+                let refused = HubMsg::SubscribeRefused {
+                    topic,
+                    conn: from.conn,
+                    reply,
+                    request,
+                };
+                return self.send(now, from.shard, refused);
+            }
             HubMsg::History { reply, .. } | HubMsg::Presence { reply, .. } => reply,
             HubMsg::Publish { reply, .. } => reply,
             _ => return,
@@ -213,15 +228,11 @@ impl Hub {
     }
 
     pub(super) fn unavailable(&mut self, now: Now, reply: Reply, why: &str) {
-        ::metrics::counter!(m::CLUSTER_UNAVAILABLE).increment(1);
         let id = match &reply {
             Reply::Conn { id, .. } => id.clone(),
             _ => None,
         };
-        let text = proto::error(
-            &proto::ClientError::new(Code::Unavailable, why),
-            id.as_deref(),
-        );
+        let text = unavailable_text(why, id.as_deref());
         self.answer(now, reply, text, ApiAnswer::Unavailable(why.into()));
     }
 
@@ -797,6 +808,12 @@ fn age(now: Now, wall_ms: u64) -> std::time::Instant {
     now.at
         .checked_sub(Duration::from_secs_f64(ago))
         .unwrap_or(now.at)
+}
+
+/// The `unavailable` error a request that needed Redis gets (and counts).
+fn unavailable_text(why: &str, id: Option<&str>) -> String {
+    ::metrics::counter!(m::CLUSTER_UNAVAILABLE).increment(1);
+    proto::error(&proto::ClientError::new(Code::Unavailable, why), id)
 }
 
 #[cfg(test)]

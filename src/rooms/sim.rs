@@ -1075,6 +1075,12 @@ fn describe(msg: &HubMsg) -> String {
             "Subscribed {topic} conn {conn:x} replay {} req {request}",
             replay.len()
         ),
+        HubMsg::SubscribeRefused {
+            topic,
+            conn,
+            request,
+            ..
+        } => format!("SubscribeRefused {topic} conn {conn:x} req {request}"),
         HubMsg::Deliver { topic, msg, .. } => {
             format!("Deliver {topic} {}", String::from_utf8_lossy(msg.payload()))
         }
