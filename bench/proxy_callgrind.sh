@@ -11,7 +11,7 @@
 #   http: `wrk -t1 -c10 -d10s` for a 13-byte response, Ir ÷ requests;
 #   down: a BODY_MB (64) file downloaded with curl, Ir ÷ MiB;
 #   up:   the same uploaded with curl -T, Ir ÷ MiB.
-# Env: BODY_MB (64), IO (epoll). Targets 127.0.0.1 only; every run is bounded.
+# Env: BODY_MB (64), IO (epoll), KEEP (set: keep the dumps for callgrind_annotate). Targets 127.0.0.1 only; every run is bounded.
 set -u
 . "$(dirname "$0")/lib.sh"
 BODY_MB=${BODY_MB:-64}
@@ -21,9 +21,10 @@ WORK=$(mktemp -d /tmp/ringgate-callgrind-proxy.XXXXXX)
 chmod 755 "$WORK" # nginx workers run as www-data
 UP=; PID=
 cleanup() {
-    [ -n "$UP" ] && pkill -9 -P "$UP" 2>/dev/null
+    # nginx's worker outlives a killed master (and keeps the port): it first, by its pid.
+    [ -n "$UP" ] && kill -9 $(pgrep -P "$UP") 2>/dev/null
     for p in $PID $UP; do kill -9 "$p" 2>/dev/null; done
-    rm -rf "$WORK"
+    if [ -n "${KEEP:-}" ]; then echo "# dumps kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -62,12 +63,25 @@ EOF
 
 # ir FILE: the total instruction count of a callgrind dump.
 ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
-# measure NAME CMD...: zero, run CMD, dump; prints the Ir of the run.
+# measure N CMD...: zero, run CMD, dump (the Nth dump of the process); prints its Ir.
 measure() {
-    callgrind_control -z "$PID" >/dev/null
+    local n=$1
+    shift
+    callgrind_control -z "$PID" >/dev/null 2>&1
     "$@"
-    callgrind_control -d "$PID" >/dev/null
-    ir "$(ls -t "$WORK"/cg.out.* | head -1)"
+    callgrind_control -d "$PID" >/dev/null 2>&1
+    ir "$WORK/cg.out.$PID.$n"
+}
+
+small() { wrk -t1 -c10 -d10s http://127.0.0.1:9204/h/small >"$WORK/wrk.out"; }
+# The two bodies, with curl's status and byte count in curl.out (checked by the reader).
+download() {
+    timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_download} down\n' \
+        http://127.0.0.1:9204/h/big >>"$WORK/curl.out"
+}
+upload() {
+    timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_upload} up\n' -T "$WORK/big" \
+        -H 'Expect:' http://127.0.0.1:9204/h/sink >>"$WORK/curl.out"
 }
 
 echo "# $(date -u +%FT%TZ) loadavg=$(cut -d' ' -f1-3 /proc/loadavg) io=$IO body_mb=$BODY_MB"
@@ -77,12 +91,13 @@ for bin in "$@"; do
     PID=$!
     up ringgate 9204 600 || { cat "$WORK/ringgate.log"; exit 1; }
     wrk -t1 -c10 -d3s http://127.0.0.1:9204/h/small >/dev/null
-    ir_http=$(measure http wrk -t1 -c10 -d10s http://127.0.0.1:9204/h/small >"$WORK/wrk.out")
+    ir_http=$(measure 1 small)
     reqs=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
-    ir_down=$(measure down timeout 300 curl -s -o /dev/null http://127.0.0.1:9204/h/big)
-    ir_up=$(measure up timeout 300 curl -s -o /dev/null -T "$WORK/big" -H 'Expect:' \
-        http://127.0.0.1:9204/h/sink)
+    ir_down=$(measure 2 download)
+    ir_up=$(measure 3 upload)
+    sed 's/^/# curl: /' "$WORK/curl.out"
     awk -v b="$bin" -v h="$ir_http" -v r="$reqs" -v d="$ir_down" -v u="$ir_up" -v mb="$BODY_MB" \
         'BEGIN { printf "%s: http %.0f Ir/request (%d requests); download %.0f Ir/MiB; upload %.0f Ir/MiB\n", b, h / r, r, d / mb, u / mb }'
     kill "$PID"; wait "$PID" 2>/dev/null; PID=
+    rm -f "$WORK/curl.out"
 done
