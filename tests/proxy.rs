@@ -69,6 +69,7 @@ both_backends!(
     stale_pooled_connection_is_replaced,
     stale_pooled_connection_takes_a_post,
     pooled_connection_is_reused_after_streamed_bodies,
+    early_answer_lets_the_upload_finish,
     least_connections_avoids_the_busy_upstream,
     total_timeout_cuts_a_long_response,
     ipv6_upstream,
@@ -1620,6 +1621,54 @@ async fn pooled_connection_is_reused_after_streamed_bodies(backend: Backend) {
         1,
         "one upstream connection"
     );
+}
+
+/// An upstream that answers before it reads the request body (as nginx's `return 200` does):
+/// the client gets the answer, and its whole upload still reaches the upstream.
+async fn early_answer_lets_the_upload_finish(backend: Backend) {
+    const LEN: usize = 8 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "request head");
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let mut body = vec![0u8; LEN];
+        let _ = got_tx.send(
+            s.read_exact(&mut body)
+                .await
+                .map(|_| body.iter().all(|&x| x == b'u')),
+        );
+    });
+    let server = Server::start_sharded(backend, 1, &route("", &[format!("http://{addr}")]), &[]);
+    let mut c = client(&server).await;
+    let req = http::Request::post("/sink")
+        .header("host", "t")
+        .header("content-length", LEN.to_string())
+        .body(BoxBody::new(
+            Full::new(Bytes::from(vec![b'u'; LEN])).map_err(|e| match e {}),
+        ))
+        .unwrap();
+    let resp = within("the answer", c.send_request(req))
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    let body = within("the body", resp.into_body().collect())
+        .await
+        .expect("body");
+    assert_eq!(body.to_bytes(), "ok");
+    let got = within("the upload reaches the upstream", got_rx)
+        .await
+        .unwrap();
+    assert!(got.expect("the whole body"), "the body arrived intact");
 }
 
 async fn least_connections_avoids_the_busy_upstream(backend: Backend) {

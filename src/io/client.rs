@@ -413,11 +413,26 @@ where
     /// Takes back a connection whose exchange finished: an HTTP/1.1 one is kept while fewer
     /// than `pool_size` are idle, else closed.
     pub fn release(&self, c: Conn<B>, pool_size: usize) {
+        let Conn::H1(mut h) = c else {
+            return;
+        };
+        // Driven once more (nobody waits on it now: no waker), so the end of a body hyper has
+        // read but not yet processed leaves the connection ready.
+        h.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        if h.conn.is_none() {
+            return;
+        }
+        if !h.send.is_ready() {
+            // The upstream answered before the request body was all sent: the upload goes on
+            // (the client is still sending it) on a task of its own, then the connection closes.
+            tokio::task::spawn_local(async move {
+                Conn::H1(h).ready().await;
+            });
+            return;
+        }
         let mut idle = self.idle.borrow_mut();
-        if let Conn::H1(h) = c {
-            if h.conn.is_some() && idle.len() < pool_size {
-                idle.push((h, Instant::now()));
-            }
+        if idle.len() < pool_size {
+            idle.push((h, Instant::now()));
         }
     }
 
