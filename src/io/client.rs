@@ -15,9 +15,8 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -135,35 +134,6 @@ pub struct H1<B: Body + 'static> {
     /// `None` once the connection ended (closed by either side, or failed); dropping it
     /// drops hyper's dispatcher, so a request still queued comes back unsent.
     conn: Option<http1::Connection<TokioIo<Stream>, B>>,
-    wake: Arc<InPlace>,
-}
-
-/// The waker an HTTP/1.1 connection and the futures waiting on it are polled with. The
-/// connection, the response future and the body channel wake one another as they hand data
-/// over; when that happens during a poll of the holder's task, the poll goes round again
-/// right there instead of scheduling the whole task once more (two extra polls of the client
-/// connection per proxied request, in callgrind). Any other wake-up (socket readiness, the
-/// client's body) goes to the task.
-struct InPlace {
-    task: Mutex<Option<Waker>>,
-    polling: AtomicBool,
-    woken: AtomicBool,
-}
-
-impl Wake for InPlace {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        // `woken` before `polling` (both SeqCst): a poll that has just ended sees `woken`.
-        self.woken.store(true, Ordering::SeqCst);
-        if !self.polling.load(Ordering::SeqCst) {
-            let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(w) = task.as_ref() {
-                w.wake_by_ref();
-            }
-        }
-    }
 }
 
 impl<B> H1<B>
@@ -186,35 +156,6 @@ where
                 false
             }
         }
-    }
-
-    /// Polls `f` (which drives the connection and waits on it) with the connection's
-    /// [`InPlace`] waker: a wake-up it gives itself meanwhile makes it go round again here (a
-    /// few times at most; then the task is woken, so it yields to the shard's other tasks).
-    fn poll_in_place<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut f: impl FnMut(&mut Self, &mut Context<'_>) -> Poll<T>,
-    ) -> Poll<T> {
-        {
-            let mut task = self.wake.task.lock().unwrap_or_else(|e| e.into_inner());
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
-        }
-        let waker = Waker::from(self.wake.clone());
-        let mut inner = Context::from_waker(&waker);
-        for _ in 0..4 {
-            self.wake.woken.store(false, Ordering::SeqCst);
-            self.wake.polling.store(true, Ordering::SeqCst);
-            let r = f(self, &mut inner);
-            self.wake.polling.store(false, Ordering::SeqCst);
-            if r.is_ready() || !self.wake.woken.load(Ordering::SeqCst) {
-                return r;
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 }
 
@@ -251,14 +192,12 @@ where
             Conn::H2(s, _) => s.ready().await.is_ok() && !s.is_closed(),
             Conn::H1(h) => {
                 poll_fn(|cx| {
-                    h.poll_in_place(cx, |h, cx| {
-                        let alive = h.drive(cx);
-                        match h.send.poll_ready(cx) {
-                            Poll::Ready(r) => Poll::Ready(alive && r.is_ok()),
-                            Poll::Pending if !alive => Poll::Ready(false),
-                            Poll::Pending => Poll::Pending,
-                        }
-                    })
+                    let alive = h.drive(cx);
+                    match h.send.poll_ready(cx) {
+                        Poll::Ready(r) => Poll::Ready(alive && r.is_ok()),
+                        Poll::Pending if !alive => Poll::Ready(false),
+                        Poll::Pending => Poll::Pending,
+                    }
                 })
                 .await
             }
@@ -277,10 +216,8 @@ where
             Conn::H1(h) => {
                 let mut resp = std::pin::pin!(h.send.try_send_request(req));
                 let r = poll_fn(|cx| {
-                    h.poll_in_place(cx, |h, cx| {
-                        h.drive(cx);
-                        resp.as_mut().poll(cx)
-                    })
+                    h.drive(cx);
+                    resp.as_mut().poll(cx)
                 })
                 .await;
                 r.map_err(|mut e| {
@@ -304,13 +241,10 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    match conn {
-        Some(Conn::H1(h)) => h.poll_in_place(cx, |h, cx| {
-            h.drive(cx);
-            Pin::new(&mut *body).poll_frame(cx)
-        }),
-        _ => Pin::new(body).poll_frame(cx),
+    if let Some(c) = conn {
+        c.drive(cx);
     }
+    Pin::new(body).poll_frame(cx)
 }
 
 /// One upstream as one shard sees it: its addresses, its TLS settings, its idle HTTP/1.1
@@ -472,11 +406,6 @@ where
             Ok(Conn::H1(Box::new(H1 {
                 send,
                 conn: Some(conn),
-                wake: Arc::new(InPlace {
-                    task: Mutex::new(None),
-                    polling: AtomicBool::new(false),
-                    woken: AtomicBool::new(false),
-                }),
             })))
         }
     }
