@@ -16,6 +16,7 @@ use bytes::Bytes;
 use common::upstreams::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use http::Method;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
@@ -64,6 +65,9 @@ both_backends!(
     metrics_per_route,
     sighup_with_a_broken_file_keeps_routes,
     stale_pooled_connection_is_replaced,
+    stale_pooled_connection_takes_a_post,
+    pooled_connection_is_reused_after_streamed_bodies,
+    early_answer_lets_the_upload_finish,
     least_connections_avoids_the_busy_upstream,
     total_timeout_cuts_a_long_response,
     ipv6_upstream,
@@ -83,6 +87,8 @@ struct Seen {
     healthy: AtomicBool,
     /// `/gate` answers once this is notified.
     gate: tokio::sync::Notify,
+    /// Connections accepted.
+    accepted: AtomicUsize,
 }
 
 struct HttpUp {
@@ -120,6 +126,7 @@ impl HttpUp {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
+                s.accepted.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
                 let tls = tls.clone();
                 let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -1357,6 +1364,18 @@ async fn sighup_with_a_broken_file_keeps_routes(backend: Backend) {
 /// pooled connection is dead by the next request, which still succeeds (one upstream, no
 /// retries configured).
 async fn stale_pooled_connection_is_replaced(backend: Backend) {
+    closing_upstream_serves_in_turn(backend, Method::GET).await;
+}
+
+/// The same with a POST (never retried once sent): checked out, the pooled connection is found
+/// closed before the request is written, so the request goes on a fresh connection.
+async fn stale_pooled_connection_takes_a_post(backend: Backend) {
+    closing_upstream_serves_in_turn(backend, Method::POST).await;
+}
+
+/// Three requests through one client connection to an upstream that closes each connection
+/// right after its answer: each gets 200.
+async fn closing_upstream_serves_in_turn(backend: Backend, method: Method) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let closed = Arc::new(AtomicUsize::new(0));
@@ -1373,6 +1392,17 @@ async fn stale_pooled_connection_is_replaced(backend: Backend) {
                     }
                     head.push(b[0]);
                 }
+                // The body (Content-Length), read before answering so the close is clean.
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if s.read_exact(&mut body).await.is_err() {
+                    return;
+                }
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     .await;
@@ -1385,14 +1415,21 @@ async fn stale_pooled_connection_is_replaced(backend: Backend) {
     let server = Server::start_sharded(backend, 1, &config, &[]);
     let mut c = client(&server).await;
     for n in 1..=3 {
-        let req = http::Request::get("/k")
+        let body = if method == Method::POST {
+            "payload"
+        } else {
+            ""
+        };
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri("/k")
             .header("host", "t")
             .body(BoxBody::new(
-                http_body_util::Empty::new().map_err(|e| match e {}),
+                Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}),
             ))
             .unwrap();
         let resp = c.send_request(req).await.expect("request");
-        assert_eq!(resp.status(), 200, "request {n}");
+        assert_eq!(resp.status(), 200, "{method} request {n}");
         let _ = resp.into_body().collect().await;
         within("the upstream closed", async {
             while closed.load(Ordering::SeqCst) < n {
@@ -1401,6 +1438,92 @@ async fn stale_pooled_connection_is_replaced(backend: Backend) {
         })
         .await;
     }
+}
+
+/// A keep-alive upstream connection serves request after request, whatever went through it
+/// before: a streamed download, a streamed upload, trailers. One connection in all.
+async fn pooled_connection_is_reused_after_streamed_bodies(backend: Backend) {
+    let up = HttpUp::start("a").await;
+    let server = Server::start_sharded(backend, 1, &route("", &[up.url()]), &[]);
+    let mut c = client(&server).await;
+    for round in 0..2 {
+        for (method, path, body) in [
+            (Method::GET, "/big?300000", ""),
+            (Method::POST, "/upload", "0123456789"),
+            (Method::GET, "/trailers", ""),
+            (Method::GET, "/plain", ""),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "t")
+                .header("te", "trailers")
+                .body(BoxBody::new(
+                    Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}),
+                ))
+                .unwrap();
+            let resp = c.send_request(req).await.expect("request");
+            assert_eq!(resp.status(), 200, "{path} in round {round}");
+            let got = resp.into_body().collect().await.expect("body").to_bytes();
+            if path == "/big?300000" {
+                assert_eq!(got.len(), 300_000);
+            }
+        }
+    }
+    assert_eq!(up.requests().len(), 8);
+    assert_eq!(
+        up.seen.accepted.load(Ordering::SeqCst),
+        1,
+        "one upstream connection"
+    );
+}
+
+/// An upstream that answers before it reads the request body (as nginx's `return 200` does):
+/// the client gets the answer, and its whole upload still reaches the upstream.
+async fn early_answer_lets_the_upload_finish(backend: Backend) {
+    const LEN: usize = 8 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "request head");
+            head.push(b[0]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let mut body = vec![0u8; LEN];
+        let _ = got_tx.send(
+            s.read_exact(&mut body)
+                .await
+                .map(|_| body.iter().all(|&x| x == b'u')),
+        );
+    });
+    let server = Server::start_sharded(backend, 1, &route("", &[format!("http://{addr}")]), &[]);
+    let mut c = client(&server).await;
+    let req = http::Request::post("/sink")
+        .header("host", "t")
+        .header("content-length", LEN.to_string())
+        .body(BoxBody::new(
+            Full::new(Bytes::from(vec![b'u'; LEN])).map_err(|e| match e {}),
+        ))
+        .unwrap();
+    let resp = within("the answer", c.send_request(req))
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    let body = within("the body", resp.into_body().collect())
+        .await
+        .expect("body");
+    assert_eq!(body.to_bytes(), "ok");
+    let got = within("the upload reaches the upstream", got_rx)
+        .await
+        .unwrap();
+    assert!(got.expect("the whole body"), "the body arrived intact");
 }
 
 async fn least_connections_avoids_the_busy_upstream(backend: Backend) {

@@ -19,6 +19,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::io::client::check_header;
+pub use crate::io::client::{BaseUrl, Http2};
 
 /// How requests are spread over several base URLs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -28,20 +30,6 @@ pub enum Balance {
     RoundRobin,
     /// The target with the fewest requests in flight (from this shard), ties in turn.
     LeastOutstanding,
-}
-
-/// Which HTTP version to speak to an upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Http2 {
-    /// `https://`: HTTP/2 when the server picks `h2` by ALPN, else HTTP/1.1;
-    /// `http://`: HTTP/1.1.
-    #[default]
-    Auto,
-    /// HTTP/2 without negotiation (h2c on `http://`; only `h2` offered by ALPN on `https://`).
-    PriorKnowledge,
-    /// HTTP/1.1 only.
-    Never,
 }
 
 /// A header value: literal, or read from an environment variable at start (for secrets, so they
@@ -162,60 +150,6 @@ pub fn parse_upstream_list(v: &str) -> Vec<UpstreamEntry> {
         .collect()
 }
 
-/// A checked base URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Path prefix without a trailing slash ("" for none).
-    pub path: String,
-    /// `host[:port]` as written, for the Host header / `:authority`.
-    pub authority: String,
-}
-
-impl BaseUrl {
-    pub fn parse(s: &str) -> Result<BaseUrl, String> {
-        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-        let tls = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err(format!("{s:?}: the scheme must be http:// or https://")),
-        };
-        let auth = uri
-            .authority()
-            .ok_or_else(|| format!("{s:?} has no host"))?;
-        if auth.as_str().contains('@') {
-            return Err(format!(
-                "{s:?}: credentials in the URL are not supported (use headers)"
-            ));
-        }
-        if uri.query().is_some() {
-            return Err(format!("{s:?}: a base URL cannot have a query"));
-        }
-        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("{s:?} has no host"));
-        }
-        Ok(BaseUrl {
-            tls,
-            host: host.to_string(),
-            port: auth.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-            path: uri.path().trim_end_matches('/').to_string(),
-            authority: auth.as_str().to_string(),
-        })
-    }
-
-    /// `scheme://authority` (the target's label in metrics and logs).
-    pub fn origin(&self) -> String {
-        format!(
-            "{}://{}",
-            if self.tls { "https" } else { "http" },
-            self.authority
-        )
-    }
-}
-
 impl AgentConfig {
     /// Whether `/ws/agent` is served by the built-in demo agent.
     pub fn demo_active(&self) -> bool {
@@ -251,7 +185,7 @@ impl AgentConfig {
             }
         }
         for u in &self.upstreams {
-            BaseUrl::parse(u.url()).map_err(|r| invalid("agent.upstreams", r))?;
+            BaseUrl::parse(u.url(), false).map_err(|r| invalid("agent.upstreams", r))?;
             if let UpstreamEntry::Table(t) = u {
                 check_headers("agent.upstreams.headers", &t.headers)?;
             }
@@ -293,20 +227,11 @@ fn check_headers(
     headers: &BTreeMap<String, HeaderValueSource>,
 ) -> Result<(), ConfigError> {
     for (name, v) in headers {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::Invalid {
-                key,
-                reason: format!("{name:?} is not a header name"),
-            });
-        }
-        if let HeaderValueSource::Literal(l) = v {
-            if http::HeaderValue::from_str(l).is_err() {
-                return Err(ConfigError::Invalid {
-                    key,
-                    reason: format!("the value of {name} is not a valid header value"),
-                });
-            }
-        }
+        let literal = match v {
+            HeaderValueSource::Literal(l) => Some(l.as_str()),
+            HeaderValueSource::Env { .. } => None,
+        };
+        check_header(name, literal).map_err(|reason| ConfigError::Invalid { key, reason })?;
     }
     Ok(())
 }
@@ -317,15 +242,15 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        let b = BaseUrl::parse("https://agents.example/v1/").unwrap();
+        let b = BaseUrl::parse("https://agents.example/v1/", false).unwrap();
         assert_eq!(
             (b.tls, b.host.as_str(), b.port, b.path.as_str()),
             (true, "agents.example", 443, "/v1")
         );
-        let b = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
+        let b = BaseUrl::parse("http://127.0.0.1:9000", false).unwrap();
         assert_eq!((b.tls, b.port, b.path.as_str()), (false, 9000, ""));
         assert_eq!(b.origin(), "http://127.0.0.1:9000");
-        let b = BaseUrl::parse("http://[::1]:9000").unwrap();
+        let b = BaseUrl::parse("http://[::1]:9000", false).unwrap();
         assert_eq!(b.host, "::1");
         for bad in [
             "ftp://x",
@@ -334,7 +259,7 @@ mod tests {
             "http://x/?a=1",
             "/path",
         ] {
-            assert!(BaseUrl::parse(bad).is_err(), "{bad}");
+            assert!(BaseUrl::parse(bad, false).is_err(), "{bad}");
         }
     }
 

@@ -1,32 +1,28 @@
-//! The upstream HTTP client of one shard: hyper 1.x connections over the shard's own sockets
-//! (io_uring or epoll), HTTP/1.1 (pooled, one request per connection at a time) and HTTP/2
-//! (one shared connection per target; h2 by ALPN over TLS, or prior knowledge for `h2c`),
-//! balancing, breakers and timeouts. Everything is per shard (`Rc`, `Cell`): no locks, and each
-//! shard learns a target's health on its own.
+//! The agent gateway's upstream requests on one shard: the shared upstream client
+//! ([`crate::io::client`]: HTTP/1.1 pooled and driven by the request itself, HTTP/2 shared per
+//! target) plus balancing, breakers and timeouts. Everything is per shard (`Rc`, `Cell`): no
+//! locks, and each shard learns a target's health on its own.
 //!
-//! Cancel: dropping a [`Response`] before its body ended closes an HTTP/1.1 connection (its
-//! driver task is aborted, so the upstream sees the socket close) and resets an HTTP/2 stream
-//! (`RST_STREAM`); either way the upstream sees the request go away.
+//! Cancel: dropping a [`Response`] before its body ended closes an HTTP/1.1 connection (the
+//! upstream sees the socket close) and resets an HTTP/2 stream (`RST_STREAM`); either way the
+//! upstream sees the request go away.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::future::poll_fn;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::task::AbortHandle;
+use http_body_util::Full;
+use hyper::body::{Frame, Incoming};
 
 use super::balance::{Candidate, Picker};
 use super::breaker::{Admit, Breaker};
-use super::config::{AgentConfig, BaseUrl, HeaderValueSource, Http2, UpstreamEntry};
+use super::config::{AgentConfig, BaseUrl, HeaderValueSource, UpstreamEntry};
 use crate::error::{Phase, UpstreamError};
-use crate::io::{self, Backend, LocalExec};
+use crate::io::client::{self, Conn, Endpoint};
+use crate::io::{self, Backend};
 use crate::metrics;
 
 type Body = Full<Bytes>;
@@ -61,30 +57,13 @@ pub struct Outbound {
     pub session_id: Option<String>,
 }
 
-/// The sending half of a connection.
-enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
-}
-
-/// A connection the request holds: the sender and the task that drives the connection.
-struct Held {
-    sender: Sender,
-    driver: AbortHandle,
-}
-
 struct Target {
-    base: BaseUrl,
+    ep: Endpoint<Body>,
     /// `scheme://authority/path`, the label in metrics and logs.
     label: String,
-    http2: Http2,
     headers: HeaderMap,
-    addr: RefCell<Option<Vec<SocketAddr>>>,
-    tls: Option<Arc<rustls::ClientConfig>>,
     breaker: RefCell<Breaker>,
     outstanding: Cell<usize>,
-    idle_h1: RefCell<Vec<Held>>,
-    h2: RefCell<Option<(http2::SendRequest<Body>, AbortHandle)>>,
 }
 
 /// `scheme://authority/path`: a target's name in metrics and logs.
@@ -98,7 +77,7 @@ pub fn export_metrics(cfg: &AgentConfig, shards: usize) {
     let kinds = [Kind::Query, Kind::Stream, Kind::Tool].map(Kind::name);
     let phases = crate::error::Phase::ALL.map(crate::error::Phase::as_str);
     for u in &cfg.upstreams {
-        let Ok(base) = BaseUrl::parse(u.url()) else {
+        let Ok(base) = BaseUrl::parse(u.url(), false) else {
             continue;
         };
         let label = target_label(&base);
@@ -120,12 +99,12 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(cfg: &AgentConfig, backend: Backend, shard: usize) -> Gateway {
-        let tls = TlsSetup::new(cfg);
+        let roots = io::tls::client_roots(cfg.ca_file.as_deref(), "agent.ca_file");
         let targets = cfg
             .upstreams
             .iter()
-            .filter_map(|u| match BaseUrl::parse(u.url()) {
-                Ok(base) => Some(Target::new(cfg, u, base, &tls)),
+            .filter_map(|u| match BaseUrl::parse(u.url(), false) {
+                Ok(base) => Some(Target::new(cfg, u, base, &roots)),
                 // Validated at start; never here.
                 Err(e) => {
                     tracing::error!(error = %e, "agent upstream skipped");
@@ -201,37 +180,23 @@ impl Gateway {
         // the request was not sent, and one fresh connection is tried.
         let mut fresh_tries = 0;
         let resp = loop {
-            let (held, reused) = match self.connection(lease.target).await {
+            let connection =
+                t.ep.connection(self.backend, self.cfg.connect_timeout(), Duration::MAX);
+            let (conn, reused) = match connection.await {
                 Ok(c) => c,
                 Err(e) => {
                     lease.failed(&e);
                     return Err(e);
                 }
             };
-            let request = self.build(t, req, matches!(held.sender, Sender::H2(_)));
-            let Held { sender, driver } = held;
-            let first_byte = self.cfg.first_byte_timeout();
-            let result = match sender {
-                Sender::H1(mut s) => {
-                    let r = tokio::time::timeout(first_byte, s.try_send_request(request)).await;
-                    lease.h1 = Some(Held {
-                        sender: Sender::H1(s),
-                        driver,
-                    });
-                    r.map(|r| r.map_err(|e| (e.message().is_some(), e.into_error())))
-                }
-                Sender::H2(mut s) => {
-                    lease.h2_driver = Some(driver);
-                    tokio::time::timeout(first_byte, s.send_request(request))
-                        .await
-                        .map(|r| r.map_err(|e| (false, e)))
-                }
-            };
-            match result {
+            let request = self.build(t, req, conn.is_h2());
+            let conn = lease.conn.insert(conn);
+            let result = tokio::time::timeout(self.cfg.first_byte_timeout(), conn.send(request));
+            match result.await {
                 Ok(Ok(resp)) => break resp,
-                Ok(Err((unsent, e))) => {
+                Ok(Err((e, unsent))) => {
                     lease.abort_connection();
-                    if unsent && reused && fresh_tries == 0 {
+                    if unsent.is_some() && reused && fresh_tries == 0 {
                         fresh_tries += 1;
                         continue;
                     }
@@ -269,12 +234,13 @@ impl Gateway {
     }
 
     fn build(&self, t: &Target, req: &Outbound, h2: bool) -> Request<Body> {
-        let path = format!("{}{}", t.base.path, req.path);
+        let base = &t.ep.url;
+        let path = format!("{}{}", base.path, req.path);
         let uri = if h2 {
             format!(
                 "{}://{}{}",
-                if t.base.tls { "https" } else { "http" },
-                t.base.authority,
+                if base.tls { "https" } else { "http" },
+                base.authority,
                 path
             )
         } else {
@@ -288,7 +254,7 @@ impl Gateway {
         }
         let h = r.headers_mut();
         if !h2 {
-            if let Ok(v) = HeaderValue::from_str(&t.base.authority) {
+            if let Ok(v) = HeaderValue::from_str(&base.authority) {
                 h.insert(header::HOST, v);
             }
         }
@@ -322,126 +288,6 @@ impl Gateway {
         r
     }
 
-    /// A connection to target `i`: the shared HTTP/2 one, an idle pooled HTTP/1.1 one, or a new
-    /// one (bounded by the connect timeout). `true` when it was reused.
-    async fn connection(&self, i: usize) -> Result<(Held, bool), UpstreamError> {
-        let t = &self.targets[i];
-        let h2 = t.h2.borrow().clone();
-        if let Some((mut s, driver)) = h2 {
-            // Ready unless the connection is gone or at its stream limit; a new one then.
-            let ready = tokio::time::timeout(self.cfg.connect_timeout(), s.ready()).await;
-            if !s.is_closed() && matches!(ready, Ok(Ok(()))) {
-                return Ok((
-                    Held {
-                        sender: Sender::H2(s),
-                        driver,
-                    },
-                    true,
-                ));
-            }
-            t.h2.borrow_mut().take();
-        }
-        loop {
-            let Some(mut held) = t.idle_h1.borrow_mut().pop() else {
-                break;
-            };
-            let Sender::H1(s) = &mut held.sender else {
-                continue;
-            };
-            if s.is_closed() {
-                held.driver.abort();
-                continue;
-            }
-            // A connection whose last body just ended may not be marked ready yet.
-            let ready = tokio::time::timeout(Duration::from_millis(50), s.ready()).await;
-            if matches!(ready, Ok(Ok(()))) {
-                return Ok((held, true));
-            }
-            held.driver.abort();
-        }
-        let connect = self.cfg.connect_timeout();
-        match tokio::time::timeout(connect, self.open(t)).await {
-            Ok(Ok(held)) => Ok((held, false)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(UpstreamError::Timeout(Phase::Connect)),
-        }
-    }
-
-    async fn open(&self, t: &Target) -> Result<Held, UpstreamError> {
-        let addrs = self.resolve(t).await?;
-        let tls = t.tls.as_ref().map(|c| (c, t.base.host.as_str()));
-        let io = io::connect(self.backend, &addrs, tls, self.cfg.connect_timeout())
-            .await
-            .inspect_err(|e| {
-                if matches!(e, UpstreamError::Connect(_)) {
-                    // Resolve again next time (the name may point elsewhere now).
-                    t.addr.borrow_mut().take();
-                }
-            })?;
-        let h2 = if io.is_tls() {
-            io.alpn_protocol() == Some(b"h2")
-        } else {
-            matches!(t.http2, Http2::PriorKnowledge)
-        };
-        let io = TokioIo::new(io);
-        let connect_err = |e: hyper::Error| UpstreamError::Connect(describe(&e));
-        if h2 {
-            let (sender, conn) = http2::Builder::new(LocalExec)
-                .timer(TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(30))
-                .handshake(io)
-                .await
-                .map_err(connect_err)?;
-            let driver = tokio::task::spawn_local(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "agent upstream h2 connection ended");
-                }
-            })
-            .abort_handle();
-            *t.h2.borrow_mut() = Some((sender.clone(), driver.clone()));
-            Ok(Held {
-                sender: Sender::H2(sender),
-                driver,
-            })
-        } else {
-            let (sender, conn) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(connect_err)?;
-            let driver = tokio::task::spawn_local(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "agent upstream connection ended");
-                }
-            })
-            .abort_handle();
-            Ok(Held {
-                sender: Sender::H1(sender),
-                driver,
-            })
-        }
-    }
-
-    async fn resolve(&self, t: &Target) -> Result<Vec<SocketAddr>, UpstreamError> {
-        if let Some(a) = t.addr.borrow().as_ref() {
-            return Ok(a.clone());
-        }
-        let a: Vec<SocketAddr> = match t.base.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, t.base.port)],
-            Err(_) => tokio::net::lookup_host((t.base.host.as_str(), t.base.port))
-                .await
-                .map_err(|e| UpstreamError::Connect(format!("{}: {e}", t.base.host)))?
-                .collect(),
-        };
-        if a.is_empty() {
-            return Err(UpstreamError::Connect(format!(
-                "{}: no address",
-                t.base.host
-            )));
-        }
-        *t.addr.borrow_mut() = Some(a.clone());
-        Ok(a)
-    }
-
     fn publish_breaker(&self, i: usize) {
         let t = &self.targets[i];
         let v = t.breaker.borrow_mut().gauge(Instant::now());
@@ -458,7 +304,12 @@ fn describe(e: &hyper::Error) -> String {
 }
 
 impl Target {
-    fn new(cfg: &AgentConfig, entry: &UpstreamEntry, base: BaseUrl, tls: &TlsSetup) -> Target {
+    fn new(
+        cfg: &AgentConfig,
+        entry: &UpstreamEntry,
+        base: BaseUrl,
+        roots: &std::sync::Arc<rustls::RootCertStore>,
+    ) -> Target {
         let (http2, own_headers) = match entry {
             UpstreamEntry::Url(_) => (cfg.http2, None),
             UpstreamEntry::Table(t) => (t.http2.unwrap_or(cfg.http2), Some(&t.headers)),
@@ -491,42 +342,13 @@ impl Target {
                 }
             }
         }
-        let label = target_label(&base);
-        let tls = base.tls.then(|| tls.config(http2));
         Target {
-            label,
-            http2,
+            label: target_label(&base),
+            ep: Endpoint::new(base, http2, roots, Some(Duration::from_secs(30))),
             headers,
-            addr: RefCell::new(None),
-            tls,
             breaker: RefCell::new(Breaker::new(cfg.failure_threshold, cfg.open_duration())),
             outstanding: Cell::new(0),
-            idle_h1: RefCell::new(Vec::new()),
-            h2: RefCell::new(None),
-            base,
         }
-    }
-}
-
-/// The root store for `https://` upstreams: webpki roots plus `agent.ca_file`.
-struct TlsSetup {
-    roots: Arc<rustls::RootCertStore>,
-}
-
-impl TlsSetup {
-    fn new(cfg: &AgentConfig) -> TlsSetup {
-        TlsSetup {
-            roots: io::tls::client_roots(cfg.ca_file.as_deref(), "agent.ca_file"),
-        }
-    }
-
-    fn config(&self, http2: Http2) -> Arc<rustls::ClientConfig> {
-        let alpn: &[&[u8]] = match http2 {
-            Http2::Auto => &[b"h2", b"http/1.1"],
-            Http2::PriorKnowledge => &[b"h2"],
-            Http2::Never => &[b"http/1.1"],
-        };
-        io::tls::client_config(&self.roots, alpn)
     }
 }
 
@@ -539,8 +361,7 @@ pub struct Lease {
     probe: bool,
     kind: Kind,
     verdict: bool,
-    h1: Option<Held>,
-    h2_driver: Option<AbortHandle>,
+    conn: Option<Conn<Body>>,
     body_done: bool,
 }
 
@@ -555,8 +376,7 @@ impl Lease {
             probe,
             kind,
             verdict: false,
-            h1: None,
-            h2_driver: None,
+            conn: None,
             body_done: false,
         }
     }
@@ -603,18 +423,10 @@ impl Lease {
         tracing::debug!(target_url = %label, kind = self.kind.name(), error = %e, "agent upstream request failed");
     }
 
+    /// Closes an HTTP/1.1 connection; forgets the shared HTTP/2 one when it is broken.
     fn abort_connection(&mut self) {
-        if let Some(h) = self.h1.take() {
-            h.driver.abort();
-        }
-        if let Some(d) = self.h2_driver.take() {
-            // An HTTP/2 connection is shared: only a broken one is closed here.
-            let t = self.target();
-            let broken = t.h2.borrow().as_ref().is_some_and(|(s, _)| s.is_closed());
-            if broken {
-                d.abort();
-                t.h2.borrow_mut().take();
-            }
+        if let Some(c) = self.conn.take() {
+            self.target().ep.discard(c);
         }
     }
 }
@@ -627,15 +439,11 @@ impl Drop for Lease {
         if self.probe && !self.verdict {
             t.breaker.borrow_mut().probe_abandoned();
         }
-        if let Some(h) = self.h1.take() {
-            let mut idle = t.idle_h1.borrow_mut();
-            if self.body_done && idle.len() < self.gw.cfg.max_idle_per_target {
-                idle.push(h);
-            } else {
-                // Mid-body (cancel, error) or pool full: close it, so the upstream sees the
-                // request end.
-                h.driver.abort();
+        if let Some(c) = self.conn.take() {
+            if self.body_done {
+                t.ep.release(c, self.gw.cfg.max_idle_per_target);
             }
+            // Else dropped mid-body (cancel, error): the upstream sees the request end.
         }
     }
 }
@@ -650,11 +458,16 @@ pub struct Response {
 }
 
 impl Response {
+    /// The next frame of the body, driving its HTTP/1.1 connection (which reads it).
+    async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+        poll_fn(|cx| client::poll_body(self.lease.conn.as_mut(), &mut self.body, cx)).await
+    }
+
     /// The next piece of the body, `None` at its end; each wait is bounded by the idle timeout.
     pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         let idle = self.lease.gw.cfg.idle_timeout();
         loop {
-            let frame = match tokio::time::timeout(idle, self.body.frame()).await {
+            let frame = match tokio::time::timeout(idle, self.frame()).await {
                 Err(_) => {
                     let e = UpstreamError::Timeout(Phase::Idle);
                     self.lease.failed(&e);
@@ -684,7 +497,7 @@ impl Response {
     pub async fn drain(&mut self) {
         let rest = async {
             let mut n = 0usize;
-            while let Some(Ok(f)) = self.body.frame().await {
+            while let Some(Ok(f)) = self.frame().await {
                 n += f.data_ref().map_or(0, Bytes::len);
                 if n > 64 * 1024 {
                     return;

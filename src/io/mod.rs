@@ -5,6 +5,7 @@
 //! [`backend`](self::backend) and [`stream`](self::stream).
 
 mod backend;
+pub mod client;
 pub mod handover;
 pub mod listen;
 mod stream;

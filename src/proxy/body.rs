@@ -196,12 +196,22 @@ impl HttpBody for Relay {
                 return r.fail("total timeout");
             }
         }
-        match Pin::new(&mut r.inner).poll_frame(cx) {
+        // The upstream connection (HTTP/1.1) is driven here, on the client's task: it reads
+        // the body this polls.
+        let conn = r.lease.as_mut().and_then(|l| l.held.as_mut());
+        match crate::io::client::poll_body(conn, &mut r.inner, cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     let c = &r.counted.bytes_out;
                     c.set(c.get() + d.len() as u64);
                     r.sent += d.len() as u64;
+                } else if f.is_trailers() {
+                    // The last frame: hyper may not poll further, and the connection is
+                    // reusable as the body is dropped.
+                    r.ended = true;
+                    if let Some(l) = r.lease.as_mut() {
+                        l.done = true;
+                    }
                 }
                 r.timer.as_mut().reset(Instant::now() + r.idle);
                 Poll::Ready(Some(Ok(f)))

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::route::{Builtin, HostMatch, Matcher, PathMatch};
+use crate::io::client::check_header;
+pub use crate::io::client::{BaseUrl, Http2};
 
 /// What a WebSocket upgrade on a route becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,18 +29,6 @@ pub enum Balance {
     LeastConnections,
     /// Consistent (rendezvous) hashing on `hash_key`.
     Hash,
-}
-
-/// HTTP/2 to an upstream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Http2 {
-    /// h2 when TLS ALPN picks it; HTTP/1.1 on plain connections.
-    #[default]
-    Auto,
-    /// h2 without negotiation (h2c on plain connections).
-    PriorKnowledge,
-    Never,
 }
 
 /// An upstream: a URL, or a table with per-upstream settings.
@@ -255,63 +245,6 @@ impl HashKey {
     }
 }
 
-/// An upstream URL: `http`, `https`, `ws` or `wss` (the latter two mean the former two).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub tls: bool,
-    /// Without IPv6 brackets.
-    pub host: String,
-    pub port: u16,
-    /// Path prefix without a trailing slash ("" for none).
-    pub path: String,
-    /// `host[:port]` as written (the `Host` header).
-    pub authority: String,
-}
-
-impl UpstreamUrl {
-    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
-        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-        let tls = match uri.scheme_str() {
-            Some("http" | "ws") => false,
-            Some("https" | "wss") => true,
-            _ => {
-                return Err(format!(
-                    "{s:?}: the scheme must be http://, https://, ws:// or wss://"
-                ))
-            }
-        };
-        let auth = uri
-            .authority()
-            .ok_or_else(|| format!("{s:?} has no host"))?;
-        if auth.as_str().contains('@') {
-            return Err(format!("{s:?}: credentials in the URL are not supported"));
-        }
-        if uri.query().is_some() {
-            return Err(format!("{s:?}: an upstream URL cannot have a query"));
-        }
-        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("{s:?} has no host"));
-        }
-        Ok(UpstreamUrl {
-            tls,
-            host: host.to_string(),
-            port: auth.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-            path: uri.path().trim_end_matches('/').to_string(),
-            authority: auth.as_str().to_string(),
-        })
-    }
-
-    /// `scheme://authority` (the label in metrics and logs).
-    pub fn origin(&self) -> String {
-        format!(
-            "{}://{}",
-            if self.tls { "https" } else { "http" },
-            self.authority
-        )
-    }
-}
-
 impl Route {
     /// The route's name in messages: `name`, else `route#N` (1-based).
     pub fn label(&self, index: usize) -> String {
@@ -387,7 +320,7 @@ impl Route {
             return Err("`upstreams` is empty: a route needs at least one upstream URL".into());
         }
         for u in &self.upstreams {
-            UpstreamUrl::parse(u.url())?;
+            BaseUrl::parse(u.url(), true)?;
         }
         if let Some(m) = &self.methods {
             if m.is_empty() {
@@ -425,14 +358,10 @@ impl Route {
         }
         for rules in [&self.request_headers, &self.response_headers] {
             for (k, v) in &rules.set {
-                http::HeaderName::from_bytes(k.as_bytes())
-                    .map_err(|_| format!("{k:?} is not a header name"))?;
-                http::HeaderValue::from_str(v)
-                    .map_err(|_| format!("header {k}: {v:?} is not a header value"))?;
+                check_header(k, Some(v))?;
             }
             for k in &rules.remove {
-                http::HeaderName::from_bytes(k.as_bytes())
-                    .map_err(|_| format!("{k:?} is not a header name"))?;
+                check_header(k, None)?;
             }
         }
         for p in &self.trusted_proxies {
@@ -550,15 +479,16 @@ mod tests {
 
     #[test]
     fn upstream_urls() {
-        let u = UpstreamUrl::parse("wss://[::1]:9443/base/").unwrap();
+        let u = BaseUrl::parse("wss://[::1]:9443/base/", true).unwrap();
         assert!(u.tls);
         assert_eq!(
             (u.host.as_str(), u.port, u.path.as_str()),
             ("::1", 9443, "/base")
         );
-        assert!(!UpstreamUrl::parse("ws://a").unwrap().tls);
-        assert!(UpstreamUrl::parse("ftp://a").is_err());
-        assert!(UpstreamUrl::parse("http://u:p@a").is_err());
+        assert!(!BaseUrl::parse("ws://a", true).unwrap().tls);
+        assert!(BaseUrl::parse("ws://a", false).is_err());
+        assert!(BaseUrl::parse("ftp://a", true).is_err());
+        assert!(BaseUrl::parse("http://u:p@a", true).is_err());
     }
 
     #[test]

@@ -45,7 +45,14 @@ pub fn new_request_id() -> String {
     a.write_u64(1);
     let mut b = r.build_hasher();
     b.write_u64(2);
-    format!("{:016x}{:016x}", a.finish(), b.finish())
+    // Written digit by digit: `format!` costs several times as many instructions here.
+    let mut id = String::with_capacity(32);
+    for v in [a.finish(), b.finish()] {
+        for shift in (0..16).rev().map(|i| 4 * i) {
+            id.push(char::from(b"0123456789abcdef"[(v >> shift) as usize & 0xf]));
+        }
+    }
+    id
 }
 
 /// The request id the client sent (when sane), or a new one.
@@ -84,9 +91,11 @@ pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, 
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // Built with `push_str` rather than `format!`: this runs for every proxied request.
+    let ip_text = ip.to_string();
     let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if trusted => format!("{prev}, {ip}"),
-        _ => ip.to_string(),
+        Some(prev) if trusted => [prev, ", ", &ip_text].concat(),
+        _ => ip_text.clone(),
     };
     set(h, X_FORWARDED_FOR, &xff);
     if !(trusted && h.contains_key(X_FORWARDED_PROTO)) {
@@ -100,16 +109,20 @@ pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, 
             }
         }
     }
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut elem = format!("for={node};proto={proto}");
+    let mut elem = String::with_capacity(64);
+    elem.push_str("for=");
+    match ip {
+        IpAddr::V4(_) => elem.push_str(&ip_text),
+        IpAddr::V6(_) => elem.extend(["\"[", &ip_text, "]\""]),
+    }
+    elem.extend([";proto=", proto]);
     if let Some(host) = &host {
-        elem.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+        elem.push_str(";host=\"");
+        elem.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        elem.push('"');
     }
     let forwarded = match h.get(FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if trusted => format!("{prev}, {elem}"),
+        Some(prev) if trusted => [prev, ", ", &elem].concat(),
         _ => elem,
     };
     set(h, FORWARDED, &forwarded);

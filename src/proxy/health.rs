@@ -3,6 +3,7 @@
 //! bring it back.
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request};
@@ -31,7 +32,8 @@ pub fn start(route: &Rc<RouteState>) {
                 let (backend, name, shard) = (r.backend, r.name.clone(), r.shard);
                 drop(r);
                 let ok = matches!(
-                    tokio::time::timeout(hc.timeout(), probe(&up, backend, &hc.path)).await,
+                    tokio::time::timeout(hc.timeout(), probe(&up, backend, &hc.path, hc.timeout()))
+                        .await,
                     Ok(true)
                 );
                 if ok {
@@ -59,8 +61,8 @@ pub fn start(route: &Rc<RouteState>) {
 }
 
 /// One check: a 2xx or 3xx answer to `GET path` on a new connection.
-async fn probe(up: &Upstream, backend: Backend, path: &str) -> bool {
-    let Ok((io, _)) = up.connect_io(backend, true).await else {
+async fn probe(up: &Upstream, backend: Backend, path: &str, timeout: Duration) -> bool {
+    let Ok(io) = up.connect_h1(backend, timeout).await else {
         return false;
     };
     let Ok((mut sender, conn)) = http1::Builder::new()
@@ -72,13 +74,13 @@ async fn probe(up: &Upstream, backend: Backend, path: &str) -> bool {
     let driver = tokio::task::spawn_local(async move {
         let _ = conn.await;
     });
-    let full = format!("{}{}", up.url.path, path);
+    let full = format!("{}{}", up.ep.url.path, path);
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = match full.parse() {
         Ok(u) => u,
         Err(_) => return false,
     };
-    if let Ok(v) = HeaderValue::from_str(&up.url.authority) {
+    if let Ok(v) = HeaderValue::from_str(&up.ep.url.authority) {
         req.headers_mut().insert(header::HOST, v);
     }
     req.headers_mut().insert(

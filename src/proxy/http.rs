@@ -11,8 +11,9 @@ use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 
 use super::body::{Body, ClientFault, Relay, ReqBody, Upload};
-use super::upstream::{Held, Lease, Sender};
+use super::upstream::Lease;
 use super::{balance, headers, Client, Failure, RouteState};
+use crate::io::client::Conn;
 
 /// A short text answer naming the cause.
 pub fn error_response(f: &Failure) -> Response<Body> {
@@ -185,7 +186,7 @@ async fn exchange(
         label = Some(up.label.clone());
         let mut lease = Lease::new(up.clone(), cfg.pool_size);
         let connect = remaining(deadline, cfg.connect_timeout());
-        let (held, reused) = match up
+        let (conn, reused) = match up
             .connection(route.backend, connect, cfg.pool_idle_timeout())
             .await
         {
@@ -208,7 +209,7 @@ async fn exchange(
             parts,
             client_host.as_ref(),
             &up,
-            held,
+            conn,
             body,
             head_wait,
             &mut lease,
@@ -235,7 +236,7 @@ async fn exchange(
                     stale_retry = false;
                     attempt -= 1;
                     tried[i] = false;
-                    up.drop_idle();
+                    up.ep.drop_idle();
                     upload = unsent_body.filter(|_| !empty);
                     continue;
                 }
@@ -263,30 +264,31 @@ fn remaining(deadline: Option<Instant>, d: Duration) -> Duration {
     }
 }
 
-/// Sends the request on `held`; on failure, the body when it was never sent (a pooled
-/// connection the upstream had closed): it can go elsewhere.
+/// Sends the request on `conn` (which the lease then holds); on failure, the body when it was
+/// never sent (a pooled connection the upstream had closed): it can go elsewhere.
 #[allow(clippy::too_many_arguments)]
 async fn send(
     route: &RouteState,
     parts: &http::request::Parts,
     client_host: Option<&HeaderValue>,
     up: &super::upstream::Upstream,
-    held: Held,
+    conn: Conn<ReqBody>,
     body: ReqBody,
     wait: Duration,
     lease: &mut Lease,
 ) -> Result<hyper::Response<Incoming>, (Failure, Option<ReqBody>)> {
-    let h2 = matches!(held.sender, Sender::H2(_));
-    let path = headers::upstream_path(route, &up.url.path, &parts.uri);
+    let h2 = conn.is_h2();
+    let url = &up.ep.url;
+    let path = headers::upstream_path(route, &url.path, &parts.uri);
     let authority = match (route.cfg.preserve_host, client_host) {
-        (true, Some(h)) => h.to_str().unwrap_or(&up.url.authority).to_string(),
-        _ => up.url.authority.clone(),
+        (true, Some(h)) => h.to_str().unwrap_or(&url.authority).to_string(),
+        _ => url.authority.clone(),
     };
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.headers_mut() = parts.headers.clone();
     let uri = if h2 {
-        let scheme = if up.url.tls { "https" } else { "http" };
+        let scheme = if url.tls { "https" } else { "http" };
         format!("{scheme}://{authority}{path}")
     } else {
         path
@@ -309,34 +311,14 @@ async fn send(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let Held { sender, driver } = held;
-    match sender {
-        Sender::H1(mut s) => {
-            let r = tokio::time::timeout(wait, s.try_send_request(req)).await;
-            lease.held = Some(Held {
-                sender: Sender::H1(s),
-                driver,
-            });
-            match r {
-                Err(_) => Err((Failure::HeadTimeout, None)),
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(mut e)) => {
-                    let unsent = e.take_message().map(|r| r.into_body());
-                    Err((Failure::Broken(describe(e.error())), unsent))
-                }
-            }
-        }
-        Sender::H2(mut s) => {
-            lease.held = Some(Held {
-                sender: Sender::H2(s.clone()),
-                driver,
-            });
-            match tokio::time::timeout(wait, s.send_request(req)).await {
-                Err(_) => Err((Failure::HeadTimeout, None)),
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(e)) => Err((Failure::Broken(describe(&e)), None)),
-            }
-        }
+    let conn = lease.held.insert(conn);
+    match tokio::time::timeout(wait, conn.send(req)).await {
+        Err(_) => Err((Failure::HeadTimeout, None)),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err((e, unsent))) => Err((
+            Failure::Broken(describe(&e)),
+            unsent.map(Request::into_body),
+        )),
     }
 }
 

@@ -25,7 +25,7 @@ use ::http::{HeaderName, HeaderValue, Request};
 
 use crate::io::Backend;
 use body::Bytes2;
-use config::{HashKey, Route, UpstreamUrl};
+use config::{BaseUrl, HashKey, Route};
 use net::Cidr;
 use route::{Builtin, Table};
 use upstream::Upstream;
@@ -227,7 +227,7 @@ impl Proxy {
                 .upstreams
                 .iter()
                 .filter_map(|u| {
-                    let url = UpstreamUrl::parse(u.url()).ok()?;
+                    let url = BaseUrl::parse(u.url(), true).ok()?;
                     Some(Rc::new(Upstream::new(url, u.http2(r.http2), &roots)))
                 })
                 .collect();
@@ -285,7 +285,7 @@ impl Proxy {
         for r in &self.routes {
             r.live.set(false);
             for u in &r.upstreams {
-                u.close_all();
+                u.ep.close_all();
             }
         }
     }

@@ -140,27 +140,19 @@ async fn attempt(
         let up = route.upstreams[i].clone();
         label = Some(up.label.clone());
         let lease = Lease::new(up.clone(), 0);
-        let io =
-            match tokio::time::timeout(cfg.connect_timeout(), up.connect_io(route.backend, true))
-                .await
-            {
-                Ok(Ok((io, _))) => io,
-                Ok(Err(f)) => {
-                    up.failure(eject_after, eject_for, shard);
-                    last = f;
-                    continue;
-                }
-                Err(_) => {
-                    up.failure(eject_after, eject_for, shard);
-                    last = Failure::ConnectTimeout;
-                    continue;
-                }
-            };
-        let host = match (cfg.preserve_host, &client_host) {
-            (true, Some(v)) => v.to_str().unwrap_or(&up.url.authority).to_string(),
-            _ => up.url.authority.clone(),
+        let io = match up.connect_h1(route.backend, cfg.connect_timeout()).await {
+            Ok(io) => io,
+            Err(f) => {
+                up.failure(eject_after, eject_for, shard);
+                last = f;
+                continue;
+            }
         };
-        let path = headers::upstream_path(route, &up.url.path, &parts.uri);
+        let host = match (cfg.preserve_host, &client_host) {
+            (true, Some(v)) => v.to_str().unwrap_or(&up.ep.url.authority).to_string(),
+            _ => up.ep.url.authority.clone(),
+        };
+        let path = headers::upstream_path(route, &up.ep.url.path, &parts.uri);
         let head = request_head(&path, &host, &h);
         let exchange = async {
             let mut io = io;

@@ -1,76 +1,48 @@
-//! One upstream of a route, as one shard sees it: its addresses, its keep-alive pool (HTTP/1.1)
-//! or shared connection (h2), its health, and connections to it over the shard's own sockets
-//! (io_uring or epoll). Per shard (`Rc`, `Cell`): no locks; each shard learns health on its own.
+//! One upstream of a route, as one shard sees it: its connections (the shared client's
+//! [`Endpoint`]: addresses, keep-alive pool, shared h2 connection) and its health. Per shard
+//! (`Rc`, `Cell`): no locks; each shard learns health on its own.
 
-use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::task::AbortHandle;
-
 use super::body::ReqBody;
-use super::config::{Http2, UpstreamUrl};
+use super::config::{BaseUrl, Http2};
 use super::Failure;
 use crate::error::UpstreamError;
-use crate::io::{self, Backend, LocalExec, Stream};
-
-pub enum Sender {
-    H1(http1::SendRequest<ReqBody>),
-    H2(http2::SendRequest<ReqBody>),
-}
-
-/// A connection a request holds: its sender and the task driving it.
-pub struct Held {
-    pub sender: Sender,
-    pub driver: AbortHandle,
-}
-
-struct Idle {
-    held: Held,
-    since: Instant,
-}
+use crate::io::client::{Conn, Endpoint};
+use crate::io::{self, Backend, Stream};
 
 pub struct Upstream {
-    pub url: UpstreamUrl,
+    pub ep: Endpoint<ReqBody>,
     /// `scheme://authority`, the label in metrics and logs.
     pub label: String,
-    http2: Http2,
-    addrs: RefCell<Option<Vec<SocketAddr>>>,
-    /// For requests (ALPN per `http2`).
-    tls: Option<Arc<rustls::ClientConfig>>,
-    /// For upgrades and health checks: HTTP/1.1 only.
-    tls_h1: Option<Arc<rustls::ClientConfig>>,
     /// Requests and tunnels in flight from this shard (least connections).
     pub outstanding: Cell<usize>,
     failures: Cell<u32>,
     ejected_until: Cell<Option<Instant>>,
     /// Taken out by the active health check.
     pub down: Cell<bool>,
-    idle: RefCell<Vec<Idle>>,
-    h2: RefCell<Option<(http2::SendRequest<ReqBody>, AbortHandle)>>,
+}
+
+/// What a failed connect answers.
+fn refused(e: UpstreamError) -> Failure {
+    match e {
+        UpstreamError::Timeout(_) => Failure::ConnectTimeout,
+        e => Failure::Refused(e.to_string()),
+    }
 }
 
 impl Upstream {
-    pub fn new(url: UpstreamUrl, http2: Http2, roots: &Arc<rustls::RootCertStore>) -> Upstream {
-        let tls = url.tls.then(|| client_tls(roots, http2));
-        let tls_h1 = url.tls.then(|| client_tls(roots, Http2::Never));
+    pub fn new(url: BaseUrl, http2: Http2, roots: &Arc<rustls::RootCertStore>) -> Upstream {
         Upstream {
             label: url.origin(),
-            url,
-            http2,
-            addrs: RefCell::new(None),
-            tls,
-            tls_h1,
+            ep: Endpoint::new(url, http2, roots, None),
             outstanding: Cell::new(0),
             failures: Cell::new(0),
             ejected_until: Cell::new(None),
             down: Cell::new(false),
-            idle: RefCell::new(Vec::new()),
-            h2: RefCell::new(None),
         }
     }
 
@@ -100,192 +72,32 @@ impl Upstream {
 
     /// Resolves the name at start, so a name that does not resolve is logged before traffic.
     pub async fn resolve_early(&self) {
-        if let Err(e) = self.resolve().await {
-            tracing::warn!(upstream = %self.label, error = ?e, "upstream name does not resolve (tried again on use)");
+        if let Err(e) = self.ep.resolve().await {
+            tracing::warn!(upstream = %self.label, error = %e, "upstream name does not resolve (tried again on use)");
         }
     }
 
-    /// Resolves the name (once; again after a failed connect).
-    async fn resolve(&self) -> Result<Vec<SocketAddr>, Failure> {
-        if let Some(a) = self.addrs.borrow().as_ref() {
-            return Ok(a.clone());
-        }
-        let u = &self.url;
-        let a: Vec<SocketAddr> = match u.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, u.port)],
-            Err(_) => tokio::net::lookup_host((u.host.as_str(), u.port))
-                .await
-                .map_err(|e| Failure::Refused(format!("{}: {e}", u.host)))?
-                .collect(),
-        };
-        if a.is_empty() {
-            return Err(Failure::Refused(format!("{}: no address", u.host)));
-        }
-        *self.addrs.borrow_mut() = Some(a.clone());
-        Ok(a)
-    }
-
-    /// A new socket to the upstream (TLS when `https`/`wss`): `true` when ALPN chose h2.
-    /// Callers bound the whole connect with their own timeout (`connect_timeout`).
-    pub async fn connect_io(
-        &self,
-        backend: Backend,
-        h1_only: bool,
-    ) -> Result<(Stream, bool), Failure> {
-        /// Only a ceiling: every caller applies the route's shorter connect timeout.
-        const CEILING: Duration = Duration::from_secs(3600);
-        let addrs = self.resolve().await?;
-        let tls = if h1_only { &self.tls_h1 } else { &self.tls };
-        let host = self.url.host.as_str();
-        let io = io::connect(backend, &addrs, tls.as_ref().map(|c| (c, host)), CEILING)
+    /// A new HTTP/1.1 socket to the upstream (TLS when `https`/`wss`), for upgrades and health
+    /// checks, bounded by `timeout`.
+    pub async fn connect_h1(&self, backend: Backend, timeout: Duration) -> Result<Stream, Failure> {
+        self.ep
+            .connect_io(backend, true, timeout)
             .await
-            .map_err(|e| {
-                self.addrs.borrow_mut().take();
-                match e {
-                    UpstreamError::Timeout(_) => Failure::ConnectTimeout,
-                    e => Failure::Refused(e.to_string()),
-                }
-            })?;
-        let h2 = match tls {
-            None => !h1_only && self.http2 == Http2::PriorKnowledge,
-            Some(_) => io.alpn_protocol() == Some(b"h2"),
-        };
-        Ok((io, h2))
+            .map(|(io, _)| io)
+            .map_err(refused)
     }
 
-    /// A connection for one request: the shared h2 one, an idle pooled HTTP/1.1 one, or a new
-    /// one (bounded by `connect`). `true` when reused.
+    /// A connection for one request (see [`Endpoint::connection`]). `true` when reused.
     pub async fn connection(
         &self,
         backend: Backend,
         connect: Duration,
         pool_idle: Duration,
-    ) -> Result<(Held, bool), Failure> {
-        let h2 = self.h2.borrow().clone();
-        if let Some((mut s, driver)) = h2 {
-            let ready = tokio::time::timeout(connect, s.ready()).await;
-            if !s.is_closed() && matches!(ready, Ok(Ok(()))) {
-                let held = Held {
-                    sender: Sender::H2(s),
-                    driver,
-                };
-                return Ok((held, true));
-            }
-            self.h2.borrow_mut().take();
-        }
-        let now = Instant::now();
-        loop {
-            let Some(idle) = self.idle.borrow_mut().pop() else {
-                break;
-            };
-            let mut held = idle.held;
-            let fresh = now.duration_since(idle.since) < pool_idle;
-            let Sender::H1(s) = &mut held.sender else {
-                continue;
-            };
-            if !fresh || s.is_closed() {
-                held.driver.abort();
-                continue;
-            }
-            // A connection whose last body just ended may not be marked ready yet.
-            let ready = tokio::time::timeout(Duration::from_millis(50), s.ready()).await;
-            if matches!(ready, Ok(Ok(()))) {
-                return Ok((held, true));
-            }
-            held.driver.abort();
-        }
-        match tokio::time::timeout(connect, self.open(backend)).await {
-            Ok(r) => r.map(|h| (h, false)),
-            Err(_) => {
-                self.addrs.borrow_mut().take();
-                Err(Failure::ConnectTimeout)
-            }
-        }
-    }
-
-    async fn open(&self, backend: Backend) -> Result<Held, Failure> {
-        let (io, h2) = self.connect_io(backend, false).await?;
-        let io = TokioIo::new(io);
-        let broken = |e: hyper::Error| Failure::Refused(format!("handshake: {e}"));
-        if h2 {
-            let (sender, conn) = http2::Builder::new(LocalExec)
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(broken)?;
-            let driver = tokio::task::spawn_local(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream h2 connection ended");
-                }
-            })
-            .abort_handle();
-            *self.h2.borrow_mut() = Some((sender.clone(), driver.clone()));
-            Ok(Held {
-                sender: Sender::H2(sender),
-                driver,
-            })
-        } else {
-            let (sender, conn) = http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .handshake(io)
-                .await
-                .map_err(broken)?;
-            let driver = tokio::task::spawn_local(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            })
-            .abort_handle();
-            Ok(Held {
-                sender: Sender::H1(sender),
-                driver,
-            })
-        }
-    }
-
-    /// Returns an HTTP/1.1 connection whose exchange finished to the pool (or closes it).
-    pub fn release(&self, held: Held, pool_size: usize) {
-        let mut idle = self.idle.borrow_mut();
-        if matches!(held.sender, Sender::H1(_)) && idle.len() < pool_size {
-            idle.push(Idle {
-                held,
-                since: Instant::now(),
-            });
-        } else if matches!(held.sender, Sender::H1(_)) {
-            held.driver.abort();
-        }
-    }
-
-    /// Forgets a broken shared h2 connection.
-    pub fn h2_broken(&self) {
-        let broken = self
-            .h2
-            .borrow()
-            .as_ref()
-            .is_some_and(|(s, _)| s.is_closed());
-        if broken {
-            if let Some((_, d)) = self.h2.borrow_mut().take() {
-                d.abort();
-            }
-        }
-    }
-
-    /// Closes the idle pooled connections (one turned out closed by the upstream: the others
-    /// likely are too).
-    pub fn drop_idle(&self) {
-        for i in self.idle.borrow_mut().drain(..) {
-            i.held.driver.abort();
-        }
-    }
-
-    /// Closes every pooled connection (the route table was replaced).
-    pub fn close_all(&self) {
-        for i in self.idle.borrow_mut().drain(..) {
-            i.held.driver.abort();
-        }
-        if let Some((_, d)) = self.h2.borrow_mut().take() {
-            d.abort();
-        }
+    ) -> Result<(Conn<ReqBody>, bool), Failure> {
+        self.ep
+            .connection(backend, connect, pool_idle)
+            .await
+            .map_err(refused)
     }
 }
 
@@ -294,21 +106,12 @@ pub fn roots(ca_file: Option<&std::path::Path>) -> Arc<rustls::RootCertStore> {
     io::tls::client_roots(ca_file, "route ca_file")
 }
 
-fn client_tls(roots: &Arc<rustls::RootCertStore>, http2: Http2) -> Arc<rustls::ClientConfig> {
-    let alpn: &[&[u8]] = match http2 {
-        Http2::Auto => &[b"h2", b"http/1.1"],
-        Http2::PriorKnowledge => &[b"h2"],
-        Http2::Never => &[b"http/1.1"],
-    };
-    io::tls::client_config(roots, alpn)
-}
-
 /// A request's claim on an upstream: counts it as outstanding and holds its connection until
 /// the exchange ends. Dropped before the end (client gone, error), it closes an HTTP/1.1
 /// connection so the upstream sees the request go away; an h2 stream is reset by hyper.
 pub struct Lease {
     pub up: Rc<Upstream>,
-    pub held: Option<Held>,
+    pub held: Option<Conn<ReqBody>>,
     pub done: bool,
     pub pool_size: usize,
 }
@@ -326,11 +129,8 @@ impl Lease {
 
     /// Closes the connection (broken, or abandoned mid-exchange).
     pub fn abort(&mut self) {
-        if let Some(h) = self.held.take() {
-            match h.sender {
-                Sender::H1(_) => h.driver.abort(),
-                Sender::H2(_) => self.up.h2_broken(),
-            }
+        if let Some(c) = self.held.take() {
+            self.up.ep.discard(c);
         }
     }
 }
@@ -340,12 +140,11 @@ impl Drop for Lease {
         self.up
             .outstanding
             .set(self.up.outstanding.get().saturating_sub(1));
-        if let Some(h) = self.held.take() {
-            match h.sender {
-                Sender::H1(_) if self.done => self.up.release(h, self.pool_size),
-                Sender::H1(_) => h.driver.abort(),
-                Sender::H2(_) => {}
+        if let Some(c) = self.held.take() {
+            if self.done {
+                self.up.ep.release(c, self.pool_size);
             }
+            // Else dropped: an HTTP/1.1 connection closes, an h2 stream is reset.
         }
     }
 }

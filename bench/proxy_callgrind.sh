@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Instructions the proxy executes per proxied HTTP request and per MiB of streamed body,
+# counted by callgrind (repeatable on a loaded machine, unlike time): ringgate (one shard,
+# epoll, access log off) in front of an nginx upstream, for bench/PROXY.md.
+#
+#   cargo build --release --bins
+#   bash bench/proxy_callgrind.sh [BIN...] > /tmp/proxy-callgrind.log
+#
+# Each BIN (default target/release/ringgate) runs under valgrind; the counters are zeroed
+# after a warm-up (which fills the keep-alive pool) and dumped after the measured part:
+#   http: `wrk -t1 -c10 -d10s` for a 13-byte response, Ir ÷ requests;
+#   down: a BODY_MB (64) file downloaded with curl, Ir ÷ MiB;
+#   up:   the same uploaded with curl -T, Ir ÷ MiB.
+# Env: BODY_MB (64), IO (epoll), KEEP (set: keep the dumps for callgrind_annotate). Targets 127.0.0.1 only; every run is bounded.
+set -u
+. "$(dirname "$0")/lib.sh"
+BODY_MB=${BODY_MB:-64}
+IO=${IO:-epoll}
+[ $# -gt 0 ] || set -- target/release/ringgate
+WORK=$(mktemp -d /tmp/ringgate-callgrind-proxy.XXXXXX)
+chmod 755 "$WORK" # nginx workers run as www-data
+UP=; PID=
+cleanup() {
+    # nginx's worker outlives a killed master (and keeps the port): it first, by its pid.
+    [ -n "$UP" ] && kill -9 $(pgrep -P "$UP") 2>/dev/null
+    for p in $PID $UP; do kill -9 "$p" 2>/dev/null; done
+    if [ -n "${KEEP:-}" ]; then echo "# dumps kept in $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+truncate -s "${BODY_MB}M" "$WORK/big"
+mkdir -p "$WORK/up"
+cat >"$WORK/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:9202;
+        location = /small { return 200 "hello, proxy\n"; }
+        location = /big { root $WORK; }
+        location = /sink { client_max_body_size 0; return 200 "ok\n"; }
+    }
+}
+EOF
+nginx -c "$WORK/up/nginx.conf" -p "$WORK/up" >"$WORK/up/out.log" 2>&1 &
+UP=$!
+up upstream 9202 || exit 1
+cat >"$WORK/ringgate.toml" <<EOF
+admin_listen = "off"
+[[listen]]
+addr = "127.0.0.1:9204"
+[[route]]
+path_prefix = "/h/"
+upstreams = ["http://127.0.0.1:9202"]
+strip_prefix = true
+max_body_size = 0
+EOF
+
+# ir FILE: the total instruction count of a callgrind dump.
+ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
+# measure N CMD...: zero, run CMD, dump (the Nth dump of the process); prints its Ir.
+measure() {
+    local n=$1
+    shift
+    callgrind_control -z "$PID" >/dev/null 2>&1
+    "$@"
+    callgrind_control -d "$PID" >/dev/null 2>&1
+    ir "$WORK/cg.out.$PID.$n"
+}
+
+small() { wrk -t1 -c10 -d10s http://127.0.0.1:9204/h/small >"$WORK/wrk.out"; }
+# The two bodies, with curl's status and byte count in curl.out (checked by the reader).
+download() {
+    timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_download} down\n' \
+        http://127.0.0.1:9204/h/big >>"$WORK/curl.out"
+}
+upload() {
+    timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_upload} up\n' -T "$WORK/big" \
+        -H 'Expect:' http://127.0.0.1:9204/h/sink >>"$WORK/curl.out"
+}
+
+echo "# $(date -u +%FT%TZ) loadavg=$(cut -d' ' -f1-3 /proc/loadavg) io=$IO body_mb=$BODY_MB"
+for bin in "$@"; do
+    RUST_LOG=warn,access=off valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out.%p" \
+        "$bin" --shards 1 --io "$IO" --config "$WORK/ringgate.toml" >"$WORK/ringgate.log" 2>&1 &
+    PID=$!
+    up ringgate 9204 600 || { cat "$WORK/ringgate.log"; exit 1; }
+    wrk -t1 -c10 -d3s http://127.0.0.1:9204/h/small >/dev/null
+    ir_http=$(measure 1 small)
+    reqs=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
+    ir_down=$(measure 2 download)
+    ir_up=$(measure 3 upload)
+    sed 's/^/# curl: /' "$WORK/curl.out"
+    awk -v b="$bin" -v h="$ir_http" -v r="$reqs" -v d="$ir_down" -v u="$ir_up" -v mb="$BODY_MB" \
+        'BEGIN { printf "%s: http %.0f Ir/request (%d requests); download %.0f Ir/MiB; upload %.0f Ir/MiB\n", b, h / r, r, d / mb, u / mb }'
+    kill "$PID"; wait "$PID" 2>/dev/null; PID=
+    rm -f "$WORK/curl.out"
+done
