@@ -12,6 +12,7 @@
 //! See docs/ARCHITECTURE.md.
 
 pub mod error;
+pub mod json;
 pub mod metrics;
 pub mod payload;
 pub mod ratelimit;

@@ -365,6 +365,12 @@ async fn http_publish_checks_input(backend: Backend) {
         (r#"{"data": 1}"#, 400, "missing_field"),
         (r#"{"topic": "", "data": 1}"#, 400, "missing_field"),
         (r#"{"topic": "t"}"#, 400, "missing_field"),
+        // Refused, not rounded to a float.
+        (
+            r#"{"topic": "t", "data": 18446744073709551616}"#,
+            400,
+            "bad_json",
+        ),
         (
             r#"{"topic": "t", "type": "", "data": 1}"#,
             400,

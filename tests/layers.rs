@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 /// Bottom up. A module may use modules of a lower layer only.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("foundation", &["error", "metrics", "ratelimit", "payload"]),
+    (
+        "foundation",
+        &["error", "json", "metrics", "ratelimit", "payload"],
+    ),
     ("protocol cores", &["ws", "auth"]),
     ("I/O", &["io"]),
     ("cluster", &["cluster"]),

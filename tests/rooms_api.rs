@@ -11,6 +11,7 @@ use serde_json::json;
 both_backends!(
     api_publish_presence_history,
     api_publish_without_key_configured,
+    api_publish_refuses_integers_beyond_64_bits,
     room_metrics_follow_traffic,
 );
 
@@ -159,6 +160,27 @@ async fn api_publish_without_key_configured(backend: Backend) {
     assert_eq!(json_body(&r)["seq"], 1, "{r:?}");
     let m = sub.room_message("open").await;
     assert_eq!((&m["seq"], &m["data"]), (&json!(1), &json!("hi")), "{m}");
+}
+
+async fn api_publish_refuses_integers_beyond_64_bits(backend: Backend) {
+    let server = start(backend, "");
+    let mut sub = Client::connect(&server).await;
+    sub.subscribe("wide").await;
+    for body in [
+        r#"{"topic": "wide", "data": 18446744073709551616}"#,
+        r#"{"topic": "wide", "data": {"n": [-9223372036854775809]}}"#,
+    ] {
+        let r = server.post("/api/publish", "", body).await;
+        assert_eq!(r.status, 400, "{body}: {r:?}");
+        assert_eq!(json_body(&r)["code"], "bad_json", "{body}: {r:?}");
+    }
+    // The 64-bit edges pass exactly, and the refused ones took no seq.
+    let edges =
+        r#"{"topic": "wide", "data": {"max": 18446744073709551615, "min": -9223372036854775808}}"#;
+    let r = server.post("/api/publish", "", edges).await;
+    assert_eq!((r.status, &json_body(&r)["seq"]), (200, &json!(1)), "{r:?}");
+    let m = sub.room_message("wide").await;
+    assert_eq!(m["data"], json!({"max": u64::MAX, "min": i64::MIN}), "{m}");
 }
 
 /// Every sample of histogram `name` over all shards: (observations, sum, observations in the

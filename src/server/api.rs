@@ -173,6 +173,10 @@ async fn body_object(
     };
     let v: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
+    // serde_json reads such integers as floats: refused, as on `/ws`, rather than rounded.
+    if crate::json::has_wide_integer(&body) {
+        return Err(bad("bad_json", crate::json::WIDE_INTEGER));
+    }
     match v {
         serde_json::Value::Object(obj) => Ok(obj),
         _ => Err(bad("bad_json", "body must be a JSON object")),

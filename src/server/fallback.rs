@@ -729,6 +729,9 @@ async fn publish_inner(
     };
     let v: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
+    if crate::json::has_wide_integer(&body) {
+        return Err(bad("bad_json", crate::json::WIDE_INTEGER.into()));
+    }
     let serde_json::Value::Object(obj) = v else {
         return Err(bad("bad_json", "body must be a JSON object".into()));
     };
