@@ -1384,14 +1384,9 @@ async fn closing_upstream_serves_in_turn(backend: Backend, method: Method) {
         while let Ok((mut s, _)) = l.accept().await {
             let closed = c2.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut b).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
                 // The body (Content-Length), read before answering so the close is clean.
                 let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 let len = head
@@ -1487,12 +1482,7 @@ async fn early_answer_lets_the_upload_finish(backend: Backend) {
     let (got_tx, got_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut b).await.unwrap(), 1, "request head");
-            head.push(b[0]);
-        }
+        read_head(&mut s).await.expect("request head");
         s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             .await
             .unwrap();

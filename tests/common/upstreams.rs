@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{
     Request as WsRequest, Response as WsResponse,
 };
@@ -146,14 +146,9 @@ pub async fn tunnel_upstream() -> SocketAddr {
         let Ok((mut s, _)) = l.accept().await else {
             return;
         };
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut b).await.unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(b[0]);
-        }
+        let Some(head) = read_head(&mut s).await else {
+            return;
+        };
         let head = String::from_utf8_lossy(&head);
         let key = head
             .lines()
@@ -181,4 +176,18 @@ pub async fn tunnel_upstream() -> SocketAddr {
             .unwrap();
     });
     addr
+}
+
+/// A request or response head read byte by byte (nothing past it is consumed), or `None` when
+/// the peer closed first.
+pub async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(head)
 }
