@@ -51,6 +51,7 @@ both_backends!(
     settings_and_ping_floods_stay_bounded,
     silent_connection_is_dropped,
     idle_websockets_on_one_connection_hold_little_heap,
+    websockets_count_against_the_per_address_cap,
 );
 
 type WsH2 = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -1469,4 +1470,49 @@ async fn idle_websockets_on_one_connection_hold_little_heap(backend: Backend) {
             "an HTTP/2 WebSocket ({what}) holds {per:.0} B, one on its own TLS connection {per_h1:.0} B"
         );
     }
+}
+
+/// `[limits]`: each WebSocket over HTTP/2 counts as a connection of its client's address, as
+/// it would on a socket of its own (the HTTP/2 connection is one too), whether it goes to an
+/// endpoint or through a route. One over the cap is answered 429 on its stream; the
+/// connection, its requests and its other sockets carry on; a closed socket gives its place
+/// back.
+async fn websockets_count_against_the_per_address_cap(backend: Backend) {
+    let (addr, _seen) = ws_upstream().await;
+    let limits = "[limits]\nexempt = []\nper_ip_connections = 3\nper_ip_handshake_rate = 0\n";
+    let config = format!("{}\n{limits}", ws_route(addr, "websocket"));
+    let (server, certs) = start_tls(backend, &config).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let mut echo = h2.websocket("/ws/echo").await;
+    let mut routed = h2.websocket("/app/a").await;
+    for path in ["/ws/echo", "/app/b"] {
+        let (resp, ws) = h2.connect(path, &[VERSION_13]).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert!(ws.is_none());
+    }
+    assert_eq!(h2.get("/healthz").await.0, StatusCode::OK);
+    echo_h2(&mut echo, Message::text("still here")).await;
+    echo_h2(&mut routed, Message::text("and here")).await;
+    let refused = "ringgate_connections_refused_total{reason=\"per_ip\"}";
+    assert_eq!(metric_h2(&mut h2, refused).await, 2.0);
+
+    // The echo socket closes: its place is given again (the session ends asynchronously).
+    echo.close(None).await.expect("close");
+    while let Some(Ok(_)) = within("echo closed", echo.next()).await {}
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut again = loop {
+        let (resp, ws) = h2.connect("/app/c", &[VERSION_13]).await;
+        if let Some(ws) = ws {
+            break ws;
+        }
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "place never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    echo_h2(&mut again, Message::text("in its place")).await;
+    echo_h2(&mut routed, Message::text("unmoved")).await;
 }

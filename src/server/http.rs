@@ -27,7 +27,7 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
-use super::admission::Refusal;
+use super::admission::{Permit, Refusal};
 use super::api;
 use super::endpoint::{self, Endpoint};
 use super::fallback::{self, AnyBody};
@@ -379,7 +379,7 @@ impl H2Session {
 }
 
 /// An accepted WebSocket over HTTP/2: waits for hyper to hand over the stream (after the 200
-/// is sent), then runs the session on it as its own connection.
+/// is sent), then runs the session on it as its own connection, holding its `[limits]` place.
 ///
 /// A plain function returning the task: an idle socket holds it for its whole life, so it
 /// holds a few references only. The session comes boxed and runs as the one boxed future
@@ -390,12 +390,14 @@ impl H2Session {
 fn h2_websocket_task(
     shard: Rc<Shard>,
     remote: SocketAddr,
+    permit: Permit,
     stream: hyper::upgrade::OnUpgrade,
     session: Box<H2Session>,
 ) -> impl Future<Output = ()> {
     let reg = shard.register(remote);
     reg.entry.set_http2();
     async move {
+        let _permit = permit;
         let io = match stream.await {
             Ok(upgraded) => Stream::h2(upgraded),
             Err(e) => {
@@ -496,20 +498,28 @@ impl Router {
                 Ok(resp.map(Into::into))
             });
         }
-        // RFC 8441: the stream becomes the WebSocket once hyper has sent the 200.
-        let h2_stream = is_extended_connect(&req).then(|| hyper::upgrade::on(&mut req));
-        let resp = if self.admin {
-            self.route_admin(&req)
-        } else {
-            self.route(&req)
+        // RFC 8441: the stream becomes the WebSocket once hyper has sent the 200. Each such
+        // WebSocket counts as a connection under `[limits]`, as it would on its own socket.
+        let admitted = is_extended_connect(&req).then(|| {
+            let admission = &self.shard.global.admission;
+            admission.admit(self.remote.ip(), std::time::Instant::now())
+        });
+        let (resp, h2_stream) = match admitted {
+            Some(Err(refusal)) => (refused(refusal), None),
+            Some(Ok(permit)) => {
+                let stream = hyper::upgrade::on(&mut req);
+                (self.route_any(&req), Some((permit, stream)))
+            }
+            None => (self.route_any(&req), None),
         };
         // (Taken at once: the streams of an HTTP/2 connection share the router.)
-        let h2_websocket = h2_stream.and_then(|stream| Some((stream, self.upgrade.take()?)));
+        let h2_websocket = h2_stream.and_then(|s| Some((s, self.upgrade.take()?)));
         match h2_websocket {
-            Some((stream, up)) => {
+            Some(((permit, stream), up)) => {
                 counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
                 let session = Box::new(H2Session::Endpoint(up));
-                let task = h2_websocket_task(self.shard.clone(), self.remote, stream, session);
+                let (shard, remote) = (self.shard.clone(), self.remote);
+                let task = h2_websocket_task(shard, remote, permit, stream, session);
                 tokio::task::spawn_local(task);
             }
             None if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
@@ -544,20 +554,20 @@ impl Router {
             counter!(metrics::HANDSHAKES_FAILED, "reason" => "draining").increment(1);
             return Box::pin(std::future::ready(Ok(error_response(&Failure::Draining))));
         }
-        // `[limits]`: the per-address handshake rate applies to proxied upgrades too.
-        if let Err(refusal) = global
+        // `[limits]`: the per-address handshake rate applies to proxied upgrades too, and a
+        // WebSocket over HTTP/2 counts as a connection.
+        let now = std::time::Instant::now();
+        let admitted = global
             .admission
-            .handshake(self.remote.ip(), std::time::Instant::now())
-        {
-            counter!(metrics::HANDSHAKES_FAILED, "reason" => refusal.reason()).increment(1);
-            counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
-            let mut resp = text(refusal.status(), "too many handshakes from this address\n");
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(refusal.retry_after()),
-            );
-            return Box::pin(std::future::ready(Ok(resp.map(Into::into))));
-        }
+            .handshake(self.remote.ip(), now)
+            .and_then(|()| {
+                h2.then(|| global.admission.admit(self.remote.ip(), now))
+                    .transpose()
+            });
+        let permit = match admitted {
+            Ok(permit) => permit,
+            Err(r) => return Box::pin(std::future::ready(Ok(refused(r).map(Into::into)))),
+        };
         let Some(slot) = global.try_admit_ws() else {
             counter!(metrics::HANDSHAKES_FAILED, "reason" => "capacity").increment(1);
             let resp = text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
@@ -593,16 +603,17 @@ impl Router {
             (None, None)
         };
         // Over HTTP/2 the stream is handed over once hyper has sent the 200.
-        let stream = h2.then(|| hyper::upgrade::on(&mut req));
+        let h2_stream = permit.map(|p| (p, hyper::upgrade::on(&mut req)));
         let (cell, shard, remote) = (self.tunnel.clone(), self.shard.clone(), self.remote);
         let (parts, _body) = req.into_parts();
         Box::pin(async move {
             let (resp, upgraded) = tunnel::handshake(route, parts, client, relay).await;
-            match (upgraded, stream) {
-                (Some(u), Some(stream)) => {
+            match (upgraded, h2_stream) {
+                (Some(u), Some((permit, stream))) => {
                     counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
                     let session = Box::new(H2Session::Proxied((u, slot, deflate)));
-                    tokio::task::spawn_local(h2_websocket_task(shard, remote, stream, session));
+                    let task = h2_websocket_task(shard, remote, permit, stream, session);
+                    tokio::task::spawn_local(task);
                 }
                 (Some(u), None) => cell.set(Some((u, slot, deflate))),
                 (None, _) => {}
@@ -613,6 +624,15 @@ impl Router {
 }
 
 impl Router {
+    /// The answer of the admin surface or the public routes, by listener.
+    fn route_any(&self, req: &Request<Incoming>) -> Response<Body> {
+        if self.admin {
+            self.route_admin(req)
+        } else {
+            self.route(req)
+        }
+    }
+
     fn route(&self, req: &Request<Incoming>) -> Response<Body> {
         let global = &self.shard.global;
         match (req.method(), req.uri().path()) {
@@ -696,14 +716,7 @@ impl Router {
         };
         let now = std::time::Instant::now();
         if let Err(refusal) = global.admission.handshake(self.remote.ip(), now) {
-            counter!(metrics::HANDSHAKES_FAILED, "reason" => refusal.reason()).increment(1);
-            counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
-            let mut resp = text(refusal.status(), "too many handshakes from this address\n");
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(refusal.retry_after()),
-            );
-            return resp;
+            return refused(refusal);
         }
         let (identity, token_protocol) = match self.authenticate(req, endpoint) {
             Ok(found) => found,
@@ -809,10 +822,7 @@ async fn turn_away(mut conn: Stream, refusal: Refusal, tls: bool) {
         return;
     }
     let status = refusal.status();
-    let body = match refusal {
-        Refusal::Capacity => "server at capacity\n",
-        _ => "too many connections from this address\n",
-    };
+    let body = refusal_text(refusal);
     let resp = format!(
         "HTTP/1.1 {} {}\r\nRetry-After: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
@@ -873,6 +883,27 @@ async fn statistics(
     );
     counter!(metrics::HTTP_REQUESTS, "status" => "200").increment(1);
     Ok(resp.map(Into::into))
+}
+
+/// An upgrade `[limits]` refused (the handshake rate, or a WebSocket over HTTP/2 over the
+/// connection caps), counted by reason, with `Retry-After`.
+fn refused(refusal: Refusal) -> Response<Body> {
+    counter!(metrics::HANDSHAKES_FAILED, "reason" => refusal.reason()).increment(1);
+    counter!(metrics::CONNECTIONS_REFUSED, "reason" => refusal.reason()).increment(1);
+    let mut resp = text(refusal.status(), refusal_text(refusal));
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(refusal.retry_after()),
+    );
+    resp
+}
+
+fn refusal_text(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::Capacity => "server at capacity\n",
+        Refusal::PerIp => "too many connections from this address\n",
+        Refusal::HandshakeRate => "too many handshakes from this address\n",
+    }
 }
 
 /// A refused upgrade, counted by reason.
