@@ -187,8 +187,8 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
 
 /// What runs on an HTTP/1.1 connection once hyper has let go of it, or on an HTTP/2 stream
 /// once hyper has handed it over: the WebSocket session, a proxied session, or nothing (the
-/// socket is shut). A plain function returning one boxed
-/// future, so none of the values it chose from stays in the connection's task.
+/// socket is shut). A plain function returning one boxed future, so none of the values it
+/// chose from stays in the connection's task.
 fn after_upgrade<'a>(
     shard: &'a Rc<Shard>,
     entry: &'a Rc<ConnHandle>,
