@@ -31,6 +31,8 @@ both_backends!(
     tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server,
     sentinel_failover_moves_every_node_to_the_new_master,
     sentinels_with_a_password_are_asked_with_sentinel_password,
+    a_redis_cluster_carries_topics_of_every_master_in_one_order,
+    a_slot_moved_to_another_master_keeps_publishing_and_fan_out,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -1070,4 +1072,155 @@ async fn sentinels_with_a_password_are_asked_with_sentinel_password(backend: Bac
     ready_becomes(&refused, 503).await;
     log_says(&refused, "refused SENTINEL GET-MASTER-ADDR-BY-NAME").await;
     assert!(refused.log().contains("NOAUTH"), "{}", refused.log());
+}
+
+/// One topic per master of `cluster`: the first of `t0`, `t1`, … whose slot it serves.
+fn topic_per_master(cluster: &RedisCluster) -> Vec<String> {
+    let mut topics = vec![String::new(); 3];
+    for i in 0.. {
+        let topic = format!("t{i}");
+        let master = RedisCluster::master_of(cluster.slot(&format!("ringgate:{{{topic}}}:s")));
+        if topics[master].is_empty() {
+            topics[master] = topic;
+        }
+        if topics.iter().all(|t| !t.is_empty()) {
+            return topics;
+        }
+    }
+    unreachable!()
+}
+
+async fn a_redis_cluster_carries_topics_of_every_master_in_one_order(backend: Backend) {
+    let cluster = RedisCluster::start();
+    let (a, b, c) = (
+        node(backend, &cluster.url()),
+        node(backend, &cluster.url()),
+        node(backend, &cluster.url()),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    let topics = topic_per_master(&cluster);
+    let mut on_b = Client::connect(&b).await;
+    let mut on_c = Client::connect(&c).await;
+    let mut epochs = Vec::new();
+    for t in &topics {
+        let r = on_b.subscribe(t, None).await;
+        assert_eq!(r["type"], "subscribed", "{r}; log:\n{}", b.log());
+        epochs.push(r["epoch"].as_str().expect("epoch").to_string());
+        let r = on_c.subscribe(t, None).await;
+        assert_eq!(
+            r["epoch"],
+            epochs[epochs.len() - 1],
+            "one epoch per topic: {r}"
+        );
+    }
+    // Interleaved publishes on A over the API and a `/ws` client: each topic numbered on
+    // its own master, 1 to 4.
+    let mut publisher = Client::connect(&a).await;
+    for i in 1..=4u64 {
+        for t in &topics {
+            let (status, v) = api_publish(&a, t, json!({"api": i})).await;
+            assert_eq!((status, v["seq"].as_u64()), (200, Some(2 * i - 1)), "{v}");
+            publisher
+                .send(json!({"action": "publish", "topic": t, "data": {"ws": i}, "id": "p"}))
+                .await;
+            let ack = publisher.until(|v| v["id"] == "p").await;
+            assert_eq!(ack["seq"], 2 * i, "{ack}");
+        }
+    }
+    for t in &topics {
+        let got_b = on_b.messages(t, 8).await;
+        let got_c = on_c.messages(t, 8).await;
+        let seqs: Vec<u64> = got_b.iter().map(|m| m.0).collect();
+        assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "{t}");
+        assert_eq!(got_b, got_c, "{t}: one order on every node");
+    }
+    // Each master holds its own topic's keys: the topics are spread.
+    for (m, t) in cluster.masters.iter().zip(&topics) {
+        let key = format!("ringgate:{{{t}}}:h");
+        assert_eq!(m.command(&["LLEN", &key]).as_deref(), Some(":8"), "{t}");
+    }
+    // A client of B that left recovers on C exactly what it missed, from Redis.
+    drop(on_b);
+    for t in &topics {
+        api_publish(&a, t, json!("missed")).await;
+    }
+    let mut back = Client::connect(&c).await;
+    for (t, epoch) in topics.iter().zip(&epochs) {
+        let r = back.subscribe(t, Some((8, epoch))).await;
+        assert_eq!(
+            (&r["recovered"], &r["seq"]),
+            (&json!(true), &json!(9)),
+            "{r}"
+        );
+        assert_eq!(back.messages(t, 1).await, [(9, json!("missed"))]);
+    }
+    // Messages to a user cross the cluster on the users channel.
+    let (status, v) = api_post(&b, "/api/disconnect", json!({"user": "nobody"})).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+async fn a_slot_moved_to_another_master_keeps_publishing_and_fan_out(backend: Backend) {
+    let cluster = RedisCluster::start();
+    let (a, b) = (node(backend, &cluster.url()), node(backend, &cluster.url()));
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let topic = "moving";
+    let keys: Vec<String> = ["s", "h", "p"]
+        .iter()
+        .map(|k| format!("ringgate:{{{topic}}}:{k}"))
+        .collect();
+    let slot = cluster.slot(&keys[0]);
+    let from = RedisCluster::master_of(slot);
+    let to = (from + 1) % 3;
+    let mut on_b = Client::connect(&b).await;
+    let r = on_b.subscribe(topic, None).await;
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=3u64 {
+        let (status, v) = api_publish(&a, topic, json!(i)).await;
+        assert_eq!((status, v["seq"].as_u64()), (200, Some(i)), "{v}");
+    }
+    assert_eq!(on_b.messages(topic, 3).await.len(), 3);
+    // Resharded under the nodes: the next publish is answered MOVED by the old master, and
+    // B's subscription is ended by it.
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    cluster.move_slot(slot, &keys, from, to);
+    for i in 4..=6u64 {
+        let (status, v) = api_publish(&a, topic, json!(i)).await;
+        assert_eq!(
+            (status, v["seq"].as_u64()),
+            (200, Some(i)),
+            "{v}; log:\n{}",
+            a.log()
+        );
+    }
+    // B follows the topic on the new master: what was published meanwhile, in order, once.
+    let got = on_b.messages(topic, 3).await;
+    assert_eq!(
+        got,
+        [(4, json!(4)), (5, json!(5)), (6, json!(6))],
+        "{}",
+        b.log()
+    );
+    api_publish(&a, topic, json!(7)).await;
+    assert_eq!(on_b.messages(topic, 1).await, [(7, json!(7))]);
+    // The history moved with the slot: a newcomer recovers from the new master.
+    let mut late = Client::connect(&a).await;
+    let r = late.subscribe(topic, Some((5, &epoch))).await;
+    assert_eq!(
+        (&r["recovered"], &r["epoch"]),
+        (&json!(true), &json!(epoch)),
+        "{r}"
+    );
+    assert_eq!(
+        late.messages(topic, 2).await,
+        [(6, json!(6)), (7, json!(7))]
+    );
+    let key = format!("ringgate:{{{topic}}}:h");
+    assert_eq!(
+        cluster.masters[to].command(&["LLEN", &key]).as_deref(),
+        Some(":7")
+    );
 }

@@ -28,6 +28,7 @@
 pub mod config;
 pub mod link;
 pub mod resp;
+pub mod slots;
 
 use std::sync::Arc;
 
@@ -44,6 +45,9 @@ pub struct Command {
     pub tag: Option<Tag>,
     /// The command, RESP-encoded.
     pub bytes: Vec<u8>,
+    /// The hash slot of its keys (or channel): on Redis Cluster, it goes to that slot's
+    /// master.
+    pub slot: u16,
 }
 
 /// Names a command's answer for the hub.
@@ -72,6 +76,9 @@ pub enum Event {
     Reply(Tag, Result<Value, String>),
     /// A pub/sub message.
     Message { channel: Bytes, payload: Bytes },
+    /// Redis ended the subscription to `channel` on its own: on Redis Cluster, its slot moved
+    /// to another master. Following it again reaches the new one.
+    Unsubscribed(Bytes),
 }
 
 /// Seq, epoch and write time (ms since the Unix epoch) of one history entry, and the message.
@@ -171,7 +178,7 @@ if cap > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('PUBLISH', ARGV[1], 'm\n' .. epoch .. '\n' .. seq .. '\n' .. ARGV[10] .. '\n' .. msg)
+redis.call(ARGV[11], ARGV[1], 'm\n' .. epoch .. '\n' .. seq .. '\n' .. ARGV[10] .. '\n' .. msg)
 return {seq, epoch}
 ";
 
@@ -191,8 +198,8 @@ return {tonumber(m[2]), m[1], redis.call('LRANGE', KEYS[2], 0, -1), members}
 /// heartbeats stopped, and optionally a change to the owner's members of one topic. Members
 /// live in a hash per topic (`owner:conn` → member JSON) and are indexed per owner
 /// (`conn \n topic`), so the sweep finds a dead owner's members without a scan. Every join and
-/// leave is published once, by the script that made it. Keys are named from the prefix, so
-/// this script needs one Redis, not a Redis Cluster.
+/// leave is published once, by the script that made it. Keys are named from the prefix (as
+/// [`Keys`] names them), so this script needs one Redis, not a Redis Cluster.
 const PRESENCE: &str = r"
 local prefix, owner = ARGV[1], ARGV[2]
 local nodes = prefix .. 'nodes'
@@ -200,12 +207,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local missing = redis.call('ZADD', nodes, now + tonumber(ARGV[3]), owner)
 local function leave(topic, field, index, entry)
-  local key = prefix .. 'p:' .. topic
+  local key = prefix .. '{' .. topic .. '}:p'
   local member = redis.call('HGET', key, field)
   if member then
     redis.call('HDEL', key, field)
     redis.call('SREM', index, entry)
-    redis.call('PUBLISH', prefix .. 'c:' .. topic, 'l\n' .. field .. '\n' .. member)
+    redis.call('PUBLISH', prefix .. '{' .. topic .. '}:c', 'l\n' .. field .. '\n' .. member)
   end
 end
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 16)) do
@@ -221,7 +228,7 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0
 end
 local topic = ARGV[4]
 if topic ~= '' then
-  local key, index, mine = prefix .. 'p:' .. topic, prefix .. 'o:' .. owner, owner .. ':'
+  local key, index, mine = prefix .. '{' .. topic .. '}:p', prefix .. 'o:' .. owner, owner .. ':'
   local gone = tonumber(ARGV[6])
   local kept = {}
   for i = 7 + gone, #ARGV, 2 do
@@ -241,7 +248,7 @@ if topic ~= '' then
     local field = mine .. ARGV[i]
     if redis.call('HSET', key, field, ARGV[i + 1]) == 1 then
       redis.call('SADD', index, ARGV[i] .. '\n' .. topic)
-      redis.call('PUBLISH', prefix .. 'c:' .. topic, 'j\n' .. field .. '\n' .. ARGV[i + 1])
+      redis.call('PUBLISH', prefix .. '{' .. topic .. '}:c', 'j\n' .. field .. '\n' .. ARGV[i + 1])
     end
   end
 end
@@ -254,6 +261,8 @@ pub const SCRIPTS: &[&str] = &[PUBLISH, SYNC, PRESENCE];
 /// How long a topic's epoch and seq outlive its last publish: much longer than its history,
 /// so that history running out is told apart from the topic's state being lost.
 pub const META_TTL_MS: u64 = 24 * 3600 * 1000;
+/// [`META_TTL_MS`] as the scripts get it.
+const META_TTL: &str = "86400000";
 
 fn sha(script: &str) -> String {
     Sha1::digest(script.as_bytes())
@@ -263,41 +272,82 @@ fn sha(script: &str) -> String {
 }
 
 /// Builds the commands of one deployment (its key prefix) and reads their answers.
+///
+/// A topic's keys and channel are `prefix{topic}:kind`: the topic is their hash tag, so on a
+/// Redis Cluster they live in one slot (one master), where one script may touch them all.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// Redis Cluster: sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`), each channel on its slot's
+    /// master.
+    sharded: bool,
     publish_sha: String,
     sync_sha: String,
     presence_sha: String,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Keys {
+    pub fn new(prefix: &str, sharded: bool) -> Keys {
         Keys {
             prefix: prefix.to_string(),
+            sharded,
             publish_sha: sha(PUBLISH),
             sync_sha: sha(SYNC),
             presence_sha: sha(PRESENCE),
         }
     }
 
-    fn key(&self, kind: &str, topic: &str) -> Vec<u8> {
-        format!("{}{kind}:{topic}", self.prefix).into_bytes()
+    /// `prefix{topic}:kind`.
+    fn key(&self, topic: &str, kind: u8) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.prefix.len() + topic.len() + 4);
+        key.extend_from_slice(self.prefix.as_bytes());
+        key.push(b'{');
+        key.extend_from_slice(topic.as_bytes());
+        key.extend_from_slice(b"}:");
+        key.push(kind);
+        key
     }
 
     fn channel(&self, topic: &str) -> Vec<u8> {
-        self.key("c", topic)
+        self.key(topic, b'c')
+    }
+
+    /// The hash slot of `topic`'s keys and channel.
+    pub fn slot(&self, topic: &str) -> u16 {
+        slots::slot(&self.channel(topic))
     }
 
     /// The channel of messages to users, which one shard of every node follows.
     fn users(&self) -> Vec<u8> {
-        format!("{}users", self.prefix).into_bytes()
+        format!("{}{{users}}", self.prefix).into_bytes()
+    }
+
+    /// The hash slot of the users channel.
+    pub fn users_slot(&self) -> u16 {
+        slots::slot(&self.users())
+    }
+
+    fn publish_verb(&self) -> &'static [u8] {
+        if self.sharded {
+            b"SPUBLISH"
+        } else {
+            b"PUBLISH"
+        }
+    }
+
+    fn subscribe_verb(&self) -> &'static [u8] {
+        if self.sharded {
+            b"SSUBSCRIBE"
+        } else {
+            b"SUBSCRIBE"
+        }
     }
 
     /// The topic a channel carries, when it is one of ours.
     pub fn topic_of<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
         let rest = channel.strip_prefix(self.prefix.as_bytes())?;
-        std::str::from_utf8(rest.strip_prefix(b"c:")?).ok()
+        let topic = rest.strip_prefix(b"{")?.strip_suffix(b"}:c")?;
+        std::str::from_utf8(topic).ok()
     }
 
     pub fn is_users(&self, channel: &[u8]) -> bool {
@@ -316,24 +366,30 @@ impl Keys {
         epoch: &str,
     ) -> Vec<u8> {
         let mut out = Vec::with_capacity(m.head.len() + m.tail.len() + 160);
+        let (mut wall, mut count, mut ttl) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
         resp::command(
             &mut out,
             &[
                 b"EVALSHA",
                 self.publish_sha.as_bytes(),
                 b"2",
-                &self.key("s", topic),
-                &self.key("h", topic),
+                &self.key(topic, b's'),
+                &self.key(topic, b'h'),
                 &self.channel(topic),
                 m.head,
                 m.tail,
-                wall_ms.to_string().as_bytes(),
-                cap.to_string().as_bytes(),
-                ttl_ms.max(1).to_string().as_bytes(),
+                wall.format(wall_ms).as_bytes(),
+                count.format(cap).as_bytes(),
+                ttl.format(ttl_ms.max(1)).as_bytes(),
                 epoch.as_bytes(),
-                META_TTL_MS.to_string().as_bytes(),
+                META_TTL.as_bytes(),
                 if m.binary { b"b" } else { b"" },
                 trace_line(m.trace).as_bytes(),
+                self.publish_verb(),
             ],
         );
         out
@@ -344,14 +400,17 @@ impl Keys {
         let mut payload = format!("v\n{}\n", trace_line(trace)).into_bytes();
         payload.extend_from_slice(msg);
         let mut out = Vec::with_capacity(payload.len() + 64);
-        resp::command(&mut out, &[b"PUBLISH", &self.channel(topic), &payload]);
+        resp::command(
+            &mut out,
+            &[self.publish_verb(), &self.channel(topic), &payload],
+        );
         out
     }
 
     /// Subscribes to `topic`, then reads its state ([`Keys::snapshot`] decodes the answer).
     pub fn follow(&self, topic: &str, epoch: &str) -> (Vec<u8>, Vec<u8>) {
         let mut sub = Vec::new();
-        resp::command(&mut sub, &[b"SUBSCRIBE", &self.channel(topic)]);
+        resp::command(&mut sub, &[self.subscribe_verb(), &self.channel(topic)]);
         let mut read = Vec::new();
         resp::command(
             &mut read,
@@ -359,11 +418,11 @@ impl Keys {
                 b"EVALSHA",
                 self.sync_sha.as_bytes(),
                 b"3",
-                &self.key("s", topic),
-                &self.key("h", topic),
-                &self.key("p", topic),
+                &self.key(topic, b's'),
+                &self.key(topic, b'h'),
+                &self.key(topic, b'p'),
                 epoch.as_bytes(),
-                META_TTL_MS.to_string().as_bytes(),
+                META_TTL.as_bytes(),
             ],
         );
         (sub, read)
@@ -371,7 +430,12 @@ impl Keys {
 
     pub fn unfollow(&self, topic: &str) -> Vec<u8> {
         let mut out = Vec::new();
-        resp::command(&mut out, &[b"UNSUBSCRIBE", &self.channel(topic)]);
+        let verb: &[u8] = if self.sharded {
+            b"SUNSUBSCRIBE"
+        } else {
+            b"UNSUBSCRIBE"
+        };
+        resp::command(&mut out, &[verb, &self.channel(topic)]);
         out
     }
 
@@ -421,7 +485,7 @@ impl Keys {
     /// Follows the users channel.
     pub fn follow_users(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        resp::command(&mut out, &[b"SUBSCRIBE", &self.users()]);
+        resp::command(&mut out, &[self.subscribe_verb(), &self.users()]);
         out
     }
 
@@ -438,7 +502,7 @@ impl Keys {
             }
         };
         let mut out = Vec::new();
-        resp::command(&mut out, &[b"PUBLISH", &self.users(), &payload]);
+        resp::command(&mut out, &[self.publish_verb(), &self.users(), &payload]);
         out
     }
 
@@ -609,10 +673,28 @@ mod tests {
 
     #[test]
     fn channels_name_their_topic_and_nothing_else() {
-        let k = Keys::new("rg:");
-        assert_eq!(k.topic_of(&k.channel("a:b")), Some("a:b"));
-        assert_eq!(k.topic_of(b"rg:h:a"), None);
-        assert_eq!(k.topic_of(b"other:c:a"), None);
+        let k = Keys::new("rg:", false);
+        for topic in ["a:b", "", "}x{", "{t}"] {
+            assert_eq!(k.topic_of(&k.channel(topic)), Some(topic));
+        }
+        assert_eq!(k.topic_of(b"rg:{a}:h"), None);
+        assert_eq!(k.topic_of(b"other:{a}:c"), None);
+        assert_eq!(k.topic_of(&k.users()), None);
+        assert_eq!(META_TTL.parse(), Ok(META_TTL_MS));
+    }
+
+    #[test]
+    fn a_topic_s_keys_and_channel_share_its_slot() {
+        let k = Keys::new("rg:", true);
+        for topic in ["news", "a:b", "x}y"] {
+            let slot = k.slot(topic);
+            for kind in [b's', b'h', b'p', b'c'] {
+                assert_eq!(slots::slot(&k.key(topic, kind)), slot, "{topic}");
+            }
+        }
+        assert_ne!(k.slot("news"), k.slot("sport"));
+        let (sub, _) = k.follow("news", "E");
+        assert!(sub.windows(10).any(|w| w == b"SSUBSCRIBE"));
     }
 
     #[test]
@@ -670,7 +752,7 @@ mod tests {
 
     #[test]
     fn user_messages_round_trip_through_the_users_channel() {
-        let k = Keys::new("rg:");
+        let k = Keys::new("rg:", false);
         for m in [
             UserMsg::Message {
                 user: "a\nb".into(),

@@ -35,7 +35,7 @@ use bytes::Bytes;
 
 use super::room::{Member, Room, Stored};
 use super::{epoch, proto, ApiAnswer, Held, Hub, HubMsg, Meta, Now, Payload, Publish, Reply};
-use crate::cluster::config::ClusterConfig;
+use crate::cluster::config::{ClusterConfig, Endpoint};
 use crate::cluster::{
     Command, Event, Keys, Message, PresenceChange, PresenceEntry, Pushed, Snapshot, Tag, UserMsg,
     Value,
@@ -74,12 +74,18 @@ pub struct Cluster {
     /// Redis has answered a heartbeat of this owner: from then on, Redis not knowing it means
     /// it was swept or Redis lost its data.
     known: bool,
+    /// Presence members are shared through Redis. Not on a Redis Cluster (the presence script
+    /// sweeps the keys of every topic at once): there each node lists its own members.
+    shared_presence: bool,
 }
 
 impl Cluster {
     fn new(cfg: &ClusterConfig, owner: Arc<str>, users: bool) -> Cluster {
+        let sharded = cfg
+            .target()
+            .is_ok_and(|t| matches!(t.endpoint, Endpoint::Cluster { .. }));
         Cluster {
-            keys: Keys::new(&cfg.key_prefix),
+            keys: Keys::new(&cfg.key_prefix, sharded),
             owner,
             up: false,
             in_flight: 0,
@@ -93,6 +99,7 @@ impl Cluster {
             stale: BTreeSet::new(),
             users,
             known: false,
+            shared_presence: !sharded,
         }
     }
 
@@ -107,22 +114,42 @@ impl Cluster {
         }
     }
 
-    fn send(&mut self, tag: Option<Tag>, bytes: Vec<u8>) {
+    /// Queues a command for the keys (or channel) of `slot`.
+    fn send(&mut self, tag: Option<Tag>, slot: u16, bytes: Vec<u8>) {
         self.in_flight += usize::from(tag.is_some());
-        self.out.push_back(Command { tag, bytes });
+        self.out.push_back(Command { tag, bytes, slot });
     }
 
     fn follow(&mut self, topic: &str, epoch: &str) {
         let (sub, read) = self.keys.follow(topic, epoch);
-        self.send(None, sub);
-        self.send(Some(Tag::Sync(topic.into())), read);
+        let slot = self.keys.slot(topic);
+        self.send(None, slot, sub);
+        self.send(Some(Tag::Sync(topic.into())), slot, read);
+    }
+
+    fn unfollow(&mut self, topic: &str) {
+        let bytes = self.keys.unfollow(topic);
+        self.send(None, self.keys.slot(topic), bytes);
+    }
+
+    fn follow_users(&mut self) {
+        let bytes = self.keys.follow_users();
+        self.send(None, self.keys.users_slot(), bytes);
     }
 
     /// Heartbeats this owner (and writes `change`); due again a third of the TTL later.
     fn presence(&mut self, at: Instant, change: Option<&PresenceChange>) {
+        if !self.shared_presence {
+            return;
+        }
         let ttl_ms = self.presence_ttl.as_millis() as u64;
         let bytes = self.keys.presence(&self.owner, ttl_ms, change);
-        self.send(Some(Tag::Presence(change.map(|c| c.topic.into()))), bytes);
+        // One Redis only: the slot does not route it.
+        self.send(
+            Some(Tag::Presence(change.map(|c| c.topic.into()))),
+            0,
+            bytes,
+        );
         self.next_beat = Some(at + self.presence_ttl / 3);
     }
 }
@@ -255,6 +282,7 @@ impl Hub {
             volatile = p.volatile,
             "room message sent to Redis"
         );
+        let slot = c.keys.slot(topic);
         let bytes = if p.volatile {
             let (msg, _) = p.encode(topic, None, now.wall);
             c.keys.publish_volatile(topic, &msg, trace)
@@ -280,7 +308,7 @@ impl Hub {
         };
         c.next_publish += 1;
         c.publishes.insert(c.next_publish, (reply, p.volatile));
-        c.send(Some(Tag::Publish(c.next_publish)), bytes);
+        c.send(Some(Tag::Publish(c.next_publish)), slot, bytes);
     }
 
     /// A message for users on every node, through Redis.
@@ -293,7 +321,7 @@ impl Hub {
             return Err(why.into());
         }
         let bytes = c.keys.to_users(&msg);
-        c.send(Some(Tag::ToUsers), bytes);
+        c.send(Some(Tag::ToUsers), c.keys.users_slot(), bytes);
         Ok(())
     }
 
@@ -310,6 +338,10 @@ impl Hub {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
+        if !c.shared_presence {
+            let kind = if joined { "join" } else { "leave" };
+            return self.presence_event(now, topic, kind, member, None);
+        }
         if c.refusal().is_some() {
             c.stale.insert(topic.clone());
             return;
@@ -377,8 +409,7 @@ impl Hub {
             return;
         }
         if c.up {
-            let bytes = c.keys.unfollow(topic);
-            c.send(None, bytes);
+            c.unfollow(topic);
         }
         self.history_bytes -= room.history_bytes();
         self.history_len -= room.history_len();
@@ -401,8 +432,7 @@ impl Hub {
                 // First the heartbeat: no member of this owner is written before it is alive.
                 c.presence(now.at, None);
                 if c.users {
-                    let bytes = c.keys.follow_users();
-                    c.send(None, bytes);
+                    c.follow_users();
                 }
                 // A new connection follows nothing: follow and read every mirror again.
                 for (t, fresh) in topics {
@@ -437,6 +467,32 @@ impl Hub {
                 }
             }
             Event::Message { channel, payload } => self.pushed(now, &channel, &payload),
+            Event::Unsubscribed(channel) => self.unsubscribed(&channel),
+        }
+    }
+
+    /// Redis ended a subscription (on a Redis Cluster, its slot moved to another master):
+    /// followed again, and a mirror read again, as after a reconnection.
+    fn unsubscribed(&mut self, channel: &[u8]) {
+        self.lives += 1;
+        let fresh = epoch(self.epoch_seed, self.shard, self.lives);
+        let Some(c) = self.cluster.as_mut().filter(|c| c.up) else {
+            return;
+        };
+        if c.users && c.keys.is_users(channel) {
+            return c.follow_users();
+        }
+        let Some((topic, _)) = c
+            .keys
+            .topic_of(channel)
+            .and_then(|t| self.rooms.get_key_value(t))
+        else {
+            return;
+        };
+        if !c.syncing.contains_key(topic) {
+            tracing::info!(%topic, "Redis ended the topic's subscription: following it again");
+            c.follow(topic, &fresh);
+            c.syncing.insert(topic.clone(), Vec::new());
         }
     }
 
@@ -602,8 +658,7 @@ impl Hub {
         }
         if !self.rooms.contains_key(&topic) {
             if let Some(c) = self.cluster.as_mut().filter(|c| c.up) {
-                let bytes = c.keys.unfollow(&topic);
-                c.send(None, bytes);
+                c.unfollow(&topic);
             }
         }
     }
@@ -872,7 +927,7 @@ mod tests {
         hub.handle_cluster(
             now(),
             Event::Message {
-                channel: Bytes::from_static(b"ringgate:c:t"),
+                channel: Bytes::from_static(b"ringgate:{t}:c"),
                 payload: Bytes::from(payload),
             },
         );
@@ -1043,7 +1098,7 @@ mod tests {
         hub.handle_cluster(
             now(),
             Event::Message {
-                channel: Bytes::from_static(b"ringgate:c:t"),
+                channel: Bytes::from_static(b"ringgate:{t}:c"),
                 payload: Bytes::from(payload),
             },
         );
