@@ -33,6 +33,7 @@ both_backends!(
     sentinels_with_a_password_are_asked_with_sentinel_password,
     a_redis_cluster_carries_topics_of_every_master_in_one_order,
     a_slot_moved_to_another_master_keeps_publishing_and_fan_out,
+    presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -1168,7 +1169,7 @@ async fn a_slot_moved_to_another_master_keeps_publishing_and_fan_out(backend: Ba
         ready_becomes(n, 200).await;
     }
     let topic = "moving";
-    let keys: Vec<String> = ["s", "h", "p"]
+    let keys: Vec<String> = ["s", "h", "p", "n"]
         .iter()
         .map(|k| format!("ringgate:{{{topic}}}:{k}"))
         .collect();
@@ -1196,6 +1197,8 @@ async fn a_slot_moved_to_another_master_keeps_publishing_and_fan_out(backend: Ba
             a.log()
         );
     }
+    log_says(&a, "slot moved to another master").await;
+    log_says(&b, "Redis ended the topic's subscription").await;
     // B follows the topic on the new master: what was published meanwhile, in order, once.
     let got = on_b.messages(topic, 3).await;
     assert_eq!(
@@ -1223,4 +1226,77 @@ async fn a_slot_moved_to_another_master_keeps_publishing_and_fan_out(backend: Ba
         cluster.masters[to].command(&["LLEN", &key]).as_deref(),
         Some(":7")
     );
+}
+
+async fn presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once(backend: Backend) {
+    let cluster = RedisCluster::start();
+    let ttl = "presence_ttl = 4";
+    let (a, b, c) = (
+        node_with(backend, &cluster.url(), ttl, ""),
+        node_with(backend, &cluster.url(), ttl, ""),
+        node_with(backend, &cluster.url(), ttl, ""),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    // Two topics on two masters: each is heartbeated and swept on its own.
+    let topics = topic_per_master(&cluster);
+    let topics = &topics[..2];
+    let mut on = Vec::new();
+    for n in [&b, &c, &a] {
+        let mut client = Client::connect(n).await;
+        for t in topics {
+            client.subscribe(t, None).await;
+        }
+        on.push(client);
+    }
+    let ids: Vec<String> = on.iter().map(|c| c.id.clone()).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for client in &mut on {
+        for t in topics {
+            presence_becomes(client, t, &id_refs).await;
+        }
+    }
+    for client in &mut on {
+        client.presence_events();
+    }
+    // A (the third) dies without a goodbye: B and C hear its member leave each topic once.
+    a.signal(libc::SIGKILL);
+    let killed = on.pop().expect("A's client");
+    let left = |t: &str| {
+        let (t, id) = (t.to_string(), killed.id.clone());
+        move |v: &Value| {
+            v["type"] == "leave" && v["topic"] == t.as_str() && v["client_id"] == id.as_str()
+        }
+    };
+    for client in &mut on {
+        for t in topics {
+            client.until(left(t)).await;
+            presence_becomes(client, t, &id_refs[..2]).await;
+        }
+    }
+    for t in topics {
+        api_publish(&b, t, json!("after")).await;
+    }
+    for client in &mut on {
+        for t in topics {
+            client.messages(t, 1).await;
+        }
+        let events = client.presence_events();
+        assert_eq!(
+            events.iter().filter(|(_, id)| *id == killed.id).count(),
+            0,
+            "a second join or leave of the killed node's member: {events:?}"
+        );
+    }
+    // Each topic's deadlines hold the two live owners (B's and C's home shards) only.
+    for t in topics {
+        let key = format!("ringgate:{{{t}}}:n");
+        let master = &cluster.masters[RedisCluster::master_of(cluster.slot(&key))];
+        assert_eq!(
+            master.command(&["ZCARD", &key]).as_deref(),
+            Some(":2"),
+            "{t}"
+        );
+    }
 }

@@ -631,11 +631,15 @@ impl ClusterLink<'_> {
         match redirect {
             None => answered(on, c, v),
             Some(Redirect::Moved { slot, addr }) => {
+                let before = map.master(slot);
                 if !map.moved(slot, &addr) {
                     return Err((
                         format!("slot {slot} moved to {addr}, a new master"),
                         vec![c],
                     ));
+                }
+                if map.master(slot) != before {
+                    tracing::info!(shard = self.shard, slot, %addr, "slot moved to another master");
                 }
                 let _ = to[map.master(slot)].send(c);
             }

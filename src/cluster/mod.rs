@@ -156,6 +156,9 @@ pub struct PresenceChange<'a> {
     pub leave: &'a [u64],
     /// Connections whose member joins, with the member as JSON.
     pub join: &'a [(u64, String)],
+    /// Redis should know this shard's members of the topic already (on a Redis Cluster: the
+    /// answer then tells whether they were lost).
+    pub known: bool,
 }
 
 const PUBLISH: &str = r"
@@ -255,8 +258,67 @@ end
 return missing
 ";
 
+/// Presence on a Redis Cluster, where a script touches one topic's slot only: the topic's
+/// members (`KEYS[1]`) and the deadlines of the owners that have members in it (`KEYS[2]`).
+/// One run heartbeats one owner in one topic, sweeps the owners of the topic whose deadline
+/// passed (their members leave, announced once) and makes the owner's change. A shard runs it
+/// for each topic it has members in, once every third of the TTL, so the topics of a dead
+/// owner are swept by whichever live owner shares them (or by the next one to join them).
+const PRESENCE_TOPIC: &str = r"
+local channel, owner, verb = ARGV[1], ARGV[2], ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local missing = redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), owner)
+local function leave(field)
+  local member = redis.call('HGET', KEYS[1], field)
+  if member then
+    redis.call('HDEL', KEYS[1], field)
+    redis.call(verb, channel, 'l\n' .. field .. '\n' .. member)
+  end
+end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 16)
+if #dead > 0 then
+  local gone = {}
+  for _, o in ipairs(dead) do
+    gone[o] = true
+  end
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    local o = string.match(field, '^(.*):%d+$')
+    if o and gone[o] then
+      leave(field)
+    end
+  end
+  redis.call('ZREM', KEYS[2], unpack(dead))
+end
+local mine, gone = owner .. ':', tonumber(ARGV[7])
+local kept = {}
+for i = 8 + gone, #ARGV, 2 do
+  kept[mine .. ARGV[i]] = true
+end
+if ARGV[6] == '1' then
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(field, 1, #mine) == mine and not kept[field] then
+      leave(field)
+    end
+  end
+end
+for i = 8, 7 + gone do
+  leave(mine .. ARGV[i])
+end
+for i = 8 + gone, #ARGV, 2 do
+  local field = mine .. ARGV[i]
+  if redis.call('HSET', KEYS[1], field, ARGV[i + 1]) == 1 then
+    redis.call(verb, channel, 'j\n' .. field .. '\n' .. ARGV[i + 1])
+  end
+end
+if ARGV[5] == '1' then
+  return missing
+end
+return 0
+";
+
 /// The scripts the link loads on every connection (so `EVALSHA` always finds them).
-pub const SCRIPTS: &[&str] = &[PUBLISH, SYNC, PRESENCE];
+pub const SCRIPTS: &[&str] = &[PUBLISH, SYNC, PRESENCE, PRESENCE_TOPIC];
 
 /// How long a topic's epoch and seq outlive its last publish: much longer than its history,
 /// so that history running out is told apart from the topic's state being lost.
@@ -284,6 +346,7 @@ pub struct Keys {
     publish_sha: String,
     sync_sha: String,
     presence_sha: String,
+    presence_topic_sha: String,
 }
 
 impl Keys {
@@ -294,6 +357,7 @@ impl Keys {
             publish_sha: sha(PUBLISH),
             sync_sha: sha(SYNC),
             presence_sha: sha(PRESENCE),
+            presence_topic_sha: sha(PRESENCE_TOPIC),
         }
     }
 
@@ -442,8 +506,14 @@ impl Keys {
     /// A heartbeat of `owner`, which is alive for `ttl_ms` more, with `change` to its members
     /// if any. Owners whose heartbeats stopped are swept on the way: their members leave.
     /// [`Keys::presence_answer`] reads the answer.
+    ///
+    /// On a Redis Cluster the heartbeat is per topic (`change` with nothing to change) and
+    /// sweeps that topic only ([`Keys::presence_per_topic`]).
     pub fn presence(&self, owner: &str, ttl_ms: u64, change: Option<&PresenceChange>) -> Vec<u8> {
         let ttl = ttl_ms.to_string();
+        if let (true, Some(c)) = (self.sharded, change) {
+            return self.presence_topic(owner, &ttl, c);
+        }
         let mut args: Vec<Vec<u8>> = vec![
             b"EVALSHA".to_vec(),
             self.presence_sha.as_bytes().to_vec(),
@@ -468,6 +538,46 @@ impl Keys {
         let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let mut out = Vec::new();
         resp::command(&mut out, &refs);
+        out
+    }
+
+    /// Presence is heartbeated and swept per topic (on a Redis Cluster): [`Keys::presence`]
+    /// wants a change (maybe empty) for each topic the shard has members in.
+    pub fn presence_per_topic(&self) -> bool {
+        self.sharded
+    }
+
+    fn presence_topic(&self, owner: &str, ttl: &str, c: &PresenceChange) -> Vec<u8> {
+        let numbers: Vec<String> = std::iter::once(c.leave.len())
+            .map(|n| n.to_string())
+            .chain(c.leave.iter().map(u64::to_string))
+            .collect();
+        let joins: Vec<String> = c.join.iter().map(|(conn, _)| conn.to_string()).collect();
+        let (members, deadlines, channel) = (
+            self.key(c.topic, b'p'),
+            self.key(c.topic, b'n'),
+            self.channel(c.topic),
+        );
+        let mut args: Vec<&[u8]> = vec![
+            b"EVALSHA",
+            self.presence_topic_sha.as_bytes(),
+            b"2",
+            &members,
+            &deadlines,
+            &channel,
+            owner.as_bytes(),
+            ttl.as_bytes(),
+            self.publish_verb(),
+            if c.known { b"1" } else { b"0" },
+            if c.replace { b"1" } else { b"0" },
+        ];
+        args.extend(numbers.iter().map(|n| n.as_bytes()));
+        for ((_, json), conn) in c.join.iter().zip(&joins) {
+            args.push(conn.as_bytes());
+            args.push(json.as_bytes());
+        }
+        let mut out = Vec::new();
+        resp::command(&mut out, &args);
         out
     }
 

@@ -74,9 +74,9 @@ pub struct Cluster {
     /// Redis has answered a heartbeat of this owner: from then on, Redis not knowing it means
     /// it was swept or Redis lost its data.
     known: bool,
-    /// Presence members are shared through Redis. Not on a Redis Cluster (the presence script
-    /// sweeps the keys of every topic at once): there each node lists its own members.
-    shared_presence: bool,
+    /// On a Redis Cluster: the topics this shard has members of in Redis, each heartbeated on
+    /// its own ([`Keys::presence_per_topic`]).
+    present: BTreeSet<Arc<str>>,
 }
 
 impl Cluster {
@@ -99,7 +99,7 @@ impl Cluster {
             stale: BTreeSet::new(),
             users,
             known: false,
-            shared_presence: !sharded,
+            present: BTreeSet::new(),
         }
     }
 
@@ -137,20 +137,43 @@ impl Cluster {
         self.send(None, self.keys.users_slot(), bytes);
     }
 
-    /// Heartbeats this owner (and writes `change`); due again a third of the TTL later.
+    /// Heartbeats this owner (and writes `change`); due again a third of the TTL later. On a
+    /// Redis Cluster each topic is heartbeated on its own, and a change heartbeats its topic
+    /// only.
     fn presence(&mut self, at: Instant, change: Option<&PresenceChange>) {
-        if !self.shared_presence {
+        let ttl_ms = self.presence_ttl.as_millis() as u64;
+        if !self.keys.presence_per_topic() {
+            let bytes = self.keys.presence(&self.owner, ttl_ms, change);
+            // One Redis only: the slot does not route it.
+            self.send(
+                Some(Tag::Presence(change.map(|c| c.topic.into()))),
+                0,
+                bytes,
+            );
+            self.next_beat = Some(at + self.presence_ttl / 3);
             return;
         }
-        let ttl_ms = self.presence_ttl.as_millis() as u64;
-        let bytes = self.keys.presence(&self.owner, ttl_ms, change);
-        // One Redis only: the slot does not route it.
-        self.send(
-            Some(Tag::Presence(change.map(|c| c.topic.into()))),
-            0,
-            bytes,
-        );
+        if let Some(change) = change {
+            return self.presence_of_topic(ttl_ms, change);
+        }
+        let topics: Vec<Arc<str>> = self.present.iter().cloned().collect();
+        for topic in &topics {
+            let beat = PresenceChange {
+                topic,
+                replace: false,
+                leave: &[],
+                join: &[],
+                known: true,
+            };
+            self.presence_of_topic(ttl_ms, &beat);
+        }
         self.next_beat = Some(at + self.presence_ttl / 3);
+    }
+
+    fn presence_of_topic(&mut self, ttl_ms: u64, change: &PresenceChange) {
+        let bytes = self.keys.presence(&self.owner, ttl_ms, Some(change));
+        let tag = Tag::Presence(Some(change.topic.into()));
+        self.send(Some(tag), self.keys.slot(change.topic), bytes);
     }
 }
 
@@ -335,13 +358,13 @@ impl Hub {
         conn: u64,
         member: &Member,
     ) {
+        let left_none = self
+            .rooms
+            .get(topic)
+            .is_none_or(|r| r.listed().next().is_none());
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        if !c.shared_presence {
-            let kind = if joined { "join" } else { "leave" };
-            return self.presence_event(now, topic, kind, member, None);
-        }
         if c.refusal().is_some() {
             c.stale.insert(topic.clone());
             return;
@@ -357,8 +380,14 @@ impl Hub {
             replace: false,
             leave: &leave,
             join: &join,
+            known: c.present.contains(topic),
         };
         c.presence(now.at, Some(&change));
+        if left_none {
+            c.present.remove(topic);
+        } else {
+            c.present.insert(topic.clone());
+        }
     }
 
     /// Writes the members of the stale topics whole, as long as Redis takes commands.
@@ -380,8 +409,14 @@ impl Hub {
                 replace: true,
                 leave: &[],
                 join: &join,
+                known: false,
             };
             c.presence(now.at, Some(&change));
+            if join.is_empty() {
+                c.present.remove(&topic);
+            } else {
+                c.present.insert(topic);
+            }
         }
     }
 
@@ -595,6 +630,16 @@ impl Hub {
         };
         match answer.and_then(|v| Keys::presence_answer(&v)) {
             Ok(false) => c.known = true,
+            Ok(true) if c.keys.presence_per_topic() => {
+                tracing::warn!(
+                    owner = %c.owner,
+                    ?topic,
+                    "Redis no longer knew this shard's presence in the topic (its heartbeats \
+                     lapsed past presence_ttl, or Redis lost its data): writing its members again"
+                );
+                c.stale.extend(topic);
+                self.rewrite_stale(now);
+            }
             Ok(true) => {
                 if std::mem::replace(&mut c.known, true) {
                     tracing::warn!(
