@@ -34,6 +34,7 @@ both_backends!(
     a_redis_cluster_carries_topics_of_every_master_in_one_order,
     a_slot_moved_to_another_master_keeps_publishing_and_fan_out,
     presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once,
+    a_cluster_master_down_degrades_the_nodes_until_it_is_back,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -1299,4 +1300,43 @@ async fn presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once
             "{t}"
         );
     }
+}
+
+async fn a_cluster_master_down_degrades_the_nodes_until_it_is_back(backend: Backend) {
+    let mut cluster = RedisCluster::start();
+    let (a, b) = (node(backend, &cluster.url()), node(backend, &cluster.url()));
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let topics = topic_per_master(&cluster);
+    let mut on_b = Client::connect(&b).await;
+    on_b.subscribe(&topics[0], None).await;
+    api_publish(&a, &topics[0], json!("before")).await;
+    assert_eq!(on_b.messages(&topics[0], 1).await, [(1, json!("before"))]);
+    // The third master dies (without persistence: its data goes with it). The link of every
+    // node is one link: down, and requests that need Redis are refused, whatever the topic.
+    cluster.masters[2].kill();
+    for n in [&a, &b] {
+        ready_becomes(n, 503).await;
+    }
+    for t in &topics {
+        let (status, v) = api_publish(&a, t, json!("during")).await;
+        assert_eq!((status, &v["code"]), (503, &json!("unavailable")), "{v}");
+    }
+    // B's subscriber stays, served from the mirror.
+    let mut late = Client::connect(&b).await;
+    let r = late.subscribe(&topics[0], Some((0, "x"))).await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    // Back (its node configuration kept, so it serves its slots again): the nodes reconnect,
+    // follow their topics again and carry on in the same order.
+    cluster.masters[2].restart();
+    cluster.wait_ok();
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    for t in &topics {
+        let (status, v) = api_publish(&a, t, json!("after")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(on_b.messages(&topics[0], 1).await, [(2, json!("after"))]);
 }
