@@ -35,6 +35,7 @@ both_backends!(
     a_slot_moved_to_another_master_keeps_publishing_and_fan_out,
     presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once,
     a_cluster_master_down_degrades_the_nodes_until_it_is_back,
+    a_dead_node_with_many_members_is_swept_in_bounded_runs,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -1339,4 +1340,44 @@ async fn a_cluster_master_down_degrades_the_nodes_until_it_is_back(backend: Back
         assert_eq!(status, 200, "{v}");
     }
     assert_eq!(on_b.messages(&topics[0], 1).await, [(2, json!("after"))]);
+}
+
+async fn a_dead_node_with_many_members_is_swept_in_bounded_runs(backend: Backend) {
+    let redis = Redis::start(false);
+    // A node that died with 2,500 members in "lobby", its heartbeat long past.
+    let populate = r#"EVAL "for i=1,2500 do redis.call('HSET', KEYS[1], 'dead:'..i, '{\"client_id\":\"d'..i..'\",\"user\":\"u\",\"joined_at\":1}') redis.call('SADD', KEYS[2], i..'\\n'..'lobby') end redis.call('ZADD', KEYS[3], 1, 'dead') return 1" 3 ringgate:{lobby}:p ringgate:o:dead ringgate:nodes"#;
+    assert_eq!(redis.command(&[populate]).as_deref(), Some(":1"));
+    assert_eq!(
+        redis.command(&["HLEN", "ringgate:{lobby}:p"]).as_deref(),
+        Some(":2500")
+    );
+    // Heartbeats every 20 s: the sweep is done by the runs that follow each other at once,
+    // 1,000 members each, from the first heartbeat on.
+    let n = node_with(backend, &redis.url(), "presence_ttl = 60", "");
+    ready_becomes(&n, 200).await;
+    let deadline = Instant::now() + PATIENCE;
+    while redis.command(&["EXISTS", "ringgate:o:dead"]).as_deref() != Some(":0")
+        || redis.command(&["HLEN", "ringgate:{lobby}:p"]).as_deref() != Some(":0")
+    {
+        assert!(Instant::now() < deadline, "the dead node was not swept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        redis
+            .command(&["ZSCORE", "ringgate:nodes", "dead"])
+            .as_deref(),
+        Some("$-1"),
+        "the dead owner is forgotten"
+    );
+    let stats = redis.command(&["INFO", "commandstats"]).unwrap_or_default();
+    let spops: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_spop:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        spops >= 3,
+        "2,500 members in runs of at most 1,000: {stats}"
+    );
 }

@@ -703,10 +703,61 @@ impl ClusterLink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use crate::cluster::Tag;
 
     fn s(x: &str) -> Value {
         Value::Str(Bytes::copy_from_slice(x.as_bytes()))
+    }
+
+    fn sent(tag: Option<Tag>, args: &[&[u8]]) -> Sent {
+        let mut bytes = Vec::new();
+        resp::command(&mut bytes, args);
+        Sent {
+            cmd: Command {
+                tag,
+                bytes,
+                slot: 0,
+            },
+            at: Instant::now(),
+        }
+    }
+
+    fn push(items: &[&str]) -> Value {
+        Value::Push(items.iter().map(|i| s(i)).collect())
+    }
+
+    #[test]
+    fn confirmations_answer_their_command_and_an_unasked_unsubscribe_is_news() {
+        let mut pending: VecDeque<Sent> = [
+            sent(None, &[b"SSUBSCRIBE", b"c1"]),
+            sent(Some(Tag::Sync("t".into())), &[b"EVALSHA", b"x"]),
+        ]
+        .into();
+        let mut heard = Vec::new();
+        let mut hear = |h: Heard| {
+            heard.push(match h {
+                Heard::Answer(c, v) => format!("answer {:?} {v:?}", c.tag),
+                Heard::Message { channel, payload } => format!("message {channel:?} {payload:?}"),
+                Heard::Unsubscribed(c) => format!("unsubscribed {c:?}"),
+            })
+        };
+        // Another channel's confirmation is not this command's: Redis ended that one.
+        answer(push(&["sunsubscribe", "c0", "0"]), &mut pending, &mut hear).expect("ok");
+        answer(push(&["ssubscribe", "c1", "1"]), &mut pending, &mut hear).expect("ok");
+        answer(push(&["smessage", "c1", "hi"]), &mut pending, &mut hear).expect("ok");
+        answer(Value::Int(7), &mut pending, &mut hear).expect("ok");
+        // With the read answered, an unsubscribe nobody asked for is news too.
+        answer(push(&["sunsubscribe", "c1", "0"]), &mut pending, &mut hear).expect("ok");
+        assert!(answer(Value::Int(8), &mut pending, &mut hear).is_err());
+        assert_eq!(
+            heard,
+            [
+                "unsubscribed b\"c0\"",
+                "message b\"c1\" b\"hi\"",
+                "answer Some(Sync(\"t\")) Int(7)",
+                "unsubscribed b\"c1\"",
+            ]
+        );
     }
 
     #[test]

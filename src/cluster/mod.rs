@@ -127,6 +127,17 @@ pub enum Pushed {
     Leave(PresenceEntry),
 }
 
+/// What a presence script run found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceAnswer {
+    /// Its owner was missing from the live owners (of the topic, on a Redis Cluster): its
+    /// first heartbeat, or it was swept as dead, or Redis lost its state. Its members then need
+    /// writing again.
+    pub missing: bool,
+    /// It swept as many dead members as one run may: there may be more to sweep now.
+    pub more: bool,
+}
+
 /// What the users channel carries: for every connection of a user, on every node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserMsg {
@@ -201,8 +212,11 @@ return {tonumber(m[2]), m[1], redis.call('LRANGE', KEYS[2], 0, -1), members}
 /// heartbeats stopped, and optionally a change to the owner's members of one topic. Members
 /// live in a hash per topic (`owner:conn` → member JSON) and are indexed per owner
 /// (`conn \n topic`), so the sweep finds a dead owner's members without a scan. Every join and
-/// leave is published once, by the script that made it. Keys are named from the prefix (as
-/// [`Keys`] names them), so this script needs one Redis, not a Redis Cluster.
+/// leave is published once, by the script that made it. One run removes at most 1,000 members
+/// of dead owners (an owner is forgotten once it has none left) and says whether there may be
+/// more, so a dead node with very many members is swept in runs of bounded length, one after
+/// the other. Keys are named from the prefix (as [`Keys`] names them), so this script needs
+/// one Redis, not a Redis Cluster.
 const PRESENCE: &str = r"
 local prefix, owner = ARGV[1], ARGV[2]
 local nodes = prefix .. 'nodes'
@@ -218,16 +232,23 @@ local function leave(topic, field, index, entry)
     redis.call('PUBLISH', prefix .. '{' .. topic .. '}:c', 'l\n' .. field .. '\n' .. member)
   end
 end
+local budget = 1000
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 16)) do
+  if budget <= 0 then
+    break
+  end
   local index = prefix .. 'o:' .. dead
-  for _, entry in ipairs(redis.call('SMEMBERS', index)) do
+  local entries = redis.call('SPOP', index, budget)
+  budget = budget - #entries
+  for _, entry in ipairs(entries) do
     local conn, topic = string.match(entry, '^(%d+)\n(.*)$')
     if conn then
       leave(topic, dead .. ':' .. conn, index, entry)
     end
   end
-  redis.call('DEL', index)
-  redis.call('ZREM', nodes, dead)
+  if redis.call('EXISTS', index) == 0 then
+    redis.call('ZREM', nodes, dead)
+  end
 end
 local topic = ARGV[4]
 if topic ~= '' then
@@ -255,13 +276,14 @@ if topic ~= '' then
     end
   end
 end
-return missing
+return {missing, budget <= 0 and 1 or 0}
 ";
 
 /// Presence on a Redis Cluster, where a script touches one topic's slot only: the topic's
 /// members (`KEYS[1]`) and the deadlines of the owners that have members in it (`KEYS[2]`).
 /// One run heartbeats one owner in one topic, sweeps the owners of the topic whose deadline
-/// passed (their members leave, announced once) and makes the owner's change. A shard runs it
+/// passed (their members leave, announced once; at most 1,000 per run, as [`PRESENCE`]) and
+/// makes the owner's change. A shard runs it
 /// for each topic it has members in, once every third of the TTL, so the topics of a dead
 /// owner are swept by whichever live owner shares them (or by the next one to join them).
 const PRESENCE_TOPIC: &str = r"
@@ -276,6 +298,7 @@ local function leave(field)
     redis.call(verb, channel, 'l\n' .. field .. '\n' .. member)
   end
 end
+local budget = 1000
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 16)
 if #dead > 0 then
   local gone = {}
@@ -283,12 +306,18 @@ if #dead > 0 then
     gone[o] = true
   end
   for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if budget <= 0 then
+      break
+    end
     local o = string.match(field, '^(.*):%d+$')
     if o and gone[o] then
       leave(field)
+      budget = budget - 1
     end
   end
-  redis.call('ZREM', KEYS[2], unpack(dead))
+  if budget > 0 then
+    redis.call('ZREM', KEYS[2], unpack(dead))
+  end
 end
 local mine, gone = owner .. ':', tonumber(ARGV[7])
 local kept = {}
@@ -311,10 +340,10 @@ for i = 8 + gone, #ARGV, 2 do
     redis.call(verb, channel, 'j\n' .. field .. '\n' .. ARGV[i + 1])
   end
 end
-if ARGV[5] == '1' then
-  return missing
+if ARGV[5] ~= '1' then
+  missing = 0
 end
-return 0
+return {missing, budget <= 0 and 1 or 0}
 ";
 
 /// The scripts the link loads on every connection (so `EVALSHA` always finds them).
@@ -581,12 +610,16 @@ impl Keys {
         out
     }
 
-    /// Whether the presence script found its owner missing from the live owners: its first
-    /// heartbeat, or it was swept as dead, or Redis lost its state. Its members then need
-    /// writing again.
-    pub fn presence_answer(v: &Value) -> Result<bool, String> {
+    /// The presence script's answer.
+    pub fn presence_answer(v: &Value) -> Result<PresenceAnswer, String> {
         match v {
-            Value::Int(missing) => Ok(*missing != 0),
+            Value::Array(a) => match &a[..] {
+                [Value::Int(missing), Value::Int(more)] => Ok(PresenceAnswer {
+                    missing: *missing != 0,
+                    more: *more != 0,
+                }),
+                _ => Err(format!("unexpected presence answer {v:?}")),
+            },
             Value::Error(e) => Err(e.clone()),
             _ => Err(format!("unexpected presence answer {v:?}")),
         }

@@ -628,7 +628,25 @@ impl Hub {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        match answer.and_then(|v| Keys::presence_answer(&v)) {
+        let answer = answer.and_then(|v| Keys::presence_answer(&v));
+        if answer.as_ref().is_ok_and(|a| a.more) {
+            // Dead owners' members left to sweep: the next run at once.
+            let beat = topic.as_ref().filter(|_| c.keys.presence_per_topic());
+            match beat {
+                Some(t) => {
+                    let beat = PresenceChange {
+                        topic: t,
+                        replace: false,
+                        leave: &[],
+                        join: &[],
+                        known: true,
+                    };
+                    c.presence(now.at, Some(&beat));
+                }
+                None => c.presence(now.at, None),
+            }
+        }
+        match answer.map(|a| a.missing) {
             Ok(false) => c.known = true,
             Ok(true) if c.keys.presence_per_topic() => {
                 tracing::warn!(
@@ -958,7 +976,10 @@ mod tests {
             cmds.iter().any(|c| c.0 == Some(Tag::Presence(None))),
             "{cmds:?}"
         );
-        let alive = Event::Reply(Tag::Presence(None), Ok(Value::Int(0)));
+        let alive = Event::Reply(
+            Tag::Presence(None),
+            Ok(Value::Array(vec![Value::Int(0), Value::Int(0)])),
+        );
         hub.handle_cluster(now(), alive);
         cmds
     }
@@ -1053,6 +1074,50 @@ mod tests {
             (&false.into(), &"F".into()),
             "{r}"
         );
+    }
+
+    #[test]
+    fn on_a_redis_cluster_a_topic_whose_subscription_ended_is_followed_again() {
+        let tuning = deflate::Tuning {
+            level: 1,
+            threshold: 64,
+        };
+        let rooms = RoomsConfig {
+            presence_events: false,
+            ..RoomsConfig::default()
+        };
+        let cluster = ClusterConfig {
+            redis_url: "redis+cluster://127.0.0.1:7000".into(),
+            ..ClusterConfig::default()
+        };
+        let mut hub = Hub::new(0, 1, rooms, tuning, 1 << 20, 7).with_redis(&cluster);
+        hub.handle_cluster(now(), Event::Up);
+        let cmds = sent(&mut hub);
+        assert!(
+            cmds.iter().all(|c| c.0.is_none()),
+            "nothing to heartbeat without members: {cmds:?}"
+        );
+        let c = conn(&mut hub, 1);
+        hub.subscribe(now(), &c, "t", None, None, None);
+        let cmds = sent(&mut hub);
+        assert!(cmds[0].1.contains("SSUBSCRIBE"), "{cmds:?}");
+        let t = Tag::Sync("t".into());
+        hub.handle_cluster(now(), Event::Reply(t.clone(), Ok(state("E", 1, &[1]))));
+        assert_eq!(drain(&c)[0]["type"], "subscribed");
+        // The member's join: the per-topic script, on the topic's own keys.
+        let cmds = sent(&mut hub);
+        assert_eq!(cmds.len(), 1, "{cmds:?}");
+        assert_eq!(cmds[0].0, Some(Tag::Presence(Some("t".into()))));
+        assert!(cmds[0].1.contains("ringgate:{t}:n"), "{cmds:?}");
+        // The slot moved: the old master ended the subscription. Followed and read again.
+        let channel = Bytes::from_static(b"ringgate:{t}:c");
+        hub.handle_cluster(now(), Event::Unsubscribed(channel));
+        let cmds = sent(&mut hub);
+        assert!(cmds[0].1.contains("SSUBSCRIBE"), "{cmds:?}");
+        assert_eq!(cmds[1].0, Some(t.clone()));
+        push(&mut hub, "E", 3);
+        hub.handle_cluster(now(), Event::Reply(t, Ok(state("E", 3, &[1, 2, 3]))));
+        assert_eq!(seqs(&c), [2, 3], "what was published meanwhile, once");
     }
 
     #[test]
@@ -1254,7 +1319,10 @@ mod tests {
             "{rewrite:?}"
         );
         // A heartbeat that finds this owner swept (or Redis emptied) rewrites every topic.
-        let swept = Event::Reply(Tag::Presence(None), Ok(Value::Int(1)));
+        let swept = Event::Reply(
+            Tag::Presence(None),
+            Ok(Value::Array(vec![Value::Int(1), Value::Int(0)])),
+        );
         hub.handle_cluster(now(), swept);
         let cmds = sent(&mut hub);
         assert_eq!(cmds.len(), 1, "{cmds:?}");
