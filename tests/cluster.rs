@@ -36,6 +36,7 @@ both_backends!(
     presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once,
     a_cluster_master_down_degrades_the_nodes_until_it_is_back,
     a_dead_node_with_many_members_is_swept_in_bounded_runs,
+    tls_to_the_sentinels_and_the_master_with_rediss_sentinel,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -1380,4 +1381,41 @@ async fn a_dead_node_with_many_members_is_swept_in_bounded_runs(backend: Backend
         spops >= 3,
         "2,500 members in runs of at most 1,000: {stats}"
     );
+}
+
+async fn tls_to_the_sentinels_and_the_master_with_rediss_sentinel(backend: Backend) {
+    let certs = CertDir::new().await;
+    let path = |f: &str| certs.file(f).display().to_string();
+    // The same TLS settings for the master (as arguments) and the sentinel (as lines).
+    let tls = |port: u16| {
+        vec![
+            format!("tls-port {port}"),
+            format!("tls-cert-file {}", path("cert.pem")),
+            format!("tls-key-file {}", path("key.pem")),
+            format!("tls-ca-cert-file {}", path("ca.pem")),
+            "tls-auth-clients no".to_string(),
+        ]
+    };
+    let master_tls = Redis::unused_port();
+    let args: Vec<String> = tls(master_tls).iter().map(|l| format!("--{l}")).collect();
+    let args = args.join(" ");
+    let _master = Redis::start_with(Redis::unused_port(), false, &words(&args));
+    // The sentinel watches the master over TLS too, and answers on its TLS port.
+    let sentinel_tls = Redis::unused_port();
+    let more = tls(sentinel_tls).join("\n") + "\ntls-replication yes";
+    let sentinel = Sentinel::start("main", master_tls, &more);
+    let ca = format!("redis_ca_file = \"{}\"", path("ca.pem"));
+    let url = format!("rediss+sentinel://127.0.0.1:{sentinel_tls}/main");
+    let (a, b) = (
+        node_with(backend, &url, &ca, ""),
+        node_with(backend, &url, &ca, ""),
+    );
+    ready_becomes(&a, 200).await;
+    ready_becomes(&b, 200).await;
+    delivers(&a, &b, "secure").await;
+    // TLS to the sentinel's plain port fails the handshake: not ready, and the log says so.
+    let plain = format!("rediss+sentinel://127.0.0.1:{}/main", sentinel.port);
+    let wrong = node_with(backend, &plain, &ca, "");
+    ready_becomes(&wrong, 503).await;
+    log_says(&wrong, "no sentinel named the master").await;
 }

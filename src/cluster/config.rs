@@ -33,7 +33,8 @@ pub struct ClusterConfig {
     /// `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS),
     /// `redis+sentinel://[user[:password]@]host[:port][,host[:port]…]/master[/db]` or
     /// `redis+cluster://[user[:password]@]host[:port][,host[:port]…]` (Redis Cluster, its
-    /// nodes to ask for the slot map; `rediss+cluster://` with TLS) (`REDIS_URL`).
+    /// nodes to ask for the slot map); `rediss+sentinel://` and `rediss+cluster://` with TLS
+    /// to every server (`REDIS_URL`).
     pub redis_url: String,
     /// PEM certificates trusted for `rediss://`, besides the public roots (`REDIS_CA_FILE`).
     pub redis_ca_file: Option<PathBuf>,
@@ -156,6 +157,7 @@ impl ClusterConfig {
             Some(("redis", rest)) => (false, false, false, rest),
             Some(("rediss", rest)) => (true, false, false, rest),
             Some(("redis+sentinel", rest)) => (false, true, false, rest),
+            Some(("rediss+sentinel", rest)) => (true, true, false, rest),
             Some(("redis+cluster", rest)) => (false, false, true, rest),
             Some(("rediss+cluster", rest)) => (true, false, true, rest),
             _ => {
@@ -345,6 +347,8 @@ mod tests {
             }
         );
         assert_eq!((t.password.as_deref(), t.db, t.tls), (Some("pw"), 2, false));
+        let t = target("rediss+sentinel://10.0.0.1/main").expect("valid");
+        assert!(t.tls, "TLS to the sentinels and the master");
     }
 
     #[test]

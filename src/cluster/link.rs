@@ -161,7 +161,7 @@ async fn connect(
     let addr = match &t.endpoint {
         Endpoint::Direct(addr) => addr.clone(),
         Endpoint::Sentinel { sentinels, name } => {
-            master_addr(backend, sentinels, name, cfg, timeout).await?
+            master_addr(backend, sentinels, name, cfg, tls, timeout).await?
         }
         Endpoint::Cluster { .. } => return Err("a cluster has no one address".into()),
     };
@@ -274,17 +274,19 @@ async fn exchange(
     Ok(answers)
 }
 
-/// The master's address, from the first sentinel that knows it.
+/// The master's address, from the first sentinel that knows it (over TLS with
+/// `rediss+sentinel://`, as to the master).
 async fn master_addr(
     backend: Backend,
     sentinels: &[String],
     name: &str,
     cfg: &ClusterConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
 ) -> Result<String, String> {
     let mut why = Vec::new();
     for sentinel in sentinels {
-        match ask_sentinel(backend, sentinel, name, cfg, timeout).await {
+        match ask_sentinel(backend, sentinel, name, cfg, tls, timeout).await {
             Ok(addr) => return Ok(addr),
             Err(e) => why.push(e),
         }
@@ -300,9 +302,10 @@ async fn ask_sentinel(
     sentinel: &str,
     name: &str,
     cfg: &ClusterConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
 ) -> Result<String, String> {
-    let mut stream = open(backend, sentinel, None, timeout).await?;
+    let mut stream = open(backend, sentinel, tls, timeout).await?;
     let mut ask = Vec::new();
     let mut count = 1;
     if let Some(p) = &cfg.sentinel_password {
