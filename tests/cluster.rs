@@ -37,6 +37,7 @@ both_backends!(
     a_cluster_master_down_degrades_the_nodes_until_it_is_back,
     a_dead_node_with_many_members_is_swept_in_bounded_runs,
     tls_to_the_sentinels_and_the_master_with_rediss_sentinel,
+    writes_lost_behind_a_node_s_mirror_start_a_new_epoch,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -1418,4 +1419,47 @@ async fn tls_to_the_sentinels_and_the_master_with_rediss_sentinel(backend: Backe
     let wrong = node_with(backend, &plain, &ca, "");
     ready_becomes(&wrong, 503).await;
     log_says(&wrong, "no sentinel named the master").await;
+}
+
+async fn writes_lost_behind_a_node_s_mirror_start_a_new_epoch(backend: Backend) {
+    let redis = Redis::start(false);
+    let (a, b) = (node(backend, &redis.url()), node(backend, &redis.url()));
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let mut on_b = Client::connect(&b).await;
+    let r = on_b.subscribe("feed", None).await;
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=3 {
+        api_publish(&a, "feed", json!(i)).await;
+    }
+    assert_eq!(on_b.messages("feed", 3).await.len(), 3);
+    // What a failover to a replica that had not received 2 and 3 leaves: seq 1, under the same
+    // epoch. Then every node's connection drops, as it does when the master fails.
+    redis.command(&["HSET", "ringgate:{feed}:s", "s", "1"]);
+    redis.command(&["LTRIM", "ringgate:{feed}:h", "0", "0"]);
+    redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    redis.command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    // B's mirror has seen 3: the topic starts over with a new epoch rather than number new
+    // messages 2 and 3 again under the old one.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let e = redis.command(&["HGET", "ringgate:{feed}:s", "e"]);
+        if e.as_deref().is_some_and(|e| e != epoch) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the epoch stayed {e:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let (status, v) = api_publish(&a, "feed", json!("next")).await;
+    assert_eq!((status, v["seq"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(on_b.messages("feed", 1).await, [(1, json!("next"))]);
+    // A client that saw 3 under the old epoch is told its history is gone.
+    let mut back = Client::connect(&a).await;
+    let r = back.subscribe("feed", Some((3, &epoch))).await;
+    assert_eq!(r["recovered"], false, "{r}");
+    assert_ne!(r["epoch"], json!(epoch), "{r}");
 }

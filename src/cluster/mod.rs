@@ -196,9 +196,16 @@ redis.call(ARGV[11], ARGV[1], 'm\n' .. epoch .. '\n' .. seq .. '\n' .. ARGV[10] 
 return {seq, epoch}
 ";
 
+/// The read of a topic's state. `ARGV[3]`/`ARGV[4]` are the epoch and seq a node's mirror
+/// has seen (empty for a new mirror): Redis behind them under the same epoch lost writes that
+/// were delivered (a failover to a replica that lacked them), and would hand their seqs out
+/// again; the topic starts over with a new epoch instead, as when Redis lost it whole.
 const SYNC: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'e', 's')
 local members = redis.call('HGETALL', KEYS[3])
+if m[1] and m[1] == ARGV[3] and tonumber(m[2]) < tonumber(ARGV[4]) then
+  m[1] = false
+end
 if not m[1] then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
@@ -501,8 +508,21 @@ impl Keys {
     }
 
     /// Subscribes to `topic`, then reads its state ([`Keys::snapshot`] decodes the answer).
-    pub fn follow(&self, topic: &str, epoch: &str) -> (Vec<u8>, Vec<u8>) {
+    ///
+    /// `seen` is the epoch and seq of this node's mirror of the topic, when it has one: if
+    /// Redis is behind it under that epoch, the topic starts over with `epoch`.
+    pub fn follow(
+        &self,
+        topic: &str,
+        epoch: &str,
+        seen: Option<(&str, u64)>,
+    ) -> (Vec<u8>, Vec<u8>) {
         let mut sub = Vec::new();
+        let mut seq = itoa::Buffer::new();
+        let (seen_epoch, seen_seq) = match seen {
+            Some((e, s)) => (e.as_bytes(), seq.format(s).as_bytes()),
+            None => (&b""[..], &b"0"[..]),
+        };
         resp::command(&mut sub, &[self.subscribe_verb(), &self.channel(topic)]);
         let mut read = Vec::new();
         resp::command(
@@ -516,6 +536,8 @@ impl Keys {
                 &self.key(topic, b'p'),
                 epoch.as_bytes(),
                 META_TTL.as_bytes(),
+                seen_epoch,
+                seen_seq,
             ],
         );
         (sub, read)
@@ -836,7 +858,7 @@ mod tests {
             }
         }
         assert_ne!(k.slot("news"), k.slot("sport"));
-        let (sub, _) = k.follow("news", "E");
+        let (sub, _) = k.follow("news", "E", None);
         assert!(sub.windows(10).any(|w| w == b"SSUBSCRIBE"));
     }
 

@@ -120,8 +120,9 @@ impl Cluster {
         self.out.push_back(Command { tag, bytes, slot });
     }
 
-    fn follow(&mut self, topic: &str, epoch: &str) {
-        let (sub, read) = self.keys.follow(topic, epoch);
+    /// Follows `topic` and reads it; `seen` is the epoch and seq of its mirror, if any.
+    fn follow(&mut self, topic: &str, epoch: &str, seen: Option<(&str, u64)>) {
+        let (sub, read) = self.keys.follow(topic, epoch, seen);
         let slot = self.keys.slot(topic);
         self.send(None, slot, sub);
         self.send(Some(Tag::Sync(topic.into())), slot, read);
@@ -247,7 +248,7 @@ impl Hub {
         if let Some(why) = c.refusal() {
             return self.refuse(now, msg, why);
         }
-        c.follow(&topic, &fresh);
+        c.follow(&topic, &fresh, None);
         c.syncing.insert(topic, vec![msg]);
     }
 
@@ -455,10 +456,11 @@ impl Hub {
     pub fn handle_cluster(&mut self, now: Now, event: Event) {
         match event {
             Event::Up => {
-                let mut topics: Vec<(Arc<str>, Arc<str>)> = Vec::new();
-                for t in self.rooms.keys() {
+                let mut topics = Vec::new();
+                for (t, room) in &self.rooms {
                     self.lives += 1;
-                    topics.push((t.clone(), epoch(self.epoch_seed, self.shard, self.lives)));
+                    let fresh = epoch(self.epoch_seed, self.shard, self.lives);
+                    topics.push((t.clone(), fresh, room.epoch.clone(), room.seq));
                 }
                 let Some(c) = self.cluster.as_mut() else {
                     return;
@@ -470,9 +472,9 @@ impl Hub {
                     c.follow_users();
                 }
                 // A new connection follows nothing: follow and read every mirror again.
-                for (t, fresh) in topics {
+                for (t, fresh, seen, seq) in topics {
                     if !c.syncing.contains_key(&t) {
-                        c.follow(&t, &fresh);
+                        c.follow(&t, &fresh, Some((&seen, seq)));
                         c.syncing.insert(t, Vec::new());
                     }
                 }
@@ -517,7 +519,7 @@ impl Hub {
         if c.users && c.keys.is_users(channel) {
             return c.follow_users();
         }
-        let Some((topic, _)) = c
+        let Some((topic, room)) = c
             .keys
             .topic_of(channel)
             .and_then(|t| self.rooms.get_key_value(t))
@@ -526,7 +528,7 @@ impl Hub {
         };
         if !c.syncing.contains_key(topic) {
             tracing::info!(%topic, "Redis ended the topic's subscription: following it again");
-            c.follow(topic, &fresh);
+            c.follow(topic, &fresh, Some((&room.epoch, room.seq)));
             c.syncing.insert(topic.clone(), Vec::new());
         }
     }

@@ -274,7 +274,7 @@ fn seq_of(v: &redis::Value) -> Result<u64, String> {
 
 async fn receive_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (subscribe, _) = keys.follow(TOPIC, "E");
+    let (subscribe, _) = keys.follow(TOPIC, "E", None);
     let _ = tx.send(Command {
         tag: None,
         bytes: subscribe,
