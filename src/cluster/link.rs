@@ -495,6 +495,21 @@ fn channel_of(command: &[u8]) -> Option<Bytes> {
     }
 }
 
+/// Hands `c` to master `i`'s connection; one that has ended gives it back, to be failed with
+/// the rest when the link is made again.
+fn send(
+    to: &[mpsc::UnboundedSender<Command>],
+    i: usize,
+    c: Command,
+) -> Result<(), (String, Vec<Command>)> {
+    match to.get(i) {
+        Some(tx) => tx
+            .send(c)
+            .map_err(|e| ("a master's connection ended".to_string(), vec![e.0])),
+        None => Err(("a master missing from the map".to_string(), vec![c])),
+    }
+}
+
 /// The link to a Redis Cluster (see the module's documentation).
 struct ClusterLink<'a> {
     backend: Backend,
@@ -571,8 +586,9 @@ impl ClusterLink<'_> {
                 tokio::select! {
                     c = commands.recv() => match c {
                         Some(c) => {
-                            let master = map.master(c.slot);
-                            let _ = to[master].send(c);
+                            if let Err(why) = send(&to, map.master(c.slot), c) {
+                                break why;
+                            }
                         }
                         None => return,
                     },
@@ -644,7 +660,7 @@ impl ClusterLink<'_> {
                 if map.master(slot) != before {
                     tracing::info!(shard = self.shard, slot, %addr, "slot moved to another master");
                 }
-                let _ = to[map.master(slot)].send(c);
+                send(to, map.master(slot), c)?;
             }
             Some(Redirect::Ask { slot, addr }) => {
                 let Some(master) = map.index_of(&addr) else {
@@ -660,8 +676,8 @@ impl ClusterLink<'_> {
                     bytes: asking,
                     slot,
                 };
-                let _ = to[master].send(asking);
-                let _ = to[master].send(c);
+                send(to, master, asking)?;
+                send(to, master, c)?;
             }
         }
         Ok(())
