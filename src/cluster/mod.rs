@@ -465,7 +465,7 @@ impl Keys {
         ttl_ms: u64,
         epoch: &str,
     ) -> Vec<u8> {
-        let mut out = Vec::with_capacity(m.head.len() + m.tail.len() + 160);
+        let mut out = Vec::new();
         let (mut wall, mut count, mut ttl) = (
             itoa::Buffer::new(),
             itoa::Buffer::new(),
