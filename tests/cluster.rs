@@ -31,6 +31,13 @@ both_backends!(
     tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server,
     sentinel_failover_moves_every_node_to_the_new_master,
     sentinels_with_a_password_are_asked_with_sentinel_password,
+    a_redis_cluster_carries_topics_of_every_master_in_one_order,
+    a_slot_moved_to_another_master_keeps_publishing_and_fan_out,
+    presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once,
+    a_cluster_master_down_degrades_the_nodes_until_it_is_back,
+    a_dead_node_with_many_members_is_swept_in_bounded_runs,
+    tls_to_the_sentinels_and_the_master_with_rediss_sentinel,
+    writes_lost_behind_a_node_s_mirror_start_a_new_epoch,
 );
 
 /// A node of the cluster: two shards, so topics are homed away from their clients.
@@ -1070,4 +1077,389 @@ async fn sentinels_with_a_password_are_asked_with_sentinel_password(backend: Bac
     ready_becomes(&refused, 503).await;
     log_says(&refused, "refused SENTINEL GET-MASTER-ADDR-BY-NAME").await;
     assert!(refused.log().contains("NOAUTH"), "{}", refused.log());
+}
+
+/// One topic per master of `cluster`: the first of `t0`, `t1`, … whose slot it serves.
+fn topic_per_master(cluster: &RedisCluster) -> Vec<String> {
+    let mut topics = vec![String::new(); 3];
+    for i in 0.. {
+        let topic = format!("t{i}");
+        let master = RedisCluster::master_of(cluster.slot(&format!("ringgate:{{{topic}}}:s")));
+        if topics[master].is_empty() {
+            topics[master] = topic;
+        }
+        if topics.iter().all(|t| !t.is_empty()) {
+            return topics;
+        }
+    }
+    unreachable!()
+}
+
+async fn a_redis_cluster_carries_topics_of_every_master_in_one_order(backend: Backend) {
+    let cluster = RedisCluster::start();
+    let (a, b, c) = (
+        node(backend, &cluster.url()),
+        node(backend, &cluster.url()),
+        node(backend, &cluster.url()),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    let topics = topic_per_master(&cluster);
+    let mut on_b = Client::connect(&b).await;
+    let mut on_c = Client::connect(&c).await;
+    let mut epochs = Vec::new();
+    for t in &topics {
+        let r = on_b.subscribe(t, None).await;
+        assert_eq!(r["type"], "subscribed", "{r}; log:\n{}", b.log());
+        epochs.push(r["epoch"].as_str().expect("epoch").to_string());
+        let r = on_c.subscribe(t, None).await;
+        assert_eq!(
+            r["epoch"],
+            epochs[epochs.len() - 1],
+            "one epoch per topic: {r}"
+        );
+    }
+    // Interleaved publishes on A over the API and a `/ws` client: each topic numbered on
+    // its own master, 1 to 4.
+    let mut publisher = Client::connect(&a).await;
+    for i in 1..=4u64 {
+        for t in &topics {
+            let (status, v) = api_publish(&a, t, json!({"api": i})).await;
+            assert_eq!((status, v["seq"].as_u64()), (200, Some(2 * i - 1)), "{v}");
+            publisher
+                .send(json!({"action": "publish", "topic": t, "data": {"ws": i}, "id": "p"}))
+                .await;
+            let ack = publisher.until(|v| v["id"] == "p").await;
+            assert_eq!(ack["seq"], 2 * i, "{ack}");
+        }
+    }
+    for t in &topics {
+        let got_b = on_b.messages(t, 8).await;
+        let got_c = on_c.messages(t, 8).await;
+        let seqs: Vec<u64> = got_b.iter().map(|m| m.0).collect();
+        assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "{t}");
+        assert_eq!(got_b, got_c, "{t}: one order on every node");
+    }
+    // Each master holds its own topic's keys: the topics are spread.
+    for (m, t) in cluster.masters.iter().zip(&topics) {
+        let key = format!("ringgate:{{{t}}}:h");
+        assert_eq!(m.command(&["LLEN", &key]).as_deref(), Some(":8"), "{t}");
+    }
+    // A client of B that left recovers on C exactly what it missed, from Redis.
+    drop(on_b);
+    for t in &topics {
+        api_publish(&a, t, json!("missed")).await;
+    }
+    let mut back = Client::connect(&c).await;
+    for (t, epoch) in topics.iter().zip(&epochs) {
+        let r = back.subscribe(t, Some((8, epoch))).await;
+        assert_eq!(
+            (&r["recovered"], &r["seq"]),
+            (&json!(true), &json!(9)),
+            "{r}"
+        );
+        assert_eq!(back.messages(t, 1).await, [(9, json!("missed"))]);
+    }
+    // Messages to a user cross the cluster on the users channel.
+    let (status, v) = api_post(&b, "/api/disconnect", json!({"user": "nobody"})).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+async fn a_slot_moved_to_another_master_keeps_publishing_and_fan_out(backend: Backend) {
+    let cluster = RedisCluster::start();
+    let (a, b) = (node(backend, &cluster.url()), node(backend, &cluster.url()));
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let topic = "moving";
+    let keys: Vec<String> = ["s", "h", "p", "n"]
+        .iter()
+        .map(|k| format!("ringgate:{{{topic}}}:{k}"))
+        .collect();
+    let slot = cluster.slot(&keys[0]);
+    let from = RedisCluster::master_of(slot);
+    let to = (from + 1) % 3;
+    let mut on_b = Client::connect(&b).await;
+    let r = on_b.subscribe(topic, None).await;
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=3u64 {
+        let (status, v) = api_publish(&a, topic, json!(i)).await;
+        assert_eq!((status, v["seq"].as_u64()), (200, Some(i)), "{v}");
+    }
+    assert_eq!(on_b.messages(topic, 3).await.len(), 3);
+    // Resharded under the nodes: the next publish is answered MOVED by the old master, and
+    // B's subscription is ended by it.
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    cluster.move_slot(slot, &keys, from, to);
+    for i in 4..=6u64 {
+        let (status, v) = api_publish(&a, topic, json!(i)).await;
+        assert_eq!(
+            (status, v["seq"].as_u64()),
+            (200, Some(i)),
+            "{v}; log:\n{}",
+            a.log()
+        );
+    }
+    log_says(&a, "slot moved to another master").await;
+    log_says(&b, "Redis ended the topic's subscription").await;
+    // B follows the topic on the new master: what was published meanwhile, in order, once.
+    let got = on_b.messages(topic, 3).await;
+    assert_eq!(
+        got,
+        [(4, json!(4)), (5, json!(5)), (6, json!(6))],
+        "{}",
+        b.log()
+    );
+    api_publish(&a, topic, json!(7)).await;
+    assert_eq!(on_b.messages(topic, 1).await, [(7, json!(7))]);
+    // The history moved with the slot: a newcomer recovers from the new master.
+    let mut late = Client::connect(&a).await;
+    let r = late.subscribe(topic, Some((5, &epoch))).await;
+    assert_eq!(
+        (&r["recovered"], &r["epoch"]),
+        (&json!(true), &json!(epoch)),
+        "{r}"
+    );
+    assert_eq!(
+        late.messages(topic, 2).await,
+        [(6, json!(6)), (7, json!(7))]
+    );
+    let key = format!("ringgate:{{{topic}}}:h");
+    assert_eq!(
+        cluster.masters[to].command(&["LLEN", &key]).as_deref(),
+        Some(":7")
+    );
+}
+
+async fn presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once(backend: Backend) {
+    let cluster = RedisCluster::start();
+    let ttl = "presence_ttl = 4";
+    let (a, b, c) = (
+        node_with(backend, &cluster.url(), ttl, ""),
+        node_with(backend, &cluster.url(), ttl, ""),
+        node_with(backend, &cluster.url(), ttl, ""),
+    );
+    for n in [&a, &b, &c] {
+        ready_becomes(n, 200).await;
+    }
+    // Two topics on two masters: each is heartbeated and swept on its own.
+    let topics = topic_per_master(&cluster);
+    let topics = &topics[..2];
+    let mut on = Vec::new();
+    for n in [&b, &c, &a] {
+        let mut client = Client::connect(n).await;
+        for t in topics {
+            client.subscribe(t, None).await;
+        }
+        on.push(client);
+    }
+    let ids: Vec<String> = on.iter().map(|c| c.id.clone()).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for client in &mut on {
+        for t in topics {
+            presence_becomes(client, t, &id_refs).await;
+        }
+    }
+    for client in &mut on {
+        client.presence_events();
+    }
+    // A (the third) dies without a goodbye: B and C hear its member leave each topic once.
+    a.signal(libc::SIGKILL);
+    let killed = on.pop().expect("A's client");
+    let left = |t: &str| {
+        let (t, id) = (t.to_string(), killed.id.clone());
+        move |v: &Value| {
+            v["type"] == "leave" && v["topic"] == t.as_str() && v["client_id"] == id.as_str()
+        }
+    };
+    for client in &mut on {
+        for t in topics {
+            client.until(left(t)).await;
+            presence_becomes(client, t, &id_refs[..2]).await;
+        }
+    }
+    for t in topics {
+        api_publish(&b, t, json!("after")).await;
+    }
+    for client in &mut on {
+        for t in topics {
+            client.messages(t, 1).await;
+        }
+        let events = client.presence_events();
+        assert_eq!(
+            events.iter().filter(|(_, id)| *id == killed.id).count(),
+            0,
+            "a second join or leave of the killed node's member: {events:?}"
+        );
+    }
+    // Each topic's deadlines hold the two live owners (B's and C's home shards) only.
+    for t in topics {
+        let key = format!("ringgate:{{{t}}}:n");
+        let master = &cluster.masters[RedisCluster::master_of(cluster.slot(&key))];
+        assert_eq!(
+            master.command(&["ZCARD", &key]).as_deref(),
+            Some(":2"),
+            "{t}"
+        );
+    }
+}
+
+async fn a_cluster_master_down_degrades_the_nodes_until_it_is_back(backend: Backend) {
+    let mut cluster = RedisCluster::start();
+    let (a, b) = (node(backend, &cluster.url()), node(backend, &cluster.url()));
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let topics = topic_per_master(&cluster);
+    let mut on_b = Client::connect(&b).await;
+    on_b.subscribe(&topics[0], None).await;
+    api_publish(&a, &topics[0], json!("before")).await;
+    assert_eq!(on_b.messages(&topics[0], 1).await, [(1, json!("before"))]);
+    // The third master dies (without persistence: its data goes with it). The link of every
+    // node is one link: down, and requests that need Redis are refused, whatever the topic.
+    cluster.masters[2].kill();
+    for n in [&a, &b] {
+        ready_becomes(n, 503).await;
+    }
+    for t in &topics {
+        let (status, v) = api_publish(&a, t, json!("during")).await;
+        assert_eq!((status, &v["code"]), (503, &json!("unavailable")), "{v}");
+    }
+    // B's subscriber stays, served from the mirror.
+    let mut late = Client::connect(&b).await;
+    let r = late.subscribe(&topics[0], Some((0, "x"))).await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    // Back (its node configuration kept, so it serves its slots again): the nodes reconnect,
+    // follow their topics again and carry on in the same order.
+    cluster.masters[2].restart();
+    cluster.wait_ok();
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    for t in &topics {
+        let (status, v) = api_publish(&a, t, json!("after")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(on_b.messages(&topics[0], 1).await, [(2, json!("after"))]);
+}
+
+async fn a_dead_node_with_many_members_is_swept_in_bounded_runs(backend: Backend) {
+    let redis = Redis::start(false);
+    // A node that died with 2,500 members in "lobby", its heartbeat long past.
+    let populate = r#"EVAL "for i=1,2500 do redis.call('HSET', KEYS[1], 'dead:'..i, '{\"client_id\":\"d'..i..'\",\"user\":\"u\",\"joined_at\":1}') redis.call('SADD', KEYS[2], i..'\\n'..'lobby') end redis.call('ZADD', KEYS[3], 1, 'dead') return 1" 3 ringgate:{lobby}:p ringgate:o:dead ringgate:nodes"#;
+    assert_eq!(redis.command(&[populate]).as_deref(), Some(":1"));
+    assert_eq!(
+        redis.command(&["HLEN", "ringgate:{lobby}:p"]).as_deref(),
+        Some(":2500")
+    );
+    // Heartbeats every 20 s: the sweep is done by the runs that follow each other at once,
+    // 1,000 members each, from the first heartbeat on.
+    let n = node_with(backend, &redis.url(), "presence_ttl = 60", "");
+    ready_becomes(&n, 200).await;
+    let deadline = Instant::now() + PATIENCE;
+    while redis.command(&["EXISTS", "ringgate:o:dead"]).as_deref() != Some(":0")
+        || redis.command(&["HLEN", "ringgate:{lobby}:p"]).as_deref() != Some(":0")
+    {
+        assert!(Instant::now() < deadline, "the dead node was not swept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        redis
+            .command(&["ZSCORE", "ringgate:nodes", "dead"])
+            .as_deref(),
+        Some("$-1"),
+        "the dead owner is forgotten"
+    );
+    let stats = redis.command(&["INFO", "commandstats"]).unwrap_or_default();
+    let spops: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_spop:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        spops >= 3,
+        "2,500 members in runs of at most 1,000: {stats}"
+    );
+}
+
+async fn tls_to_the_sentinels_and_the_master_with_rediss_sentinel(backend: Backend) {
+    let certs = CertDir::new().await;
+    let path = |f: &str| certs.file(f).display().to_string();
+    // The same TLS settings for the master (as arguments) and the sentinel (as lines).
+    let tls = |port: u16| {
+        vec![
+            format!("tls-port {port}"),
+            format!("tls-cert-file {}", path("cert.pem")),
+            format!("tls-key-file {}", path("key.pem")),
+            format!("tls-ca-cert-file {}", path("ca.pem")),
+            "tls-auth-clients no".to_string(),
+        ]
+    };
+    let master_tls = Redis::unused_port();
+    let args: Vec<String> = tls(master_tls).iter().map(|l| format!("--{l}")).collect();
+    let args = args.join(" ");
+    let _master = Redis::start_with(Redis::unused_port(), false, &words(&args));
+    // The sentinel watches the master over TLS too, and answers on its TLS port.
+    let sentinel_tls = Redis::unused_port();
+    let more = tls(sentinel_tls).join("\n") + "\ntls-replication yes";
+    let sentinel = Sentinel::start("main", master_tls, &more);
+    let ca = format!("redis_ca_file = \"{}\"", path("ca.pem"));
+    let url = format!("rediss+sentinel://127.0.0.1:{sentinel_tls}/main");
+    let (a, b) = (
+        node_with(backend, &url, &ca, ""),
+        node_with(backend, &url, &ca, ""),
+    );
+    ready_becomes(&a, 200).await;
+    ready_becomes(&b, 200).await;
+    delivers(&a, &b, "secure").await;
+    // TLS to the sentinel's plain port fails the handshake: not ready, and the log says so.
+    let plain = format!("rediss+sentinel://127.0.0.1:{}/main", sentinel.port);
+    let wrong = node_with(backend, &plain, &ca, "");
+    ready_becomes(&wrong, 503).await;
+    log_says(&wrong, "no sentinel named the master").await;
+}
+
+async fn writes_lost_behind_a_node_s_mirror_start_a_new_epoch(backend: Backend) {
+    let redis = Redis::start(false);
+    let (a, b) = (node(backend, &redis.url()), node(backend, &redis.url()));
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let mut on_b = Client::connect(&b).await;
+    let r = on_b.subscribe("feed", None).await;
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=3 {
+        api_publish(&a, "feed", json!(i)).await;
+    }
+    assert_eq!(on_b.messages("feed", 3).await.len(), 3);
+    // What a failover to a replica that had not received 2 and 3 leaves: seq 1, under the same
+    // epoch. Then every node's connection drops, as it does when the master fails.
+    redis.command(&["HSET", "ringgate:{feed}:s", "s", "1"]);
+    redis.command(&["LTRIM", "ringgate:{feed}:h", "0", "0"]);
+    redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    redis.command(&["CLIENT", "KILL", "TYPE", "normal"]);
+    // B's mirror has seen 3: the topic starts over with a new epoch rather than number new
+    // messages 2 and 3 again under the old one.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let e = redis.command(&["HGET", "ringgate:{feed}:s", "e"]);
+        if e.as_deref().is_some_and(|e| e != epoch) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the epoch stayed {e:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in [&a, &b] {
+        ready_becomes(n, 200).await;
+    }
+    let (status, v) = api_publish(&a, "feed", json!("next")).await;
+    assert_eq!((status, v["seq"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(on_b.messages("feed", 1).await, [(1, json!("next"))]);
+    // A client that saw 3 under the old epoch is told its history is gone.
+    let mut back = Client::connect(&a).await;
+    let r = back.subscribe("feed", Some((3, &epoch))).await;
+    assert_eq!(r["recovered"], false, "{r}");
+    assert_ne!(r["epoch"], json!(epoch), "{r}");
 }

@@ -30,9 +30,11 @@ impl std::str::FromStr for Engine {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     pub engine: Engine,
-    /// `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS) or
-    /// `redis+sentinel://[user[:password]@]host[:port][,host[:port]…]/master[/db]`
-    /// (`REDIS_URL`).
+    /// `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS),
+    /// `redis+sentinel://[user[:password]@]host[:port][,host[:port]…]/master[/db]` or
+    /// `redis+cluster://[user[:password]@]host[:port][,host[:port]…]` (Redis Cluster, its
+    /// nodes to ask for the slot map); `rediss+sentinel://` and `rediss+cluster://` with TLS
+    /// to every server (`REDIS_URL`).
     pub redis_url: String,
     /// PEM certificates trusted for `rediss://`, besides the public roots (`REDIS_CA_FILE`).
     pub redis_ca_file: Option<PathBuf>,
@@ -96,6 +98,9 @@ pub enum Endpoint {
         sentinels: Vec<String>,
         name: String,
     },
+    /// A Redis Cluster: these nodes (`host:port`) are asked in turn for the slot map at each
+    /// connection attempt; commands go to each slot's master.
+    Cluster { seeds: Vec<String> },
 }
 
 impl ClusterConfig {
@@ -148,13 +153,17 @@ impl ClusterConfig {
     /// Parses `redis_url`.
     pub fn target(&self) -> Result<RedisTarget, String> {
         let url = self.redis_url.trim();
-        let (tls, sentinel, rest) = match url.split_once("://") {
-            Some(("redis", rest)) => (false, false, rest),
-            Some(("rediss", rest)) => (true, false, rest),
-            Some(("redis+sentinel", rest)) => (false, true, rest),
+        let (tls, sentinel, cluster, rest) = match url.split_once("://") {
+            Some(("redis", rest)) => (false, false, false, rest),
+            Some(("rediss", rest)) => (true, false, false, rest),
+            Some(("redis+sentinel", rest)) => (false, true, false, rest),
+            Some(("rediss+sentinel", rest)) => (true, true, false, rest),
+            Some(("redis+cluster", rest)) => (false, false, true, rest),
+            Some(("rediss+cluster", rest)) => (true, false, true, rest),
             _ => {
                 return Err(format!(
-                    "{url:?} is not a redis://, rediss:// or redis+sentinel:// URL"
+                    "{url:?} is not a redis://, rediss://, redis+sentinel:// or \
+                     redis+cluster:// URL"
                 ))
             }
         };
@@ -191,11 +200,17 @@ impl ClusterConfig {
                 sentinels: addrs,
                 name: name.to_string(),
             },
+            // Redis Cluster has database 0 only.
+            None if cluster && db != 0 => {
+                return Err(format!("{url:?}: Redis Cluster has no database {db}"))
+            }
+            None if cluster => Endpoint::Cluster { seeds: addrs },
             None => match &addrs[..] {
                 [one] => Endpoint::Direct(one.clone()),
                 _ => {
                     return Err(format!(
-                        "{url:?}: one host only (a list of hosts is for redis+sentinel://)"
+                        "{url:?}: one host only (a list of hosts is for redis+sentinel:// \
+                         and redis+cluster://)"
                     ))
                 }
             },
@@ -241,6 +256,7 @@ impl std::fmt::Display for Endpoint {
             Endpoint::Sentinel { sentinels, name } => {
                 write!(f, "master {name:?} of sentinels {}", sentinels.join(","))
             }
+            Endpoint::Cluster { seeds } => write!(f, "Redis Cluster of {}", seeds.join(",")),
         }
     }
 }
@@ -331,6 +347,31 @@ mod tests {
             }
         );
         assert_eq!((t.password.as_deref(), t.db, t.tls), (Some("pw"), 2, false));
+        let t = target("rediss+sentinel://10.0.0.1/main").expect("valid");
+        assert!(t.tls, "TLS to the sentinels and the master");
+    }
+
+    #[test]
+    fn cluster_urls_list_the_nodes_to_ask_for_the_slot_map() {
+        let t = target("rediss+cluster://app:pw@10.0.0.1:7000,10.0.0.2,[::1]:7002/").expect("ok");
+        assert_eq!(
+            t.endpoint,
+            Endpoint::Cluster {
+                seeds: vec![
+                    "10.0.0.1:7000".into(),
+                    "10.0.0.2:6379".into(),
+                    "[::1]:7002".into()
+                ]
+            }
+        );
+        assert_eq!(
+            (t.tls, t.user.as_deref(), t.password.as_deref()),
+            (true, Some("app"), Some("pw"))
+        );
+        let t = target("redis+cluster://h1:7000").expect("one seed is enough");
+        assert!(!t.tls);
+        let e = target("redis+cluster://h1,h2/1").expect_err("database");
+        assert!(e.contains("no database 1"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,7 @@
 pub mod config;
 pub mod link;
 pub mod resp;
+pub mod slots;
 
 use std::sync::Arc;
 
@@ -44,6 +45,9 @@ pub struct Command {
     pub tag: Option<Tag>,
     /// The command, RESP-encoded.
     pub bytes: Vec<u8>,
+    /// The hash slot of its keys (or channel): on Redis Cluster, it goes to that slot's
+    /// master.
+    pub slot: u16,
 }
 
 /// Names a command's answer for the hub.
@@ -72,6 +76,9 @@ pub enum Event {
     Reply(Tag, Result<Value, String>),
     /// A pub/sub message.
     Message { channel: Bytes, payload: Bytes },
+    /// Redis ended the subscription to `channel` on its own: on Redis Cluster, its slot moved
+    /// to another master. Following it again reaches the new one.
+    Unsubscribed(Bytes),
 }
 
 /// Seq, epoch and write time (ms since the Unix epoch) of one history entry, and the message.
@@ -120,6 +127,17 @@ pub enum Pushed {
     Leave(PresenceEntry),
 }
 
+/// What a presence script run found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceAnswer {
+    /// Its owner was missing from the live owners (of the topic, on a Redis Cluster): its
+    /// first heartbeat, or it was swept as dead, or Redis lost its state. Its members then need
+    /// writing again.
+    pub missing: bool,
+    /// It swept as many dead members as one run may: there may be more to sweep now.
+    pub more: bool,
+}
+
 /// What the users channel carries: for every connection of a user, on every node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserMsg {
@@ -149,6 +167,9 @@ pub struct PresenceChange<'a> {
     pub leave: &'a [u64],
     /// Connections whose member joins, with the member as JSON.
     pub join: &'a [(u64, String)],
+    /// Redis should know this shard's members of the topic already (on a Redis Cluster: the
+    /// answer then tells whether they were lost).
+    pub known: bool,
 }
 
 const PUBLISH: &str = r"
@@ -171,13 +192,20 @@ if cap > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('PUBLISH', ARGV[1], 'm\n' .. epoch .. '\n' .. seq .. '\n' .. ARGV[10] .. '\n' .. msg)
+redis.call(ARGV[11], ARGV[1], 'm\n' .. epoch .. '\n' .. seq .. '\n' .. ARGV[10] .. '\n' .. msg)
 return {seq, epoch}
 ";
 
+/// The read of a topic's state. `ARGV[3]`/`ARGV[4]` are the epoch and seq a node's mirror
+/// has seen (empty for a new mirror): Redis behind them under the same epoch lost writes that
+/// were delivered (a failover to a replica that lacked them), and would hand their seqs out
+/// again; the topic starts over with a new epoch instead, as when Redis lost it whole.
 const SYNC: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'e', 's')
 local members = redis.call('HGETALL', KEYS[3])
+if m[1] and m[1] == ARGV[3] and tonumber(m[2]) < tonumber(ARGV[4]) then
+  m[1] = false
+end
 if not m[1] then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
@@ -191,8 +219,11 @@ return {tonumber(m[2]), m[1], redis.call('LRANGE', KEYS[2], 0, -1), members}
 /// heartbeats stopped, and optionally a change to the owner's members of one topic. Members
 /// live in a hash per topic (`owner:conn` → member JSON) and are indexed per owner
 /// (`conn \n topic`), so the sweep finds a dead owner's members without a scan. Every join and
-/// leave is published once, by the script that made it. Keys are named from the prefix, so
-/// this script needs one Redis, not a Redis Cluster.
+/// leave is published once, by the script that made it. One run removes at most 1,000 members
+/// of dead owners (an owner is forgotten once it has none left) and says whether there may be
+/// more, so a dead node with very many members is swept in runs of bounded length, one after
+/// the other. Keys are named from the prefix (as [`Keys`] names them), so this script needs
+/// one Redis, not a Redis Cluster.
 const PRESENCE: &str = r"
 local prefix, owner = ARGV[1], ARGV[2]
 local nodes = prefix .. 'nodes'
@@ -200,28 +231,35 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local missing = redis.call('ZADD', nodes, now + tonumber(ARGV[3]), owner)
 local function leave(topic, field, index, entry)
-  local key = prefix .. 'p:' .. topic
+  local key = prefix .. '{' .. topic .. '}:p'
   local member = redis.call('HGET', key, field)
   if member then
     redis.call('HDEL', key, field)
     redis.call('SREM', index, entry)
-    redis.call('PUBLISH', prefix .. 'c:' .. topic, 'l\n' .. field .. '\n' .. member)
+    redis.call('PUBLISH', prefix .. '{' .. topic .. '}:c', 'l\n' .. field .. '\n' .. member)
   end
 end
+local budget = 1000
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 16)) do
+  if budget <= 0 then
+    break
+  end
   local index = prefix .. 'o:' .. dead
-  for _, entry in ipairs(redis.call('SMEMBERS', index)) do
+  local entries = redis.call('SPOP', index, budget)
+  budget = budget - #entries
+  for _, entry in ipairs(entries) do
     local conn, topic = string.match(entry, '^(%d+)\n(.*)$')
     if conn then
       leave(topic, dead .. ':' .. conn, index, entry)
     end
   end
-  redis.call('DEL', index)
-  redis.call('ZREM', nodes, dead)
+  if redis.call('EXISTS', index) == 0 then
+    redis.call('ZREM', nodes, dead)
+  end
 end
 local topic = ARGV[4]
 if topic ~= '' then
-  local key, index, mine = prefix .. 'p:' .. topic, prefix .. 'o:' .. owner, owner .. ':'
+  local key, index, mine = prefix .. '{' .. topic .. '}:p', prefix .. 'o:' .. owner, owner .. ':'
   local gone = tonumber(ARGV[6])
   local kept = {}
   for i = 7 + gone, #ARGV, 2 do
@@ -241,19 +279,88 @@ if topic ~= '' then
     local field = mine .. ARGV[i]
     if redis.call('HSET', key, field, ARGV[i + 1]) == 1 then
       redis.call('SADD', index, ARGV[i] .. '\n' .. topic)
-      redis.call('PUBLISH', prefix .. 'c:' .. topic, 'j\n' .. field .. '\n' .. ARGV[i + 1])
+      redis.call('PUBLISH', prefix .. '{' .. topic .. '}:c', 'j\n' .. field .. '\n' .. ARGV[i + 1])
     end
   end
 end
-return missing
+return {missing, budget <= 0 and 1 or 0}
+";
+
+/// Presence on a Redis Cluster, where a script touches one topic's slot only: the topic's
+/// members (`KEYS[1]`) and the deadlines of the owners that have members in it (`KEYS[2]`).
+/// One run heartbeats one owner in one topic, sweeps the owners of the topic whose deadline
+/// passed (their members leave, announced once; at most 1,000 per run, as [`PRESENCE`]) and
+/// makes the owner's change. A shard runs it
+/// for each topic it has members in, once every third of the TTL, so the topics of a dead
+/// owner are swept by whichever live owner shares them (or by the next one to join them).
+const PRESENCE_TOPIC: &str = r"
+local channel, owner, verb = ARGV[1], ARGV[2], ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local missing = redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), owner)
+local function leave(field)
+  local member = redis.call('HGET', KEYS[1], field)
+  if member then
+    redis.call('HDEL', KEYS[1], field)
+    redis.call(verb, channel, 'l\n' .. field .. '\n' .. member)
+  end
+end
+local budget = 1000
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 16)
+if #dead > 0 then
+  local gone = {}
+  for _, o in ipairs(dead) do
+    gone[o] = true
+  end
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if budget <= 0 then
+      break
+    end
+    local o = string.match(field, '^(.*):%d+$')
+    if o and gone[o] then
+      leave(field)
+      budget = budget - 1
+    end
+  end
+  if budget > 0 then
+    redis.call('ZREM', KEYS[2], unpack(dead))
+  end
+end
+local mine, gone = owner .. ':', tonumber(ARGV[7])
+local kept = {}
+for i = 8 + gone, #ARGV, 2 do
+  kept[mine .. ARGV[i]] = true
+end
+if ARGV[6] == '1' then
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(field, 1, #mine) == mine and not kept[field] then
+      leave(field)
+    end
+  end
+end
+for i = 8, 7 + gone do
+  leave(mine .. ARGV[i])
+end
+for i = 8 + gone, #ARGV, 2 do
+  local field = mine .. ARGV[i]
+  if redis.call('HSET', KEYS[1], field, ARGV[i + 1]) == 1 then
+    redis.call(verb, channel, 'j\n' .. field .. '\n' .. ARGV[i + 1])
+  end
+end
+if ARGV[5] ~= '1' then
+  missing = 0
+end
+return {missing, budget <= 0 and 1 or 0}
 ";
 
 /// The scripts the link loads on every connection (so `EVALSHA` always finds them).
-pub const SCRIPTS: &[&str] = &[PUBLISH, SYNC, PRESENCE];
+pub const SCRIPTS: &[&str] = &[PUBLISH, SYNC, PRESENCE, PRESENCE_TOPIC];
 
 /// How long a topic's epoch and seq outlive its last publish: much longer than its history,
 /// so that history running out is told apart from the topic's state being lost.
 pub const META_TTL_MS: u64 = 24 * 3600 * 1000;
+/// [`META_TTL_MS`] as the scripts get it.
+const META_TTL: &str = "86400000";
 
 fn sha(script: &str) -> String {
     Sha1::digest(script.as_bytes())
@@ -263,41 +370,84 @@ fn sha(script: &str) -> String {
 }
 
 /// Builds the commands of one deployment (its key prefix) and reads their answers.
+///
+/// A topic's keys and channel are `prefix{topic}:kind`: the topic is their hash tag, so on a
+/// Redis Cluster they live in one slot (one master), where one script may touch them all.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// Redis Cluster: sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`), each channel on its slot's
+    /// master.
+    sharded: bool,
     publish_sha: String,
     sync_sha: String,
     presence_sha: String,
+    presence_topic_sha: String,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Keys {
+    pub fn new(prefix: &str, sharded: bool) -> Keys {
         Keys {
             prefix: prefix.to_string(),
+            sharded,
             publish_sha: sha(PUBLISH),
             sync_sha: sha(SYNC),
             presence_sha: sha(PRESENCE),
+            presence_topic_sha: sha(PRESENCE_TOPIC),
         }
     }
 
-    fn key(&self, kind: &str, topic: &str) -> Vec<u8> {
-        format!("{}{kind}:{topic}", self.prefix).into_bytes()
+    /// `prefix{topic}:kind`.
+    fn key(&self, topic: &str, kind: u8) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.prefix.len() + topic.len() + 4);
+        key.extend_from_slice(self.prefix.as_bytes());
+        key.push(b'{');
+        key.extend_from_slice(topic.as_bytes());
+        key.extend_from_slice(b"}:");
+        key.push(kind);
+        key
     }
 
     fn channel(&self, topic: &str) -> Vec<u8> {
-        self.key("c", topic)
+        self.key(topic, b'c')
+    }
+
+    /// The hash slot of `topic`'s keys and channel.
+    pub fn slot(&self, topic: &str) -> u16 {
+        slots::slot(&self.channel(topic))
     }
 
     /// The channel of messages to users, which one shard of every node follows.
     fn users(&self) -> Vec<u8> {
-        format!("{}users", self.prefix).into_bytes()
+        format!("{}{{users}}", self.prefix).into_bytes()
+    }
+
+    /// The hash slot of the users channel.
+    pub fn users_slot(&self) -> u16 {
+        slots::slot(&self.users())
+    }
+
+    fn publish_verb(&self) -> &'static [u8] {
+        if self.sharded {
+            b"SPUBLISH"
+        } else {
+            b"PUBLISH"
+        }
+    }
+
+    fn subscribe_verb(&self) -> &'static [u8] {
+        if self.sharded {
+            b"SSUBSCRIBE"
+        } else {
+            b"SUBSCRIBE"
+        }
     }
 
     /// The topic a channel carries, when it is one of ours.
     pub fn topic_of<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
         let rest = channel.strip_prefix(self.prefix.as_bytes())?;
-        std::str::from_utf8(rest.strip_prefix(b"c:")?).ok()
+        let topic = rest.strip_prefix(b"{")?.strip_suffix(b"}:c")?;
+        std::str::from_utf8(topic).ok()
     }
 
     pub fn is_users(&self, channel: &[u8]) -> bool {
@@ -315,25 +465,31 @@ impl Keys {
         ttl_ms: u64,
         epoch: &str,
     ) -> Vec<u8> {
-        let mut out = Vec::with_capacity(m.head.len() + m.tail.len() + 160);
+        let mut out = Vec::new();
+        let (mut wall, mut count, mut ttl) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
         resp::command(
             &mut out,
             &[
                 b"EVALSHA",
                 self.publish_sha.as_bytes(),
                 b"2",
-                &self.key("s", topic),
-                &self.key("h", topic),
+                &self.key(topic, b's'),
+                &self.key(topic, b'h'),
                 &self.channel(topic),
                 m.head,
                 m.tail,
-                wall_ms.to_string().as_bytes(),
-                cap.to_string().as_bytes(),
-                ttl_ms.max(1).to_string().as_bytes(),
+                wall.format(wall_ms).as_bytes(),
+                count.format(cap).as_bytes(),
+                ttl.format(ttl_ms.max(1)).as_bytes(),
                 epoch.as_bytes(),
-                META_TTL_MS.to_string().as_bytes(),
+                META_TTL.as_bytes(),
                 if m.binary { b"b" } else { b"" },
                 trace_line(m.trace).as_bytes(),
+                self.publish_verb(),
             ],
         );
         out
@@ -344,14 +500,30 @@ impl Keys {
         let mut payload = format!("v\n{}\n", trace_line(trace)).into_bytes();
         payload.extend_from_slice(msg);
         let mut out = Vec::with_capacity(payload.len() + 64);
-        resp::command(&mut out, &[b"PUBLISH", &self.channel(topic), &payload]);
+        resp::command(
+            &mut out,
+            &[self.publish_verb(), &self.channel(topic), &payload],
+        );
         out
     }
 
     /// Subscribes to `topic`, then reads its state ([`Keys::snapshot`] decodes the answer).
-    pub fn follow(&self, topic: &str, epoch: &str) -> (Vec<u8>, Vec<u8>) {
+    ///
+    /// `seen` is the epoch and seq of this node's mirror of the topic, when it has one: if
+    /// Redis is behind it under that epoch, the topic starts over with `epoch`.
+    pub fn follow(
+        &self,
+        topic: &str,
+        epoch: &str,
+        seen: Option<(&str, u64)>,
+    ) -> (Vec<u8>, Vec<u8>) {
         let mut sub = Vec::new();
-        resp::command(&mut sub, &[b"SUBSCRIBE", &self.channel(topic)]);
+        let mut seq = itoa::Buffer::new();
+        let (seen_epoch, seen_seq) = match seen {
+            Some((e, s)) => (e.as_bytes(), seq.format(s).as_bytes()),
+            None => (&b""[..], &b"0"[..]),
+        };
+        resp::command(&mut sub, &[self.subscribe_verb(), &self.channel(topic)]);
         let mut read = Vec::new();
         resp::command(
             &mut read,
@@ -359,11 +531,13 @@ impl Keys {
                 b"EVALSHA",
                 self.sync_sha.as_bytes(),
                 b"3",
-                &self.key("s", topic),
-                &self.key("h", topic),
-                &self.key("p", topic),
+                &self.key(topic, b's'),
+                &self.key(topic, b'h'),
+                &self.key(topic, b'p'),
                 epoch.as_bytes(),
-                META_TTL_MS.to_string().as_bytes(),
+                META_TTL.as_bytes(),
+                seen_epoch,
+                seen_seq,
             ],
         );
         (sub, read)
@@ -371,15 +545,26 @@ impl Keys {
 
     pub fn unfollow(&self, topic: &str) -> Vec<u8> {
         let mut out = Vec::new();
-        resp::command(&mut out, &[b"UNSUBSCRIBE", &self.channel(topic)]);
+        let verb: &[u8] = if self.sharded {
+            b"SUNSUBSCRIBE"
+        } else {
+            b"UNSUBSCRIBE"
+        };
+        resp::command(&mut out, &[verb, &self.channel(topic)]);
         out
     }
 
     /// A heartbeat of `owner`, which is alive for `ttl_ms` more, with `change` to its members
     /// if any. Owners whose heartbeats stopped are swept on the way: their members leave.
     /// [`Keys::presence_answer`] reads the answer.
+    ///
+    /// On a Redis Cluster the heartbeat is per topic (`change` with nothing to change) and
+    /// sweeps that topic only ([`Keys::presence_per_topic`]).
     pub fn presence(&self, owner: &str, ttl_ms: u64, change: Option<&PresenceChange>) -> Vec<u8> {
         let ttl = ttl_ms.to_string();
+        if let (true, Some(c)) = (self.sharded, change) {
+            return self.presence_topic(owner, &ttl, c);
+        }
         let mut args: Vec<Vec<u8>> = vec![
             b"EVALSHA".to_vec(),
             self.presence_sha.as_bytes().to_vec(),
@@ -407,12 +592,56 @@ impl Keys {
         out
     }
 
-    /// Whether the presence script found its owner missing from the live owners: its first
-    /// heartbeat, or it was swept as dead, or Redis lost its state. Its members then need
-    /// writing again.
-    pub fn presence_answer(v: &Value) -> Result<bool, String> {
+    /// Presence is heartbeated and swept per topic (on a Redis Cluster): [`Keys::presence`]
+    /// wants a change (maybe empty) for each topic the shard has members in.
+    pub fn presence_per_topic(&self) -> bool {
+        self.sharded
+    }
+
+    fn presence_topic(&self, owner: &str, ttl: &str, c: &PresenceChange) -> Vec<u8> {
+        let numbers: Vec<String> = std::iter::once(c.leave.len())
+            .map(|n| n.to_string())
+            .chain(c.leave.iter().map(u64::to_string))
+            .collect();
+        let joins: Vec<String> = c.join.iter().map(|(conn, _)| conn.to_string()).collect();
+        let (members, deadlines, channel) = (
+            self.key(c.topic, b'p'),
+            self.key(c.topic, b'n'),
+            self.channel(c.topic),
+        );
+        let mut args: Vec<&[u8]> = vec![
+            b"EVALSHA",
+            self.presence_topic_sha.as_bytes(),
+            b"2",
+            &members,
+            &deadlines,
+            &channel,
+            owner.as_bytes(),
+            ttl.as_bytes(),
+            self.publish_verb(),
+            if c.known { b"1" } else { b"0" },
+            if c.replace { b"1" } else { b"0" },
+        ];
+        args.extend(numbers.iter().map(|n| n.as_bytes()));
+        for ((_, json), conn) in c.join.iter().zip(&joins) {
+            args.push(conn.as_bytes());
+            args.push(json.as_bytes());
+        }
+        let mut out = Vec::new();
+        resp::command(&mut out, &args);
+        out
+    }
+
+    /// The presence script's answer.
+    pub fn presence_answer(v: &Value) -> Result<PresenceAnswer, String> {
         match v {
-            Value::Int(missing) => Ok(*missing != 0),
+            Value::Array(a) => match &a[..] {
+                [Value::Int(missing), Value::Int(more)] => Ok(PresenceAnswer {
+                    missing: *missing != 0,
+                    more: *more != 0,
+                }),
+                _ => Err(format!("unexpected presence answer {v:?}")),
+            },
             Value::Error(e) => Err(e.clone()),
             _ => Err(format!("unexpected presence answer {v:?}")),
         }
@@ -421,7 +650,7 @@ impl Keys {
     /// Follows the users channel.
     pub fn follow_users(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        resp::command(&mut out, &[b"SUBSCRIBE", &self.users()]);
+        resp::command(&mut out, &[self.subscribe_verb(), &self.users()]);
         out
     }
 
@@ -438,7 +667,7 @@ impl Keys {
             }
         };
         let mut out = Vec::new();
-        resp::command(&mut out, &[b"PUBLISH", &self.users(), &payload]);
+        resp::command(&mut out, &[self.publish_verb(), &self.users(), &payload]);
         out
     }
 
@@ -609,10 +838,28 @@ mod tests {
 
     #[test]
     fn channels_name_their_topic_and_nothing_else() {
-        let k = Keys::new("rg:");
-        assert_eq!(k.topic_of(&k.channel("a:b")), Some("a:b"));
-        assert_eq!(k.topic_of(b"rg:h:a"), None);
-        assert_eq!(k.topic_of(b"other:c:a"), None);
+        let k = Keys::new("rg:", false);
+        for topic in ["a:b", "", "}x{", "{t}"] {
+            assert_eq!(k.topic_of(&k.channel(topic)), Some(topic));
+        }
+        assert_eq!(k.topic_of(b"rg:{a}:h"), None);
+        assert_eq!(k.topic_of(b"other:{a}:c"), None);
+        assert_eq!(k.topic_of(&k.users()), None);
+        assert_eq!(META_TTL.parse(), Ok(META_TTL_MS));
+    }
+
+    #[test]
+    fn a_topic_s_keys_and_channel_share_its_slot() {
+        let k = Keys::new("rg:", true);
+        for topic in ["news", "a:b", "x}y"] {
+            let slot = k.slot(topic);
+            for kind in [b's', b'h', b'p', b'c'] {
+                assert_eq!(slots::slot(&k.key(topic, kind)), slot, "{topic}");
+            }
+        }
+        assert_ne!(k.slot("news"), k.slot("sport"));
+        let (sub, _) = k.follow("news", "E", None);
+        assert!(sub.windows(10).any(|w| w == b"SSUBSCRIBE"));
     }
 
     #[test]
@@ -670,7 +917,7 @@ mod tests {
 
     #[test]
     fn user_messages_round_trip_through_the_users_channel() {
-        let k = Keys::new("rg:");
+        let k = Keys::new("rg:", false);
         for m in [
             UserMsg::Message {
                 user: "a\nb".into(),

@@ -54,6 +54,9 @@ const MAX_DEPTH: usize = 8;
 /// Appends `args` as one command (an array of bulk strings). Lengths go through `itoa`:
 /// `format!` per argument was most of a publish's CPU (bench/CLUSTER.md).
 pub fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    // One allocation: each argument takes at most 15 bytes of framing (`$`, its length, two
+    // CRLFs).
+    out.reserve(16 + args.iter().map(|a| a.len() + 15).sum::<usize>());
     let mut len = itoa::Buffer::new();
     let mut head = |out: &mut Vec<u8>, kind: u8, n: usize| {
         out.push(kind);

@@ -35,7 +35,7 @@ use bytes::Bytes;
 
 use super::room::{Member, Room, Stored};
 use super::{epoch, proto, ApiAnswer, Held, Hub, HubMsg, Meta, Now, Payload, Publish, Reply};
-use crate::cluster::config::ClusterConfig;
+use crate::cluster::config::{ClusterConfig, Endpoint};
 use crate::cluster::{
     Command, Event, Keys, Message, PresenceChange, PresenceEntry, Pushed, Snapshot, Tag, UserMsg,
     Value,
@@ -74,12 +74,18 @@ pub struct Cluster {
     /// Redis has answered a heartbeat of this owner: from then on, Redis not knowing it means
     /// it was swept or Redis lost its data.
     known: bool,
+    /// On a Redis Cluster: the topics this shard has members of in Redis, each heartbeated on
+    /// its own ([`Keys::presence_per_topic`]).
+    present: BTreeSet<Arc<str>>,
 }
 
 impl Cluster {
     fn new(cfg: &ClusterConfig, owner: Arc<str>, users: bool) -> Cluster {
+        let sharded = cfg
+            .target()
+            .is_ok_and(|t| matches!(t.endpoint, Endpoint::Cluster { .. }));
         Cluster {
-            keys: Keys::new(&cfg.key_prefix),
+            keys: Keys::new(&cfg.key_prefix, sharded),
             owner,
             up: false,
             in_flight: 0,
@@ -93,6 +99,7 @@ impl Cluster {
             stale: BTreeSet::new(),
             users,
             known: false,
+            present: BTreeSet::new(),
         }
     }
 
@@ -107,23 +114,67 @@ impl Cluster {
         }
     }
 
-    fn send(&mut self, tag: Option<Tag>, bytes: Vec<u8>) {
+    /// Queues a command for the keys (or channel) of `slot`.
+    fn send(&mut self, tag: Option<Tag>, slot: u16, bytes: Vec<u8>) {
         self.in_flight += usize::from(tag.is_some());
-        self.out.push_back(Command { tag, bytes });
+        self.out.push_back(Command { tag, bytes, slot });
     }
 
-    fn follow(&mut self, topic: &str, epoch: &str) {
-        let (sub, read) = self.keys.follow(topic, epoch);
-        self.send(None, sub);
-        self.send(Some(Tag::Sync(topic.into())), read);
+    /// Follows `topic` and reads it; `seen` is the epoch and seq of its mirror, if any.
+    fn follow(&mut self, topic: &str, epoch: &str, seen: Option<(&str, u64)>) {
+        let (sub, read) = self.keys.follow(topic, epoch, seen);
+        let slot = self.keys.slot(topic);
+        self.send(None, slot, sub);
+        self.send(Some(Tag::Sync(topic.into())), slot, read);
     }
 
-    /// Heartbeats this owner (and writes `change`); due again a third of the TTL later.
+    fn unfollow(&mut self, topic: &str) {
+        let bytes = self.keys.unfollow(topic);
+        self.send(None, self.keys.slot(topic), bytes);
+    }
+
+    fn follow_users(&mut self) {
+        let bytes = self.keys.follow_users();
+        self.send(None, self.keys.users_slot(), bytes);
+    }
+
+    /// Heartbeats this owner (and writes `change`); due again a third of the TTL later. On a
+    /// Redis Cluster each topic is heartbeated on its own, and a change heartbeats its topic
+    /// only.
     fn presence(&mut self, at: Instant, change: Option<&PresenceChange>) {
         let ttl_ms = self.presence_ttl.as_millis() as u64;
-        let bytes = self.keys.presence(&self.owner, ttl_ms, change);
-        self.send(Some(Tag::Presence(change.map(|c| c.topic.into()))), bytes);
+        if !self.keys.presence_per_topic() {
+            let bytes = self.keys.presence(&self.owner, ttl_ms, change);
+            // One Redis only: the slot does not route it.
+            self.send(
+                Some(Tag::Presence(change.map(|c| c.topic.into()))),
+                0,
+                bytes,
+            );
+            self.next_beat = Some(at + self.presence_ttl / 3);
+            return;
+        }
+        if let Some(change) = change {
+            return self.presence_of_topic(ttl_ms, change);
+        }
+        let topics: Vec<Arc<str>> = self.present.iter().cloned().collect();
+        for topic in &topics {
+            let beat = PresenceChange {
+                topic,
+                replace: false,
+                leave: &[],
+                join: &[],
+                known: true,
+            };
+            self.presence_of_topic(ttl_ms, &beat);
+        }
         self.next_beat = Some(at + self.presence_ttl / 3);
+    }
+
+    fn presence_of_topic(&mut self, ttl_ms: u64, change: &PresenceChange) {
+        let bytes = self.keys.presence(&self.owner, ttl_ms, Some(change));
+        let tag = Tag::Presence(Some(change.topic.into()));
+        self.send(Some(tag), self.keys.slot(change.topic), bytes);
     }
 }
 
@@ -197,7 +248,7 @@ impl Hub {
         if let Some(why) = c.refusal() {
             return self.refuse(now, msg, why);
         }
-        c.follow(&topic, &fresh);
+        c.follow(&topic, &fresh, None);
         c.syncing.insert(topic, vec![msg]);
     }
 
@@ -255,6 +306,7 @@ impl Hub {
             volatile = p.volatile,
             "room message sent to Redis"
         );
+        let slot = c.keys.slot(topic);
         let bytes = if p.volatile {
             let (msg, _) = p.encode(topic, None, now.wall);
             c.keys.publish_volatile(topic, &msg, trace)
@@ -280,7 +332,7 @@ impl Hub {
         };
         c.next_publish += 1;
         c.publishes.insert(c.next_publish, (reply, p.volatile));
-        c.send(Some(Tag::Publish(c.next_publish)), bytes);
+        c.send(Some(Tag::Publish(c.next_publish)), slot, bytes);
     }
 
     /// A message for users on every node, through Redis.
@@ -293,7 +345,7 @@ impl Hub {
             return Err(why.into());
         }
         let bytes = c.keys.to_users(&msg);
-        c.send(Some(Tag::ToUsers), bytes);
+        c.send(Some(Tag::ToUsers), c.keys.users_slot(), bytes);
         Ok(())
     }
 
@@ -307,6 +359,10 @@ impl Hub {
         conn: u64,
         member: &Member,
     ) {
+        let left_none = self
+            .rooms
+            .get(topic)
+            .is_none_or(|r| r.listed().next().is_none());
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
@@ -325,8 +381,14 @@ impl Hub {
             replace: false,
             leave: &leave,
             join: &join,
+            known: c.present.contains(topic),
         };
         c.presence(now.at, Some(&change));
+        if left_none {
+            c.present.remove(topic);
+        } else {
+            c.present.insert(topic.clone());
+        }
     }
 
     /// Writes the members of the stale topics whole, as long as Redis takes commands.
@@ -348,8 +410,14 @@ impl Hub {
                 replace: true,
                 leave: &[],
                 join: &join,
+                known: false,
             };
             c.presence(now.at, Some(&change));
+            if join.is_empty() {
+                c.present.remove(&topic);
+            } else {
+                c.present.insert(topic);
+            }
         }
     }
 
@@ -377,8 +445,7 @@ impl Hub {
             return;
         }
         if c.up {
-            let bytes = c.keys.unfollow(topic);
-            c.send(None, bytes);
+            c.unfollow(topic);
         }
         self.history_bytes -= room.history_bytes();
         self.history_len -= room.history_len();
@@ -389,10 +456,11 @@ impl Hub {
     pub fn handle_cluster(&mut self, now: Now, event: Event) {
         match event {
             Event::Up => {
-                let mut topics: Vec<(Arc<str>, Arc<str>)> = Vec::new();
-                for t in self.rooms.keys() {
+                let mut topics = Vec::new();
+                for (t, room) in &self.rooms {
                     self.lives += 1;
-                    topics.push((t.clone(), epoch(self.epoch_seed, self.shard, self.lives)));
+                    let fresh = epoch(self.epoch_seed, self.shard, self.lives);
+                    topics.push((t.clone(), fresh, room.epoch.clone(), room.seq));
                 }
                 let Some(c) = self.cluster.as_mut() else {
                     return;
@@ -401,13 +469,12 @@ impl Hub {
                 // First the heartbeat: no member of this owner is written before it is alive.
                 c.presence(now.at, None);
                 if c.users {
-                    let bytes = c.keys.follow_users();
-                    c.send(None, bytes);
+                    c.follow_users();
                 }
                 // A new connection follows nothing: follow and read every mirror again.
-                for (t, fresh) in topics {
+                for (t, fresh, seen, seq) in topics {
                     if !c.syncing.contains_key(&t) {
-                        c.follow(&t, &fresh);
+                        c.follow(&t, &fresh, Some((&seen, seq)));
                         c.syncing.insert(t, Vec::new());
                     }
                 }
@@ -437,6 +504,32 @@ impl Hub {
                 }
             }
             Event::Message { channel, payload } => self.pushed(now, &channel, &payload),
+            Event::Unsubscribed(channel) => self.unsubscribed(&channel),
+        }
+    }
+
+    /// Redis ended a subscription (on a Redis Cluster, its slot moved to another master):
+    /// followed again, and a mirror read again, as after a reconnection.
+    fn unsubscribed(&mut self, channel: &[u8]) {
+        self.lives += 1;
+        let fresh = epoch(self.epoch_seed, self.shard, self.lives);
+        let Some(c) = self.cluster.as_mut().filter(|c| c.up) else {
+            return;
+        };
+        if c.users && c.keys.is_users(channel) {
+            return c.follow_users();
+        }
+        let Some((topic, room)) = c
+            .keys
+            .topic_of(channel)
+            .and_then(|t| self.rooms.get_key_value(t))
+        else {
+            return;
+        };
+        if !c.syncing.contains_key(topic) {
+            tracing::info!(%topic, "Redis ended the topic's subscription: following it again");
+            c.follow(topic, &fresh, Some((&room.epoch, room.seq)));
+            c.syncing.insert(topic.clone(), Vec::new());
         }
     }
 
@@ -537,8 +630,36 @@ impl Hub {
         let Some(c) = self.cluster.as_mut() else {
             return;
         };
-        match answer.and_then(|v| Keys::presence_answer(&v)) {
+        let answer = answer.and_then(|v| Keys::presence_answer(&v));
+        if answer.as_ref().is_ok_and(|a| a.more) {
+            // Dead owners' members left to sweep: the next run at once.
+            let beat = topic.as_ref().filter(|_| c.keys.presence_per_topic());
+            match beat {
+                Some(t) => {
+                    let beat = PresenceChange {
+                        topic: t,
+                        replace: false,
+                        leave: &[],
+                        join: &[],
+                        known: true,
+                    };
+                    c.presence(now.at, Some(&beat));
+                }
+                None => c.presence(now.at, None),
+            }
+        }
+        match answer.map(|a| a.missing) {
             Ok(false) => c.known = true,
+            Ok(true) if c.keys.presence_per_topic() => {
+                tracing::warn!(
+                    owner = %c.owner,
+                    ?topic,
+                    "Redis no longer knew this shard's presence in the topic (its heartbeats \
+                     lapsed past presence_ttl, or Redis lost its data): writing its members again"
+                );
+                c.stale.extend(topic);
+                self.rewrite_stale(now);
+            }
             Ok(true) => {
                 if std::mem::replace(&mut c.known, true) {
                     tracing::warn!(
@@ -602,8 +723,7 @@ impl Hub {
         }
         if !self.rooms.contains_key(&topic) {
             if let Some(c) = self.cluster.as_mut().filter(|c| c.up) {
-                let bytes = c.keys.unfollow(&topic);
-                c.send(None, bytes);
+                c.unfollow(&topic);
             }
         }
     }
@@ -858,7 +978,10 @@ mod tests {
             cmds.iter().any(|c| c.0 == Some(Tag::Presence(None))),
             "{cmds:?}"
         );
-        let alive = Event::Reply(Tag::Presence(None), Ok(Value::Int(0)));
+        let alive = Event::Reply(
+            Tag::Presence(None),
+            Ok(Value::Array(vec![Value::Int(0), Value::Int(0)])),
+        );
         hub.handle_cluster(now(), alive);
         cmds
     }
@@ -872,7 +995,7 @@ mod tests {
         hub.handle_cluster(
             now(),
             Event::Message {
-                channel: Bytes::from_static(b"ringgate:c:t"),
+                channel: Bytes::from_static(b"ringgate:{t}:c"),
                 payload: Bytes::from(payload),
             },
         );
@@ -953,6 +1076,50 @@ mod tests {
             (&false.into(), &"F".into()),
             "{r}"
         );
+    }
+
+    #[test]
+    fn on_a_redis_cluster_a_topic_whose_subscription_ended_is_followed_again() {
+        let tuning = deflate::Tuning {
+            level: 1,
+            threshold: 64,
+        };
+        let rooms = RoomsConfig {
+            presence_events: false,
+            ..RoomsConfig::default()
+        };
+        let cluster = ClusterConfig {
+            redis_url: "redis+cluster://127.0.0.1:7000".into(),
+            ..ClusterConfig::default()
+        };
+        let mut hub = Hub::new(0, 1, rooms, tuning, 1 << 20, 7).with_redis(&cluster);
+        hub.handle_cluster(now(), Event::Up);
+        let cmds = sent(&mut hub);
+        assert!(
+            cmds.iter().all(|c| c.0.is_none()),
+            "nothing to heartbeat without members: {cmds:?}"
+        );
+        let c = conn(&mut hub, 1);
+        hub.subscribe(now(), &c, "t", None, None, None);
+        let cmds = sent(&mut hub);
+        assert!(cmds[0].1.contains("SSUBSCRIBE"), "{cmds:?}");
+        let t = Tag::Sync("t".into());
+        hub.handle_cluster(now(), Event::Reply(t.clone(), Ok(state("E", 1, &[1]))));
+        assert_eq!(drain(&c)[0]["type"], "subscribed");
+        // The member's join: the per-topic script, on the topic's own keys.
+        let cmds = sent(&mut hub);
+        assert_eq!(cmds.len(), 1, "{cmds:?}");
+        assert_eq!(cmds[0].0, Some(Tag::Presence(Some("t".into()))));
+        assert!(cmds[0].1.contains("ringgate:{t}:n"), "{cmds:?}");
+        // The slot moved: the old master ended the subscription. Followed and read again.
+        let channel = Bytes::from_static(b"ringgate:{t}:c");
+        hub.handle_cluster(now(), Event::Unsubscribed(channel));
+        let cmds = sent(&mut hub);
+        assert!(cmds[0].1.contains("SSUBSCRIBE"), "{cmds:?}");
+        assert_eq!(cmds[1].0, Some(t.clone()));
+        push(&mut hub, "E", 3);
+        hub.handle_cluster(now(), Event::Reply(t, Ok(state("E", 3, &[1, 2, 3]))));
+        assert_eq!(seqs(&c), [2, 3], "what was published meanwhile, once");
     }
 
     #[test]
@@ -1043,7 +1210,7 @@ mod tests {
         hub.handle_cluster(
             now(),
             Event::Message {
-                channel: Bytes::from_static(b"ringgate:c:t"),
+                channel: Bytes::from_static(b"ringgate:{t}:c"),
                 payload: Bytes::from(payload),
             },
         );
@@ -1154,7 +1321,10 @@ mod tests {
             "{rewrite:?}"
         );
         // A heartbeat that finds this owner swept (or Redis emptied) rewrites every topic.
-        let swept = Event::Reply(Tag::Presence(None), Ok(Value::Int(1)));
+        let swept = Event::Reply(
+            Tag::Presence(None),
+            Ok(Value::Array(vec![Value::Int(1), Value::Int(0)])),
+        );
         hub.handle_cluster(now(), swept);
         let cmds = sent(&mut hub);
         assert_eq!(cmds.len(), 1, "{cmds:?}");

@@ -1051,6 +1051,140 @@ impl Drop for Redis {
     }
 }
 
+/// A real Redis Cluster of three masters (no replicas) on 127.0.0.1: three `redis-server
+/// --cluster-enabled yes`, the slots split in three ranges (`CLUSTER ADDSLOTSRANGE`) and met
+/// (`CLUSTER MEET`); ready once every node says `cluster_state:ok`. Killed on drop.
+pub struct RedisCluster {
+    pub masters: Vec<Redis>,
+    /// Each master's node id, in the order of `masters`.
+    pub ids: Vec<String>,
+}
+
+/// The first slot of each master's range in a [`RedisCluster`].
+pub const CLUSTER_RANGES: [(u16, u16); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let masters: Vec<Redis> = CLUSTER_RANGES
+            .iter()
+            .map(|_| {
+                let bus = free_port().to_string();
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    &bus,
+                ];
+                Redis::start_with(free_port(), false, &args)
+            })
+            .collect();
+        for (m, (first, last)) in masters.iter().zip(CLUSTER_RANGES) {
+            let (first, last) = (first.to_string(), last.to_string());
+            let ok = m.command(&["CLUSTER", "ADDSLOTSRANGE", &first, &last]);
+            assert_eq!(ok.as_deref(), Some("+OK"), "ADDSLOTSRANGE");
+        }
+        let ids: Vec<String> = masters
+            .iter()
+            .map(|m| m.command(&["CLUSTER", "MYID"]).expect("CLUSTER MYID"))
+            .collect();
+        for other in &masters[1..] {
+            let bus = other
+                .args
+                .iter()
+                .skip_while(|a| *a != "--cluster-port")
+                .nth(1)
+                .cloned()
+                .expect("bus port");
+            let port = other.port.to_string();
+            let ok = masters[0].command(&["CLUSTER", "MEET", "127.0.0.1", &port, &bus]);
+            assert_eq!(ok.as_deref(), Some("+OK"), "MEET");
+        }
+        let cluster = RedisCluster { masters, ids };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Polls every master until it says `cluster_state:ok` and knows every master.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        let ok = |m: &Redis| {
+            m.command(&["CLUSTER", "INFO"]).is_some_and(|info| {
+                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+            })
+        };
+        while !self.masters.iter().all(ok) {
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster did not become ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis+cluster://` naming every master.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .masters
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The index of the master serving `slot` (as started).
+    pub fn master_of(slot: u16) -> usize {
+        CLUSTER_RANGES
+            .iter()
+            .position(|(first, last)| (*first..=*last).contains(&slot))
+            .expect("a slot")
+    }
+
+    /// The hash slot of `key`, as Redis computes it.
+    pub fn slot(&self, key: &str) -> u16 {
+        let answer = self.masters[0].command(&["CLUSTER", "KEYSLOT", key]);
+        answer
+            .as_deref()
+            .and_then(|a| a.strip_prefix(':'))
+            .and_then(|n| n.parse().ok())
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// Moves `slot` and its `keys` from master `from` to master `to`, as `redis-cli --cluster
+    /// reshard` does: importing and migrating, `MIGRATE`, then every master told the new
+    /// owner.
+    pub fn move_slot(&self, slot: u16, keys: &[&str], from: usize, to: usize) {
+        let (s, src, dst) = (slot.to_string(), &self.masters[from], &self.masters[to]);
+        let ok = |r: Option<String>, what: &str| {
+            assert!(
+                r.as_deref().is_some_and(|r| r == "+OK" || r == "+NOKEY"),
+                "{what}: {r:?}"
+            )
+        };
+        ok(
+            dst.command(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &self.ids[from]]),
+            "IMPORTING",
+        );
+        ok(
+            src.command(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &self.ids[to]]),
+            "MIGRATING",
+        );
+        let port = dst.port.to_string();
+        let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "\"\"", "0", "5000", "KEYS"];
+        migrate.extend_from_slice(keys);
+        ok(src.command(&migrate), "MIGRATE");
+        for m in [dst, src].into_iter().chain(&self.masters) {
+            ok(
+                m.command(&["CLUSTER", "SETSLOT", &s, "NODE", &self.ids[to]]),
+                "SETSLOT NODE",
+            );
+        }
+    }
+}
+
 /// A real Redis Sentinel (`redis-server CONF --sentinel`) on 127.0.0.1 watching the master
 /// `name` at `master_port` (quorum 1, down after 500 ms), with the more lines `more` of
 /// sentinel.conf; killed on drop.

@@ -76,7 +76,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let keys = Keys::new(PREFIX);
+    let keys = Keys::new(PREFIX, false);
     let start = Instant::now();
     let cpu0 = cpu_us();
     let run = async {
@@ -147,6 +147,7 @@ async fn publish_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let (head, tail) = body(a.size);
     let command = |i| Command {
         tag: Some(Tag::Publish(i)),
+        slot: keys.slot(TOPIC),
         bytes: keys.publish(
             TOPIC,
             &Message {
@@ -211,7 +212,7 @@ async fn publish_redis(a: &Args) -> Result<(), String> {
         .query_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
-    let key = |kind: &str| format!("{PREFIX}{kind}:{TOPIC}");
+    let key = |kind: &str| format!("{PREFIX}{{{TOPIC}}}:{kind}");
     let (ks, kh, ch) = (key("s"), key("h"), key("c"));
     let (head, tail) = body(a.size);
     let next = Rc::new(Cell::new(0u64));
@@ -243,6 +244,9 @@ async fn publish_redis(a: &Args) -> Result<(), String> {
                     .arg(60_000)
                     .arg("E")
                     .arg(ringgate::cluster::META_TTL_MS)
+                    .arg("") // not binary
+                    .arg("") // no trace
+                    .arg("PUBLISH")
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -270,10 +274,11 @@ fn seq_of(v: &redis::Value) -> Result<u64, String> {
 
 async fn receive_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (subscribe, _) = keys.follow(TOPIC, "E");
+    let (subscribe, _) = keys.follow(TOPIC, "E", None);
     let _ = tx.send(Command {
         tag: None,
         bytes: subscribe,
+        slot: keys.slot(TOPIC),
     });
     let tx = RefCell::new(Some(tx));
     let got = Cell::new(0u64);
@@ -305,7 +310,7 @@ async fn receive_redis(a: &Args, keys: &Keys) -> Result<(), String> {
         .get_multiplexed_async_connection_with_config(&cfg)
         .await
         .map_err(|e| e.to_string())?;
-    conn.subscribe(format!("{PREFIX}c:{TOPIC}"))
+    conn.subscribe(format!("{PREFIX}{{{TOPIC}}}:c"))
         .await
         .map_err(|e| e.to_string())?;
     let mut got = 0;
@@ -335,7 +340,7 @@ async fn feed(a: &Args) -> Result<(), String> {
     let mut s = tokio::net::TcpStream::connect(&a.addr)
         .await
         .map_err(|e| e.to_string())?;
-    let channel = format!("{PREFIX}c:{TOPIC}");
+    let channel = format!("{PREFIX}{{{TOPIC}}}:c");
     let (head, tail) = body(a.size);
     let mut buf = Vec::new();
     let mut chunk = vec![0; 64 * 1024];
@@ -375,7 +380,8 @@ async fn feed(a: &Args) -> Result<(), String> {
         let mut out = Vec::new();
         for _ in 0..batch {
             seq += 1;
-            let msg = format!("E\n{seq}\n{head}{seq}{tail}");
+            // A publish as the script writes it: kind, epoch, seq, trace (none), message.
+            let msg = format!("m\nE\n{seq}\n\n{head}{seq}{tail}");
             resp::command(&mut out, &[b"PUBLISH", channel.as_bytes(), msg.as_bytes()]);
         }
         roundtrip(&out, batch as usize).await?;
