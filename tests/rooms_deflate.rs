@@ -397,15 +397,6 @@ impl DClient {
         self.ws.answer_pings = true;
     }
 
-    /// Subscribes to `topic`, replaying after `since` in `epoch`; returns the reply.
-    async fn subscribe_since(&mut self, topic: &str, since: u64, epoch: &Value) -> Value {
-        self.subscribe_with(
-            json!({"action": "subscribe", "topic": topic, "since": since, "epoch": epoch}),
-        )
-        .await
-        .json
-    }
-
     /// The next `n` published messages of any topic, in arrival order.
     async fn room_messages_any(&mut self, n: usize) -> Vec<Got> {
         let mut out = Vec::with_capacity(n);
@@ -702,7 +693,7 @@ async fn history_replay_broadcast_friendly(backend: Backend) {
         DClient::open(&server, "late-plain", None).await,
     ];
     for (c, since) in late.iter_mut().zip([0, 3, 7]) {
-        let r = c.subscribe_since(topic, since, &epoch).await;
+        let r = c.subscribe_since(topic, since, &epoch).await.json;
         assert_eq!(r["recovered"], json!(true), "{}: {r}", c.name());
         let want: Vec<(u64, Value)> = sent.iter().filter(|(s, _)| *s > since).cloned().collect();
         let g = c.room_messages(topic, want.len()).await;
@@ -778,7 +769,7 @@ async fn history_replay_with_context_takeover(backend: Backend) {
         .await,
     );
     for (c, since) in late.iter_mut().zip([0, 10, 0]) {
-        let r = c.subscribe_since(topic, since, &epoch).await;
+        let r = c.subscribe_since(topic, since, &epoch).await.json;
         assert_eq!(r["recovered"], json!(true), "{}: {r}", c.name());
         let want: Vec<(u64, Value)> = sent.iter().filter(|(s, _)| *s > since).cloned().collect();
         let g = c.room_messages(topic, want.len()).await;

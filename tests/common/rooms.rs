@@ -180,6 +180,14 @@ impl<W: Wire> Client<W> {
             .await
     }
 
+    /// Subscribes with `since` and `epoch` (recovery); returns the `subscribed` reply.
+    pub async fn subscribe_since(&mut self, topic: &str, since: u64, epoch: &Value) -> W::Msg {
+        self.subscribe_with(
+            json!({"action": "subscribe", "topic": topic, "since": since, "epoch": epoch}),
+        )
+        .await
+    }
+
     pub async fn subscribe_with(&mut self, req: Value) -> W::Msg {
         let id = self.fresh_id();
         let topic = req["topic"].clone();
