@@ -371,6 +371,15 @@ impl DClient {
         self.ws.extensions.as_deref()
     }
 
+    /// The compression its messages come with: RSV1 from the threshold once deflate is
+    /// negotiated.
+    fn expected(&self) -> Expect {
+        match self.extensions() {
+            Some(_) => Expect::FromThreshold,
+            None => Expect::Plain,
+        }
+    }
+
     /// Stays connected for `d` without sending anything but pongs (data messages are stashed).
     async fn idle(&mut self, d: Duration) {
         let end = Instant::now() + d;
@@ -535,12 +544,7 @@ async fn broadcast_friendly_compresses_once_for_all_shards(backend: Backend) {
     for c in shared.iter_mut().chain(&mut plain).chain([&mut own]) {
         let g = c.room_messages(topic, sent.len()).await;
         check_content(c.name(), topic, &g, &sent);
-        let expect = if c.extensions().is_some() {
-            Expect::FromThreshold
-        } else {
-            Expect::Plain
-        };
-        check_compression(c.name(), &g, expect);
+        check_compression(c.name(), &g, c.expected());
         got.push((c.name().to_string(), g));
     }
     let (first, rest) = got.split_first().expect("subscribers");
@@ -628,12 +632,7 @@ async fn context_takeover_subscribers(backend: Backend) {
     for (c, id) in subs.iter_mut().zip(&history_ids) {
         let g = c.room_messages(topic, sent.len()).await;
         check_content(c.name(), topic, &g, &sent);
-        let expect = if c.extensions().is_some() {
-            Expect::FromThreshold
-        } else {
-            Expect::Plain
-        };
-        check_compression(c.name(), &g, expect);
+        check_compression(c.name(), &g, c.expected());
         let h = c.reply(id).await;
         assert_eq!(h.json["type"], "history", "{}: {}", c.name(), h.json);
         let n = h.json["messages"].as_array().map_or(0, Vec::len);
@@ -734,12 +733,7 @@ async fn history_replay_broadcast_friendly(backend: Backend) {
     for c in late.iter_mut().chain([&mut live]) {
         let g = c.room_messages(topic, after.len()).await;
         check_content(c.name(), topic, &g, &after);
-        let expect = if c.extensions().is_some() {
-            Expect::FromThreshold
-        } else {
-            Expect::Plain
-        };
-        check_compression(c.name(), &g, expect);
+        check_compression(c.name(), &g, c.expected());
     }
 }
 

@@ -132,10 +132,7 @@ async fn recovery_lost_after_history_overflow_or_wrong_epoch(backend: Backend) {
 
     assert_eq!(publisher.publish(topic, json!(13)).await, 13);
     for (name, mut c, first) in clients {
-        let mut got = Vec::new();
-        while got.last() != Some(&13) {
-            got.push(c.room_message(topic).await["seq"].as_u64().unwrap());
-        }
+        let got = c.room_seqs_until(topic, 13).await;
         let want: Vec<u64> = (first..=13).collect();
         assert_eq!(got, want, "{name}: replay then live");
     }
@@ -177,6 +174,16 @@ async fn recovery_after_history_expired_gets_a_new_epoch(backend: Backend) {
     );
 }
 
+/// Publishes messages 1..=10 to `topic` (subscribed, so the ack of each is awaited in turn);
+/// returns the topic's epoch.
+async fn ten_messages(publisher: &mut Client, topic: &str) -> serde_json::Value {
+    let epoch = publisher.subscribe(topic).await["epoch"].clone();
+    for i in 1..=10u64 {
+        assert_eq!(publisher.publish(topic, json!(i)).await, i);
+    }
+    epoch
+}
+
 /// subscribe, unsubscribe, subscribe-with-since sent back to back (the first answer still on
 /// its way from the home shard): the last subscribe decides, so its replay must arrive.
 async fn resubscribe_with_since_while_a_subscribe_is_in_flight(backend: Backend) {
@@ -184,10 +191,7 @@ async fn resubscribe_with_since_while_a_subscribe_is_in_flight(backend: Backend)
     let mut publisher = Client::connect(&server).await;
     for round in 0..20 {
         let topic = format!("inflight.{round}");
-        let epoch = publisher.subscribe(&topic).await["epoch"].clone();
-        for i in 1..=10u64 {
-            assert_eq!(publisher.publish(&topic, json!(i)).await, i);
-        }
+        let epoch = ten_messages(&mut publisher, &topic).await;
         let mut c = Client::connect(&server).await;
         c.feed(json!({"action": "subscribe", "topic": topic, "id": "first"}))
             .await;
@@ -202,10 +206,7 @@ async fn resubscribe_with_since_while_a_subscribe_is_in_flight(backend: Backend)
         assert_eq!(r["type"], "subscribed", "{r}");
         assert_eq!(r["recovered"], true, "{r}");
         assert_eq!(publisher.publish(&topic, json!(11)).await, 11);
-        let mut got = Vec::new();
-        while got.last() != Some(&11) {
-            got.push(c.room_message(&topic).await["seq"].as_u64().unwrap());
-        }
+        let got = c.room_seqs_until(&topic, 11).await;
         assert_eq!(
             got,
             (6..=11).collect::<Vec<u64>>(),
@@ -224,10 +225,7 @@ async fn a_repeated_subscribe_replays_nothing_of_its_own(backend: Backend) {
     let mut publisher = Client::connect(&server).await;
     for round in 0..10 {
         let topic = format!("repeat.{round}");
-        let epoch = publisher.subscribe(&topic).await["epoch"].clone();
-        for i in 1..=10u64 {
-            assert_eq!(publisher.publish(&topic, json!(i)).await, i);
-        }
+        let epoch = ten_messages(&mut publisher, &topic).await;
         let mut c = Client::connect(&server).await;
         let sub = |since: u64, id: &str| {
             json!({"action": "subscribe", "topic": topic, "since": since, "epoch": epoch,
@@ -245,10 +243,7 @@ async fn a_repeated_subscribe_replays_nothing_of_its_own(backend: Backend) {
         assert_eq!(third["type"], "subscribed", "{third}");
         assert!(third.get("recovered").is_none(), "a repeat: {third}");
         assert_eq!(publisher.publish(&topic, json!(11)).await, 11);
-        let mut got = Vec::new();
-        while got.last() != Some(&11) {
-            got.push(c.room_message(&topic).await["seq"].as_u64().unwrap());
-        }
+        let got = c.room_seqs_until(&topic, 11).await;
         assert_eq!(
             got,
             (3..=11).collect::<Vec<u64>>(),

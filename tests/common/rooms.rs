@@ -236,6 +236,17 @@ impl<W: Wire> Client<W> {
         .await
     }
 
+    /// The seqs of `topic`'s room messages, up to and including `last`.
+    pub async fn room_seqs_until(&mut self, topic: &str, last: u64) -> Vec<u64> {
+        let mut got = Vec::new();
+        while got.last() != Some(&last) {
+            let m = self.room_message(topic).await;
+            let seq = m.borrow()["seq"].as_u64();
+            got.push(seq.unwrap_or_else(|| panic!("seq: {}", m.borrow())));
+        }
+        got
+    }
+
     /// Takes the stashed messages matching `pred`, leaving the others.
     pub fn take_stashed(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<W::Msg> {
         let (hit, rest): (Vec<W::Msg>, Vec<W::Msg>) = std::mem::take(&mut self.stash)
