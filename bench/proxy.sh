@@ -33,9 +33,8 @@ command -v wrk >/dev/null || { echo "needs wrk: apt-get install wrk" >&2; exit 1
 
 UP_WS=; UP_HTTP=; PID=; NGX_MASTER=
 cleanup() {
-    # nginx's workers outlive a killed master (and keep listening, SO_REUSEPORT): them first.
-    for p in $UP_HTTP $NGX_MASTER; do pkill -9 -P "$p" 2>/dev/null; done
-    for p in $PID $UP_WS $UP_HTTP $NGX_MASTER; do kill -9 "$p" 2>/dev/null; done
+    for p in $UP_HTTP $NGX_MASTER; do stop_nginx "$p"; done
+    for p in $PID $UP_WS; do kill -9 "$p" 2>/dev/null; done
     pkill -9 -f "$WORK/" 2>/dev/null
     [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
@@ -45,27 +44,9 @@ trap cleanup EXIT
 taskset -c 1 "$BIN/ringgate" --host 127.0.0.1 --port 9101 --shards 1 --io epoll \
     --admin-listen off >"$WORK/up-ws.log" 2>&1 &
 UP_WS=$!
-truncate -s "${BODY_MB}M" "$WORK/big"
-mkdir -p "$WORK/up" "$WORK/ngx"
-cat >"$WORK/up/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/up/nginx.pid;
-error_log $WORK/up/error.log warn;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:9102 reuseport backlog=4096;
-        location = /small { return 200 "hello, proxy\n"; }
-        location = /big { root $WORK; }
-        location = /sink { client_max_body_size 0; return 200 "ok\n"; }
-    }
-}
-EOF
-taskset -c 1 nginx -c "$WORK/up/nginx.conf" -p "$WORK/up" >"$WORK/up/out.log" 2>&1 &
-UP_HTTP=$!
+mkdir -p "$WORK/ngx"
+nginx_upstream "$WORK" 9102 "$BODY_MB" taskset -c 1
+UP_HTTP=$NGINX
 up upstream-ws 9101 && up upstream-http 9102 || exit 1
 
 cat >"$WORK/ringgate.toml" <<EOF
@@ -166,8 +147,7 @@ halt() {
     if [ -n "$NGX_MASTER" ]; then
         kill -QUIT "$NGX_MASTER" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$NGX_MASTER" 2>/dev/null || break; sleep 0.1; done
-        pkill -9 -P "$NGX_MASTER" 2>/dev/null
-        kill -9 "$NGX_MASTER" 2>/dev/null; wait "$NGX_MASTER" 2>/dev/null
+        stop_nginx "$NGX_MASTER"; wait "$NGX_MASTER" 2>/dev/null
         NGX_MASTER=; PID=
     else
         stop

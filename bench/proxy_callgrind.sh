@@ -21,34 +21,14 @@ WORK=$(mktemp -d /tmp/ringgate-callgrind-proxy.XXXXXX)
 chmod 755 "$WORK" # nginx workers run as www-data
 UP=; PID=
 cleanup() {
-    # nginx's worker outlives a killed master (and keeps the port): it first, by its pid.
-    [ -n "$UP" ] && kill -9 $(pgrep -P "$UP") 2>/dev/null
-    for p in $PID $UP; do kill -9 "$p" 2>/dev/null; done
+    [ -n "$UP" ] && stop_nginx "$UP"
+    [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null
     if [ -n "${KEEP:-}" ]; then echo "# dumps kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
-truncate -s "${BODY_MB}M" "$WORK/big"
-mkdir -p "$WORK/up"
-cat >"$WORK/up/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/up/nginx.pid;
-error_log $WORK/up/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:9202;
-        location = /small { return 200 "hello, proxy\n"; }
-        location = /big { root $WORK; }
-        location = /sink { client_max_body_size 0; return 200 "ok\n"; }
-    }
-}
-EOF
-nginx -c "$WORK/up/nginx.conf" -p "$WORK/up" >"$WORK/up/out.log" 2>&1 &
-UP=$!
+nginx_upstream "$WORK" 9202 "$BODY_MB"
+UP=$NGINX
 up upstream 9202 || exit 1
 cat >"$WORK/ringgate.toml" <<EOF
 admin_listen = "off"

@@ -7,7 +7,10 @@
 #              the wire, JSON `data` of SIZES bytes.
 #   conflate   a ticker topic at RATE updates/s to SUBS subscribers with `[[rooms.topic]]
 #              conflate = 0.1`, against the same topic unconflated: deliveries per second and
-#              server CPU per delivery.
+#              server CPU per delivery. The conflated run passes `--conflated` to the load tool:
+#              skipped values are expected there, while seq order, no value older than an
+#              earlier one, and every subscriber ending on the last value are checked (the
+#              drain ends once they all have it).
 #
 # Server pinned to core 0 with one shard, the load tool to core 1, a fresh server per run,
 # configurations interleaved, 127.0.0.1 only; every run is bounded by --messages and
@@ -45,7 +48,7 @@ run() { # NAME CONFIG SUBS RATE MSGS DRAIN [LOAD ARGS...]
     echo "## $WHAT case=$name subscribers=$subs rate=$rate messages=$msgs loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
     (ulimit -n 20000; exec taskset -c 1 timeout 200 "$BIN/ringgate-load" fanout --url "ws://127.0.0.1:$PORT/ws" \
         --subscribers "$subs" --publishers 1 --rate "$rate" --messages "$msgs" --drain "$drain" \
-        --duration-limit 150 --server-pid "$PID" "$@" 2>&1) | grep -E '^(RESULT|server cpu|delivered|Error|error)'
+        --duration-limit 150 --server-pid "$PID" "$@" 2>&1) | grep -E '^(RESULT|server cpu|delivered|OK|FAIL|Error|error)'
     stop
 }
 
@@ -67,8 +70,8 @@ for rep in $(seq "$REPS"); do
     conflate)
         TICKER='[[rooms.topic]]\nprefix = "ticker."\nconflate = 0.1\n'
         # Conflated: the ticker, 1,000 updates/s to 10,000 subscribers.
-        run conflated "${BASE}${TICKER}" "${SUBS:-10000}" "${RATE:-1000}" "${MSGS:-3000}" 1 \
-            --topic ticker.btc --size 64
+        run conflated "${BASE}${TICKER}" "${SUBS:-10000}" "${RATE:-1000}" "${MSGS:-3000}" 10 \
+            --topic ticker.btc --size 64 --conflated
         # Unconflated at a rate one core can deliver (the same updates at full rate would be
         # 10,000,000 deliveries/s): the cost per delivery without conflation.
         run unconflated "$BASE" "${USUBS:-1000}" "${URATE:-100}" "${UMSGS:-500}" 10 \

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use common::rooms::*;
 use common::*;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 both_backends!(
     api_publish_presence_history,
     api_publish_without_key_configured,
     api_publish_refuses_integers_beyond_64_bits,
+    publish_bodies_are_refused_alike,
     room_metrics_follow_traffic,
 );
 
@@ -181,6 +183,52 @@ async fn api_publish_refuses_integers_beyond_64_bits(backend: Backend) {
     assert_eq!((r.status, &json_body(&r)["seq"]), (200, &json!(1)), "{r:?}");
     let m = sub.room_message("wide").await;
     assert_eq!(m["data"], json!({"max": u64::MAX, "min": i64::MIN}), "{m}");
+}
+
+/// `POST /api/publish` and `POST /publish` read their bodies alike: each kind of bad body gets
+/// the same status, code and text on both, and takes no seq.
+async fn publish_bodies_are_refused_alike(backend: Backend) {
+    let server = start(backend, "handshake_timeout = 1.0\n");
+    // The limit is max_data_size + max_topic_length + 4096 (65536 + 128 + 4096).
+    let huge = json!({"topic": "t", "data": "x".repeat(70_000)}).to_string();
+    let refusals = [
+        ("not json", 400, "bad_json", "invalid JSON: "),
+        ("[1]", 400, "bad_json", "body must be a JSON object"),
+        (
+            r#"{"topic": "t", "data": 18446744073709551616}"#,
+            400,
+            "bad_json",
+            "integers must fit in 64 bits",
+        ),
+        (&huge, 413, "too_large", "body is larger than 69760 bytes"),
+    ];
+    for path in ["/api/publish", "/publish"] {
+        for (body, status, code, text) in refusals {
+            let r = server.post(path, "", body).await;
+            assert_eq!(r.status, status, "{path} {body:.40}: {r:?}");
+            let e = json_body(&r);
+            assert_eq!(e["code"], code, "{path} {body:.40}: {e}");
+            let error = e["error"].as_str().unwrap_or_default();
+            assert!(error.contains(text), "{path} {body:.40}: {e}");
+        }
+        // A body announced but never sent: the server answers when handshake_timeout ends.
+        let mut s = server.tcp().await;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n\r\n{{\"topic\": "
+        );
+        s.write_all(head.as_bytes()).await.expect("write request");
+        let r = read_response(&mut s).await;
+        assert_eq!(r.status, 408, "{path}: {r:?}");
+        assert_eq!(
+            json_body(&r),
+            json!({"error": "the body did not arrive within handshake_timeout", "code": "timeout"}),
+            "{path}"
+        );
+    }
+    // None of them published: the first good publish takes seq 1.
+    let r = api_publish(&server, "", &json!({"topic": "t", "data": 1})).await;
+    assert_eq!(json_body(&r)["seq"], 1, "{r:?}");
 }
 
 /// Every sample of histogram `name` over all shards: (observations, sum, observations in the

@@ -269,11 +269,7 @@ async fn binary_rooms_relay_a_yjs_style_sync_byte_exact_with_recovery(backend: B
         missed.push(u);
     }
     let mut cb = Client::connect(&server).await;
-    let r = cb
-        .subscribe_with(
-            json!({"action": "subscribe", "topic": topic, "since": last, "epoch": epoch}),
-        )
-        .await;
+    let r = cb.subscribe_since(topic, last, &epoch).await;
     assert_eq!(r["recovered"], true, "{r}");
     for (i, u) in missed.iter().enumerate() {
         let m = cb.next_bin().await;

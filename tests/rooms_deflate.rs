@@ -24,14 +24,15 @@
 
 mod common;
 
+use std::borrow::Borrow;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::rooms::{Client, Wire};
 use common::*;
 use flate2::{Decompress, FlushDecompress, Status};
 use serde_json::{json, Value};
@@ -191,7 +192,7 @@ impl Inflate {
     }
 }
 
-// ---- a raw `/ws` client that sees RSV1 -------------------------------------------------------
+// ---- a raw `/ws` connection that sees RSV1 ---------------------------------------------------
 
 /// A JSON message from the server.
 #[derive(Debug, Clone)]
@@ -211,77 +212,28 @@ impl Got {
     }
 }
 
-/// A `/ws` client over plain TCP that offers permessage-deflate (or not) and decodes the
-/// server's frames itself.
-struct DClient {
+impl Borrow<Value> for Got {
+    fn borrow(&self) -> &Value {
+        &self.json
+    }
+}
+
+/// A `/ws` connection over plain TCP that offers permessage-deflate (or not) and decodes the
+/// server's frames itself: the [`Wire`] of the shared rooms [`Client`].
+struct Deflating {
     name: String,
     stream: TcpStream,
     buf: Vec<u8>,
     /// The 101's `Sec-WebSocket-Extensions`.
     extensions: Option<String>,
     inflate: Inflate,
-    /// `connection_id` of the greeting (`shard << 48 | n` in hex).
-    id: String,
-    stash: VecDeque<Got>,
-    next_id: u64,
     /// Pings received so far.
     pings: u64,
     /// Whether pings are answered (a compliant client: yes).
     answer_pings: bool,
 }
 
-impl DClient {
-    /// Connects to `/ws` offering `offer` (if any) and reads the `connected` greeting.
-    async fn open(server: &Server, name: &str, offer: Option<&str>) -> DClient {
-        let extra = offer
-            .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
-            .unwrap_or_default();
-        let (ws, head) = RawWs::upgrade(server.tcp().await, "/ws", &extra).await;
-        let extensions = head.header("sec-websocket-extensions").map(str::to_string);
-        let mut c = DClient {
-            name: name.to_string(),
-            stream: ws.stream,
-            buf: ws.buf,
-            inflate: Inflate::for_extensions(extensions.as_deref()),
-            extensions,
-            id: String::new(),
-            stash: VecDeque::new(),
-            next_id: 0,
-            pings: 0,
-            answer_pings: true,
-        };
-        let hello = c.read().await;
-        assert_eq!(hello.json["type"], "connected", "{name}: {}", hello.json);
-        c.id = hello.json["connection_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{name}: {}", hello.json))
-            .to_string();
-        c
-    }
-
-    /// [`DClient::open`] until the connection lands on `shard` (the kernel spreads connections
-    /// over the shards' SO_REUSEPORT listeners).
-    async fn open_on(server: &Server, name: &str, offer: Option<&str>, shard: u64) -> DClient {
-        for _ in 0..200 {
-            let c = DClient::open(server, name, offer).await;
-            if c.shard() == shard {
-                return c;
-            }
-        }
-        panic!("{name}: no connection landed on shard {shard} in 200 tries");
-    }
-
-    fn shard(&self) -> u64 {
-        u64::from_str_radix(&self.id, 16).expect("connection_id is hex") >> 48
-    }
-
-    async fn send_json(&mut self, v: &Value) {
-        let f = frame(true, OP_TEXT, v.to_string().as_bytes());
-        within("write", self.stream.write_all(&f))
-            .await
-            .expect("write");
-    }
-
+impl Deflating {
     /// The next frame, and its bytes as sent (header included).
     async fn read_frame(&mut self) -> (Frame, Vec<u8>) {
         let name = self.name.clone();
@@ -300,9 +252,21 @@ impl DClient {
         })
         .await
     }
+}
 
-    /// The next JSON message (pings answered), inflated if it came compressed.
-    async fn read(&mut self) -> Got {
+impl Wire for Deflating {
+    type Msg = Got;
+
+    async fn send_text(&mut self, text: String) {
+        let f = frame(true, OP_TEXT, text.as_bytes());
+        within("write", self.stream.write_all(&f))
+            .await
+            .expect("write");
+    }
+
+    /// The next JSON message (pings answered unless `answer_pings` is off), inflated if it came
+    /// compressed.
+    async fn recv(&mut self, what: &str) -> Got {
         loop {
             let (f, bytes) = self.read_frame().await;
             match f.opcode {
@@ -321,7 +285,7 @@ impl DClient {
                 OP_PONG => continue,
                 OP_TEXT => {}
                 OP_CLOSE => panic!(
-                    "{}: closed {:?} {:?}",
+                    "{}: waiting for {what}: closed {:?} {:?}",
                     self.name,
                     f.payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])),
                     String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default())
@@ -361,12 +325,66 @@ impl DClient {
             };
         }
     }
+}
+
+/// The shared rooms client over a [`Deflating`] connection.
+type DClient = Client<Deflating>;
+
+impl DClient {
+    /// Connects to `/ws` offering `offer` (if any) and reads the `connected` greeting.
+    async fn open(server: &Server, name: &str, offer: Option<&str>) -> DClient {
+        let extra = offer
+            .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
+            .unwrap_or_default();
+        let (ws, head) = RawWs::upgrade(server.tcp().await, "/ws", &extra).await;
+        let extensions = head.header("sec-websocket-extensions").map(str::to_string);
+        Client::greeted(Deflating {
+            name: name.to_string(),
+            stream: ws.stream,
+            buf: ws.buf,
+            inflate: Inflate::for_extensions(extensions.as_deref()),
+            extensions,
+            pings: 0,
+            answer_pings: true,
+        })
+        .await
+    }
+
+    /// [`DClient::open`] until the connection lands on `shard` (the kernel spreads connections
+    /// over the shards' SO_REUSEPORT listeners).
+    async fn open_on(server: &Server, name: &str, offer: Option<&str>, shard: u64) -> DClient {
+        for _ in 0..200 {
+            let c = DClient::open(server, name, offer).await;
+            if c.shard() == Some(shard) {
+                return c;
+            }
+        }
+        panic!("{name}: no connection landed on shard {shard} in 200 tries");
+    }
+
+    fn name(&self) -> &str {
+        &self.ws.name
+    }
+
+    /// The 101's `Sec-WebSocket-Extensions`.
+    fn extensions(&self) -> Option<&str> {
+        self.ws.extensions.as_deref()
+    }
+
+    /// The compression its messages come with: RSV1 from the threshold once deflate is
+    /// negotiated.
+    fn expected(&self) -> Expect {
+        match self.extensions() {
+            Some(_) => Expect::FromThreshold,
+            None => Expect::Plain,
+        }
+    }
 
     /// Stays connected for `d` without sending anything but pongs (data messages are stashed).
     async fn idle(&mut self, d: Duration) {
         let end = Instant::now() + d;
         while let Some(left) = end.checked_duration_since(Instant::now()) {
-            if let Ok(g) = tokio::time::timeout(left, self.read()).await {
+            if let Ok(g) = tokio::time::timeout(left, self.ws.recv("a message")).await {
                 self.stash.push_back(g);
             }
         }
@@ -375,64 +393,27 @@ impl DClient {
     /// Sends nothing (pongs included) until `n` more pings have come (data messages are
     /// stashed), then answers pings again.
     async fn silent_for_pings(&mut self, n: u64) {
-        self.answer_pings = false;
-        let target = self.pings + n;
+        self.ws.answer_pings = false;
+        let target = self.ws.pings + n;
         let deadline = Instant::now() + PATIENCE;
-        while self.pings < target {
-            assert!(Instant::now() < deadline, "{}: no pings", self.name);
-            if let Ok(g) = tokio::time::timeout(Duration::from_millis(50), self.read()).await {
+        while self.ws.pings < target {
+            assert!(Instant::now() < deadline, "{}: no pings", self.name());
+            let next = self.ws.recv("a message");
+            if let Ok(g) = tokio::time::timeout(Duration::from_millis(50), next).await {
                 self.stash.push_back(g);
             }
         }
-        self.answer_pings = true;
-    }
-
-    /// The first message (stashed or new) `pred` accepts; the others stay stashed in order.
-    async fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Got {
-        if let Some(i) = self.stash.iter().position(|g| pred(&g.json)) {
-            return self.stash.remove(i).expect("stashed");
-        }
-        loop {
-            let g = self.read().await;
-            if pred(&g.json) {
-                return g;
-            }
-            self.stash.push_back(g);
-        }
-    }
-
-    /// Sends `req` with a fresh `id` without waiting; returns the id.
-    async fn request(&mut self, mut req: Value) -> Value {
-        self.next_id += 1;
-        let id = json!(format!("{}-{}", self.name, self.next_id));
-        req["id"] = id.clone();
-        self.send_json(&req).await;
-        id
-    }
-
-    /// The reply to request `id`.
-    async fn reply(&mut self, id: &Value) -> Got {
-        self.until(|m| m.get("id") == Some(id)).await
-    }
-
-    /// Subscribes to `topic` (replaying after `since` in `epoch` if given); returns the reply.
-    async fn subscribe(&mut self, topic: &str, since: Option<(u64, &Value)>) -> Value {
-        let mut req = json!({"action": "subscribe", "topic": topic});
-        if let Some((since, epoch)) = since {
-            req["since"] = json!(since);
-            req["epoch"] = epoch.clone();
-        }
-        let id = self.request(req).await;
-        let r = self.reply(&id).await.json;
-        assert_eq!(r["type"], "subscribed", "{}: {r}", self.name);
-        r
+        self.ws.answer_pings = true;
     }
 
     /// The next `n` published messages of any topic, in arrival order.
     async fn room_messages_any(&mut self, n: usize) -> Vec<Got> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            out.push(self.until(|m| m["type"] == KIND).await);
+            out.push(
+                self.until("a published message", |m| m["type"] == KIND)
+                    .await,
+            );
         }
         out
     }
@@ -441,8 +422,9 @@ impl DClient {
     async fn room_messages(&mut self, topic: &str, n: usize) -> Vec<Got> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
+            let what = format!("a message of {topic}");
             out.push(
-                self.until(|m| m["type"] == KIND && m["topic"] == topic)
+                self.until(&what, |m| m["type"] == KIND && m["topic"] == topic)
                     .await,
             );
         }
@@ -536,10 +518,10 @@ async fn broadcast_friendly_compresses_once_for_all_shards(backend: Backend) {
     let mut plain = Vec::new();
     for shard in 0..2 {
         let c = DClient::open_on(&server, &format!("shared{shard}"), Some(OFFER), shard).await;
-        assert_eq!(c.extensions.as_deref(), Some(SHARED_EXT));
+        assert_eq!(c.extensions(), Some(SHARED_EXT));
         shared.push(c);
         let c = DClient::open_on(&server, &format!("plain{shard}"), None, shard).await;
-        assert_eq!(c.extensions, None);
+        assert_eq!(c.extensions(), None);
         plain.push(c);
     }
     let mut own = DClient::open(
@@ -548,27 +530,22 @@ async fn broadcast_friendly_compresses_once_for_all_shards(backend: Backend) {
         Some("permessage-deflate; client_max_window_bits; server_max_window_bits=12"),
     )
     .await;
-    let ext = own.extensions.clone().expect("negotiated");
+    let ext = own.extensions().map(str::to_string).expect("negotiated");
     assert!(
         ext.contains("server_no_context_takeover") && ext.contains("server_max_window_bits=12"),
         "{ext}"
     );
     for c in shared.iter_mut().chain(&mut plain).chain([&mut own]) {
-        c.subscribe(topic, None).await;
+        c.subscribe(topic).await;
     }
 
     let sent = publish_range(&server, topic, 0..24).await;
     let mut got = Vec::new();
     for c in shared.iter_mut().chain(&mut plain).chain([&mut own]) {
         let g = c.room_messages(topic, sent.len()).await;
-        check_content(&c.name, topic, &g, &sent);
-        let expect = if c.extensions.is_some() {
-            Expect::FromThreshold
-        } else {
-            Expect::Plain
-        };
-        check_compression(&c.name, &g, expect);
-        got.push((c.name.clone(), g));
+        check_content(c.name(), topic, &g, &sent);
+        check_compression(c.name(), &g, c.expected());
+        got.push((c.name().to_string(), g));
     }
     let (first, rest) = got.split_first().expect("subscribers");
     for other in rest {
@@ -613,7 +590,7 @@ async fn context_takeover_subscribers(backend: Backend) {
     let mut subs = Vec::new();
     for shard in 0..2 {
         let c = DClient::open_on(&server, &format!("takeover{shard}"), Some(OFFER), shard).await;
-        assert_eq!(c.extensions.as_deref(), Some(TAKEOVER_EXT));
+        assert_eq!(c.extensions(), Some(TAKEOVER_EXT));
         subs.push(c);
     }
     let w10 = DClient::open(
@@ -623,7 +600,7 @@ async fn context_takeover_subscribers(backend: Backend) {
     )
     .await;
     assert_eq!(
-        w10.extensions.as_deref(),
+        w10.extensions(),
         Some("permessage-deflate; client_no_context_takeover; server_max_window_bits=10")
     );
     subs.push(w10);
@@ -633,11 +610,11 @@ async fn context_takeover_subscribers(backend: Backend) {
         Some("permessage-deflate; server_no_context_takeover; client_max_window_bits"),
     )
     .await;
-    assert_eq!(nctx.extensions.as_deref(), Some(SHARED_EXT));
+    assert_eq!(nctx.extensions(), Some(SHARED_EXT));
     subs.push(nctx);
     subs.push(DClient::open(&server, "plain", None).await);
     for c in &mut subs {
-        c.subscribe(topic, None).await;
+        c.subscribe(topic).await;
     }
 
     let mut sent = publish_range(&server, topic, 0..15).await;
@@ -654,25 +631,20 @@ async fn context_takeover_subscribers(backend: Backend) {
     let mut got = Vec::new();
     for (c, id) in subs.iter_mut().zip(&history_ids) {
         let g = c.room_messages(topic, sent.len()).await;
-        check_content(&c.name, topic, &g, &sent);
-        let expect = if c.extensions.is_some() {
-            Expect::FromThreshold
-        } else {
-            Expect::Plain
-        };
-        check_compression(&c.name, &g, expect);
+        check_content(c.name(), topic, &g, &sent);
+        check_compression(c.name(), &g, c.expected());
         let h = c.reply(id).await;
-        assert_eq!(h.json["type"], "history", "{}: {}", c.name, h.json);
+        assert_eq!(h.json["type"], "history", "{}: {}", c.name(), h.json);
         let n = h.json["messages"].as_array().map_or(0, Vec::len);
-        assert!(n >= 15, "{}: history of {n} messages: {}", c.name, h.json);
+        assert!(n >= 15, "{}: history of {n} messages: {}", c.name(), h.json);
         assert_eq!(
             h.compressed,
-            c.extensions.is_some(),
+            c.extensions().is_some(),
             "{}: the {}-byte history reply",
-            c.name,
+            c.name(),
             h.text.len()
         );
-        got.push((c.name.clone(), g));
+        got.push((c.name().to_string(), g));
     }
     for other in &got[1..] {
         check_same_text((&got[0].0, &got[0].1), (&other.0, &other.1));
@@ -700,7 +672,7 @@ async fn history_replay_broadcast_friendly(backend: Backend) {
     let topic = "deflate.replay";
     let mut sent = publish_range(&server, topic, 0..6).await;
     let mut live = DClient::open_on(&server, "live", Some(OFFER), 0).await;
-    let sub = live.subscribe(topic, None).await;
+    let sub = live.subscribe(topic).await.json;
     let epoch = sub["epoch"].clone();
     assert_eq!(sub["seq"], json!(sent.last().expect("sent").0), "{sub}");
     let during = publish_range(&server, topic, 6..18).await;
@@ -720,26 +692,26 @@ async fn history_replay_broadcast_friendly(backend: Backend) {
         DClient::open(&server, "late-plain", None).await,
     ];
     for (c, since) in late.iter_mut().zip([0, 3, 7]) {
-        let r = c.subscribe(topic, Some((since, &epoch))).await;
-        assert_eq!(r["recovered"], json!(true), "{}: {r}", c.name);
+        let r = c.subscribe_since(topic, since, &epoch).await.json;
+        assert_eq!(r["recovered"], json!(true), "{}: {r}", c.name());
         let want: Vec<(u64, Value)> = sent.iter().filter(|(s, _)| *s > since).cloned().collect();
         let g = c.room_messages(topic, want.len()).await;
-        check_content(&c.name, topic, &g, &want);
+        check_content(c.name(), topic, &g, &want);
         for m in &g {
             // Replay may send what history holds (plain for messages published before any
             // shared subscriber); a compressed one must be valid, which `read` checked.
             assert!(
                 !m.compressed || m.text.len() >= THRESHOLD,
                 "{}: message {} of {} bytes compressed",
-                c.name,
+                c.name(),
                 m.seq(),
                 m.text.len()
             );
-            if c.extensions.is_none() {
-                assert!(!m.compressed, "{}", c.name);
+            if c.extensions().is_none() {
+                assert!(!m.compressed, "{}", c.name());
             }
         }
-        if c.name == "late-shared" {
+        if c.name() == "late-shared" {
             // What was compressed for the live subscriber is replayed as it was.
             for m in &g {
                 if let Some(l) = live_got.iter().find(|l| l.seq() == m.seq()) {
@@ -760,13 +732,8 @@ async fn history_replay_broadcast_friendly(backend: Backend) {
     let after = publish_range(&server, topic, 18..24).await;
     for c in late.iter_mut().chain([&mut live]) {
         let g = c.room_messages(topic, after.len()).await;
-        check_content(&c.name, topic, &g, &after);
-        let expect = if c.extensions.is_some() {
-            Expect::FromThreshold
-        } else {
-            Expect::Plain
-        };
-        check_compression(&c.name, &g, expect);
+        check_content(c.name(), topic, &g, &after);
+        check_compression(c.name(), &g, c.expected());
     }
 }
 
@@ -777,14 +744,14 @@ async fn history_replay_with_context_takeover(backend: Backend) {
     let server = Server::start_with_config(backend, TAKEOVER, &[]);
     let topic = "deflate.replay.takeover";
     let mut observer = DClient::open(&server, "observer", None).await;
-    let epoch = observer.subscribe(topic, None).await["epoch"].clone();
+    let epoch = observer.subscribe(topic).await.json["epoch"].clone();
     let sent = publish_range(&server, topic, 0..30).await;
     observer.room_messages(topic, sent.len()).await;
 
     let mut late = Vec::new();
     for shard in 0..2 {
         let c = DClient::open_on(&server, &format!("late{shard}"), Some(OFFER), shard).await;
-        assert_eq!(c.extensions.as_deref(), Some(TAKEOVER_EXT));
+        assert_eq!(c.extensions(), Some(TAKEOVER_EXT));
         late.push(c);
     }
     late.push(
@@ -796,23 +763,23 @@ async fn history_replay_with_context_takeover(backend: Backend) {
         .await,
     );
     for (c, since) in late.iter_mut().zip([0, 10, 0]) {
-        let r = c.subscribe(topic, Some((since, &epoch))).await;
-        assert_eq!(r["recovered"], json!(true), "{}: {r}", c.name);
+        let r = c.subscribe_since(topic, since, &epoch).await.json;
+        assert_eq!(r["recovered"], json!(true), "{}: {r}", c.name());
         let want: Vec<(u64, Value)> = sent.iter().filter(|(s, _)| *s > since).cloned().collect();
         let g = c.room_messages(topic, want.len()).await;
-        check_content(&c.name, topic, &g, &want);
-        check_compression(&c.name, &g, Expect::FromThreshold);
+        check_content(c.name(), topic, &g, &want);
+        check_compression(c.name(), &g, Expect::FromThreshold);
         assert!(
             refer_back(&g) > 0,
             "{}: takeover unused in the replay",
-            c.name
+            c.name()
         );
     }
     let after = publish_range(&server, topic, 30..40).await;
     for c in &mut late {
         let g = c.room_messages(topic, after.len()).await;
-        check_content(&c.name, topic, &g, &after);
-        check_compression(&c.name, &g, Expect::FromThreshold);
+        check_content(c.name(), topic, &g, &after);
+        check_compression(c.name(), &g, Expect::FromThreshold);
     }
 }
 
@@ -852,8 +819,8 @@ async fn two_home_shards_interleaved(backend: Backend) {
         .await,
     ];
     for c in &mut subs {
-        c.subscribe(&a, None).await;
-        c.subscribe(&b, None).await;
+        c.subscribe(&a).await;
+        c.subscribe(&b).await;
     }
     let (sent_a, sent_b) = tokio::join!(
         publish_range(&server, &a, 0..30),
@@ -869,9 +836,9 @@ async fn two_home_shards_interleaved(backend: Backend) {
                 .collect()
         };
         let (got_a, got_b) = (of(&a), of(&b));
-        check_content(&c.name, &a, &got_a, &sent_a);
-        check_content(&c.name, &b, &got_b, &sent_b);
-        check_compression(&c.name, &all, Expect::FromThreshold);
+        check_content(c.name(), &a, &got_a, &sent_a);
+        check_content(c.name(), &b, &got_b, &sent_b);
+        check_compression(c.name(), &all, Expect::FromThreshold);
     }
 }
 
@@ -885,18 +852,18 @@ async fn kept_compressor_over_a_pause(
     let server = Server::start_with_config(backend, TAKEOVER, &["--heartbeat-interval", "1"]);
     let topic = "deflate.idle";
     let mut c = DClient::open(&server, "takeover", Some(OFFER)).await;
-    assert_eq!(c.extensions.as_deref(), Some(TAKEOVER_EXT));
-    c.subscribe(topic, None).await;
+    assert_eq!(c.extensions(), Some(TAKEOVER_EXT));
+    c.subscribe(topic).await;
     let before = publish_range(&server, topic, 0..9).await;
     let g = c.room_messages(topic, before.len()).await;
-    check_content(&c.name, topic, &g, &before);
-    check_compression(&c.name, &g, Expect::FromThreshold);
+    check_content(c.name(), topic, &g, &before);
+    check_compression(c.name(), &g, Expect::FromThreshold);
     assert!(refer_back(&g) > 0, "takeover unused");
     pause(&mut c).await;
     let after = publish_range(&server, topic, 9..18).await;
     let g = c.room_messages(topic, after.len()).await;
-    check_content(&c.name, topic, &g, &after);
-    check_compression(&c.name, &g, Expect::FromThreshold);
+    check_content(c.name(), topic, &g, &after);
+    check_compression(c.name(), &g, Expect::FromThreshold);
     assert!(g[0].compressed);
     // Still in step (and still open).
     let id = c.request(json!({"action": "ping"})).await;
@@ -920,14 +887,9 @@ async fn takeover_compressor_freed_after_silence(backend: Backend) {
 
 /// The same with a compliant client: idle for 3.5 heartbeat periods, it sends nothing but the
 /// pongs to the server's heartbeat pings. README "Compression": the compressor (~368 KiB with
-/// takeover) is "freed after a heartbeat period without traffic"; session.rs likewise frees the
-/// outbound buffers of an idle connection.
-///
-/// BUG (fails): any bytes read count as traffic (`heard` in `Session::heartbeat`), pongs
-/// included, and the server pings every period, so a client that answers pings (every browser
-/// and library) never has a silent tick: its compressor and buffers are never freed while it
-/// stays connected. Only a client that ignores pings is "idle", and that one is closed after
-/// three silent ticks.
+/// takeover) is "freed after a heartbeat period without traffic"; pongs keep the connection
+/// alive but are not data (`handle_heartbeat` in src/ws/connection.rs counts data messages), so
+/// a client that answers pings, as every browser and library does, is idle too.
 async fn takeover_compressor_freed_when_idle(backend: Backend) {
     let kept = kept_compressor_over_a_pause(backend, async |c: &mut DClient| {
         c.idle(Duration::from_millis(3500)).await
@@ -1174,8 +1136,8 @@ async fn compress_once_is_the_ws_default(backend: Backend) {
     let mut subs = Vec::new();
     for name in ["browser1", "browser2"] {
         let mut c = DClient::open(&server, name, Some(OFFER)).await;
-        assert_eq!(c.extensions.as_deref(), Some(SHARED_EXT), "{name}");
-        c.subscribe(topic, None).await;
+        assert_eq!(c.extensions(), Some(SHARED_EXT), "{name}");
+        c.subscribe(topic).await;
         subs.push(c);
     }
     let (_, head) = RawWs::upgrade(
@@ -1190,8 +1152,8 @@ async fn compress_once_is_the_ws_default(backend: Backend) {
     let mut got = Vec::new();
     for c in &mut subs {
         let g = c.room_messages(topic, sent.len()).await;
-        check_content(&c.name, topic, &g, &sent);
-        check_compression(&c.name, &g, Expect::FromThreshold);
+        check_content(c.name(), topic, &g, &sent);
+        check_compression(c.name(), &g, Expect::FromThreshold);
         got.push(g);
     }
     for (a, b) in got[0].iter().zip(&got[1]) {

@@ -58,10 +58,7 @@ async fn recovery_replays_exactly_the_missed_messages(backend: Backend) {
         }
     });
     let mut sub = Client::connect(&server).await;
-    let r = sub
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 10,
-                               "epoch": epoch}))
-        .await;
+    let r = sub.subscribe_since(topic, 10, &epoch).await;
     assert_eq!(r["recovered"], true, "{r}");
     assert_eq!(r["epoch"], epoch, "{r}");
     let at = r["seq"].as_u64().unwrap();
@@ -107,68 +104,36 @@ async fn recovery_lost_after_history_overflow_or_wrong_epoch(backend: Backend) {
 
     // `since` beyond history: not recovered, nothing replayed, live messages follow.
     let mut lost = Client::connect(&server).await;
-    let r = lost
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 2,
-                               "epoch": epoch}))
-        .await;
+    let r = lost.subscribe_since(topic, 2, &epoch).await;
     assert_eq!(
         r["recovered"], false,
         "history of 5 cannot cover since=2: {r}"
     );
     assert_eq!(r["seq"], 12, "{r}");
-    let r = lost
-        .subscribe_with(
-            json!({"action": "subscribe", "topic": "ovf.other", "since": 0,
-                               "epoch": epoch}),
-        )
-        .await;
+    let r = lost.subscribe_since("ovf.other", 0, &epoch).await;
     assert_eq!(r["recovered"], false, "another topic's epoch: {r}");
 
-    let mut edge = Client::connect(&server).await;
-    let r = edge
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 7,
-                               "epoch": epoch}))
-        .await;
-    assert_eq!(r["recovered"], true, "history 8..=12 covers since=7: {r}");
-    let mut beyond = Client::connect(&server).await;
-    let r = beyond
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 6,
-                               "epoch": epoch}))
-        .await;
-    assert_eq!(r["recovered"], false, "history 8..=12 misses 7: {r}");
-    let mut current = Client::connect(&server).await;
-    let r = current
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 12,
-                               "epoch": epoch}))
-        .await;
-    assert_eq!(r["recovered"], true, "nothing missed: {r}");
-    let mut wrong_epoch = Client::connect(&server).await;
-    let r = wrong_epoch
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 10,
-                               "epoch": "not-the-epoch"}))
-        .await;
-    assert_eq!(r["recovered"], false, "wrong epoch: {r}");
-    let mut future = Client::connect(&server).await;
-    let r = future
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 1000,
-                               "epoch": epoch}))
-        .await;
-    assert_eq!(r["recovered"], false, "since from the future: {r}");
+    // A client each: (name, since, epoch, recovered, why, the first seq it then gets).
+    let wrong_epoch = json!("not-the-epoch");
+    let cases = [
+        ("edge", 7, &epoch, true, "history 8..=12 covers since=7", 8),
+        ("beyond", 6, &epoch, false, "history 8..=12 misses 7", 13),
+        ("current", 12, &epoch, true, "nothing missed", 13),
+        ("wrong epoch", 10, &wrong_epoch, false, "wrong epoch", 13),
+        ("future", 1000, &epoch, false, "since from the future", 13),
+    ];
+    let mut clients = vec![("lost", lost, 13)];
+    for (name, since, epoch, recovered, why, first) in cases {
+        let mut c = Client::connect(&server).await;
+        let r = c.subscribe_since(topic, since, epoch).await;
+        assert_eq!(r["recovered"], recovered, "{name}: {why}: {r}");
+        clients.push((name, c, first));
+    }
 
     assert_eq!(publisher.publish(topic, json!(13)).await, 13);
-    let expect = |from: u64| (from..=13).collect::<Vec<u64>>();
-    for (name, c, want) in [
-        ("lost", &mut lost, expect(13)),
-        ("edge", &mut edge, expect(8)),
-        ("beyond", &mut beyond, expect(13)),
-        ("current", &mut current, expect(13)),
-        ("wrong epoch", &mut wrong_epoch, expect(13)),
-        ("future", &mut future, expect(13)),
-    ] {
-        let mut got = Vec::new();
-        while got.last() != Some(&13) {
-            got.push(c.room_message(topic).await["seq"].as_u64().unwrap());
-        }
+    for (name, mut c, first) in clients {
+        let got = c.room_seqs_until(topic, 13).await;
+        let want: Vec<u64> = (first..=13).collect();
         assert_eq!(got, want, "{name}: replay then live");
     }
 }
@@ -201,15 +166,22 @@ async fn recovery_after_history_expired_gets_a_new_epoch(backend: Backend) {
         assert!(Instant::now() < deadline, "history never expired: {h}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let r = c
-        .subscribe_with(json!({"action": "subscribe", "topic": topic, "since": 3,
-                               "epoch": epoch}))
-        .await;
+    let r = c.subscribe_since(topic, 3, &epoch).await;
     assert_eq!(r["recovered"], false, "history expired: {r}");
     assert_ne!(
         r["epoch"], epoch,
         "a new lifetime of the topic's history: {r}"
     );
+}
+
+/// Publishes messages 1..=10 to `topic` (subscribed, so the ack of each is awaited in turn);
+/// returns the topic's epoch.
+async fn ten_messages(publisher: &mut Client, topic: &str) -> serde_json::Value {
+    let epoch = publisher.subscribe(topic).await["epoch"].clone();
+    for i in 1..=10u64 {
+        assert_eq!(publisher.publish(topic, json!(i)).await, i);
+    }
+    epoch
 }
 
 /// subscribe, unsubscribe, subscribe-with-since sent back to back (the first answer still on
@@ -219,10 +191,7 @@ async fn resubscribe_with_since_while_a_subscribe_is_in_flight(backend: Backend)
     let mut publisher = Client::connect(&server).await;
     for round in 0..20 {
         let topic = format!("inflight.{round}");
-        let epoch = publisher.subscribe(&topic).await["epoch"].clone();
-        for i in 1..=10u64 {
-            assert_eq!(publisher.publish(&topic, json!(i)).await, i);
-        }
+        let epoch = ten_messages(&mut publisher, &topic).await;
         let mut c = Client::connect(&server).await;
         c.feed(json!({"action": "subscribe", "topic": topic, "id": "first"}))
             .await;
@@ -237,10 +206,7 @@ async fn resubscribe_with_since_while_a_subscribe_is_in_flight(backend: Backend)
         assert_eq!(r["type"], "subscribed", "{r}");
         assert_eq!(r["recovered"], true, "{r}");
         assert_eq!(publisher.publish(&topic, json!(11)).await, 11);
-        let mut got = Vec::new();
-        while got.last() != Some(&11) {
-            got.push(c.room_message(&topic).await["seq"].as_u64().unwrap());
-        }
+        let got = c.room_seqs_until(&topic, 11).await;
         assert_eq!(
             got,
             (6..=11).collect::<Vec<u64>>(),
@@ -259,10 +225,7 @@ async fn a_repeated_subscribe_replays_nothing_of_its_own(backend: Backend) {
     let mut publisher = Client::connect(&server).await;
     for round in 0..10 {
         let topic = format!("repeat.{round}");
-        let epoch = publisher.subscribe(&topic).await["epoch"].clone();
-        for i in 1..=10u64 {
-            assert_eq!(publisher.publish(&topic, json!(i)).await, i);
-        }
+        let epoch = ten_messages(&mut publisher, &topic).await;
         let mut c = Client::connect(&server).await;
         let sub = |since: u64, id: &str| {
             json!({"action": "subscribe", "topic": topic, "since": since, "epoch": epoch,
@@ -280,10 +243,7 @@ async fn a_repeated_subscribe_replays_nothing_of_its_own(backend: Backend) {
         assert_eq!(third["type"], "subscribed", "{third}");
         assert!(third.get("recovered").is_none(), "a repeat: {third}");
         assert_eq!(publisher.publish(&topic, json!(11)).await, 11);
-        let mut got = Vec::new();
-        while got.last() != Some(&11) {
-            got.push(c.room_message(&topic).await["seq"].as_u64().unwrap());
-        }
+        let got = c.room_seqs_until(&topic, 11).await;
         assert_eq!(
             got,
             (3..=11).collect::<Vec<u64>>(),

@@ -19,15 +19,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Frame, Incoming};
-use tokio::sync::oneshot;
 
 use super::http::Body;
 use crate::auth::{self, Identity, TopicAction, ANONYMOUS};
 use crate::rooms::conn::RoomConn;
 use crate::rooms::proto::json_str;
-use crate::rooms::{ApiAnswer, HubMsg, Reply};
+use crate::rooms::HubMsg;
+use crate::server::rooms_http::{ask, json_object, Refusal};
 use crate::server::shard::{Registration, Shard, WsSlot};
 use crate::ws::mailbox::Outgoing;
 use ::metrics::{counter, gauge};
@@ -42,13 +42,6 @@ const POLL_TIMEOUT_MAX: u64 = 60;
 
 use crate::metrics::{HTTP_PUBLISHES, POLL_REQUESTS, SSE_ACTIVE, SSE_EVENTS, SSE_STREAMS};
 
-/// A refused request: status, code, text (the `/api` error shape).
-struct Refused(StatusCode, &'static str, String);
-
-fn refused(status: StatusCode, code: &'static str, text: impl Into<String>) -> Refused {
-    Refused(status, code, text.into())
-}
-
 fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -61,11 +54,9 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
     resp
 }
 
-fn error_response(Refused(status, code, text): Refused) -> Response<Body> {
-    let mut r = json(
-        status,
-        format!("{{\"error\":{},\"code\":\"{code}\"}}", json_str(&text)),
-    );
+fn error_response(refusal: Refusal) -> Response<Body> {
+    let status = refusal.0;
+    let mut r = json(status, refusal.json());
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -165,7 +156,7 @@ struct Ask {
     identity: Option<Identity>,
 }
 
-fn identify(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Option<Identity>, Refused> {
+fn identify(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Option<Identity>, Refusal> {
     let Some(verifier) = shard.global.auth.as_ref() else {
         return Ok(None);
     };
@@ -173,25 +164,25 @@ fn identify(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Option<Iden
     verifier
         .identify(found.as_ref())
         .map(Some)
-        .map_err(|e| refused(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
+        .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
 }
 
 /// Checks `topics`, `since` (or `Last-Event-ID`) and the token as `/ws` would.
-fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refused> {
+fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refusal> {
     let identity = identify(shard, uri, headers)?;
     let cfg = &shard.global.config.rooms;
     let query = uri.query().unwrap_or("");
-    let bad = |code, text: String| refused(StatusCode::BAD_REQUEST, code, text);
     let raw = raw_param(query, "topics").unwrap_or("");
     let mut topics = Vec::new();
     for t in raw.split(',').filter(|t| !t.is_empty()) {
-        let t = percent_decode(t)
-            .ok_or_else(|| bad("bad_json", format!("{t:?} is not a percent-encoded topic")))?;
+        let t = percent_decode(t).ok_or_else(|| {
+            Refusal::bad("bad_json", format!("{t:?} is not a percent-encoded topic"))
+        })?;
         if t.is_empty() {
-            return Err(bad("missing_field", "a topic is empty".into()));
+            return Err(Refusal::bad("missing_field", "a topic is empty"));
         }
         if t.len() > cfg.max_topic_length {
-            return Err(bad(
+            return Err(Refusal::bad(
                 "too_large",
                 format!("topic is longer than {} bytes", cfg.max_topic_length),
             ));
@@ -200,14 +191,14 @@ fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refus
             .as_ref()
             .is_some_and(|i| !i.may(TopicAction::Subscribe, &t))
         {
-            return Err(refused(
+            return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!("the token does not allow to subscribe to {}", json_str(&t)),
             ));
         }
         if cfg.is_binary(&t) {
-            return Err(bad(
+            return Err(Refusal::bad(
                 "bad_binary",
                 format!("{} is a binary topic: use /ws", json_str(&t)),
             ));
@@ -217,10 +208,10 @@ fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refus
         }
     }
     if topics.is_empty() {
-        return Err(bad("missing_field", "topics is required".into()));
+        return Err(Refusal::bad("missing_field", "topics is required"));
     }
     if topics.len() > cfg.max_topics_per_connection {
-        return Err(bad(
+        return Err(Refusal::bad(
             "too_large",
             format!(
                 "at most {} topics per stream",
@@ -234,7 +225,7 @@ fn parse_ask(shard: &Shard, uri: &Uri, headers: &HeaderMap) -> Result<Ask, Refus
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
     let since = match last_id.or(raw_param(query, "since")) {
-        Some(c) => parse_cursor(c).map_err(|e| bad("missing_field", e))?,
+        Some(c) => parse_cursor(c).map_err(|e| Refusal::bad("missing_field", e))?,
         None => HashMap::new(),
     };
     Ok(Ask {
@@ -366,16 +357,16 @@ fn advance(cursor: &mut BTreeMap<String, Position>, msg: &[u8]) -> bool {
     }
 }
 
-fn admit(shard: &Shard) -> Result<WsSlot, Refused> {
+fn admit(shard: &Shard) -> Result<WsSlot, Refusal> {
     if shard.global.is_draining() {
-        return Err(refused(
+        return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
             "server is draining",
         ));
     }
     shard.global.try_admit_ws().ok_or_else(|| {
-        refused(
+        Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "internal",
             "too many connections",
@@ -403,7 +394,7 @@ pub async fn serve(
         (&Method::POST, "/publish") => AnyBody::full(publish(&shard, remote, req).await),
         (&Method::GET, "/presence" | "/history") => AnyBody::full(read(&shard, &req).await),
         (m, path) => {
-            let mut r = error_response(refused(
+            let mut r = error_response(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 format!("{m} is not allowed here"),
@@ -575,12 +566,12 @@ async fn poll_inner(
     shard: &Rc<Shard>,
     remote: SocketAddr,
     req: &Request<Incoming>,
-) -> Result<Response<Body>, Refused> {
+) -> Result<Response<Body>, Refusal> {
     let ask = parse_ask(shard, req.uri(), req.headers())?;
     let timeout = match raw_param(req.uri().query().unwrap_or(""), "timeout") {
         None => POLL_TIMEOUT,
         Some(t) => t.parse::<u64>().map_err(|_| {
-            refused(
+            Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "missing_field",
                 "timeout must be a non-negative integer (seconds)",
@@ -681,7 +672,7 @@ async fn publish_inner(
     shard: &Rc<Shard>,
     remote: SocketAddr,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Refused> {
+) -> Result<Response<Body>, Refusal> {
     let identity = identify(shard, req.uri(), req.headers())?;
     // Before the body is read: a flood costs a lookup, not a parse.
     let global = &shard.global;
@@ -694,7 +685,7 @@ async fn publish_inner(
                 .try_take(caller, std::time::Instant::now()),
         };
         if !allowed {
-            return Err(refused(
+            return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
@@ -705,47 +696,18 @@ async fn publish_inner(
         }
     }
     let cfg = &shard.global.config.rooms;
-    let bad = |code, text: String| refused(StatusCode::BAD_REQUEST, code, text);
-    let limit = cfg.max_data_size + cfg.max_topic_length + 4096;
-    // A body trickled byte by byte must not hold the connection (as on /api/publish).
-    let read = Limited::new(req.into_body(), limit).collect();
-    let body = match tokio::time::timeout(shard.global.config.handshake_timeout(), read).await {
-        Err(_) => {
-            return Err(refused(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                "the body did not arrive within handshake_timeout",
-            ))
-        }
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(refused(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("body is larger than {limit} bytes"),
-            ))
-        }
-        Ok(Err(_)) => return Err(bad("bad_json", "could not read the body".into())),
-    };
-    let v: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| bad("bad_json", format!("invalid JSON: {e}")))?;
-    if crate::json::has_wide_integer(&body) {
-        return Err(bad("bad_json", crate::json::WIDE_INTEGER.into()));
-    }
-    let serde_json::Value::Object(obj) = v else {
-        return Err(bad("bad_json", "body must be a JSON object".into()));
-    };
+    let obj = json_object(shard, req.into_body()).await?;
     let topic = match obj.get("topic") {
         Some(serde_json::Value::String(t)) if !t.is_empty() => t.as_str(),
         _ => {
-            return Err(bad(
+            return Err(Refusal::bad(
                 "missing_field",
-                "topic must be a non-empty string".into(),
+                "topic must be a non-empty string",
             ))
         }
     };
     if topic.len() > cfg.max_topic_length {
-        return Err(bad(
+        return Err(Refusal::bad(
             "too_large",
             format!("topic is longer than {} bytes", cfg.max_topic_length),
         ));
@@ -754,7 +716,7 @@ async fn publish_inner(
         .as_ref()
         .is_some_and(|i| !i.may(TopicAction::Publish, topic))
     {
-        return Err(refused(
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("the token does not allow to publish to {}", json_str(topic)),
@@ -764,20 +726,20 @@ async fn publish_inner(
         None | Some(serde_json::Value::Null) => "message",
         Some(serde_json::Value::String(s)) if !s.is_empty() => s,
         Some(_) => {
-            return Err(bad(
+            return Err(Refusal::bad(
                 "missing_field",
-                "type must be a non-empty string".into(),
+                "type must be a non-empty string",
             ))
         }
     };
     if shard.global.config.rooms.is_binary(topic) {
-        return Err(bad(
+        return Err(Refusal::bad(
             "bad_binary",
             format!("{} is a binary topic: use /ws", json_str(topic)),
         ));
     }
     if crate::rooms::proto::is_reserved_type(kind) {
-        return Err(refused(
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("{} is a server message type", json_str(kind)),
@@ -785,43 +747,25 @@ async fn publish_inner(
     }
     let data = obj
         .get("data")
-        .ok_or_else(|| bad("missing_field", "data is required".into()))?
+        .ok_or_else(|| Refusal::bad("missing_field", "data is required"))?
         .to_string();
     if data.len() > cfg.max_data_size {
-        return Err(bad(
+        return Err(Refusal::bad(
             "too_large",
             format!("data is larger than {} bytes", cfg.max_data_size),
         ));
     }
     let from = identity.map(|i| i.user);
-    let (tx, rx) = oneshot::channel();
-    let msg = HubMsg::Publish {
+    let answer = ask(shard, topic, |reply| HubMsg::Publish {
         topic: topic.into(),
         kind: kind.into(),
         data: data.into(),
         from,
-        reply: Reply::Http(tx),
+        reply,
         opts: Default::default(),
-    };
-    shard.hub.with(|hub, now| hub.route(now, topic, msg));
-    match rx.await {
-        Ok(ApiAnswer::Overloaded) => Err(refused(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "a shard this needs is behind (max_shard_backlog); retry",
-        )),
-        Ok(ApiAnswer::Published { seq }) => Ok(json(StatusCode::OK, format!("{{\"seq\":{seq}}}"))),
-        // Volatile or conflated by the topic's `[[rooms.topic]]`: no seq.
-        Ok(ApiAnswer::Json(body)) => Ok(json(StatusCode::OK, body)),
-        Ok(ApiAnswer::Unavailable(why)) => {
-            Err(refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why))
-        }
-        Err(_) => Err(refused(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            "the topic's shard is not available",
-        )),
-    }
+    })
+    .await?;
+    Ok(json(StatusCode::OK, answer))
 }
 
 // ---- /presence, /history -------------------------------------------------------------------
@@ -835,20 +779,19 @@ async fn read(shard: &Rc<Shard>, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Response<Body>, Refused> {
+async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Response<Body>, Refusal> {
     let identity = identify(shard, req.uri(), req.headers())?;
     let cfg = &shard.global.config.rooms;
-    let bad = |code, text: String| refused(StatusCode::BAD_REQUEST, code, text);
     let q: Vec<(String, String)> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
     let param = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
-    let number = |k: &str| -> Result<Option<u64>, Refused> {
+    let number = |k: &str| -> Result<Option<u64>, Refusal> {
         param(k)
             .map(|v| {
                 v.parse().map_err(|_| {
-                    bad(
+                    Refusal::bad(
                         "missing_field",
                         format!("{k} must be a non-negative integer"),
                     )
@@ -857,9 +800,9 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
             .transpose()
     };
     let topic = match param("topic") {
-        None | Some("") => return Err(bad("missing_field", "topic is required".into())),
+        None | Some("") => return Err(Refusal::bad("missing_field", "topic is required")),
         Some(t) if t.len() > cfg.max_topic_length => {
-            return Err(bad(
+            return Err(Refusal::bad(
                 "too_large",
                 format!("topic is longer than {} bytes", cfg.max_topic_length),
             ))
@@ -873,7 +816,7 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
         TopicAction::Presence
     };
     if identity.as_ref().is_some_and(|i| !i.may(action, topic)) {
-        return Err(refused(
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
@@ -883,43 +826,25 @@ async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Respon
             ),
         ));
     }
-    let (tx, rx) = oneshot::channel();
-    let msg = if history {
+    let answer = if history {
+        let since = number("since")?.unwrap_or(0);
         let max = cfg.history_size;
-        HubMsg::History {
+        let limit = number("limit")?.map_or(max, |l| (l as usize).min(max));
+        ask(shard, topic, |reply| HubMsg::History {
             topic: topic.into(),
-            since: number("since")?.unwrap_or(0),
-            limit: number("limit")?.map_or(max, |l| (l as usize).min(max)),
-            reply: Reply::Http(tx),
-        }
+            since,
+            limit,
+            reply,
+        })
+        .await?
     } else {
-        HubMsg::Presence {
+        ask(shard, topic, |reply| HubMsg::Presence {
             topic: topic.into(),
-            reply: Reply::Http(tx),
-        }
+            reply,
+        })
+        .await?
     };
-    shard.hub.with(|hub, now| hub.route(now, topic, msg));
-    match rx.await {
-        Ok(ApiAnswer::Overloaded) => Err(refused(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "a shard this needs is behind (max_shard_backlog); retry",
-        )),
-        Ok(ApiAnswer::Json(body)) => Ok(json(StatusCode::OK, body)),
-        Ok(ApiAnswer::Published { .. }) => Err(refused(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected answer",
-        )),
-        Ok(ApiAnswer::Unavailable(why)) => {
-            Err(refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why))
-        }
-        Err(_) => Err(refused(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "internal",
-            "the topic's shard is not available",
-        )),
-    }
+    Ok(json(StatusCode::OK, answer))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod fallback;
 mod h2c;
 pub mod http;
 pub mod logging;
+mod rooms_http;
 pub mod shard;
 pub mod static_files;
 

@@ -2,8 +2,10 @@
 //! awaits replies by id and stashes the rest, shard and topic placement, the HTTP API and
 //! metrics helpers.
 
+use std::borrow::Borrow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -23,28 +25,83 @@ pub fn start(backend: Backend, config: &str) -> Server {
 
 // ---- a `/ws` client --------------------------------------------------------------------------
 
+/// The connection a [`Client`] drives: JSON text out, server messages in. [`Ws`] (tungstenite)
+/// for most tests; tests/rooms_deflate.rs has its own, which sees RSV1 and inflates frames
+/// itself.
+pub trait Wire {
+    /// A message from the server: its JSON, and whatever else the connection saw of it.
+    type Msg: Borrow<Value>;
+    fn send_text(&mut self, text: String) -> impl Future<Output = ()>;
+    /// The next data message (control frames handled); panics on anything else, or after
+    /// [`PATIENCE`].
+    fn recv(&mut self, what: &str) -> impl Future<Output = Self::Msg>;
+}
+
+impl Wire for Ws {
+    type Msg = Value;
+
+    async fn send_text(&mut self, text: String) {
+        within("send", self.send(Message::text(text)))
+            .await
+            .expect("send");
+    }
+
+    async fn recv(&mut self, what: &str) -> Value {
+        read_json(self, what).await
+    }
+}
+
 /// A `/ws` client speaking JSON. Replies are awaited by `id` (or by a predicate); whatever
 /// arrives meanwhile is kept, in order, in `stash`.
-pub struct Client {
-    pub ws: Ws,
+pub struct Client<W: Wire = Ws> {
+    pub ws: W,
     /// `connection_id` of the `connected` message.
     pub id: String,
-    pub stash: VecDeque<Value>,
+    pub stash: VecDeque<W::Msg>,
     pub next_id: u64,
 }
 
-impl Client {
+impl Client<Ws> {
     /// Connects to `/ws` and checks the `connected` greeting.
     pub async fn connect(server: &Server) -> Client {
-        let mut ws = server.ws_path("/ws").await;
-        let first = read_json(&mut ws, "connected").await;
+        Client::greeted(server.ws_path("/ws").await).await
+    }
+
+    /// Queues without flushing (see [`Client::flush`]).
+    pub async fn feed(&mut self, v: Value) {
+        within("feed", self.ws.feed(Message::text(v.to_string())))
+            .await
+            .expect("feed");
+    }
+
+    pub async fn flush(&mut self) {
+        within("flush", self.ws.flush()).await.expect("flush");
+    }
+
+    /// Resets the TCP connection (no close frame, no FIN: an abrupt disconnect).
+    pub fn reset(self) {
+        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            // A zero linger time: close sends RST and never blocks.
+            socket2::SockRef::from(s)
+                .set_linger(Some(Duration::ZERO))
+                .expect("SO_LINGER");
+        }
+        drop(self);
+    }
+}
+
+impl<W: Wire> Client<W> {
+    /// Reads and checks the `connected` greeting on a freshly opened `/ws` connection.
+    pub async fn greeted(mut ws: W) -> Client<W> {
+        let first = ws.recv("connected").await;
+        let first = first.borrow();
         assert_eq!(first["type"], "connected", "first message: {first}");
         let id = first["connection_id"]
             .as_str()
             .unwrap_or_else(|| panic!("connection_id is not a string: {first}"))
             .to_string();
         assert!(!id.is_empty(), "{first}");
-        assert_timestamp(&first["timestamp"], &first);
+        assert_timestamp(&first["timestamp"], first);
         Client {
             ws,
             id,
@@ -64,52 +121,52 @@ impl Client {
     }
 
     pub async fn send_text(&mut self, text: String) {
-        within("send", self.ws.send(Message::text(text)))
-            .await
-            .expect("send");
-    }
-
-    /// Queues without flushing (see [`Client::flush`]).
-    pub async fn feed(&mut self, v: Value) {
-        within("feed", self.ws.feed(Message::text(v.to_string())))
-            .await
-            .expect("feed");
-    }
-
-    pub async fn flush(&mut self) {
-        within("flush", self.ws.flush()).await.expect("flush");
+        self.ws.send_text(text).await
     }
 
     /// The next message (stashed ones first).
-    pub async fn next(&mut self) -> Value {
+    pub async fn next(&mut self) -> W::Msg {
         match self.stash.pop_front() {
             Some(v) => v,
-            None => read_json(&mut self.ws, "a message").await,
+            None => self.ws.recv("a message").await,
         }
     }
 
     /// The first message (stashed or new) `pred` accepts; the others stay stashed in order.
-    pub async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(i) = self.stash.iter().position(&pred) {
+    pub async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> W::Msg {
+        if let Some(i) = self.stash.iter().position(|m| pred(m.borrow())) {
             return self.stash.remove(i).expect("stashed");
         }
         loop {
-            let v = read_json(&mut self.ws, what).await;
-            if pred(&v) {
-                return v;
+            let m = self.ws.recv(what).await;
+            if pred(m.borrow()) {
+                return m;
             }
-            self.stash.push_back(v);
+            self.stash.push_back(m);
         }
     }
 
-    /// Sends `req` with `"id": id`; returns the reply carrying that id.
-    pub async fn call(&mut self, mut req: Value, id: Value) -> Value {
+    /// Sends `req` with a fresh `id` without waiting for the reply; returns the id.
+    pub async fn request(&mut self, mut req: Value) -> Value {
+        let id = self.fresh_id();
         req["id"] = id.clone();
         self.send(req).await;
+        id
+    }
+
+    /// The reply to the request with `id`.
+    pub async fn reply(&mut self, id: &Value) -> W::Msg {
         self.until(&format!("the reply to id {id}"), |m| {
-            m.get("id") == Some(&id)
+            m.get("id") == Some(id)
         })
         .await
+    }
+
+    /// Sends `req` with `"id": id`; returns the reply carrying that id.
+    pub async fn call(&mut self, mut req: Value, id: Value) -> W::Msg {
+        req["id"] = id.clone();
+        self.send(req).await;
+        self.reply(&id).await
     }
 
     pub fn fresh_id(&mut self) -> Value {
@@ -118,15 +175,24 @@ impl Client {
     }
 
     /// Subscribes; returns the `subscribed` reply.
-    pub async fn subscribe(&mut self, topic: &str) -> Value {
+    pub async fn subscribe(&mut self, topic: &str) -> W::Msg {
         self.subscribe_with(json!({"action": "subscribe", "topic": topic}))
             .await
     }
 
-    pub async fn subscribe_with(&mut self, req: Value) -> Value {
+    /// Subscribes with `since` and `epoch` (recovery); returns the `subscribed` reply.
+    pub async fn subscribe_since(&mut self, topic: &str, since: u64, epoch: &Value) -> W::Msg {
+        self.subscribe_with(
+            json!({"action": "subscribe", "topic": topic, "since": since, "epoch": epoch}),
+        )
+        .await
+    }
+
+    pub async fn subscribe_with(&mut self, req: Value) -> W::Msg {
         let id = self.fresh_id();
         let topic = req["topic"].clone();
-        let r = self.call(req, id).await;
+        let reply = self.call(req, id).await;
+        let r = reply.borrow();
         assert_eq!(r["type"], "subscribed", "{r}");
         assert_eq!(r["topic"], topic, "{r}");
         assert!(r["seq"].is_u64(), "seq: {r}");
@@ -134,18 +200,19 @@ impl Client {
             r["epoch"].as_str().is_some_and(|e| !e.is_empty()),
             "epoch: {r}"
         );
-        r
+        reply
     }
 
     /// Publishes with an id; returns the acknowledged seq.
     pub async fn publish(&mut self, topic: &str, data: Value) -> u64 {
         let id = self.fresh_id();
-        let r = self
+        let reply = self
             .call(
                 json!({"action": "publish", "topic": topic, "data": data}),
                 id,
             )
             .await;
+        let r = reply.borrow();
         assert_eq!(r["type"], "ack", "{r}");
         r["seq"].as_u64().unwrap_or_else(|| panic!("ack seq: {r}"))
     }
@@ -154,38 +221,39 @@ impl Client {
     /// read by the server.
     pub async fn ping(&mut self) {
         let id = self.fresh_id();
-        let r = self.call(json!({"action": "ping"}), id.clone()).await;
+        let reply = self.call(json!({"action": "ping"}), id.clone()).await;
+        let r = reply.borrow();
         assert_eq!(r["type"], "pong", "{r}");
         assert_eq!(r["id"], id, "{r}");
-        assert_timestamp(&r["timestamp"], &r);
+        assert_timestamp(&r["timestamp"], r);
     }
 
     /// The next room message of `topic`.
-    pub async fn room_message(&mut self, topic: &str) -> Value {
+    pub async fn room_message(&mut self, topic: &str) -> W::Msg {
         self.until(&format!("a message of {topic}"), |m| {
             is_room_message(m, topic)
         })
         .await
     }
 
-    /// Takes the stashed messages matching `pred`, leaving the others.
-    pub fn take_stashed(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let (hit, rest): (Vec<Value>, Vec<Value>) = std::mem::take(&mut self.stash)
-            .into_iter()
-            .partition(|m| pred(m));
-        self.stash = rest.into();
-        hit
+    /// The seqs of `topic`'s room messages, up to and including `last`.
+    pub async fn room_seqs_until(&mut self, topic: &str, last: u64) -> Vec<u64> {
+        let mut got = Vec::new();
+        while got.last() != Some(&last) {
+            let m = self.room_message(topic).await;
+            let seq = m.borrow()["seq"].as_u64();
+            got.push(seq.unwrap_or_else(|| panic!("seq: {}", m.borrow())));
+        }
+        got
     }
 
-    /// Resets the TCP connection (no close frame, no FIN: an abrupt disconnect).
-    pub fn reset(self) {
-        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
-            // A zero linger time: close sends RST and never blocks.
-            socket2::SockRef::from(s)
-                .set_linger(Some(Duration::ZERO))
-                .expect("SO_LINGER");
-        }
-        drop(self);
+    /// Takes the stashed messages matching `pred`, leaving the others.
+    pub fn take_stashed(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<W::Msg> {
+        let (hit, rest): (Vec<W::Msg>, Vec<W::Msg>) = std::mem::take(&mut self.stash)
+            .into_iter()
+            .partition(|m| pred(m.borrow()));
+        self.stash = rest.into();
+        hit
     }
 }
 

@@ -8,7 +8,9 @@
 //! * `handshakes`: opens and closes N connections (TCP, TLS for `wss://`, upgrade, close
 //!   handshake), C at a time; prints handshakes/s and the server's CPU time per handshake.
 //! * `fanout`: the rooms protocol (`/ws`): S subscribers on K topics, P publishers at a total
-//!   rate; checks every delivery's per-topic `seq` (gaps, duplicates, reordering fail the run)
+//!   rate; checks every delivery's per-topic `seq` (gaps, duplicates, reordering fail the run;
+//!   with `--conflated`, for conflated topics, skipped values are expected and order, values
+//!   never older than earlier ones and the arrival of each topic's last value are checked)
 //!   and prints delivered msgs/s, latency from publish to delivery and server CPU per delivery.
 //!
 //! `wss://` URLs go through rustls (ring provider) with `--ca FILE` (the CA to trust, e.g. the

@@ -22,6 +22,7 @@ use ringgate::cluster::config::{ClusterConfig, Engine};
 use ringgate::cluster::{link, Command, Event, Keys, Message, Tag};
 use ringgate::io::Backend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc::UnboundedSender;
 
 // The server's allocator, so both clients allocate as they would in ringgate.
 #[global_allocator]
@@ -141,9 +142,42 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Ringgate's link: the hub's commands in, events out, as on a shard.
-async fn publish_ours(a: &Args, keys: &Keys) -> Result<(), String> {
+/// Runs ringgate's link as a shard does (the hub's commands in, events out) with `first`
+/// queued, until `on` says the run is done or fails, or the link goes down. `on` sees every
+/// other event, with the sender for more commands.
+async fn drive_link(
+    a: &Args,
+    first: impl IntoIterator<Item = Command>,
+    on: impl Fn(Event, &UnboundedSender<Command>) -> Result<bool, String>,
+) -> Result<(), String> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for c in first {
+        let _ = tx.send(c);
+    }
+    let tx = RefCell::new(Some(tx));
+    let failed = RefCell::new(None);
+    let on_event = |e: Event| {
+        let outcome = match (e, &*tx.borrow()) {
+            (Event::Down(e), _) => Err(e),
+            (e, Some(tx)) => on(e, tx),
+            (_, None) => Ok(true),
+        };
+        match outcome {
+            Ok(false) => {}
+            // Closing the command channel ends `link::run`.
+            Ok(true) => drop(tx.borrow_mut().take()),
+            Err(e) => {
+                failed.borrow_mut().get_or_insert(e);
+                tx.borrow_mut().take();
+            }
+        }
+    };
+    link::run(Backend::Epoll, config(&a.addr), 0, rx, on_event).await;
+    failed.into_inner().map_or(Ok(()), Err)
+}
+
+/// Ringgate's link: `window` publishes awaiting their answer at a time.
+async fn publish_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let (head, tail) = body(a.size);
     let command = |i| Command {
         tag: Some(Tag::Publish(i)),
@@ -162,36 +196,21 @@ async fn publish_ours(a: &Args, keys: &Keys) -> Result<(), String> {
             "E",
         ),
     };
-    for i in 0..a.window.min(a.n) {
-        let _ = tx.send(command(i));
-    }
-    let tx = RefCell::new(Some(tx));
-    let (sent, done) = (Cell::new(a.window.min(a.n)), Cell::new(0u64));
-    let failed = RefCell::new(None);
-    let on = |e: Event| match e {
-        Event::Reply(_, answer) => {
-            if let Err(e) = answer.and_then(|v| Keys::published(&v)) {
-                failed.borrow_mut().get_or_insert(e);
-            }
-            done.set(done.get() + 1);
-            if sent.get() < a.n {
-                if let Some(tx) = &*tx.borrow() {
-                    let _ = tx.send(command(sent.get()));
-                }
-                sent.set(sent.get() + 1);
-            }
-            if done.get() == a.n || failed.borrow().is_some() {
-                tx.borrow_mut().take();
-            }
+    let first = a.window.min(a.n);
+    let (sent, done) = (Cell::new(first), Cell::new(0u64));
+    drive_link(a, (0..first).map(&command), |e, tx| {
+        let Event::Reply(_, answer) = e else {
+            return Ok(false);
+        };
+        answer.and_then(|v| Keys::published(&v))?;
+        done.set(done.get() + 1);
+        if sent.get() < a.n {
+            let _ = tx.send(command(sent.get()));
+            sent.set(sent.get() + 1);
         }
-        Event::Down(e) => {
-            failed.borrow_mut().get_or_insert(e);
-            tx.borrow_mut().take();
-        }
-        _ => {}
-    };
-    link::run(Backend::Epoll, config(&a.addr), 0, rx, on).await;
-    failed.into_inner().map_or(Ok(()), Err)
+        Ok(done.get() == a.n)
+    })
+    .await
 }
 
 async fn redis_client(addr: &str) -> Result<redis::Client, String> {
@@ -273,33 +292,22 @@ fn seq_of(v: &redis::Value) -> Result<u64, String> {
 }
 
 async fn receive_ours(a: &Args, keys: &Keys) -> Result<(), String> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (subscribe, _) = keys.follow(TOPIC, "E", None);
-    let _ = tx.send(Command {
+    let got = Cell::new(0u64);
+    let first = Command {
         tag: None,
         bytes: subscribe,
         slot: keys.slot(TOPIC),
-    });
-    let tx = RefCell::new(Some(tx));
-    let got = Cell::new(0u64);
-    let failed = RefCell::new(None);
-    let on = |e: Event| match e {
-        Event::Message { channel, payload } => {
+    };
+    drive_link(a, [first], |e, _| {
+        if let Event::Message { channel, payload } = e {
             if keys.topic_of(&channel).is_some() && Keys::pushed(&payload).is_some() {
                 got.set(got.get() + 1);
             }
-            if got.get() == a.n {
-                tx.borrow_mut().take();
-            }
         }
-        Event::Down(e) => {
-            failed.borrow_mut().get_or_insert(e);
-            tx.borrow_mut().take();
-        }
-        _ => {}
-    };
-    link::run(Backend::Epoll, config(&a.addr), 0, rx, on).await;
-    failed.into_inner().map_or(Ok(()), Err)
+        Ok(got.get() == a.n)
+    })
+    .await
 }
 
 async fn receive_redis(a: &Args, keys: &Keys) -> Result<(), String> {

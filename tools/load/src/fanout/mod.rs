@@ -1,8 +1,10 @@
 //! `fanout`: the rooms protocol (`/ws`). S subscribers on K topics, P publishers at a total
 //! rate; every delivery's per-topic `seq` is checked (gaps, duplicates, reordering fail the
-//! run), and delivered msgs/s, latency from publish to delivery and server CPU per delivery
-//! are reported.
+//! run; with `--conflated`, skipped values are expected and order and the last value are
+//! checked, see `check`), and delivered msgs/s, latency from publish to delivery and server
+//! CPU per delivery are reported.
 
+mod check;
 mod msg;
 mod publisher;
 mod subscriber;
@@ -25,6 +27,7 @@ use crate::target::{bounded, connect_timeout, Target};
 use crate::tls::TlsArgs;
 use crate::wire::{mask_from, FrameBuf};
 use crate::{latency_histogram, seed, MAX_CONNECTIONS, MAX_MESSAGES, MAX_SECONDS};
+use check::{Finals, SeqStats};
 use msg::Incoming;
 use publisher::{PubPlan, Publisher};
 use subscriber::{subscribe, subscriber_ended};
@@ -87,18 +90,19 @@ pub struct FanoutArgs {
     /// VmRSS before and after (needs --server-pid): what connections keep once traffic stops.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
+    /// The topics are conflated (`[[rooms.topic]] conflate`, without `conflate_key`): a
+    /// subscriber gets some of the values, not all. Skipped values are expected; seqs must
+    /// still only go up, no value may be older than one already delivered from the same
+    /// publisher, and every subscriber must get the last value of its topic.
+    #[arg(long)]
+    conflated: bool,
 }
 
 /// Counters every subscriber and publisher adds to.
 struct FanStats {
     delivered: Cell<u64>,
     delivered_bytes: Cell<u64>,
-    /// Seqs skipped and not (yet) delivered late, over all subscribers.
-    gaps: Cell<u64>,
-    /// Gaps too large to track seq by seq (counted, not resolvable as reordering).
-    gaps_untracked: Cell<u64>,
-    dups: Cell<u64>,
-    reordered: Cell<u64>,
+    seq: SeqStats,
     wrong_topic: Cell<u64>,
     server_errors: Cell<u64>,
     first_server_error: RefCell<Option<String>>,
@@ -186,13 +190,20 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     let epoch = Instant::now();
     let deadline = epoch + Duration::from_secs_f64(a.duration_limit);
 
+    let p = a.publishers as u64;
+    let quotas: Vec<u64> = (0..p)
+        .map(|j| a.messages / p + u64::from(j < a.messages % p))
+        .collect();
+    let finals = a.conflated.then(|| Rc::new(Finals::new(&quotas, a.topics)));
+
     // Subscribers: connect and subscribe, `concurrency` at a time.
     let base = seed();
     let (subs, failed, first) = bounded(a.subscribers, a.concurrency, deadline, |i| {
         let (t, topics) = (sub_targets[i % sub_targets.len()].clone(), topics.clone());
+        let finals = finals.clone();
         async move {
             let sd = base ^ ((i as u64) << 20);
-            subscribe(&t, sd, &topics, i % topics.len(), a.deflate).await
+            subscribe(&t, sd, &topics, i % topics.len(), a.deflate, finals).await
         }
     })
     .await;
@@ -211,8 +222,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     }
     // Publishers.
     let mut pubs = Vec::with_capacity(a.publishers);
-    let p = a.publishers as u64;
-    for j in 0..p {
+    for (j, &quota) in (0..p).zip(&quotas) {
         let sd = base ^ ((a.subscribers as u64 + j) << 20) ^ 1;
         let u = connect_timeout(&t, sd, false)
             .await
@@ -223,7 +233,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
             mask: mask_from(sd),
             index: j,
             count: p,
-            quota: a.messages / p + u64::from(j < a.messages % p),
+            quota,
         });
     }
     println!(
@@ -240,10 +250,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     let st = Rc::new(FanStats {
         delivered: Cell::new(0),
         delivered_bytes: Cell::new(0),
-        gaps: Cell::new(0),
-        gaps_untracked: Cell::new(0),
-        dups: Cell::new(0),
-        reordered: Cell::new(0),
+        seq: SeqStats::default(),
         wrong_topic: Cell::new(0),
         server_errors: Cell::new(0),
         first_server_error: RefCell::new(None),
@@ -311,9 +318,14 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         .zip(&subs_per_topic)
         .map(|(c, n)| c.get() * n)
         .sum();
-    // Drain: wait for every expected delivery, bounded by --drain and the time limit.
+    // Drain: wait for every expected delivery (conflated: for every subscriber's last value),
+    // bounded by --drain and the time limit.
+    let waiting = || match a.conflated {
+        false => st.delivered.get() < expected,
+        true => st.seq.at_final.get() < a.subscribers as u64,
+    };
     let drain_until = (Instant::now() + Duration::from_secs_f64(a.drain)).min(deadline);
-    while st.delivered.get() < expected && Instant::now() < drain_until {
+    while waiting() && Instant::now() < drain_until {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             Some(r) = sub_tasks.join_next() => {
@@ -360,7 +372,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     sub_tasks.abort_all();
 
     // Report.
-    let delivered = st.delivered.get();
+    let (delivered, sq) = (st.delivered.get(), &st.seq);
     let span = (st.last_ns.get().saturating_sub(t0_ns) as f64 / 1e9).max(1e-9);
     let rate = delivered as f64 / span;
     let hist = st.hist.borrow();
@@ -373,8 +385,12 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         published as f64 / publish_secs.max(1e-9),
         a.size
     );
+    let of = match a.conflated {
+        false => "expected",
+        true => "published values (conflated)",
+    };
     println!(
-        "delivered (each once): {delivered} of {expected} expected in {span:.3}s: {rate:.0} msgs/s \
+        "delivered (each once): {delivered} of {expected} {of} in {span:.3}s: {rate:.0} msgs/s \
          (avg frame payload {:.0} B)",
         st.delivered_bytes.get() as f64 / delivered.max(1) as f64
     );
@@ -400,13 +416,21 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         us(0.5),
         us(0.99),
         us(0.999),
-        st.gaps.get(),
-        st.dups.get(),
-        st.reordered.get(),
+        sq.gaps.get(),
+        sq.dups.get(),
+        sq.reordered.get(),
         st.wrong_topic.get(),
         st.server_errors.get(),
         st.delivered_bytes.get() as f64 / delivered.max(1) as f64
     );
+    if a.conflated {
+        let _ = write!(
+            kv,
+            " conflated=1 stale={} at_last_value={}",
+            sq.stale.get(),
+            sq.at_final.get()
+        );
+    }
     if let (Some((secs, _)), Some(pid)) = (server, a.server_pid) {
         let per = 1e6 * secs / delivered.max(1) as f64;
         println!(
@@ -451,18 +475,24 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
             "{conn_failures} connection(s) failed; first: {e:#}"
         ));
     }
-    if st.gaps.get() > 0 {
+    if sq.gaps.get() > 0 && !a.conflated {
         problems.push(format!(
             "{} seq gap(s) (messages skipped, {} beyond tracking)",
-            st.gaps.get(),
-            st.gaps_untracked.get()
+            sq.gaps.get(),
+            sq.gaps_untracked.get()
         ));
     }
-    if st.dups.get() > 0 {
-        problems.push(format!("{} duplicate deliveries", st.dups.get()));
+    if sq.dups.get() > 0 {
+        problems.push(format!("{} duplicate deliveries", sq.dups.get()));
     }
-    if st.reordered.get() > 0 {
-        problems.push(format!("{} deliveries out of order", st.reordered.get()));
+    if sq.reordered.get() > 0 {
+        problems.push(format!("{} deliveries out of order", sq.reordered.get()));
+    }
+    if sq.stale.get() > 0 {
+        problems.push(format!(
+            "{} value(s) older than one already delivered from the same publisher",
+            sq.stale.get()
+        ));
     }
     if st.wrong_topic.get() > 0 {
         problems.push(format!(
@@ -477,7 +507,14 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
             st.first_server_error.borrow().as_deref().unwrap_or("?")
         ));
     }
-    if delivered < expected {
+    if a.conflated && sq.at_final.get() < a.subscribers as u64 {
+        problems.push(format!(
+            "{} of {} subscribers did not end on the last value of their topic",
+            a.subscribers as u64 - sq.at_final.get(),
+            a.subscribers
+        ));
+    }
+    if delivered < expected && !a.conflated {
         problems.push(format!(
             "{} of {expected} expected deliveries missing after the drain",
             expected - delivered
@@ -495,6 +532,12 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         }
         bail!("fan-out check failed ({} problem(s))", problems.len());
     }
-    println!("OK: every subscriber got every message of its topic once, in seq order");
+    match a.conflated {
+        false => println!("OK: every subscriber got every message of its topic once, in seq order"),
+        true => println!(
+            "OK: every subscriber got values of its topic once, in seq order, none older than \
+             one before it, ending on the topic's last value"
+        ),
+    }
     Ok(())
 }

@@ -24,11 +24,14 @@ pub struct Incoming<'a> {
     pub code: Option<Cow<'a, str>>,
 }
 
-/// The `data` the publishers send: `{"ts": nanos since the run's start, "pad": "…"}`.
+/// The `data` the publishers send: `{"ts": nanos since the run's start, "n": the message's
+/// number in the run, "pad": "…"}`.
 #[derive(Deserialize)]
 pub struct Payload {
     #[serde(default)]
     pub ts: Option<u64>,
+    #[serde(default)]
+    pub n: Option<u64>,
 }
 
 pub fn parse_incoming(body: &[u8]) -> Result<Incoming<'_>> {
@@ -43,28 +46,29 @@ pub fn text_frame(out: &mut Vec<u8>, mask: [u8; 4], json: &str) {
     write_masked_frame(out, true, OpCode::Text, mask, json.as_bytes());
 }
 
-/// The JSON of one publish; `data` is padded to `size` bytes when the timestamp leaves room.
-/// With `realistic` (the message's number), `data` is `{"ts":…,"m":…}` with `m` a realistic
-/// JSON message of about `size` bytes (`ringgate::payload::json_message`: varied values, as
-/// `--payload json` sends), instead of a run of `x` that compresses unrealistically well.
-pub fn publish_json(out: &mut String, topic: &str, ts: u64, size: usize, realistic: Option<u64>) {
+/// The JSON of message `n` of the run; `data` is padded to `size` bytes when the timestamp and
+/// the number leave room. With `realistic`, `data` is `{"ts":…,"n":…,"m":…}` with `m` a
+/// realistic JSON message of about `size` bytes (`ringgate::payload::json_message`: varied
+/// values, as `--payload json` sends), instead of a run of `x` that compresses unrealistically
+/// well.
+pub fn publish_json(out: &mut String, topic: &str, ts: u64, n: u64, size: usize, realistic: bool) {
     out.clear();
-    if let Some(n) = realistic {
+    if realistic {
         let m = ringgate::payload::json_message(n, size.saturating_sub(30).max(64));
         let _ = write!(
             out,
-            r#"{{"action":"publish","topic":"{topic}","data":{{"ts":{ts},"m":{}}}}}"#,
+            r#"{{"action":"publish","topic":"{topic}","data":{{"ts":{ts},"n":{n},"m":{}}}}}"#,
             String::from_utf8_lossy(&m)
         );
         return;
     }
     let _ = write!(
         out,
-        r#"{{"action":"publish","topic":"{topic}","data":{{"ts":{ts},"pad":""#
+        r#"{{"action":"publish","topic":"{topic}","data":{{"ts":{ts},"n":{n},"pad":""#
     );
-    // `{"ts":` + digits + `,"pad":"` + pad + `"}`
-    let digits = ts.checked_ilog10().unwrap_or(0) as usize + 1;
-    let fixed = 6 + digits + 8 + 2;
+    // `{"ts":` + digits + `,"n":` + digits + `,"pad":"` + pad + `"}`
+    let digits = |v: u64| v.checked_ilog10().unwrap_or(0) as usize + 1;
+    let fixed = 6 + digits(ts) + 5 + digits(n) + 8 + 2;
     for _ in 0..size.saturating_sub(fixed) {
         out.push('x');
     }
@@ -80,5 +84,28 @@ pub fn close_text(body: &[u8]) -> String {
             String::from_utf8_lossy(reason)
         ),
         _ => "no code".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_data_is_size_bytes_and_carries_ts_and_n() {
+        let mut out = String::new();
+        // (ts, n, size, the data's length): too small a size leaves the data unpadded.
+        for (ts, n, size, len) in [
+            (1, 0, 64, 64),
+            (123_456_789, 98_765, 200, 200),
+            (7, 3, 10, 23),
+        ] {
+            publish_json(&mut out, "t", ts, n, size, false);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let data = v["data"].to_string();
+            assert_eq!(data.len(), len, "{data}");
+            let p: Payload = serde_json::from_str(&data).unwrap();
+            assert_eq!((p.ts, p.n), (Some(ts), Some(n)));
+        }
     }
 }

@@ -57,8 +57,14 @@ impl Publisher {
                 for k in sent..due {
                     let n = k * self.count + self.index;
                     let topic = (n % plan.topics.len() as u64) as usize;
-                    let realistic = plan.realistic.then_some(n);
-                    publish_json(&mut json, &plan.topics[topic], ts, plan.size, realistic);
+                    publish_json(
+                        &mut json,
+                        &plan.topics[topic],
+                        ts,
+                        n,
+                        plan.size,
+                        plan.realistic,
+                    );
                     text_frame(&mut wbuf, self.mask, &json);
                     let c = &plan.sent[topic];
                     c.set(c.get() + 1);

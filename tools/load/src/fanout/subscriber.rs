@@ -1,6 +1,5 @@
 //! Subscribers: connect, subscribe to one topic, then read and check every delivery.
 
-use std::collections::BTreeSet;
 use std::rc::Rc;
 
 use anyhow::{bail, Context as _, Result};
@@ -8,6 +7,7 @@ use ringgate::ws::deflate::Inflater;
 use ringgate::ws::frame::{write_masked_frame, OpCode};
 use tokio::time::Instant;
 
+use super::check::{Finals, SeqCheck};
 use super::msg::{close_text, parse_incoming, text_frame};
 use super::FanStats;
 use crate::stream::Stream;
@@ -15,30 +15,26 @@ use crate::target::{connect_timeout, Target, HANDSHAKE_TIMEOUT};
 use crate::wire::{mask_from, FrameBuf};
 use crate::MAX_SIZE;
 
-/// Most missing seqs one subscriber tracks individually.
-const MAX_MISSING: usize = 1 << 16;
-
 pub struct Subscriber {
     s: Stream,
     fb: FrameBuf,
     mask: [u8; 4],
     pub topic: usize,
-    /// The next seq expected (None: the `subscribed` reply carried no seq; the first message
-    /// sets it).
-    next: Option<u64>,
-    missing: BTreeSet<u64>,
+    check: SeqCheck,
     /// With permessage-deflate: the inflater (in the context mode the server answered) and
     /// its output buffer.
     inflate: Option<(Inflater, Vec<u8>)>,
 }
 
-/// Connects, subscribes to `topics[topic]` and waits for the `subscribed` reply.
+/// Connects, subscribes to `topics[topic]` and waits for the `subscribed` reply. `conflated`:
+/// the topics are conflated and these are the run's last values.
 pub async fn subscribe(
     t: &Target,
     sd: u64,
     topics: &[String],
     topic: usize,
     deflate: bool,
+    conflated: Option<Rc<Finals>>,
 ) -> Result<Subscriber> {
     let u = connect_timeout(t, sd, deflate).await?;
     let inflate = u
@@ -50,8 +46,7 @@ pub async fn subscribe(
         fb: FrameBuf::new(&u.early, 4096),
         mask,
         topic,
-        next: None,
-        missing: BTreeSet::new(),
+        check: SeqCheck::new(conflated.map(|f| (f, topic))),
         inflate,
     };
     let name = &topics[topic];
@@ -103,7 +98,7 @@ pub async fn subscribe(
                 pong.clear();
             }
             if let Some(base) = base {
-                sub.next = base.map(|b| b + 1);
+                sub.check.subscribed(base);
                 return Ok(sub);
             }
             sub.fb.fill(&mut sub.s).await?;
@@ -127,7 +122,7 @@ impl Subscriber {
         loop {
             let now_ns = epoch.elapsed().as_nanos() as u64;
             let topic = topics[self.topic].as_str();
-            let (next, missing) = (&mut self.next, &mut self.missing);
+            let check = &mut self.check;
             let inflate = &mut self.inflate;
             let mask = self.mask;
             self.fb.each(|op, fin, rsv, wire| {
@@ -155,41 +150,11 @@ impl Subscriber {
                         let seq = m.seq.context("room message without seq")?;
                         let ts = m
                             .data
+                            .as_ref()
                             .and_then(|d| d.ts)
                             .context("room message without data.ts")?;
-                        let fresh = match *next {
-                            None => {
-                                *next = Some(seq + 1);
-                                true
-                            }
-                            Some(n) if seq == n => {
-                                *next = Some(n + 1);
-                                true
-                            }
-                            Some(n) if seq > n => {
-                                let skipped = seq - n;
-                                st.gaps.set(st.gaps.get() + skipped);
-                                for s in n..seq {
-                                    if missing.len() >= MAX_MISSING {
-                                        st.gaps_untracked.set(st.gaps_untracked.get() + 1);
-                                        continue;
-                                    }
-                                    missing.insert(s);
-                                }
-                                *next = Some(seq + 1);
-                                true
-                            }
-                            Some(_) => {
-                                if missing.remove(&seq) {
-                                    st.reordered.set(st.reordered.get() + 1);
-                                    st.gaps.set(st.gaps.get() - 1);
-                                    true
-                                } else {
-                                    st.dups.set(st.dups.get() + 1);
-                                    false
-                                }
-                            }
-                        };
+                        let n = m.data.as_ref().and_then(|d| d.n);
+                        let fresh = check.delivery(&st.seq, seq, n)?;
                         if fresh {
                             st.delivered.set(st.delivered.get() + 1);
                             // Bytes on the wire (compressed, when it came so).
