@@ -40,6 +40,11 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
+/// Runs `f` on the shard's scratch buffer (the tunnel reads through it too).
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with(|scratch| f(&mut scratch.borrow_mut()[..]))
+}
+
 fn wake(w: &RefCell<Option<Waker>>) {
     if let Some(w) = w.borrow_mut().take() {
         w.wake();
@@ -461,9 +466,8 @@ impl Upstream {
 
     /// Reads into the shard's scratch buffer; whole frames are handled in place.
     fn read_scratch(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), u16>> {
-        SCRATCH_BUF.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let mut rb = ReadBuf::new(&mut scratch[..]);
+        with_scratch(|scratch| {
+            let mut rb = ReadBuf::new(scratch);
             match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Err(_)) => Poll::Ready(Err(1006)),
