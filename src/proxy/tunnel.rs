@@ -309,10 +309,10 @@ fn request_head(path: &str, host: &str, h: &HeaderMap) -> Vec<u8> {
     out
 }
 
-type Head = (StatusCode, HeaderMap);
+pub(super) type Head = (StatusCode, HeaderMap);
 
 /// Reads the upstream's response head: it and the bytes read past it.
-async fn read_head(io: &mut Stream) -> Result<(Head, BytesMut), Failure> {
+pub(super) async fn read_head(io: &mut Stream) -> Result<(Head, BytesMut), Failure> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let n = io
