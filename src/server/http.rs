@@ -283,7 +283,7 @@ fn websocket<'a>(
                 entry,
                 shard.traffic(endpoint),
             );
-            Box::pin(async { tokio::join!(session, upstream).0 })
+            Box::pin(upstream.beside(session))
         }
         None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity),
     };
