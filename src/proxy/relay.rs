@@ -350,15 +350,22 @@ impl UpstreamSide {
         let mut session = std::pin::pin!(session);
         let (mut out, mut upstream_done) = (None, false);
         poll_fn(|cx| {
+            // A wake-up through the task's waker may be for either side: both are polled.
             let (mut client_due, mut upstream_due) = (true, true);
             for _ in 0..ROUNDS {
+                // A side's marks are served by the poll that follows them. The upstream side
+                // goes first: its poll is the cheaper one (a plain read that would block costs
+                // a readiness check, the session's a TLS read and its bookkeeping), so the
+                // order that polls the session once per wake-up of either socket wins.
+                if upstream_due && !upstream_done {
+                    shared.take_upstream_due();
+                    upstream_done = run.as_mut().poll(cx).is_ready();
+                }
+                client_due |= shared.take_client_due();
                 if client_due && out.is_none() {
                     if let Poll::Ready(o) = session.as_mut().poll(cx) {
                         out = Some(o);
                     }
-                }
-                if upstream_due && !upstream_done {
-                    upstream_done = run.as_mut().poll(cx).is_ready();
                 }
                 client_due = shared.take_client_due() && out.is_none();
                 upstream_due = shared.take_upstream_due() && !upstream_done;
