@@ -50,6 +50,8 @@ both_backends!(
     streams_over_the_limit_are_refused,
     settings_and_ping_floods_stay_bounded,
     silent_connection_is_dropped,
+    idle_websockets_on_one_connection_hold_little_heap,
+    websockets_count_against_the_per_address_cap,
 );
 
 type WsH2 = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -1336,4 +1338,181 @@ async fn silent_connection_is_dropped(backend: Backend) {
     })
     .await;
     let () = ended;
+}
+
+/// One series of `/metrics`, scraped over `h2`.
+async fn metric_h2(h2: &mut H2, series: &str) -> f64 {
+    let (_, _, body) = h2.get("/metrics").await;
+    let body = String::from_utf8_lossy(&body);
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"))
+}
+
+/// Waits until the server has `n` echo sessions running (the gauge rises as each starts).
+async fn wait_echo_sessions(h2: &mut H2, n: usize) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let series = "ringgate_connections_active{endpoint=\"echo\"}";
+    while metric_h2(h2, series).await != n as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} sessions never ran"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Sockets per measurement in `idle_websockets_on_one_connection_hold_little_heap`.
+const H2_SOCKETS: usize = 100;
+/// Heap per idle WebSocket over HTTP/2 in a debug build: about 2.1 KB fresh and 2.8 KB after
+/// one echo each (h2 keeps its frame queues sized for the 100 echoes in flight at once), with
+/// headroom. Before the socket's task was cut to a few references it was 3.3 KB fresh.
+const H2_SOCKET_BUDGET: f64 = 3072.0;
+
+/// Heap held now, from the debug build's allocation count.
+async fn heap_h2(h2: &mut H2) -> f64 {
+    metric_h2(h2, "ringgate_debug_heap_bytes").await
+}
+
+/// `n` WebSockets on `/ws/echo` over one HTTP/2 connection.
+async fn h2_websockets(h2: &mut H2, n: usize) -> Vec<WsH2> {
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        sockets.push(h2.websocket("/ws/echo").await);
+    }
+    sockets
+}
+
+/// What an idle WebSocket over HTTP/2 costs when `H2_SOCKETS` share one connection: the heap
+/// the server holds per socket (the debug build's allocation count, as in
+/// tests/idle_memory.rs), fresh and after one echo each. Part of it is the connection's: h2's
+/// stream table and frame queues grow to the most streams and frames it has had at once and
+/// keep that size, so what a socket holds of its own is measured by closing the sockets and
+/// opening as many again on the same connection (which also shows nothing accumulates). With
+/// the connection's share counted in, a socket holds under half of what a WebSocket on its own
+/// TLS connection (HTTP/1.1) holds.
+async fn idle_websockets_on_one_connection_hold_little_heap(backend: Backend) {
+    let (server, certs) = start_tls(backend, "").await;
+    let mut admin = H2::tls(server.addr, &certs).await;
+    // The first sockets size the shard's tables and the runtime's lists: not per socket, so
+    // they are opened (and their connection closed) before the baseline.
+    {
+        let mut warm = H2::tls(server.addr, &certs).await;
+        let _sockets = h2_websockets(&mut warm, H2_SOCKETS).await;
+        wait_echo_sessions(&mut admin, H2_SOCKETS).await;
+    }
+    wait_echo_sessions(&mut admin, 0).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let before = heap_h2(&mut admin).await;
+    let per_socket = |heap: f64| (heap - before) / H2_SOCKETS as f64;
+
+    let mut sockets = h2_websockets(&mut h2, H2_SOCKETS).await;
+    wait_echo_sessions(&mut admin, H2_SOCKETS).await;
+    let fresh = per_socket(heap_h2(&mut admin).await);
+    // One message each way on every socket, all in flight at once.
+    for ws in &mut sockets {
+        ws.send(Message::text("hello")).await.expect("send");
+    }
+    for ws in &mut sockets {
+        assert_eq!(next_data_h2(ws).await, Message::text("hello"));
+    }
+    let touched = per_socket(heap_h2(&mut admin).await);
+    // Closed, and as many opened again on the same connection: what the first ones left
+    // behind (h2's stream tables keep their size) is reused, nothing accumulates.
+    for ws in &mut sockets {
+        ws.close(None).await.expect("close");
+    }
+    drop(sockets);
+    wait_echo_sessions(&mut admin, 0).await;
+    let closed = per_socket(heap_h2(&mut admin).await);
+    let again = h2_websockets(&mut h2, H2_SOCKETS).await;
+    wait_echo_sessions(&mut admin, H2_SOCKETS).await;
+    let reopened = per_socket(heap_h2(&mut admin).await);
+    drop(again);
+    drop(h2);
+    wait_echo_sessions(&mut admin, 0).await;
+
+    // The same over HTTP/1.1: a TLS connection per WebSocket.
+    let before_h1 = heap_h2(&mut admin).await;
+    let mut h1 = Vec::with_capacity(H2_SOCKETS);
+    for _ in 0..H2_SOCKETS {
+        let io = tls(server.addr, &certs, &[b"http/1.1"]).await;
+        let (ws, _) = within(
+            "wss handshake",
+            tokio_tungstenite::client_async("wss://localhost/ws/echo", io),
+        )
+        .await
+        .expect("wss handshake");
+        h1.push(ws);
+    }
+    wait_echo_sessions(&mut admin, H2_SOCKETS).await;
+    let per_h1 = (heap_h2(&mut admin).await - before_h1) / H2_SOCKETS as f64;
+    eprintln!(
+        "heap per idle WebSocket ({backend:?}): HTTP/2 {fresh:.0} B fresh, {touched:.0} B after \
+         a message, {closed:.0} B left per closed one, {reopened:.0} B reopened; HTTP/1.1 over \
+         its own TLS connection {per_h1:.0} B"
+    );
+    // Each socket's own share: what a socket adds once the connection's tables are sized.
+    let own = reopened - closed;
+    assert!(
+        own <= H2_SOCKET_BUDGET,
+        "an idle HTTP/2 WebSocket holds {own:.0} B of its own (budget {H2_SOCKET_BUDGET} B)"
+    );
+    assert!(
+        reopened <= touched + 64.0,
+        "sockets reopened on the same connection hold {reopened:.0} B each, the first {touched:.0} B"
+    );
+    // With the connection's tables counted in, still under half a WebSocket on its own
+    // connection.
+    for (what, per) in [("fresh", fresh), ("after a message", touched)] {
+        assert!(
+            per * 2.0 < per_h1,
+            "an HTTP/2 WebSocket ({what}) holds {per:.0} B, one on its own TLS connection {per_h1:.0} B"
+        );
+    }
+}
+
+/// `[limits]`: each WebSocket over HTTP/2 counts as a connection of its client's address, as
+/// it would on a socket of its own (the HTTP/2 connection is one too), whether it goes to an
+/// endpoint or through a route. One over the cap is answered 429 on its stream; the
+/// connection, its requests and its other sockets carry on; a closed socket gives its place
+/// back.
+async fn websockets_count_against_the_per_address_cap(backend: Backend) {
+    let (addr, _seen) = ws_upstream().await;
+    let limits = "[limits]\nexempt = []\nper_ip_connections = 3\nper_ip_handshake_rate = 0\n";
+    let config = format!("{}\n{limits}", ws_route(addr, "websocket"));
+    let (server, certs) = start_tls(backend, &config).await;
+    let mut h2 = H2::tls(server.addr, &certs).await;
+    let mut echo = h2.websocket("/ws/echo").await;
+    let mut routed = h2.websocket("/app/a").await;
+    for path in ["/ws/echo", "/app/b"] {
+        let (resp, ws) = h2.connect(path, &[VERSION_13]).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert!(ws.is_none());
+    }
+    assert_eq!(h2.get("/healthz").await.0, StatusCode::OK);
+    echo_h2(&mut echo, Message::text("still here")).await;
+    echo_h2(&mut routed, Message::text("and here")).await;
+    let refused = "ringgate_connections_refused_total{reason=\"per_ip\"}";
+    assert_eq!(metric_h2(&mut h2, refused).await, 2.0);
+
+    // The echo socket closes: its place is given again (the session ends asynchronously).
+    echo.close(None).await.expect("close");
+    while let Some(Ok(_)) = within("echo closed", echo.next()).await {}
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut again = loop {
+        let (resp, ws) = h2.connect("/app/c", &[VERSION_13]).await;
+        if let Some(ws) = ws {
+            break ws;
+        }
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "place never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    echo_h2(&mut again, Message::text("in its place")).await;
+    echo_h2(&mut routed, Message::text("unmoved")).await;
 }
