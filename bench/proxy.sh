@@ -8,7 +8,8 @@
 #   cargo build --release --workspace --bins
 #   bash bench/proxy.sh [REPS] > bench/raw-proxy.log
 #
-# Env: BIN (default target/release), REPS (1), PARTS ("echo tunnel idle http body"), IDLE_CONNS
+# Env: BIN (default target/release), REPS (1), PARTS ("echo tunnel idle http body"; also
+# "idle_tunnel": idle connections through /tunnel), IDLE_CONNS
 # (5000), BODY_MB (1024), CERTS (default /tmp/ringgate-bench-certs).
 #
 # Upstreams (core 1): a ringgate serving /ws/echo on :9101 (epoll, one shard), and an nginx
@@ -179,9 +180,12 @@ for rep in $(seq "$REPS"); do
                         --pipeline "$inflight" --warmup 2000 --server-pid "$PID"
                 done
                 ;;
-            idle)
-                echo "## idle proxy=$p conns=$IDLE_CONNS rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
-                taskset -c 1 timeout 200 "$LOAD" idle --url wss://127.0.0.1:9103/echo \
+            idle | idle_tunnel)
+                # idle: the relay (/echo); idle_tunnel: /tunnel. Each on a fresh proxy.
+                path=echo
+                [ $part = idle_tunnel ] && path=tunnel
+                echo "## $part proxy=$p path=/$path conns=$IDLE_CONNS rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
+                taskset -c 1 timeout 200 "$LOAD" idle --url "wss://127.0.0.1:9103/$path" \
                     --ca "$CERTS/ca.pem" --connections "$IDLE_CONNS" --hold 3 --settle 2 \
                     --server-pid "$PID"
                 ;;

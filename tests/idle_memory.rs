@@ -30,17 +30,25 @@ async fn heap(server: &Server) -> f64 {
     metric(server, "ringgate_debug_heap_bytes").await
 }
 
-/// Waits until the server has `n` echo sessions running (the gauge rises as each starts).
-async fn wait_active(server: &Server, n: usize) {
+/// Waits until `gauge` (a series of `/metrics`) reads `n`: the gauges rise as sessions start
+/// and fall as they end.
+async fn wait_gauge(server: &Server, gauge: &str, n: usize) {
     let deadline = Instant::now() + PATIENCE;
-    while metric(server, "ringgate_connections_active{endpoint=\"echo\"}").await != n as f64 {
-        assert!(Instant::now() < deadline, "{n} sessions never ran");
+    while metric(server, gauge).await != n as f64 {
+        assert!(Instant::now() < deadline, "{gauge} never reached {n}");
         tokio::task::yield_now().await;
     }
 }
 
-/// Opens `n` WebSockets on `/ws/echo`, 100 handshakes at a time.
-async fn open(server: &Server, n: usize) -> Vec<RawWs> {
+const ECHO_ACTIVE: &str = "ringgate_connections_active{endpoint=\"echo\"}";
+
+/// Waits until the server has `n` echo sessions running.
+async fn wait_active(server: &Server, n: usize) {
+    wait_gauge(server, ECHO_ACTIVE, n).await
+}
+
+/// Opens `n` WebSockets on `path`, 100 handshakes at a time.
+async fn open_on(server: &Server, path: &str, n: usize) -> Vec<RawWs> {
     let mut conns = Vec::with_capacity(n);
     while conns.len() < n {
         let batch = (n - conns.len()).min(100);
@@ -48,11 +56,31 @@ async fn open(server: &Server, n: usize) -> Vec<RawWs> {
             let s = within("tcp connect", TcpStream::connect(server.addr))
                 .await
                 .expect("tcp connect");
-            RawWs::handshake(s, "/ws/echo").await
+            RawWs::handshake(s, path).await
         });
         conns.extend(futures_util::future::join_all(handshakes).await);
     }
     conns
+}
+
+async fn open(server: &Server, n: usize) -> Vec<RawWs> {
+    open_on(server, "/ws/echo", n).await
+}
+
+/// One message each way on every connection.
+async fn echo_once(conns: &mut [RawWs]) {
+    for c in conns.iter_mut() {
+        c.send(&common::encode_frame(
+            0x80 | OP_TEXT,
+            Some([1, 2, 3, 4]),
+            b"hello",
+        ))
+        .await;
+    }
+    for c in conns.iter_mut() {
+        let f = c.read_frame().await.expect("the echo");
+        assert_eq!(f.payload, b"hello");
+    }
 }
 
 async fn idle_connections_hold_little_heap(backend: Backend) {
@@ -68,18 +96,7 @@ async fn idle_connections_hold_little_heap(backend: Backend) {
     let fresh = (heap(&server).await - before) / CONNS as f64;
 
     // One message each way on every connection: what a used connection keeps when idle.
-    for c in &mut conns {
-        c.send(&common::encode_frame(
-            0x80 | OP_TEXT,
-            Some([1, 2, 3, 4]),
-            b"hello",
-        ))
-        .await;
-    }
-    for c in &mut conns {
-        let f = c.read_frame().await.expect("the echo");
-        assert_eq!(f.payload, b"hello");
-    }
+    echo_once(&mut conns).await;
     let touched = (heap(&server).await - before) / CONNS as f64;
     eprintln!("heap per idle connection ({backend:?}): {fresh:.0} B fresh, {touched:.0} B after a message");
     for (what, per) in [("fresh", fresh), ("after a message", touched)] {
@@ -99,3 +116,71 @@ async fn idle_connections_hold_little_heap(backend: Backend) {
 }
 
 both_backends!(idle_connections_hold_little_heap);
+
+/// Heap per idle proxied WebSocket in a debug build (the proxy's process only: the upstream is
+/// another ringgate), relayed or tunnelled: the client side, the upstream connection and what
+/// joins them. About 3.5 KB for a relay (a session on each side) and 2.8 KB for a tunnel
+/// today, with headroom; a tunnel that keeps its copy buffers (or the bytes read past either
+/// handshake) while idle holds 48 KB, a relay's task sized for a tunnel's state 4.9 KB.
+const PROXIED_BUDGET: [(&str, f64); 2] = [("relay", 2.0 * BUDGET), ("tunnel", 2.0 * BUDGET)];
+
+/// The gauge that falls once a proxied connection of `mode` is over on both sides (a relay's
+/// session ends with its upstream side).
+fn proxied_gauge(mode: &str) -> String {
+    match mode {
+        "relay" => "ringgate_connections_active{endpoint=\"proxy\"}".into(),
+        _ => format!("ringgate_proxy_websockets_active{{route=\"{mode}\"}}"),
+    }
+}
+
+async fn idle_proxied_connections_hold_little_heap(backend: Backend) {
+    let upstream = Server::start_sharded(backend, 1, "", &[]);
+    let routes = PROXIED_BUDGET
+        .iter()
+        .map(|(mode, _)| {
+            format!(
+                "[[route]]\nname = \"{mode}\"\npath = \"/{mode}\"\nmode = \"{}\"\n\
+                 upstreams = [\"ws://{}/ws/echo\"]\nstrip_prefix = true\n",
+                if *mode == "relay" {
+                    "websocket"
+                } else {
+                    "tunnel"
+                },
+                upstream.addr
+            )
+        })
+        .collect::<String>();
+    let server = Server::start_sharded(backend, 1, &routes, &[]);
+    for (mode, budget) in PROXIED_BUDGET {
+        let path = format!("/{mode}");
+        let active = proxied_gauge(mode);
+        // Warm-up, as above: the shard's tables and the upstream pool's growth.
+        drop(open_on(&server, &path, CONNS).await);
+        wait_gauge(&server, &active, 0).await;
+        wait_gauge(&upstream, ECHO_ACTIVE, 0).await;
+        let before = heap(&server).await;
+
+        let mut conns = open_on(&server, &path, CONNS).await;
+        wait_gauge(&server, &active, CONNS).await;
+        let fresh = (heap(&server).await - before) / CONNS as f64;
+        echo_once(&mut conns).await;
+        let touched = (heap(&server).await - before) / CONNS as f64;
+        eprintln!(
+            "heap per idle proxied connection ({mode}, {backend:?}): {fresh:.0} B fresh, \
+             {touched:.0} B after a message"
+        );
+        for (what, per) in [("fresh", fresh), ("after a message", touched)] {
+            assert!(
+                per <= budget,
+                "an idle {mode} ({what}) holds {per:.0} B of heap (budget {budget} B)"
+            );
+        }
+        drop(conns);
+        wait_gauge(&server, &active, 0).await;
+        wait_gauge(&upstream, ECHO_ACTIVE, 0).await;
+        let after = (heap(&server).await - before) / CONNS as f64;
+        assert!(after < 64.0, "{after:.0} B per closed {mode} still held");
+    }
+}
+
+both_backends!(idle_proxied_connections_hold_little_heap);

@@ -1,16 +1,14 @@
 //! Active health checks: an HTTP GET to each upstream of a route every `interval`, from each
-//! shard; `unhealthy_threshold` failures in a row take it out, `healthy_threshold` successes
-//! bring it back.
+//! shard, one task per upstream and shard; `unhealthy_threshold` failures in a row take it
+//! out, `healthy_threshold` successes bring it back.
 
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request};
-use http_body_util::Empty;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::uri::PathAndQuery;
+use tokio::io::AsyncWriteExt;
 
+use super::tunnel::read_head;
 use super::upstream::Upstream;
 use super::RouteState;
 use crate::io::Backend;
@@ -60,37 +58,27 @@ pub fn start(route: &Rc<RouteState>) {
     }
 }
 
-/// One check: a 2xx or 3xx answer to `GET path` on a new connection.
+/// One check: a 2xx or 3xx answer to `GET path` on a new connection, made on the checking
+/// task itself (a request head written by hand, the answer's head read as for an upgrade).
 async fn probe(up: &Upstream, backend: Backend, path: &str, timeout: Duration) -> bool {
-    let Ok(io) = up.connect_h1(backend, timeout).await else {
-        return false;
-    };
-    let Ok((mut sender, conn)) = http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
-        .await
-    else {
-        return false;
-    };
-    let driver = tokio::task::spawn_local(async move {
-        let _ = conn.await;
-    });
+    // The path goes into the request line as it is: only a valid one.
     let full = format!("{}{}", up.ep.url.path, path);
-    let mut req = Request::new(Empty::new());
-    *req.uri_mut() = match full.parse() {
-        Ok(u) => u,
-        Err(_) => return false,
-    };
-    if let Ok(v) = HeaderValue::from_str(&up.ep.url.authority) {
-        req.headers_mut().insert(header::HOST, v);
+    if full.parse::<PathAndQuery>().is_err() {
+        return false;
     }
-    req.headers_mut().insert(
-        header::USER_AGENT,
-        HeaderValue::from_static("ringgate-health-check"),
-    );
-    let ok = match sender.send_request(req).await {
-        Ok(resp) => resp.status().is_success() || resp.status().is_redirection(),
-        Err(_) => false,
+    let Ok(mut io) = up.connect_h1(backend, timeout).await else {
+        return false;
     };
-    driver.abort();
-    ok
+    let head = format!(
+        "GET {full} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ringgate-health-check\r\n\
+         Connection: close\r\n\r\n",
+        up.ep.url.authority
+    );
+    if io.write_all(head.as_bytes()).await.is_err() || io.flush().await.is_err() {
+        return false;
+    }
+    match read_head(&mut io).await {
+        Ok(((status, _), _)) => status.is_success() || status.is_redirection(),
+        Err(_) => false,
+    }
 }

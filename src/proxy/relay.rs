@@ -8,14 +8,16 @@
 //! messages are masked straight into one buffer of upstream frames, which goes out in one
 //! write per wake-up; the upstream's frames are read into a per-shard scratch buffer (only an
 //! incomplete frame is kept) and their payloads queued back to back for the client session,
-//! which sends a batch as one vectored write. An idle relay holds no read buffer.
+//! which sends a batch as one vectored write. An idle relay holds no read buffer. The two
+//! sides run on the connection's one task and never wake it for each other
+//! ([`UpstreamSide::beside`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -40,14 +42,9 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
-fn wake(w: &RefCell<Option<Waker>>) {
-    if let Some(w) = w.borrow_mut().take() {
-        w.wake();
-    }
-}
-
-fn park(slot: &RefCell<Option<Waker>>, cx: &Context<'_>) {
-    *slot.borrow_mut() = Some(cx.waker().clone());
+/// Runs `f` on the shard's scratch buffer (the tunnel reads through it too).
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with(|scratch| f(&mut scratch.borrow_mut()[..]))
 }
 
 /// Empties `v`, giving its memory back when it grew past [`KEEP`].
@@ -67,10 +64,10 @@ struct ToUpstream {
     /// over a counter.
     keys: std::collections::hash_map::RandomState,
     count: Cell<u64>,
-    /// The writer, waiting for frames.
-    consumer: RefCell<Option<Waker>>,
-    /// The client session, waiting for room.
-    producer: RefCell<Option<Waker>>,
+    /// The upstream writer has frames to take.
+    consumer_due: Cell<bool>,
+    /// The client session has room again.
+    producer_due: Cell<bool>,
 }
 
 impl ToUpstream {
@@ -85,7 +82,7 @@ impl ToUpstream {
     fn push(&self, opcode: OpCode, payload: &[u8]) {
         let mask = self.mask();
         write_masked_frame(&mut self.frames.borrow_mut(), true, opcode, mask, payload);
-        wake(&self.consumer);
+        self.consumer_due.set(true);
     }
 
     fn full(&self) -> bool {
@@ -95,9 +92,12 @@ impl ToUpstream {
     /// Swaps the queued frames into `out` (written out, so empty); its memory is reused.
     fn take(&self, out: &mut Vec<u8>) {
         let mut frames = self.frames.borrow_mut();
+        // The session stops reading only at the limit: only then is it due again.
+        if frames.len() >= QUEUE_LIMIT {
+            self.producer_due.set(true);
+        }
         std::mem::swap(&mut *frames, out);
         reset(&mut frames);
-        wake(&self.producer);
     }
 }
 
@@ -109,10 +109,10 @@ struct ToClientQueue {
     head: Cell<usize>,
     /// Each message: whether it is text, its length.
     msgs: RefCell<VecDeque<(bool, usize)>>,
-    /// The client session, waiting for messages.
-    consumer: RefCell<Option<Waker>>,
-    /// The upstream reader, waiting for room.
-    producer: RefCell<Option<Waker>>,
+    /// The client session has messages to take.
+    consumer_due: Cell<bool>,
+    /// The upstream reader has room again.
+    producer_due: Cell<bool>,
 }
 
 impl ToClientQueue {
@@ -127,7 +127,7 @@ impl ToClientQueue {
         }
         data.extend_from_slice(payload);
         self.msgs.borrow_mut().push_back((text, payload.len()));
-        wake(&self.consumer);
+        self.consumer_due.set(true);
     }
 
     fn bytes(&self) -> usize {
@@ -144,6 +144,8 @@ impl ToClientQueue {
 
     /// Hands up to `max` messages to `send`.
     fn take(&self, max: usize, mut send: impl FnMut(bool, &[u8])) {
+        // The upstream reader stops only at the limit: only then is it due again.
+        let was_full = self.full();
         let mut data = self.data.borrow_mut();
         let mut msgs = self.msgs.borrow_mut();
         let mut head = self.head.get();
@@ -159,8 +161,8 @@ impl ToClientQueue {
             reset(&mut data);
         }
         self.head.set(head);
-        if data.len() - head < QUEUE_LIMIT {
-            wake(&self.producer);
+        if was_full && data.len() - head < QUEUE_LIMIT {
+            self.producer_due.set(true);
         }
     }
 }
@@ -173,6 +175,18 @@ struct Shared {
     client_gone: Cell<Option<u16>>,
     /// The upstream side ended: its close code (1005 none, 1006 no close frame).
     upstream_gone: Cell<Option<u16>>,
+}
+
+impl Shared {
+    /// Whether the client session has work the upstream side left it (taking the mark).
+    fn take_client_due(&self) -> bool {
+        self.to_client.consumer_due.replace(false) | self.to_up.producer_due.replace(false)
+    }
+
+    /// Whether the upstream side has work the client session left it (taking the mark).
+    fn take_upstream_due(&self) -> bool {
+        self.to_up.consumer_due.replace(false) | self.to_client.producer_due.replace(false)
+    }
 }
 
 /// What the relay keeps for its metrics and access log line.
@@ -200,9 +214,9 @@ impl Handler for Relay {
         Ok(())
     }
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        // Polled again once the upstream writer takes the queue (`beside`).
         if self.shared.to_up.full() {
-            park(&self.shared.to_up.producer, cx);
             return Poll::Pending;
         }
         Poll::Ready(())
@@ -222,7 +236,6 @@ impl Handler for Relay {
             cx.waker().wake_by_ref();
             return Ok(());
         }
-        park(&q.consumer, cx);
         match self.shared.upstream_gone.get() {
             None => Ok(()),
             Some(code) => Err(client_close(code)),
@@ -231,7 +244,7 @@ impl Handler for Relay {
 
     fn on_close(&mut self, code: Option<u16>) {
         self.shared.client_gone.set(Some(code.unwrap_or(1000)));
-        wake(&self.shared.to_up.consumer);
+        self.shared.to_up.consumer_due.set(true);
     }
 }
 
@@ -242,7 +255,7 @@ impl Drop for Relay {
         if self.shared.client_gone.get().is_none() {
             self.shared.client_gone.set(Some(1001));
         }
-        wake(&self.shared.to_up.consumer);
+        self.shared.to_up.consumer_due.set(true);
         let e = &self.ends;
         e.route.metrics.websockets.decrement(1.0);
         tracing::info!(
@@ -283,8 +296,9 @@ fn client_close(code: u16) -> Close {
 }
 
 /// The handler for the client session, and the upstream side on `io` (after its 101;
-/// `leftover` are bytes read past it) to run beside it on the connection's task, so the
-/// connection counts as open (for a drain) until the upstream got its close.
+/// `leftover` are bytes read past it) to run beside it on the connection's task
+/// ([`UpstreamSide::beside`]), so the connection counts as open (for a drain) until the
+/// upstream got its close.
 pub fn start(
     io: Stream,
     leftover: Bytes,
@@ -306,14 +320,73 @@ pub fn start(
         close_queued: false,
     };
     let early = side.input(&leftover).err();
-    (
-        Relay { shared, ends },
-        Box::pin(side.run(early, close_timeout)),
-    )
+    let upstream = UpstreamSide {
+        shared: shared.clone(),
+        run: Box::pin(side.run(early, close_timeout)),
+    };
+    (Relay { shared, ends }, upstream)
 }
 
-/// The upstream half of a relay, to be awaited beside the client session.
-pub type UpstreamSide = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+/// Rounds of one side making work for the other per wake-up before yielding (fairness).
+const ROUNDS: usize = 4;
+
+/// The upstream half of a relay, to be run beside the client session.
+pub struct UpstreamSide {
+    shared: Rc<Shared>,
+    run: Pin<Box<dyn Future<Output = ()>>>,
+}
+
+impl UpstreamSide {
+    /// Runs the client `session` (whose handler is this relay's [`Relay`]) and the upstream
+    /// side together to both their ends; the session's output.
+    ///
+    /// Both run on one task, so neither wakes the task for the other: a side that leaves work
+    /// for the other (a message queued, room made, its end) marks it due, and each wake-up
+    /// polls both and then the marked one again until none is. A wake-up through the task's
+    /// waker (a socket, a timer) costs a scheduling round trip and a poll of both sides, and
+    /// would come once per message each way.
+    pub async fn beside<F: Future>(self, session: F) -> F::Output {
+        let UpstreamSide { shared, mut run } = self;
+        let mut session = std::pin::pin!(session);
+        let (mut out, mut upstream_done) = (None, false);
+        poll_fn(|cx| {
+            // A wake-up through the task's waker may be for either side: both are polled.
+            let (mut client_due, mut upstream_due) = (true, true);
+            for _ in 0..ROUNDS {
+                // A side's marks are served by the poll that follows them. The upstream side
+                // goes first: its poll is the cheaper one (a plain read that would block costs
+                // a readiness check, the session's a TLS read and its bookkeeping), so the
+                // order that polls the session once per wake-up of either socket wins.
+                if upstream_due && !upstream_done {
+                    shared.take_upstream_due();
+                    upstream_done = run.as_mut().poll(cx).is_ready();
+                }
+                client_due |= shared.take_client_due();
+                if client_due && out.is_none() {
+                    if let Poll::Ready(o) = session.as_mut().poll(cx) {
+                        out = Some(o);
+                    }
+                }
+                client_due = shared.take_client_due() && out.is_none();
+                upstream_due = shared.take_upstream_due() && !upstream_done;
+                if !client_due && !upstream_due {
+                    break;
+                }
+            }
+            if client_due || upstream_due {
+                cx.waker().wake_by_ref();
+            }
+            match out.take() {
+                Some(o) if upstream_done => Poll::Ready(o),
+                o => {
+                    out = o;
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
 
 /// The upstream connection's side of a relay.
 struct Upstream {
@@ -365,12 +438,12 @@ impl Upstream {
                 // A client still there (the write failed) is told the upstream is gone.
                 if shared.upstream_gone.get().is_none() {
                     shared.upstream_gone.set(Some(code));
-                    wake(&shared.to_client.consumer);
+                    shared.to_client.consumer_due.set(true);
                 }
             }
             Ended::Read(code) => {
                 shared.upstream_gone.set(Some(code));
-                wake(&shared.to_client.consumer);
+                shared.to_client.consumer_due.set(true);
                 // The client session closes with the upstream's code; its end lets the writer
                 // echo the close upstream.
                 let _ = tokio::time::timeout(close_timeout * 2, poll_fn(|cx| self.poll_write(cx)))
@@ -413,7 +486,6 @@ impl Upstream {
             }
             // Everything the client sent is upstream: its close goes last.
             let Some(code) = self.shared.client_gone.get() else {
-                park(&to_up.consumer, cx);
                 return Poll::Pending;
             };
             let code = match code {
@@ -440,7 +512,6 @@ impl Upstream {
         for _ in 0..READ_BUDGET {
             // Backpressure: a full queue for a client still there stops reading.
             if q.full() && shared.client_gone.get().is_none() {
-                park(&q.producer, cx);
                 return Poll::Pending;
             }
             let got = if self.partial.is_empty() {
@@ -461,9 +532,8 @@ impl Upstream {
 
     /// Reads into the shard's scratch buffer; whole frames are handled in place.
     fn read_scratch(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), u16>> {
-        SCRATCH_BUF.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let mut rb = ReadBuf::new(&mut scratch[..]);
+        with_scratch(|scratch| {
+            let mut rb = ReadBuf::new(scratch);
             match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Err(_)) => Poll::Ready(Err(1006)),
@@ -588,6 +658,7 @@ fn deliver(shared: &Shared, text: bool, payload: &[u8]) -> Result<(), u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Waker;
 
     #[test]
     fn upstream_close_codes_map_to_sendable_ones() {
@@ -599,8 +670,61 @@ mod tests {
         assert_eq!(client_close(999).code, CloseCode(1002));
     }
 
+    /// Counts wake-ups.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     #[test]
-    fn a_queue_wakes_its_producer_below_the_limit() {
+    fn the_two_sides_hand_work_over_without_waking_the_task() {
+        let shared = Rc::new(Shared::default());
+        // The upstream side: takes the client's frames and answers each batch with a message.
+        let (s, taken) = (shared.clone(), Rc::new(Cell::new(0)));
+        let t = taken.clone();
+        let run = Box::pin(poll_fn(move |_| {
+            let mut out = Vec::new();
+            s.to_up.take(&mut out);
+            if !out.is_empty() {
+                t.set(t.get() + 1);
+                s.to_client.push(true, b"answer");
+            }
+            Poll::<()>::Pending
+        }));
+        let side = UpstreamSide {
+            shared: shared.clone(),
+            run,
+        };
+        // The client session: sends one message, then waits for the answer.
+        let s = shared.clone();
+        let session = poll_fn(move |_| {
+            if s.to_up.count.get() == 0 {
+                s.to_up.push(OpCode::Text, b"question");
+            }
+            let mut got = None;
+            s.to_client.take(1, |_, p| got = Some(p.to_vec()));
+            match got {
+                Some(p) => Poll::Ready(p),
+                None => Poll::Pending,
+            }
+        });
+        let wakes = std::sync::Arc::new(Wakes(Default::default()));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut both = std::pin::pin!(side.beside(session));
+        // One poll: the question goes upstream, the answer comes back to the session, and
+        // the session ends; the upstream side (still running) keeps the whole pending.
+        assert!(both.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(taken.get(), 1);
+        assert!(shared.to_client.is_empty(), "the session took the answer");
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_queue_marks_its_producer_due_below_the_limit() {
         let q = ToClientQueue::default();
         q.push(false, &vec![0; QUEUE_LIMIT]);
         assert!(q.full());
@@ -608,6 +732,7 @@ mod tests {
         q.take(1, |text, p| got.push((text, p.len())));
         assert_eq!(got, [(false, QUEUE_LIMIT)]);
         assert!(!q.full());
+        assert!(q.producer_due.get(), "the upstream reader is marked due");
         assert_eq!(q.bytes(), 0);
         assert_eq!(
             q.data.borrow().capacity(),

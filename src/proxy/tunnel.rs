@@ -1,20 +1,25 @@
 //! WebSocket upgrades through a route, as a tunnel: ringgate makes the upstream handshake
 //! first and answers the client with the upstream's answer (its 101, its refusal, or 502/504
-//! when it cannot be reached); after a 101 the bytes are copied both ways as they are, with
-//! bounded buffers, each direction's end passed on as a half-close.
+//! when it cannot be reached); after a 101 the bytes are copied both ways as they are, each
+//! direction's end passed on as a half-close. Reads go through the shard's scratch buffer, so
+//! an idle tunnel holds no buffer (see [`Pipe`]).
 //!
 //! A WebSocket asked for over HTTP/2 (RFC 8441, an extended CONNECT) reaches the upstream as
 //! an HTTP/1.1 upgrade with a key of ringgate's own; the upstream's 101 becomes the stream's
 //! 200. The frames are the same on both (RFC 8441 §5), so a tunnel still copies them as they
 //! are.
 
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use http_body_util::Full;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::body::Body;
 use super::upstream::Lease;
@@ -23,8 +28,10 @@ use crate::io::Stream;
 
 /// Largest upstream response head, and largest refusal body passed on.
 const MAX_HEAD: usize = 64 * 1024;
-/// Copy buffer per direction.
+/// Largest read per direction, and so the most a direction holds when its writer blocks.
 const COPY_BUF: usize = 16 * 1024;
+/// Reads per direction and wake-up before yielding to other connections (fairness).
+const READ_BUDGET: usize = 8;
 
 /// For `mode = "websocket"`: ringgate answers the client's handshake itself (the upstream's
 /// handshake is ringgate's own, with its own key and no extensions).
@@ -302,10 +309,10 @@ fn request_head(path: &str, host: &str, h: &HeaderMap) -> Vec<u8> {
     out
 }
 
-type Head = (StatusCode, HeaderMap);
+pub(super) type Head = (StatusCode, HeaderMap);
 
 /// Reads the upstream's response head: it and the bytes read past it.
-async fn read_head(io: &mut Stream) -> Result<(Head, BytesMut), Failure> {
+pub(super) async fn read_head(io: &mut Stream) -> Result<(Head, BytesMut), Failure> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let n = io
@@ -409,24 +416,25 @@ where
     } = up;
     let g = route.metrics.websockets.clone();
     g.increment(1.0);
-    let copy = async {
-        if !leftover.is_empty() {
-            client.write_all(&leftover).await?;
-            client.flush().await?;
+    // The bytes read past both heads are copied out, so the buffers they were read into
+    // (hyper's, the upstream handshake's) go now rather than live as long as the tunnel.
+    let mut to_up = Pipe::starting_with(&early);
+    let mut to_client = Pipe::starting_with(&leftover);
+    drop((early, leftover));
+    let copy = poll_fn(|cx| {
+        let a = to_up.poll_copy(cx, &mut client, &mut io);
+        let b = to_client.poll_copy(cx, &mut io, &mut client);
+        match (a, b) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
         }
-        if !early.is_empty() {
-            io.write_all(&early).await?;
-            io.flush().await?;
-        }
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut io, COPY_BUF, COPY_BUF).await
+    });
+    let ended = tokio::select! {
+        r = copy => if r.is_ok() { "closed" } else { "error" },
+        () = stop => "drain",
     };
-    let (to_up, to_client, ended) = tokio::select! {
-        r = copy => match r {
-            Ok((a, b)) => (a, b, "closed"),
-            Err(_) => (0, 0, "error"),
-        },
-        () = stop => (0, 0, "drain"),
-    };
+    let (to_up, to_client) = (to_up.bytes, to_client.bytes);
     g.decrement(1.0);
     let c = &route.counted;
     c.bytes_in.set(c.bytes_in.get() + to_up);
@@ -445,4 +453,117 @@ where
         ended,
         "tunnel closed"
     );
+}
+
+/// One direction of a tunnel. Bytes are read into the shard's scratch buffer and written on
+/// from there; only what the writer does not take at once is kept (at most one read), so an
+/// idle direction holds no buffer.
+#[derive(Default)]
+struct Pipe {
+    /// Read but not yet written: the writer would block.
+    pending: Vec<u8>,
+    /// Bytes of `pending` written.
+    at: usize,
+    /// A write may still be buffered in the writer (TLS, io_uring write-behind).
+    unflushed: bool,
+    /// The reader ended: the writer's half is shut down once `pending` is out.
+    eof: bool,
+    /// The writer's half is shut down: this direction is over.
+    done: bool,
+    /// Bytes read.
+    bytes: u64,
+}
+
+impl Pipe {
+    /// A direction that first writes `first` (bytes read before the tunnel started).
+    fn starting_with(first: &[u8]) -> Pipe {
+        Pipe {
+            pending: first.to_vec(),
+            bytes: first.len() as u64,
+            ..Pipe::default()
+        }
+    }
+
+    /// Copies from `from` to `to`; `Ready(Ok)` once `from` ended and `to` is shut down.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        for _ in 0..READ_BUDGET {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while self.at < self.pending.len() {
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.pending[self.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.at += n;
+                self.unflushed = true;
+            }
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.at = 0;
+            }
+            if self.unflushed {
+                ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.poll_read_through(cx, from, to))?;
+        }
+        // Budget used up with data still coming: come back after others had their turn.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// One read into the scratch buffer, written on at once; what the writer leaves is kept.
+    fn poll_read_through<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        super::relay::with_scratch(|scratch| {
+            let buf = &mut scratch[..COPY_BUF];
+            let mut rb = ReadBuf::new(buf);
+            ready!(Pin::new(&mut *from).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                self.eof = true;
+                return Poll::Ready(Ok(()));
+            }
+            self.bytes += n as u64;
+            let mut at = 0;
+            while at < n {
+                match Pin::new(&mut *to).poll_write(cx, &buf[at..n]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(k)) => {
+                        at += k;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        self.pending.extend_from_slice(&buf[at..n]);
+                        break;
+                    }
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+    }
 }

@@ -198,7 +198,7 @@ fn after_upgrade<'a>(
     upgrade: Option<Upgrade>,
 ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
     match (proxied, upgrade) {
-        (Some(p), _) => Box::pin(proxied_session(shard, entry, io, read_buf, p)),
+        (Some(p), _) => proxied_session(shard, entry, io, read_buf, p),
         (None, Some(u)) => Box::pin(websocket(shard, entry, io, read_buf, u, None)),
         (None, None) => Box::pin(async move {
             let _ = io.shutdown().await;
@@ -208,13 +208,15 @@ fn after_upgrade<'a>(
 
 /// Runs a proxied upgrade whose upstream answered 101 on the client's `io` (an upgraded
 /// HTTP/1.1 connection or an HTTP/2 stream): relayed through a session of ours, or tunnelled.
-async fn proxied_session(
-    shard: &Rc<Shard>,
-    entry: &Rc<ConnHandle>,
+/// A plain function returning one boxed future per mode, so a relay's task does not carry a
+/// tunnel's state (about 1.2 KB) nor a tunnel a relay's.
+fn proxied_session<'a>(
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
     io: Stream,
     read_buf: Bytes,
     (upstream, slot, deflate): ProxiedUpgrade,
-) {
+) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
     if upstream.relay {
         let s = shard.settings(Endpoint::Proxy);
         let relay = upstream.into_relay(s.max_message, s.close_timeout);
@@ -224,7 +226,7 @@ async fn proxied_session(
             identity: None,
             _slot: slot,
         };
-        return websocket(shard, entry, io, read_buf, ws, Some(relay)).await;
+        return Box::pin(websocket(shard, entry, io, read_buf, ws, Some(relay)));
     }
     // A drain ends the tunnel (its bytes are not ours to frame a close into).
     let stop = poll_fn(|cx| {
@@ -235,8 +237,10 @@ async fn proxied_session(
             std::task::Poll::Pending
         }
     });
-    crate::proxy::tunnel::run(io, read_buf, upstream, stop).await;
-    drop(slot);
+    Box::pin(async move {
+        crate::proxy::tunnel::run(io, read_buf, upstream, stop).await;
+        drop(slot);
+    })
 }
 
 /// Runs a WebSocket session on `io` (an upgraded HTTP/1.1 connection or an HTTP/2 stream) to
@@ -280,7 +284,7 @@ fn websocket<'a>(
                 entry,
                 shard.traffic(endpoint),
             );
-            Box::pin(async { tokio::join!(session, upstream).0 })
+            Box::pin(upstream.beside(session))
         }
         None => endpoint::serve(endpoint, io, read_buf, deflate, shard, entry, identity),
     };
