@@ -203,9 +203,10 @@ async fn exchange(
         };
         let head_wait = remaining(deadline, cfg.response_timeout());
         let sent = Instant::now();
-        // The headers go with the request; a copy stays only when a retry may need them (a
-        // request that is never sent comes back with them).
-        let retry_may_follow = retry_ok && attempt <= cfg.retries;
+        // The headers go with the request; a copy stays only when a retry may need them: an
+        // idempotent request with attempts and untried upstreams left (a request that is
+        // never sent comes back with them).
+        let retry_may_follow = retry_ok && attempt <= cfg.retries && tried.contains(&false);
         let headers = if retry_may_follow {
             parts.headers.clone()
         } else {
