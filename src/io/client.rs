@@ -420,9 +420,12 @@ where
         let Conn::H1(mut h) = c else {
             return;
         };
-        // Driven once more (nobody waits on it now: no waker), so the end of a body hyper has
-        // read but not yet processed leaves the connection ready.
-        h.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        // Unless hyper already wants the next request, driven once more (nobody waits on it
+        // now: no waker), so the end of a body hyper has read but not yet processed leaves the
+        // connection ready.
+        if !h.send.is_ready() {
+            h.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        }
         if h.conn.is_none() {
             return;
         }
