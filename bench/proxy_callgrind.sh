@@ -23,9 +23,11 @@ WORK=$(mktemp -d /tmp/ringgate-callgrind-proxy.XXXXXX)
 chmod 755 "$WORK" # nginx workers run as www-data
 UP=; PID=
 cleanup() {
-    # nginx's worker outlives a killed master (and keeps the port): it first, by its pid.
-    [ -n "$UP" ] && kill -9 $(pgrep -P "$UP") 2>/dev/null
-    for p in $PID $UP; do kill -9 "$p" 2>/dev/null; done
+    # nginx's worker outlives a killed master (and keeps the port), and a master replaces a
+    # worker killed before it: the worker is listed, the master killed, then it.
+    local workers=
+    [ -n "$UP" ] && workers=$(pgrep -P "$UP")
+    for p in $PID $UP $workers; do kill -9 "$p" 2>/dev/null; done
     if [ -n "${KEEP:-}" ]; then echo "# dumps kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
