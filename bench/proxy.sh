@@ -9,8 +9,9 @@
 #   bash bench/proxy.sh [REPS] > bench/raw-proxy.log
 #
 # Env: BIN (default target/release), REPS (1), PARTS ("echo tunnel idle http body"; also
-# "idle_tunnel": idle connections through /tunnel), IDLE_CONNS
-# (5000), BODY_MB (1024), CERTS (default /tmp/ringgate-bench-certs).
+# "idle_tunnel": idle connections through /tunnel), IDLE_CONNS (5000), BODY_MB (1024),
+# CERTS (default /tmp/ringgate-bench-certs), PORTS (9100: the base of the four ports below,
+# so that two runs on one machine do not share them).
 #
 # Upstreams (core 1): a ringgate serving /ws/echo on :9101 (epoll, one shard), and an nginx
 # serving a 13-byte response and a BODY_MB file on :9102. The proxies (core 0) listen on :9103
@@ -27,6 +28,8 @@ LOAD="$BIN/ringgate-load"
 WORK=$(mktemp -d /tmp/ringgate-bench-proxy.XXXXXX)
 chmod 755 "$WORK" # nginx workers run as www-data
 IO=${IO:-epoll}
+PORTS=${PORTS:-9100}
+UPWS_PORT=$((PORTS + 1)) UPHTTP_PORT=$((PORTS + 2)) WSS_PORT=$((PORTS + 3)) HTTP_PORT=$((PORTS + 4))
 
 command -v nginx >/dev/null || { echo "needs nginx: apt-get install nginx" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install wrk" >&2; exit 1; }
@@ -42,21 +45,21 @@ cleanup() {
 trap cleanup EXIT
 
 # The upstreams, on core 1 beside the load.
-taskset -c 1 "$BIN/ringgate" --host 127.0.0.1 --port 9101 --shards 1 --io epoll \
+taskset -c 1 "$BIN/ringgate" --host 127.0.0.1 --port $UPWS_PORT --shards 1 --io epoll \
     --admin-listen off >"$WORK/up-ws.log" 2>&1 &
 UP_WS=$!
 mkdir -p "$WORK/ngx"
-nginx_upstream "$WORK" 9102 "$BODY_MB" taskset -c 1
+nginx_upstream "$WORK" $UPHTTP_PORT "$BODY_MB" taskset -c 1
 UP_HTTP=$NGINX
-up upstream-ws 9101 && up upstream-http 9102 || exit 1
+up upstream-ws $UPWS_PORT && up upstream-http $UPHTTP_PORT || exit 1
 
 cat >"$WORK/ringgate.toml" <<EOF
 admin_listen = "off"
 [[listen]]
-addr = "127.0.0.1:9103"
+addr = "127.0.0.1:$WSS_PORT"
 tls = true
 [[listen]]
-addr = "127.0.0.1:9104"
+addr = "127.0.0.1:$HTTP_PORT"
 [tls]
 cert = "$CERTS/cert.pem"
 key = "$CERTS/key.pem"
@@ -64,16 +67,16 @@ key = "$CERTS/key.pem"
 max_open_connections = 19000
 [[route]]
 path = "/echo"
-upstreams = ["ws://127.0.0.1:9101/ws/echo"]
+upstreams = ["ws://127.0.0.1:$UPWS_PORT/ws/echo"]
 strip_prefix = true
 [[route]]
 path = "/tunnel"
-upstreams = ["ws://127.0.0.1:9101/ws/echo"]
+upstreams = ["ws://127.0.0.1:$UPWS_PORT/ws/echo"]
 strip_prefix = true
 mode = "tunnel"
 [[route]]
 path_prefix = "/h/"
-upstreams = ["http://127.0.0.1:9102"]
+upstreams = ["http://127.0.0.1:$UPHTTP_PORT"]
 strip_prefix = true
 max_body_size = 0
 EOF
@@ -90,24 +93,24 @@ events { worker_connections 19000; }
 http {
     access_log off;
     keepalive_requests 1000000;
-    upstream h { server 127.0.0.1:9102; keepalive 64; }
+    upstream h { server 127.0.0.1:$UPHTTP_PORT; keepalive 64; }
     map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
     server {
-        listen 127.0.0.1:9103 ssl reuseport backlog=4096;
-        listen 127.0.0.1:9104 reuseport backlog=4096;
+        listen 127.0.0.1:$WSS_PORT ssl reuseport backlog=4096;
+        listen 127.0.0.1:$HTTP_PORT reuseport backlog=4096;
         ssl_certificate $CERTS/cert.pem;
         ssl_certificate_key $CERTS/key.pem;
         ssl_protocols TLSv1.3;
         client_max_body_size 0;
         location = /echo {
-            proxy_pass http://127.0.0.1:9101/ws/echo;
+            proxy_pass http://127.0.0.1:$UPWS_PORT/ws/echo;
             proxy_http_version 1.1;
             proxy_set_header Upgrade \$http_upgrade;
             proxy_set_header Connection \$connection_upgrade;
             proxy_read_timeout 600s;
         }
         location = /tunnel {
-            proxy_pass http://127.0.0.1:9101/ws/echo;
+            proxy_pass http://127.0.0.1:$UPWS_PORT/ws/echo;
             proxy_http_version 1.1;
             proxy_set_header Upgrade \$http_upgrade;
             proxy_set_header Connection \$connection_upgrade;
@@ -133,7 +136,7 @@ start() { # ringgate|nginx: sets PID to the process whose CPU and memory count
     else
         taskset -c 0 nginx -c "$WORK/ngx/nginx.conf" -p "$WORK/ngx" >"$WORK/ngx/out.log" 2>&1 &
         NGX_MASTER=$!
-        up nginx 9104 || return 1
+        up nginx $HTTP_PORT || return 1
         # The master listens before it forks its worker: wait for the worker.
         for _ in $(seq 50); do
             PID=$(pgrep -P "$NGX_MASTER" | head -1)
@@ -142,7 +145,7 @@ start() { # ringgate|nginx: sets PID to the process whose CPU and memory count
         done
         [ -n "$PID" ] || return 1
     fi
-    up "$1" 9103 && up "$1" 9104
+    up "$1" $WSS_PORT && up "$1" $HTTP_PORT
 }
 halt() {
     if [ -n "$NGX_MASTER" ]; then
@@ -175,7 +178,7 @@ for rep in $(seq "$REPS"); do
                     msgs=100000
                     [ "$inflight" = 8 ] && msgs=200000
                     echo "## $part proxy=$p pipeline=$inflight rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
-                    taskset -c 1 timeout 120 "$LOAD" echo --url "wss://127.0.0.1:9103/$part" \
+                    taskset -c 1 timeout 120 "$LOAD" echo --url "wss://127.0.0.1:$WSS_PORT/$part" \
                         --ca "$CERTS/ca.pem" --connections 100 --size 32 --messages $msgs \
                         --pipeline "$inflight" --warmup 2000 --server-pid "$PID"
                 done
@@ -185,16 +188,16 @@ for rep in $(seq "$REPS"); do
                 path=echo
                 [ $part = idle_tunnel ] && path=tunnel
                 echo "## $part proxy=$p path=/$path conns=$IDLE_CONNS rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
-                taskset -c 1 timeout 200 "$LOAD" idle --url "wss://127.0.0.1:9103/$path" \
+                taskset -c 1 timeout 200 "$LOAD" idle --url "wss://127.0.0.1:$WSS_PORT/$path" \
                     --ca "$CERTS/ca.pem" --connections "$IDLE_CONNS" --hold 3 --settle 2 \
                     --server-pid "$PID"
                 ;;
             http)
                 echo "## http proxy=$p rep=$rep loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
                 # Warm the upstream pool, then measure.
-                taskset -c 1 wrk -t1 -c50 -d2s http://127.0.0.1:9104/h/small >/dev/null
+                taskset -c 1 wrk -t1 -c50 -d2s http://127.0.0.1:$HTTP_PORT/h/small >/dev/null
                 c0=$(cpu "$PID")
-                taskset -c 1 wrk -t1 -c50 -d10s --latency http://127.0.0.1:9104/h/small \
+                taskset -c 1 wrk -t1 -c50 -d10s --latency http://127.0.0.1:$HTTP_PORT/h/small \
                     | tee "$WORK/wrk.out" | grep -E "Requests/sec|99%|Non-2xx|Socket errors"
                 c1=$(cpu "$PID")
                 reqs=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
@@ -209,11 +212,11 @@ for rep in $(seq "$REPS"); do
                     c0=$(cpu "$PID")
                     if [ $dir = down ]; then
                         out=$(taskset -c 1 timeout 300 curl -s -o /dev/null \
-                            -w '%{http_code} %{size_download} %{time_total}' http://127.0.0.1:9104/h/big)
+                            -w '%{http_code} %{size_download} %{time_total}' http://127.0.0.1:$HTTP_PORT/h/big)
                     else
                         out=$(taskset -c 1 timeout 300 curl -s -o /dev/null -T "$WORK/big" \
                             -H 'Expect:' -w '%{http_code} %{size_upload} %{time_total}' \
-                            http://127.0.0.1:9104/h/sink)
+                            http://127.0.0.1:$HTTP_PORT/h/sink)
                     fi
                     c1=$(cpu "$PID")
                     rss1=$(awk '/VmRSS/ {print $2}' "/proc/$PID/status")

@@ -6,7 +6,9 @@
 #   cargo build --release --bins
 #   bash bench/proxy_callgrind.sh [BIN...] > /tmp/proxy-callgrind.log
 #
-# Each BIN (default target/release/ringgate) runs under valgrind; the counters are zeroed
+# Each BIN (default target/release/ringgate) runs under valgrind; BIN `nginx` is nginx as the
+# same proxy (one process, `master_process off`, keep-alive upstream pool, no buffering: the
+# configuration of bench/proxy.sh), for reference. The counters are zeroed
 # after a warm-up (which fills the keep-alive pool) and dumped after the measured part:
 #   http: `wrk -t1 -c10 -d10s` for a 13-byte response, Ir ÷ requests;
 #   down: a BODY_MB (64) file downloaded with curl, Ir ÷ MiB;
@@ -22,7 +24,7 @@ chmod 755 "$WORK" # nginx workers run as www-data
 UP=; PID=
 cleanup() {
     [ -n "$UP" ] && stop_nginx "$UP"
-    [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null
+    [ -n "$PID" ] && stop_nginx "$PID" # nginx as the proxy, or ringgate (no children)
     if [ -n "${KEEP:-}" ]; then echo "# dumps kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -39,6 +41,31 @@ path_prefix = "/h/"
 upstreams = ["http://127.0.0.1:9202"]
 strip_prefix = true
 max_body_size = 0
+EOF
+
+mkdir -p "$WORK/px"
+cat >"$WORK/px/nginx.conf" <<EOF
+master_process off;
+daemon off;
+pid $WORK/px/nginx.pid;
+error_log $WORK/px/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream h { server 127.0.0.1:9202; keepalive 64; }
+    server {
+        listen 127.0.0.1:9204;
+        client_max_body_size 0;
+        location /h/ {
+            proxy_pass http://h/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }
+    }
+}
 EOF
 
 # ir FILE: the total instruction count of a callgrind dump.
@@ -66,8 +93,13 @@ upload() {
 
 echo "# $(date -u +%FT%TZ) loadavg=$(cut -d' ' -f1-3 /proc/loadavg) io=$IO body_mb=$BODY_MB"
 for bin in "$@"; do
-    RUST_LOG=warn,access=off valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out.%p" \
-        "$bin" --shards 1 --io "$IO" --config "$WORK/ringgate.toml" >"$WORK/ringgate.log" 2>&1 &
+    if [ "$bin" = nginx ]; then
+        valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out.%p" \
+            nginx -c "$WORK/px/nginx.conf" -p "$WORK/px" >"$WORK/ringgate.log" 2>&1 &
+    else
+        RUST_LOG=warn,access=off valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out.%p" \
+            "$bin" --shards 1 --io "$IO" --config "$WORK/ringgate.toml" >"$WORK/ringgate.log" 2>&1 &
+    fi
     PID=$!
     up ringgate 9204 600 || { cat "$WORK/ringgate.log"; exit 1; }
     wrk -t1 -c10 -d3s http://127.0.0.1:9204/h/small >/dev/null

@@ -142,6 +142,11 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    /// Alive and ready for a request, polled once.
+    fn ready_now(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drive(cx) && matches!(self.send.poll_ready(cx), Poll::Ready(Ok(())))
+    }
+
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(conn) = self.conn.as_mut() else {
             return false;
@@ -356,17 +361,16 @@ where
         }
         let now = Instant::now();
         loop {
-            let Some((h, since)) = self.idle.borrow_mut().pop() else {
+            let Some((mut h, since)) = self.idle.borrow_mut().pop() else {
                 break;
             };
             if now.duration_since(since) >= pool_idle {
                 continue;
             }
-            let mut c = Conn::H1(h);
-            // Driven once, a connection the upstream closed reads its end here.
-            let ready = tokio::time::timeout(Duration::from_millis(50), c.ready()).await;
-            if matches!(ready, Ok(true)) {
-                return Ok((c, true));
+            // Polled once (no timer): a connection the upstream closed meanwhile reads its
+            // end here; one not ready at once is not waited for.
+            if poll_fn(|cx| Poll::Ready(h.ready_now(cx))).await {
+                return Ok((Conn::H1(h), true));
             }
         }
         let opened = tokio::time::timeout(connect, self.open(backend, connect)).await;
@@ -416,9 +420,12 @@ where
         let Conn::H1(mut h) = c else {
             return;
         };
-        // Driven once more (nobody waits on it now: no waker), so the end of a body hyper has
-        // read but not yet processed leaves the connection ready.
-        h.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        // Unless hyper already wants the next request, driven once more (nobody waits on it
+        // now: no waker), so the end of a body hyper has read but not yet processed leaves the
+        // connection ready.
+        if !h.send.is_ready() {
+            h.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        }
         if h.conn.is_none() {
             return;
         }

@@ -15,6 +15,49 @@ use tokio::time::{Instant, Sleep};
 
 use super::upstream::Lease;
 
+/// An idle timeout that costs nothing while data flows: activity only records the time, and
+/// the timer is armed when a wait begins. Firing early (there was activity since it was
+/// armed), it is re-armed for the rest. A body that is ready whenever it is polled — a small
+/// response read with its head — never touches the timer wheel.
+pub struct IdleTimer {
+    idle: Duration,
+    last: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    pub fn new(idle: Duration) -> IdleTimer {
+        IdleTimer {
+            idle,
+            last: Instant::now(),
+            sleep: None,
+        }
+    }
+
+    /// Data moved.
+    pub fn touch(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Waiting: `true` once `idle` has passed since the last activity, else the task is woken
+    /// when it will have.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let due = self.last + self.idle;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if sleep.deadline() >= due {
+                return true;
+            }
+            sleep.as_mut().reset(due);
+        }
+    }
+}
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the HTTP server sends: built-in answers are whole, proxied ones streamed.
@@ -90,8 +133,7 @@ pub struct Upload {
     pub limit: u64,
     pub seen: u64,
     pub fault: Rc<Cell<Option<ClientFault>>>,
-    pub idle: Duration,
-    pub timer: Pin<Box<Sleep>>,
+    pub idle: IdleTimer,
     pub counted: Rc<Bytes2>,
 }
 
@@ -120,7 +162,7 @@ impl HttpBody for ReqBody {
                         ));
                     }
                 }
-                u.timer.as_mut().reset(Instant::now() + u.idle);
+                u.idle.touch();
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -129,7 +171,7 @@ impl HttpBody for ReqBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                if u.timer.as_mut().poll(cx).is_ready() {
+                if u.idle.poll_expired(cx) {
                     u.fault.set(Some(ClientFault::Idle));
                     return Poll::Ready(Some(Err("client stopped sending the body".into())));
                 }
@@ -160,8 +202,7 @@ pub struct Relay {
     pub sent: u64,
     pub inner: Incoming,
     pub lease: Option<Lease>,
-    pub idle: Duration,
-    pub timer: Pin<Box<Sleep>>,
+    pub idle: IdleTimer,
     pub deadline: Option<Pin<Box<Sleep>>>,
     pub counted: Rc<Bytes2>,
     pub eject: (u32, Duration, usize),
@@ -213,7 +254,7 @@ impl HttpBody for Relay {
                         l.done = true;
                     }
                 }
-                r.timer.as_mut().reset(Instant::now() + r.idle);
+                r.idle.touch();
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(_))) => r.fail("upstream body broken"),
@@ -225,7 +266,7 @@ impl HttpBody for Relay {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if r.timer.as_mut().poll(cx).is_ready() {
+                if r.idle.poll_expired(cx) {
                     return r.fail("upstream body idle timeout");
                 }
                 Poll::Pending

@@ -14,27 +14,68 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers (RFC 9110 §7.6.1, with `Keep-Alive` and `Proxy-Connection` of
+/// older peers), in the order of [`hop_by_hop`].
+static HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Which hop-by-hop header `name` is (lowercase, as header names are): a `match` on the
+/// string, which compiles to a switch on the length and one comparison.
+fn hop_by_hop(name: &str) -> Option<usize> {
+    match name {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "te" => Some(3),
+        "transfer-encoding" => Some(4),
+        "upgrade" => Some(5),
+        _ => None,
+    }
+}
+
 /// Removes the hop-by-hop headers and those `Connection` names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        h.remove(n);
+    // One pass over the names finds the hop-by-hop ones present: most messages have none, or
+    // only `Connection`, and an absent name then costs no lookup.
+    let mut present = [false; 6];
+    for name in h.keys() {
+        if let Some(i) = hop_by_hop(name.as_str()) {
+            present[i] = true;
+        }
     }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        h.remove(n);
+    if present[0] {
+        // `close` and the hop-by-hop names themselves (`keep-alive`, `upgrade`: the usual
+        // tokens) are no other header to find.
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in listed {
+            h.remove(n);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        h.remove(name);
     }
 }
 
@@ -45,14 +86,16 @@ pub fn new_request_id() -> String {
     a.write_u64(1);
     let mut b = r.build_hasher();
     b.write_u64(2);
-    // Written digit by digit: `format!` costs several times as many instructions here.
-    let mut id = String::with_capacity(32);
-    for v in [a.finish(), b.finish()] {
-        for shift in (0..16).rev().map(|i| 4 * i) {
-            id.push(char::from(b"0123456789abcdef"[(v >> shift) as usize & 0xf]));
+    // Digits into an array, then one string: `format!`, or pushing char by char, costs
+    // several times as many instructions here.
+    let mut hex = [0u8; 32];
+    for (digits, v) in hex.chunks_exact_mut(16).zip([a.finish(), b.finish()]) {
+        for (i, d) in digits.iter_mut().enumerate() {
+            *d = b"0123456789abcdef"[(v >> (60 - 4 * i)) as usize & 0xf];
         }
     }
-    id
+    // ASCII hex digits: always UTF-8.
+    String::from_utf8(hex.to_vec()).unwrap_or_default()
 }
 
 /// The request id the client sent (when sane), or a new one.
@@ -87,23 +130,21 @@ pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, 
     let ip = client.remote.ip().to_canonical();
     let trusted = is_trusted(route, ip);
     let proto = if client.tls { "https" } else { "http" };
-    let host = h
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    // Built with `push_str` rather than `format!`: this runs for every proxied request.
-    let ip_text = ip.to_string();
+    let host = h.get(header::HOST).filter(|v| v.to_str().is_ok()).cloned();
+    let ip_text = ip_text(ip);
     let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if trusted => [prev, ", ", &ip_text].concat(),
         _ => ip_text.clone(),
     };
-    set(h, X_FORWARDED_FOR, &xff);
+    set(h, X_FORWARDED_FOR, xff);
     if !(trusted && h.contains_key(X_FORWARDED_PROTO)) {
-        set(h, X_FORWARDED_PROTO, proto);
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !(trusted && h.contains_key(X_FORWARDED_HOST)) {
         match &host {
-            Some(host) => set(h, X_FORWARDED_HOST, host),
+            Some(host) => {
+                h.insert(X_FORWARDED_HOST, host.clone());
+            }
             None => {
                 h.remove(X_FORWARDED_HOST);
             }
@@ -116,7 +157,7 @@ pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, 
         IpAddr::V6(_) => elem.extend(["\"[", &ip_text, "]\""]),
     }
     elem.extend([";proto=", proto]);
-    if let Some(host) = &host {
+    if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
         elem.push_str(";host=\"");
         elem.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
         elem.push('"');
@@ -125,8 +166,11 @@ pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, 
         Some(prev) if trusted => [prev, ", ", &elem].concat(),
         _ => elem,
     };
-    set(h, FORWARDED, &forwarded);
-    set(h, X_REQUEST_ID, request_id);
+    set(h, FORWARDED, forwarded);
+    // A sane id of the client's is already there.
+    if h.get(X_REQUEST_ID).map(HeaderValue::as_bytes) != Some(request_id.as_bytes()) {
+        set(h, X_REQUEST_ID, request_id.to_owned());
+    }
     for n in &route.req_remove {
         h.remove(n);
     }
@@ -146,9 +190,29 @@ pub fn client_response(route: &RouteState, h: &mut HeaderMap) {
     }
 }
 
-fn set(h: &mut HeaderMap, name: HeaderName, v: &str) {
-    if let Ok(v) = HeaderValue::from_str(v) {
+/// Inserts `v`, whose allocation becomes the value (no copy).
+fn set(h: &mut HeaderMap, name: HeaderName, v: String) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(v)) {
         h.insert(name, v);
+    }
+}
+
+/// An address as text: `Display` for IPv6, digits written directly for IPv4 (`Display` goes
+/// through the formatter's padding machinery, on every proxied request).
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                s.push_str(digits.format(octet));
+            }
+            s
+        }
+        IpAddr::V6(v6) => v6.to_string(),
     }
 }
 
@@ -204,6 +268,41 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "Keep-Alive, close, X-Other".parse().unwrap(),
+        );
+        h.insert(header::UPGRADE, "h2c".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        h.insert(header::CONTENT_LENGTH, "0".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn hop_by_hop_names_and_their_indices_agree() {
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop(n.as_str()), Some(i));
+        }
+        assert_eq!(hop_by_hop("content-length"), None);
+    }
+
+    #[test]
+    fn ip_texts() {
+        for ip in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.20.3.40",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 
     #[test]
@@ -225,6 +324,9 @@ mod tests {
     fn request_ids() {
         let a = new_request_id();
         assert_eq!(a.len(), 32);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, new_request_id());
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, "abc".parse().unwrap());

@@ -10,7 +10,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 
-use super::body::{Body, ClientFault, Relay, ReqBody, Upload};
+use super::body::{Body, ClientFault, IdleTimer, Relay, ReqBody, Upload};
 use super::upstream::Lease;
 use super::{balance, headers, Client, Failure, RouteState};
 use crate::io::client::Conn;
@@ -156,8 +156,7 @@ async fn exchange(
             limit,
             seen: 0,
             fault: fault.clone(),
-            idle: cfg.idle_timeout(),
-            timer: Box::pin(tokio::time::sleep(cfg.idle_timeout())),
+            idle: IdleTimer::new(cfg.idle_timeout()),
             counted: route.counted.clone(),
         }))
     });
@@ -204,9 +203,19 @@ async fn exchange(
         };
         let head_wait = remaining(deadline, cfg.response_timeout());
         let sent = Instant::now();
+        // The headers go with the request; a copy stays only when a retry may need them: an
+        // idempotent request with attempts and untried upstreams left (a request that is
+        // never sent comes back with them).
+        let retry_may_follow = retry_ok && attempt <= cfg.retries && tried.contains(&false);
+        let headers = if retry_may_follow {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         match send(
             route,
             parts,
+            headers,
             client_host.as_ref(),
             &up,
             conn,
@@ -221,7 +230,13 @@ async fn exchange(
                 route.metrics.latency.record(sent.elapsed().as_secs_f64());
                 return Ok((respond(route, resp, lease, deadline), label));
             }
-            Err((f, unsent_body)) => {
+            Err((f, unsent)) => {
+                let unsent_body = unsent.map(|(h, b)| {
+                    if !retry_may_follow {
+                        parts.headers = h;
+                    }
+                    b
+                });
                 if let Some(fault) = fault.get() {
                     lease.abort();
                     let f = match fault {
@@ -270,30 +285,34 @@ fn remaining(deadline: Option<Instant>, d: Duration) -> Duration {
 async fn send(
     route: &RouteState,
     parts: &http::request::Parts,
+    headers: http::HeaderMap,
     client_host: Option<&HeaderValue>,
     up: &super::upstream::Upstream,
     conn: Conn<ReqBody>,
     body: ReqBody,
     wait: Duration,
     lease: &mut Lease,
-) -> Result<hyper::Response<Incoming>, (Failure, Option<ReqBody>)> {
+) -> Result<hyper::Response<Incoming>, (Failure, Option<(http::HeaderMap, ReqBody)>)> {
     let h2 = conn.is_h2();
     let url = &up.ep.url;
     let path = headers::upstream_path(route, &url.path, &parts.uri);
-    let authority = match (route.cfg.preserve_host, client_host) {
-        (true, Some(h)) => h.to_str().unwrap_or(&url.authority).to_string(),
-        _ => url.authority.clone(),
+    // `Host` (HTTP/1.1) or `:authority` (h2): the client's with `preserve_host`, else the
+    // upstream's (its header value made once).
+    let host = match (route.cfg.preserve_host, client_host) {
+        (true, Some(h)) if h.to_str().is_ok() => Some(h),
+        _ => up.host.as_ref(),
     };
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = headers;
     let uri = if h2 {
         let scheme = if url.tls { "https" } else { "http" };
+        let authority = host.and_then(|h| h.to_str().ok()).unwrap_or(&url.authority);
         format!("{scheme}://{authority}{path}")
     } else {
         path
     };
-    match uri.parse() {
+    match http::Uri::from_maybe_shared(Bytes::from(uri)) {
         Ok(u) => *req.uri_mut() = u,
         Err(_) => {
             return Err((
@@ -307,8 +326,8 @@ async fn send(
         req.headers_mut().remove(header::HOST);
     } else {
         *req.version_mut() = Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(&authority) {
-            req.headers_mut().insert(header::HOST, v);
+        if let Some(v) = host {
+            req.headers_mut().insert(header::HOST, v.clone());
         }
     }
     let conn = lease.held.insert(conn);
@@ -317,7 +336,10 @@ async fn send(
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err((e, unsent))) => Err((
             Failure::Broken(describe(&e)),
-            unsent.map(Request::into_body),
+            unsent.map(|r| {
+                let (p, b) = r.into_parts();
+                (p.headers, b)
+            }),
         )),
     }
 }
@@ -348,14 +370,12 @@ fn respond(
     let (mut parts, inner) = resp.into_parts();
     headers::client_response(route, &mut parts.headers);
     parts.version = Version::HTTP_11;
-    let idle = route.cfg.idle_timeout();
     let relay = Relay {
         metrics: route.metrics.clone(),
         sent: 0,
         inner,
         lease: Some(lease),
-        idle,
-        timer: Box::pin(tokio::time::sleep(idle)),
+        idle: IdleTimer::new(route.cfg.idle_timeout()),
         deadline: deadline.map(|t| Box::pin(tokio::time::sleep_until(t.into()))),
         counted: route.counted.clone(),
         eject: route.eject(),

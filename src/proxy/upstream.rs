@@ -18,6 +18,8 @@ pub struct Upstream {
     pub ep: Endpoint<ReqBody>,
     /// `scheme://authority`, the label in metrics and logs.
     pub label: String,
+    /// The `Host` of requests sent here (the URL's authority), made once.
+    pub host: Option<http::HeaderValue>,
     /// Requests and tunnels in flight from this shard (least connections).
     pub outstanding: Cell<usize>,
     failures: Cell<u32>,
@@ -38,6 +40,7 @@ impl Upstream {
     pub fn new(url: BaseUrl, http2: Http2, roots: &Arc<rustls::RootCertStore>) -> Upstream {
         Upstream {
             label: url.origin(),
+            host: http::HeaderValue::from_str(&url.authority).ok(),
             ep: Endpoint::new(url, http2, roots, None),
             outstanding: Cell::new(0),
             failures: Cell::new(0),
