@@ -106,8 +106,6 @@ async fn idle_connections_hold_little_heap(backend: Backend) {
     );
 }
 
-/// TLS connections per measurement: fewer, since each costs a full handshake in a debug build.
-const TLS_CONNS: usize = 300;
 /// Heap per idle wss connection in a debug build. rustls' unbuffered API (src/io/server_tls.rs)
 /// keeps no TLS buffer while idle: what remains over a plain connection is the connection's
 /// record keys and handshake state, about 3 KB. With rustls' buffered connection it was about
@@ -187,17 +185,17 @@ async fn idle_wss_connections_hold_no_tls_buffer(backend: Backend) {
         })
         .expect("the TLS listener's address in the log");
     let ca = certs.file("ca.pem");
-    let mut warm = open_wss(tls_addr, &ca, TLS_CONNS).await;
+    let mut warm = open_wss(tls_addr, &ca, CONNS).await;
     touch_wss(&mut warm).await;
     drop(warm);
     wait_active(&server, 0).await;
     let before = heap(&server).await;
 
-    let mut conns = open_wss(tls_addr, &ca, TLS_CONNS).await;
-    wait_active(&server, TLS_CONNS).await;
-    let fresh = (heap(&server).await - before) / TLS_CONNS as f64;
+    let mut conns = open_wss(tls_addr, &ca, CONNS).await;
+    wait_active(&server, CONNS).await;
+    let fresh = (heap(&server).await - before) / CONNS as f64;
     touch_wss(&mut conns).await;
-    let touched = (heap(&server).await - before) / TLS_CONNS as f64;
+    let touched = (heap(&server).await - before) / CONNS as f64;
     eprintln!("heap per idle wss connection ({backend:?}): {fresh:.0} B fresh, {touched:.0} B after a message");
     for (what, per) in [("fresh", fresh), ("after a message", touched)] {
         assert!(
@@ -207,7 +205,7 @@ async fn idle_wss_connections_hold_no_tls_buffer(backend: Backend) {
     }
     drop(conns);
     wait_active(&server, 0).await;
-    let after = (heap(&server).await - before) / TLS_CONNS as f64;
+    let after = (heap(&server).await - before) / CONNS as f64;
     assert!(
         after < 64.0,
         "{after:.0} B per closed wss connection still held"
