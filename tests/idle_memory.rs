@@ -14,9 +14,9 @@ use tokio::net::TcpStream;
 /// Connections per measurement: enough that the shard's own growth (its connection table,
 /// the runtime's task lists) is small per connection.
 const CONNS: usize = 1000;
-/// Heap per idle connection in a debug build: about 1.7 KB today on either backend, with
-/// headroom (before the cuts of bench/IDLE.md it was about 5 KB; the target is 1 KiB of RSS).
-const BUDGET: f64 = 2048.0;
+/// Heap per idle connection in a debug build: about 1.3 KB on either backend, with headroom
+/// (about 5 KB before the cuts of bench/IDLE.md; the target is 1 KiB of RSS).
+const BUDGET: f64 = 1536.0;
 
 /// Scrapes `/metrics` for one unlabelled or fully labelled series.
 async fn metric(server: &Server, series: &str) -> f64 {
@@ -66,7 +66,13 @@ async fn touch(conns: &mut [RawWs]) {
         .await;
     }
     for c in conns.iter_mut() {
-        let f = c.read_frame().await.expect("the echo");
+        // Skipping a heartbeat ping (unanswered: the server counts any input as life).
+        let f = loop {
+            let f = c.read_frame().await.expect("the echo");
+            if f.opcode != common::OP_PING {
+                break f;
+            }
+        };
         assert_eq!(f.payload, b"hello");
     }
 }
@@ -106,11 +112,14 @@ async fn idle_connections_hold_little_heap(backend: Backend) {
     );
 }
 
+/// wss connections per measurement: fewer than plain ones, each costs a TLS handshake in a debug
+/// build on both sides.
+const TLS_CONNS: usize = 500;
 /// Heap per idle wss connection in a debug build. rustls' unbuffered API (src/io/server_tls.rs)
-/// keeps no TLS buffer while idle: what remains over a plain connection is the connection's
-/// record keys and handshake state, about 3 KB. With rustls' buffered connection it was about
-/// 4 KiB more (its receive buffer).
-const TLS_BUDGET: f64 = 6144.0;
+/// keeps no TLS buffer while idle: about 4.8 KB, of which 3.4 KB over a plain connection are
+/// rustls' connection state (record keys, traffic secrets). With rustls' buffered connection
+/// it was about 4 KiB more (its receive buffer).
+const TLS_BUDGET: f64 = 5632.0;
 
 /// Opens `n` wss connections on `/ws/echo` at `addr`, 50 handshakes at a time.
 async fn open_wss(addr: std::net::SocketAddr, ca: &std::path::Path, n: usize) -> Vec<Wss> {
@@ -160,7 +169,14 @@ async fn touch_wss(conns: &mut [Wss]) {
         c.send(Message::text("hello")).await.expect("send");
     }
     for c in conns.iter_mut() {
-        let got = within("echo", c.next()).await.expect("open").expect("echo");
+        // A heartbeat ping may come first when opening took a heartbeat interval (tungstenite
+        // answers it).
+        let got = loop {
+            match within("echo", c.next()).await.expect("open").expect("echo") {
+                Message::Ping(_) => continue,
+                m => break m,
+            }
+        };
         assert_eq!(got, Message::text("hello"));
     }
 }
@@ -185,17 +201,17 @@ async fn idle_wss_connections_hold_no_tls_buffer(backend: Backend) {
         })
         .expect("the TLS listener's address in the log");
     let ca = certs.file("ca.pem");
-    let mut warm = open_wss(tls_addr, &ca, CONNS).await;
+    let mut warm = open_wss(tls_addr, &ca, TLS_CONNS).await;
     touch_wss(&mut warm).await;
     drop(warm);
     wait_active(&server, 0).await;
     let before = heap(&server).await;
 
-    let mut conns = open_wss(tls_addr, &ca, CONNS).await;
-    wait_active(&server, CONNS).await;
-    let fresh = (heap(&server).await - before) / CONNS as f64;
+    let mut conns = open_wss(tls_addr, &ca, TLS_CONNS).await;
+    wait_active(&server, TLS_CONNS).await;
+    let fresh = (heap(&server).await - before) / TLS_CONNS as f64;
     touch_wss(&mut conns).await;
-    let touched = (heap(&server).await - before) / CONNS as f64;
+    let touched = (heap(&server).await - before) / TLS_CONNS as f64;
     eprintln!("heap per idle wss connection ({backend:?}): {fresh:.0} B fresh, {touched:.0} B after a message");
     for (what, per) in [("fresh", fresh), ("after a message", touched)] {
         assert!(
@@ -205,9 +221,11 @@ async fn idle_wss_connections_hold_no_tls_buffer(backend: Backend) {
     }
     drop(conns);
     wait_active(&server, 0).await;
-    let after = (heap(&server).await - before) / CONNS as f64;
+    let after = (heap(&server).await - before) / TLS_CONNS as f64;
+    // Allowing for the shard's pool of send records (io_uring: at most 256 of ~140 B), which
+    // grows with the sends in flight at once and may have grown since the baseline.
     assert!(
-        after < 64.0,
+        after < 128.0,
         "{after:.0} B per closed wss connection still held"
     );
 }

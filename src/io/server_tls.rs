@@ -323,7 +323,7 @@ impl ServerTls {
             }
             self.out_at += n;
         }
-        if !self.outgoing.is_empty() {
+        if self.outgoing.capacity() > 0 {
             self.outgoing = Vec::new();
             self.out_at = 0;
         }
