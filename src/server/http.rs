@@ -215,6 +215,9 @@ async fn serve_http(
         upgrade: upgrade.take(),
     });
     Some(Box::pin(async move {
+        // Moved whole: a move block captures only the fields it uses, and the permit is only
+        // held.
+        let open = open;
         after_upgrade(&open.shard, &open.reg.entry, upgraded).await
     }))
 }
