@@ -81,8 +81,8 @@ pub fn serve(
 ) -> impl Future<Output = ()> {
     let http = Box::pin(serve_http(shard, conn, remote, listen));
     async move {
-        if let Some(upgraded) = http.await {
-            upgraded.await;
+        if let Some((open, upgraded)) = http.await {
+            after_upgrade(&open.shard, &open.reg.entry, upgraded).await;
         }
     }
 }
@@ -104,13 +104,14 @@ struct Upgraded {
 }
 
 /// [`serve`] up to the end of HTTP/1.1: `None` when the connection is done (refused, failed,
-/// served over HTTP/2 or closed), else what runs on the upgraded connection.
+/// served over HTTP/2 or closed), else the upgraded connection (boxed: the task keeps a
+/// pointer to it only until [`after_upgrade`] has taken it apart).
 async fn serve_http(
     shard: Rc<Shard>,
     conn: Stream,
     remote: SocketAddr,
     listen: Listen,
-) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
+) -> Option<(Open, Box<Upgraded>)> {
     let admission = &shard.global.admission;
     let _permit = match admission.admit(remote.ip(), std::time::Instant::now()) {
         Ok(p) => p,
@@ -214,12 +215,7 @@ async fn serve_http(
         proxied: tunnel.take(),
         upgrade: upgrade.take(),
     });
-    Some(Box::pin(async move {
-        // Moved whole: a move block captures only the fields it uses, and the permit is only
-        // held.
-        let open = open;
-        after_upgrade(&open.shard, &open.reg.entry, upgraded).await
-    }))
+    Some((open, upgraded))
 }
 
 /// What runs on an HTTP/1.1 connection once hyper has let go of it: the WebSocket session, a
