@@ -183,6 +183,10 @@ impl ServerTls {
         let mut done = 0;
         loop {
             let handshaking = conn.is_handshaking();
+            if handshaking {
+                // Nothing recorded outside this connection's calls counts.
+                super::tls::take_server_name();
+            }
             let status = conn.process_tls_records(&mut input[done..]);
             if handshaking {
                 // The certificate resolver ran inside that call if the ClientHello was in it.

@@ -185,7 +185,8 @@ thread_local! {
 /// The server name (SNI) of the ClientHello handled since the last call, if any. rustls'
 /// unbuffered server connection does not tell the name it resolved; the resolver, which rustls
 /// calls inside `process_tls_records` on the shard's thread, records it, and the TLS stream
-/// takes it right after every call made while handshaking (so no name outlives its call).
+/// clears it before and takes it after every call made while handshaking (so a name is only
+/// ever read by the connection whose call recorded it).
 pub(super) fn take_server_name() -> Option<Box<str>> {
     SERVER_NAME.with(|n| n.take())
 }
