@@ -8,6 +8,7 @@ mod backend;
 pub mod client;
 pub mod handover;
 pub mod listen;
+mod server_tls;
 mod stream;
 pub mod tls;
 mod uring;

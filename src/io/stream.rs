@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::backend::{connect_tcp, UringStream};
+use super::server_tls::ServerTls;
 use super::Backend;
 use crate::error::{Phase, UpstreamError};
 use crate::ws::outbox::{write_slices, Outbox, WriteOutbox};
@@ -44,8 +45,8 @@ enum Inner {
     Tcp(tokio::net::TcpStream),
     Uring(UringStream),
     // TLS runs over a plain `Stream`; boxed, so a plain connection does not carry rustls'
-    // state in its size.
-    TlsServer(Box<tokio_rustls::server::TlsStream<Stream>>),
+    // state in its size. The server side holds no TLS buffer while idle (`server_tls`).
+    TlsServer(Box<ServerTls>),
     TlsClient(Box<tokio_rustls::client::TlsStream<Stream>>),
     // One stream of an HTTP/2 connection (a WebSocket over RFC 8441): its bytes travel through
     // hyper's HTTP/2 connection, which its own task drives.
@@ -80,7 +81,7 @@ impl Stream {
     /// Runs the server side of a TLS handshake on this (plain, accepted) stream. The caller
     /// bounds it with its handshake timeout.
     pub async fn accept_tls(self, acceptor: &TlsAcceptor) -> io::Result<Stream> {
-        let tls = acceptor.accept(self).await?;
+        let tls = ServerTls::accept(self, acceptor.config().clone()).await?;
         Ok(Stream(Inner::TlsServer(Box::new(tls))))
     }
 
@@ -94,7 +95,7 @@ impl Stream {
     /// The protocol ALPN settled on (`h2`, `http/1.1`), if TLS and the peers agreed on one.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         match &self.0 {
-            Inner::TlsServer(s) => s.get_ref().1.alpn_protocol(),
+            Inner::TlsServer(s) => s.alpn_protocol(),
             Inner::TlsClient(s) => s.get_ref().1.alpn_protocol(),
             Inner::Prefixed(p) => p.1.alpn_protocol(),
             Inner::Tcp(_) | Inner::Uring(_) | Inner::H2(_) => None,
@@ -104,7 +105,7 @@ impl Stream {
     /// The server name (SNI) the client asked for, on an accepted TLS stream.
     pub fn server_name(&self) -> Option<&str> {
         match &self.0 {
-            Inner::TlsServer(s) => s.get_ref().1.server_name(),
+            Inner::TlsServer(s) => s.server_name(),
             Inner::Prefixed(p) => p.1.server_name(),
             _ => None,
         }
@@ -166,13 +167,14 @@ async fn connect_now(
 }
 
 /// Runs `$e` with `$s` bound to the stream of whichever variant `$inner` is, as an
-/// `AsyncRead + AsyncWrite` (the io_uring one through its own methods).
+/// `AsyncRead + AsyncWrite` (the io_uring and the TLS server ones through their own methods,
+/// `$ue` with `$u`).
 macro_rules! each {
     ($inner:expr, $s:ident => $e:expr, $u:ident => $ue:expr) => {
         match $inner {
             Inner::Tcp($s) => $e,
             Inner::Uring($u) => $ue,
-            Inner::TlsServer($s) => $e,
+            Inner::TlsServer($u) => $ue,
             Inner::TlsClient($s) => $e,
             Inner::H2($s) => $e,
             Inner::Prefixed(p) => {
@@ -227,7 +229,7 @@ impl AsyncWrite for Stream {
             Inner::Prefixed(p) => p.1.is_write_vectored(),
             Inner::Uring(_) => true,
             Inner::Tcp(s) => s.is_write_vectored(),
-            Inner::TlsServer(s) => s.is_write_vectored(),
+            Inner::TlsServer(_) => true,
             Inner::TlsClient(s) => s.is_write_vectored(),
             Inner::H2(s) => s.is_write_vectored(),
         }
@@ -449,6 +451,107 @@ mod tests {
                     .unwrap();
                 assert_eq!(e, UpstreamError::Timeout(Phase::Connect));
                 assert!(e.nothing_sent());
+            })
+            .unwrap();
+        }
+    }
+
+    /// An accepted server TLS stream and a tokio-rustls client connected to it.
+    async fn tls_streams(
+        backend: Backend,
+    ) -> (
+        Stream,
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) {
+        let (acceptor, client) = tls_pair(&[b"http/1.1"]);
+        let (l, addr) = listener(backend);
+        let server = tokio::task::spawn_local(async move {
+            let (s, _) = l.accept().await.unwrap();
+            s.accept_tls(&acceptor).await.unwrap()
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let c = TlsConnector::from(client).connect(name, tcp).await.unwrap();
+        (server.await.unwrap(), c)
+    }
+
+    fn held(s: &Stream) -> usize {
+        match &s.0 {
+            Inner::TlsServer(t) => t.held(),
+            _ => panic!("not a server TLS stream"),
+        }
+    }
+
+    #[test]
+    fn tls_small_reads_and_a_key_update_lose_nothing_and_idle_holds_no_buffer() {
+        for backend in BACKENDS {
+            block_on(backend, async move {
+                let (mut server, mut client) = tls_streams(backend).await;
+                let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+                let sent = data.clone();
+                let writer = tokio::task::spawn_local(async move {
+                    client.write_all(&sent[..50_000]).await.unwrap();
+                    // New keys both ways from here: the server answers with an update of its own.
+                    client.get_mut().1.refresh_traffic_keys().unwrap();
+                    client.write_all(&sent[50_000..]).await.unwrap();
+                    client.flush().await.unwrap();
+                    client
+                });
+                // Reads smaller than a record: the rest of each record waits in the stream.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 7];
+                while got.len() < data.len() {
+                    let n = server.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "{backend:?}: early end after {} bytes", got.len());
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got == data, "{backend:?}: the stream arrived altered");
+                let mut client = writer.await.unwrap();
+                server.write_all(b"after").await.unwrap();
+                server.flush().await.unwrap();
+                let mut five = [0u8; 5];
+                client.read_exact(&mut five).await.unwrap();
+                assert_eq!(&five, b"after");
+                assert_eq!(
+                    held(&server),
+                    0,
+                    "{backend:?}: an idle stream holds a buffer"
+                );
+                // close_notify: a clean end of the stream.
+                client.shutdown().await.unwrap();
+                assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn tls_large_writes_arrive_whole_and_a_cut_connection_is_an_error() {
+        for backend in BACKENDS {
+            block_on(backend, async move {
+                let (mut server, mut client) = tls_streams(backend).await;
+                const LEN: usize = 1_000_000;
+                let data: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8).collect();
+                let reader = tokio::task::spawn_local(async move {
+                    let mut got = vec![0; LEN];
+                    client.read_exact(&mut got).await.unwrap();
+                    (client, got)
+                });
+                let (a, b) = data.split_at(400_000);
+                server.write_all(a).await.unwrap();
+                // Several slices are sealed together, as far as one write goes.
+                let slices = [io::IoSlice::new(&b[..100]), io::IoSlice::new(&b[100..])];
+                let n = server.write_vectored(&slices).await.unwrap();
+                assert!(n > 100, "{backend:?}: {n}");
+                server.write_all(&b[n..]).await.unwrap();
+                server.flush().await.unwrap();
+                let (client, got) = reader.await.unwrap();
+                assert!(got == data, "{backend:?}: the stream arrived altered");
+                assert_eq!(held(&server), 0);
+                // The client's socket goes without close_notify: a truncation, not an end.
+                drop(client);
+                let e = server.read(&mut [0u8; 16]).await.unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{backend:?}");
             })
             .unwrap();
         }

@@ -177,8 +177,23 @@ struct SniResolver {
     by_name: HashMap<String, Arc<CertifiedKey>>,
 }
 
+thread_local! {
+    /// The server name of the ClientHello the resolver last saw on this thread.
+    static SERVER_NAME: std::cell::Cell<Option<Box<str>>> = const { std::cell::Cell::new(None) };
+}
+
+/// The server name (SNI) of the ClientHello handled since the last call, if any. rustls'
+/// unbuffered server connection does not tell the name it resolved; the resolver, which rustls
+/// calls inside `process_tls_records` on the shard's thread, records it, and the TLS stream
+/// clears it before and takes it after every call made while handshaking (so a name is only
+/// ever read by the connection whose call recorded it).
+pub(super) fn take_server_name() -> Option<Box<str>> {
+    SERVER_NAME.with(|n| n.take())
+}
+
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        SERVER_NAME.with(|n| n.set(hello.server_name().map(Box::from)));
         hello
             .server_name()
             .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()))

@@ -69,13 +69,56 @@ struct Upgrade {
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
 ///
-/// An idle WebSocket's task is this future: every other path (refusal, TLS handshake, h2c
-/// sniffing, HTTP/2, HTTP/1.1, a tunnel, a relay) is boxed, so its size is not theirs.
-pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: Listen) {
+/// An idle WebSocket's task is this future: everything before the upgrade (refusal, TLS
+/// handshake, h2c sniffing, HTTP/2, HTTP/1.1) runs in a box that is freed when hyper lets go,
+/// and what runs after it (the session, a tunnel, a relay) is boxed too; the task keeps only
+/// the connection's registration and the pointer to what runs.
+pub fn serve(
+    shard: Rc<Shard>,
+    conn: Stream,
+    remote: SocketAddr,
+    listen: Listen,
+) -> impl Future<Output = ()> {
+    let http = Box::pin(serve_http(shard, conn, remote, listen));
+    async move {
+        if let Some((open, upgraded)) = http.await {
+            after_upgrade(&open.shard, &open.reg.entry, upgraded).await;
+        }
+    }
+}
+
+/// What an accepted connection holds for its whole life.
+struct Open {
+    shard: Rc<Shard>,
+    reg: Registration,
+    _permit: super::admission::Permit,
+}
+
+/// An HTTP/1.1 connection hyper has let go of: the socket, the bytes read past the request
+/// head, and what the router decided to run on it.
+struct Upgraded {
+    io: Stream,
+    read_buf: Bytes,
+    proxied: Option<ProxiedUpgrade>,
+    upgrade: Option<Upgrade>,
+}
+
+/// [`serve`] up to the end of HTTP/1.1: `None` when the connection is done (refused, failed,
+/// served over HTTP/2 or closed), else the upgraded connection (boxed: the task keeps a
+/// pointer to it only until [`after_upgrade`] has taken it apart).
+async fn serve_http(
+    shard: Rc<Shard>,
+    conn: Stream,
+    remote: SocketAddr,
+    listen: Listen,
+) -> Option<(Open, Box<Upgraded>)> {
     let admission = &shard.global.admission;
     let _permit = match admission.admit(remote.ip(), std::time::Instant::now()) {
         Ok(p) => p,
-        Err(refusal) => return Box::pin(turn_away(conn, refusal, listen.tls)).await,
+        Err(refusal) => {
+            turn_away(conn, refusal, listen.tls).await;
+            return None;
+        }
     };
     let reg = shard.register(remote);
     let acceptor = match &*shard.tls.borrow() {
@@ -86,9 +129,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         None => conn,
         Some(acceptor) => {
             let timeout = shard.global.config.handshake_timeout();
-            // Boxed: the handshake and its timer are large and would otherwise size every
-            // connection's task, plain ones included, for its whole life.
-            let handshake = Box::pin(tokio::time::timeout(timeout, conn.accept_tls(&acceptor)));
+            let handshake = tokio::time::timeout(timeout, conn.accept_tls(&acceptor));
             let (stream, result) = match handshake.await {
                 Ok(Ok(tls)) => (Some(tls), "ok"),
                 Ok(Err(e)) => {
@@ -101,10 +142,7 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
                 }
             };
             counter!(metrics::TLS_HANDSHAKES, "result" => result).increment(1);
-            match stream {
-                Some(s) => s,
-                None => return,
-            }
+            stream?
         }
     };
     let upgrade = Rc::new(Cell::new(None));
@@ -130,24 +168,22 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         (conn, true)
     } else if !listen.tls && listen.h2c {
         let timeout = shard.global.config.handshake_timeout();
-        match Box::pin(tokio::time::timeout(timeout, super::h2c::sniff(conn))).await {
+        match tokio::time::timeout(timeout, super::h2c::sniff(conn)).await {
             Ok(Ok(sniffed)) => sniffed,
-            _ => return,
+            _ => return None,
         }
     } else {
         (conn, false)
     };
     if h2 {
-        return Box::pin(serve_h2(conn, router, &reg)).await;
+        serve_h2(conn, router, &reg).await;
+        return None;
     }
-    // Boxed so an upgraded connection's task does not keep hyper's state around.
-    let mut http = Box::new(
-        http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(shard.global.config.handshake_timeout())
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(conn), router),
-    );
+    let mut http = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shard.global.config.handshake_timeout())
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(conn), router);
     let mut shutting_down = false;
     let res = poll_fn(|cx| {
         reg.entry.register_waker(cx.waker());
@@ -156,47 +192,47 @@ pub async fn serve(shard: Rc<Shard>, conn: Stream, remote: SocketAddr, listen: L
         // sent or is sending it, and a restart must not turn that into a failed request.
         if !shutting_down && reg.entry.close_requested() && served.get() {
             shutting_down = true;
-            Pin::new(&mut *http).graceful_shutdown();
+            Pin::new(&mut http).graceful_shutdown();
         }
         http.poll_without_shutdown(cx)
     })
     .await;
     if let Err(e) = res {
         tracing::debug!(%remote, error = %e, "http connection error");
-        return;
+        return None;
     }
-    // Keep only the socket and the bytes read past the request head; the router (and with it
-    // the upgrade cell) goes now rather than living as long as the WebSocket.
-    // (Out of its box in a block of its own: moving out of a box frees its memory only when the
-    // box goes out of scope, which would be at the end of the WebSocket.)
-    let hyper::server::conn::http1::Parts { io, read_buf, .. } = {
-        let http = http;
-        (*http).into_parts()
+    // Only the socket and the bytes read past the request head go on; hyper's state, the
+    // router and this future's box are freed when it returns.
+    let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
+    let open = Open {
+        shard,
+        reg,
+        _permit,
     };
-    let rest = after_upgrade(
-        &shard,
-        &reg.entry,
-        io.into_inner(),
+    let upgraded = Box::new(Upgraded {
+        io: io.into_inner(),
         read_buf,
-        tunnel.take(),
-        upgrade.take(),
-    );
-    drop((tunnel, upgrade));
-    rest.await;
+        proxied: tunnel.take(),
+        upgrade: upgrade.take(),
+    });
+    Some((open, upgraded))
 }
 
-/// What runs on an HTTP/1.1 connection once hyper has let go of it, or on an HTTP/2 stream
-/// once hyper has handed it over: the WebSocket session, a proxied session, or nothing (the
-/// socket is shut). A plain function returning one boxed future, so none of the values it
-/// chose from stays in the connection's task.
+/// What runs on an HTTP/1.1 connection once hyper has let go of it: the WebSocket session, a
+/// proxied session, or nothing (the socket is shut). A plain function returning one boxed
+/// future, so none of the values it chose from stays in the connection's task (`upgraded`'s
+/// box is freed when it returns).
 fn after_upgrade<'a>(
     shard: &'a Rc<Shard>,
     entry: &'a Rc<ConnHandle>,
-    mut io: Stream,
-    read_buf: Bytes,
-    proxied: Option<ProxiedUpgrade>,
-    upgrade: Option<Upgrade>,
+    upgraded: Box<Upgraded>,
 ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+    let Upgraded {
+        mut io,
+        read_buf,
+        proxied,
+        upgrade,
+    } = *upgraded;
     match (proxied, upgrade) {
         (Some(p), _) => proxied_session(shard, entry, io, read_buf, p),
         (None, Some(u)) => Box::pin(websocket(shard, entry, io, read_buf, u, None)),
@@ -366,19 +402,21 @@ enum H2Session {
 }
 
 impl H2Session {
-    /// The session on the handed-over stream, as `after_upgrade` runs it. (A plain function:
-    /// its box is freed on return, and no local of it lives in the socket's task.)
+    /// The session on the handed-over stream, as `after_upgrade` runs an HTTP/1.1 one. (A
+    /// plain function: its box is freed on return, and no local of it lives in the socket's
+    /// task.)
     fn run<'a>(
         self: Box<Self>,
         shard: &'a Rc<Shard>,
         entry: &'a Rc<ConnHandle>,
         io: Stream,
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
-        let (proxied, upgrade) = match *self {
-            H2Session::Endpoint(up) => (None, Some(up)),
-            H2Session::Proxied(p) => (Some(p), None),
-        };
-        after_upgrade(shard, entry, io, Bytes::new(), proxied, upgrade)
+        match *self {
+            H2Session::Endpoint(up) => {
+                Box::pin(websocket(shard, entry, io, Bytes::new(), up, None))
+            }
+            H2Session::Proxied(p) => proxied_session(shard, entry, io, Bytes::new(), p),
+        }
     }
 }
 
