@@ -973,6 +973,8 @@ impl Redis {
             .args(["--appendonly", aof, "--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1014,6 +1016,11 @@ impl Redis {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// The server's log (replication, failover), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
     }
 
     /// Runs one command (inline form); the first line of the answer, or `None` when the
@@ -1206,11 +1213,12 @@ impl Sentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
                  sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
                  sentinel down-after-milliseconds {name} 500\n\
                  sentinel failover-timeout {name} 5000\n{more}\n",
-                dir.display()
+                dir.display(),
+                dir.join("sentinel.log").display()
             ),
         )
         .expect("sentinel.conf");
@@ -1240,6 +1248,12 @@ impl Sentinel {
     /// One command to the sentinel, as [`redis_command`].
     pub fn command(&self, args: &[&str]) -> Option<String> {
         redis_command(self.port, args)
+    }
+
+    /// The sentinel's log (its view of the master: down, failovers, switches), for failure
+    /// messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sentinel.log")).unwrap_or_default()
     }
 }
 
