@@ -126,10 +126,10 @@ async fn idle_connections_hold_little_heap(backend: Backend) {
 
 /// Heap per idle proxied WebSocket in a debug build (the proxy's process only: the upstream is
 /// another ringgate), relayed or tunnelled: the client side, the upstream connection and what
-/// joins them. About 3.5 KB for a relay (a session on each side) and 2.8 KB for a tunnel
-/// today, with headroom; a tunnel that keeps its copy buffers (or the bytes read past either
-/// handshake) while idle holds 48 KB, a relay's task sized for a tunnel's state 4.9 KB.
-const PROXIED_BUDGET: [(&str, f64); 2] = [("relay", 2.0 * BUDGET), ("tunnel", 2.0 * BUDGET)];
+/// joins them. About 3.1 KB for a relay (a session on each side) and 2.8 KB for a tunnel, with
+/// headroom; a tunnel that keeps its copy buffers (or the bytes read past either handshake)
+/// while idle holds 48 KB, a relay's task sized for a tunnel's state 4.9 KB.
+const PROXIED_BUDGET: [(&str, f64); 2] = [("relay", 4096.0), ("tunnel", 4096.0)];
 
 /// The gauge that falls once a proxied connection of `mode` is over on both sides (a relay's
 /// session ends with its upstream side).
