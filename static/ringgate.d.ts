@@ -17,7 +17,7 @@ export interface ClientOptions {
   pingInterval?: number;
   /** Requests held while disconnected; more are refused with code `queue_full`. */
   maxQueue?: number;
-  /** Failed WebSocket attempts in a row before falling back; 0: never. Default 3. */
+  /** Failed attempts in a row on a transport before moving to the next; 0: never. Default 3. */
   fallbackAfter?: number;
   /** Transports in order of preference. */
   transports?: Transport[];

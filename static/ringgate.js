@@ -4,9 +4,11 @@
 //
 // Guarantees: every subscription is restored after a reconnect with the last seen seq and
 // epoch, so a handler sees each message once, in seq order, or is told that recovery was
-// impossible (a `subscribed` object with `recovered: false`). When WebSockets keep failing the
-// client moves to Server-Sent Events (+ HTTP POST to publish), then to long-polling, and
-// probes WebSocket in the background to move back.
+// impossible (a `subscribed` object with `recovered: false`). Every transport reconnects the
+// same way (backoff with full jitter, capped); after `fallbackAfter` failed attempts in a row
+// on one the client moves to the next: WebSocket, Server-Sent Events (+ HTTP POST to publish),
+// long-polling, and back to the first once all failed. While on a fallback it probes
+// WebSocket in the background to move back.
 
 const DEFAULTS = {
   token: undefined,
@@ -19,7 +21,7 @@ const DEFAULTS = {
   pingInterval: 25000,
   // Sends held while disconnected; beyond this the newest is refused (see queue policy).
   maxQueue: 100,
-  // Failed WebSocket attempts in a row before falling back (0: never fall back).
+  // Failed attempts in a row on a transport before moving to the next (0: never move).
   fallbackAfter: 3,
   transports: ["ws", "sse", "poll"],
   // While on a fallback, how often to try WebSocket again.
@@ -141,7 +143,8 @@ export class RinggateClient extends Emitter {
     this._queue = [];
     this._nextId = 1;
     this._attempt = 0;
-    this._wsFailures = 0;
+    // Failed attempts in a row per transport (an attempt that opened resets its count).
+    this._failures = { ws: 0, sse: 0, poll: 0 };
     this._closed = false;
     this._timers = new Set();
     this._conn = null;
@@ -266,22 +269,38 @@ export class RinggateClient extends Emitter {
   }
 
   _connect() {
-    if (this._closed) return;
-    const order = this.options.transports;
-    const fallBack = this.options.fallbackAfter > 0 && this._wsFailures >= this.options.fallbackAfter;
-    if (!this._WS || !order.includes("ws") || fallBack) {
-      const next = order.find((t) => t !== "ws" && this._usable(t));
-      if (next) return this._startFallback(next);
-      if (!this._WS) return this._setStatus("closed");
-    }
+    if (this._closed || this._conn) return;
+    const next = this._pickTransport();
+    if (!next) return this._setStatus("closed");
+    if (next !== "ws") return this._startFallback(next);
     this._setStatus(this._everOpen ? "reconnecting" : "connecting");
     this._openWs(false);
   }
 
+  /** The first allowed transport that has not failed `fallbackAfter` times in a row. When all
+   * have, the server itself is likely away (not one transport blocked): counts start over. */
+  _pickTransport() {
+    const o = this.options;
+    const usable = o.transports.filter((t) => this._usable(t));
+    if (usable.length === 0) return null;
+    if (!(o.fallbackAfter > 0)) return usable[0];
+    const next = usable.find((t) => this._failures[t] < o.fallbackAfter);
+    if (next) return next;
+    for (const t of usable) this._failures[t] = 0;
+    return usable[0];
+  }
+
   _usable(t) {
-    if (t === "sse") return !!this._fetch && !this._sseBroken;
-    if (t === "poll") return !!this._fetch;
-    return false;
+    if (t === "ws") return !!this._WS;
+    return (t === "sse" || t === "poll") && !!this._fetch;
+  }
+
+  /** A transport opened: its failure count and the backoff start over. */
+  _opened(kind) {
+    this._everOpen = true;
+    this._failures[kind] = 0;
+    this._attempt = 0;
+    this._clearTimer(this._retry);
   }
 
   /** Opens a WebSocket; `probe`: only to see whether WebSocket works again. */
@@ -291,7 +310,7 @@ export class RinggateClient extends Emitter {
     try {
       ws = protocols ? new this._WS(url, protocols) : new this._WS(url);
     } catch (e) {
-      if (!probe) this._wsFailed();
+      if (!probe) this._failed("ws");
       return;
     }
     let opened = false;
@@ -304,9 +323,9 @@ export class RinggateClient extends Emitter {
       }
       this._conn = conn;
       this.transport = "ws";
-      this._wsFailures = 0;
-      this._attempt = 0;
-      this._everOpen = true;
+      this._opened("ws");
+      this._clearTimer(this._probe);
+      this._probe = null;
       this._watchdog(conn);
     };
     ws.onmessage = (ev) => {
@@ -326,7 +345,7 @@ export class RinggateClient extends Emitter {
         this._conn = null;
         this._connectionLost();
       } else if (!opened && !probe) {
-        this._wsFailed();
+        this._failed("ws");
       } else if (!opened && probe) {
         this._scheduleProbe();
       }
@@ -335,11 +354,13 @@ export class RinggateClient extends Emitter {
     if (!probe) this._pendingWs = conn;
   }
 
-  _wsFailed() {
-    this._wsFailures += 1;
+  /** An attempt on `kind` failed before it opened. */
+  _failed(kind) {
+    this._failures[kind] += 1;
     this._scheduleReconnect();
   }
 
+  /** A connection that had opened (any transport) is gone: reconnect, resuming every topic. */
   _connectionLost() {
     this._failPending(new RinggateError("connection lost", "disconnected"));
     for (const sub of this.subs.values()) sub.active = false;
@@ -605,10 +626,13 @@ export class RinggateClient extends Emitter {
   }
 
   _scheduleProbe() {
-    if (this._closed || !this.options.probeInterval || !this.options.transports.includes("ws") || !this._WS) return;
-    this._clearTimer(this._probe);
+    if (this._closed || !this.options.probeInterval || !this._usable("ws") || !this.options.transports.includes("ws")) return;
+    if (this._probe != null) return; // one pending probe, whatever reconnects meanwhile
     this._probe = this._timer(() => {
+      this._probe = null;
       if (this._closed || this.transport === "ws") return;
+      // Between attempts the reconnect loop tries WebSocket itself when its turn comes.
+      if (!this._conn) return this._scheduleProbe();
       this._openWs(true);
     }, this.options.probeInterval);
   }
@@ -622,7 +646,8 @@ export class RinggateClient extends Emitter {
   }
 
   _restartSse() {
-    if (this.transport !== "sse") return;
+    // Only a running stream: between attempts the next one carries the new topic list.
+    if (this._conn?.kind !== "sse") return;
     this._teardown();
     this._openSse();
   }
@@ -631,7 +656,7 @@ export class RinggateClient extends Emitter {
   // `Authorization` header (EventSource cannot send headers, and servers take `?token=` only
   // with `query_token`), and it runs in Node without a polyfill. A stream that drops after it
   // opened is reopened after a backoff from the cursors of the messages seen, as EventSource
-  // would with `Last-Event-ID`.
+  // would with `Last-Event-ID`; one that fails to open is retried as any transport is.
   _openSse() {
     const conn = { kind: "sse", opened: false, abort: typeof AbortController !== "undefined" ? new AbortController() : null };
     this._conn = conn;
@@ -671,29 +696,18 @@ export class RinggateClient extends Emitter {
 
   _sseOpened(conn) {
     conn.opened = true;
-    this._attempt = 0;
+    this._opened("sse");
     this._setStatus("fallback:sse");
     const queued = this._queue;
     this._queue = [];
     for (const q of queued) this._dispatch(q);
   }
 
-  /** The stream failed to open (SSE does not work here: long-poll) or ended (reopen it). */
+  /** The stream failed to open, or ended: reconnect as after any transport's failure. */
   _sseEnded(conn) {
     this._teardown();
-    if (!conn.opened) {
-      this._sseBroken = true;
-      if (this._usable("poll")) {
-        this.transport = "poll";
-        this._openPoll();
-      }
-      return;
-    }
-    this._attempt += 1;
-    const o = this.options;
-    this._timer(() => {
-      if (!this._closed && this.transport === "sse" && !this._conn) this._openSse();
-    }, backoffDelay(this._attempt, o.backoffBase, o.backoffCap, o.random));
+    if (conn.opened) this._connectionLost();
+    else this._failed("sse");
   }
 
   _restartPoll() {
@@ -706,15 +720,16 @@ export class RinggateClient extends Emitter {
     }
   }
 
+  // Each poll is a request of its own: the first that succeeds opens the transport, and a
+  // failed one ends it, to be reconnected as any transport is.
   _openPoll() {
-    const conn = { kind: "poll", stopped: false, abort: null };
+    const conn = { kind: "poll", stopped: false, opened: false, abort: null };
     this._conn = conn;
     this._setStatus("fallback:poll");
     const queued = this._queue;
     this._queue = [];
     for (const q of queued) this._dispatch(q);
     const loop = async () => {
-      let failures = 0;
       while (!conn.stopped && this._conn === conn) {
         if (this.subs.size === 0) {
           await new Promise((r) => (conn.wake = r));
@@ -729,14 +744,17 @@ export class RinggateClient extends Emitter {
           const body = await r.json();
           if (!r.ok) throw new RinggateError(body.error || `HTTP ${r.status}`, body.code || "http", body);
           if (conn.stopped || this._conn !== conn) return;
-          failures = 0;
-          this._attempt = 0;
+          if (!conn.opened) {
+            conn.opened = true;
+            this._opened("poll");
+          }
           for (const m of body.messages || []) this._onMessage(m);
         } catch (e) {
           if (conn.stopped || this._conn !== conn) return;
-          failures += 1;
-          const o = this.options;
-          await new Promise((r) => this._timer(r, backoffDelay(failures, o.backoffBase, o.backoffCap, o.random)));
+          this._teardown();
+          if (conn.opened) this._connectionLost();
+          else this._failed("poll");
+          return;
         }
       }
     };

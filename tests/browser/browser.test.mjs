@@ -167,7 +167,9 @@ test("the server restarted mid-stream: the client reconnects and is told history
   const port = own.port;
   try {
     const page = await openPage(port);
-    await startClient(page, `ws://127.0.0.1:${port}/ws`);
+    // WebSocket only: a restart slower than three backoffs (a loaded machine) would otherwise
+    // move the client to SSE (the SSE restart test covers that path).
+    await startClient(page, `ws://127.0.0.1:${port}/ws`, { transports: ["ws"] });
     for (let i = 1; i <= 3; i++) await publish(port, "feed", i);
     await page.waitForFunction(() => window.t.got.length >= 3, { timeout: PATIENCE, polling: 50 });
     await stopServer(own);
@@ -237,6 +239,88 @@ test("WebSockets and SSE refused: falls back to long-poll and delivers in order"
   } finally {
     await stopServer(own);
   }
+});
+
+test("SSE with the server stopped and restarted: retried with backoff until it is back", async () => {
+  const own = await startServer();
+  const port = own.port;
+  let again;
+  try {
+    const page = await openPage(port);
+    // No long-poll to move to: only retrying SSE (or WebSocket, refused on this path) helps.
+    await startClient(page, `ws://127.0.0.1:${port}/ws-refused`, { probeInterval: 0, transports: ["ws", "sse"] });
+    await page.waitForFunction(() => window.t.statuses.includes("fallback:sse"), { timeout: PATIENCE, polling: 50 });
+    for (let i = 1; i <= 3; i++) await publish(port, "feed", i);
+    await page.waitForFunction(() => window.t.got.length >= 3, { timeout: PATIENCE, polling: 50 });
+    let refused = 0;
+    page.on("requestfailed", (r) => {
+      if (new URL(r.url()).pathname === "/sse") refused += 1;
+    });
+    await stopServer(own);
+    // Several attempts fail while the server is away.
+    const deadline = Date.now() + PATIENCE;
+    while (refused < 2) {
+      assert.ok(Date.now() < deadline, "SSE was not tried again while the server was away");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    again = await startServer(port);
+    await page.waitForFunction(() => window.t.got.some((m) => m.recovered === false), {
+      timeout: 2 * PATIENCE,
+      polling: 50,
+    });
+    for (let i = 4; i <= 6; i++) await publish(port, "feed", i);
+    await page.waitForFunction(() => window.t.got.length >= 7, { timeout: PATIENCE, polling: 50 });
+    const msgs = await got(page);
+    // The restart lost the in-memory history: announced, then delivery goes on in order.
+    assert.deepEqual(dataOf(msgs), [1, 2, 3, 4, 5, 6]);
+    assert.equal(msgs[3].recovered, false);
+    const statuses = await page.evaluate(() => window.t.statuses);
+    assert.ok(statuses.lastIndexOf("reconnecting") > statuses.indexOf("fallback:sse"), statuses.join());
+    assert.equal(statuses.at(-1), "fallback:sse");
+    assert.deepEqual(page.errors, []);
+    await page.evaluate(() => window.t.client.close());
+    await page.close();
+  } finally {
+    await stopServer(own);
+    if (again) await stopServer(again);
+  }
+});
+
+test("an SSE route that fails once: retried from the cursor, with no gap and no duplicate", async () => {
+  const page = await openPage(server.port);
+  let failing = false;
+  const sseUrls = [];
+  await page.setRequestInterception(true);
+  page.on("request", (r) => {
+    const url = new URL(r.url());
+    if (url.pathname !== "/sse") return r.continue();
+    sseUrls.push(url);
+    if (failing) {
+      failing = false;
+      return r.respond({ status: 503, body: "not now" });
+    }
+    r.continue();
+  });
+  await startClient(page, `ws://127.0.0.1:${server.port}/ws-refused`, { probeInterval: 0, transports: ["ws", "sse"] }, "sse-retry");
+  await page.waitForFunction(() => window.t.statuses.includes("fallback:sse"), { timeout: PATIENCE, polling: 50 });
+  for (let i = 1; i <= 3; i++) await publish(server.port, "sse-retry", i);
+  await page.waitForFunction(() => window.t.got.length >= 3, { timeout: PATIENCE, polling: 50 });
+  // The stream is cut and the next attempt answered 503; published meanwhile: 4 to 6.
+  failing = true;
+  const before = sseUrls.length;
+  await page.evaluate(() => window.t.client._conn.abort.abort());
+  for (let i = 4; i <= 6; i++) await publish(server.port, "sse-retry", i);
+  await page.waitForFunction(() => window.t.got.length >= 6, { timeout: PATIENCE, polling: 50 });
+  assert.deepEqual(dataOf(await got(page)), [1, 2, 3, 4, 5, 6]);
+  assert.ok(!(await got(page)).some((m) => m.recovered === false));
+  // The refused attempt and the one after it both resumed from seq 3.
+  const retries = sseUrls.slice(before);
+  assert.ok(retries.length >= 2, retries.join("\n"));
+  for (const u of retries) assert.match(u.searchParams.get("since") || "", /^sse-retry:3:/, String(u));
+  const statuses = await page.evaluate(() => window.t.statuses);
+  assert.equal(statuses.at(-1), "fallback:sse");
+  await page.evaluate(() => window.t.client.close());
+  await page.close();
 });
 
 test("/ws/agent streaming shows chunks on the page and cancel stops them", async () => {

@@ -332,7 +332,7 @@ test("an SSE stream that drops is reopened from the last position", async () => 
   }
 });
 
-test("SSE that never opens moves to long-poll", async () => {
+test("SSE that never opens moves to long-poll after a backoff", async () => {
   mock.timers.enable({ apis: ["setTimeout"] });
   const polls = [];
   let answer;
@@ -346,6 +346,10 @@ test("SSE that never opens moves to long-poll", async () => {
     const got = [];
     c.subscribe("room", (m) => got.push(m));
     FakeWs.all[0].fail();
+    mock.timers.tick(30000);
+    await flush();
+    // SSE answered 404: one failed attempt on it, then the next transport after a backoff.
+    assert.equal(statuses.at(-1), "reconnecting");
     mock.timers.tick(30000);
     await flush();
     assert.equal(statuses.at(-1), "fallback:poll");
@@ -364,6 +368,89 @@ test("SSE that never opens moves to long-poll", async () => {
     await flush();
     assert.deepEqual(got.map((m) => m.data), ["p"]);
     assert.match(polls[1], /since=room:2:E/);
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("every transport is retried alike: fallbackAfter failures each, then the next, then over again", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const attempts = [];
+  const fetch = async (url) => {
+    attempts.push(new URL(url).pathname);
+    throw new TypeError("connection refused");
+  };
+  try {
+    const { c } = await client({ fetch, fallbackAfter: 2, transports: ["ws", "sse", "poll"] });
+    c.subscribe("room", () => {});
+    let seen = 0;
+    for (let i = 0; i < 7; i++) {
+      if (FakeWs.all.length > seen) {
+        attempts.push("ws");
+        seen = FakeWs.all.length;
+        FakeWs.all.at(-1).fail();
+      }
+      await flush();
+      mock.timers.tick(30000);
+      await flush();
+    }
+    assert.deepEqual(attempts.slice(0, 7), ["ws", "ws", "/sse", "/sse", "/poll", "/poll", "ws"]);
+    c.close();
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("an SSE stream whose reopening fails is retried with backoff from the last position", async () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const urls = [];
+  const streams = [];
+  let down = false;
+  const fetch = async (url) => {
+    urls.push(url);
+    if (down) throw new TypeError("connection refused");
+    const s = new SseBody();
+    streams.push(s);
+    return s.response();
+  };
+  try {
+    // No long-poll to move to: SSE must be tried again.
+    const { c, statuses } = await client({ fetch, fallbackAfter: 1, transports: ["ws", "sse"] });
+    const got = [];
+    c.subscribe("room", (m) => got.push(m));
+    FakeWs.all[0].fail();
+    mock.timers.tick(30000);
+    await flush();
+    streams[0].send({ type: "subscribed", topic: "room", seq: 4, epoch: "E" });
+    streams[0].send({ type: "message", topic: "room", seq: 5, data: "a" });
+    await flush();
+    // The server goes away: the stream ends and the next attempts are refused.
+    down = true;
+    streams[0].end();
+    for (let i = 0; i < 4; i++) {
+      await flush();
+      await flush();
+      for (const ws of FakeWs.all) if (!ws.closed) ws.fail();
+      mock.timers.tick(30000);
+    }
+    assert.ok(urls.filter((u) => u.includes("/sse?")).length >= 3, urls.join("\n"));
+    assert.equal(statuses.at(-1), "reconnecting");
+    down = false;
+    for (let i = 0; i < 4 && streams.length < 2; i++) {
+      for (const ws of FakeWs.all) if (!ws.closed) ws.fail();
+      mock.timers.tick(30000);
+      await flush();
+      await flush();
+    }
+    assert.equal(streams.length, 2, urls.join("\n"));
+    assert.match(urls.at(-1), /\/sse\?topics=room&since=room:5:E$/);
+    streams[1].send({ type: "subscribed", topic: "room", seq: 6, epoch: "E", recovered: true });
+    streams[1].send({ type: "message", topic: "room", seq: 6, data: "b" });
+    await flush();
+    await flush();
+    assert.equal(statuses.at(-1), "fallback:sse");
+    assert.deepEqual(got.map((m) => m.data), ["a", "b"]);
     c.close();
   } finally {
     mock.timers.reset();
