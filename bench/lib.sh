@@ -1,6 +1,6 @@
 # Shared by the bench scripts (`. "$(dirname "$0")/lib.sh"`): waiting for the server a script
-# started (its pid in $PID) and stopping it; the proxy benchmarks' nginx upstream. 127.0.0.1
-# only.
+# started (its pid in $PID) and stopping it; the proxy benchmarks' nginx upstream and the
+# locations of nginx as the proxy compared with ringgate. 127.0.0.1 only.
 
 # up NAME PORT [TRIES]: waits until 127.0.0.1:PORT accepts, TRIES × 0.1 s (default 50).
 up() {
@@ -49,6 +49,35 @@ http {
 EOF
     "$@" nginx -c "$dir/up/nginx.conf" -p "$dir/up" >"$dir/up/out.log" 2>&1 &
     NGINX=$!
+}
+
+# nginx_http_location: the `/h/` location of nginx as a proxy to the upstream block `h`
+# (keep-alive), streaming both ways (ringgate does not buffer bodies either). For a heredoc
+# of nginx.conf: `$(nginx_http_location)`.
+nginx_http_location() {
+    cat <<'EOF'
+        location /h/ {
+            proxy_pass http://h/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }
+EOF
+}
+
+# nginx_ws_location PATH UPSTREAM: a location proxying WebSocket upgrades on PATH to the URL
+# UPSTREAM (needs the `$connection_upgrade` map), idle for up to 600 s.
+nginx_ws_location() {
+    cat <<EOF
+        location = $1 {
+            proxy_pass $2;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_read_timeout 600s;
+        }
+EOF
 }
 
 # stop_nginx PID: an nginx master and its workers. A worker killed first is replaced by the

@@ -102,27 +102,9 @@ http {
         ssl_certificate_key $CERTS/key.pem;
         ssl_protocols TLSv1.3;
         client_max_body_size 0;
-        location = /echo {
-            proxy_pass http://127.0.0.1:$UPWS_PORT/ws/echo;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection \$connection_upgrade;
-            proxy_read_timeout 600s;
-        }
-        location = /tunnel {
-            proxy_pass http://127.0.0.1:$UPWS_PORT/ws/echo;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection \$connection_upgrade;
-            proxy_read_timeout 600s;
-        }
-        location /h/ {
-            proxy_pass http://h/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-        }
+$(nginx_ws_location /echo "http://127.0.0.1:$UPWS_PORT/ws/echo")
+$(nginx_ws_location /tunnel "http://127.0.0.1:$UPWS_PORT/ws/echo")
+$(nginx_http_location)
     }
 }
 EOF

@@ -57,13 +57,7 @@ http {
     server {
         listen 127.0.0.1:9204;
         client_max_body_size 0;
-        location /h/ {
-            proxy_pass http://h/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-        }
+$(nginx_http_location)
     }
 }
 EOF
