@@ -50,6 +50,7 @@ pub const HISTORY_BYTES: &str = "ringgate_history_bytes";
 pub const REDIS_UP: &str = "ringgate_redis_up";
 pub const REDIS_CONNECTS: &str = "ringgate_redis_connects_total";
 pub const REDIS_COMMANDS: &str = "ringgate_redis_commands_total";
+pub const REDIS_REDIRECT_LOOPS: &str = "ringgate_redis_redirect_loops_total";
 pub const CLUSTER_UNAVAILABLE: &str = "ringgate_cluster_unavailable_total";
 // ---- agent gateway ----
 pub const AGENT_UPSTREAM_REQUESTS: &str = "ringgate_agent_upstream_requests_total";
@@ -173,6 +174,10 @@ pub fn install(upkeep: Duration, shards: usize) -> Option<PrometheusHandle> {
     );
     describe_counter!(REDIS_CONNECTS, "Connections made to Redis, by shard.");
     describe_counter!(REDIS_COMMANDS, "Commands sent to Redis, by shard.");
+    describe_counter!(
+        REDIS_REDIRECT_LOOPS,
+        "Commands failed after following MAX_REDIRECTS MOVED/ASK redirections (an inconsistent Redis Cluster slot map), by shard."
+    );
     describe_counter!(
         CLUSTER_UNAVAILABLE,
         "Rooms requests answered `unavailable` because Redis was down or too slow."

@@ -33,6 +33,7 @@ both_backends!(
     sentinels_with_a_password_are_asked_with_sentinel_password,
     a_redis_cluster_carries_topics_of_every_master_in_one_order,
     a_slot_moved_to_another_master_keeps_publishing_and_fan_out,
+    a_redirect_loop_fails_its_commands_and_is_logged_once_per_slot,
     presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once,
     a_cluster_master_down_degrades_the_nodes_until_it_is_back,
     a_dead_node_with_many_members_is_swept_in_bounded_runs,
@@ -279,6 +280,16 @@ async fn api_post(server: &Server, path: &str, body: Value) -> (u16, Value) {
     (r.status, v)
 }
 
+/// `N` nodes, the `i`th made by `make(i)` (all started before any is waited for), once each
+/// is ready.
+async fn ready_nodes<const N: usize>(make: impl Fn(usize) -> Server) -> [Server; N] {
+    let nodes: [Server; N] = std::array::from_fn(make);
+    for n in &nodes {
+        ready_becomes(n, 200).await;
+    }
+    nodes
+}
+
 /// Polls `/readyz` until it answers `status` (the nodes' links change state on their own).
 async fn ready_becomes(server: &Server, status: u16) {
     let deadline = Instant::now() + PATIENCE;
@@ -365,14 +376,7 @@ async fn publishes_on_any_node_reach_every_node_in_one_order(backend: Backend) {
 
 async fn reconnecting_to_another_node_recovers_exactly_what_was_missed(backend: Backend) {
     let redis = Redis::start(false);
-    let (a, b, c) = (
-        node(backend, &redis.url()),
-        node(backend, &redis.url()),
-        node(backend, &redis.url()),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|_| node(backend, &redis.url())).await;
     let mut client = Client::connect(&a).await;
     let r = client.subscribe("feed", None).await;
     let epoch = r["epoch"].as_str().expect("epoch").to_string();
@@ -549,14 +553,7 @@ async fn a_password_is_sent_and_a_wrong_one_is_named(backend: Backend) {
 
 async fn a_node_killed_abruptly_does_not_disturb_the_others(backend: Backend) {
     let redis = Redis::start(false);
-    let (a, b, c) = (
-        node(backend, &redis.url()),
-        node(backend, &redis.url()),
-        node(backend, &redis.url()),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|_| node(backend, &redis.url())).await;
     let mut on_a = Client::connect(&a).await;
     on_a.subscribe("room", None).await;
     let mut on_b = Client::connect(&b).await;
@@ -600,14 +597,7 @@ async fn presence_lists_every_node_and_a_killed_node_s_members_leave_once(backen
     let redis = Redis::start(false);
     // Heartbeats every second or so; a node silent for 4 s loses its members.
     let ttl = "presence_ttl = 4";
-    let (a, b, c) = (
-        node_with(backend, &redis.url(), ttl, ""),
-        node_with(backend, &redis.url(), ttl, ""),
-        node_with(backend, &redis.url(), ttl, ""),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|_| node_with(backend, &redis.url(), ttl, "")).await;
     let topic = "lobby";
     let mut on_b = Client::connect(&b).await;
     on_b.subscribe(topic, None).await;
@@ -678,14 +668,11 @@ async fn volatile_and_traced_messages_cross_nodes_without_touching_seq_or_histor
     backend: Backend,
 ) {
     let redis = Redis::start(false);
-    let (a, b, c) = (
-        node_debug(backend, &redis.url()),
-        node_debug(backend, &redis.url()),
-        node(backend, &redis.url()),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|i| match i {
+        2 => node(backend, &redis.url()),
+        _ => node_debug(backend, &redis.url()),
+    })
+    .await;
     let mut sub = Client::connect(&b).await;
     let r = sub.subscribe("chat", None).await;
     let epoch = r["epoch"].as_str().expect("epoch").to_string();
@@ -786,14 +773,7 @@ async fn volatile_and_traced_messages_cross_nodes_without_touching_seq_or_histor
 async fn binary_topics_cross_nodes_byte_exact_with_recovery(backend: Backend) {
     let redis = Redis::start(false);
     let binary = "[[rooms.topic]]\nprefix = \"doc.\"\nbinary = true\n";
-    let (a, b, c) = (
-        node_with(backend, &redis.url(), "", binary),
-        node_with(backend, &redis.url(), "", binary),
-        node_with(backend, &redis.url(), "", binary),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|_| node_with(backend, &redis.url(), "", binary)).await;
     let topic = "doc.1";
     let mut sub = Client::connect(&b).await;
     let r = sub.subscribe(topic, None).await;
@@ -874,14 +854,7 @@ async fn conflation_holds_back_each_receiving_node(backend: Backend) {
 async fn user_messages_and_disconnects_reach_every_node(backend: Backend) {
     let redis = Redis::start(false);
     let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\nanonymous_channels = [\"*\"]\n");
-    let (a, b, c) = (
-        node_with(backend, &redis.url(), "", &auth),
-        node_with(backend, &redis.url(), "", &auth),
-        node_with(backend, &redis.url(), "", &auth),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|_| node_with(backend, &redis.url(), "", &auth)).await;
     let alice_token = user_token("alice");
     let mut alice = [
         Client::connect_with_token(&a, &alice_token).await,
@@ -980,12 +953,7 @@ async fn tls_to_redis_trusts_the_ca_file_and_names_an_untrusted_server(backend: 
     let _redis = Redis::start_with(port, false, &words(&tls));
     let url = format!("rediss://127.0.0.1:{tls_port}");
     let ca = format!("redis_ca_file = \"{}\"", path("ca.pem"));
-    let (a, b) = (
-        node_with(backend, &url, &ca, ""),
-        node_with(backend, &url, &ca, ""),
-    );
-    ready_becomes(&a, 200).await;
-    ready_becomes(&b, 200).await;
+    let [a, b] = ready_nodes(|_| node_with(backend, &url, &ca, "")).await;
     delivers(&a, &b, "secure").await;
     // Without the CA the server's certificate is not trusted: degraded, and the log says why.
     let untrusted = node(backend, &url);
@@ -1128,14 +1096,7 @@ fn topic_per_master(cluster: &RedisCluster) -> Vec<String> {
 
 async fn a_redis_cluster_carries_topics_of_every_master_in_one_order(backend: Backend) {
     let cluster = RedisCluster::start();
-    let (a, b, c) = (
-        node(backend, &cluster.url()),
-        node(backend, &cluster.url()),
-        node(backend, &cluster.url()),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|_| node(backend, &cluster.url())).await;
     let topics = topic_per_master(&cluster);
     let mut on_b = Client::connect(&b).await;
     let mut on_c = Client::connect(&c).await;
@@ -1199,10 +1160,7 @@ async fn a_redis_cluster_carries_topics_of_every_master_in_one_order(backend: Ba
 
 async fn a_slot_moved_to_another_master_keeps_publishing_and_fan_out(backend: Backend) {
     let cluster = RedisCluster::start();
-    let (a, b) = (node(backend, &cluster.url()), node(backend, &cluster.url()));
-    for n in [&a, &b] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b] = ready_nodes(|_| node(backend, &cluster.url())).await;
     let topic = "moving";
     let keys: Vec<String> = ["s", "h", "p", "n"]
         .iter()
@@ -1263,17 +1221,50 @@ async fn a_slot_moved_to_another_master_keeps_publishing_and_fan_out(backend: Ba
     );
 }
 
+async fn a_redirect_loop_fails_its_commands_and_is_logged_once_per_slot(backend: Backend) {
+    let cluster = RedisCluster::start();
+    let [a] = ready_nodes(|_| node(backend, &cluster.url())).await;
+    // A topic nothing was written to, so its master may give its slot away; then two
+    // masters each answer MOVED towards the other for it.
+    let topic = "looping";
+    let slot = cluster.slot(&format!("ringgate:{{{topic}}}:s"));
+    let owner = RedisCluster::master_of(slot);
+    cluster.redirect_loop(slot, owner, (owner + 1) % 3);
+    for i in 1..=2 {
+        let (status, v) = within(
+            "a publish to a looping slot",
+            api_publish(&a, topic, json!(i)),
+        )
+        .await;
+        assert_eq!(
+            (status, &v["code"]),
+            (503, &json!("unavailable")),
+            "{v}; log:\n{}",
+            a.log()
+        );
+    }
+    assert_eq!(
+        rooms::metric_sum(&a, "ringgate_redis_redirect_loops_total").await,
+        2.0
+    );
+    // The link stayed up: every other slot is served.
+    for t in topic_per_master(&cluster) {
+        let (status, v) = api_publish(&a, &t, json!("still")).await;
+        assert_eq!(status, 200, "{t}: {v}");
+    }
+    let log = a.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("redirect loop"))
+        .collect();
+    assert_eq!(lines.len(), 1, "logged once per slot:\n{log}");
+    assert!(lines[0].contains(&format!("slot={slot}")), "{}", lines[0]);
+}
+
 async fn presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once(backend: Backend) {
     let cluster = RedisCluster::start();
     let ttl = "presence_ttl = 4";
-    let (a, b, c) = (
-        node_with(backend, &cluster.url(), ttl, ""),
-        node_with(backend, &cluster.url(), ttl, ""),
-        node_with(backend, &cluster.url(), ttl, ""),
-    );
-    for n in [&a, &b, &c] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b, c] = ready_nodes(|_| node_with(backend, &cluster.url(), ttl, "")).await;
     // Two topics on two masters: each is heartbeated and swept on its own.
     let topics = topic_per_master(&cluster);
     let topics = &topics[..2];
@@ -1338,10 +1329,7 @@ async fn presence_crosses_a_redis_cluster_and_a_killed_node_s_members_leave_once
 
 async fn a_cluster_master_down_degrades_the_nodes_until_it_is_back(backend: Backend) {
     let mut cluster = RedisCluster::start();
-    let (a, b) = (node(backend, &cluster.url()), node(backend, &cluster.url()));
-    for n in [&a, &b] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b] = ready_nodes(|_| node(backend, &cluster.url())).await;
     let topics = topic_per_master(&cluster);
     let mut on_b = Client::connect(&b).await;
     on_b.subscribe(&topics[0], None).await;
@@ -1438,12 +1426,7 @@ async fn tls_to_the_sentinels_and_the_master_with_rediss_sentinel(backend: Backe
     let sentinel = Sentinel::start("main", master_tls, &more);
     let ca = format!("redis_ca_file = \"{}\"", path("ca.pem"));
     let url = format!("rediss+sentinel://127.0.0.1:{sentinel_tls}/main");
-    let (a, b) = (
-        node_with(backend, &url, &ca, ""),
-        node_with(backend, &url, &ca, ""),
-    );
-    ready_becomes(&a, 200).await;
-    ready_becomes(&b, 200).await;
+    let [a, b] = ready_nodes(|_| node_with(backend, &url, &ca, "")).await;
     delivers(&a, &b, "secure").await;
     // TLS to the sentinel's plain port fails the handshake: not ready, and the log says so.
     let plain = format!("rediss+sentinel://127.0.0.1:{}/main", sentinel.port);
@@ -1454,10 +1437,7 @@ async fn tls_to_the_sentinels_and_the_master_with_rediss_sentinel(backend: Backe
 
 async fn writes_lost_behind_a_node_s_mirror_start_a_new_epoch(backend: Backend) {
     let redis = Redis::start(false);
-    let (a, b) = (node(backend, &redis.url()), node(backend, &redis.url()));
-    for n in [&a, &b] {
-        ready_becomes(n, 200).await;
-    }
+    let [a, b] = ready_nodes(|_| node(backend, &redis.url())).await;
     let mut on_b = Client::connect(&b).await;
     let r = on_b.subscribe("feed", None).await;
     let epoch = r["epoch"].as_str().expect("epoch").to_string();

@@ -5,7 +5,9 @@
 //! On a Redis Cluster the link is one connection per master, and a router: it reads the slot
 //! map, sends each command to its slot's master, follows `MOVED` (the slot lives elsewhere
 //! now: the map is updated and the command sent there) and `ASK` (the slot is moving: this
-//! command goes there once, after `ASKING`). Any connection failing is the link failing: every
+//! command goes there once, after `ASKING`), at most [`MAX_REDIRECTS`] times per command: a
+//! command still redirected then is in a loop (masters whose slot maps disagree) and is
+//! answered with an error, logged once per slot. Any connection failing is the link failing: every
 //! connection is dropped and the whole link made again from a fresh map, so the hub sees one
 //! link, up or down, as with one Redis.
 
@@ -22,7 +24,7 @@ use bytes::Bytes;
 
 use super::config::{host_of, ClusterConfig, Endpoint, RedisTarget};
 use super::resp::{self, Value};
-use super::slots::{self, Redirect, SlotMap};
+use super::slots::{self, Redirect, SlotMap, SlotSet, MAX_REDIRECTS};
 use super::{Command, Event, SCRIPTS};
 use crate::io::{tls, Backend, Stream};
 use crate::metrics as m;
@@ -534,6 +536,8 @@ impl ClusterLink<'_> {
         let sent = ::metrics::counter!(m::REDIS_COMMANDS, "shard" => self.label.to_string());
         let mut delay = FIRST_DELAY;
         let mut was_up = true;
+        // Slots whose redirect loop was logged: once each for the life of the link.
+        let mut looped = SlotSet::default();
         loop {
             let made = tokio::time::timeout(self.cfg.connect_timeout(), self.connect())
                 .await
@@ -594,7 +598,7 @@ impl ClusterLink<'_> {
                     },
                     e = heard.recv() => match e {
                         Some((_, FromMaster::Heard(h))) => {
-                            if let Err(why) = self.heard(h, &mut map, &to, on) {
+                            if let Err(why) = self.heard(h, &mut map, &to, &mut looped, on) {
                                 break why;
                             }
                         }
@@ -630,9 +634,10 @@ impl ClusterLink<'_> {
         h: Heard,
         map: &mut SlotMap,
         to: &[mpsc::UnboundedSender<Command>],
+        looped: &mut SlotSet,
         on: &impl Fn(Event),
     ) -> Result<(), (String, Vec<Command>)> {
-        let (c, v) = match h {
+        let (mut c, v) = match h {
             Heard::Answer(c, v) => (c, v),
             Heard::Message { channel, payload } => {
                 on(Event::Message { channel, payload });
@@ -647,6 +652,13 @@ impl ClusterLink<'_> {
             Value::Error(e) => slots::redirect(e),
             _ => None,
         };
+        if let Some(Redirect::Moved { slot, .. } | Redirect::Ask { slot, .. }) = redirect {
+            if c.redirects >= MAX_REDIRECTS {
+                self.redirect_loop(c, slot, &v, looped, on);
+                return Ok(());
+            }
+            c.redirects += 1;
+        }
         match redirect {
             None => answered(on, c, v),
             Some(Redirect::Moved { slot, addr }) => {
@@ -675,12 +687,45 @@ impl ClusterLink<'_> {
                     tag: None,
                     bytes: asking,
                     slot,
+                    redirects: 0,
                 };
                 send(to, master, asking)?;
                 send(to, master, c)?;
             }
         }
         Ok(())
+    }
+
+    /// `c` was redirected [`MAX_REDIRECTS`] times and is redirected again (`answer`): it fails
+    /// with a defined error instead of circling; the link stays up for the other slots.
+    fn redirect_loop(
+        &self,
+        c: Command,
+        slot: u16,
+        answer: &Value,
+        looped: &mut SlotSet,
+        on: &impl Fn(Event),
+    ) {
+        ::metrics::counter!(m::REDIS_REDIRECT_LOOPS, "shard" => self.label.to_string())
+            .increment(1);
+        let said = match answer {
+            Value::Error(e) => e.as_str(),
+            _ => "",
+        };
+        let why = format!(
+            "slot {slot}: still redirected after {MAX_REDIRECTS} redirections (last: {said}); \
+             the cluster's masters disagree on who serves it"
+        );
+        if looped.insert(slot) {
+            tracing::warn!(
+                shard = self.shard,
+                slot,
+                "Redis Cluster redirect loop: {why}"
+            );
+        }
+        if let Some(tag) = c.tag {
+            on(Event::Reply(tag, Err(why)));
+        }
     }
 
     /// The slot map, from the first seed that answers, and a connection to every master.
@@ -736,6 +781,7 @@ mod tests {
                 tag,
                 bytes,
                 slot: 0,
+                redirects: 0,
             },
             at: Instant::now(),
         }

@@ -48,6 +48,8 @@ pub struct Command {
     /// The hash slot of its keys (or channel): on Redis Cluster, it goes to that slot's
     /// master.
     pub slot: u16,
+    /// `MOVED` and `ASK` redirections it followed (bounded by [`slots::MAX_REDIRECTS`]).
+    pub redirects: u8,
 }
 
 /// Names a command's answer for the hub.

@@ -118,6 +118,31 @@ impl SlotMap {
     }
 }
 
+/// Redirections one command may follow, as redis-cli and redis-rs bound theirs. A command
+/// redirected more often is in a loop (masters whose slot maps disagree, each naming the
+/// other as the slot's owner) and fails rather than circling for ever.
+pub const MAX_REDIRECTS: u8 = 5;
+
+/// A set of slots, a bit each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSet(Vec<u64>);
+
+impl Default for SlotSet {
+    fn default() -> Self {
+        SlotSet(vec![0; usize::from(SLOTS) / 64])
+    }
+}
+
+impl SlotSet {
+    /// Adds `slot`; true when it was not in the set yet.
+    pub fn insert(&mut self, slot: u16) -> bool {
+        let (word, bit) = (usize::from(slot % SLOTS) / 64, slot % 64);
+        let fresh = self.0[word] & (1 << bit) == 0;
+        self.0[word] |= 1 << bit;
+        fresh
+    }
+}
+
 /// A master's answer that the command belongs elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Redirect {
@@ -212,6 +237,16 @@ mod tests {
         }
         let e = SlotMap::from_slots(&Value::Error("ERR no cluster".into()), "a:1");
         assert!(e.expect_err("refused").contains("refused"));
+    }
+
+    #[test]
+    fn a_slot_set_says_once_that_a_slot_is_new() {
+        let mut set = SlotSet::default();
+        for slot in [0, 63, 64, SLOTS - 1] {
+            assert!(set.insert(slot), "{slot}");
+            assert!(!set.insert(slot), "{slot}");
+        }
+        assert!(set.insert(1));
     }
 
     #[test]

@@ -117,7 +117,12 @@ impl Cluster {
     /// Queues a command for the keys (or channel) of `slot`.
     fn send(&mut self, tag: Option<Tag>, slot: u16, bytes: Vec<u8>) {
         self.in_flight += usize::from(tag.is_some());
-        self.out.push_back(Command { tag, bytes, slot });
+        self.out.push_back(Command {
+            tag,
+            bytes,
+            slot,
+            redirects: 0,
+        });
     }
 
     /// Follows `topic` and reads it; `seen` is the epoch and seq of its mirror, if any.
@@ -946,16 +951,25 @@ mod tests {
     use crate::rooms::tests::{conn, drain};
     use crate::ws::deflate;
 
-    fn hub() -> Hub {
+    /// A one-shard hub on Redis configured by `cluster`.
+    fn hub_with(rooms: RoomsConfig, cluster: &ClusterConfig) -> Hub {
         let tuning = deflate::Tuning {
             level: 1,
             threshold: 64,
         };
-        let rooms = RoomsConfig {
+        Hub::new(0, 1, rooms, tuning, 1 << 20, 7).with_redis(cluster)
+    }
+
+    /// Without presence events, which most tests do not look at.
+    fn quiet() -> RoomsConfig {
+        RoomsConfig {
             presence_events: false,
             ..RoomsConfig::default()
-        };
-        Hub::new(0, 1, rooms, tuning, 1 << 20, 7).with_redis(&ClusterConfig::default())
+        }
+    }
+
+    fn hub() -> Hub {
+        hub_with(quiet(), &ClusterConfig::default())
     }
 
     fn now() -> Now {
@@ -1080,19 +1094,11 @@ mod tests {
 
     #[test]
     fn on_a_redis_cluster_a_topic_whose_subscription_ended_is_followed_again() {
-        let tuning = deflate::Tuning {
-            level: 1,
-            threshold: 64,
-        };
-        let rooms = RoomsConfig {
-            presence_events: false,
-            ..RoomsConfig::default()
-        };
         let cluster = ClusterConfig {
             redis_url: "redis+cluster://127.0.0.1:7000".into(),
             ..ClusterConfig::default()
         };
-        let mut hub = Hub::new(0, 1, rooms, tuning, 1 << 20, 7).with_redis(&cluster);
+        let mut hub = hub_with(quiet(), &cluster);
         hub.handle_cluster(now(), Event::Up);
         let cmds = sent(&mut hub);
         assert!(
@@ -1159,16 +1165,11 @@ mod tests {
 
     #[test]
     fn past_max_pending_publishes_are_refused_until_answers_come() {
-        let tuning = deflate::Tuning {
-            level: 1,
-            threshold: 64,
-        };
         let cluster = ClusterConfig {
             max_pending: 2,
             ..ClusterConfig::default()
         };
-        let mut hub =
-            Hub::new(0, 1, RoomsConfig::default(), tuning, 1 << 20, 7).with_redis(&cluster);
+        let mut hub = hub_with(RoomsConfig::default(), &cluster);
         up(&mut hub);
         let mut answers: Vec<_> = (0..3)
             .map(|_| {
@@ -1255,12 +1256,7 @@ mod tests {
 
     #[test]
     fn presence_mirrors_every_owner_and_rewrites_what_redis_missed() {
-        let tuning = deflate::Tuning {
-            level: 1,
-            threshold: 64,
-        };
-        let mut hub = Hub::new(0, 1, RoomsConfig::default(), tuning, 1 << 20, 7)
-            .with_redis(&ClusterConfig::default());
+        let mut hub = hub_with(RoomsConfig::default(), &ClusterConfig::default());
         let owner = hub
             .cluster
             .as_ref()

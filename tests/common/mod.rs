@@ -1192,6 +1192,19 @@ impl RedisCluster {
     }
 }
 
+impl RedisCluster {
+    /// Makes masters `a` and `b` each name the other as `slot`'s owner (`CLUSTER SETSLOT
+    /// NODE` on both, while the slot holds no key): neither claims it, gossip leaves both
+    /// views alone, and a command for the slot is answered `MOVED` by each towards the other.
+    pub fn redirect_loop(&self, slot: u16, a: usize, b: usize) {
+        let s = slot.to_string();
+        for (on, to) in [(a, b), (b, a)] {
+            let r = self.masters[on].command(&["CLUSTER", "SETSLOT", &s, "NODE", &self.ids[to]]);
+            assert_eq!(r.as_deref(), Some("+OK"), "SETSLOT NODE");
+        }
+    }
+}
+
 /// A real Redis Sentinel (`redis-server CONF --sentinel`) on 127.0.0.1 watching the master
 /// `name` at `master_port` (quorum 1, down after 500 ms), with the more lines `more` of
 /// sentinel.conf; killed on drop.
