@@ -1743,18 +1743,25 @@ mod tests {
         assert_eq!(replay, [1, 2]);
     }
 
+    /// Connection 1, subscribed to `t` with two 300-byte messages queued: more than half of the
+    /// hub's limit (set to 1000 bytes) behind.
+    fn subscriber_behind(hub: &mut Hub, t0: Instant) -> Rc<RoomConn> {
+        hub.limit = 1000;
+        let c = conn(hub, 1);
+        hub.subscribe(at(t0, 0.0), &c, "t", None, None, None);
+        drain(&c);
+        let big = format!("\"{}\"", "x".repeat(300));
+        publish(hub, at(t0, 0.0), "t", &big);
+        publish(hub, at(t0, 0.0), "t", &big);
+        assert!(c.entry.mailbox.backlog() > 500);
+        c
+    }
+
     #[test]
     fn volatile_messages_are_dropped_first_for_a_connection_behind() {
         let t0 = Instant::now();
         let mut hub = hub_with(1, quiet(Vec::new()));
-        hub.limit = 1000;
-        let c = conn(&mut hub, 1);
-        hub.subscribe(at(t0, 0.0), &c, "t", None, None, None);
-        drain(&c);
-        let big = format!("\"{}\"", "x".repeat(300));
-        publish(&mut hub, at(t0, 0.0), "t", &big);
-        publish(&mut hub, at(t0, 0.0), "t", &big);
-        assert!(c.entry.mailbox.backlog() > 500);
+        let c = subscriber_behind(&mut hub, t0);
         publish_with(&mut hub, at(t0, 0.0), "t", "1", volatile());
         assert!(
             !c.entry.close_requested(),
@@ -1767,6 +1774,22 @@ mod tests {
             [1, 2, 3],
             "the volatile one was dropped, the rest kept"
         );
+    }
+
+    #[test]
+    fn join_and_leave_are_never_dropped_for_a_connection_behind() {
+        // PROTOCOL.md: each `join` and `leave` reaches the other subscribers exactly once.
+        // They take no seq and are never replayed, so unlike volatile messages they are
+        // queued however far behind a subscriber is.
+        let t0 = Instant::now();
+        let mut hub = hub(100);
+        let c = subscriber_behind(&mut hub, t0);
+        let d = conn(&mut hub, 2);
+        hub.subscribe(at(t0, 0.0), &d, "t", None, None, None);
+        hub.unsubscribe(at(t0, 0.0), &d, "t");
+        assert!(!c.entry.close_requested());
+        let got: Vec<_> = drain(&c).iter().map(|m| m["type"].clone()).collect();
+        assert_eq!(got, ["message", "message", "join", "leave"]);
     }
 
     #[test]
