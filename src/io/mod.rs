@@ -7,6 +7,7 @@
 mod backend;
 pub mod client;
 pub mod handover;
+mod http2;
 pub mod listen;
 mod server_tls;
 mod stream;
@@ -25,4 +26,5 @@ impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
 }
 
 pub use backend::{block_on, probe_uring, Backend, Listener};
+pub use http2::RequestBody;
 pub use stream::{connect, Stream};
