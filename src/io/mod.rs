@@ -14,8 +14,8 @@ mod stream;
 pub mod tls;
 mod uring;
 
-/// Runs hyper's background tasks (HTTP/2 streams) on the current shard: they need not be
-/// `Send`, and a shard never hands work to another thread.
+/// Runs hyper's background tasks (the upstream HTTP/2 client's connections) on the current
+/// shard: they need not be `Send`, and a shard never hands work to another thread.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalExec;
 
