@@ -10,7 +10,8 @@
 # (examples/h2_echo.rs echoes max(N/10, 1000) warm-up messages before its N); the difference
 # of the two totals over the difference of the messages cancels start-up and handshakes.
 # Env: BIN (target/release), EX (BIN/examples), CERTS (a directory for `ringgate dev-cert`),
-# SHORT (3000), LONG (11000), MODES ("h1:100 h2:1", mode:connections). Targets 127.0.0.1 only.
+# SHORT (3000), LONG (11000), MODES ("h1:100 h2:1", mode:connections), PORT (8444). Targets
+# 127.0.0.1 only.
 set -u
 . "$(dirname "$0")/lib.sh"
 BIN=${BIN:-target/release}
@@ -20,7 +21,7 @@ CERTS=${CERTS:-/tmp/ringgate-bench-certs}
 SHORT=${SHORT:-3000}
 LONG=${LONG:-11000}
 MODES=${MODES:-h1:100 h2:1}
-PORT=8444
+PORT=${PORT:-8444}
 WORK=$(mktemp -d /tmp/ringgate-h2-callgrind.XXXXXX)
 
 [ -f "$CERTS/ca.pem" ] || "$BIN/ringgate" dev-cert "$CERTS" >&2 || exit 1

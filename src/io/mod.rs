@@ -7,14 +7,15 @@
 mod backend;
 pub mod client;
 pub mod handover;
+mod http2;
 pub mod listen;
 mod server_tls;
 mod stream;
 pub mod tls;
 mod uring;
 
-/// Runs hyper's background tasks (HTTP/2 streams) on the current shard: they need not be
-/// `Send`, and a shard never hands work to another thread.
+/// Runs hyper's background tasks (the upstream HTTP/2 client's connections) on the current
+/// shard: they need not be `Send`, and a shard never hands work to another thread.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalExec;
 
@@ -25,4 +26,5 @@ impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
 }
 
 pub use backend::{block_on, probe_uring, Backend, Listener};
+pub use http2::RequestBody;
 pub use stream::{connect, Stream};

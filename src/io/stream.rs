@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::backend::{connect_tcp, UringStream};
+use super::http2::H2Stream;
 use super::server_tls::ServerTls;
 use super::Backend;
 use crate::error::{Phase, UpstreamError};
@@ -48,9 +49,9 @@ enum Inner {
     // state in its size. The server side holds no TLS buffer while idle (`server_tls`).
     TlsServer(Box<ServerTls>),
     TlsClient(Box<tokio_rustls::client::TlsStream<Stream>>),
-    // One stream of an HTTP/2 connection (a WebSocket over RFC 8441): its bytes travel through
-    // hyper's HTTP/2 connection, which its own task drives.
-    H2(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
+    // One stream of an HTTP/2 connection (a WebSocket over RFC 8441): its bytes go through the
+    // h2 connection, which the connection's task drives (`super::http2`).
+    H2(Box<H2Stream>),
     // Bytes already read from the stream (looking for the HTTP/2 preface on an h2c listener),
     // read again before the stream's own.
     Prefixed(Box<(bytes::Bytes, Stream)>),
@@ -65,9 +66,10 @@ impl Stream {
         Stream(Inner::Uring(s))
     }
 
-    /// An HTTP/2 stream hyper handed over after answering an extended CONNECT (RFC 8441).
-    pub fn h2(upgraded: hyper::upgrade::Upgraded) -> Stream {
-        Stream(Inner::H2(Box::new(hyper_util::rt::TokioIo::new(upgraded))))
+    /// An HTTP/2 stream whose extended CONNECT (RFC 8441) was answered with 200: its two
+    /// halves, as `h2` serves them.
+    pub fn h2(send: h2::SendStream<bytes::Bytes>, recv: h2::RecvStream) -> Stream {
+        Stream(Inner::H2(Box::new(H2Stream::new(send, recv))))
     }
 
     /// This stream with `read` put back in front of what is still to come.
@@ -167,8 +169,8 @@ async fn connect_now(
 }
 
 /// Runs `$e` with `$s` bound to the stream of whichever variant `$inner` is, as an
-/// `AsyncRead + AsyncWrite` (the io_uring and the TLS server ones through their own methods,
-/// `$ue` with `$u`).
+/// `AsyncRead + AsyncWrite` (the io_uring, the TLS server and the HTTP/2 ones through their
+/// own methods, `$ue` with `$u`).
 macro_rules! each {
     ($inner:expr, $s:ident => $e:expr, $u:ident => $ue:expr) => {
         match $inner {
@@ -176,7 +178,7 @@ macro_rules! each {
             Inner::Uring($u) => $ue,
             Inner::TlsServer($u) => $ue,
             Inner::TlsClient($s) => $e,
-            Inner::H2($s) => $e,
+            Inner::H2($u) => $ue,
             Inner::Prefixed(p) => {
                 let $s = &mut p.1;
                 $e
@@ -231,7 +233,7 @@ impl AsyncWrite for Stream {
             Inner::Tcp(s) => s.is_write_vectored(),
             Inner::TlsServer(_) => true,
             Inner::TlsClient(s) => s.is_write_vectored(),
-            Inner::H2(s) => s.is_write_vectored(),
+            Inner::H2(_) => true,
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

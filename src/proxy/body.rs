@@ -128,7 +128,7 @@ pub enum ReqBody {
 
 pub struct Upload {
     pub metrics: Rc<super::RouteMetrics>,
-    pub inner: Incoming,
+    pub inner: crate::io::RequestBody,
     /// 0: no limit.
     pub limit: u64,
     pub seen: u64,
@@ -167,7 +167,7 @@ impl HttpBody for ReqBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 u.fault.set(Some(ClientFault::Gone));
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {

@@ -10,6 +10,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 
+use crate::io::RequestBody;
+
 use super::body::{Body, ClientFault, IdleTimer, Relay, ReqBody, Upload};
 use super::upstream::Lease;
 use super::{balance, headers, Client, Failure, RouteState};
@@ -43,7 +45,7 @@ fn idempotent(m: &Method) -> bool {
 /// that names what failed (502, 503, 504, 413, 408).
 pub async fn forward(
     route: Rc<RouteState>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     client: Client,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -123,7 +125,7 @@ type Attempt = Result<(Response<Body>, Option<String>), (Failure, Option<String>
 async fn exchange(
     route: &Rc<RouteState>,
     parts: &mut http::request::Parts,
-    body: Incoming,
+    body: crate::io::RequestBody,
     client: &Client,
     request_id: &str,
 ) -> Attempt {

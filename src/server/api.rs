@@ -3,10 +3,10 @@
 
 use std::rc::Rc;
 
+use crate::io::RequestBody;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use super::http::Body;
 use crate::rooms::proto::json_str;
@@ -17,7 +17,7 @@ use crate::server::shard::Shard;
 type ApiResult = Result<Response<Body>, Refusal>;
 
 /// Answers one `/api/*` request.
-pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
+pub async fn serve(shard: Rc<Shard>, req: Request<RequestBody>) -> Response<Body> {
     let res = match authorize(&shard, &req) {
         Err(e) => Err(e),
         Ok(()) => route(&shard, req).await,
@@ -34,7 +34,7 @@ pub async fn serve(shard: Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
     })
 }
 
-async fn route(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+async fn route(shard: &Shard, req: Request<RequestBody>) -> ApiResult {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/api/publish") => publish(shard, req).await,
         (&Method::POST, "/api/disconnect") => disconnect(shard, req).await,
@@ -72,7 +72,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 /// Every `/api/*` request shows the key when one is configured (the router serves `/api/*`
 /// without a key only on the admin surface).
-fn authorize(shard: &Shard, req: &Request<Incoming>) -> Result<(), Refusal> {
+fn authorize(shard: &Shard, req: &Request<RequestBody>) -> Result<(), Refusal> {
     let Some(key) = shard.global.config.rooms.api_key.as_deref() else {
         return Ok(());
     };
@@ -132,7 +132,7 @@ enum To<'a> {
     User(&'a str),
 }
 
-async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+async fn publish(shard: &Shard, req: Request<RequestBody>) -> ApiResult {
     let cfg = &shard.global.config.rooms;
     let obj = json_object(shard, req.into_body()).await?;
     let topic = match obj.get("topic") {
@@ -239,7 +239,7 @@ async fn publish(shard: &Shard, req: Request<Incoming>) -> ApiResult {
 }
 
 /// `POST /api/disconnect`: closes every connection of a user, on every shard, with a code.
-async fn disconnect(shard: &Shard, req: Request<Incoming>) -> ApiResult {
+async fn disconnect(shard: &Shard, req: Request<RequestBody>) -> ApiResult {
     let obj = json_object(shard, req.into_body()).await?;
     let user = user_of(&obj)?.ok_or_else(|| Refusal::bad("missing_field", "user is required"))?;
     let code = match obj.get("code") {
@@ -265,7 +265,7 @@ async fn disconnect(shard: &Shard, req: Request<Incoming>) -> ApiResult {
 }
 
 /// The query parameters of `req`, decoded.
-fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+fn query(req: &Request<RequestBody>) -> Vec<(String, String)> {
     form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
         .into_owned()
         .collect()
@@ -288,7 +288,7 @@ fn number(q: &[(String, String)], key: &str) -> Result<Option<u64>, Refusal> {
         .transpose()
 }
 
-async fn presence(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
+async fn presence(shard: &Shard, req: &Request<RequestBody>) -> ApiResult {
     let q = query(req);
     let topic = check_topic(shard, param(&q, "topic"))?;
     let answer = ask(shard, topic, |reply| HubMsg::Presence {
@@ -299,7 +299,7 @@ async fn presence(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
     Ok(json(StatusCode::OK, answer))
 }
 
-async fn history(shard: &Shard, req: &Request<Incoming>) -> ApiResult {
+async fn history(shard: &Shard, req: &Request<RequestBody>) -> ApiResult {
     let q = query(req);
     let topic = check_topic(shard, param(&q, "topic"))?;
     let since = number(&q, "since")?.unwrap_or(0);

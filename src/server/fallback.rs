@@ -17,10 +17,11 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::io::RequestBody;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 
 use super::http::Body;
 use crate::auth::{self, Identity, TopicAction, ANONYMOUS};
@@ -386,7 +387,7 @@ pub fn handles(path: &str) -> bool {
 pub async fn serve(
     shard: Rc<Shard>,
     remote: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<AnyBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/sse") => sse(&shard, remote, &req),
@@ -409,7 +410,7 @@ pub async fn serve(
 
 // ---- /sse ----------------------------------------------------------------------------------
 
-fn sse(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<Incoming>) -> Response<AnyBody> {
+fn sse(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<RequestBody>) -> Response<AnyBody> {
     let ask = match parse_ask(shard, req.uri(), req.headers()).and_then(|a| {
         let slot = admit(shard)?;
         Ok((a, slot))
@@ -554,7 +555,7 @@ impl hyper::body::Body for AnyBody {
 
 // ---- /poll ---------------------------------------------------------------------------------
 
-async fn poll(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<Incoming>) -> Response<Body> {
+async fn poll(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<RequestBody>) -> Response<Body> {
     counter!(POLL_REQUESTS).increment(1);
     match poll_inner(shard, remote, req).await {
         Ok(r) => r,
@@ -565,7 +566,7 @@ async fn poll(shard: &Rc<Shard>, remote: SocketAddr, req: &Request<Incoming>) ->
 async fn poll_inner(
     shard: &Rc<Shard>,
     remote: SocketAddr,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
 ) -> Result<Response<Body>, Refusal> {
     let ask = parse_ask(shard, req.uri(), req.headers())?;
     let timeout = match raw_param(req.uri().query().unwrap_or(""), "timeout") {
@@ -653,7 +654,11 @@ fn memchr_false(m: &[u8]) -> bool {
 
 // ---- /publish ------------------------------------------------------------------------------
 
-async fn publish(shard: &Rc<Shard>, remote: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn publish(
+    shard: &Rc<Shard>,
+    remote: SocketAddr,
+    req: Request<RequestBody>,
+) -> Response<Body> {
     match publish_inner(shard, remote, req).await {
         Ok(r) => {
             counter!(HTTP_PUBLISHES, "result" => "ok").increment(1);
@@ -671,7 +676,7 @@ async fn publish(shard: &Rc<Shard>, remote: SocketAddr, req: Request<Incoming>) 
 async fn publish_inner(
     shard: &Rc<Shard>,
     remote: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, Refusal> {
     let identity = identify(shard, req.uri(), req.headers())?;
     // Before the body is read: a flood costs a lookup, not a parse.
@@ -772,14 +777,17 @@ async fn publish_inner(
 
 /// `GET /presence?topic=T`, `GET /history?topic=T&since=S&limit=L`: the `/ws` requests with the
 /// client's token (the `/api/*` versions are for backends).
-async fn read(shard: &Rc<Shard>, req: &Request<Incoming>) -> Response<Body> {
+async fn read(shard: &Rc<Shard>, req: &Request<RequestBody>) -> Response<Body> {
     match read_inner(shard, req).await {
         Ok(r) => r,
         Err(e) => error_response(e),
     }
 }
 
-async fn read_inner(shard: &Rc<Shard>, req: &Request<Incoming>) -> Result<Response<Body>, Refusal> {
+async fn read_inner(
+    shard: &Rc<Shard>,
+    req: &Request<RequestBody>,
+) -> Result<Response<Body>, Refusal> {
     let identity = identify(shard, req.uri(), req.headers())?;
     let cfg = &shard.global.config.rooms;
     let q: Vec<(String, String)> =

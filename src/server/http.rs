@@ -6,11 +6,11 @@
 //! written the 101 and returned (`poll_without_shutdown`), we take the socket and any bytes
 //! already read back with `into_parts` and run the session on the same task.
 //!
-//! HTTP/2 (ALPN `h2`, or prior knowledge on an `h2c` listener): the connection stays hyper's,
-//! driven by this task; each request is a stream. A WebSocket is an extended CONNECT (RFC
-//! 8441): the router answers 200 and spawns a task that takes the stream from hyper
-//! (`hyper::upgrade::on`, whose bytes do not touch the socket's type) and runs the same
-//! session over it, so many WebSockets share the connection, each with its own flow control.
+//! HTTP/2 (ALPN `h2`, or prior knowledge on an `h2c` listener) is served with the `h2` crate
+//! (src/server/http2.rs), driven by this task; each request is a stream answered by the same
+//! router. A WebSocket is an extended CONNECT (RFC 8441): the router accepts it, and once the
+//! 200 is sent the stream's two halves become the session's `Stream` in a task of its own, so
+//! many WebSockets share the connection, each with its own flow control.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
@@ -31,9 +31,10 @@ use super::admission::{Permit, Refusal};
 use super::api;
 use super::endpoint::{self, Endpoint};
 use super::fallback::{self, AnyBody};
+use super::http2::{Answer, OnStream};
 use crate::auth::{self, AuthError, Identity};
 use crate::error::Rejection;
-use crate::io::{LocalExec, Stream};
+use crate::io::{RequestBody, Stream};
 use crate::metrics;
 use crate::server::config::Listen;
 use crate::server::shard::{Control, Registration, Shard, WsSlot};
@@ -348,52 +349,37 @@ fn websocket<'a>(
     }
 }
 
-/// Serves an HTTP/2 connection until it ends: requests as streams, WebSockets (RFC 8441) as
-/// streams handed to their own tasks (see `Router::call_full`). A drain sends GOAWAY; a
-/// connection without a request within `handshake_timeout` is dropped (slowloris).
+/// Serves an HTTP/2 connection until it ends (src/server/http2.rs): each request is answered
+/// by the router, a WebSocket (RFC 8441) runs as its stream's own task.
 async fn serve_h2(conn: Stream, router: Router, reg: &Registration) {
+    counter!(metrics::HTTP2_CONNECTIONS).increment(1);
     let shard = router.shard.clone();
     let config = &shard.global.config;
-    let c = &config.http2;
-    let mut builder = http2::Builder::new(LocalExec);
-    builder
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .max_concurrent_streams(c.max_concurrent_streams)
-        .initial_stream_window_size(c.initial_stream_window_size)
-        .initial_connection_window_size(c.initial_connection_window_size)
-        .max_frame_size(c.max_frame_size)
-        .max_header_list_size(c.max_header_list_size)
-        .max_send_buf_size(c.max_send_buf_size)
-        .max_pending_accept_reset_streams(c.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(c.max_local_error_reset_streams)
-        .keep_alive_interval(c.keep_alive_interval())
-        .keep_alive_timeout(c.keep_alive_timeout());
-    counter!(metrics::HTTP2_CONNECTIONS).increment(1);
-    let served = router.served.clone();
     let remote = router.remote;
-    let mut http = builder.serve_connection(TokioIo::new(conn), router);
-    let mut first_request = Box::pin(tokio::time::sleep(config.handshake_timeout()));
-    let mut shutting_down = false;
-    let res = poll_fn(|cx| {
-        reg.entry.register_waker(cx.waker());
-        if !shutting_down && reg.entry.close_requested() {
-            shutting_down = true;
-            Pin::new(&mut http).graceful_shutdown();
-        }
-        if !served.get() && first_request.as_mut().poll(cx).is_ready() {
-            tracing::debug!(%remote, "no HTTP/2 request within the handshake timeout");
-            return std::task::Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut http).poll(cx)
-    })
+    let handler: super::http2::Handler = Rc::new(move |req| {
+        let accepted = Rc::new(Cell::new(None));
+        let response = router.handle(req, Some(&accepted));
+        Box::pin(async move {
+            let Ok(response) = response.await;
+            Answer {
+                response,
+                websocket: accepted.take(),
+            }
+        })
+    });
+    let first_request = config.handshake_timeout();
+    super::http2::serve(
+        conn,
+        &config.http2,
+        first_request,
+        &reg.entry,
+        remote,
+        handler,
+    )
     .await;
-    if let Err(e) = res {
-        tracing::debug!(%remote, error = %e, "http2 connection error");
-    }
 }
 
-/// What an HTTP/2 stream becomes once hyper has sent the 200 to its extended CONNECT.
+/// What an HTTP/2 stream becomes once the 200 to its extended CONNECT is sent.
 enum H2Session {
     /// A WebSocket of one of ringgate's endpoints.
     Endpoint(Upgrade),
@@ -420,8 +406,21 @@ impl H2Session {
     }
 }
 
-/// An accepted WebSocket over HTTP/2: waits for hyper to hand over the stream (after the 200
-/// is sent), then runs the session on it as its own connection, holding its `[limits]` place.
+/// An accepted WebSocket over HTTP/2, to run once its 200 is sent: spawns the task that runs
+/// the session on the stream as its own connection, holding its `[limits]` place.
+fn h2_websocket(
+    shard: Rc<Shard>,
+    remote: SocketAddr,
+    permit: Permit,
+    session: Box<H2Session>,
+) -> OnStream {
+    counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
+    Box::new(move |io| {
+        tokio::task::spawn_local(h2_websocket_task(shard, remote, permit, io, session));
+    })
+}
+
+/// The task of a WebSocket over HTTP/2.
 ///
 /// A plain function returning the task: an idle socket holds it for its whole life, so it
 /// holds a few references only. The session comes boxed and runs as the one boxed future
@@ -433,20 +432,13 @@ fn h2_websocket_task(
     shard: Rc<Shard>,
     remote: SocketAddr,
     permit: Permit,
-    stream: hyper::upgrade::OnUpgrade,
+    io: Stream,
     session: Box<H2Session>,
 ) -> impl Future<Output = ()> {
     let reg = shard.register(remote);
     reg.entry.set_http2();
     async move {
         let _permit = permit;
-        let io = match stream.await {
-            Ok(upgraded) => Stream::h2(upgraded),
-            Err(e) => {
-                tracing::debug!(%remote, error = %e, "HTTP/2 stream not handed over");
-                return;
-            }
-        };
         session.run(&shard, &reg.entry, io).await
     }
 }
@@ -469,12 +461,28 @@ struct Router {
     client: crate::proxy::Client,
 }
 
+/// Where an accepted WebSocket over HTTP/2 goes until its 200 is sent: each stream's own.
+type H2Accepted = Cell<Option<OnStream>>;
+
+/// HTTP/1.1, served by hyper.
 impl hyper::service::Service<Request<Incoming>> for Router {
     type Response = Response<AnyBody>;
     type Error = Infallible;
     type Future = AnyResponseFuture;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.handle(req.map(RequestBody::from), None)
+    }
+}
+
+impl Router {
+    /// Answers a request of either version; `h2` is where an HTTP/2 stream's accepted
+    /// WebSocket goes.
+    fn handle(
+        &self,
+        mut req: Request<RequestBody>,
+        h2: Option<&Rc<H2Accepted>>,
+    ) -> AnyResponseFuture {
         self.served.set(true);
         // HTTP/2 carries the host in `:authority`; routes, forwarding headers and
         // `preserve_host` read `Host`, as they do for HTTP/1.1.
@@ -486,7 +494,7 @@ impl hyper::service::Service<Request<Incoming>> for Router {
         if !self.admin {
             let proxy = self.shard.proxy.borrow().clone();
             if let Some(route) = proxy.find(&req, self.client.sni.as_deref()) {
-                let answer = self.proxy(route, req);
+                let answer = self.proxy(route, req, h2);
                 return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
             }
         }
@@ -516,13 +524,13 @@ impl hyper::service::Service<Request<Incoming>> for Router {
                 Ok(resp)
             });
         }
-        let answer = self.call_full(req);
+        let answer = self.call_full(req, h2);
         Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) })
     }
 }
 
 impl Router {
-    fn call_full(&self, mut req: Request<Incoming>) -> ResponseFuture {
+    fn call_full(&self, req: Request<RequestBody>, h2: Option<&Rc<H2Accepted>>) -> ResponseFuture {
         if req.method() == Method::GET && req.uri().path() == "/ws/statistics" && self.private {
             return Box::pin(statistics(self.shard.global.clone()));
         }
@@ -540,29 +548,25 @@ impl Router {
                 Ok(resp.map(Into::into))
             });
         }
-        // RFC 8441: the stream becomes the WebSocket once hyper has sent the 200. Each such
+        // RFC 8441: the stream becomes the WebSocket once its 200 is sent. Each such
         // WebSocket counts as a connection under `[limits]`, as it would on its own socket.
-        let admitted = is_extended_connect(&req).then(|| {
+        let admitted = h2.filter(|_| is_extended_connect(&req)).map(|accepted| {
             let admission = &self.shard.global.admission;
-            admission.admit(self.remote.ip(), std::time::Instant::now())
+            let permit = admission.admit(self.remote.ip(), std::time::Instant::now());
+            (permit, accepted)
         });
         let (resp, h2_stream) = match admitted {
-            Some(Err(refusal)) => (refused(refusal), None),
-            Some(Ok(permit)) => {
-                let stream = hyper::upgrade::on(&mut req);
-                (self.route_any(&req), Some((permit, stream)))
-            }
+            Some((Err(refusal), _)) => (refused(refusal), None),
+            Some((Ok(permit), accepted)) => (self.route_any(&req), Some((permit, accepted))),
             None => (self.route_any(&req), None),
         };
         // (Taken at once: the streams of an HTTP/2 connection share the router.)
-        let h2_websocket = h2_stream.and_then(|s| Some((s, self.upgrade.take()?)));
-        match h2_websocket {
-            Some(((permit, stream), up)) => {
-                counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
+        let websocket = h2_stream.and_then(|s| Some((s, self.upgrade.take()?)));
+        match websocket {
+            Some(((permit, accepted), up)) => {
                 let session = Box::new(H2Session::Endpoint(up));
                 let (shard, remote) = (self.shard.clone(), self.remote);
-                let task = h2_websocket_task(shard, remote, permit, stream, session);
-                tokio::task::spawn_local(task);
+                accepted.set(Some(h2_websocket(shard, remote, permit, session)));
             }
             None if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
                 counter!(metrics::HTTP_REQUESTS, "status" => resp.status().as_str().to_string())
@@ -581,11 +585,12 @@ impl Router {
     fn proxy(
         &self,
         route: Rc<crate::proxy::RouteState>,
-        mut req: Request<Incoming>,
+        req: Request<RequestBody>,
+        h2_accepted: Option<&Rc<H2Accepted>>,
     ) -> ResponseFuture {
         use crate::proxy::{http::error_response, tunnel, Failure};
         let client = self.client.clone();
-        let h2 = is_extended_connect(&req);
+        let h2 = h2_accepted.is_some() && is_extended_connect(&req);
         if !h2 && !tunnel::is_websocket_upgrade(&req) {
             return Box::pin(
                 async move { Ok(crate::proxy::http::forward(route, req, client).await) },
@@ -622,7 +627,7 @@ impl Router {
         let any_origin = OriginPolicy::new(&[]);
         let (m, hd) = (req.method(), req.headers());
         let checked = if h2 {
-            let protocol = req.extensions().get::<hyper::ext::Protocol>();
+            let protocol = req.extensions().get::<h2::ext::Protocol>();
             handshake::accept_h2(m, protocol.map(|p| p.as_str()), hd, &any_origin, &[])
                 .map(|_| None)
         } else if relayed {
@@ -644,18 +649,16 @@ impl Router {
         } else {
             (None, None)
         };
-        // Over HTTP/2 the stream is handed over once hyper has sent the 200.
-        let h2_stream = permit.map(|p| (p, hyper::upgrade::on(&mut req)));
+        // Over HTTP/2 the stream becomes the session's once the 200 is sent.
+        let h2_stream = permit.zip(h2_accepted.cloned());
         let (cell, shard, remote) = (self.tunnel.clone(), self.shard.clone(), self.remote);
         let (parts, _body) = req.into_parts();
         Box::pin(async move {
             let (resp, upgraded) = tunnel::handshake(route, parts, client, relay).await;
             match (upgraded, h2_stream) {
-                (Some(u), Some((permit, stream))) => {
-                    counter!(metrics::HTTP2_WEBSOCKETS).increment(1);
+                (Some(u), Some((permit, accepted))) => {
                     let session = Box::new(H2Session::Proxied((u, slot, deflate)));
-                    let task = h2_websocket_task(shard, remote, permit, stream, session);
-                    tokio::task::spawn_local(task);
+                    accepted.set(Some(h2_websocket(shard, remote, permit, session)));
                 }
                 (Some(u), None) => cell.set(Some((u, slot, deflate))),
                 (None, _) => {}
@@ -667,7 +670,7 @@ impl Router {
 
 impl Router {
     /// The answer of the admin surface or the public routes, by listener.
-    fn route_any(&self, req: &Request<Incoming>) -> Response<Body> {
+    fn route_any(&self, req: &Request<RequestBody>) -> Response<Body> {
         if self.admin {
             self.route_admin(req)
         } else {
@@ -675,7 +678,7 @@ impl Router {
         }
     }
 
-    fn route(&self, req: &Request<Incoming>) -> Response<Body> {
+    fn route(&self, req: &Request<RequestBody>) -> Response<Body> {
         let global = &self.shard.global;
         match (req.method(), req.uri().path()) {
             (_, "/ws/echo") if global.config.echo => self.upgrade(req, Endpoint::Echo),
@@ -691,7 +694,7 @@ impl Router {
         }
     }
 
-    fn route_admin(&self, req: &Request<Incoming>) -> Response<Body> {
+    fn route_admin(&self, req: &Request<RequestBody>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz" | "/readyz") => self.health(req),
             (&Method::GET, "/metrics") => self.metrics(),
@@ -699,7 +702,7 @@ impl Router {
         }
     }
 
-    fn health(&self, req: &Request<Incoming>) -> Response<Body> {
+    fn health(&self, req: &Request<RequestBody>) -> Response<Body> {
         let global = &self.shard.global;
         if req.uri().path() == "/readyz" && global.failed.load(std::sync::atomic::Ordering::Acquire)
         {
@@ -733,13 +736,13 @@ impl Router {
         }
     }
 
-    fn upgrade(&self, req: &Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+    fn upgrade(&self, req: &Request<RequestBody>, endpoint: Endpoint) -> Response<Body> {
         let global = &self.shard.global;
         let origins = OriginPolicy::new(&global.config.allowed_origins);
         let h2 = req.version() == Version::HTTP_2;
         // The built-in endpoints speak no subprotocol (a `bearer.` token is not one).
         let accepted = if h2 {
-            let protocol = req.extensions().get::<hyper::ext::Protocol>();
+            let protocol = req.extensions().get::<h2::ext::Protocol>();
             handshake::accept_h2(
                 req.method(),
                 protocol.map(|p| p.as_str()),
@@ -808,7 +811,7 @@ impl Router {
     /// The client's identity when `[auth]` applies, and the subprotocol that carried its token.
     fn authenticate(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         endpoint: Endpoint,
     ) -> Result<(Option<Identity>, Option<String>), AuthError> {
         let Some(verifier) = self.shard.global.auth.as_ref() else {
@@ -825,7 +828,7 @@ impl Router {
     /// permessage-deflate parameters for this upgrade, when enabled and offered.
     fn negotiate_deflate(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         endpoint: Endpoint,
     ) -> Option<deflate::Params> {
         let config = &self.shard.global.config;
@@ -852,7 +855,7 @@ impl Router {
 
 /// An HTTP/2 extended CONNECT (RFC 8441): a WebSocket asked for over an HTTP/2 stream.
 fn is_extended_connect<B>(req: &Request<B>) -> bool {
-    req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
+    req.method() == Method::CONNECT && req.extensions().get::<h2::ext::Protocol>().is_some()
 }
 
 /// Answers a connection that was not admitted, as cheaply as possible: plain HTTP gets a fixed

@@ -3,9 +3,9 @@
 //! route family writes its own response headers; the refusals, the reading of a JSON body and
 //! the question to a topic's home shard are the same for both (docs/PROTOCOL.md).
 
+use crate::io::RequestBody;
 use http::StatusCode;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
 use crate::rooms::proto::json_str;
@@ -39,7 +39,7 @@ impl Refusal {
 /// room for the envelope around the largest allowed `data`.
 pub async fn json_object(
     shard: &Shard,
-    body: Incoming,
+    body: RequestBody,
 ) -> Result<serde_json::Map<String, serde_json::Value>, Refusal> {
     let cfg = &shard.global.config;
     let limit = cfg.rooms.max_data_size + cfg.rooms.max_topic_length + 4096;

@@ -204,6 +204,37 @@ impl Outbox {
         n
     }
 
+    /// Takes up to `max` bytes from the front as a handle on the same memory, as if written:
+    /// an HTTP/2 stream sends them as a DATA frame within its flow-control window. Empty when
+    /// nothing is queued.
+    pub fn take_front(&mut self, max: usize) -> Bytes {
+        while let Some(c) = self.chunks.front() {
+            let b = match c {
+                Chunk::Own(b) => b.clone(),
+                Chunk::Shared { b, form, at } => b
+                    .frame_for(*form)
+                    .map_or_else(Bytes::new, |f| f.slice((*at).min(f.len())..)),
+            };
+            if b.is_empty() {
+                self.chunks.pop_front();
+                self.front_written = 0;
+                continue;
+            }
+            let b = b.slice(..b.len().min(max));
+            self.advance(b.len());
+            return b;
+        }
+        let n = self.tail.len().min(max);
+        let t = self.tail.split_to(n).freeze();
+        self.queued -= n;
+        self.front_written = if self.queued == 0 {
+            0
+        } else {
+            self.front_written + n
+        };
+        t
+    }
+
     /// Drops every frame not yet started, keeping the rest of a partly written one so the
     /// stream stays well-formed (a slow consumer's backlog before its close frame).
     pub fn discard_unsent(&mut self) {
@@ -376,6 +407,33 @@ mod tests {
         assert_eq!(&chunks[0][..], b"ONE");
         assert_eq!(o.queued(), 6);
         assert_eq!(written(&o), b"TWO\x81\x01c");
+    }
+
+    #[test]
+    fn take_front_hands_out_the_front_within_a_limit_without_copying() {
+        let mut o = Outbox::default();
+        o.frame(OpCode::Text, b"a");
+        let b = shared(b"SHARED");
+        o.shared(b.clone(), FrameForm::Plain);
+        o.frame(OpCode::Text, b"bc");
+        // The built frame went into a chunk of its own when the shared one was queued.
+        assert_eq!(&o.take_front(2)[..], b"\x81\x01");
+        assert_eq!(&o.take_front(100)[..], b"a");
+        let part = o.take_front(4);
+        assert_eq!(&part[..], b"SHAR");
+        let frame = b.frame_for(FrameForm::Plain).unwrap();
+        assert_eq!(part.as_ptr(), frame.as_ptr(), "the broadcast was copied");
+        assert_eq!(o.queued(), 6);
+        assert_eq!(written(&o), b"ED\x81\x02bc");
+        assert_eq!(&o.take_front(100)[..], b"ED");
+        // The tail, in two parts.
+        assert_eq!(&o.take_front(1)[..], b"\x81");
+        assert_eq!(&o.take_front(100)[..], b"\x02bc");
+        assert!(o.is_empty());
+        assert!(o.take_front(100).is_empty());
+        // The tail is used again once empty.
+        o.frame(OpCode::Text, b"d");
+        assert_eq!(written(&o), b"\x81\x01d");
     }
 
     #[test]
