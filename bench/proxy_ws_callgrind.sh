@@ -12,12 +12,13 @@
 # messages and one with BASE + MSGS, counters zeroed before and dumped after each:
 #   relay1, relay8: `/echo` (mode = "websocket"), 1 and 8 messages in flight;
 #   tunnel1, tunnel8: `/tunnel` (mode = "tunnel"), the same.
+# (PARTS picks some of them: PARTS="relay1 tunnel1".)
 # The figure is (Ir of the longer run − Ir of the shorter) ÷ MSGS: what a message costs,
 # without the TLS handshakes and connection set-up both runs have (user space only: the
 # kernel's share is not counted).
 # Env: MSGS (20000), IO (epoll), LOAD (target/release/ringgate-load), UPSTREAM (the first
-# BIN), KEEP (set: keep the dumps for callgrind_annotate). Targets 127.0.0.1 only; every run
-# is bounded.
+# BIN), KEEP (set: keep the dumps for callgrind_annotate), PORTS (9210: the upstream listens on
+# PORTS + 1, the proxy on PORTS + 3). Targets 127.0.0.1 only; every run is bounded.
 set -u
 . "$(dirname "$0")/lib.sh"
 MSGS=${MSGS:-20000}
@@ -26,6 +27,8 @@ IO=${IO:-epoll}
 LOAD=${LOAD:-target/release/ringgate-load}
 [ $# -gt 0 ] || set -- target/release/ringgate
 UPSTREAM=${UPSTREAM:-$1}
+PORTS=${PORTS:-9210}
+UP_PORT=$((PORTS + 1)) PROXY_PORT=$((PORTS + 3))
 WORK=$(mktemp -d /tmp/ringgate-callgrind-proxy-ws.XXXXXX)
 UP=; PID=
 cleanup() {
@@ -35,25 +38,25 @@ cleanup() {
 trap cleanup EXIT
 
 "$UPSTREAM" dev-cert "$WORK/certs" >/dev/null 2>&1 || exit 1
-"$UPSTREAM" --host 127.0.0.1 --port 9211 --shards 1 --io epoll --admin-listen off \
+"$UPSTREAM" --host 127.0.0.1 --port $UP_PORT --shards 1 --io epoll --admin-listen off \
     >"$WORK/up.log" 2>&1 &
 UP=$!
-up upstream 9211 || exit 1
+up upstream $UP_PORT || exit 1
 cat >"$WORK/ringgate.toml" <<CONF
 admin_listen = "off"
 [[listen]]
-addr = "127.0.0.1:9213"
+addr = "127.0.0.1:$PROXY_PORT"
 tls = true
 [tls]
 cert = "$WORK/certs/cert.pem"
 key = "$WORK/certs/key.pem"
 [[route]]
 path = "/echo"
-upstreams = ["ws://127.0.0.1:9211/ws/echo"]
+upstreams = ["ws://127.0.0.1:$UP_PORT/ws/echo"]
 strip_prefix = true
 [[route]]
 path = "/tunnel"
-upstreams = ["ws://127.0.0.1:9211/ws/echo"]
+upstreams = ["ws://127.0.0.1:$UP_PORT/ws/echo"]
 strip_prefix = true
 mode = "tunnel"
 CONF
@@ -62,7 +65,7 @@ ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 # run N PATH INFLIGHT MESSAGES: one measured load (the Nth dump); prints its Ir.
 run() {
     callgrind_control -z "$PID" >/dev/null 2>&1
-    timeout 600 "$LOAD" echo --url "wss://127.0.0.1:9213/$2" --ca "$WORK/certs/ca.pem" \
+    timeout 600 "$LOAD" echo --url "wss://127.0.0.1:$PROXY_PORT/$2" --ca "$WORK/certs/ca.pem" \
         --connections 100 --size 32 --messages "$4" --pipeline "$3" --warmup 1000 \
         --duration-limit 500 >"$WORK/load.out" 2>&1 || { cat "$WORK/load.out" >&2; return 1; }
     callgrind_control -d "$PID" >/dev/null 2>&1
@@ -74,10 +77,10 @@ for bin in "$@"; do
     RUST_LOG=warn,access=off valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out.%p" \
         "$bin" --shards 1 --io "$IO" --config "$WORK/ringgate.toml" >"$WORK/ringgate.log" 2>&1 &
     PID=$!
-    up ringgate 9213 600 || { cat "$WORK/ringgate.log"; exit 1; }
+    up ringgate $PROXY_PORT 600 || { cat "$WORK/ringgate.log"; exit 1; }
     n=0
     line="$bin:"
-    for part in relay1 relay8 tunnel1 tunnel8; do
+    for part in ${PARTS:-relay1 relay8 tunnel1 tunnel8}; do
         path=echo
         case $part in tunnel*) path=tunnel ;; esac
         inflight=${part: -1}

@@ -175,6 +175,10 @@ struct Shared {
     client_gone: Cell<Option<u16>>,
     /// The upstream side ended: its close code (1005 none, 1006 no close frame).
     upstream_gone: Cell<Option<u16>>,
+    /// A read of the upstream socket found nothing in this poll of the task, so the task's
+    /// waker is registered with it: reading again before the task is woken cannot find more
+    /// (data arriving meanwhile wakes the task, which polls again). Cleared by every poll.
+    upstream_read_blocked: Cell<bool>,
 }
 
 impl Shared {
@@ -352,6 +356,7 @@ impl UpstreamSide {
         poll_fn(|cx| {
             // A wake-up through the task's waker may be for either side: both are polled.
             let (mut client_due, mut upstream_due) = (true, true);
+            shared.upstream_read_blocked.set(false);
             for _ in 0..ROUNDS {
                 // A side's marks are served by the poll that follows them. The upstream side
                 // goes first: its poll is the cheaper one (a plain read that would block costs
@@ -509,6 +514,11 @@ impl Upstream {
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<u16> {
         let shared = self.shared.clone();
         let q = &shared.to_client;
+        // A second round of this poll (the session queued frames: `beside`) after a read that
+        // found nothing: one read per wake-up of the socket.
+        if shared.upstream_read_blocked.get() {
+            return Poll::Pending;
+        }
         for _ in 0..READ_BUDGET {
             // Backpressure: a full queue for a client still there stops reading.
             if q.full() && shared.client_gone.get().is_none() {
@@ -520,7 +530,10 @@ impl Upstream {
                 self.read_partial(cx)
             };
             match got {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    shared.upstream_read_blocked.set(true);
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(code)) => return Poll::Ready(code),
                 Poll::Ready(Ok(())) => {}
             }
