@@ -6,6 +6,7 @@
 
 mod backend;
 pub mod client;
+pub mod h1;
 pub mod handover;
 pub mod listen;
 mod server_tls;
@@ -25,4 +26,4 @@ impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
 }
 
 pub use backend::{block_on, probe_uring, Backend, Listener};
-pub use stream::{connect, Stream};
+pub use stream::{connect, read_into, Stream};

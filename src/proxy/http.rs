@@ -13,7 +13,7 @@ use hyper::body::{Body as _, Incoming};
 use super::body::{Body, ClientFault, IdleTimer, Relay, ReqBody, Upload};
 use super::upstream::Lease;
 use super::{balance, headers, Client, Failure, RouteState};
-use crate::io::client::Conn;
+use crate::io::client::{Conn, ResponseBody};
 
 /// A short text answer naming the cause.
 pub fn error_response(f: &Failure) -> Response<Body> {
@@ -292,7 +292,7 @@ async fn send(
     body: ReqBody,
     wait: Duration,
     lease: &mut Lease,
-) -> Result<hyper::Response<Incoming>, (Failure, Option<(http::HeaderMap, ReqBody)>)> {
+) -> Result<Response<ResponseBody>, (Failure, Option<(http::HeaderMap, ReqBody)>)> {
     let h2 = conn.is_h2();
     let url = &up.ep.url;
     let path = headers::upstream_path(route, &url.path, &parts.uri);
@@ -335,7 +335,7 @@ async fn send(
         Err(_) => Err((Failure::HeadTimeout, None)),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err((e, unsent))) => Err((
-            Failure::Broken(describe(&e)),
+            Failure::Broken(e.to_string()),
             unsent.map(|r| {
                 let (p, b) = r.into_parts();
                 (p.headers, b)
@@ -344,26 +344,9 @@ async fn send(
     }
 }
 
-fn describe(e: &hyper::Error) -> String {
-    use std::error::Error as _;
-    let what = if e.is_incomplete_message() || e.is_closed() {
-        "the upstream closed the connection"
-    } else if e.is_parse() || e.is_parse_status() {
-        "the upstream sent a malformed response"
-    } else if e.is_canceled() {
-        "the request was cancelled"
-    } else {
-        "the upstream connection failed"
-    };
-    match e.source() {
-        Some(s) => format!("{what} ({s})"),
-        None => what.to_string(),
-    }
-}
-
 fn respond(
     route: &RouteState,
-    resp: hyper::Response<Incoming>,
+    resp: Response<ResponseBody>,
     lease: Lease,
     deadline: Option<Instant>,
 ) -> Response<Body> {
