@@ -31,6 +31,7 @@ use tokio::task::AbortHandle;
 
 use super::{h1, Backend, LocalExec, Stream};
 use crate::error::{Phase, UpstreamError};
+use crate::ws::session::read_into;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -352,7 +353,7 @@ fn fill(
     if rd.capacity() - rd.len() < want {
         rd.reserve(want);
     }
-    super::read_into(io, cx, rd, want)
+    read_into(io, cx, rd, want)
 }
 
 /// An HTTP/1.1 connection on ringgate's own codec ([`h1`]), driven by whoever holds it: the

@@ -213,7 +213,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(Head, us
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .map(<[u8]>::trim_ascii)
             .rfind(|t| !t.is_empty());
-        if last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) && version == Version::HTTP_11 {
+        if last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
             Framing::Chunked
         } else {
             keep_alive = false;

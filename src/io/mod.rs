@@ -26,4 +26,4 @@ impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
 }
 
 pub use backend::{block_on, probe_uring, Backend, Listener};
-pub use stream::{connect, read_into, Stream};
+pub use stream::{connect, Stream};

@@ -23,11 +23,11 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::io::read_into;
 use crate::io::Stream;
 use crate::ws::close::CloseCode;
 use crate::ws::connection::{Close, Handler, Message, ToClient};
 use crate::ws::frame::{parse_header, write_masked_frame, OpCode};
+use crate::ws::session::read_into;
 
 /// Bytes queued per direction before the side filling the queue stops reading.
 pub const QUEUE_LIMIT: usize = 1 << 20;

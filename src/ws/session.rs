@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::Sleep;
 
@@ -22,7 +22,6 @@ use super::connection::{Connection, Handler, Settings, State, Stats};
 use super::deflate::Params;
 use super::handle::ConnHandle;
 use super::outbox::WriteOutbox;
-use crate::io::read_into;
 use crate::metrics::Traffic;
 
 /// Size of the per-shard buffer every connection reads into.
@@ -311,6 +310,34 @@ impl<S: AsyncRead + WriteOutbox, H: Handler> Session<'_, S, H> {
             cx.waker().wake_by_ref();
         })
     }
+}
+
+/// Reads at most `want` bytes into `buf`'s spare capacity (reserved by the caller) and
+/// extends `buf` by what was read. The memory is offered uninitialised: zero-filling it first
+/// would cost as much as the read again.
+pub fn read_into<S: AsyncRead + Unpin>(
+    io: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    let have = buf.len();
+    let want = want.min(buf.capacity() - have);
+    let mut rb = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..want]);
+    let start = rb.filled().as_ptr();
+    let res = Pin::new(io).poll_read(cx, &mut rb);
+    // A reader may only fill the buffer it was given (as tokio's own `read_buf` checks).
+    assert_eq!(
+        start,
+        rb.filled().as_ptr(),
+        "the reader replaced the read buffer"
+    );
+    let n = rb.filled().len();
+    // SAFETY: `ReadBuf` guarantees that its filled part is initialised, and the assertion
+    // above shows that part starts at `buf`'s spare capacity, i.e. at `have`; so the bytes
+    // `have..have + n` are initialised and within `buf`'s capacity.
+    unsafe { buf.set_len(have + n) };
+    res.map_ok(|()| n)
 }
 
 #[cfg(test)]
