@@ -13,11 +13,14 @@
 #   http: `wrk -t1 -c10 -d10s` for a 13-byte response, Ir ÷ requests;
 #   down: a BODY_MB (64) file downloaded with curl, Ir ÷ MiB;
 #   up:   the same uploaded with curl -T, Ir ÷ MiB.
-# Env: BODY_MB (64), IO (epoll), KEEP (set: keep the dumps for callgrind_annotate). Targets 127.0.0.1 only; every run is bounded.
+# Env: BODY_MB (64), IO (epoll), KEEP (set: keep the dumps for callgrind_annotate), PORTS
+# (9200: the upstream listens on PORTS+2, the proxy on PORTS+4). Targets 127.0.0.1 only; every run is bounded.
 set -u
 . "$(dirname "$0")/lib.sh"
 BODY_MB=${BODY_MB:-64}
 IO=${IO:-epoll}
+PORTS=${PORTS:-9200}
+UP_PORT=$((PORTS + 2)) PX_PORT=$((PORTS + 4))
 [ $# -gt 0 ] || set -- target/release/ringgate
 WORK=$(mktemp -d /tmp/ringgate-callgrind-proxy.XXXXXX)
 chmod 755 "$WORK" # nginx workers run as www-data
@@ -29,16 +32,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-nginx_upstream "$WORK" 9202 "$BODY_MB"
+nginx_upstream "$WORK" $UP_PORT "$BODY_MB"
 UP=$NGINX
-up upstream 9202 || exit 1
+up upstream $UP_PORT || exit 1
 cat >"$WORK/ringgate.toml" <<EOF
 admin_listen = "off"
 [[listen]]
-addr = "127.0.0.1:9204"
+addr = "127.0.0.1:$PX_PORT"
 [[route]]
 path_prefix = "/h/"
-upstreams = ["http://127.0.0.1:9202"]
+upstreams = ["http://127.0.0.1:$UP_PORT"]
 strip_prefix = true
 max_body_size = 0
 EOF
@@ -53,9 +56,9 @@ events { worker_connections 1024; }
 http {
     access_log off;
     keepalive_requests 1000000;
-    upstream h { server 127.0.0.1:9202; keepalive 64; }
+    upstream h { server 127.0.0.1:$UP_PORT; keepalive 64; }
     server {
-        listen 127.0.0.1:9204;
+        listen 127.0.0.1:$PX_PORT;
         client_max_body_size 0;
 $(nginx_http_location)
     }
@@ -74,15 +77,15 @@ measure() {
     ir "$WORK/cg.out.$PID.$n"
 }
 
-small() { wrk -t1 -c10 -d10s http://127.0.0.1:9204/h/small >"$WORK/wrk.out"; }
+small() { wrk -t1 -c10 -d10s http://127.0.0.1:$PX_PORT/h/small >"$WORK/wrk.out"; }
 # The two bodies, with curl's status and byte count in curl.out (checked by the reader).
 download() {
     timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_download} down\n' \
-        http://127.0.0.1:9204/h/big >>"$WORK/curl.out"
+        http://127.0.0.1:$PX_PORT/h/big >>"$WORK/curl.out"
 }
 upload() {
     timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_upload} up\n' -T "$WORK/big" \
-        -H 'Expect:' http://127.0.0.1:9204/h/sink >>"$WORK/curl.out"
+        -H 'Expect:' http://127.0.0.1:$PX_PORT/h/sink >>"$WORK/curl.out"
 }
 
 echo "# $(date -u +%FT%TZ) loadavg=$(cut -d' ' -f1-3 /proc/loadavg) io=$IO body_mb=$BODY_MB"
@@ -95,8 +98,8 @@ for bin in "$@"; do
             "$bin" --shards 1 --io "$IO" --config "$WORK/ringgate.toml" >"$WORK/ringgate.log" 2>&1 &
     fi
     PID=$!
-    up ringgate 9204 600 || { cat "$WORK/ringgate.log"; exit 1; }
-    wrk -t1 -c10 -d3s http://127.0.0.1:9204/h/small >/dev/null
+    up ringgate $PX_PORT 600 || { cat "$WORK/ringgate.log"; exit 1; }
+    wrk -t1 -c10 -d3s http://127.0.0.1:$PX_PORT/h/small >/dev/null
     ir_http=$(measure 1 small)
     reqs=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
     ir_down=$(measure 2 download)

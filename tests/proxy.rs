@@ -71,6 +71,9 @@ both_backends!(
     least_connections_avoids_the_busy_upstream,
     total_timeout_cuts_a_long_response,
     ipv6_upstream,
+    every_response_framing_byte_by_byte,
+    upstream_closing_mid_body_truncates,
+    oversized_response_head_is_502,
 );
 
 // ---- an HTTP upstream ------------------------------------------------------------------------
@@ -1581,4 +1584,238 @@ async fn ipv6_upstream(backend: Backend) {
         Server::start_with_config(backend, &route("", &[format!("http://{}", up.addr)]), &[]);
     let r = get(&server, "/v6", "").await;
     assert_eq!((r.status, r.body.as_str()), (200, "six /v6"), "{r:?}");
+}
+
+// ---- the upstream HTTP/1.1 codec -------------------------------------------------------------
+
+/// A raw HTTP/1.1 upstream: answers each request head (by its path) with the bytes `answer`
+/// gives, one byte per write when `byte_by_byte`; keeps the connection for the next request
+/// unless the answer says the connection ends with it (`false`). Counts connections.
+async fn raw_upstream(
+    answer: fn(&str) -> (Vec<u8>, bool),
+    byte_by_byte: bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            s.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut s).await {
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let (bytes, keep) = answer(&path);
+                    if byte_by_byte {
+                        for b in bytes {
+                            if s.write_all(&[b]).await.is_err() {
+                                return;
+                            }
+                            s.flush().await.unwrap_or(());
+                            tokio::task::yield_now().await;
+                        }
+                    } else if s.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    if !keep {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+fn framings(path: &str) -> (Vec<u8>, bool) {
+    let (bytes, keep): (&[u8], bool) = match path {
+        // Chunk extensions, upper- and lowercase sizes, a trailer section.
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5;name=\"v\"\r\nhello\r\nA; x\r\n world 123\r\n0;end\r\nx-sum: 15\r\n\r\n",
+            true,
+        ),
+        // Interim responses before the final one are skipped.
+        "/interim" => (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ninterim",
+            true,
+        ),
+        // To a HEAD request: a length, no body.
+        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true),
+        "/204" => (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", true),
+        "/304" => (b"HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\n\r\n", true),
+        "/length" => (b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlength", true),
+        // No framing: the body ends where the upstream closes.
+        "/close" => (b"HTTP/1.1 200 OK\r\nX-Until: close\r\n\r\nuntil the close", false),
+        _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", true),
+    };
+    (bytes.to_vec(), keep)
+}
+
+/// Every way a response body can be framed, each response written one byte per write (the
+/// codec sees it split at every byte boundary the socket lets through): the body, the trailers
+/// and the status arrive as sent, and every response but the one that ends at the close leaves
+/// the upstream connection reusable (one connection serves them all).
+async fn every_response_framing_byte_by_byte(backend: Backend) {
+    let (addr, conns) = raw_upstream(framings, true).await;
+    let server = Server::start_sharded(backend, 1, &route("", &[format!("http://{addr}")]), &[]);
+    let mut c = client(&server).await;
+    let send = |method: Method, path: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "t")
+            .header("te", "trailers")
+            .body(BoxBody::new(
+                http_body_util::Empty::new().map_err(|e| match e {}),
+            ))
+            .unwrap()
+    };
+    let resp = c
+        .send_request(send(Method::GET, "/chunked"))
+        .await
+        .expect("chunked");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("chunked body");
+    let trailers = body.trailers().cloned().expect("trailers arrived");
+    assert_eq!(trailers["x-sum"], "15");
+    assert_eq!(&body.to_bytes()[..], b"hello world 123");
+    let resp = c
+        .send_request(send(Method::GET, "/interim"))
+        .await
+        .expect("interim");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"interim");
+    let resp = c
+        .send_request(send(Method::HEAD, "/head"))
+        .await
+        .expect("head");
+    assert_eq!(
+        (
+            resp.status(),
+            resp.headers()["content-length"].to_str().unwrap()
+        ),
+        (http::StatusCode::OK, "5")
+    );
+    assert!(resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .is_empty());
+    for (path, status) in [("/204", 204), ("/304", 304), ("/length", 200)] {
+        let resp = c.send_request(send(Method::GET, path)).await.expect(path);
+        assert_eq!(resp.status(), status, "{path}");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let want: &[u8] = if status == 200 { b"length" } else { b"" };
+        assert_eq!(&body[..], want, "{path}");
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "one pooled connection served all"
+    );
+    let resp = c
+        .send_request(send(Method::GET, "/close"))
+        .await
+        .expect("close");
+    assert_eq!(resp.headers()["x-until"], "close");
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body ended by the close")
+        .to_bytes();
+    assert_eq!(&body[..], b"until the close");
+    // The connection that ended the last body is not pooled: the next request opens another.
+    let resp = c
+        .send_request(send(Method::GET, "/length"))
+        .await
+        .expect("after close");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+}
+
+/// An upstream that sends a response head and part of the body, then waits for `gate` and
+/// closes the connection.
+async fn cut_short_upstream(gate: Arc<tokio::sync::Notify>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
+                let bytes: &[u8] = if head.starts_with(b"GET /length") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"
+                } else if head.starts_with(b"GET /chunked") {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nonly ten b\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfine"
+                };
+                let _ = s.write_all(bytes).await;
+                if bytes.ends_with(b"fine") {
+                    let _ = read_head(&mut s).await;
+                    return;
+                }
+                gate.notified().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that closes the connection before the body's declared end (its length, or the
+/// last chunk): the client gets the bytes that came, then the response broken off — never a
+/// short body that looks complete — and the next request is served.
+async fn upstream_closing_mid_body_truncates(backend: Backend) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let addr = cut_short_upstream(gate.clone()).await;
+    let server = Server::start_sharded(backend, 1, &route("", &[format!("http://{addr}")]), &[]);
+    for path in ["/length", "/chunked"] {
+        let mut c = client(&server).await;
+        let req = http::Request::get(path)
+            .header("host", "t")
+            .body(BoxBody::new(
+                http_body_util::Empty::new().map_err(|e| match e {}),
+            ))
+            .unwrap();
+        let resp = c.send_request(req).await.expect(path);
+        assert_eq!(resp.status(), 200, "{path}");
+        let mut body = resp.into_body();
+        let first = within("the first bytes", body.frame()).await;
+        let first = first.expect(path).expect(path).into_data().expect("data");
+        assert_eq!(&first[..], b"only ten b", "{path}");
+        // Now the upstream goes away.
+        gate.notify_one();
+        let rest = within("the end", body.collect()).await;
+        assert!(rest.is_err(), "{path}: the response must not look complete");
+    }
+    let r = get(&server, "/fine", "").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "fine"));
+}
+
+fn huge_head(_: &str) -> (Vec<u8>, bool) {
+    let mut b = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+    b.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    b.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\nok");
+    (b, false)
+}
+
+/// A response head over the limit (64 KiB) is answered 502, naming the cause.
+async fn oversized_response_head_is_502(backend: Backend) {
+    let (addr, _) = raw_upstream(huge_head, false).await;
+    let server = Server::start_with_config(
+        backend,
+        &route("retries = 0", &[format!("http://{addr}")]),
+        &[],
+    );
+    let r = get(&server, "/x", "").await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(r.body.contains("too large"), "{:?}", r.body);
 }

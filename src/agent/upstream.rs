@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 
 use super::balance::{Candidate, Picker};
 use super::breaker::{Admit, Breaker};
@@ -200,7 +200,7 @@ impl Gateway {
                         fresh_tries += 1;
                         continue;
                     }
-                    let e = UpstreamError::Protocol(describe(&e));
+                    let e = UpstreamError::Protocol(e.to_string());
                     lease.failed(&e);
                     return Err(e);
                 }
@@ -292,14 +292,6 @@ impl Gateway {
         let t = &self.targets[i];
         let v = t.breaker.borrow_mut().gauge(Instant::now());
         metrics::agent_breaker(&t.label, self.shard, v);
-    }
-}
-
-fn describe(e: &hyper::Error) -> String {
-    use std::error::Error as _;
-    match e.source() {
-        Some(s) => format!("{e}: {s}"),
-        None => e.to_string(),
     }
 }
 
@@ -453,13 +445,13 @@ pub struct Response {
     pub status: StatusCode,
     /// Lowercased `Content-Type`, "" when absent.
     pub content_type: String,
-    body: Incoming,
+    body: client::ResponseBody,
     pub lease: Lease,
 }
 
 impl Response {
     /// The next frame of the body, driving its HTTP/1.1 connection (which reads it).
-    async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+    async fn frame(&mut self) -> Option<Result<Frame<Bytes>, client::Error>> {
         poll_fn(|cx| client::poll_body(self.lease.conn.as_mut(), &mut self.body, cx)).await
     }
 
@@ -478,7 +470,7 @@ impl Response {
                     return Ok(None);
                 }
                 Ok(Some(Err(e))) => {
-                    let e = UpstreamError::Protocol(describe(&e));
+                    let e = UpstreamError::Protocol(e.to_string());
                     self.lease.failed(&e);
                     return Err(e);
                 }
@@ -526,7 +518,7 @@ impl Response {
 impl Drop for Response {
     fn drop(&mut self) {
         // A body read to its end (e.g. past `[DONE]`) leaves the connection reusable.
-        if hyper::body::Body::is_end_stream(&self.body) {
+        if self.body.is_end_stream() {
             self.lease.body_done = true;
         }
     }

@@ -1,34 +1,37 @@
 //! The upstream HTTP client of one shard, shared by the reverse proxy and the agent gateway:
 //! base URLs, name resolution, connections over the shard's own sockets (plain or TLS, ALPN),
-//! hyper's HTTP/1.1 and HTTP/2 handshakes, and one endpoint's keep-alive pool. Per shard
-//! (`RefCell`): no locks.
+//! HTTP/1.1 on ringgate's own codec ([`super::h1`]), HTTP/2 on hyper's client, and one
+//! endpoint's keep-alive pool. Per shard (`RefCell`): no locks.
 //!
-//! An HTTP/1.1 connection has no task of its own: whoever holds it drives it
-//! ([`Conn::drive`]) from its own future — the request while it waits for the response head,
-//! the response body while it is read — so an exchange costs no extra task, no wake-up of
+//! An HTTP/1.1 connection has no task of its own: whoever holds it drives it from its own
+//! future — [`Conn::send`] writes the request head (with the first piece of the body, in one
+//! vectored write) and reads the response head, [`poll_body`] reads the response body and
+//! writes what is left of the request's — so an exchange costs no extra task, no wake-up of
 //! another task and no hop between tasks. An idle pooled connection is driven by nobody: one
-//! the upstream closed meanwhile is found closed when it is next checked out (driven once, it
+//! the upstream closed meanwhile is found closed when it is next checked out (read once, it
 //! reads the end of the stream). An HTTP/2 connection is shared by many requests and keeps
 //! hyper's driver task.
 
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response};
-use hyper::body::{Body, Frame, Incoming};
-use hyper::client::conn::{http1, http2};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWrite;
 use tokio::task::AbortHandle;
 
-use super::{Backend, LocalExec, Stream};
+use super::{h1, Backend, LocalExec, Stream};
 use crate::error::{Phase, UpstreamError};
+use crate::ws::session::read_into;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -128,128 +131,517 @@ pub fn check_header(name: &str, value: Option<&str>) -> Result<(), String> {
     }
 }
 
-/// An HTTP/1.1 connection, driven by whoever holds it.
-pub struct H1<B: Body + 'static> {
-    send: http1::SendRequest<B>,
-    /// `None` once the connection ended (closed by either side, or failed); dropping it
-    /// drops hyper's dispatcher, so a request still queued comes back unsent.
-    conn: Option<http1::Connection<TokioIo<Stream>, B>>,
+/// How a request on an upstream connection failed.
+#[derive(Debug)]
+pub enum Error {
+    /// The upstream closed the connection before the response ended.
+    Closed,
+    /// The response cannot be read (malformed or oversized head, bad framing, cut short).
+    Malformed(h1::Malformed),
+    Io(std::io::Error),
+    /// The request body failed (the client's side: gone, too large, idle).
+    Body(BoxError),
+    H2(hyper::Error),
 }
 
-impl<B> H1<B>
-where
-    B: Body + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    /// Alive and ready for a request, polled once.
-    fn ready_now(&mut self, cx: &mut Context<'_>) -> bool {
-        self.drive(cx) && matches!(self.send.poll_ready(cx), Poll::Ready(Ok(())))
-    }
-
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
-            return false;
-        };
-        match Pin::new(conn).poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended");
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Closed => f.write_str("the upstream closed the connection"),
+            Error::Malformed(m) => write!(f, "the upstream sent a malformed response ({m})"),
+            Error::Io(e) => write!(f, "the upstream connection failed ({e})"),
+            Error::Body(e) => write!(f, "the request body failed ({e})"),
+            Error::H2(e) => {
+                use std::error::Error as _;
+                let what = if e.is_incomplete_message() || e.is_closed() {
+                    "the upstream closed the connection"
+                } else if e.is_parse() || e.is_parse_status() {
+                    "the upstream sent a malformed response"
+                } else if e.is_canceled() {
+                    "the request was cancelled"
+                } else {
+                    "the upstream connection failed"
+                };
+                match e.source() {
+                    Some(s) => write!(f, "{what} ({s})"),
+                    None => f.write_str(what),
                 }
-                self.conn = None;
-                false
             }
         }
     }
 }
 
+impl std::error::Error for Error {}
+
+/// Bytes read per system call: a response head and a small body fit in the first size; a
+/// larger body is read in the second, as hyper's client did (its `max_buf_size`).
+const READ_SMALL: usize = 8 * 1024;
+const READ_LARGE: usize = 64 * 1024;
+
+/// The request's side of an HTTP/1.1 exchange: the head and chunk framing waiting to be
+/// written, the body data after them, and the body still to be read.
+struct Tx<B> {
+    /// Head or framing bytes, written from `pos`.
+    buf: Vec<u8>,
+    pos: usize,
+    /// Body data to write after `buf`, then `tail` (a chunk's CRLF).
+    data: Bytes,
+    tail: &'static [u8],
+    body: Option<B>,
+    /// The body is to be read and sent (else the request has none).
+    sending: bool,
+    framing: h1::ReqFraming,
+    /// Written bytes the stream may still hold (TLS).
+    flush: bool,
+    /// Some of the request was written, or its body read from.
+    started: bool,
+}
+
+enum TxError {
+    Body(BoxError),
+    Io(std::io::Error),
+}
+
+impl<B> Tx<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn new() -> Tx<B> {
+        Tx {
+            buf: Vec::new(),
+            pos: 0,
+            data: Bytes::new(),
+            tail: b"",
+            body: None,
+            sending: false,
+            framing: h1::ReqFraming::Empty,
+            flush: false,
+            started: false,
+        }
+    }
+
+    fn written(&self) -> bool {
+        self.pos == self.buf.len() && self.data.is_empty() && self.tail.is_empty()
+    }
+
+    /// The whole request is written.
+    fn done(&self) -> bool {
+        !self.sending && self.written() && !self.flush
+    }
+
+    /// Frames one piece of the body for the wire.
+    fn push(&mut self, frame: Frame<Bytes>) -> Result<(), TxError> {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        let data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                // Trailers: the body's last frame.
+                let trailers = frame.into_trailers().ok();
+                return self.finish(trailers.as_ref());
+            }
+        };
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.framing {
+            h1::ReqFraming::Length(rest) if data.len() as u64 <= *rest => {
+                *rest -= data.len() as u64
+            }
+            h1::ReqFraming::Chunked => {
+                h1::chunk_size_line(&mut self.buf, data.len());
+                self.tail = b"\r\n";
+            }
+            _ => return Err(TxError::Body("request body longer than its length".into())),
+        }
+        self.data = data;
+        Ok(())
+    }
+
+    fn finish(&mut self, trailers: Option<&http::HeaderMap>) -> Result<(), TxError> {
+        self.sending = false;
+        self.body = None;
+        match self.framing {
+            h1::ReqFraming::Chunked => h1::last_chunk(&mut self.buf, trailers),
+            h1::ReqFraming::Length(n) if n > 0 => {
+                return Err(TxError::Body("request body shorter than its length".into()))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Writes what waits and reads the body on, until all is written (or something waits): a
+    /// piece of the body read before a write goes with it, so the head and the first piece
+    /// leave in one vectored write.
+    fn poll(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<Result<(), TxError>> {
+        loop {
+            if self.sending && self.data.is_empty() && self.tail.is_empty() {
+                if let Some(body) = self.body.as_mut() {
+                    let frame = Pin::new(body).poll_frame(cx);
+                    self.started |= frame.is_ready();
+                    match frame {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            self.push(frame)?;
+                            continue;
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            self.sending = false;
+                            self.body = None;
+                            return Poll::Ready(Err(TxError::Body(e.into())));
+                        }
+                        Poll::Ready(None) => {
+                            self.finish(None)?;
+                            continue;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            if self.written() {
+                if self.flush {
+                    ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(TxError::Io)?;
+                    self.flush = false;
+                }
+                return if self.sending {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Ok(()))
+                };
+            }
+            let bufs = [
+                std::io::IoSlice::new(&self.buf[self.pos..]),
+                std::io::IoSlice::new(&self.data),
+                std::io::IoSlice::new(self.tail),
+            ];
+            let n =
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &bufs)).map_err(TxError::Io)?;
+            if n == 0 {
+                return Poll::Ready(Err(TxError::Io(std::io::ErrorKind::WriteZero.into())));
+            }
+            self.flush = true;
+            self.started = true;
+            let head = (self.buf.len() - self.pos).min(n);
+            self.pos += head;
+            let data = (n - head).min(self.data.len());
+            self.data.advance(data);
+            let tail = (n - head - data).min(self.tail.len());
+            self.tail = &self.tail[tail..];
+        }
+    }
+}
+
+/// The response's side of an HTTP/1.1 exchange.
+enum Rx {
+    /// No response expected: none asked for, or the last one read to its end.
+    Idle,
+    /// Waiting for the head (`true`: of a `HEAD` request).
+    Head(bool),
+    Body(h1::Decoder),
+}
+
+/// Reads into `rd` (at most `want` bytes): the number read, 0 at the end of the stream.
+fn fill(
+    io: &mut Stream,
+    rd: &mut BytesMut,
+    want: usize,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    if rd.capacity() - rd.len() < want {
+        rd.reserve(want);
+    }
+    read_into(io, cx, rd, want)
+}
+
+/// An HTTP/1.1 connection on ringgate's own codec ([`h1`]), driven by whoever holds it: the
+/// request's writes and the response's reads happen in the holder's own polls.
+pub struct H1<B> {
+    io: Stream,
+    /// Read and not yet used: the response head, then its body.
+    rd: BytesMut,
+    tx: Tx<B>,
+    rx: Rx,
+    /// The request as given until its first byte is written or its body first read: a request
+    /// that fails before then was not sent, and goes back to the caller.
+    unsent: Option<http::request::Parts>,
+    /// The upstream allows another request after the response.
+    keep_alive: bool,
+}
+
+impl<B> H1<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn new(io: Stream) -> H1<B> {
+        H1 {
+            io,
+            rd: BytesMut::new(),
+            tx: Tx::new(),
+            rx: Rx::Idle,
+            unsent: None,
+            keep_alive: true,
+        }
+    }
+
+    /// Alive and ready for a request, polled once: a connection the upstream closed meanwhile
+    /// reads its end here (and one that sent anything unasked is not used either).
+    fn ready_now(&mut self, cx: &mut Context<'_>) -> bool {
+        self.keep_alive
+            && matches!(self.rx, Rx::Idle)
+            && self.tx.done()
+            && self.rd.is_empty()
+            && fill(&mut self.io, &mut self.rd, READ_SMALL, cx).is_pending()
+    }
+
+    /// The head goes into the write buffer; the body is read as it is written.
+    fn start(&mut self, req: Request<B>) {
+        let (parts, body) = req.into_parts();
+        let len = if body.is_end_stream() {
+            Some(0)
+        } else {
+            body.size_hint().exact()
+        };
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let framing =
+            h1::encode_request(&mut self.tx.buf, &parts.method, target, &parts.headers, len);
+        self.tx.pos = 0;
+        self.tx.started = false;
+        self.tx.framing = framing;
+        self.tx.sending = framing != h1::ReqFraming::Empty;
+        self.tx.body = Some(body);
+        self.rx = Rx::Head(parts.method == http::Method::HEAD);
+        self.unsent = Some(parts);
+    }
+
+    /// Drives the request's side. A write that fails does not end the exchange: the upstream
+    /// may have answered first (and then stopped reading), which the read side finds out.
+    fn drive_tx(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        if self.tx.done() {
+            return Ok(());
+        }
+        let r = self.tx.poll(&mut self.io, cx);
+        if self.tx.started {
+            self.unsent = None;
+        }
+        match r {
+            Poll::Pending | Poll::Ready(Ok(())) => Ok(()),
+            Poll::Ready(Err(TxError::Body(e))) => {
+                self.keep_alive = false;
+                Err(Error::Body(e))
+            }
+            // Nothing was sent: the request goes back to the caller.
+            Poll::Ready(Err(TxError::Io(e))) if self.unsent.is_some() => Err(Error::Io(e)),
+            Poll::Ready(Err(TxError::Io(e))) => {
+                tracing::debug!(error = %e, "upstream stopped reading the request");
+                self.keep_alive = false;
+                self.tx = Tx::new();
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<h1::Head, Error>> {
+        loop {
+            self.drive_tx(cx)?;
+            let Rx::Head(head_request) = self.rx else {
+                return Poll::Ready(Err(Error::Closed));
+            };
+            if !self.rd.is_empty() {
+                match h1::parse_response(&self.rd, head_request) {
+                    Err(m) => return Poll::Ready(Err(Error::Malformed(m))),
+                    Ok(Some((head, n))) => {
+                        self.rd.advance(n);
+                        if head.is_interim() {
+                            continue;
+                        }
+                        self.keep_alive &= head.keep_alive;
+                        let dec = h1::Decoder::new(head.framing);
+                        self.rx = if dec.is_done() {
+                            Rx::Idle
+                        } else {
+                            Rx::Body(dec)
+                        };
+                        return Poll::Ready(Ok(head));
+                    }
+                    Ok(None) => {}
+                }
+            }
+            match ready!(fill(&mut self.io, &mut self.rd, READ_SMALL, cx)) {
+                Ok(0) => return Poll::Ready(Err(Error::Closed)),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(Error::Io(e))),
+            }
+        }
+    }
+
+    /// The next frame of the response body; `None` at its end.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            if !matches!(self.rx, Rx::Body(_)) {
+                return Poll::Ready(None);
+            }
+            if let Err(e) = self.drive_tx(cx) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            let Rx::Body(dec) = &mut self.rx else {
+                return Poll::Ready(None);
+            };
+            let decoded = match dec.decode(&mut self.rd) {
+                Ok(h1::Decoded::More) => {
+                    let want = match dec.remaining() {
+                        Some(n) if n <= READ_SMALL as u64 => READ_SMALL,
+                        _ => READ_LARGE,
+                    };
+                    match ready!(fill(&mut self.io, &mut self.rd, want, cx)) {
+                        Ok(0) => {
+                            self.keep_alive = false;
+                            dec.at_eof()
+                        }
+                        Ok(_) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(Error::Io(e)))),
+                    }
+                }
+                d => d,
+            };
+            let done = dec.is_done();
+            if done {
+                self.rx = Rx::Idle;
+            }
+            return Poll::Ready(match decoded {
+                Err(m) => Some(Err(Error::Malformed(m))),
+                Ok(h1::Decoded::Data(b)) => Some(Ok(Frame::data(b))),
+                Ok(h1::Decoded::Trailers(t)) => Some(Ok(Frame::trailers(t))),
+                Ok(h1::Decoded::End | h1::Decoded::More) => None,
+            });
+        }
+    }
+
+    /// The request back, when none of it was sent.
+    fn take_unsent(&mut self) -> Option<Request<B>> {
+        let parts = self.unsent.take()?;
+        let body = self.tx.body.take()?;
+        Some(Request::from_parts(parts, body))
+    }
+}
+
 /// A connection a request holds.
 pub enum Conn<B: Body + 'static> {
-    /// Boxed: hyper's HTTP/1.1 connection state is large, and moves in and out of the pool.
+    /// Boxed: it moves in and out of the pool, and holds its buffers.
     H1(Box<H1<B>>),
     /// Shared by the endpoint's requests; hyper's task drives it.
     H2(http2::SendRequest<B>, AbortHandle),
 }
 
+/// A response body, read with [`poll_body`] from the connection that carried it.
+pub enum ResponseBody {
+    /// Read from the HTTP/1.1 connection; `end`: its last frame was read.
+    H1 {
+        end: bool,
+        hint: SizeHint,
+    },
+    H2(Incoming),
+}
+
+impl ResponseBody {
+    pub fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::H1 { end, .. } => *end,
+            ResponseBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::H1 { hint, .. } => *hint,
+            ResponseBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 impl<B> Conn<B>
 where
-    B: Body + Unpin + 'static,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     pub fn is_h2(&self) -> bool {
         matches!(self, Conn::H2(..))
     }
 
-    /// Drives an HTTP/1.1 connection (its reads, its writes, the request body): called by
-    /// every future that waits on it. `false` once it has ended.
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        match self {
-            Conn::H1(h) => h.drive(cx),
-            Conn::H2(..) => true,
-        }
-    }
-
-    /// Ready for a request: an HTTP/1.1 connection the upstream closed meanwhile is not.
-    async fn ready(&mut self) -> bool {
-        match self {
-            Conn::H2(s, _) => s.ready().await.is_ok() && !s.is_closed(),
-            Conn::H1(h) => {
-                poll_fn(|cx| {
-                    let alive = h.drive(cx);
-                    match h.send.poll_ready(cx) {
-                        Poll::Ready(r) => Poll::Ready(alive && r.is_ok()),
-                        Poll::Pending if !alive => Poll::Ready(false),
-                        Poll::Pending => Poll::Pending,
-                    }
-                })
-                .await
-            }
-        }
-    }
-
-    /// Sends `req` and waits for the response head, driving an HTTP/1.1 connection meanwhile.
-    /// On failure, the request when it was never sent (the connection had closed): it may go
+    /// Sends `req` and waits for the response head (an HTTP/1.1 request is written meanwhile).
+    /// On failure, the request when none of it was sent (the connection had closed): it may go
     /// on another connection.
     pub async fn send(
         &mut self,
         req: Request<B>,
-    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<B>>)> {
+    ) -> Result<Response<ResponseBody>, (Error, Option<Request<B>>)> {
         match self {
-            Conn::H2(s, _) => s.send_request(req).await.map_err(|e| (e, None)),
+            Conn::H2(s, _) => match s.send_request(req).await {
+                Ok(resp) => Ok(resp.map(ResponseBody::H2)),
+                Err(e) => Err((Error::H2(e), None)),
+            },
             Conn::H1(h) => {
-                let mut resp = std::pin::pin!(h.send.try_send_request(req));
-                let r = poll_fn(|cx| {
-                    h.drive(cx);
-                    resp.as_mut().poll(cx)
-                })
-                .await;
-                r.map_err(|mut e| {
-                    let unsent = e.take_message();
-                    (e.into_error(), unsent)
-                })
+                h.start(req);
+                match poll_fn(|cx| h.poll_head(cx)).await {
+                    Ok(head) => {
+                        let body = match &h.rx {
+                            Rx::Body(dec) => ResponseBody::H1 {
+                                end: false,
+                                hint: dec
+                                    .remaining()
+                                    .map_or_else(SizeHint::new, SizeHint::with_exact),
+                            },
+                            _ => ResponseBody::H1 {
+                                end: true,
+                                hint: SizeHint::with_exact(0),
+                            },
+                        };
+                        let mut resp = Response::new(body);
+                        *resp.status_mut() = head.status;
+                        *resp.version_mut() = head.version;
+                        *resp.headers_mut() = head.headers;
+                        Ok(resp)
+                    }
+                    Err(e) => {
+                        h.keep_alive = false;
+                        Err((e, h.take_unsent()))
+                    }
+                }
             }
         }
     }
 }
 
-/// The next frame of `body`, the response to a request on `conn`: an HTTP/1.1 connection is
-/// driven first (it reads the body).
+/// The next frame of `body`, the response to a request on `conn`: an HTTP/1.1 body is read
+/// from the connection (which writes what is left of the request meanwhile).
 pub fn poll_body<B>(
     conn: Option<&mut Conn<B>>,
-    body: &mut Incoming,
+    body: &mut ResponseBody,
     cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>>
+) -> Poll<Option<Result<Frame<Bytes>, Error>>>
 where
-    B: Body + Unpin + 'static,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    if let Some(c) = conn {
-        c.drive(cx);
+    match body {
+        ResponseBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Error::H2),
+        ResponseBody::H1 { end: true, .. } => Poll::Ready(None),
+        ResponseBody::H1 { end, hint } => {
+            let Some(Conn::H1(h)) = conn else {
+                return Poll::Ready(Some(Err(Error::Closed)));
+            };
+            let r = ready!(h.poll_frame(cx));
+            *end = matches!(h.rx, Rx::Idle);
+            if let (Some(Ok(f)), Some(n)) = (&r, hint.exact()) {
+                let len = f.data_ref().map_or(0, |d| d.len() as u64);
+                *hint = SizeHint::with_exact(n.saturating_sub(len));
+            }
+            Poll::Ready(r)
+        }
     }
-    Pin::new(body).poll_frame(cx)
 }
 
 /// One upstream as one shard sees it: its addresses, its TLS settings, its idle HTTP/1.1
@@ -270,8 +662,7 @@ pub struct Endpoint<B: Body + 'static> {
 
 impl<B> Endpoint<B>
 where
-    B: Body + Unpin + 'static,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     pub fn new(
@@ -353,9 +744,10 @@ where
         let h2 = self.h2.borrow().clone();
         if let Some((s, driver)) = h2 {
             // Ready unless the connection is gone or at its stream limit; a new one then.
-            let mut c = Conn::H2(s, driver);
-            if matches!(tokio::time::timeout(connect, c.ready()).await, Ok(true)) {
-                return Ok((c, true));
+            let mut s = s;
+            let ready = async { s.ready().await.is_ok() && !s.is_closed() };
+            if matches!(tokio::time::timeout(connect, ready).await, Ok(true)) {
+                return Ok((Conn::H2(s, driver), true));
             }
             self.h2.borrow_mut().take();
         }
@@ -384,9 +776,9 @@ where
 
     async fn open(&self, backend: Backend, connect: Duration) -> Result<Conn<B>, UpstreamError> {
         let (io, h2) = self.connect_io(backend, false, connect).await?;
-        let io = TokioIo::new(io);
-        let broken = |e: hyper::Error| UpstreamError::Connect(format!("handshake: {e}"));
         if h2 {
+            let io = TokioIo::new(io);
+            let broken = |e: hyper::Error| UpstreamError::Connect(format!("handshake: {e}"));
             let mut b = http2::Builder::new(LocalExec);
             b.timer(TokioTimer::new());
             if let Some(every) = self.h2_keep_alive {
@@ -402,15 +794,7 @@ where
             *self.h2.borrow_mut() = Some((sender.clone(), driver.clone()));
             Ok(Conn::H2(sender, driver))
         } else {
-            let (send, conn) = http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .handshake(io)
-                .await
-                .map_err(broken)?;
-            Ok(Conn::H1(Box::new(H1 {
-                send,
-                conn: Some(conn),
-            })))
+            Ok(Conn::H1(Box::new(H1::new(io))))
         }
     }
 
@@ -420,22 +804,26 @@ where
         let Conn::H1(mut h) = c else {
             return;
         };
-        // Unless hyper already wants the next request, driven once more (nobody waits on it
-        // now: no waker), so the end of a body hyper has read but not yet processed leaves the
-        // connection ready.
-        if !h.send.is_ready() {
-            h.drive(&mut Context::from_waker(std::task::Waker::noop()));
-        }
-        if h.conn.is_none() {
+        // Pooled only when the response was read to its end and both sides allow another
+        // request on the connection.
+        if !matches!(h.rx, Rx::Idle) || !h.keep_alive {
             return;
         }
-        if !h.send.is_ready() {
+        if !h.tx.done() {
             // The upstream answered before the request body was all sent: the upload goes on
             // (the client is still sending it) on a task of its own, then the connection closes.
             tokio::task::spawn_local(async move {
-                Conn::H1(h).ready().await;
+                let _ = poll_fn(|cx| h.tx.poll(&mut h.io, cx)).await;
             });
             return;
+        }
+        if !h.rd.is_empty() {
+            // Bytes past the response: nothing the next request could be sure of.
+            return;
+        }
+        if h.rd.capacity() > READ_SMALL {
+            // A large body's read buffer is not kept while idle.
+            h.rd = BytesMut::new();
         }
         let mut idle = self.idle.borrow_mut();
         if idle.len() < pool_size {

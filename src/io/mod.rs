@@ -6,6 +6,7 @@
 
 mod backend;
 pub mod client;
+pub mod h1;
 pub mod handover;
 mod http2;
 pub mod listen;

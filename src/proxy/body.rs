@@ -14,6 +14,7 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::upstream::Lease;
+use crate::io::client::ResponseBody;
 
 /// An idle timeout that costs nothing while data flows: activity only records the time, and
 /// the timer is armed when a wait begins. Firing early (there was activity since it was
@@ -200,7 +201,7 @@ pub struct Relay {
     pub metrics: Rc<super::RouteMetrics>,
     /// Bytes passed so far (published when the body ends or goes).
     pub sent: u64,
-    pub inner: Incoming,
+    pub inner: ResponseBody,
     pub lease: Option<Lease>,
     pub idle: IdleTimer,
     pub deadline: Option<Pin<Box<Sleep>>>,

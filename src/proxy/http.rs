@@ -15,7 +15,7 @@ use crate::io::RequestBody;
 use super::body::{Body, ClientFault, IdleTimer, Relay, ReqBody, Upload};
 use super::upstream::Lease;
 use super::{balance, headers, Client, Failure, RouteState};
-use crate::io::client::Conn;
+use crate::io::client::{Conn, ResponseBody};
 
 /// A short text answer naming the cause.
 pub fn error_response(f: &Failure) -> Response<Body> {
@@ -294,7 +294,7 @@ async fn send(
     body: ReqBody,
     wait: Duration,
     lease: &mut Lease,
-) -> Result<hyper::Response<Incoming>, (Failure, Option<(http::HeaderMap, ReqBody)>)> {
+) -> Result<Response<ResponseBody>, (Failure, Option<(http::HeaderMap, ReqBody)>)> {
     let h2 = conn.is_h2();
     let url = &up.ep.url;
     let path = headers::upstream_path(route, &url.path, &parts.uri);
@@ -337,7 +337,7 @@ async fn send(
         Err(_) => Err((Failure::HeadTimeout, None)),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err((e, unsent))) => Err((
-            Failure::Broken(describe(&e)),
+            Failure::Broken(e.to_string()),
             unsent.map(|r| {
                 let (p, b) = r.into_parts();
                 (p.headers, b)
@@ -346,26 +346,9 @@ async fn send(
     }
 }
 
-fn describe(e: &hyper::Error) -> String {
-    use std::error::Error as _;
-    let what = if e.is_incomplete_message() || e.is_closed() {
-        "the upstream closed the connection"
-    } else if e.is_parse() || e.is_parse_status() {
-        "the upstream sent a malformed response"
-    } else if e.is_canceled() {
-        "the request was cancelled"
-    } else {
-        "the upstream connection failed"
-    };
-    match e.source() {
-        Some(s) => format!("{what} ({s})"),
-        None => what.to_string(),
-    }
-}
-
 fn respond(
     route: &RouteState,
-    resp: hyper::Response<Incoming>,
+    resp: Response<ResponseBody>,
     lease: Lease,
     deadline: Option<Instant>,
 ) -> Response<Body> {
