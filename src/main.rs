@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ringgate::server::config::{AdminListen, Config, IoMode, LogFormat, Overrides};
-use ringgate::server::{raise_nofile_limit, Server};
+use ringgate::server::{disable_transparent_huge_pages, raise_nofile_limit, Server};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -140,6 +140,9 @@ fn env(key: &str) -> Option<String> {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = disable_transparent_huge_pages() {
+        eprintln!("warning: transparent huge pages stay on: {e}");
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::CheckConfig { file }) => {

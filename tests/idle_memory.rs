@@ -326,3 +326,26 @@ both_backends!(
     idle_connections_hold_little_heap,
     idle_wss_connections_hold_no_tls_buffer
 );
+
+/// The server's `THP_enabled` in /proc/PID/status (0 after `PR_SET_THP_DISABLE`).
+fn thp_enabled(server: &Server) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("the server's /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc status:\n{status}"))
+        .trim()
+        .to_owned()
+}
+
+/// Transparent huge pages are off for the server unless `MIMALLOC_ALLOW_THP` asks for them:
+/// with them, mimalloc's arenas are resident in 2 MiB units and an idle connection's RSS is the
+/// allocator's span, not what it holds (bench/IDLE.md).
+#[tokio::test]
+async fn transparent_huge_pages_are_off_unless_asked_for() {
+    let server = Server::start(Backend::Epoll, &[]);
+    assert_eq!(thp_enabled(&server), "0");
+    let asked = Server::start_with_env(Backend::Epoll, "", &[("MIMALLOC_ALLOW_THP", "1")], &[]);
+    assert_eq!(thp_enabled(&asked), "1");
+}

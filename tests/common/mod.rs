@@ -304,6 +304,7 @@ pub fn ringgate_command() -> Command {
         "CLUSTER_ENGINE",
         "REDIS_URL",
         "AGENT_UPSTREAM",
+        "MIMALLOC_ALLOW_THP",
     ] {
         cmd.env_remove(var);
     }
