@@ -611,18 +611,17 @@ async fn refused_upstream_is_502(backend: Backend) {
     assert!(r.body.contains("cannot connect"), "{:?}", r.body);
 }
 
+fn not_http(_: &str) -> (Vec<u8>, bool) {
+    (b"NOT HTTP AT ALL\r\n\r\n".to_vec(), false)
+}
+
 async fn malformed_upstream_is_502(backend: Backend) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await;
-            });
-        }
-    });
+    raw_upstream_is_502(backend, not_http, "malformed").await
+}
+
+/// An upstream that answers every request with `answer` is answered 502, naming `cause`.
+async fn raw_upstream_is_502(backend: Backend, answer: fn(&str) -> (Vec<u8>, bool), cause: &str) {
+    let (addr, _) = raw_upstream(answer, false).await;
     let server = Server::start_with_config(
         backend,
         &route("retries = 0", &[format!("http://{addr}")]),
@@ -630,7 +629,7 @@ async fn malformed_upstream_is_502(backend: Backend) {
     );
     let r = get(&server, "/x", "").await;
     assert_eq!(r.status, 502, "{r:?}");
-    assert!(r.body.contains("malformed"), "{:?}", r.body);
+    assert!(r.body.contains(cause), "{:?}", r.body);
 }
 
 async fn slow_upstream_is_504(backend: Backend) {
@@ -1809,13 +1808,5 @@ fn huge_head(_: &str) -> (Vec<u8>, bool) {
 
 /// A response head over the limit (64 KiB) is answered 502, naming the cause.
 async fn oversized_response_head_is_502(backend: Backend) {
-    let (addr, _) = raw_upstream(huge_head, false).await;
-    let server = Server::start_with_config(
-        backend,
-        &route("retries = 0", &[format!("http://{addr}")]),
-        &[],
-    );
-    let r = get(&server, "/x", "").await;
-    assert_eq!(r.status, 502, "{r:?}");
-    assert!(r.body.contains("too large"), "{:?}", r.body);
+    raw_upstream_is_502(backend, huge_head, "too large").await
 }
