@@ -683,12 +683,7 @@ impl ClusterLink<'_> {
                 };
                 let mut asking = Vec::new();
                 resp::command(&mut asking, &[b"ASKING"]);
-                let asking = Command {
-                    tag: None,
-                    bytes: asking,
-                    slot,
-                    redirects: 0,
-                };
+                let asking = Command::new(None, asking, slot);
                 send(to, master, asking)?;
                 send(to, master, c)?;
             }
@@ -777,12 +772,7 @@ mod tests {
         let mut bytes = Vec::new();
         resp::command(&mut bytes, args);
         Sent {
-            cmd: Command {
-                tag,
-                bytes,
-                slot: 0,
-                redirects: 0,
-            },
+            cmd: Command::new(tag, bytes, 0),
             at: Instant::now(),
         }
     }

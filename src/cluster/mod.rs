@@ -52,6 +52,18 @@ pub struct Command {
     pub redirects: u8,
 }
 
+impl Command {
+    /// A command not yet redirected.
+    pub fn new(tag: Option<Tag>, bytes: Vec<u8>, slot: u16) -> Command {
+        Command {
+            tag,
+            bytes,
+            slot,
+            redirects: 0,
+        }
+    }
+}
+
 /// Names a command's answer for the hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tag {

@@ -117,12 +117,7 @@ impl Cluster {
     /// Queues a command for the keys (or channel) of `slot`.
     fn send(&mut self, tag: Option<Tag>, slot: u16, bytes: Vec<u8>) {
         self.in_flight += usize::from(tag.is_some());
-        self.out.push_back(Command {
-            tag,
-            bytes,
-            slot,
-            redirects: 0,
-        });
+        self.out.push_back(Command::new(tag, bytes, slot));
     }
 
     /// Follows `topic` and reads it; `seen` is the epoch and seq of its mirror, if any.

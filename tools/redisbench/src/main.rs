@@ -179,10 +179,8 @@ async fn drive_link(
 /// Ringgate's link: `window` publishes awaiting their answer at a time.
 async fn publish_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let (head, tail) = body(a.size);
-    let command = |i| Command {
-        tag: Some(Tag::Publish(i)),
-        slot: keys.slot(TOPIC),
-        bytes: keys.publish(
+    let command = |i| {
+        let bytes = keys.publish(
             TOPIC,
             &Message {
                 head: head.as_bytes(),
@@ -194,7 +192,8 @@ async fn publish_ours(a: &Args, keys: &Keys) -> Result<(), String> {
             100,
             60_000,
             "E",
-        ),
+        );
+        Command::new(Some(Tag::Publish(i)), bytes, keys.slot(TOPIC))
     };
     let first = a.window.min(a.n);
     let (sent, done) = (Cell::new(first), Cell::new(0u64));
@@ -294,11 +293,7 @@ fn seq_of(v: &redis::Value) -> Result<u64, String> {
 async fn receive_ours(a: &Args, keys: &Keys) -> Result<(), String> {
     let (subscribe, _) = keys.follow(TOPIC, "E", None);
     let got = Cell::new(0u64);
-    let first = Command {
-        tag: None,
-        bytes: subscribe,
-        slot: keys.slot(TOPIC),
-    };
+    let first = Command::new(None, subscribe, keys.slot(TOPIC));
     drive_link(a, [first], |e, _| {
         if let Event::Message { channel, payload } = e {
             if keys.topic_of(&channel).is_some() && Keys::pushed(&payload).is_some() {
