@@ -46,6 +46,7 @@ both_backends!(
     closing_one_stream_leaves_the_others,
     drain_sends_goaway_and_closes_websockets,
     rapid_reset_is_answered_with_goaway,
+    a_body_ends_on_its_last_data_frame,
     continuation_flood_is_refused,
     streams_over_the_limit_are_refused,
     settings_and_ping_floods_stay_bounded,
@@ -1170,6 +1171,36 @@ impl RawH2 {
         }
         None
     }
+}
+
+/// A response whose body knows its end sets END_STREAM on its last DATA frame: no empty DATA
+/// frame after the body (one frame, and for the client one wake-up, fewer per response).
+async fn a_body_ends_on_its_last_data_frame(backend: Backend) {
+    let (server, certs) = start_tls(backend, "").await;
+    let mut raw = RawH2::open(server.addr, &certs).await;
+    assert!(
+        raw.send(&h2_frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_healthz()))
+            .await
+    );
+    let mut data = Vec::new();
+    loop {
+        let (ty, flags, stream, payload) = raw.frame().await.expect("the response");
+        if stream != 1 {
+            continue;
+        }
+        if ty == DATA {
+            data.push((flags, payload.len()));
+        }
+        if flags & END_STREAM != 0 {
+            assert_eq!(ty, DATA, "the stream ends on a DATA frame");
+            break;
+        }
+    }
+    assert!(
+        data.iter().all(|&(_, len)| len > 0),
+        "an empty DATA frame was sent: {data:?}"
+    );
+    assert!(!data.is_empty());
 }
 
 /// CVE-2023-44487: streams opened and reset at once, faster than the server can accept them.

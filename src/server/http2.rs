@@ -184,8 +184,9 @@ async fn stream(req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>, 
     }
 }
 
-/// Sends `body` on the stream as its DATA (and trailers), within the stream's window; stops
-/// when the client resets the stream (an event stream it no longer wants).
+/// Sends `body` on the stream as its DATA (and trailers), within the stream's window, ending
+/// the stream on the last piece when the body knows it is the last; stops when the client
+/// resets the stream (an event stream it no longer wants).
 async fn pipe(body: AnyBody, mut send: SendStream<Bytes>) {
     let mut body = pin!(body);
     let mut pending = Bytes::new();
@@ -204,7 +205,9 @@ async fn pipe(body: AnyBody, mut send: SendStream<Bytes>) {
             }
             let n = send.capacity().min(pending.len());
             let chunk = pending.split_to(n);
-            if send.send_data(chunk, false).is_err() {
+            // The body's last piece carries END_STREAM: no empty DATA frame after it.
+            let last = pending.is_empty() && body.is_end_stream();
+            if send.send_data(chunk, last).is_err() || last {
                 return Poll::Ready(());
             }
             continue;
