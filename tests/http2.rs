@@ -1179,8 +1179,13 @@ async fn a_body_ends_on_its_last_data_frame(backend: Backend) {
     let (server, certs) = start_tls(backend, "").await;
     let mut raw = RawH2::open(server.addr, &certs).await;
     assert!(
-        raw.send(&h2_frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_healthz()))
-            .await
+        raw.send(&h2_frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            1,
+            &get_healthz()
+        ))
+        .await
     );
     let mut data = Vec::new();
     loop {

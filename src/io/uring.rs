@@ -354,6 +354,9 @@ struct Inner {
     /// the operation as it is.
     #[allow(clippy::vec_box)]
     spare: Vec<Box<SendBuf>>,
+    /// Wake-ups of completions reaped early (the submission queue was full), for the driver
+    /// task to deliver with the rest of its turn's.
+    woken: Vec<Waker>,
     stats: Stats,
 }
 
@@ -372,6 +375,8 @@ pub(super) struct Stats {
     pub held: usize,
     /// Buffers copied to a connection's overflow (a burst beyond its share).
     pub overflowed: u64,
+    /// Times the kernel found the completion queue full (and took its slow path).
+    pub cq_overflows: u64,
 }
 
 pub(super) struct Driver {
@@ -402,6 +407,7 @@ impl Driver {
                 queued: false,
                 sends: 0,
                 spare: Vec::new(),
+                woken: Vec::new(),
                 stats: Stats::default(),
             }),
         }))
@@ -440,22 +446,14 @@ impl Driver {
             let inner = &mut *g;
             inner.queued = false;
             inner.enter();
-            loop {
-                let mut cq = inner.ring.completion();
-                cq.sync();
-                let batch: Vec<cqueue::Entry> = cq.collect();
-                if batch.is_empty() {
-                    break;
-                }
-                for cqe in batch {
-                    inner.complete(cqe, &mut wake);
-                }
+            while inner.reap(&mut wake) {
                 // Completions may have queued resubmissions (short writes, cancels).
                 if inner.queued {
                     inner.queued = false;
                     inner.enter();
                 }
             }
+            wake.append(&mut inner.woken);
         }
         for w in wake {
             w.wake();
@@ -540,7 +538,13 @@ impl Inner {
         // SAFETY: every buffer the entry points at is owned by its op in `ops` (or by the
         // shard's buffer ring) until its last completion.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            self.enter(); // the queue is full: submit what is there first
+            // The queue is full: submit what is there, and reap what completed, so that a loop
+            // turn queueing more sends than the completion queue holds (a broadcast to 10,000)
+            // does not overflow it into the kernel's slow path, and its send records are reused.
+            self.enter();
+            let mut wake = std::mem::take(&mut self.woken);
+            self.reap(&mut wake);
+            self.woken.append(&mut wake);
         }
         self.queued = true;
         ud
@@ -553,8 +557,10 @@ impl Inner {
         let mut sq = unsafe { self.ring.submission_shared() };
         sq.sync();
         let n = sq.len();
-        let taskrun = sq.taskrun() || sq.cq_overflow();
+        let overflow = sq.cq_overflow();
+        let taskrun = sq.taskrun() || overflow;
         drop(sq);
+        self.stats.cq_overflows += u64::from(overflow);
         if n == 0 && !taskrun {
             return;
         }
@@ -568,6 +574,18 @@ impl Inner {
                 _ => tracing::error!("io_uring_enter: {e}"),
             }
         }
+    }
+
+    /// Processes the completions waiting in the queue; false when there were none.
+    fn reap(&mut self, wake: &mut Vec<Waker>) -> bool {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        let batch: Vec<cqueue::Entry> = cq.collect();
+        let any = !batch.is_empty();
+        for cqe in batch {
+            self.complete(cqe, wake);
+        }
+        any
     }
 
     fn complete(&mut self, cqe: cqueue::Entry, wake: &mut Vec<Waker>) {
@@ -1033,6 +1051,43 @@ mod tests {
             let (st, _) = stats();
             assert!(st.nobufs > 0, "the ring never ran out: {st:?}");
             assert_eq!(st.held, 0, "{st:?}");
+        });
+    }
+
+    #[test]
+    fn a_turn_with_more_sends_than_the_queues_hold_overflows_nothing() {
+        const CONNS: usize = 200;
+        // 8 submission and 16 completion entries for 200 sends queued in one loop turn.
+        let tiny = Config {
+            entries: 8,
+            ..SMALL
+        };
+        run(tiny, async {
+            let mut pairs = Vec::new();
+            for _ in 0..CONNS {
+                pairs.push(pair(None).await);
+            }
+            settled().await;
+            poll_fn(|cx| {
+                for (c, (server, _)) in pairs.iter_mut().enumerate() {
+                    let byte = [pattern(c, 0)];
+                    let sent = server.poll_write_vectored(cx, &[io::IoSlice::new(&byte)]);
+                    assert!(
+                        matches!(sent, Poll::Ready(Ok(1))),
+                        "connection {c}: {sent:?}"
+                    );
+                }
+                Poll::Ready(())
+            })
+            .await;
+            for (c, (_, client)) in pairs.iter_mut().enumerate() {
+                let mut b = [0u8; 1];
+                client.read_exact(&mut b).await.unwrap();
+                assert_eq!(b[0], pattern(c, 0), "connection {c}");
+            }
+            settled().await;
+            let (st, _) = stats();
+            assert_eq!(st.cq_overflows, 0, "{st:?}");
         });
     }
 
