@@ -9,10 +9,9 @@
 //!   provided-buffer ring shared by all connections of the shard. Completions queue buffer ids
 //!   on the connection; `poll_read` copies out of them and gives each buffer back to the ring as
 //!   soon as it is emptied, so an idle connection holds no read buffer. A connection that stops
-//!   reading holds at most [`MAX_QUEUED`] buffers: what the kernel delivers beyond them is
-//!   copied to the connection's heap overflow, its buffers returned, and once that holds
-//!   [`PAUSE_AT`] bytes the receive is cancelled and re-armed when it reads again (TCP flow
-//!   control takes over). When the ring is
+//!   reading holds at most [`MAX_QUEUED`] buffers: its receive is cancelled and re-armed when
+//!   it reads again (TCP flow control takes over), and what the kernel delivered in the same
+//!   burst beyond that is copied to the connection's heap overflow, its buffers returned. When the ring is
 //!   empty the kernel ends a receive with `ENOBUFS`; the connection waits until a buffer comes
 //!   back, then re-arms. Nothing is lost: the bytes stay in the socket.
 //! - **Writes**: write-behind as before. A write hands its chunks (owned `Bytes`) to the driver
@@ -60,15 +59,9 @@ impl Config {
     };
 }
 
-/// Buffers a connection may hold unread (16 KiB): small, so that connections which stop
-/// reading (backpressure) hold at most a small share of the ring.
+/// Buffers a connection may hold unread before its receive is paused (16 KiB): small, so
+/// that connections which stop reading (backpressure) hold at most a small share of the ring.
 const MAX_QUEUED: usize = 4;
-/// Bytes a connection's overflow may reach before its receive is paused. A stream that keeps
-/// coming (a streamed body) overflows its share of the ring at once; pausing then — a cancel,
-/// and a re-arm at the next read, each a loop turn apart — cut a 1 GiB proxied download into
-/// 16 KiB rounds (170 MB/s against epoll's 343, bench/PROXY.md). A reader that stops holds
-/// this much heap more, and still no more of the ring.
-const PAUSE_AT: usize = 64 * 1024;
 /// The buffer group of the shard's provided-buffer ring.
 const BGID: u16 = 0;
 /// `io_uring_enter` flag: also process completions (not re-exported by the io-uring crate).
@@ -658,10 +651,10 @@ impl Inner {
                     self.stats.overflowed += 1;
                     returned = true;
                 }
-                // Unread data piles up past the queue and `PAUSE_AT` of overflow (a receive
-                // re-armed while the overflow is still being read puts every new buffer
-                // there, after it): pause until the reader catches up.
-                let piling = st.overflow.len() >= PAUSE_AT;
+                // Unread data piles up (the queue is full, or bytes went to the overflow: a
+                // receive re-armed while the overflow was still being read puts every new
+                // buffer there and never fills the queue): pause until the reader catches up.
+                let piling = st.queue.len() >= MAX_QUEUED || !st.overflow.is_empty();
                 if piling && more && matches!(st.recv, Recv::Armed(_)) {
                     st.recv = Recv::Cancelling;
                     drop(st);
