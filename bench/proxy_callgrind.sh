@@ -14,7 +14,9 @@
 #   down: a BODY_MB (64) file downloaded with curl, Ir ÷ MiB;
 #   up:   the same uploaded with curl -T, Ir ÷ MiB.
 # Env: BODY_MB (64), IO (epoll), KEEP (set: keep the dumps for callgrind_annotate), PORTS
-# (9200: the upstream listens on PORTS+2, the proxy on PORTS+4). Targets 127.0.0.1 only; every run is bounded.
+# (9200: the upstream listens on PORTS+2, the proxy on PORTS+4), H2C (set: the clients speak
+# HTTP/2 with prior knowledge to ringgate, `h2c = true`; ringgate only). Targets 127.0.0.1
+# only; every run is bounded.
 set -u
 . "$(dirname "$0")/lib.sh"
 BODY_MB=${BODY_MB:-64}
@@ -39,6 +41,7 @@ cat >"$WORK/ringgate.toml" <<EOF
 admin_listen = "off"
 [[listen]]
 addr = "127.0.0.1:$PX_PORT"
+h2c = $([ -n "${H2C:-}" ] && echo true || echo false)
 [[route]]
 path_prefix = "/h/"
 upstreams = ["http://127.0.0.1:$UP_PORT"]
@@ -79,12 +82,13 @@ measure() {
 
 small() { wrk -t1 -c10 -d10s http://127.0.0.1:$PX_PORT/h/small >"$WORK/wrk.out"; }
 # The two bodies, with curl's status and byte count in curl.out (checked by the reader).
+CURL_H2=${H2C:+--http2-prior-knowledge}
 download() {
-    timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_download} down\n' \
+    timeout 300 curl $CURL_H2 -s -o /dev/null -w '%{http_code} %{size_download} down\n' \
         http://127.0.0.1:$PX_PORT/h/big >>"$WORK/curl.out"
 }
 upload() {
-    timeout 300 curl -s -o /dev/null -w '%{http_code} %{size_upload} up\n' -T "$WORK/big" \
+    timeout 300 curl $CURL_H2 -s -o /dev/null -w '%{http_code} %{size_upload} up\n' -T "$WORK/big" \
         -H 'Expect:' http://127.0.0.1:$PX_PORT/h/sink >>"$WORK/curl.out"
 }
 

@@ -74,6 +74,8 @@ both_backends!(
     every_response_framing_byte_by_byte,
     upstream_closing_mid_body_truncates,
     oversized_response_head_is_502,
+    uploads_arrive_byte_exact,
+    upload_to_a_stalled_upstream_is_bounded,
 );
 
 // ---- an HTTP upstream ------------------------------------------------------------------------
@@ -101,6 +103,7 @@ struct HttpUp {
 
 impl HttpUp {
     /// Paths: `/big?N` streams N bytes; `/upload` answers the body's length and sum;
+    /// `/digest` its length and FNV-1a hash (which the bytes' order changes);
     /// `/hang` never answers; `/endless` streams forever; `/trailers` sends a trailer;
     /// `/health` answers 200 or 503 by `healthy`; anything else echoes what it saw as
     /// `name path?query`.
@@ -230,6 +233,21 @@ async fn serve(name: &str, req: http::Request<Incoming>, s: Arc<Seen>) -> http::
             }
             ok(format!("{len} {sum} {trailer}"))
         }
+        "/digest" => {
+            let mut body = req.into_body();
+            let (mut len, mut hash) = (0usize, FNV_BASIS);
+            while let Some(f) = body.frame().await {
+                let Ok(f) = f else {
+                    s.upload_errors.fetch_add(1, Ordering::SeqCst);
+                    return ok("error".into());
+                };
+                if let Some(d) = f.data_ref() {
+                    len += d.len();
+                    hash = fnv1a(hash, d);
+                }
+            }
+            ok(format!("{len} {hash:016x}"))
+        }
         "/gate" => {
             s.gate.notified().await;
             ok("through the gate".into())
@@ -277,6 +295,14 @@ async fn serve(name: &str, req: http::Request<Incoming>, s: Arc<Seen>) -> http::
             r
         }
     }
+}
+
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// A body that never ends; counts being dropped.
@@ -1809,4 +1835,167 @@ fn huge_head(_: &str) -> (Vec<u8>, bool) {
 /// A response head over the limit (64 KiB) is answered 502, naming the cause.
 async fn oversized_response_head_is_502(backend: Backend) {
     raw_upstream_is_502(backend, huge_head, "too large").await
+}
+
+// ---- request bodies gathered into vectored writes ----------------------------------------------
+
+/// `n` bytes of a pattern that does not repeat at any power-of-two period, cut into pieces of
+/// uneven sizes (1 byte to just over 64 KiB).
+fn uneven_pieces(n: usize) -> (Vec<Bytes>, String) {
+    let mut x = 0x2545_f491_u32;
+    let data: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let sizes = [1, 3, 100, 4096, 65_537, 10, 1500, 16_384];
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for size in sizes.iter().cycle() {
+        if at == n {
+            break;
+        }
+        let end = (at + size).min(n);
+        pieces.push(Bytes::copy_from_slice(&data[at..end]));
+        at = end;
+    }
+    let expected = format!("{n} {:016x}", fnv1a(FNV_BASIS, &data));
+    (pieces, expected)
+}
+
+fn piece_stream(
+    pieces: Vec<Bytes>,
+) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>>> {
+    StreamBody::new(futures_util::stream::iter(
+        pieces.into_iter().map(|p| Ok(Frame::data(p))),
+    ))
+}
+
+async fn text_of(resp: http::Response<Incoming>) -> String {
+    let body = resp.into_body().collect().await.expect("answer body");
+    String::from_utf8_lossy(&body.to_bytes()).into_owned()
+}
+
+/// The pieces of a request body that are ready go upstream together (one vectored write, with
+/// their chunk framing): an upload in pieces of uneven sizes arrives byte for byte, in order,
+/// chunked and with a content length, from HTTP/1.1 and from HTTP/2 clients (whose DATA
+/// frames queue up, so that many pieces are ready at once), and from a client that sends the
+/// whole chunked request in one write.
+async fn uploads_arrive_byte_exact(backend: Backend) {
+    const N: usize = (3 << 20) + 17;
+    let up = HttpUp::start("a").await;
+    let config = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nh2c = true\n{}",
+        route("", &[up.url()])
+    );
+    let server = Server::start_with_config(backend, &config, &[]);
+    let (pieces, expected) = uneven_pieces(N);
+    // HTTP/1.1, chunked (no length known), then with a content length.
+    let mut c = client(&server).await;
+    for length in [false, true] {
+        let mut req = http::Request::post("/digest").header("host", "t");
+        if length {
+            req = req.header("content-length", N);
+        }
+        let req = req
+            .body(BoxBody::new(piece_stream(pieces.clone())))
+            .unwrap();
+        let resp = within("the upload", c.send_request(req))
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(text_of(resp).await, expected, "HTTP/1.1, length {length}");
+    }
+    // HTTP/2 (h2c), both ways again.
+    let io = server.tcp().await;
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    for length in [false, true] {
+        let mut req = http::Request::post("http://t/digest");
+        if length {
+            req = req.header("content-length", N);
+        }
+        let req = req
+            .body(BoxBody::new(piece_stream(pieces.clone())))
+            .unwrap();
+        let resp = within("the h2 upload", h2.send_request(req))
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(text_of(resp).await, expected, "HTTP/2, length {length}");
+    }
+    // The whole chunked request in one write: every chunk is ready at once.
+    let mut wire = b"POST /digest HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for p in &pieces {
+        wire.extend_from_slice(format!("{:x}\r\n", p.len()).as_bytes());
+        wire.extend_from_slice(p);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let mut s = server.tcp().await;
+    s.write_all(&wire).await.unwrap();
+    let r = within("the answer", read_response(&mut s)).await;
+    assert_eq!((r.status, r.body.as_str()), (200, expected.as_str()));
+    assert_eq!(up.seen.upload_errors.load(Ordering::SeqCst), 0);
+}
+
+/// An upstream that takes the request head and never reads the body: the proxy stops reading
+/// the client's body (what it gathers for the upstream is bounded), so the client's upload
+/// stalls and the server's memory stays flat.
+async fn upload_to_a_stalled_upstream_is_bounded(backend: Backend) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = l.accept().await else {
+            return;
+        };
+        let _ = read_head(&mut s).await;
+        // Keep the connection, never read the body, never answer.
+        let _ = held_tx.send(s);
+    });
+    let server = Server::start_with_config(backend, &route("", &[format!("http://{addr}")]), &[]);
+    let before = rss_kib(server.pid());
+    let mut s = server.tcp().await;
+    s.write_all(b"POST /sink HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let _held = within("the request head upstream", held_rx).await.unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    let writer = tokio::spawn(async move {
+        let mut chunk = b"100000\r\n".to_vec();
+        chunk.extend_from_slice(&vec![9u8; 1 << 20]);
+        chunk.extend_from_slice(b"\r\n");
+        for _ in 0..256 {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+            w.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    within("some of the body written", async {
+        while written.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Proving that nothing more moves needs time to pass in the server process: 1.5 s of
+    // real time, in which 256 MiB would otherwise have gone through.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !writer.is_finished(),
+        "256 MiB went into a stalled upstream"
+    );
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    assert!(grown < 48 * 1024, "server RSS grew by {grown} KiB");
+    writer.abort();
 }

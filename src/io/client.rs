@@ -13,6 +13,7 @@
 //! hyper's driver task.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -178,15 +179,30 @@ impl std::error::Error for Error {}
 const READ_SMALL: usize = 8 * 1024;
 const READ_LARGE: usize = 64 * 1024;
 
-/// The request's side of an HTTP/1.1 exchange: the head and chunk framing waiting to be
-/// written, the body data after them, and the body still to be read.
+/// Body bytes gathered for the upstream: while this much waits to be written, no further piece
+/// of the request body is read (a slow upstream stops the reading of the client's body).
+const GATHER_BYTES: usize = 256 * 1024;
+/// The most pieces waiting (framing and data; one vectored write takes them all).
+const GATHER_SEGS: usize = 64;
+
+/// A piece of the request on its way out.
+enum Seg {
+    /// Head or chunk framing: a range of [`Tx::buf`].
+    Framing(usize, usize),
+    Data(Bytes),
+}
+
+/// The request's side of an HTTP/1.1 exchange: the head, the body pieces read and their
+/// framing waiting to be written (all that is ready goes in one vectored write), and the
+/// body still to be read.
 struct Tx<B> {
-    /// Head or framing bytes, written from `pos`.
+    /// Head and framing bytes, which `segs` refer to (cleared when all is written).
     buf: Vec<u8>,
+    /// What waits to be written, in order; the first from `pos`.
+    segs: VecDeque<Seg>,
     pos: usize,
-    /// Body data to write after `buf`, then `tail` (a chunk's CRLF).
-    data: Bytes,
-    tail: &'static [u8],
+    /// Body bytes in `segs`.
+    queued: usize,
     body: Option<B>,
     /// The body is to be read and sent (else the request has none).
     sending: bool,
@@ -210,9 +226,9 @@ where
     fn new() -> Tx<B> {
         Tx {
             buf: Vec::new(),
+            segs: VecDeque::new(),
             pos: 0,
-            data: Bytes::new(),
-            tail: b"",
+            queued: 0,
             body: None,
             sending: false,
             framing: h1::ReqFraming::Empty,
@@ -221,21 +237,37 @@ where
         }
     }
 
-    fn written(&self) -> bool {
-        self.pos == self.buf.len() && self.data.is_empty() && self.tail.is_empty()
-    }
-
     /// The whole request is written.
     fn done(&self) -> bool {
-        !self.sending && self.written() && !self.flush
+        !self.sending && self.segs.is_empty() && !self.flush
+    }
+
+    /// The request head (already in `buf`) goes first.
+    fn start(&mut self, body: B, framing: h1::ReqFraming) {
+        self.segs.clear();
+        self.segs.push_back(Seg::Framing(0, self.buf.len()));
+        self.pos = 0;
+        self.queued = 0;
+        self.started = false;
+        self.framing = framing;
+        self.sending = framing != h1::ReqFraming::Empty;
+        self.body = Some(body);
+    }
+
+    /// Framing bytes `write` appends to `buf`, after what waits (one piece with framing
+    /// right before them).
+    fn push_framing(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.buf.len();
+        write(&mut self.buf);
+        let end = self.buf.len();
+        match self.segs.back_mut() {
+            Some(Seg::Framing(_, e)) if *e == start => *e = end,
+            _ => self.segs.push_back(Seg::Framing(start, end)),
+        }
     }
 
     /// Frames one piece of the body for the wire.
     fn push(&mut self, frame: Frame<Bytes>) -> Result<(), TxError> {
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        }
         let data = match frame.into_data() {
             Ok(d) => d,
             Err(frame) => {
@@ -252,12 +284,16 @@ where
                 *rest -= data.len() as u64
             }
             h1::ReqFraming::Chunked => {
-                h1::chunk_size_line(&mut self.buf, data.len());
-                self.tail = b"\r\n";
+                let n = data.len();
+                self.push_framing(|b| h1::chunk_size_line(b, n));
             }
             _ => return Err(TxError::Body("request body longer than its length".into())),
         }
-        self.data = data;
+        self.queued += data.len();
+        self.segs.push_back(Seg::Data(data));
+        if self.framing == h1::ReqFraming::Chunked {
+            self.push_framing(|b| b.extend_from_slice(b"\r\n"));
+        }
         Ok(())
     }
 
@@ -265,7 +301,7 @@ where
         self.sending = false;
         self.body = None;
         match self.framing {
-            h1::ReqFraming::Chunked => h1::last_chunk(&mut self.buf, trailers),
+            h1::ReqFraming::Chunked => self.push_framing(|b| h1::last_chunk(b, trailers)),
             h1::ReqFraming::Length(n) if n > 0 => {
                 return Err(TxError::Body("request body shorter than its length".into()))
             }
@@ -274,34 +310,29 @@ where
         Ok(())
     }
 
-    /// Writes what waits and reads the body on, until all is written (or something waits): a
-    /// piece of the body read before a write goes with it, so the head and the first piece
-    /// leave in one vectored write.
+    /// Reads the pieces of the body that are ready (up to the bounds) and writes all that
+    /// waits in one vectored write, until all is written or something waits: the head goes
+    /// with the body's first piece when it is ready.
     fn poll(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<Result<(), TxError>> {
         loop {
-            if self.sending && self.data.is_empty() && self.tail.is_empty() {
-                if let Some(body) = self.body.as_mut() {
-                    let frame = Pin::new(body).poll_frame(cx);
-                    self.started |= frame.is_ready();
-                    match frame {
-                        Poll::Ready(Some(Ok(frame))) => {
-                            self.push(frame)?;
-                            continue;
-                        }
-                        Poll::Ready(Some(Err(e))) => {
-                            self.sending = false;
-                            self.body = None;
-                            return Poll::Ready(Err(TxError::Body(e.into())));
-                        }
-                        Poll::Ready(None) => {
-                            self.finish(None)?;
-                            continue;
-                        }
-                        Poll::Pending => {}
+            while self.sending && self.queued < GATHER_BYTES && self.segs.len() < GATHER_SEGS {
+                let Some(body) = self.body.as_mut() else {
+                    break;
+                };
+                let frame = Pin::new(body).poll_frame(cx);
+                self.started |= frame.is_ready();
+                match frame {
+                    Poll::Ready(Some(Ok(frame))) => self.push(frame)?,
+                    Poll::Ready(Some(Err(e))) => {
+                        self.sending = false;
+                        self.body = None;
+                        return Poll::Ready(Err(TxError::Body(e.into())));
                     }
+                    Poll::Ready(None) => self.finish(None)?,
+                    Poll::Pending => break,
                 }
             }
-            if self.written() {
+            if self.segs.is_empty() {
                 if self.flush {
                     ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(TxError::Io)?;
                     self.flush = false;
@@ -312,25 +343,47 @@ where
                     Poll::Ready(Ok(()))
                 };
             }
-            let bufs = [
-                std::io::IoSlice::new(&self.buf[self.pos..]),
-                std::io::IoSlice::new(&self.data),
-                std::io::IoSlice::new(self.tail),
-            ];
-            let n =
-                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &bufs)).map_err(TxError::Io)?;
+            let mut slices = [std::io::IoSlice::new(&[]); GATHER_SEGS + 1];
+            let mut count = 0;
+            for (seg, slot) in self.segs.iter().zip(slices.iter_mut()) {
+                let bytes = match seg {
+                    Seg::Framing(s, e) => &self.buf[*s..*e],
+                    Seg::Data(d) => &d[..],
+                };
+                let from = if count == 0 { self.pos } else { 0 };
+                *slot = std::io::IoSlice::new(&bytes[from..]);
+                count += 1;
+            }
+            let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))
+                .map_err(TxError::Io)?;
             if n == 0 {
                 return Poll::Ready(Err(TxError::Io(std::io::ErrorKind::WriteZero.into())));
             }
             self.flush = true;
             self.started = true;
-            let head = (self.buf.len() - self.pos).min(n);
-            self.pos += head;
-            let data = (n - head).min(self.data.len());
-            self.data.advance(data);
-            let tail = (n - head - data).min(self.tail.len());
-            self.tail = &self.tail[tail..];
+            self.advance(n);
         }
+    }
+
+    /// `n` bytes were written.
+    fn advance(&mut self, mut n: usize) {
+        while let Some(seg) = self.segs.front() {
+            let len = match seg {
+                Seg::Framing(s, e) => e - s,
+                Seg::Data(d) => d.len(),
+            } - self.pos;
+            if n < len {
+                self.pos += n;
+                return;
+            }
+            n -= len;
+            self.pos = 0;
+            if let Some(Seg::Data(d)) = self.segs.pop_front() {
+                self.queued -= d.len();
+            }
+        }
+        // All written: the framing buffer starts over.
+        self.buf.clear();
     }
 }
 
@@ -408,11 +461,7 @@ where
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let framing =
             h1::encode_request(&mut self.tx.buf, &parts.method, target, &parts.headers, len);
-        self.tx.pos = 0;
-        self.tx.started = false;
-        self.tx.framing = framing;
-        self.tx.sending = framing != h1::ReqFraming::Empty;
-        self.tx.body = Some(body);
+        self.tx.start(body, framing);
         self.rx = Rx::Head(parts.method == http::Method::HEAD);
         self.unsent = Some(parts);
     }

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +24,10 @@ pub struct IdleTimer {
     idle: Duration,
     last: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker the armed timer wakes: while it is the task's, a wait that finds the timer
+    /// not yet elapsed need not poll it again (a timer-wheel registration, ~150 instructions,
+    /// at every wait of a streamed body).
+    waker: Option<Waker>,
 }
 
 impl IdleTimer {
@@ -32,6 +36,7 @@ impl IdleTimer {
             idle,
             last: Instant::now(),
             sleep: None,
+            waker: None,
         }
     }
 
@@ -47,6 +52,10 @@ impl IdleTimer {
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if !sleep.is_elapsed() && self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return false;
+        }
+        self.waker = Some(cx.waker().clone());
         loop {
             if sleep.as_mut().poll(cx).is_pending() {
                 return false;

@@ -1,7 +1,6 @@
 //! Header rewriting: hop-by-hop removal (RFC 9110 §7.6.1), `X-Forwarded-*` and `Forwarded`
 //! (RFC 7239), `X-Request-Id`, and the route's own set/remove rules.
 
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -44,13 +43,21 @@ fn hop_by_hop(name: &str) -> Option<usize> {
 
 /// Removes the hop-by-hop headers and those `Connection` names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names finds the hop-by-hop ones present: most messages have none, or
-    // only `Connection`, and an absent name then costs no lookup.
+    strip(h);
+}
+
+/// [`strip_hop_by_hop`], saying whether a `TE` header asked for trailers (one pass over the
+/// names finds the hop-by-hop ones present: most messages have none, or only `Connection`,
+/// and an absent name then costs no lookup).
+fn strip(h: &mut HeaderMap) -> bool {
     let mut present = [false; 6];
     for name in h.keys() {
         if let Some(i) = hop_by_hop(name.as_str()) {
             present[i] = true;
         }
+    }
+    if present == [false; 6] {
+        return false;
     }
     if present[0] {
         // `close` and the hop-by-hop names themselves (`keep-alive`, `upgrade`: the usual
@@ -74,25 +81,28 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
+    let trailers = present[3]
+        && h.get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         h.remove(name);
     }
+    trailers
 }
 
-/// A new request id: 128 random bits in hex.
+/// A new request id: 128 random bits in hex, from the thread's wyrand generator (`fastrand`,
+/// seeded at random per thread). An id must be unique, not secret; a fresh `RandomState` and
+/// two SipHash rounds per id cost several times as much.
 pub fn new_request_id() -> String {
-    let r = std::collections::hash_map::RandomState::new();
-    let mut a = r.build_hasher();
-    a.write_u64(1);
-    let mut b = r.build_hasher();
-    b.write_u64(2);
+    let v = fastrand::u128(..);
     // Digits into an array, then one string: `format!`, or pushing char by char, costs
     // several times as many instructions here.
     let mut hex = [0u8; 32];
-    for (digits, v) in hex.chunks_exact_mut(16).zip([a.finish(), b.finish()]) {
-        for (i, d) in digits.iter_mut().enumerate() {
-            *d = b"0123456789abcdef"[(v >> (60 - 4 * i)) as usize & 0xf];
-        }
+    for (i, d) in hex.iter_mut().enumerate() {
+        *d = b"0123456789abcdef"[(v >> (124 - 4 * i)) as usize & 0xf];
     }
     // ASCII hex digits: always UTF-8.
     String::from_utf8(hex.to_vec()).unwrap_or_default()
@@ -116,14 +126,7 @@ fn is_trusted(route: &RouteState, ip: IpAddr) -> bool {
 pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, request_id: &str) {
     // `TE: trailers` is hop-by-hop but says the same for the next hop: without it an upstream
     // may drop the trailers the client asked for.
-    let trailers = h
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    strip_hop_by_hop(h);
-    if trailers {
+    if strip(h) {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     h.remove(header::EXPECT);
@@ -132,9 +135,27 @@ pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, 
     let proto = if client.tls { "https" } else { "http" };
     let host = h.get(header::HOST).filter(|v| v.to_str().is_ok()).cloned();
     let ip_text = ip_text(ip);
+    // The `Forwarded` element first: it borrows the address text, which `X-Forwarded-For`
+    // then takes without a copy (the headers still go in in the same order).
+    let mut elem = String::with_capacity(64);
+    elem.push_str("for=");
+    match ip {
+        IpAddr::V4(_) => elem.push_str(&ip_text),
+        IpAddr::V6(_) => elem.extend(["\"[", &ip_text, "]\""]),
+    }
+    elem.extend([";proto=", proto]);
+    if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
+        elem.push_str(";host=\"");
+        if host.contains(['"', '\\']) {
+            elem.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        } else {
+            elem.push_str(host);
+        }
+        elem.push('"');
+    }
     let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if trusted => [prev, ", ", &ip_text].concat(),
-        _ => ip_text.clone(),
+        _ => ip_text,
     };
     set(h, X_FORWARDED_FOR, xff);
     if !(trusted && h.contains_key(X_FORWARDED_PROTO)) {
@@ -149,18 +170,6 @@ pub fn upstream_request(route: &RouteState, h: &mut HeaderMap, client: &Client, 
                 h.remove(X_FORWARDED_HOST);
             }
         }
-    }
-    let mut elem = String::with_capacity(64);
-    elem.push_str("for=");
-    match ip {
-        IpAddr::V4(_) => elem.push_str(&ip_text),
-        IpAddr::V6(_) => elem.extend(["\"[", &ip_text, "]\""]),
-    }
-    elem.extend([";proto=", proto]);
-    if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
-        elem.push_str(";host=\"");
-        elem.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
-        elem.push('"');
     }
     let forwarded = match h.get(FORWARDED).and_then(|v| v.to_str().ok()) {
         Some(prev) if trusted => [prev, ", ", &elem].concat(),
