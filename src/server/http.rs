@@ -260,13 +260,16 @@ fn after_upgrade(open: Open, upgraded: Box<Upgraded>) {
     }
 }
 
+/// What runs on a connection after its upgrade, boxed.
+type Running<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
 /// Spawns the connection's task for the boxed future `run` makes of `what` (a relay, a
 /// tunnel, a shutdown). `what` stays boxed until then, so the task keeps a pointer to it, not
 /// its fields, beside the future they become.
 fn spawn_boxed<P: 'static>(
     open: Open,
     what: Box<P>,
-    run: for<'a> fn(&'a Rc<Shard>, &'a Rc<ConnHandle>, P) -> Pin<Box<dyn Future<Output = ()> + 'a>>,
+    run: for<'a> fn(&'a Rc<Shard>, &'a Rc<ConnHandle>, P) -> Running<'a>,
 ) {
     tokio::task::spawn_local(async move {
         // `what` is moved into a local first: a box moved out of is freed when the variable
