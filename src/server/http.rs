@@ -272,8 +272,9 @@ fn spawn_boxed<P: 'static>(
     run: for<'a> fn(&'a Rc<Shard>, &'a Rc<ConnHandle>, P) -> Running<'a>,
 ) {
     tokio::task::spawn_local(async move {
-        // `what` is moved into a local first: a box moved out of is freed when the variable
-        // holding it goes out of scope, which for the task's capture is the task's end.
+        let open = open; // all of it, the permit too (see `spawn_websocket`)
+                         // `what` is moved into a local first: a box moved out of is freed when the variable
+                         // holding it goes out of scope, which for the task's capture is the task's end.
         let what = *{ what };
         let running = run(&open.shard, &open.reg.entry, what);
         running.await
@@ -303,7 +304,10 @@ where
         ) -> crate::ws::session::Summary
         + 'static,
 {
-    let fut = async move {
+    tokio::task::spawn_local(async move {
+        // The whole of `open`, permit included: a field the task does not name would be left
+        // out of its captures (and dropped here).
+        let open = open;
         let entry = &open.reg.entry;
         // The session's arguments are taken out of their box in this block, so they are not
         // kept in the task beside the session.
@@ -323,8 +327,7 @@ where
         let summary = session.await;
         drop(slot);
         websocket_closed(entry, endpoint, summary);
-    };
-    tokio::task::spawn_local(fut);
+    });
 }
 
 /// Runs a proxied upgrade whose upstream answered 101 on the client's `io` (an upgraded
