@@ -4,7 +4,8 @@
 //! HTTP/1.1: hyper's own upgrade machinery needs `Send` I/O, which io_uring sockets are not.
 //! Instead the router answers a valid upgrade with 101 and records what to run; once hyper has
 //! written the 101 and returned (`poll_without_shutdown`), we take the socket and any bytes
-//! already read back with `into_parts` and run the session on the same task.
+//! already read back with `into_parts` and run the session in a task of its own, which the
+//! handshake's task spawns before it ends (`after_upgrade`).
 //!
 //! HTTP/2 (ALPN `h2`, or prior knowledge on an `h2c` listener) is served with the `h2` crate
 //! (src/server/http2.rs), driven by this task; each request is a stream answered by the same
