@@ -461,8 +461,7 @@ async fn a_panicking_connection_leaves_the_shard_serving(backend: Backend) {
     doomed.expect_eof().await;
     echo(&mut other, Message::Text("still served".into())).await;
     assert_eq!(server.get("/readyz").await.status, 200);
-    let log = server.log();
-    assert!(log.contains("injected panic at connection"), "{log}");
+    let log = server.wait_log("injected panic at connection").await;
     assert!(log.contains("src/error.rs"), "location missing:\n{log}");
     let metrics = server.get("/metrics").await.body;
     assert!(

@@ -6,16 +6,15 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use tokio::io::AsyncRead;
 
 use super::shard::Shard;
 use crate::agent::upstream::Gateway;
 use crate::auth::Identity;
 use crate::echo::Echo;
+use crate::io::Stream;
 use crate::rooms::conn::RoomsHandler;
 use crate::ws::deflate::Params;
 use crate::ws::handle::ConnHandle;
-use crate::ws::outbox::WriteOutbox;
 use crate::ws::session::{self, Summary};
 
 /// The WebSocket endpoints.
@@ -60,52 +59,102 @@ impl Endpoint {
 /// permessage-deflate parameters when they were negotiated.
 ///
 /// Each endpoint's session is a different type, so the future is boxed: one allocation per
-/// connection, and the connection's task stays small whichever endpoint it serves.
-pub fn serve<'a, S: AsyncRead + WriteOutbox + 'a>(
+/// connection. (An HTTP/1.1 connection's task holds its session inline instead, made by
+/// [`echo`], [`agent`] or [`rooms`]: src/server/http.rs.)
+pub fn serve<'a>(
     endpoint: Endpoint,
-    io: S,
+    io: Stream,
     early: Bytes,
     deflate: Option<Params>,
     shard: &'a Rc<Shard>,
     entry: &'a Rc<ConnHandle>,
     identity: Option<Identity>,
 ) -> Pin<Box<dyn Future<Output = Summary> + 'a>> {
-    let traffic = shard.traffic(endpoint);
-    let settings = shard.settings(endpoint);
     match endpoint {
         // A relayed WebSocket needs its upstream: server::http starts that session itself
         // with the relay handler; there is nothing to serve without one.
         Endpoint::Proxy => Box::pin(std::future::ready(Summary::default())),
-        Endpoint::Echo => Box::pin(session::run(
-            io, early, deflate, Echo, settings, entry, traffic,
-        )),
-        Endpoint::Agent => Box::pin(session::run(
-            io,
-            early,
-            deflate,
-            crate::agent::Agent::new(
-                agent_gateway(shard),
-                entry,
-                identity.map(|i| i.user),
-                shard.global.config.max_outbound_bytes,
-            ),
-            settings,
-            entry,
-            traffic,
-        )),
-        Endpoint::Rooms => {
-            let rooms = RoomsHandler::new(
-                shard.hub.clone(),
-                shard.id,
-                shard.rooms_config.clone(),
-                entry.clone(),
-                identity,
-            );
-            Box::pin(session::run(
-                io, early, deflate, rooms, settings, entry, traffic,
-            ))
-        }
+        Endpoint::Echo => Box::pin(echo(io, early, deflate, identity, shard, entry)),
+        Endpoint::Agent => Box::pin(agent(io, early, deflate, identity, shard, entry)),
+        Endpoint::Rooms => Box::pin(rooms(io, early, deflate, identity, shard, entry)),
     }
+}
+
+/// The session of `/ws/echo` (the arguments of [`serve`], one function per endpoint so that a
+/// caller can hold the session's future unboxed).
+pub fn echo<'a>(
+    io: Stream,
+    early: Bytes,
+    deflate: Option<Params>,
+    _identity: Option<Identity>,
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
+) -> impl Future<Output = Summary> + 'a {
+    let e = Endpoint::Echo;
+    session::run(
+        io,
+        early,
+        deflate,
+        Echo,
+        shard.settings(e),
+        entry,
+        shard.traffic(e),
+    )
+}
+
+/// The session of `/ws/agent`.
+pub fn agent<'a>(
+    io: Stream,
+    early: Bytes,
+    deflate: Option<Params>,
+    identity: Option<Identity>,
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
+) -> impl Future<Output = Summary> + 'a {
+    let e = Endpoint::Agent;
+    let agent = crate::agent::Agent::new(
+        agent_gateway(shard),
+        entry,
+        identity.map(|i| i.user),
+        shard.global.config.max_outbound_bytes,
+    );
+    session::run(
+        io,
+        early,
+        deflate,
+        agent,
+        shard.settings(e),
+        entry,
+        shard.traffic(e),
+    )
+}
+
+/// The session of `/ws` (rooms).
+pub fn rooms<'a>(
+    io: Stream,
+    early: Bytes,
+    deflate: Option<Params>,
+    identity: Option<Identity>,
+    shard: &'a Rc<Shard>,
+    entry: &'a Rc<ConnHandle>,
+) -> impl Future<Output = Summary> + 'a {
+    let e = Endpoint::Rooms;
+    let rooms = RoomsHandler::new(
+        shard.hub.clone(),
+        shard.id,
+        shard.rooms_config.clone(),
+        entry.clone(),
+        identity,
+    );
+    session::run(
+        io,
+        early,
+        deflate,
+        rooms,
+        shard.settings(e),
+        entry,
+        shard.traffic(e),
+    )
 }
 
 /// The shard's agent gateway, made on first use.

@@ -4,7 +4,8 @@
 //! HTTP/1.1: hyper's own upgrade machinery needs `Send` I/O, which io_uring sockets are not.
 //! Instead the router answers a valid upgrade with 101 and records what to run; once hyper has
 //! written the 101 and returned (`poll_without_shutdown`), we take the socket and any bytes
-//! already read back with `into_parts` and run the session on the same task.
+//! already read back with `into_parts` and run the session in a task of its own, which the
+//! handshake's task spawns before it ends (`after_upgrade`).
 //!
 //! HTTP/2 (ALPN `h2`, or prior knowledge on an `h2c` listener) is served with the `h2` crate
 //! (src/server/http2.rs), driven by this task; each request is a stream answered by the same
@@ -70,10 +71,10 @@ struct Upgrade {
 /// Serves one accepted connection until it closes: the TLS handshake when the listener is TLS
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
 ///
-/// An idle WebSocket's task is this future: everything before the upgrade (refusal, TLS
-/// handshake, h2c sniffing, HTTP/2, HTTP/1.1) runs in a box that is freed when hyper lets go,
-/// and what runs after it (the session, a tunnel, a relay) is boxed too; the task keeps only
-/// the connection's registration and the pointer to what runs.
+/// Everything before the upgrade (refusal, TLS handshake, h2c sniffing, HTTP/2, HTTP/1.1) runs
+/// in a box that is freed when hyper lets go; what runs after it is a task of its own
+/// ([`after_upgrade`]), and this one ends. An idle WebSocket is then one task whose future
+/// is its session, inline, beside the connection's registration.
 pub fn serve(
     shard: Rc<Shard>,
     conn: Stream,
@@ -83,7 +84,7 @@ pub fn serve(
     let http = Box::pin(serve_http(shard, conn, remote, listen));
     async move {
         if let Some((open, upgraded)) = http.await {
-            after_upgrade(&open.shard, &open.reg.entry, upgraded).await;
+            after_upgrade(open, upgraded);
         }
     }
 }
@@ -219,28 +220,115 @@ async fn serve_http(
     Some((open, upgraded))
 }
 
-/// What runs on an HTTP/1.1 connection once hyper has let go of it: the WebSocket session, a
-/// proxied session, or nothing (the socket is shut). A plain function returning one boxed
-/// future, so none of the values it chose from stays in the connection's task (`upgraded`'s
-/// box is freed when it returns).
-fn after_upgrade<'a>(
-    shard: &'a Rc<Shard>,
-    entry: &'a Rc<ConnHandle>,
-    upgraded: Box<Upgraded>,
-) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+/// What runs on an HTTP/1.1 connection once hyper has let go of it, spawned as the
+/// connection's task from here on (holding its registration and admission permit): the
+/// WebSocket session, a proxied session, or the socket's shutdown.
+///
+/// An endpoint's session is the task's future itself, not a box the task points to: one
+/// allocation per idle connection instead of three (the task, its future's box, the session's
+/// box), each rounded up by the allocator, and tokio's task cell, which is aligned to 128 B,
+/// filled by the session rather than by a few pointers.
+fn after_upgrade(open: Open, upgraded: Box<Upgraded>) {
     let Upgraded {
-        mut io,
+        io,
         read_buf,
         proxied,
         upgrade,
     } = *upgraded;
     match (proxied, upgrade) {
-        (Some(p), _) => proxied_session(shard, entry, io, read_buf, p),
-        (None, Some(u)) => Box::pin(websocket(shard, entry, io, read_buf, u, None)),
-        (None, None) => Box::pin(async move {
-            let _ = io.shutdown().await;
+        (Some(p), _) => spawn_boxed(open, Box::new((io, read_buf, p)), |shard, entry, p| {
+            let (io, read_buf, p) = p;
+            proxied_session(shard, entry, io, read_buf, p)
+        }),
+        (None, Some(ws)) => {
+            let start = Box::new(Start { io, read_buf, ws });
+            match start.ws.endpoint {
+                Endpoint::Echo => spawn_websocket(open, start, endpoint::echo),
+                Endpoint::Agent => spawn_websocket(open, start, endpoint::agent),
+                Endpoint::Rooms => spawn_websocket(open, start, endpoint::rooms),
+                // A proxied upgrade without its upstream: nothing to serve (as over HTTP/2).
+                Endpoint::Proxy => spawn_boxed(open, start, |shard, entry, start| {
+                    let Start { io, read_buf, ws } = start;
+                    Box::pin(websocket(shard, entry, io, read_buf, ws, None))
+                }),
+            }
+        }
+        (None, None) => spawn_boxed(open, Box::new(io), |_, _, mut io| {
+            Box::pin(async move {
+                let _ = io.shutdown().await;
+            })
         }),
     }
+}
+
+/// What runs on a connection after its upgrade, boxed.
+type Running<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+/// Spawns the connection's task for the boxed future `run` makes of `what` (a relay, a
+/// tunnel, a shutdown). `what` stays boxed until then, so the task keeps a pointer to it, not
+/// its fields, beside the future they become.
+fn spawn_boxed<P: 'static>(
+    open: Open,
+    what: Box<P>,
+    run: for<'a> fn(&'a Rc<Shard>, &'a Rc<ConnHandle>, P) -> Running<'a>,
+) {
+    tokio::task::spawn_local(async move {
+        let open = open; // all of it, the permit too (see `spawn_websocket`)
+                         // `what` is moved into a local first: a box moved out of is freed when the variable
+                         // holding it goes out of scope, which for the task's capture is the task's end.
+        let what = *{ what };
+        let running = run(&open.shard, &open.reg.entry, what);
+        running.await
+    });
+}
+
+/// An accepted WebSocket on an upgraded HTTP/1.1 connection, until its task makes the
+/// session: boxed, so that the task's future keeps a pointer to it and not its fields beside
+/// the session they become.
+struct Start {
+    io: Stream,
+    read_buf: Bytes,
+    ws: Upgrade,
+}
+
+/// Spawns the task of a WebSocket on an upgraded HTTP/1.1 connection, the session `make`
+/// returns (one of `endpoint`'s functions) inline in it.
+fn spawn_websocket<M>(open: Open, start: Box<Start>, make: M)
+where
+    M: for<'a> AsyncFnOnce(
+            Stream,
+            Bytes,
+            Option<deflate::Params>,
+            Option<Identity>,
+            &'a Rc<Shard>,
+            &'a Rc<ConnHandle>,
+        ) -> crate::ws::session::Summary
+        + 'static,
+{
+    tokio::task::spawn_local(async move {
+        // The whole of `open`, permit included: a field the task does not name would be left
+        // out of its captures (and dropped here).
+        let open = open;
+        let entry = &open.reg.entry;
+        // The session's arguments are taken out of their box in this block, so they are not
+        // kept in the task beside the session.
+        let (endpoint, slot, session) = {
+            // (`*{ start }`: the box is freed here, not kept with the task's captures.)
+            let Start { io, read_buf, ws } = *{ start };
+            let Upgrade {
+                endpoint,
+                deflate,
+                identity,
+                _slot,
+            } = ws;
+            websocket_opened(entry, endpoint, identity.as_ref());
+            let session = make(io, read_buf, deflate, identity, &open.shard, entry);
+            (endpoint, _slot, session)
+        };
+        let summary = session.await;
+        drop(slot);
+        websocket_closed(entry, endpoint, summary);
+    });
 }
 
 /// Runs a proxied upgrade whose upstream answered 101 on the client's `io` (an upgraded
@@ -302,13 +390,7 @@ fn websocket<'a>(
         identity,
         _slot: slot,
     } = ws;
-    let name = endpoint.name();
-    entry.set_endpoint(name);
-    if let Some(exp) = identity.as_ref().and_then(|i| i.expires) {
-        entry.set_expiry(exp);
-    }
-    counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
-    gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
+    websocket_opened(entry, endpoint, identity.as_ref());
     let session: Pin<Box<dyn Future<Output = crate::ws::session::Summary> + 'a>> = match relay {
         // A relayed WebSocket: our session on the client side (src/proxy/relay.rs).
         Some((relay, upstream)) => {
@@ -328,25 +410,42 @@ fn websocket<'a>(
     async move {
         let _slot = slot;
         let summary = session.await;
-        gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
-        let code = summary.close_code.map_or("none".into(), |c| c.to_string());
-        // The access log: one line per closed WebSocket (target `access`, filterable with
-        // RUST_LOG=access=off).
-        let duration = entry.connected_at.elapsed().unwrap_or_default();
-        tracing::info!(
-            target: "access",
-            remote = %entry.remote,
-            endpoint = name,
-            duration_ms = duration.as_millis() as u64,
-            bytes_in = summary.bytes_in,
-            bytes_out = summary.bytes_out,
-            messages_in = summary.messages_in,
-            messages_out = summary.messages_out,
-            close_code = %code,
-            "websocket closed"
-        );
-        counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
+        websocket_closed(entry, endpoint, summary);
     }
+}
+
+/// A WebSocket's start: its endpoint and token expiry on its handle, and the metrics.
+fn websocket_opened(entry: &ConnHandle, endpoint: Endpoint, identity: Option<&Identity>) {
+    let name = endpoint.name();
+    entry.set_endpoint(name);
+    if let Some(exp) = identity.and_then(|i| i.expires) {
+        entry.set_expiry(exp);
+    }
+    counter!(metrics::CONNECTIONS_OPENED, "endpoint" => name).increment(1);
+    gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).increment(1.0);
+}
+
+/// A WebSocket's end: the metrics and the access log.
+fn websocket_closed(entry: &ConnHandle, endpoint: Endpoint, summary: crate::ws::session::Summary) {
+    let name = endpoint.name();
+    gauge!(metrics::CONNECTIONS_ACTIVE, "endpoint" => name).decrement(1.0);
+    let code = summary.close_code.map_or("none".into(), |c| c.to_string());
+    // The access log: one line per closed WebSocket (target `access`, filterable with
+    // RUST_LOG=access=off).
+    let duration = entry.connected_at.elapsed().unwrap_or_default();
+    tracing::info!(
+        target: "access",
+        remote = %entry.remote,
+        endpoint = name,
+        duration_ms = duration.as_millis() as u64,
+        bytes_in = summary.bytes_in,
+        bytes_out = summary.bytes_out,
+        messages_in = summary.messages_in,
+        messages_out = summary.messages_out,
+        close_code = %code,
+        "websocket closed"
+    );
+    counter!(metrics::CONNECTIONS_CLOSED, "endpoint" => name, "code" => code).increment(1);
 }
 
 /// Serves an HTTP/2 connection until it ends (src/server/http2.rs): each request is answered

@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::{Instant, SystemTime};
@@ -39,8 +40,9 @@ pub struct ConnHandle {
     endpoint: Cell<Option<&'static str>>,
     http2: Cell<bool>,
     heartbeat_due: Cell<bool>,
-    /// When the client's token expires, in seconds since the Unix epoch.
-    expires: Cell<Option<u64>>,
+    /// When the client's token expires, in seconds since the Unix epoch (never 0: an `exp` of
+    /// 0 is kept as 1, as long past; 8 bytes instead of an `Option<u64>`'s 16).
+    expires: Cell<Option<NonZeroU64>>,
     close: Cell<Option<Close>>,
     waker: RefCell<Option<Waker>>,
     /// What other parts of the shard send this connection.
@@ -157,14 +159,15 @@ impl ConnHandle {
 
     /// Closes the connection once `exp` (Unix seconds) has passed; see [`Self::check_expiry`].
     pub fn set_expiry(&self, exp: u64) {
-        self.expires.set(Some(exp));
+        self.expires
+            .set(Some(NonZeroU64::new(exp).unwrap_or(NonZeroU64::MIN)));
     }
 
     /// Asks the connection to close (1008) when its token expired before `now` (Unix seconds).
     /// The shard calls this once a second, so a session ends within a second or two of `exp`.
     pub fn check_expiry(&self, now: u64) -> bool {
         match self.expires.get() {
-            Some(exp) if exp <= now && self.close.get().is_none() => {
+            Some(exp) if exp.get() <= now && self.close.get().is_none() => {
                 self.expires.set(None);
                 self.request_close(TOKEN_EXPIRED);
                 true

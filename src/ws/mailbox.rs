@@ -97,8 +97,10 @@ pub struct Mailbox {
     /// session leaves them, even when it runs for another reason, until released.
     held: Cell<bool>,
     /// Tasks waiting for the backlog to shrink (agent streams under backpressure): woken each
-    /// time the session reports what it has not written, so they never poll on a timer.
-    drain_waiters: RefCell<Vec<Waker>>,
+    /// time the session reports what it has not written, so they never poll on a timer. Boxed
+    /// when there are any: every connection has a mailbox, few ever have a waiter.
+    #[allow(clippy::box_collection)]
+    drain_waiters: RefCell<Option<Box<Vec<Waker>>>>,
 }
 
 impl Mailbox {
@@ -129,11 +131,9 @@ impl Mailbox {
         } else {
             None
         };
-        if !self.drain_waiters.borrow().is_empty() {
-            let waiters = std::mem::take(&mut *self.drain_waiters.borrow_mut());
-            for w in waiters {
-                w.wake();
-            }
+        let waiters = self.drain_waiters.borrow_mut().take();
+        for w in waiters.into_iter().flat_map(|w| *w) {
+            w.wake();
         }
         cleared
     }
@@ -146,6 +146,7 @@ impl Mailbox {
                 return Poll::Ready(());
             }
             let mut waiters = self.drain_waiters.borrow_mut();
+            let waiters = waiters.get_or_insert_with(Box::default);
             if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
                 waiters.push(cx.waker().clone());
             }

@@ -225,6 +225,20 @@ impl Server {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// Waits until the server's log has `text`: its lines are collected by a thread of their
+    /// own, so a line the server wrote before an event the test saw may not be there yet.
+    pub async fn wait_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no {text:?} in the log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A tokio-tungstenite client on `/ws/echo`.
     pub async fn ws(&self) -> Ws {
         let (ws, resp) = within(
