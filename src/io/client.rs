@@ -178,9 +178,10 @@ impl std::error::Error for Error {}
 const READ_SMALL: usize = 8 * 1024;
 const READ_LARGE: usize = 64 * 1024;
 
-/// The request's side of an HTTP/1.1 exchange: the head and chunk framing waiting to be
-/// written, the body data after them, and the body still to be read.
-struct Tx<B> {
+/// What goes out on an HTTP/1.1 connection, on either side (a request upstream, a response to
+/// a client, [`super::server_h1`]): the head and chunk framing waiting to be written, the body
+/// data after them, and the body still to be read.
+pub(crate) struct Tx<B> {
     /// Head or framing bytes, written from `pos`.
     buf: Vec<u8>,
     pos: usize,
@@ -190,14 +191,16 @@ struct Tx<B> {
     body: Option<B>,
     /// The body is to be read and sent (else the request has none).
     sending: bool,
-    framing: h1::ReqFraming,
+    framing: h1::OutFraming,
     /// Written bytes the stream may still hold (TLS).
     flush: bool,
     /// Some of the request was written, or its body read from.
     started: bool,
+    /// Trailers are sent (chunked only); else dropped.
+    trailers: bool,
 }
 
-enum TxError {
+pub(crate) enum TxError {
     Body(BoxError),
     Io(std::io::Error),
 }
@@ -215,18 +218,42 @@ where
             tail: b"",
             body: None,
             sending: false,
-            framing: h1::ReqFraming::Empty,
+            framing: h1::OutFraming::Empty,
             flush: false,
             started: false,
+            trailers: true,
         }
+    }
+
+    /// A message whose head is `head`, its body framed as `framing`; `trailers`: the body's
+    /// trailers are sent (with chunked framing).
+    pub(crate) fn message(
+        head: Vec<u8>,
+        body: B,
+        framing: h1::OutFraming,
+        trailers: bool,
+    ) -> Tx<B> {
+        let mut tx = Tx::new();
+        tx.buf = head;
+        tx.sending = framing != h1::OutFraming::Empty;
+        tx.body = Some(body);
+        tx.framing = framing;
+        tx.trailers = trailers;
+        tx
+    }
+
+    /// The head and chunk buffer back, for the next message's head (its capacity kept).
+    pub(crate) fn into_buf(mut self) -> Vec<u8> {
+        self.buf.clear();
+        self.buf
     }
 
     fn written(&self) -> bool {
         self.pos == self.buf.len() && self.data.is_empty() && self.tail.is_empty()
     }
 
-    /// The whole request is written.
-    fn done(&self) -> bool {
+    /// The whole message is written.
+    pub(crate) fn done(&self) -> bool {
         !self.sending && self.written() && !self.flush
     }
 
@@ -240,7 +267,7 @@ where
             Ok(d) => d,
             Err(frame) => {
                 // Trailers: the body's last frame.
-                let trailers = frame.into_trailers().ok();
+                let trailers = frame.into_trailers().ok().filter(|_| self.trailers);
                 return self.finish(trailers.as_ref());
             }
         };
@@ -248,13 +275,14 @@ where
             return Ok(());
         }
         match &mut self.framing {
-            h1::ReqFraming::Length(rest) if data.len() as u64 <= *rest => {
+            h1::OutFraming::Length(rest) if data.len() as u64 <= *rest => {
                 *rest -= data.len() as u64
             }
-            h1::ReqFraming::Chunked => {
+            h1::OutFraming::Chunked => {
                 h1::chunk_size_line(&mut self.buf, data.len());
                 self.tail = b"\r\n";
             }
+            h1::OutFraming::Close => {}
             _ => return Err(TxError::Body("request body longer than its length".into())),
         }
         self.data = data;
@@ -265,8 +293,8 @@ where
         self.sending = false;
         self.body = None;
         match self.framing {
-            h1::ReqFraming::Chunked => h1::last_chunk(&mut self.buf, trailers),
-            h1::ReqFraming::Length(n) if n > 0 => {
+            h1::OutFraming::Chunked => h1::last_chunk(&mut self.buf, trailers),
+            h1::OutFraming::Length(n) if n > 0 => {
                 return Err(TxError::Body("request body shorter than its length".into()))
             }
             _ => {}
@@ -277,7 +305,11 @@ where
     /// Writes what waits and reads the body on, until all is written (or something waits): a
     /// piece of the body read before a write goes with it, so the head and the first piece
     /// leave in one vectored write.
-    fn poll(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<Result<(), TxError>> {
+    pub(crate) fn poll<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), TxError>> {
         loop {
             if self.sending && self.data.is_empty() && self.tail.is_empty() {
                 if let Some(body) = self.body.as_mut() {
@@ -411,7 +443,7 @@ where
         self.tx.pos = 0;
         self.tx.started = false;
         self.tx.framing = framing;
-        self.tx.sending = framing != h1::ReqFraming::Empty;
+        self.tx.sending = framing != h1::OutFraming::Empty;
         self.tx.body = Some(body);
         self.rx = Rx::Head(parts.method == http::Method::HEAD);
         self.unsent = Some(parts);
