@@ -1,7 +1,7 @@
 //! The two sides of an HTTP/2 stream served with the `h2` crate (src/server/http2.rs): the byte
 //! stream a WebSocket over RFC 8441 reads and writes ([`H2Stream`], one of [`Stream`]'s
-//! kinds), and a request's body ([`RequestBody`], the same type whether hyper read it from
-//! HTTP/1.1 or `h2` from a stream).
+//! kinds), and a request's body ([`RequestBody`], the same type whether it is read from an
+//! HTTP/1.1 connection ([`super::server_h1`]) or by `h2` from a stream).
 //!
 //! Writes go straight into the stream's `SendStream`, within the capacity its flow-control
 //! window grants (a client that does not read stops only its own stream); the connection's

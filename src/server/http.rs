@@ -57,7 +57,7 @@ type ProxiedUpgrade = (
 );
 
 /// An accepted WebSocket handshake: what its session runs with, and its connection slot (held
-/// until the session ends). Recorded by the router until hyper has written its answer.
+/// until the session ends). Recorded by the router until its answer is written.
 struct Upgrade {
     endpoint: Endpoint,
     deflate: Option<deflate::Params>,
@@ -473,7 +473,7 @@ impl Router {
                 return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
             }
         }
-        // A 2xx to a CONNECT opens a tunnel (hyper hands the stream over): only the WebSocket
+        // A 2xx to a CONNECT opens a tunnel (the connection is handed over): only the WebSocket
         // endpoints take one.
         if req.method() == Method::CONNECT
             && !matches!(req.uri().path(), "/ws" | "/ws/agent" | "/ws/echo")
