@@ -88,7 +88,7 @@ pub(super) async fn serve(
         let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS
             || (connect && parts.status.is_success());
         let keep_alive = keep_alive
-            && !(entry.close_requested())
+            && !entry.close_requested()
             && !conn.borrow().awaits_continue()
             && !says_close(&parts.headers);
         let meta = h1::ResponseMeta {
@@ -130,10 +130,7 @@ pub(super) async fn serve(
         head_buf = tx.into_buf();
         poll_fn(|cx| Conn::poll_body_released(&conn, cx)).await;
         conn.borrow_mut().end_request();
-        if upgrade {
-            return into_parts(conn);
-        }
-        if !keep_alive {
+        if upgrade || !keep_alive {
             return into_parts(conn);
         }
         let mut limit = DRAIN_LIMIT;
