@@ -11,6 +11,8 @@
 # configuration of bench/proxy.sh), for reference. The counters are zeroed
 # after a warm-up (which fills the keep-alive pool) and dumped after the measured part:
 #   http: `wrk -t1 -c10 -d10s` for a 13-byte response, Ir ÷ requests;
+#   health: the same for ringgate's built-in `GET /healthz` (no upstream; nginx: a `return 200`),
+#     Ir ÷ requests;
 #   down: a BODY_MB (64) file downloaded with curl, Ir ÷ MiB;
 #   up:   the same uploaded with curl -T, Ir ÷ MiB.
 # Env: BODY_MB (64), IO (epoll), KEEP (set: keep the dumps for callgrind_annotate), PORTS
@@ -63,6 +65,7 @@ http {
     server {
         listen 127.0.0.1:$PX_PORT;
         client_max_body_size 0;
+        location = /healthz { return 200 "ok\\n"; }
 $(nginx_http_location)
     }
 }
@@ -81,6 +84,7 @@ measure() {
 }
 
 small() { wrk -t1 -c10 -d10s http://127.0.0.1:$PX_PORT/h/small >"$WORK/wrk.out"; }
+health() { wrk -t1 -c10 -d10s http://127.0.0.1:$PX_PORT/healthz >"$WORK/wrk.out"; }
 # The two bodies, with curl's status and byte count in curl.out (checked by the reader).
 CURL_H2=${H2C:+--http2-prior-knowledge}
 download() {
@@ -106,11 +110,14 @@ for bin in "$@"; do
     wrk -t1 -c10 -d3s http://127.0.0.1:$PX_PORT/h/small >/dev/null
     ir_http=$(measure 1 small)
     reqs=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
-    ir_down=$(measure 2 download)
-    ir_up=$(measure 3 upload)
+    ir_health=$(measure 2 health)
+    reqs_health=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
+    ir_down=$(measure 3 download)
+    ir_up=$(measure 4 upload)
     sed 's/^/# curl: /' "$WORK/curl.out"
     awk -v b="$bin" -v h="$ir_http" -v r="$reqs" -v d="$ir_down" -v u="$ir_up" -v mb="$BODY_MB" \
-        'BEGIN { printf "%s: http %.0f Ir/request (%d requests); download %.0f Ir/MiB; upload %.0f Ir/MiB\n", b, h / r, r, d / mb, u / mb }'
+        -v hh="$ir_health" -v rh="$reqs_health" \
+        'BEGIN { printf "%s: http %.0f Ir/request (%d requests); healthz %.0f Ir/request (%d requests); download %.0f Ir/MiB; upload %.0f Ir/MiB\n", b, h / r, r, hh / rh, rh, d / mb, u / mb }'
     kill "$PID"; wait "$PID" 2>/dev/null; PID=
     rm -f "$WORK/curl.out"
 done

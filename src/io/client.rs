@@ -192,10 +192,10 @@ enum Seg {
     Data(Bytes),
 }
 
-/// The request's side of an HTTP/1.1 exchange: the head, the body pieces read and their
-/// framing waiting to be written (all that is ready goes in one vectored write), and the
-/// body still to be read.
-struct Tx<B> {
+/// What goes out on an HTTP/1.1 connection, on either side (a request upstream, a response to
+/// a client, [`super::server_h1`]): the head, the body pieces read and their framing waiting
+/// to be written (all that is ready goes in one vectored write), and the body still to be read.
+pub(crate) struct Tx<B> {
     /// Head and framing bytes, which `segs` refer to (cleared when all is written).
     buf: Vec<u8>,
     /// What waits to be written, in order; the first from `pos`.
@@ -206,14 +206,16 @@ struct Tx<B> {
     body: Option<B>,
     /// The body is to be read and sent (else the request has none).
     sending: bool,
-    framing: h1::ReqFraming,
+    framing: h1::OutFraming,
     /// Written bytes the stream may still hold (TLS).
     flush: bool,
     /// Some of the request was written, or its body read from.
     started: bool,
+    /// Trailers are sent (chunked only); else dropped.
+    trailers: bool,
 }
 
-enum TxError {
+pub(crate) enum TxError {
     Body(BoxError),
     Io(std::io::Error),
 }
@@ -231,26 +233,48 @@ where
             queued: 0,
             body: None,
             sending: false,
-            framing: h1::ReqFraming::Empty,
+            framing: h1::OutFraming::Empty,
             flush: false,
             started: false,
+            trailers: true,
         }
     }
 
-    /// The whole request is written.
-    fn done(&self) -> bool {
+    /// A message whose head is `head`, its body framed as `framing`; `trailers`: the body's
+    /// trailers are sent (with chunked framing).
+    pub(crate) fn message(
+        head: Vec<u8>,
+        body: B,
+        framing: h1::OutFraming,
+        trailers: bool,
+    ) -> Tx<B> {
+        let mut tx = Tx::new();
+        tx.buf = head;
+        tx.start(body, framing);
+        tx.trailers = trailers;
+        tx
+    }
+
+    /// The head and chunk buffer back, for the next message's head (its capacity kept).
+    pub(crate) fn into_buf(mut self) -> Vec<u8> {
+        self.buf.clear();
+        self.buf
+    }
+
+    /// The whole message is written.
+    pub(crate) fn done(&self) -> bool {
         !self.sending && self.segs.is_empty() && !self.flush
     }
 
     /// The request head (already in `buf`) goes first.
-    fn start(&mut self, body: B, framing: h1::ReqFraming) {
+    fn start(&mut self, body: B, framing: h1::OutFraming) {
         self.segs.clear();
         self.segs.push_back(Seg::Framing(0, self.buf.len()));
         self.pos = 0;
         self.queued = 0;
         self.started = false;
         self.framing = framing;
-        self.sending = framing != h1::ReqFraming::Empty;
+        self.sending = framing != h1::OutFraming::Empty;
         self.body = Some(body);
     }
 
@@ -272,7 +296,7 @@ where
             Ok(d) => d,
             Err(frame) => {
                 // Trailers: the body's last frame.
-                let trailers = frame.into_trailers().ok();
+                let trailers = frame.into_trailers().ok().filter(|_| self.trailers);
                 return self.finish(trailers.as_ref());
             }
         };
@@ -280,18 +304,19 @@ where
             return Ok(());
         }
         match &mut self.framing {
-            h1::ReqFraming::Length(rest) if data.len() as u64 <= *rest => {
+            h1::OutFraming::Length(rest) if data.len() as u64 <= *rest => {
                 *rest -= data.len() as u64
             }
-            h1::ReqFraming::Chunked => {
+            h1::OutFraming::Chunked => {
                 let n = data.len();
                 self.push_framing(|b| h1::chunk_size_line(b, n));
             }
+            h1::OutFraming::Close => {}
             _ => return Err(TxError::Body("request body longer than its length".into())),
         }
         self.queued += data.len();
         self.segs.push_back(Seg::Data(data));
-        if self.framing == h1::ReqFraming::Chunked {
+        if self.framing == h1::OutFraming::Chunked {
             self.push_framing(|b| b.extend_from_slice(b"\r\n"));
         }
         Ok(())
@@ -301,8 +326,8 @@ where
         self.sending = false;
         self.body = None;
         match self.framing {
-            h1::ReqFraming::Chunked => self.push_framing(|b| h1::last_chunk(b, trailers)),
-            h1::ReqFraming::Length(n) if n > 0 => {
+            h1::OutFraming::Chunked => self.push_framing(|b| h1::last_chunk(b, trailers)),
+            h1::OutFraming::Length(n) if n > 0 => {
                 return Err(TxError::Body("request body shorter than its length".into()))
             }
             _ => {}
@@ -313,7 +338,11 @@ where
     /// Reads the pieces of the body that are ready (up to the bounds) and writes all that
     /// waits in one vectored write, until all is written or something waits: the head goes
     /// with the body's first piece when it is ready.
-    fn poll(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<Result<(), TxError>> {
+    pub(crate) fn poll<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), TxError>> {
         loop {
             while self.sending && self.queued < GATHER_BYTES && self.segs.len() < GATHER_SEGS {
                 let Some(body) = self.body.as_mut() else {

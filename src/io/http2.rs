@@ -1,7 +1,7 @@
 //! The two sides of an HTTP/2 stream served with the `h2` crate (src/server/http2.rs): the byte
 //! stream a WebSocket over RFC 8441 reads and writes ([`H2Stream`], one of [`Stream`]'s
-//! kinds), and a request's body ([`RequestBody`], the same type whether hyper read it from
-//! HTTP/1.1 or `h2` from a stream).
+//! kinds), and a request's body ([`RequestBody`], the same type whether it is read from an
+//! HTTP/1.1 connection ([`super::server_h1`]) or by `h2` from a stream).
 //!
 //! Writes go straight into the stream's `SendStream`, within the capacity its flow-control
 //! window grants (a client that does not read stops only its own stream); the connection's
@@ -156,19 +156,14 @@ fn io_error(e: h2::Error) -> io::Error {
     io::Error::other(e)
 }
 
-/// A request's body as the server reads it: hyper's (HTTP/1.1) or an HTTP/2 stream's.
+/// A request's body as the server reads it: from its HTTP/1.1 connection or an HTTP/2 stream.
 pub enum RequestBody {
     /// A CONNECT's: its stream is the tunnel's.
     Empty,
-    Http1(hyper::body::Incoming),
+    /// Read from the connection when polled ([`super::server_h1`]).
+    Http1(super::server_h1::Body),
     /// With the length its `content-length` declared (h2 holds the stream to it).
     Http2(RecvStream, Option<u64>),
-}
-
-impl From<hyper::body::Incoming> for RequestBody {
-    fn from(b: hyper::body::Incoming) -> Self {
-        RequestBody::Http1(b)
-    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -183,7 +178,7 @@ impl hyper::body::Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::Http1(b) => b.poll_frame(cx),
             RequestBody::Http2(recv, _) => {
                 if let Some(data) = ready!(recv.poll_data(cx)) {
                     let data = data?;

@@ -10,6 +10,7 @@ pub mod h1;
 pub mod handover;
 mod http2;
 pub mod listen;
+pub mod server_h1;
 mod server_tls;
 mod stream;
 pub mod tls;

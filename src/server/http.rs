@@ -1,11 +1,11 @@
-//! HTTP/1.1 and HTTP/2 on every connection (hyper), and the hand-over to a WebSocket session on
+//! HTTP/1.1 and HTTP/2 on every connection, and the hand-over to a WebSocket session on
 //! upgrade.
 //!
-//! HTTP/1.1: hyper's own upgrade machinery needs `Send` I/O, which io_uring sockets are not.
-//! Instead the router answers a valid upgrade with 101 and records what to run; once hyper has
-//! written the 101 and returned (`poll_without_shutdown`), we take the socket and any bytes
-//! already read back with `into_parts` and run the session in a task of its own, which the
-//! handshake's task spawns before it ends (`after_upgrade`).
+//! HTTP/1.1 is served by ringgate's own loop (src/server/http1.rs, on the codec of
+//! `io::h1`). The router answers a valid upgrade with 101 and records what to run; once the
+//! loop has written the 101 and returned, the socket and any bytes already read past the
+//! request head go to the session, in a task of its own, which the handshake's task spawns
+//! before it ends (`after_upgrade`).
 //!
 //! HTTP/2 (ALPN `h2`, or prior knowledge on an `h2c` listener) is served with the `h2` crate
 //! (src/server/http2.rs), driven by this task; each request is a stream answered by the same
@@ -23,9 +23,6 @@ use std::rc::Rc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 
 use super::admission::{Permit, Refusal};
@@ -49,7 +46,8 @@ pub type Body = Full<Bytes>;
 type ServedBody = crate::proxy::body::Body;
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ServedBody>, Infallible>>>>;
 /// The same, or an event stream (`/sse`, src/server/fallback.rs).
-type AnyResponseFuture = Pin<Box<dyn Future<Output = Result<Response<AnyBody>, Infallible>>>>;
+pub(super) type AnyResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<AnyBody>, Infallible>>>>;
 
 /// A proxied upgrade whose upstream answered 101: the upstream connection, the connection
 /// slot, and the permessage-deflate parameters negotiated with the client (relayed mode).
@@ -60,7 +58,7 @@ type ProxiedUpgrade = (
 );
 
 /// An accepted WebSocket handshake: what its session runs with, and its connection slot (held
-/// until the session ends). Recorded by the router until hyper has written its answer.
+/// until the session ends). Recorded by the router until its answer is written.
 struct Upgrade {
     endpoint: Endpoint,
     deflate: Option<deflate::Params>,
@@ -72,7 +70,7 @@ struct Upgrade {
 /// (bounded by `handshake_timeout`), then HTTP, then the WebSocket session on upgrade.
 ///
 /// Everything before the upgrade (refusal, TLS handshake, h2c sniffing, HTTP/2, HTTP/1.1) runs
-/// in a box that is freed when hyper lets go; what runs after it is a task of its own
+/// in a box that is freed when the HTTP/1.1 loop lets go; what runs after it is a task of its own
 /// ([`after_upgrade`]), and this one ends. An idle WebSocket is then one task whose future
 /// is its session, inline, beside the connection's registration.
 pub fn serve(
@@ -96,7 +94,7 @@ struct Open {
     _permit: super::admission::Permit,
 }
 
-/// An HTTP/1.1 connection hyper has let go of: the socket, the bytes read past the request
+/// An HTTP/1.1 connection the HTTP/1.1 loop has let go of: the socket, the bytes read past the request
 /// head, and what the router decided to run on it.
 struct Upgraded {
     io: Stream,
@@ -181,38 +179,17 @@ async fn serve_http(
         serve_h2(conn, router, &reg).await;
         return None;
     }
-    let mut http = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shard.global.config.handshake_timeout())
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(conn), router);
-    let mut shutting_down = false;
-    let res = poll_fn(|cx| {
-        reg.entry.register_waker(cx.waker());
-        // A drain closes idle keep-alive connections, but a connection accepted just before it
-        // gets its first request answered (bounded by the header timeout): its client already
-        // sent or is sending it, and a restart must not turn that into a failed request.
-        if !shutting_down && reg.entry.close_requested() && served.get() {
-            shutting_down = true;
-            Pin::new(&mut http).graceful_shutdown();
-        }
-        http.poll_without_shutdown(cx)
-    })
-    .await;
-    if let Err(e) = res {
-        tracing::debug!(%remote, error = %e, "http connection error");
-        return None;
-    }
-    // Only the socket and the bytes read past the request head go on; hyper's state, the
+    let timeout = shard.global.config.handshake_timeout();
+    // Only the socket and the bytes read past the request head go on; the loop's state, the
     // router and this future's box are freed when it returns.
-    let hyper::server::conn::http1::Parts { io, read_buf, .. } = http.into_parts();
+    let (io, read_buf) = super::http1::serve(conn, &router, &reg.entry, timeout).await?;
     let open = Open {
         shard,
         reg,
         _permit,
     };
     let upgraded = Box::new(Upgraded {
-        io: io.into_inner(),
+        io,
         read_buf,
         proxied: tunnel.take(),
         upgrade: upgrade.take(),
@@ -220,7 +197,7 @@ async fn serve_http(
     Some((open, upgraded))
 }
 
-/// What runs on an HTTP/1.1 connection once hyper has let go of it, spawned as the
+/// What runs on an HTTP/1.1 connection once the HTTP/1.1 loop has let go of it, spawned as the
 /// connection's task from here on (holding its registration and admission permit): the
 /// WebSocket session, a proxied session, or the socket's shutdown.
 ///
@@ -543,7 +520,7 @@ fn h2_websocket_task(
 }
 
 #[derive(Clone)]
-struct Router {
+pub(super) struct Router {
     shard: Rc<Shard>,
     upgrade: Rc<Cell<Option<Upgrade>>>,
     /// Serving an admin listener: the admin surface and health only.
@@ -563,21 +540,19 @@ struct Router {
 /// Where an accepted WebSocket over HTTP/2 goes until its 200 is sent: each stream's own.
 type H2Accepted = Cell<Option<OnStream>>;
 
-/// HTTP/1.1, served by hyper.
-impl hyper::service::Service<Request<Incoming>> for Router {
-    type Response = Response<AnyBody>;
-    type Error = Infallible;
-    type Future = AnyResponseFuture;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.handle(req.map(RequestBody::from), None)
-    }
-}
-
 impl Router {
+    /// A request has been received on this connection.
+    pub(super) fn served(&self) -> bool {
+        self.served.get()
+    }
+
+    pub(super) fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
     /// Answers a request of either version; `h2` is where an HTTP/2 stream's accepted
     /// WebSocket goes.
-    fn handle(
+    pub(super) fn handle(
         &self,
         mut req: Request<RequestBody>,
         h2: Option<&Rc<H2Accepted>>,
@@ -597,7 +572,7 @@ impl Router {
                 return Box::pin(async move { answer.await.map(|r| r.map(AnyBody::Served)) });
             }
         }
-        // A 2xx to a CONNECT opens a tunnel (hyper hands the stream over): only the WebSocket
+        // A 2xx to a CONNECT opens a tunnel (the connection is handed over): only the WebSocket
         // endpoints take one.
         if req.method() == Method::CONNECT
             && !matches!(req.uri().path(), "/ws" | "/ws/agent" | "/ws/echo")

@@ -10,6 +10,7 @@ pub mod failure;
 pub mod fallback;
 mod h2c;
 pub mod http;
+mod http1;
 mod http2;
 pub mod logging;
 mod rooms_http;
