@@ -15,12 +15,9 @@
 //!   empty the kernel ends a receive with `ENOBUFS`; the connection waits until a buffer comes
 //!   back, then re-arms. Nothing is lost: the bytes stay in the socket.
 //! - **Writes**: write-behind as before. A write hands its chunks (owned `Bytes`) to the driver
-//!   as one `send` (`sendmsg` for several chunks) and counts as done; a flush returns at once.
-//!   Writes made while that send is in flight queue behind it (up to [`WRITE_BEHIND`]) and go
-//!   as the next send when it completes, so a stream of writes is not paced by completions.
-//!   The driver resubmits short writes itself and wakes the connection only if it waits (room
-//!   behind the send, a shutdown), so a request/response costs one wake-up. An error shows at
-//!   the next write or flush.
+//!   as one `send` (`sendmsg` for several chunks) and counts as done; a flush returns at once. The driver resubmits short
+//!   writes itself and wakes the connection only if it waits (a second write, a shutdown), so a
+//!   request/response costs one wake-up. An error shows at the next write or flush.
 //! - **Close**: dropping the stream cancels its receive and returns its queued buffers; the fd
 //!   is closed when its last operation completes, so writes already accepted still go out.
 
@@ -62,10 +59,6 @@ impl Config {
     };
 }
 
-/// Bytes a connection may write while its previous send is in flight, for the driver to send
-/// when it completes: a stream of writes (a proxied body) keeps one send in flight and the next
-/// one filling, instead of waiting for each completion.
-const WRITE_BEHIND: usize = 64 * 1024;
 /// Buffers a connection may hold unread before its receive is paused (16 KiB): small, so
 /// that connections which stop reading (backpressure) hold at most a small share of the ring.
 const MAX_QUEUED: usize = 4;
@@ -332,9 +325,6 @@ struct ConnState {
     reader: Option<Waker>,
     /// A `sendmsg` in flight.
     sending: bool,
-    /// Chunks written while a send was in flight (at most [`WRITE_BEHIND`] bytes and
-    /// [`MAX_IOVECS`] chunks): the driver sends them when that send completes.
-    next: Vec<Bytes>,
     send_err: Option<io::Error>,
     writer: Option<Waker>,
     closed: bool,
@@ -635,23 +625,10 @@ impl Inner {
                             self.push(Op::Send(conn.clone(), buf), sqe);
                             return;
                         }
-                        if !st.next.is_empty() {
-                            // What was written meanwhile goes next, in the same record; a
-                            // writer that waited for room may go on.
-                            buf.chunks.extend(std::mem::take(&mut st.next));
-                            wake.extend(st.writer.take());
-                            let sqe = buf.entry(conn.fd.as_raw_fd());
-                            drop(st);
-                            self.push(Op::Send(conn.clone(), buf), sqe);
-                            return;
-                        }
                         self.give_back(buf);
                     }
                     0 => st.send_err = Some(io::ErrorKind::WriteZero.into()),
                     e => st.send_err = Some(io::Error::from_raw_os_error(-e)),
-                }
-                if st.send_err.is_some() {
-                    st.next = Vec::new();
                 }
                 st.sending = false;
                 wake.extend(st.writer.take());
@@ -764,7 +741,6 @@ impl UringStream {
                     head: 0,
                     reader: None,
                     sending: false,
-                    next: Vec::new(),
                     send_err: None,
                     writer: None,
                     closed: false,
@@ -834,9 +810,8 @@ impl UringStream {
         Poll::Pending
     }
 
-    /// Hands the chunks `fill` adds (returning their length) to the driver as one send, or,
-    /// while the previous send is in flight, queues them to follow it (up to [`WRITE_BEHIND`]).
-    /// The bytes count as written now.
+    /// Once the previous send is done, hands the chunks `fill` adds (returning their length)
+    /// to the driver as one send. The bytes count as written now.
     fn start_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -847,12 +822,8 @@ impl UringStream {
             return Poll::Ready(Err(e));
         }
         if st.sending {
-            let held: usize = st.next.iter().map(Bytes::len).sum();
-            if held >= WRITE_BEHIND || st.next.len() >= MAX_IOVECS {
-                st.writer = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            return Poll::Ready(Ok(fill(&mut st.next)));
+            st.writer = Some(cx.waker().clone());
+            return Poll::Pending;
         }
         drop(st);
         let spare = self.driver.inner.borrow_mut().spare.pop();
@@ -1142,7 +1113,7 @@ mod tests {
                 client.read_to_end(&mut got).await.unwrap();
                 got
             });
-            // Two writes, the second queued behind the first's short sends.
+            // Two writes, the second waiting for the first's short sends to finish.
             let (a, b) = chunks.split_at(2);
             for part in [a, b] {
                 let want: usize = part.iter().map(|c| c.len()).sum();
@@ -1165,49 +1136,6 @@ mod tests {
                 "no short write happened: {:?}",
                 stats()
             );
-        });
-    }
-
-    #[test]
-    fn writes_made_while_a_send_is_in_flight_follow_it_in_order_and_bounded() {
-        const PIECE: usize = 10_000;
-        run(Config::DEFAULT, async {
-            // Small socket buffers: the first send stays in flight while the rest are written.
-            let (mut server, mut client) = pair(Some(4096)).await;
-            let data: Vec<u8> = (0..300_000).map(|i| pattern(3, i)).collect();
-            let reader = tokio::task::spawn_local(async move {
-                let mut got = Vec::new();
-                client.read_to_end(&mut got).await.unwrap();
-                got
-            });
-            // One loop turn: the writes after the first are taken behind it until the bound.
-            let mut pieces = data.chunks(PIECE).peekable();
-            let taken = poll_fn(|cx| {
-                let mut taken = 0;
-                while let Some(piece) = pieces.peek() {
-                    match server.poll_write_vectored(cx, &[io::IoSlice::new(piece)]) {
-                        Poll::Ready(Ok(n)) => assert_eq!(n, piece.len()),
-                        Poll::Ready(Err(e)) => panic!("{e}"),
-                        Poll::Pending => break,
-                    }
-                    pieces.next();
-                    taken += 1;
-                }
-                Poll::Ready(taken)
-            })
-            .await;
-            assert_eq!(taken, 1 + WRITE_BEHIND.div_ceil(PIECE), "taken in one turn");
-            // The rest as room comes back behind the sends.
-            for piece in pieces {
-                let n = poll_fn(|cx| server.poll_write_vectored(cx, &[io::IoSlice::new(piece)]))
-                    .await
-                    .unwrap();
-                assert_eq!(n, piece.len());
-            }
-            poll_fn(|cx| server.poll_shutdown(cx)).await.unwrap();
-            let got = reader.await.unwrap();
-            assert_eq!(got.len(), data.len());
-            assert!(got == data, "the writes arrived altered or out of order");
         });
     }
 
