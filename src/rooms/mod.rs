@@ -1261,7 +1261,8 @@ impl Hub {
             .record(now.saturating_duration_since(at).as_secs_f64());
     }
 
-    /// Once a second: expire history, free idle rooms, publish gauges.
+    /// Once a second: expire history, free idle rooms and the table space a burst of topics
+    /// left, publish gauges.
     pub fn sweep(&mut self, now: Now) {
         self.cluster_tick(now);
         let ttl = Duration::from_secs_f64(self.cfg.history_ttl);
@@ -1281,6 +1282,8 @@ impl Hub {
         for t in emptied {
             self.rooms.remove(&t);
         }
+        give_back_spare(&mut self.rooms);
+        give_back_spare(&mut self.local);
         if self.rooms.is_empty() {
             self.recorded = VecDeque::new();
         } else {
@@ -1296,6 +1299,16 @@ impl Hub {
     /// Rooms homed here and this shard's subscriptions (tests, statistics).
     pub fn counts(&self) -> (usize, usize) {
         (self.rooms.len(), self.subscriptions)
+    }
+}
+
+/// Shrinks a per-topic table that holds under a quarter of its capacity (an empty one is
+/// freed). A hash map never shrinks by itself, and the tombstones its removals leave can double
+/// it at a moment that depends on its random hash keys: without this a shard keeps its peak
+/// table, or twice it, for good.
+fn give_back_spare<V>(map: &mut HashMap<Arc<str>, V>) {
+    if map.is_empty() || map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
     }
 }
 
