@@ -185,7 +185,10 @@ impl Server {
     fn wait_healthy(&self) {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Ok(r) = http_get_blocking(self.addr, "/healthz") {
+            // Once connected, wait for the answer rather than give up on a slow (loaded)
+            // server: an abandoned probe would still count as an open connection for a moment,
+            // against the tests of connection caps.
+            if let Ok(r) = http_get_blocking_within(self.addr, "/healthz", PATIENCE) {
                 if r.status == 200 {
                     return;
                 }
@@ -496,8 +499,17 @@ pub async fn read_response(s: &mut TcpStream) -> HttpResponse {
 
 /// A blocking `GET` (for start-up, outside any async context).
 pub fn http_get_blocking(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
+    http_get_blocking_within(addr, path, Duration::from_secs(2))
+}
+
+/// [`http_get_blocking`], waiting up to `patience` for the answer.
+fn http_get_blocking_within(
+    addr: SocketAddr,
+    path: &str,
+    patience: Duration,
+) -> std::io::Result<HttpResponse> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(patience))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
