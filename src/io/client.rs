@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWrite;
 use tokio::task::AbortHandle;
 
+use super::h1::READ_SMALL;
 use super::{h1, Backend, LocalExec, Stream};
 use crate::error::{Phase, UpstreamError};
 use crate::ws::session::read_into;
@@ -173,11 +174,6 @@ impl std::fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
-
-/// Bytes read per system call: a response head and a small body fit in the first size; a
-/// larger body is read in the second, as hyper's client did (its `max_buf_size`).
-const READ_SMALL: usize = 8 * 1024;
-const READ_LARGE: usize = 64 * 1024;
 
 /// Body bytes gathered for the upstream: while this much waits to be written, no further piece
 /// of the request body is read (a slow upstream stops the reading of the client's body).
@@ -570,11 +566,7 @@ where
             };
             let decoded = match dec.decode(&mut self.rd) {
                 Ok(h1::Decoded::More) => {
-                    let want = match dec.remaining() {
-                        Some(n) if n <= READ_SMALL as u64 => READ_SMALL,
-                        _ => READ_LARGE,
-                    };
-                    match ready!(fill(&mut self.io, &mut self.rd, want, cx)) {
+                    match ready!(fill(&mut self.io, &mut self.rd, dec.read_size(), cx)) {
                         Ok(0) => {
                             self.keep_alive = false;
                             dec.at_eof()

@@ -22,6 +22,11 @@ const MAX_HEADERS: usize = 128;
 /// The most bytes of chunk extensions on one chunk-size line.
 const MAX_CHUNK_EXT: usize = 4096;
 
+/// Bytes read per system call, on either side: a head and a small body fit in the first size;
+/// a larger body is read in the second (hyper's `max_buf_size` for its client).
+pub const READ_SMALL: usize = 8 * 1024;
+pub const READ_LARGE: usize = 64 * 1024;
+
 /// How a body we send (a request's upstream, a response to a client) is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutFraming {
@@ -574,6 +579,15 @@ impl Decoder {
     /// The body ended: the response is complete.
     pub fn is_done(&self) -> bool {
         self.0 == State::Done
+    }
+
+    /// How much to read next for this body: what is left of a small `Content-Length` body
+    /// fits in [`READ_SMALL`], anything else is read in [`READ_LARGE`] pieces.
+    pub fn read_size(&self) -> usize {
+        match self.remaining() {
+            Some(n) if n <= READ_SMALL as u64 => READ_SMALL,
+            _ => READ_LARGE,
+        }
     }
 
     /// Bytes left of a `Content-Length` body.

@@ -19,11 +19,6 @@ use crate::ws::session::read_into;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Bytes read per system call: a request head and a small body fit in the first size, a
-/// larger body is read in the second.
-pub const READ_SMALL: usize = 8 * 1024;
-const READ_LARGE: usize = 64 * 1024;
-
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// A served connection's socket and what was read from it, shared by its loop and the
@@ -152,10 +147,7 @@ impl Conn {
             };
             let decoded = match dec.decode(&mut self.rd) {
                 Ok(h1::Decoded::More) => {
-                    let want = match dec.remaining() {
-                        Some(n) if n <= READ_SMALL as u64 => READ_SMALL,
-                        _ => READ_LARGE,
-                    };
+                    let want = dec.read_size();
                     match ready!(self.fill(want, cx)) {
                         Ok(0) => match self.body.as_mut().map(h1::Decoder::at_eof) {
                             Some(Err(m)) => Err(m),

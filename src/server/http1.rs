@@ -17,7 +17,8 @@ use http::{header, HeaderMap, Method, Request, StatusCode, Version};
 
 use super::http::Router;
 use crate::io::client::{Tx, TxError};
-use crate::io::server_h1::{Conn, Shared, Writer, READ_SMALL};
+use crate::io::h1::READ_SMALL;
+use crate::io::server_h1::{Conn, Shared, Writer};
 use crate::io::{h1, RequestBody, Stream};
 use crate::proxy::body::IdleTimer;
 use crate::ws::handle::ConnHandle;
